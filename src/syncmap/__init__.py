@@ -1,0 +1,56 @@
+"""syncmap: a Python dict shared by many servers.
+
+Reads hit a near cache (nanoseconds); Redis is the source of truth; every write is one atomic round
+trip that also tells every other server.  See README.md and docs/.
+"""
+
+from .codec import Codec, JsonCodec, MsgpackCodec, PickleCodec
+from .config import MapConfig
+from .core.nearcache import Event
+from .errors import (
+    ConfigurationError,
+    ConflictError,
+    CorruptData,
+    FeedError,
+    InvalidKey,
+    InvalidValue,
+    KeyTypeError,
+    MapClosed,
+    RedisServerNotFound,
+    StaleFence,
+    StoreError,
+    StoreUnavailable,
+    SyncMapError,
+    ValueTooLarge,
+    WriteOutcomeUnknown,
+)
+from .map import Statistics, SyncMap, Watch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Codec",
+    "ConfigurationError",
+    "ConflictError",
+    "CorruptData",
+    "Event",
+    "FeedError",
+    "InvalidKey",
+    "InvalidValue",
+    "JsonCodec",
+    "KeyTypeError",
+    "MapClosed",
+    "MapConfig",
+    "MsgpackCodec",
+    "PickleCodec",
+    "RedisServerNotFound",
+    "StaleFence",
+    "Statistics",
+    "StoreError",
+    "StoreUnavailable",
+    "SyncMap",
+    "SyncMapError",
+    "ValueTooLarge",
+    "Watch",
+    "WriteOutcomeUnknown",
+]

@@ -1,0 +1,397 @@
+"""The near cache and its coherence rules: pure code, no I/O, no threads, no clock of its own.
+
+The driver (``syncmap.map``) feeds it events - a fill began or completed, a change message arrived,
+a probe of the bucket sequences returned, time passed - and it decides what the cache holds.  Every
+method takes ``now`` from the caller, so tests run it in simulated time.
+
+Why a cached entry is never stale beyond ``max_staleness`` (the contract, DESIGN §3.4):
+
+* Every write takes the next *sequence* of its bucket as the key's *version*, and the change message
+  carrying that version is published in the same atomic Lua step.  Per bucket we know ``seq``, the
+  highest version accounted for.  A message that skips ahead is a **gap**: the bucket is flushed.
+* A bucket is *served* only under a **lease**.  A probe sent at ``T`` that reads sequence ``s`` proves
+  "every write acknowledged before ``T`` is accounted for" once our ``seq >= s``; then the lease runs
+  to ``T + max_staleness``.  A probe whose ``s`` we never reach (the last message was lost, the
+  subscriber hangs) confirms nothing: after ``grace`` the bucket is flushed, and if probes stop
+  altogether the lease lapses and ``tick`` flushes the bucket.  So a hit at time ``t`` only ever comes
+  from a bucket that accounted, at ``T >= t - max_staleness``, for every write acknowledged before
+  ``T``.  ``tick`` revokes leases ``margin`` early, because the hit path does not read the clock.
+* A restarted or flushed Redis shows a new **epoch** (or a sequence that went backwards): flush.
+
+The fill race (A2), in the order of events it prevents::
+
+    server B: begin_fill(k) -> sends HGET k             (reads version 4)
+    server A: writes k -> version 5, publishes "k@5"
+    server B: receives "k@5"        -> nothing cached to drop, but the pending fill notes 5
+    server B: HGET reply (k@4) arrives -> complete_fill sees 4 < 5 noted: NOT installed
+
+Without the note, B would cache k@4 after having processed k@5, stale until the next write.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..keys import Key, decode_key
+from .wire import OP_CLEAR, OP_NAMES, OP_PING, ChangeMessage
+
+INF = float("inf")
+COPY = object()
+"""Marks an entry whose value is mutable: the hit path decodes ``raw`` afresh for every caller."""
+
+
+class Entry:
+    """One cached key.  ``hits`` counts hits and doubles as the CLOCK eviction signal."""
+
+    __slots__ = ("bucket", "deadline", "hits", "kc", "raw", "seen", "value", "version")
+
+    def __init__(
+        self, value: Any, raw: bytes | None, version: int, bucket: int, kc: type, deadline: float
+    ) -> None:
+        self.value = value
+        self.raw = raw
+        self.version = version
+        self.bucket = bucket
+        self.kc = kc
+        self.deadline = deadline
+        self.hits = 0
+        self.seen = 0
+
+
+@dataclass(slots=True)
+class FillToken:
+    """A read (or write) in flight whose result may be installed if nothing newer was seen."""
+
+    key: Key
+    bucket: int
+    gens: tuple[int, int]
+    max_seen: float = 0
+
+
+@dataclass(slots=True)
+class BucketState:
+    known: bool = False
+    epoch: int | None = None
+    seq: int = 0
+    lease_until: float = -INF
+    gen: int = 0
+    targets: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A change seen on the feed: which key, what happened, its version and the writing server."""
+
+    key: Key | None
+    op: str
+    version: int
+    origin: str
+
+
+@dataclass(slots=True)
+class Guards:
+    """Protections that tests switch off (one at a time) to prove their scenario catches the bug."""
+
+    fill_race: bool = True
+    gaps: bool = True
+    probe: bool = True
+    epoch: bool = True
+
+
+@dataclass(slots=True)
+class Counters:
+    misses: int = 0
+    invalidations: int = 0
+    resyncs: int = 0
+    gaps: int = 0
+    epoch_changes: int = 0
+    lost_detected: int = 0
+    lease_lapses: int = 0
+    evictions: int = 0
+    expirations: int = 0
+    fills_rejected: int = 0
+    messages: int = 0
+    corrupt_messages: int = 0
+    hits_retired: int = 0
+
+
+class NearCache:
+    """Coherence state of one map on one server."""
+
+    def __init__(
+        self,
+        buckets: int,
+        *,
+        capacity: int = 100_000,
+        max_staleness: float = 1.0,
+        margin: float | None = None,
+        grace: float | None = None,
+        guards: Guards | None = None,
+    ) -> None:
+        self.entries: dict[Key, Entry] = {}
+        self.buckets = [BucketState() for _ in range(buckets)]
+        self.capacity = capacity
+        self.max_staleness = max_staleness
+        self.margin = min(0.05, max_staleness / 10) if margin is None else margin
+        self.grace = max_staleness / 4 if grace is None else grace
+        self.guards = guards or Guards()
+        self.counters = Counters()
+        self._pending: dict[Key, list[FillToken]] = {}
+        self._ttl: list[tuple[float, int, Key]] = []
+        self._feed_gen = 0
+        self._reconnected = False
+
+    # ---- fills -------------------------------------------------------------------------------
+
+    def begin_fill(self, key: Key, bucket: int) -> FillToken:
+        """Call *before* sending the read or write whose result may be cached."""
+        token = FillToken(key, bucket, (self._feed_gen, self.buckets[bucket].gen))
+        self._pending.setdefault(key, []).append(token)
+        return token
+
+    def abort_fill(self, token: FillToken) -> None:
+        tokens = self._pending.get(token.key)
+        if tokens is not None:
+            if token in tokens:
+                tokens.remove(token)
+            if not tokens:
+                del self._pending[token.key]
+
+    def complete_fill(
+        self, token: FillToken, now: float, version: int, value: Any, raw: bytes | None,
+        deadline: float = INF,
+    ) -> bool:  # fmt: skip
+        """Install ``value`` at ``version`` if that cannot be stale; returns whether it was."""
+        self.abort_fill(token)
+        b = self.buckets[token.bucket]
+        if (
+            (token.max_seen > version and self.guards.fill_race)
+            or token.gens != (self._feed_gen, b.gen)
+            or now >= b.lease_until - self.margin
+            or deadline <= now
+        ):
+            self.counters.fills_rejected += 1
+            return False
+        old = self.entries.get(token.key)
+        if old is not None:
+            if old.version >= version:
+                return True
+            self._remove(token.key, old)
+        entry = Entry(value, raw, version, token.bucket, token.key.__class__, deadline)
+        self.entries[token.key] = entry
+        if deadline != INF:
+            heapq.heappush(self._ttl, (deadline, version, token.key))
+        if len(self.entries) > self.capacity:
+            self._evict()
+        return True
+
+    def wrote(
+        self, token: FillToken, now: float, version: int, value: Any = None,
+        raw: bytes | None = None, deadline: float = INF, *, deleted: bool = False,
+    ) -> None:  # fmt: skip
+        """This server's own write took ``version``: read-your-writes.
+
+        Order it prevents: thread 1 starts a fill of k (HGET reads k@4); thread 2 sets k -> k@5
+        and returns; thread 1's reply arrives and installs k@4; thread 2 reads k@4, older than its
+        own write.  So every other fill in flight for k is told about version 5 right here, before
+        the writer returns, and the writer's value is installed if nothing newer was seen.
+        """
+        self.abort_fill(token)
+        self.note_write(token.key, version)
+        if not deleted:
+            self.complete_fill(token, now, version, value, raw, deadline)
+
+    def note_write(self, key: Key, version: int) -> None:
+        """A write of ``key`` at ``version`` is acknowledged: nothing older may stay or arrive."""
+        e = self.entries.get(key)
+        if e is not None and e.version < version:
+            self._remove(key, e)
+        if self.guards.fill_race:
+            for token in self._pending.get(key, ()):
+                token.max_seen = max(token.max_seen, version)
+
+    def cleared(self, bucket: int, version: int) -> None:
+        """This server cleared ``bucket`` at ``version``."""
+        self._clear_bucket(bucket, version)
+
+    def fill_absent(self, token: FillToken) -> None:
+        """The store said the key is absent: whatever we hold for it is older than that read."""
+        self.abort_fill(token)
+        old = self.entries.get(token.key)
+        if old is not None:
+            self._remove(token.key, old)
+
+    def drop(self, key: Key) -> None:
+        """Forget ``key`` (a write with an unknown outcome): neither it nor a fill in flight stays."""
+        old = self.entries.get(key)
+        if old is not None:
+            self._remove(key, old)
+        for token in self._pending.get(key, ()):
+            token.max_seen = INF
+
+    # ---- the feed ----------------------------------------------------------------------------
+
+    def on_message(self, msg: ChangeMessage, now: float, want_events: bool = False) -> list[Event]:
+        """Apply one change message; returns the events for subscribers when asked."""
+        self.counters.messages += 1
+        if msg.op == OP_PING or msg.bucket >= len(self.buckets):
+            return []
+        b = self.buckets[msg.bucket]
+        if b.known:
+            self._sequence(msg.bucket, msg)
+        if msg.op == OP_CLEAR:
+            self._clear_bucket(msg.bucket, msg.seq)
+            return [Event(None, "clear", msg.seq, msg.origin)] if want_events else []
+        events = []
+        op = OP_NAMES[msg.op]
+        for i, fld in enumerate(msg.fields):
+            key = decode_key(fld)
+            self._invalidate(key, msg.seq + i)
+            if want_events:
+                events.append(Event(key, op, msg.seq + i, msg.origin))
+        self._confirm(b)
+        return events
+
+    def _sequence(self, i: int, msg: ChangeMessage) -> None:
+        """Gap and epoch detection for one message of a bucket we track."""
+        b = self.buckets[i]
+        if msg.epoch != b.epoch:
+            if b.epoch is None and msg.seq == 1:
+                b.epoch = msg.epoch  # the bucket's very first write: nothing can be cached
+            elif self.guards.epoch:
+                self.counters.epoch_changes += 1
+                self._flush(i)
+                b.epoch = msg.epoch
+            b.seq = msg.last_seq
+            return
+        if msg.seq > b.seq + 1 and self.guards.gaps:
+            self.counters.gaps += 1
+            self._flush(i)
+        b.seq = max(b.seq, msg.last_seq)
+
+    def _invalidate(self, key: Key, version: int) -> None:
+        e = self.entries.get(key)
+        if e is not None and e.version < version:
+            self._remove(key, e)
+            self.counters.invalidations += 1
+        if self.guards.fill_race:
+            for token in self._pending.get(key, ()):
+                token.max_seen = max(token.max_seen, version)
+
+    def _clear_bucket(self, bucket: int, version: int) -> None:
+        doomed = [k for k, e in self.entries.items() if e.bucket == bucket and e.version < version]
+        for k in doomed:
+            self._remove(k, self.entries[k])
+        self.counters.invalidations += len(doomed)
+        self.buckets[bucket].gen += 1
+
+    def on_feed_down(self) -> None:
+        """The subscription dropped: messages may be lost until it is back."""
+        self._feed_gen += 1
+
+    def on_feed_up(self) -> None:
+        """Re-subscribed and confirmed: the next probe repairs (flushes moved buckets at once)."""
+        self._reconnected = True
+
+    # ---- probes and time ---------------------------------------------------------------------
+
+    def on_probe(self, states: Sequence[tuple[int | None, int]], sent_at: float, now: float) -> None:
+        """Apply the ``(epoch, seq)`` of every bucket, read by a probe sent at ``sent_at``."""
+        repair, self._reconnected = self._reconnected, False
+        for i, (epoch, seq) in enumerate(states):
+            b = self.buckets[i]
+            if not self.guards.probe:
+                if not b.known:
+                    b.known, b.epoch, b.seq = True, epoch, seq
+                b.lease_until = INF
+                continue
+            if not b.known or (epoch != b.epoch and self.guards.epoch) or seq < b.seq:
+                if b.known and b.epoch is not None:
+                    self.counters.epoch_changes += 1
+                self._restart_bucket(i, epoch, seq, sent_at)
+            elif seq > b.seq:
+                b.targets.append((seq, sent_at))
+                overdue = b.targets[0][1] + self.grace <= now
+                if repair or overdue:
+                    self.counters.lost_detected += 1
+                    self._restart_bucket(i, epoch, seq, sent_at)
+            else:
+                b.lease_until = max(b.lease_until, sent_at + self.max_staleness)
+                b.targets.clear()
+
+    def _restart_bucket(self, i: int, epoch: int | None, seq: int, sent_at: float) -> None:
+        b = self.buckets[i]
+        if b.known:
+            self._flush(i)
+        b.known, b.epoch, b.seq, b.targets = True, epoch, seq, []
+        b.lease_until = sent_at + self.max_staleness
+
+    def _confirm(self, b: BucketState) -> None:
+        """Probes whose sequence we have now reached renew the lease."""
+        while b.targets and b.targets[0][0] <= b.seq:
+            _, sent_at = b.targets.pop(0)
+            b.lease_until = max(b.lease_until, sent_at + self.max_staleness)
+
+    def tick(self, now: float) -> float:
+        """Expire entries and revoke lapsed leases; returns when to call again."""
+        while self._ttl and self._ttl[0][0] <= now + self.margin:
+            _, version, key = heapq.heappop(self._ttl)
+            e = self.entries.get(key)
+            if e is not None and e.version == version:
+                self._remove(key, e)
+                self.counters.expirations += 1
+        wake = self._ttl[0][0] - self.margin if self._ttl else INF
+        for i, b in enumerate(self.buckets):
+            if b.lease_until == -INF or b.lease_until == INF:
+                continue
+            if now >= b.lease_until - self.margin:
+                self.counters.lease_lapses += 1
+                self._flush(i, count=False)
+                b.lease_until = -INF
+            else:
+                wake = min(wake, b.lease_until - self.margin)
+        return wake
+
+    # ---- housekeeping ------------------------------------------------------------------------
+
+    def _flush(self, bucket: int, count: bool = True) -> None:
+        doomed = [k for k, e in self.entries.items() if e.bucket == bucket]
+        for k in doomed:
+            self._remove(k, self.entries[k])
+        self.buckets[bucket].gen += 1
+        if count:
+            self.counters.resyncs += 1
+
+    def flush_all(self) -> None:
+        for i in range(len(self.buckets)):
+            self._flush(i)
+
+    def _remove(self, key: Key, e: Entry) -> None:
+        del self.entries[key]
+        self.counters.hits_retired += e.hits
+
+    def _evict(self) -> None:
+        """CLOCK: the oldest entry goes unless it was hit since the hand last passed it."""
+        entries = self.entries
+        while len(entries) > self.capacity:
+            key = next(iter(entries))
+            e = entries.pop(key)
+            if e.hits != e.seen:
+                e.seen = e.hits
+                entries[key] = e  # second chance: back of the queue
+            else:
+                self.counters.hits_retired += e.hits
+                self.counters.evictions += 1
+
+    def hits(self) -> int:
+        return self.counters.hits_retired + sum(e.hits for e in self.entries.values())
+
+    def serving(self, bucket: int, now: float) -> bool:
+        return now < self.buckets[bucket].lease_until - self.margin
+
+    def cached(self) -> Iterator[tuple[Key, Entry]]:
+        return iter(list(self.entries.items()))
+

@@ -1,0 +1,235 @@
+"""The background half of a map: feed handling, sequence probes, the lease timer, event delivery.
+
+Threads (all owned by the map, stopped by ``close()``, failures re-raised on the next call):
+
+* the process's shared subscriber thread calls :meth:`Engine.on_feed_message` / ``_up`` / ``_down``;
+* ``syncmap-probe``: every ``max_staleness / 4`` reads every bucket's (epoch, seq) in one round trip
+  (the same call reaps due TTL expiries) and renews the buckets' leases;
+* ``syncmap-timer``: wakes at the next lease or TTL deadline and drops what is due.  It is separate
+  from the probe so a hung probe (a stalled socket) cannot keep an expired lease alive;
+* ``syncmap-events`` (started by the first ``subscribe``/``watch``): runs user callbacks, so a slow
+  callback never delays invalidations.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .core.nearcache import Event, NearCache
+from .core.wire import OP_PING, decode_message
+from .errors import CorruptData, FeedError, SyncMapError
+from .feed.pubsub import Handler, Subscriber
+from .store.redis_store import RedisStore
+
+log = logging.getLogger("syncmap")
+
+
+class Engine:
+    def __init__(self, core: NearCache, store: RedisStore, interval: float) -> None:
+        self.core = core
+        self.store = store
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.server_offset_ms = 0.0
+        self.live_entries = 0
+        self._closed = threading.Event()
+        self._probe_now = threading.Event()
+        self._timer_wake = threading.Condition()
+        self._pings: dict[bytes, threading.Event] = {}
+        self._feed_up = threading.Event()
+        self._callbacks: list[Callable[[Event], None]] = []
+        self._watchers: list[queue.Queue[Event | None]] = []
+        self._events: queue.Queue[Event | None] | None = None
+        self._threads: list[threading.Thread] = []
+        self._subscriber: Subscriber | None = None
+
+    # ---- start and stop ----------------------------------------------------------------------
+
+    def start(self, self_check_timeout: float) -> None:
+        """Subscribe, check a message really arrives, take the baseline probe, start threads."""
+        self._subscriber = Subscriber.for_client(self.store.client)
+        self._subscriber.attach(
+            self.store.layout.channel,
+            Handler(self.on_feed_message, self.on_feed_up, self.on_feed_down),
+        )
+        if not self._feed_up.wait(self_check_timeout):
+            raise FeedError(
+                f"could not subscribe to {self.store.layout.channel} on {self.store.where} within "
+                f"{self_check_timeout} s; check the server and that the user may SUBSCRIBE"
+            )
+        self._self_check(self_check_timeout)
+        self.probe_once()
+        for name, target in (("probe", self._probe_loop), ("timer", self._timer_loop)):
+            t = threading.Thread(target=target, name=f"syncmap-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _self_check(self, timeout: float) -> None:
+        """Publish a ping on the map's channel and wait for it (RESP2/RESP3 or ACL trouble)."""
+        from .core.wire import ChangeMessage, encode_message
+
+        nonce = threading.get_native_id().to_bytes(8, "big") + time.monotonic_ns().to_bytes(8, "big")
+        arrived = self._pings[nonce] = threading.Event()
+        msg = ChangeMessage(OP_PING, 0, 0, 0, self.store.origin, (nonce,))
+        self.store.publish(encode_message(msg))
+        if not arrived.wait(timeout):
+            raise FeedError(
+                f"a test change message published on {self.store.layout.channel} did not come "
+                f"back within {timeout} s: invalidations would never arrive. Check pub/sub "
+                "permissions and that nothing between here and Redis drops pub/sub traffic"
+            )
+        del self._pings[nonce]
+
+    def close(self) -> None:
+        self._closed.set()
+        self._probe_now.set()
+        with self._timer_wake:
+            self._timer_wake.notify_all()
+        if self._subscriber is not None:
+            self._subscriber.detach(self.store.layout.channel)
+        if self._events is not None:
+            self._events.put(None)
+        for q in self._watchers:
+            q.put(None)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=5)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def raise_background_error(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise SyncMapError(f"a syncmap background thread failed: {err!r}") from err
+
+    # ---- the feed ----------------------------------------------------------------------------
+
+    def on_feed_message(self, data: bytes) -> None:
+        try:
+            msg = decode_message(data)
+        except CorruptData as exc:
+            # Counted, logged, and treated as "this map may be stale": probe and repair now.
+            self.core.counters.corrupt_messages += 1
+            log.warning("syncmap dropped a malformed change message: %s", exc)
+            with self.lock:
+                self.core.on_feed_up()
+            self._probe_now.set()
+            return
+        if msg.op == OP_PING:
+            waiter = self._pings.get(msg.fields[0] if msg.fields else b"")
+            if waiter is not None:
+                waiter.set()
+            return
+        want = bool(self._callbacks or self._watchers)
+        with self.lock:
+            events = self.core.on_message(msg, time.monotonic(), want)
+        for event in events:
+            self._emit(event)
+
+    def on_feed_up(self) -> None:
+        with self.lock:
+            self.core.on_feed_up()
+        self._feed_up.set()
+        self._probe_now.set()
+
+    def on_feed_down(self) -> None:
+        with self.lock:
+            self.core.on_feed_down()
+
+    # ---- probes and the timer ----------------------------------------------------------------
+
+    def probe_once(self) -> None:
+        sent = time.monotonic()
+        wall = time.time() * 1000
+        states, server_ms, live = self.store.probe()
+        self.server_offset_ms = server_ms - (wall + time.time() * 1000) / 2
+        self.live_entries = live
+        with self.lock:
+            self.core.on_probe(states, sent, time.monotonic())
+        self.wake_timer()
+
+    def _probe_loop(self) -> None:
+        while not self._closed.is_set():
+            self._probe_now.wait(self.interval)
+            self._probe_now.clear()
+            if self._closed.is_set():
+                return
+            try:
+                self.probe_once()
+            except SyncMapError as exc:
+                log.debug("syncmap probe failed (%s); leases will lapse if this lasts", exc)
+            except BaseException as exc:  # a bug: surface it on the next call
+                self.error = exc
+                return
+
+    def wake_timer(self) -> None:
+        with self._timer_wake:
+            self._timer_wake.notify()
+
+    def _timer_loop(self) -> None:
+        try:
+            while not self._closed.is_set():
+                with self.lock:
+                    wake = self.core.tick(time.monotonic())
+                delay = min(max(wake - time.monotonic(), 0.0), 60.0)
+                with self._timer_wake:
+                    if not self._closed.is_set():
+                        self._timer_wake.wait(delay)
+        except BaseException as exc:
+            self.error = exc
+
+    # ---- events for users --------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        if self._events is None:
+            self._events = queue.Queue()
+            t = threading.Thread(target=self._dispatch, name="syncmap-events", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._callbacks.append(callback)
+        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
+
+    def watch_queue(self, maxsize: int) -> queue.Queue[Event | None]:
+        q: queue.Queue[Event | None] = queue.Queue(maxsize)
+        self._watchers.append(q)
+        return q
+
+    def unwatch(self, q: queue.Queue[Event | None]) -> None:
+        if q in self._watchers:
+            self._watchers.remove(q)
+
+    def _emit(self, event: Event) -> None:
+        if self._events is not None and self._callbacks:
+            self._events.put(event)
+        for q in self._watchers:
+            try:
+                q.put_nowait(event)
+            except queue.Full:
+                log.warning("syncmap watch() consumer is too slow; an event was dropped")
+
+    def _dispatch(self) -> None:
+        assert self._events is not None
+        while (event := self._events.get()) is not None:
+            for cb in list(self._callbacks):
+                try:
+                    cb(event)
+                except Exception:
+                    log.exception("syncmap subscriber callback failed on %s", event)
+
+    def server_now_ms(self) -> float:
+        return time.time() * 1000 + self.server_offset_ms
+
+    def local_deadline(self, deadline_ms: int, now: float) -> float:
+        """Convert a Redis-clock deadline (ms) into this process's monotonic clock."""
+        return now + (deadline_ms - self.server_now_ms()) / 1000
+
+    def watch_callbacks(self) -> Any:
+        return self._callbacks

@@ -1,0 +1,166 @@
+"""One Redis pub/sub connection per process and Redis target, shared by every map.
+
+Redisson opens a subscription per map and per lock and runs out of connections; we keep one.  The
+subscriber thread reads messages and hands each to the map that owns the channel.  It tells maps
+when the connection drops (``on_down``: messages may now be lost) and when a re-subscription is
+confirmed (``on_up``: the map repairs by probing its sequences).  Order on (re)connect, which
+matters for the start-up gap (A5): SUBSCRIBE -> confirmation received -> ``on_up`` -> the map probes.
+
+redis-py's own reconnect-and-retry is switched off on this connection so a drop is never hidden.
+Works under RESP2 and RESP3 (redis-py parses both into the same message dicts).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+log = logging.getLogger("syncmap.feed")
+
+
+@dataclass(slots=True)
+class Handler:
+    on_message: Callable[[bytes], None]
+    on_up: Callable[[], None]
+    on_down: Callable[[], None]
+
+
+def _target(client: redis.Redis) -> tuple[Any, ...]:
+    kw = client.connection_pool.connection_kwargs
+    return tuple(
+        kw.get(k)
+        for k in ("host", "port", "path", "db", "username", "password", "protocol", "ssl_ca_certs")
+    ) + (client.connection_pool.connection_class,)
+
+
+class Subscriber:
+    """The process's subscriber for one Redis target.  Get it with :meth:`for_client`."""
+
+    _registry: dict[tuple[Any, ...], Subscriber] = {}
+    _registry_lock = threading.Lock()
+
+    @classmethod
+    def for_client(cls, client: redis.Redis) -> Subscriber:
+        key = _target(client)
+        with cls._registry_lock:
+            sub = cls._registry.get(key)
+            if sub is None or sub._stopped:
+                sub = cls._registry[key] = cls(client, key)
+            return sub
+
+    def __init__(self, client: redis.Redis, key: tuple[Any, ...]) -> None:
+        pool = client.connection_pool
+        kwargs = dict(pool.connection_kwargs)
+        kwargs.update(retry=Retry(NoBackoff(), 0), socket_timeout=None, decode_responses=False)
+        self._client = redis.Redis(
+            connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+        )
+        self._key = key
+        self._handlers: dict[bytes, Handler] = {}
+        self._lock = threading.Lock()
+        self._pubsub: Any = None
+        self._stopped = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="syncmap-subscriber", daemon=True)
+        self._thread.start()
+
+    def attach(self, channel: str, handler: Handler) -> None:
+        """Subscribe ``channel``; ``handler.on_up`` runs once the subscription is confirmed."""
+        ch = channel.encode()
+        with self._lock:
+            self._handlers[ch] = handler
+            pubsub = self._pubsub
+        if pubsub is not None:
+            try:
+                pubsub.subscribe(ch)
+            except (redis.ConnectionError, OSError):
+                pass  # the reader thread reconnects and subscribes every attached channel
+
+    def detach(self, channel: str) -> None:
+        ch = channel.encode()
+        with self._lock:
+            self._handlers.pop(ch, None)
+            pubsub, empty = self._pubsub, not self._handlers
+        if empty:
+            self.stop()
+        elif pubsub is not None:
+            try:
+                pubsub.unsubscribe(ch)
+            except (redis.ConnectionError, OSError):
+                pass
+
+    def stop(self) -> None:
+        with self._registry_lock:
+            if self._registry.get(self._key) is self:
+                del self._registry[self._key]
+        self._stopped = True
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+        self._client.close()
+
+    # ---- the reader thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = 0.05
+        while not self._stop.is_set():
+            try:
+                self._connect()
+                backoff = 0.05
+                self._read_until_error()
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                if self._stop.is_set():
+                    break
+                log.warning("syncmap subscriber lost its connection (%s); reconnecting", exc)
+                self._close_pubsub()
+                for handler in self._snapshot():
+                    handler.on_down()
+                self._stop.wait(backoff)  # reconnect back-off, not a wait for data
+                backoff = min(backoff * 2, 1.0)
+        self._close_pubsub()
+
+    def _connect(self) -> None:
+        pubsub = self._client.pubsub(ignore_subscribe_messages=False)
+        with self._lock:
+            self._pubsub = pubsub
+            channels = list(self._handlers)
+        if channels:
+            pubsub.subscribe(*channels)
+        else:
+            pubsub.subscribe(b"syncmap:idle")  # keeps get_message() blocking on the socket
+
+    def _read_until_error(self) -> None:
+        while not self._stop.is_set():
+            msg = self._pubsub.get_message(timeout=1.0)
+            if msg is None:
+                continue
+            kind = msg["type"]
+            kind = kind.decode() if isinstance(kind, bytes) else kind
+            with self._lock:
+                handler = self._handlers.get(msg["channel"])
+            if handler is None:
+                continue
+            if kind == "message":
+                handler.on_message(msg["data"])
+            elif kind == "subscribe":
+                handler.on_up()
+
+    def _snapshot(self) -> list[Handler]:
+        with self._lock:
+            return list(self._handlers.values())
+
+    def _close_pubsub(self) -> None:
+        with self._lock:
+            pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                pubsub.close()
+            except (redis.ConnectionError, OSError):
+                pass

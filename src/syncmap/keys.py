@@ -1,0 +1,115 @@
+"""Key encoding and the Redis key layout: the one module that builds every Redis name.
+
+A user key becomes a hash *field* with a one-byte type tag, so ``"1"``, ``b"1"`` and ``1`` stay three
+distinct keys (as they are in a dict) and never collide once stringified:
+
+    str   -> b"s" + UTF-8        bytes -> b"b" + raw        int -> b"i" + decimal ASCII
+
+A map ``users`` with B buckets owns, for every bucket ``b`` (hash tag ``{<ns>:users:b}`` so one Lua
+script touches one Redis Cluster slot):
+
+    <ns>:{users:b}:m   hash    epoch, seq, and fence fields ``f:<lock>`` (see docs/protocol.md)
+    <ns>:{users:b}:d   hash    field -> header(version, deadline) + codec payload
+    <ns>:{users:b}:x   zset    field -> expiry deadline in Redis server milliseconds
+
+plus ``<ns>:{users}:meta`` (bucket count, codec) and the change channel ``<ns>:{users}:ch``.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+from .errors import ConfigurationError, InvalidKey, KeyTypeError
+
+Key = str | bytes | int
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-/]{1,200}$")
+
+
+def encode_key(key: object, max_bytes: int) -> bytes:
+    """The field bytes of ``key``; raises before anything is sent when it cannot be stored."""
+    cls = key.__class__
+    if cls is str or (isinstance(key, str) and cls is not bool):
+        try:
+            field = b"s" + key.encode()  # type: ignore[union-attr]
+        except UnicodeEncodeError as exc:
+            raise InvalidKey(
+                f"key {key!r} cannot be encoded as UTF-8 ({exc.reason}); "
+                "use bytes for binary keys"
+            ) from exc
+    elif isinstance(key, bytes | bytearray | memoryview):
+        field = b"b" + bytes(key)
+    elif isinstance(key, int) and cls is not bool:
+        field = b"i" + str(int(key)).encode()
+    else:
+        raise KeyTypeError(
+            f"syncmap keys must be str, bytes or int, not {type(key).__name__} ({key!r}); "
+            "convert the key first (bool is refused because True == 1 would alias key 1)"
+        )
+    if len(field) - 1 > max_bytes:
+        raise InvalidKey(
+            f"key of {len(field) - 1} bytes exceeds max_key_bytes={max_bytes}; "
+            "shorten it or raise the limit in MapConfig"
+        )
+    return field
+
+
+def decode_key(field: bytes) -> Key:
+    """Inverse of :func:`encode_key`."""
+    tag, body = field[:1], field[1:]
+    if tag == b"s":
+        return body.decode()
+    if tag == b"b":
+        return bytes(body)
+    if tag == b"i":
+        return int(body)
+    raise ValueError(f"unknown key tag {tag!r} in field {field[:40]!r}")
+
+
+def normal_key(key: object) -> Key:
+    """The key as the near cache stores it: plain str/bytes/int (subclasses normalised)."""
+    if key.__class__ in (str, bytes, int):
+        return key  # type: ignore[return-value]
+    if isinstance(key, str):
+        return str(key)
+    if isinstance(key, bytes | bytearray | memoryview):
+        return bytes(key)
+    return int(key)  # type: ignore[call-overload, no-any-return]
+
+
+def bucket_of(field: bytes, buckets: int) -> int:
+    """Stable bucket of a field: every server must agree, so no Python ``hash()``."""
+    return zlib.crc32(field) % buckets
+
+
+def check_map_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigurationError(
+            f"map name {name!r} is not allowed: use 1-200 characters from A-Z a-z 0-9 _ . - / "
+            "(braces would break Redis Cluster hash tags)"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Every Redis key and channel name of one map."""
+
+    namespace: str
+    name: str
+    buckets: int
+
+    @property
+    def meta(self) -> str:
+        return f"{self.namespace}:{{{self.name}}}:meta"
+
+    @property
+    def channel(self) -> str:
+        return f"{self.namespace}:{{{self.name}}}:ch"
+
+    def bucket_keys(self, bucket: int) -> tuple[str, str, str]:
+        """(sequence hash, data hash, expiry zset) of one bucket, all in one cluster slot."""
+        tag = f"{self.namespace}:{{{self.name}:{bucket}}}"
+        return f"{tag}:m", f"{tag}:d", f"{tag}:x"

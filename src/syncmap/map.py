@@ -1,0 +1,517 @@
+"""``SyncMap``: a dict shared by many servers, near-cached, with Redis as the source of truth."""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis as redis_lib
+
+from .codec import Codec, is_immutable, make_codec
+from .config import MapConfig
+from .core.nearcache import COPY, INF, Event, FillToken, NearCache
+from .core.wire import unpack_value
+from .engine import Engine
+from .errors import (
+    ConfigurationError,
+    ConflictError,
+    MapClosed,
+    ValueTooLarge,
+    WriteOutcomeUnknown,
+)
+from .keys import Key, Layout, bucket_of, check_map_name, decode_key, encode_key, normal_key
+from .store.redis_store import RedisStore
+
+_MISSING: Any = object()
+Fence = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    """Counters of one map on this server since it was opened."""
+
+    hits: int
+    misses: int
+    invalidations: int
+    resyncs: int
+    entries: int
+    evictions: int
+    expirations: int
+    gaps: int
+    epoch_changes: int
+    lost_detected: int
+    lease_lapses: int
+    fills_rejected: int
+    messages: int
+    corrupt_messages: int
+
+    @property
+    def hit_ratio(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class SyncMap(MutableMapping[Key, Any]):
+    """A ``MutableMapping`` kept in sync across servers.  See README and docs/design.md.
+
+    Reads are served from this server's near cache when they can be (nanoseconds), otherwise from
+    Redis; every write is one atomic Lua round trip that also publishes the change to every server.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        url: str | None = None,
+        *,
+        redis: redis_lib.Redis | None = None,
+        codec: str | Codec | None = None,
+        value_type: Any = None,
+        config: MapConfig | None = None,
+        node_id: str | None = None,
+    ) -> None:
+        self.name = check_map_name(name)
+        self.config = cfg = config or MapConfig()
+        self.node_id = node_id or f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._codec = make_codec(codec, value_type)
+        client = self._client(url, redis)
+        layout = Layout(cfg.namespace, self.name, cfg.buckets)
+        store = RedisStore(client, layout, self.node_id)
+        store.load_scripts()
+        buckets, codec_name = store.ensure_meta(cfg.buckets, self._codec.name)
+        if codec_name != self._codec.name:
+            raise ConfigurationError(
+                f"map {name!r} was created with codec {codec_name!r}, not {self._codec.name!r}: "
+                "every server of a map must use the same codec"
+            )
+        self._store = RedisStore(client, Layout(cfg.namespace, self.name, buckets), self.node_id)
+        self._buckets = buckets
+        self._core = NearCache(buckets, capacity=cfg.capacity, max_staleness=cfg.max_staleness,
+                               guards=cfg.guards)  # fmt: skip
+        self._entries = self._core.entries  # the hit path reads this dict directly
+        self._engine = Engine(self._core, self._store, cfg.probe_interval)
+        try:
+            self._engine.start(cfg.self_check_timeout)
+        except BaseException:
+            self._engine.close()
+            raise
+
+    def _client(self, url: str | None, client: redis_lib.Redis | None) -> redis_lib.Redis:
+        if client is not None:
+            if client.connection_pool.connection_kwargs.get("decode_responses"):
+                raise ConfigurationError(
+                    "pass a redis.Redis created with decode_responses=False: syncmap stores bytes"
+                )
+            return client
+        url = url or os.environ.get("SYNCMAP_URL")
+        if not url:
+            raise ConfigurationError(
+                "no Redis given: pass url='redis://host:6379/0' or redis=<redis.Redis>, or set "
+                "SYNCMAP_URL (syncmap.embedded.EmbeddedRedis starts a local one)"
+            )
+        try:
+            return redis_lib.Redis.from_url(
+                url, socket_timeout=self.config.socket_timeout,
+                socket_connect_timeout=self.config.socket_timeout,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from exc
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    def __getitem__(self, key: Key) -> Any:
+        # The hit path: no lock, no clock (leases and TTLs are enforced by the timer thread).
+        e = self._entries.get(key)
+        if e is not None and key.__class__ is e.kc:
+            e.hits += 1
+            v = e.value
+            if v is not COPY:
+                return v
+            return self._codec.decode(e.raw)  # type: ignore[arg-type]
+        value = self._fetch(key, consistent=False)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: Key, default: Any = None, *, consistent: bool = False) -> Any:
+        """The value of ``key`` or ``default``; ``consistent=True`` reads through to Redis."""
+        if not consistent:
+            e = self._entries.get(key)
+            if e is not None and key.__class__ is e.kc:
+                e.hits += 1
+                v = e.value
+                return v if v is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
+        value = self._fetch(key, consistent=consistent)
+        return default if value is _MISSING else value
+
+    def _fetch(self, key: Key, *, consistent: bool) -> Any:
+        field, nkey, bucket = self._locate(key)
+        with self._engine.lock:
+            token = self._core.begin_fill(nkey, bucket)
+            if not consistent:
+                self._core.counters.misses += 1
+        try:
+            raw = self._store.hget(bucket, field)
+        except BaseException:
+            self._abort(token)
+            raise
+        return self._settle_read(token, raw)
+
+    def _settle_read(self, token: FillToken, raw: bytes | None) -> Any:
+        """Install what a read returned (if nothing newer was seen meanwhile) and return it."""
+        if raw is not None:
+            version, deadline_ms, payload = unpack_value(raw)
+            if not deadline_ms or deadline_ms > self._engine.server_now_ms():
+                try:
+                    value = self._codec.decode(payload)
+                except BaseException:
+                    self._abort(token)
+                    raise
+                self._install(token, version, deadline_ms, payload, value)
+                return value
+        with self._engine.lock:
+            self._core.fill_absent(token)
+        return _MISSING
+
+    def _install(self, token: FillToken, version: int, deadline_ms: int, payload: bytes,
+                 value: Any, *, own: bool = False) -> None:  # fmt: skip
+        now = time.monotonic()
+        deadline = self._engine.local_deadline(deadline_ms, now) if deadline_ms else INF
+        shared = is_immutable(value)
+        cached, raw = (value, None) if shared else (COPY, payload)
+        with self._engine.lock:
+            if own:
+                self._core.wrote(token, now, version, cached, raw, deadline)
+            else:
+                self._core.complete_fill(token, now, version, cached, raw, deadline)
+        if deadline != INF:
+            self._engine.wake_timer()
+
+    def _abort(self, token: FillToken) -> None:
+        with self._engine.lock:
+            self._core.abort_fill(token)
+
+    def peek(self, key: Key) -> tuple[Any, int] | None:
+        """(value, version) from this server's near cache only; no I/O.  For tests and tools."""
+        e = self._entries.get(normal_key(key))
+        if e is None:
+            return None
+        return (e.value if e.value is not COPY else self._codec.decode(e.raw)), e.version  # type: ignore[arg-type]
+
+    # ---- writes ------------------------------------------------------------------------------
+
+    def __setitem__(self, key: Key, value: Any) -> None:
+        self.set(key, value)
+
+    def set(self, key: Key, value: Any, *, ttl: float | None = None, fence: Fence | None = None
+            ) -> int:  # fmt: skip
+        """Store ``value``; returns its version.  ``ttl`` in seconds; ``fence`` see docs/locks."""
+        payload = self._payload(value)
+        version, _ = self._set(key, payload, "set", "", ttl, fence)
+        return version
+
+    def swap(self, key: Key, value: Any, default: Any = None, *, ttl: float | None = None,
+             fence: Fence | None = None) -> Any:  # fmt: skip
+        """Store ``value`` and return the previous value (or ``default``)."""
+        _, old = self._set(key, self._payload(value), "swap", "", ttl, fence)
+        return default if old is None else self._codec.decode(unpack_value(old)[2])
+
+    def setdefault(self, key: Key, default: Any = None, *, ttl: float | None = None,
+                   fence: Fence | None = None) -> Any:  # fmt: skip
+        """The value of ``key``, storing ``default`` first if absent (Go's LoadOrStore)."""
+        version, old = self._set(key, self._payload(default), "nx", "", ttl, fence)
+        return default if version else self._codec.decode(unpack_value(old)[2])
+
+    def compare_and_set(self, key: Key, expected: Any, new: Any, *, ttl: float | None = None,
+                        fence: Fence | None = None) -> bool:  # fmt: skip
+        """Store ``new`` only if ``key`` holds a value equal to ``expected``; atomic."""
+        mode, arg = "cas", self._payload(expected)
+        new_payload = self._payload(new)
+        for _ in range(self.config.transform_retries):
+            version, old = self._set(key, new_payload, mode, arg, ttl, fence)
+            if version:
+                return True
+            if old is None:
+                return False
+            old_version, _, old_payload = unpack_value(old)
+            if self._codec.decode(old_payload) != expected:
+                return False
+            # Equal value, different bytes (dict order): pin the write to that version.
+            mode, arg = "ver", str(old_version).encode()
+        raise ConflictError(f"compare_and_set({key!r}) kept losing races; retry later")
+
+    def _set(self, key: Key, payload: bytes, mode: str, expected: bytes | str, ttl: float | None,
+             fence: Fence | None) -> tuple[int, bytes | None]:  # fmt: skip
+        field, nkey, bucket = self._locate(key)
+        cmd = self._store.script("set", bucket, field, payload, _ttl_ms(ttl), mode, expected,
+                                 fence=fence)  # fmt: skip
+        token, (version, deadline_ms, old) = self._write(nkey, cmd, bucket)
+        if version:
+            self._install(token, version, deadline_ms, payload, self._codec.decode(payload),
+                          own=True)  # fmt: skip
+        else:
+            self._settle_read(token, old)  # the refusal told us the live value
+        return int(version), old
+
+    def pop(self, key: Key, default: Any = _MISSING, *, fence: Fence | None = None) -> Any:
+        """Remove ``key`` and return its value (Go's LoadAndDelete)."""
+        version, old = self._delete(key, "del", "", fence)
+        if not version:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        return self._codec.decode(unpack_value(old)[2])  # type: ignore[arg-type]
+
+    def __delitem__(self, key: Key) -> None:
+        if not self._delete(key, "del", "", None)[0]:
+            raise KeyError(key)
+
+    def delete(self, key: Key, *, fence: Fence | None = None) -> bool:
+        """Remove ``key``; returns whether it existed."""
+        return bool(self._delete(key, "del", "", fence)[0])
+
+    def compare_and_delete(self, key: Key, expected: Any, *, fence: Fence | None = None) -> bool:
+        """Remove ``key`` only if it holds a value equal to ``expected``; atomic."""
+        mode, arg = "cad", self._payload(expected)
+        for _ in range(self.config.transform_retries):
+            version, old = self._delete(key, mode, arg, fence)
+            if version:
+                return True
+            if old is None:
+                return False
+            old_version, _, old_payload = unpack_value(old)
+            if self._codec.decode(old_payload) != expected:
+                return False
+            mode, arg = "ver", str(old_version).encode()
+        raise ConflictError(f"compare_and_delete({key!r}) kept losing races; retry later")
+
+    def _delete(self, key: Key, mode: str, expected: bytes | str, fence: Fence | None
+                ) -> tuple[int, bytes | None]:  # fmt: skip
+        field, nkey, bucket = self._locate(key)
+        cmd = self._store.script("delete", bucket, field, mode, expected, fence=fence)
+        token, (version, old) = self._write(nkey, cmd, bucket)
+        if version:
+            with self._engine.lock:
+                self._core.wrote(token, time.monotonic(), version, deleted=True)
+        else:
+            self._settle_read(token, old)
+        return int(version), old
+
+    def transform(self, key: Key, fn: Callable[[Any], Any], default: Any = _MISSING, *,
+                  ttl: float | None = None, fence: Fence | None = None) -> Any:  # fmt: skip
+        """Atomically replace the value with ``fn(value)`` (optimistic, retried); returns it.
+
+        ``fn`` may run more than once: keep it free of side effects.
+        """
+        field, _, bucket = self._locate(key)
+        for _ in range(self.config.transform_retries):
+            raw = self._store.hget(bucket, field)
+            version, deadline_ms, payload = unpack_value(raw) if raw else (0, 0, b"")
+            if raw is not None and (not deadline_ms or deadline_ms > self._engine.server_now_ms()):
+                current = self._codec.decode(payload)
+            elif default is _MISSING:
+                raise KeyError(key)
+            else:
+                current, version = default, 0
+            new = fn(current)
+            applied, _ = self._set(key, self._payload(new), "ver", str(version), ttl, fence)
+            if applied:
+                return new
+        raise ConflictError(
+            f"transform({key!r}) lost {self.config.transform_retries} optimistic retries to "
+            "concurrent writers; retry later or protect the key with a lock"
+        )
+
+    def update(self, other: Mapping[Key, Any] | Iterable[tuple[Key, Any]] = (), /, *,
+               ttl: float | None = None, fence: Fence | None = None, **kwargs: Any) -> None:  # fmt: skip
+        """Store many entries in one round trip (each bucket's part is atomic)."""
+        pairs = other.items() if isinstance(other, Mapping) else other
+        per_bucket: dict[int, list[tuple[Key, bytes, bytes]]] = {}
+        for key, value in [*pairs, *kwargs.items()]:
+            field, nkey, bucket = self._locate(key)
+            per_bucket.setdefault(bucket, []).append((nkey, field, self._payload(value)))
+        cmds, plan = [], []
+        for bucket, items in per_bucket.items():
+            for i in range(0, len(items), 1000):  # keep each script short for Redis
+                chunk = items[i : i + 1000]
+                args = [a for _, f, p in chunk for a in (f, p)]
+                cmds.append(self._store.script("mset", bucket, _ttl_ms(ttl), *args, fence=fence))
+                plan.append(chunk)
+        if not cmds:
+            return
+        self._check_open()
+        try:
+            firsts = self._store.call(cmds, write=True)
+        except WriteOutcomeUnknown:
+            with self._engine.lock:
+                for chunk in plan:
+                    for nkey, _, _ in chunk:
+                        self._core.drop(nkey)
+            raise
+        with self._engine.lock:
+            for first, chunk in zip(firsts, plan, strict=True):
+                for i, (nkey, _, _) in enumerate(chunk):
+                    self._core.note_write(nkey, int(first) + i)
+
+    def clear(self, *, fence: Fence | None = None) -> None:
+        """Remove every entry (each bucket atomically; buckets one after another)."""
+        self._check_open()
+        cmds = [self._store.script("clear", b, fence=fence) for b in range(self._buckets)]
+        versions = self._store.call(cmds, write=True)
+        with self._engine.lock:
+            for bucket, version in enumerate(versions):
+                if version:
+                    self._core.cleared(bucket, int(version))
+
+    def _write(self, nkey: Key, cmd: tuple[Any, ...], bucket: int) -> tuple[FillToken, Any]:
+        with self._engine.lock:
+            token = self._core.begin_fill(nkey, bucket)
+        try:
+            reply = self._store.call([cmd], write=True)[0]
+        except WriteOutcomeUnknown:
+            with self._engine.lock:
+                self._core.abort_fill(token)
+                self._core.drop(nkey)
+            raise
+        except BaseException:
+            self._abort(token)
+            raise
+        return token, reply
+
+    # ---- whole-map views (each one round trip) -----------------------------------------------
+
+    def items(self) -> list[tuple[Key, Any]]:  # type: ignore[override]
+        """A snapshot of every (key, value), read in one round trip (not one atomic moment)."""
+        self._check_open()
+        now_ms = self._engine.server_now_ms()
+        out = []
+        for pairs in self._store.bucket_items(range(self._buckets)):
+            for field, raw in pairs:
+                _, deadline_ms, payload = unpack_value(raw)
+                if not deadline_ms or deadline_ms > now_ms:
+                    out.append((decode_key(field), self._codec.decode(payload)))
+        return out
+
+    def keys(self) -> list[Key]:  # type: ignore[override]
+        return [k for k, _ in self.items()]
+
+    def values(self) -> list[Any]:  # type: ignore[override]
+        return [v for _, v in self.items()]
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        self._check_open()
+        self._engine.probe_once()
+        return self._engine.live_entries
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
+
+    # ---- events, statistics, life cycle ------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every change from any server; returns an unsubscriber."""
+        self._check_open()
+        return self._engine.subscribe(callback)
+
+    def watch(self, maxsize: int = 10_000) -> Watch:
+        """Iterate over change events as they happen: ``with m.watch() as events: ...``."""
+        self._check_open()
+        return Watch(self._engine, self._engine.watch_queue(maxsize))
+
+    def statistics(self) -> Statistics:
+        c = self._core.counters
+        return Statistics(
+            hits=self._core.hits(), misses=c.misses, invalidations=c.invalidations,
+            resyncs=c.resyncs, entries=len(self._entries), evictions=c.evictions,
+            expirations=c.expirations, gaps=c.gaps, epoch_changes=c.epoch_changes,
+            lost_detected=c.lost_detected, lease_lapses=c.lease_lapses,
+            fills_rejected=c.fills_rejected, messages=c.messages,
+            corrupt_messages=c.corrupt_messages,
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        state = "closed" if self._engine.closed else "open"
+        return (
+            f"<SyncMap {self.name!r} {state} on {self._store.where}: {s.entries} cached, "
+            f"hits={s.hits} misses={s.misses} invalidations={s.invalidations} "
+            f"resyncs={s.resyncs}>"
+        )
+
+    def close(self) -> None:
+        """Stop the background threads and drop the near cache.  Idempotent."""
+        if not self._engine.closed:
+            self._engine.close()
+            with self._engine.lock:
+                self._entries.clear()
+
+    def __enter__(self) -> SyncMap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._engine.closed:
+            raise MapClosed(f"map {self.name!r} is closed; open a new SyncMap")
+        self._engine.raise_background_error()
+
+    def _locate(self, key: Key) -> tuple[bytes, Key, int]:
+        self._check_open()
+        field = encode_key(key, self.config.max_key_bytes)
+        return field, normal_key(key), bucket_of(field, self._buckets)
+
+    def _payload(self, value: Any) -> bytes:
+        data = self._codec.encode(value)
+        if len(data) > self.config.max_value_bytes:
+            raise ValueTooLarge(
+                f"value of type {type(value).__name__} encodes to {len(data)} bytes, over "
+                f"max_value_bytes={self.config.max_value_bytes}; store it elsewhere or raise "
+                "the limit in MapConfig"
+            )
+        return data
+
+
+class Watch:
+    """An iterator over a map's change events; close it (or use ``with``) to stop."""
+
+    def __init__(self, engine: Engine, q: queue.Queue[Event | None]) -> None:
+        self._engine, self._q = engine, q
+
+    def __iter__(self) -> Iterator[Event]:
+        while (event := self._q.get()) is not None:
+            yield event
+
+    def get(self, timeout: float | None = None) -> Event | None:
+        """The next event, or None after ``timeout`` seconds (or when the map closed)."""
+        try:
+            return self._q.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._engine.unwatch(self._q)
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _ttl_ms(ttl: float | None) -> int:
+    if ttl is None:
+        return 0
+    if not ttl > 0:
+        raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+    return max(1, round(ttl * 1000))

@@ -1,0 +1,348 @@
+"""A TCP proxy that injects network faults between a client and one Redis endpoint.
+
+The proxy runs an asyncio loop in a daemon thread; test code controls it with plain synchronous
+calls, each of which runs on the loop and returns once the change is in force.  Faults ("toxics")
+apply to every open and future connection until :meth:`FaultProxy.heal`.
+
+Directions: ``"upstream"`` is client to server (commands), ``"downstream"`` is server to client
+(replies and pub/sub pushes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar
+
+Direction = Literal["upstream", "downstream"]
+Which = Literal["upstream", "downstream", "both"]
+_DIRECTIONS: tuple[Direction, Direction] = ("upstream", "downstream")
+_CHUNK = 64 * 1024
+_CONTROL_TIMEOUT = 10.0
+_CLOSE_TIMEOUT = 2.0
+_LINGER_RST = struct.pack("ii", 1, 0)
+_T = TypeVar("_T")
+
+
+def _pick(which: Which) -> tuple[Direction, ...]:
+    if which == "both":
+        return _DIRECTIONS
+    if which not in _DIRECTIONS:
+        raise ValueError(f"direction must be upstream, downstream or both, not {which!r}")
+    return (which,)
+
+
+@dataclass
+class _Toxics:
+    """The faults in force for one direction, shared by all connections."""
+
+    delay: float = 0.0
+    blackhole: bool = False
+    limit: int | None = None
+    # Set while data may flow; cleared by stall().  Both pumps of a direction wait on it.
+    flowing: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(eq=False)  # identity hashing: connections live in a set
+class _Conn:
+    client: asyncio.StreamWriter
+    upstream: asyncio.StreamWriter
+    budget: dict[Direction, int | None]
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    closed: bool = False
+
+    def writer_for(self, direction: Direction) -> asyncio.StreamWriter:
+        return self.upstream if direction == "upstream" else self.client
+
+    def close(self, *, reset: bool = False) -> None:
+        """FIN both sides (after flushing), or RST them when *reset*."""
+        if self.closed:
+            return
+        self.closed = True
+        for writer in (self.client, self.upstream):
+            if reset:
+                sock = writer.get_extra_info("socket")
+                if sock is not None:
+                    # Linger 0 makes close() send RST instead of FIN.
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                writer.transport.abort()
+            else:
+                writer.close()
+        current = asyncio.current_task()
+        for task in self.tasks:
+            if task is not current:
+                task.cancel()
+
+    async def wait_closed(self) -> None:
+        """Wait until both sockets are really closed (so a FIN/RST has been sent)."""
+        waits = [w.wait_closed() for w in (self.client, self.upstream)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits, return_exceptions=True), _CLOSE_TIMEOUT)
+        except TimeoutError:
+            # A FIN close waits to flush to a peer that may never read: give up and drop it.
+            self.client.transport.abort()
+            self.upstream.transport.abort()
+
+
+class FaultProxy:
+    """Forward 127.0.0.1:<port> to one upstream ``host:port`` with switchable faults."""
+
+    def __init__(self, upstream_host: str, upstream_port: int, *, host: str = "127.0.0.1") -> None:
+        self.upstream_host = upstream_host
+        self.upstream_port = upstream_port
+        self.host = host
+        self._port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+        self._toxics: dict[Direction, _Toxics] = {}
+        self._conns: set[_Conn] = set()
+        self._bytes: dict[Direction, int] = dict.fromkeys(_DIRECTIONS, 0)
+        self.total_connections = 0
+
+    # -- public control (call from any thread but the proxy's) ------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("proxy not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def connections(self) -> int:
+        """Connections open right now."""
+        return len(self._conns)
+
+    @property
+    def bytes_forwarded(self) -> dict[Direction, int]:
+        """Bytes delivered so far, per direction."""
+        return dict(self._bytes)
+
+    def start(self) -> Self:
+        if self._loop is not None:
+            return self
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"FaultProxy-{self.upstream_port}", daemon=True
+        )
+        self._thread.start()
+        self._call(self._listen)
+        return self
+
+    def close(self) -> None:
+        """Stop listening, drop every connection and end the thread.  Idempotent."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        self._call(self._shutdown)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(_CONTROL_TIMEOUT)
+        loop.close()
+        self._loop = self._thread = None
+
+    def latency(self, ms: float, direction: Which = "downstream") -> None:
+        """Delay each chunk by *ms*, keeping order (later data never overtakes earlier data)."""
+        self._set(direction, lambda t: setattr(t, "delay", ms / 1000.0))
+
+    def stall(self, direction: Which = "both") -> None:
+        """Stop reading: TCP back-pressure builds and the peer sees neither data nor FIN/RST."""
+        self._set(direction, lambda t: t.flowing.clear())
+
+    def blackhole(self, direction: Which = "both") -> None:
+        """Read and discard: the sender's writes succeed, nothing arrives."""
+        self._set(direction, lambda t: setattr(t, "blackhole", True))
+
+    def limit_data(self, n_bytes: int, direction: Which = "downstream") -> None:
+        """Close each connection after *n_bytes* more bytes, cutting a reply mid-frame."""
+
+        async def apply() -> None:
+            for d in _pick(direction):
+                self._toxics[d].limit = n_bytes
+                for conn in self._conns:
+                    conn.budget[d] = n_bytes
+
+        self._call(apply)
+
+    def heal(self) -> None:
+        """Remove every toxic; stalled and delayed data then flows on."""
+
+        async def apply() -> None:
+            for d in _DIRECTIONS:
+                toxics = self._toxics[d]
+                toxics.delay, toxics.blackhole, toxics.limit = 0.0, False, None
+                toxics.flowing.set()
+                for conn in self._conns:
+                    conn.budget[d] = None
+
+        self._call(apply)
+
+    def reset_all(self) -> None:
+        """RST every open connection (both sides)."""
+        self._call(lambda: self._close_conns(reset=True))
+
+    def close_all(self) -> None:
+        """FIN every open connection (both sides)."""
+        self._call(lambda: self._close_conns(reset=False))
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<FaultProxy {self.host}:{self._port} -> {self.upstream_host}:{self.upstream_port}"
+            f" conns={len(self._conns)}>"
+        )
+
+    # -- loop side --------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        if self._loop is None:
+            raise RuntimeError("proxy not started")
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("FaultProxy control methods must not be called from its own loop")
+        return asyncio.run_coroutine_threadsafe(fn(), self._loop).result(_CONTROL_TIMEOUT)
+
+    def _set(self, which: Which, change: Callable[[_Toxics], object]) -> None:
+        async def apply() -> None:
+            for d in _pick(which):
+                change(self._toxics[d])
+
+        self._call(apply)
+
+    async def _listen(self) -> None:
+        for d in _DIRECTIONS:
+            self._toxics[d] = _Toxics()
+            self._toxics[d].flowing.set()
+        self._server = await asyncio.start_server(self._accept, self.host, 0)
+        self._port = self._server.sockets[0].getsockname()[1]
+
+    async def _close_conns(self, *, reset: bool) -> None:
+        conns = list(self._conns)
+        for conn in conns:
+            conn.close(reset=reset)
+        tasks = [t for c in conns for t in c.tasks]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(c.wait_closed() for c in conns))
+        self._conns.difference_update(conns)
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        await self._close_conns(reset=False)
+        # Accept handlers still connecting upstream, and anything else left on the loop.
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+        await asyncio.get_running_loop().shutdown_default_executor()
+
+    async def _accept(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        try:
+            u_reader, u_writer = await asyncio.open_connection(
+                self.upstream_host, self.upstream_port
+            )
+        except OSError:
+            # Upstream down: the client sees the connection close, as with a dead server.
+            c_writer.close()
+            return
+        except asyncio.CancelledError:
+            c_writer.close()
+            raise
+        budget = {d: self._toxics[d].limit for d in _DIRECTIONS}
+        conn = _Conn(client=c_writer, upstream=u_writer, budget=budget)
+        self._conns.add(conn)
+        self.total_connections += 1
+        pairs: tuple[tuple[Direction, asyncio.StreamReader], ...] = (
+            ("upstream", c_reader),
+            ("downstream", u_reader),
+        )
+        for direction, reader in pairs:
+            queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+            conn.tasks.append(asyncio.create_task(self._read(conn, direction, reader, queue)))
+            conn.tasks.append(asyncio.create_task(self._write(conn, direction, queue)))
+
+    async def _read(
+        self,
+        conn: _Conn,
+        direction: Direction,
+        reader: asyncio.StreamReader,
+        queue: asyncio.Queue[tuple[float, bytes] | None],
+    ) -> None:
+        """Read one direction, stamping each chunk with the time it may be delivered."""
+        toxics = self._toxics[direction]
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await toxics.flowing.wait()
+                data = await reader.read(_CHUNK)
+                if not data:
+                    break
+                if not toxics.blackhole:
+                    queue.put_nowait((loop.time() + toxics.delay, data))
+        except OSError:
+            pass
+        queue.put_nowait(None)  # end of stream: the writer flushes what is queued, then closes
+
+    async def _write(
+        self,
+        conn: _Conn,
+        direction: Direction,
+        queue: asyncio.Queue[tuple[float, bytes] | None],
+    ) -> None:
+        """Deliver queued chunks in order, each no earlier than its stamp."""
+        toxics = self._toxics[direction]
+        writer = conn.writer_for(direction)
+        loop = asyncio.get_running_loop()
+        try:
+            while (item := await queue.get()) is not None:
+                due, data = item
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                await toxics.flowing.wait()
+                if not await self._deliver(conn, direction, writer, data):
+                    return
+        except OSError:
+            pass
+        self._finish(conn)
+
+    async def _deliver(
+        self, conn: _Conn, direction: Direction, writer: asyncio.StreamWriter, data: bytes
+    ) -> bool:
+        """Write *data*, honouring limit_data; False once the connection was cut."""
+        budget = conn.budget[direction]
+        if budget is not None and len(data) >= budget:
+            writer.write(data[:budget])
+            self._bytes[direction] += budget
+            await writer.drain()
+            self._finish(conn)
+            return False
+        if budget is not None:
+            conn.budget[direction] = budget - len(data)
+        writer.write(data)
+        self._bytes[direction] += len(data)
+        await writer.drain()
+        return True
+
+    def _finish(self, conn: _Conn) -> None:
+        conn.close()
+        self._conns.discard(conn)
