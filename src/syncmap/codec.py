@@ -63,9 +63,7 @@ def is_immutable(value: Any, depth: int = 0) -> bool:
 
 
 def _encode_failed(value: Any, exc: BaseException, hint: str) -> InvalidValue:
-    return InvalidValue(
-        f"cannot encode value of type {type(value).__name__}: {exc}. {hint}"
-    )
+    return InvalidValue(f"cannot encode value of type {type(value).__name__}: {exc}. {hint}")
 
 
 class _MsgspecCodec:
@@ -100,7 +98,9 @@ class _MsgspecCodec:
             if self._pydantic:
                 value = self.value_type.model_validate(value)
         except Exception as exc:  # msgspec, pydantic and Python errors alike
-            raise CorruptData(f"stored value does not decode with codec {self.name}: {exc}") from exc
+            raise CorruptData(
+                f"stored value does not decode with codec {self.name}: {exc}"
+            ) from exc
         return value
 
     def _hint(self) -> str:

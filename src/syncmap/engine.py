@@ -14,14 +14,16 @@ Threads (all owned by the map, stopped by ``close()``, failures re-raised on the
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+
+import redis
 
 from .core.nearcache import Event, NearCache
-from .core.wire import OP_PING, decode_message
+from .core.wire import OP_PING, ChangeMessage, decode_message, encode_message
 from .errors import CorruptData, FeedError, SyncMapError
 from .feed.pubsub import Handler, Subscriber
 from .store.redis_store import RedisStore
@@ -30,8 +32,11 @@ log = logging.getLogger("syncmap")
 
 
 class Engine:
-    def __init__(self, core: NearCache, store: RedisStore, interval: float) -> None:
+    def __init__(
+        self, core: NearCache, store: RedisStore, interval: float, feed: redis.Redis
+    ) -> None:
         self.core = core
+        self.feed = feed
         self.store = store
         self.interval = interval
         self.lock = threading.Lock()
@@ -53,7 +58,7 @@ class Engine:
 
     def start(self, self_check_timeout: float) -> None:
         """Subscribe, check a message really arrives, take the baseline probe, start threads."""
-        self._subscriber = Subscriber.for_client(self.store.client)
+        self._subscriber = Subscriber.for_client(self.feed)
         self._subscriber.attach(
             self.store.layout.channel,
             Handler(self.on_feed_message, self.on_feed_up, self.on_feed_down),
@@ -72,9 +77,7 @@ class Engine:
 
     def _self_check(self, timeout: float) -> None:
         """Publish a ping on the map's channel and wait for it (RESP2/RESP3 or ACL trouble)."""
-        from .core.wire import ChangeMessage, encode_message
-
-        nonce = threading.get_native_id().to_bytes(8, "big") + time.monotonic_ns().to_bytes(8, "big")
+        nonce = os.urandom(16)
         arrived = self._pings[nonce] = threading.Event()
         msg = ChangeMessage(OP_PING, 0, 0, 0, self.store.origin, (nonce,))
         self.store.publish(encode_message(msg))
@@ -230,6 +233,3 @@ class Engine:
     def local_deadline(self, deadline_ms: int, now: float) -> float:
         """Convert a Redis-clock deadline (ms) into this process's monotonic clock."""
         return now + (deadline_ms - self.server_now_ms()) / 1000
-
-    def watch_callbacks(self) -> Any:
-        return self._callbacks

@@ -1,7 +1,7 @@
 """Key encoding and the Redis key layout: the one module that builds every Redis name.
 
-A user key becomes a hash *field* with a one-byte type tag, so ``"1"``, ``b"1"`` and ``1`` stay three
-distinct keys (as they are in a dict) and never collide once stringified:
+A user key becomes a hash *field* with a one-byte type tag, so ``"1"``, ``b"1"`` and ``1`` stay
+three distinct keys (as they are in a dict) and never collide once stringified:
 
     str   -> b"s" + UTF-8        bytes -> b"b" + raw        int -> b"i" + decimal ASCII
 
@@ -31,13 +31,12 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-/]{1,200}$")
 def encode_key(key: object, max_bytes: int) -> bytes:
     """The field bytes of ``key``; raises before anything is sent when it cannot be stored."""
     cls = key.__class__
-    if cls is str or (isinstance(key, str) and cls is not bool):
+    if isinstance(key, str):
         try:
-            field = b"s" + key.encode()  # type: ignore[union-attr]
+            field = b"s" + key.encode()
         except UnicodeEncodeError as exc:
             raise InvalidKey(
-                f"key {key!r} cannot be encoded as UTF-8 ({exc.reason}); "
-                "use bytes for binary keys"
+                f"key {key!r} cannot be encoded as UTF-8 ({exc.reason}); use bytes for binary keys"
             ) from exc
     elif isinstance(key, bytes | bytearray | memoryview):
         field = b"b" + bytes(key)
@@ -71,7 +70,7 @@ def decode_key(field: bytes) -> Key:
 def normal_key(key: object) -> Key:
     """The key as the near cache stores it: plain str/bytes/int (subclasses normalised)."""
     if key.__class__ in (str, bytes, int):
-        return key  # type: ignore[return-value]
+        return key
     if isinstance(key, str):
         return str(key)
     if isinstance(key, bytes | bytearray | memoryview):

@@ -74,10 +74,13 @@ class SyncMap(MutableMapping[Key, Any]):
         value_type: Any = None,
         config: MapConfig | None = None,
         node_id: str | None = None,
+        feed: str | None = None,
     ) -> None:
         self.name = check_map_name(name)
         self.config = cfg = config or MapConfig()
-        self.node_id = node_id or f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.node_id = (
+            node_id or f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        )
         self._codec = make_codec(codec, value_type)
         client = self._client(url, redis)
         layout = Layout(cfg.namespace, self.name, cfg.buckets)
@@ -94,7 +97,7 @@ class SyncMap(MutableMapping[Key, Any]):
         self._core = NearCache(buckets, capacity=cfg.capacity, max_staleness=cfg.max_staleness,
                                guards=cfg.guards)  # fmt: skip
         self._entries = self._core.entries  # the hit path reads this dict directly
-        self._engine = Engine(self._core, self._store, cfg.probe_interval)
+        self._engine = Engine(self._core, self._store, cfg.probe_interval, self._feed(feed, client))
         try:
             self._engine.start(cfg.self_check_timeout)
         except BaseException:
@@ -122,6 +125,17 @@ class SyncMap(MutableMapping[Key, Any]):
         except ValueError as exc:
             raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from exc
 
+    def _feed(self, feed: str | None, client: redis_lib.Redis) -> redis_lib.Redis:
+        """The connection change messages arrive on: the store's Redis unless ``feed`` says."""
+        if feed is None:
+            return client
+        if not feed.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigurationError(
+                f"feed URL {feed!r} is not supported: this version carries changes over Redis "
+                "pub/sub only (redis://, rediss://, unix://)"
+            )
+        return self._client(feed, None)
+
     # ---- reads -------------------------------------------------------------------------------
 
     def __getitem__(self, key: Key) -> Any:
@@ -133,7 +147,7 @@ class SyncMap(MutableMapping[Key, Any]):
             if v is not COPY:
                 return v
             return self._codec.decode(e.raw)  # type: ignore[arg-type]
-        value = self._fetch(key, consistent=False)
+        value, _ = self._fetch(key, consistent=False)
         if value is _MISSING:
             raise KeyError(key)
         return value
@@ -146,10 +160,23 @@ class SyncMap(MutableMapping[Key, Any]):
                 e.hits += 1
                 v = e.value
                 return v if v is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
-        value = self._fetch(key, consistent=consistent)
+        value, _ = self._fetch(key, consistent=consistent)
         return default if value is _MISSING else value
 
-    def _fetch(self, key: Key, *, consistent: bool) -> Any:
+    def get_with_meta(self, key: Key, *, consistent: bool = False) -> tuple[Any, int, str]:
+        """(value or None, version or 0, ``"local"`` or ``"redis"``): the read and its provenance.
+
+        For tests and checkers: versions let a history be checked for staleness and order.
+        """
+        e = self._entries.get(key)
+        if not consistent and e is not None and key.__class__ is e.kc:
+            e.hits += 1
+            v = e.value if e.value is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
+            return v, e.version, "local"
+        value, version = self._fetch(key, consistent=consistent)
+        return (None if value is _MISSING else value), version, "redis"
+
+    def _fetch(self, key: Key, *, consistent: bool) -> tuple[Any, int]:
         field, nkey, bucket = self._locate(key)
         with self._engine.lock:
             token = self._core.begin_fill(nkey, bucket)
@@ -162,7 +189,7 @@ class SyncMap(MutableMapping[Key, Any]):
             raise
         return self._settle_read(token, raw)
 
-    def _settle_read(self, token: FillToken, raw: bytes | None) -> Any:
+    def _settle_read(self, token: FillToken, raw: bytes | None) -> tuple[Any, int]:
         """Install what a read returned (if nothing newer was seen meanwhile) and return it."""
         if raw is not None:
             version, deadline_ms, payload = unpack_value(raw)
@@ -173,10 +200,10 @@ class SyncMap(MutableMapping[Key, Any]):
                     self._abort(token)
                     raise
                 self._install(token, version, deadline_ms, payload, value)
-                return value
+                return value, version
         with self._engine.lock:
             self._core.fill_absent(token)
-        return _MISSING
+        return _MISSING, 0
 
     def _install(self, token: FillToken, version: int, deadline_ms: int, payload: bytes,
                  value: Any, *, own: bool = False) -> None:  # fmt: skip
@@ -225,7 +252,7 @@ class SyncMap(MutableMapping[Key, Any]):
                    fence: Fence | None = None) -> Any:  # fmt: skip
         """The value of ``key``, storing ``default`` first if absent (Go's LoadOrStore)."""
         version, old = self._set(key, self._payload(default), "nx", "", ttl, fence)
-        return default if version else self._codec.decode(unpack_value(old)[2])
+        return default if version else self._codec.decode(unpack_value(old)[2])  # type: ignore[arg-type]
 
     def compare_and_set(self, key: Key, expected: Any, new: Any, *, ttl: float | None = None,
                         fence: Fence | None = None) -> bool:  # fmt: skip
@@ -327,8 +354,10 @@ class SyncMap(MutableMapping[Key, Any]):
             "concurrent writers; retry later or protect the key with a lock"
         )
 
-    def update(self, other: Mapping[Key, Any] | Iterable[tuple[Key, Any]] = (), /, *,
-               ttl: float | None = None, fence: Fence | None = None, **kwargs: Any) -> None:  # fmt: skip
+    def update(  # type: ignore[override]
+        self, other: Mapping[Key, Any] | Iterable[tuple[Key, Any]] = (), /, *,
+        ttl: float | None = None, fence: Fence | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
         """Store many entries in one round trip (each bucket's part is atomic)."""
         pairs = other.items() if isinstance(other, Mapping) else other
         per_bucket: dict[int, list[tuple[Key, bytes, bytes]]] = {}

@@ -9,13 +9,14 @@ Why a cached entry is never stale beyond ``max_staleness`` (the contract, DESIGN
 * Every write takes the next *sequence* of its bucket as the key's *version*, and the change message
   carrying that version is published in the same atomic Lua step.  Per bucket we know ``seq``, the
   highest version accounted for.  A message that skips ahead is a **gap**: the bucket is flushed.
-* A bucket is *served* only under a **lease**.  A probe sent at ``T`` that reads sequence ``s`` proves
-  "every write acknowledged before ``T`` is accounted for" once our ``seq >= s``; then the lease runs
-  to ``T + max_staleness``.  A probe whose ``s`` we never reach (the last message was lost, the
-  subscriber hangs) confirms nothing: after ``grace`` the bucket is flushed, and if probes stop
-  altogether the lease lapses and ``tick`` flushes the bucket.  So a hit at time ``t`` only ever comes
-  from a bucket that accounted, at ``T >= t - max_staleness``, for every write acknowledged before
-  ``T``.  ``tick`` revokes leases ``margin`` early, because the hit path does not read the clock.
+* A bucket is *served* only under a **lease**.  A probe sent at ``T`` that reads sequence ``s``
+  proves "every write acknowledged before ``T`` is accounted for" once our ``seq >= s``; then the
+  lease runs to ``T + max_staleness``.  A probe whose ``s`` we never reach (the last message was
+  lost, the subscriber hangs) confirms nothing: after ``grace`` the bucket is flushed, and if
+  probes stop altogether the lease lapses and ``tick`` flushes the bucket.  So a hit at time ``t``
+  only ever comes from a bucket that accounted, at ``T >= t - max_staleness``, for every write
+  acknowledged before ``T``.  ``tick`` revokes leases ``margin`` early, because the hit path does
+  not read the clock.
 * A restarted or flushed Redis shows a new **epoch** (or a sequence that went backwards): flush.
 
 The fill race (A2), in the order of events it prevents::
@@ -225,7 +226,7 @@ class NearCache:
             self._remove(token.key, old)
 
     def drop(self, key: Key) -> None:
-        """Forget ``key`` (a write with an unknown outcome): neither it nor a fill in flight stays."""
+        """Forget ``key`` (unknown write outcome): neither it nor a fill in flight stays."""
         old = self.entries.get(key)
         if old is not None:
             self._remove(key, old)
@@ -298,7 +299,9 @@ class NearCache:
 
     # ---- probes and time ---------------------------------------------------------------------
 
-    def on_probe(self, states: Sequence[tuple[int | None, int]], sent_at: float, now: float) -> None:
+    def on_probe(
+        self, states: Sequence[tuple[int | None, int]], sent_at: float, now: float
+    ) -> None:
         """Apply the ``(epoch, seq)`` of every bucket, read by a probe sent at ``sent_at``."""
         repair, self._reconnected = self._reconnected, False
         for i, (epoch, seq) in enumerate(states):
@@ -345,7 +348,7 @@ class NearCache:
                 self.counters.expirations += 1
         wake = self._ttl[0][0] - self.margin if self._ttl else INF
         for i, b in enumerate(self.buckets):
-            if b.lease_until == -INF or b.lease_until == INF:
+            if b.lease_until in (-INF, INF):
                 continue
             if now >= b.lease_until - self.margin:
                 self.counters.lease_lapses += 1
@@ -394,4 +397,3 @@ class NearCache:
 
     def cached(self) -> Iterator[tuple[Key, Entry]]:
         return iter(list(self.entries.items()))
-

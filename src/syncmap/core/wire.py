@@ -26,7 +26,13 @@ OP_DEL = 2
 OP_CLEAR = 3
 OP_EXPIRE = 4
 OP_PING = 5
-OP_NAMES = {OP_SET: "set", OP_DEL: "delete", OP_CLEAR: "clear", OP_EXPIRE: "expire", OP_PING: "ping"}
+OP_NAMES = {
+    OP_SET: "set",
+    OP_DEL: "delete",
+    OP_CLEAR: "clear",
+    OP_EXPIRE: "expire",
+    OP_PING: "ping",
+}
 
 _HEAD = struct.Struct(">2sBBHQQB")
 _U32 = struct.Struct(">I")
@@ -66,7 +72,7 @@ def decode_message(data: bytes) -> ChangeMessage:
     try:
         magic, ver, op, bucket, seq, epoch, olen = _HEAD.unpack_from(data, 0)
         if magic != b"sm" or ver != 1 or op not in OP_NAMES:
-            raise CorruptData(f"not a syncmap v1 change message: header {data[:_HEAD.size]!r}")
+            raise CorruptData(f"not a syncmap v1 change message: header {data[: _HEAD.size]!r}")
         pos = _HEAD.size
         origin = data[pos : pos + olen].decode()
         pos += olen

@@ -4,7 +4,7 @@ Redisson opens a subscription per map and per lock and runs out of connections; 
 subscriber thread reads messages and hands each to the map that owns the channel.  It tells maps
 when the connection drops (``on_down``: messages may now be lost) and when a re-subscription is
 confirmed (``on_up``: the map repairs by probing its sequences).  Order on (re)connect, which
-matters for the start-up gap (A5): SUBSCRIBE -> confirmation received -> ``on_up`` -> the map probes.
+matters for the start-up gap (A5): SUBSCRIBE -> confirmation -> ``on_up`` -> the map probes.
 
 redis-py's own reconnect-and-retry is switched off on this connection so a drop is never hidden.
 Works under RESP2 and RESP3 (redis-py parses both into the same message dicts).
@@ -12,6 +12,7 @@ Works under RESP2 and RESP3 (redis-py parses both into the same message dicts).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -34,10 +35,8 @@ class Handler:
 
 def _target(client: redis.Redis) -> tuple[Any, ...]:
     kw = client.connection_pool.connection_kwargs
-    return tuple(
-        kw.get(k)
-        for k in ("host", "port", "path", "db", "username", "password", "protocol", "ssl_ca_certs")
-    ) + (client.connection_pool.connection_class,)
+    names = ("host", "port", "path", "db", "username", "password", "protocol", "ssl_ca_certs")
+    return (*(kw.get(k) for k in names), client.connection_pool.connection_class)
 
 
 class Subscriber:
@@ -78,10 +77,9 @@ class Subscriber:
             self._handlers[ch] = handler
             pubsub = self._pubsub
         if pubsub is not None:
-            try:
+            # On failure the reader thread reconnects and subscribes every attached channel.
+            with contextlib.suppress(redis.ConnectionError, OSError):
                 pubsub.subscribe(ch)
-            except (redis.ConnectionError, OSError):
-                pass  # the reader thread reconnects and subscribes every attached channel
 
     def detach(self, channel: str) -> None:
         ch = channel.encode()
@@ -91,10 +89,8 @@ class Subscriber:
         if empty:
             self.stop()
         elif pubsub is not None:
-            try:
+            with contextlib.suppress(redis.ConnectionError, OSError):
                 pubsub.unsubscribe(ch)
-            except (redis.ConnectionError, OSError):
-                pass
 
     def stop(self) -> None:
         with self._registry_lock:
@@ -127,7 +123,7 @@ class Subscriber:
         self._close_pubsub()
 
     def _connect(self) -> None:
-        pubsub = self._client.pubsub(ignore_subscribe_messages=False)
+        pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
         with self._lock:
             self._pubsub = pubsub
             channels = list(self._handlers)
@@ -160,7 +156,5 @@ class Subscriber:
         with self._lock:
             pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
-            try:
+            with contextlib.suppress(redis.ConnectionError, OSError):
                 pubsub.close()
-            except (redis.ConnectionError, OSError):
-                pass

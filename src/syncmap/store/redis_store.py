@@ -3,10 +3,10 @@
 redis-py retries every command, writes included, up to 10 times by default: a write whose reply was
 lost could run twice.  So syncmap sends every request itself on one pooled connection and decides:
 
-* the connection could not be had (refused, DNS, auth)       -> ``StoreUnavailable`` (nothing sent)
-* it failed after the request was (partly) sent              -> ``WriteOutcomeUnknown`` for writes;
-                                                                reads are idempotent and retried once
-* Redis answered NOSCRIPT                                     -> the script did not run: load, resend
+* no connection could be had (refused, DNS, auth)  -> ``StoreUnavailable`` (nothing was sent)
+* it failed after the request was (partly) sent   -> ``WriteOutcomeUnknown`` for writes; reads
+                                                     are idempotent and are retried once
+* Redis answered NOSCRIPT                          -> the script did not run: load it, resend
 
 Several requests go out as one pipeline (one round trip) when the caller passes several.
 """
@@ -111,14 +111,14 @@ class RedisStore:
             ) from exc
         replies: list[Any] = []
         try:
-            conn.send_packed_command(conn.pack_commands(commands))
+            conn.send_packed_command(conn.pack_commands(commands))  # type: ignore[no-untyped-call]
             for _ in commands:
                 try:
                     replies.append(conn.read_response())
                 except ResponseError as exc:
                     replies.append(exc)
         except _NET_ERRORS as exc:
-            conn.disconnect()
+            conn.disconnect()  # type: ignore[no-untyped-call]
             pool.release(conn)
             if write:
                 raise WriteOutcomeUnknown(
@@ -127,7 +127,7 @@ class RedisStore:
                 ) from exc
             raise StoreUnavailable(f"{self.where} failed during a read ({exc}); retry") from exc
         except BaseException:
-            conn.disconnect()
+            conn.disconnect()  # type: ignore[no-untyped-call]
             pool.release(conn)
             raise
         pool.release(conn)

@@ -5,7 +5,7 @@ validate (fence, condition) -> mutate -> take the version -> PUBLISH last.  Redi
 script back when a later line fails, so nothing is published for a change that did not happen.
 A script that refuses (stale fence) returns an error *before* its first write.
 
-KEYS (every write script): [1] bucket sequence hash ``m``, [2] data hash ``d``, [3] expiry zset ``x``.
+KEYS (every write script): [1] sequence hash ``m``, [2] data hash ``d``, [3] expiry zset ``x``.
 ARGV prefix (every write script):
     [1] channel  [2] bucket number  [3] epoch candidate (used only if the bucket has none)
     [4] origin (node id)  [5] fence lock name or ''  [6] fence token or '0'
