@@ -150,13 +150,15 @@ class Engine:
     # ---- probes and the timer ----------------------------------------------------------------
 
     def probe_once(self) -> None:
+        with self.lock:
+            tops = self.core.tops()
         sent = time.monotonic()
         wall = time.time() * 1000
         states, server_ms, live = self.store.probe()
         self.server_offset_ms = server_ms - (wall + time.time() * 1000) / 2
         self.live_entries = live
         with self.lock:
-            self.core.on_probe(states, sent, time.monotonic())
+            self.core.on_probe(states, sent, time.monotonic(), tops)
         self.wake_timer()
 
     def _probe_loop(self) -> None:

@@ -79,6 +79,7 @@ class BucketState:
     seq: int = 0
     lease_until: float = -INF
     gen: int = 0
+    top: int = 0  # highest version cached in this bucket since it was last (re)started
     targets: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -183,6 +184,7 @@ class NearCache:
             self._remove(token.key, old)
         entry = Entry(value, raw, version, token.bucket, token.key.__class__, deadline)
         self.entries[token.key] = entry
+        b.top = max(b.top, version)
         if deadline != INF:
             heapq.heappush(self._ttl, (deadline, version, token.key))
         if len(self.entries) > self.capacity:
@@ -299,19 +301,34 @@ class NearCache:
 
     # ---- probes and time ---------------------------------------------------------------------
 
+    def tops(self) -> list[int]:
+        """Each bucket's highest cached version; the driver takes this just before a probe."""
+        return [b.top for b in self.buckets]
+
     def on_probe(
-        self, states: Sequence[tuple[int | None, int]], sent_at: float, now: float
-    ) -> None:
-        """Apply the ``(epoch, seq)`` of every bucket, read by a probe sent at ``sent_at``."""
+        self, states: Sequence[tuple[int | None, int]], sent_at: float, now: float,
+        tops: Sequence[int] | None = None,
+    ) -> None:  # fmt: skip
+        """Apply the ``(epoch, seq)`` of every bucket, read by a probe sent at ``sent_at``.
+
+        ``tops`` (from :meth:`tops` taken before sending) catches a store that went backwards
+        while looking unchanged.  Order it prevents (A7): this server writes k -> k@1 and caches
+        it; Redis dies before k@1's message reaches anyone and restarts empty; bucket and store
+        both read (no epoch, seq 0), so without ``tops`` the probe would confirm k@1 forever.
+        """
         repair, self._reconnected = self._reconnected, False
         for i, (epoch, seq) in enumerate(states):
             b = self.buckets[i]
+            if tops is not None and seq < tops[i] and self.guards.epoch:
+                seq_went_back = True
+            else:
+                seq_went_back = seq < b.seq
             if not self.guards.probe:
                 if not b.known:
                     b.known, b.epoch, b.seq = True, epoch, seq
                 b.lease_until = INF
                 continue
-            if not b.known or (epoch != b.epoch and self.guards.epoch) or seq < b.seq:
+            if not b.known or (epoch != b.epoch and self.guards.epoch) or seq_went_back:
                 if b.known and b.epoch is not None:
                     self.counters.epoch_changes += 1
                 self._restart_bucket(i, epoch, seq, sent_at)
@@ -329,7 +346,7 @@ class NearCache:
         b = self.buckets[i]
         if b.known:
             self._flush(i)
-        b.known, b.epoch, b.seq, b.targets = True, epoch, seq, []
+        b.known, b.epoch, b.seq, b.targets, b.top = True, epoch, seq, [], 0
         b.lease_until = sent_at + self.max_staleness
 
     def _confirm(self, b: BucketState) -> None:
@@ -365,6 +382,7 @@ class NearCache:
         for k in doomed:
             self._remove(k, self.entries[k])
         self.buckets[bucket].gen += 1
+        self.buckets[bucket].top = 0
         if count:
             self.counters.resyncs += 1
 

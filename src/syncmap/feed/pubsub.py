@@ -73,13 +73,14 @@ class Subscriber:
     def attach(self, channel: str, handler: Handler) -> None:
         """Subscribe ``channel``; ``handler.on_up`` runs once the subscription is confirmed."""
         ch = channel.encode()
+        # SUBSCRIBE is sent under the lock so it never races the reader thread creating the
+        # PubSub's connection (redis-py would open two and lose one).  If it fails, the reader
+        # thread reconnects and subscribes every attached channel.
         with self._lock:
             self._handlers[ch] = handler
-            pubsub = self._pubsub
-        if pubsub is not None:
-            # On failure the reader thread reconnects and subscribes every attached channel.
-            with contextlib.suppress(redis.ConnectionError, OSError):
-                pubsub.subscribe(ch)
+            if self._pubsub is not None:
+                with contextlib.suppress(redis.ConnectionError, OSError):
+                    self._pubsub.subscribe(ch)
 
     def detach(self, channel: str) -> None:
         ch = channel.encode()
@@ -125,12 +126,9 @@ class Subscriber:
     def _connect(self) -> None:
         pubsub = self._client.pubsub(ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
         with self._lock:
+            # The idle channel keeps get_message() blocking on the socket when no map is attached.
+            pubsub.subscribe(b"syncmap:idle", *self._handlers)
             self._pubsub = pubsub
-            channels = list(self._handlers)
-        if channels:
-            pubsub.subscribe(*channels)
-        else:
-            pubsub.subscribe(b"syncmap:idle")  # keeps get_message() blocking on the socket
 
     def _read_until_error(self) -> None:
         while not self._stop.is_set():

@@ -1,0 +1,93 @@
+"""Failures are loud: unreachable store, unknown write outcomes, a restarted Redis, ACL refusals."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from syncmap import MapConfig, StoreUnavailable, SyncMap, WriteOutcomeUnknown
+from syncmap.embedded import EmbeddedRedis, free_port
+from syncmap.errors import ConfigurationError
+from syncmap.testing.proxy import FaultProxy
+from syncmap.testing.wait import wait_until
+
+FAST = MapConfig(socket_timeout=0.5, self_check_timeout=2.0)
+
+
+@pytest.fixture
+def proxy(redis_server: EmbeddedRedis) -> Iterator[FaultProxy]:
+    with FaultProxy(redis_server.host, redis_server.port) as p:
+        yield p
+
+
+def test_unreachable_server_raises_store_unavailable() -> None:
+    with pytest.raises(StoreUnavailable, match=r"cannot reach redis 127\.0\.0\.1:\d+/0"):
+        SyncMap("m", f"redis://127.0.0.1:{free_port()}/0", config=FAST)
+
+
+def test_reads_and_writes_fail_loudly_when_redis_dies(redis_server: EmbeddedRedis) -> None:
+    with SyncMap("m", redis_server.url, config=FAST) as m:
+        m["cached"] = 1
+        redis_server.kill()
+        with pytest.raises(StoreUnavailable):
+            m["x"] = 1
+        with pytest.raises(StoreUnavailable):
+            m.get("uncached")
+
+
+def test_lost_reply_raises_write_outcome_unknown_and_drops_the_key(
+    redis_server: EmbeddedRedis, proxy: FaultProxy
+) -> None:
+    with SyncMap("m", proxy.url, config=FAST, feed=redis_server.url) as m:
+        m["k"] = "old"
+        assert m.peek("k") is not None
+        proxy.blackhole("downstream")  # the write reaches Redis; its reply never comes back
+        with pytest.raises(WriteOutcomeUnknown, match="may or may not"):
+            m["k"] = "new"
+        assert m.peek("k") is None  # the next read must fetch the truth
+        proxy.heal()
+        proxy.close_all()
+        assert m.get("k", consistent=True) == "new"  # it did apply
+
+
+def test_map_survives_a_redis_restart(redis_server: EmbeddedRedis) -> None:
+    """Restart without persistence: data gone, a new epoch; the near cache must not keep it."""
+    with SyncMap("m", redis_server.url, config=FAST) as m:
+        m["k"] = 1
+        assert m.peek("k") is not None
+        redis_server.kill()
+        redis_server.restart()
+        # Reconnect-and-repair (or at worst the lease) drops the entry within max_staleness.
+        took = wait_until(lambda: m.peek("k") is None, 5, "dropping the pre-restart value")
+        assert took <= FAST.max_staleness + 0.1
+        assert m.get("k") is None
+        m["k"] = 2  # writes work again after reconnecting
+        assert m["k"] == 2
+
+
+def test_acl_refusal_is_a_configuration_error(redis_server: EmbeddedRedis) -> None:
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@read", "+@connection")
+    admin.close()
+    url = f"redis://reader:pw@{redis_server.host}:{redis_server.port}/0"
+    with pytest.raises(ConfigurationError, match="NOPERM|refused a command"):
+        SyncMap("m", url, config=FAST)
+
+
+def test_wrong_password_is_a_configuration_error(redis_binary: str) -> None:
+    with EmbeddedRedis(binary=redis_binary, password="secret") as server:
+        url = f"redis://:wrong@{server.host}:{server.port}/0"
+        with pytest.raises(ConfigurationError, match="credentials"):
+            SyncMap("m", url, config=FAST)
+        with SyncMap("m", server.url, config=FAST) as m:  # the right one works
+            m["x"] = 1
+            assert m.get("x", consistent=True) == 1
+
+
+def test_decode_responses_client_is_refused(redis_server: EmbeddedRedis) -> None:
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    with pytest.raises(ConfigurationError, match="decode_responses"):
+        SyncMap("m", redis=client)
+    client.close()
