@@ -72,7 +72,7 @@ def test_acl_refusal_is_a_configuration_error(redis_server: EmbeddedRedis) -> No
     admin.execute_command("ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@read", "+@connection")
     admin.close()
     url = f"redis://reader:pw@{redis_server.host}:{redis_server.port}/0"
-    with pytest.raises(ConfigurationError, match="NOPERM|refused a command"):
+    with pytest.raises(ConfigurationError, match=r"NOPERM|refused a command"):
         SyncMap("m", url, config=FAST)
 
 
