@@ -25,6 +25,9 @@ class MapConfig:
     transform_retries: int = 32
     self_check_timeout: float = 5.0
     socket_timeout: float = 5.0
+    fast_hits: bool = False
+    """Skip the clock on cache hits: faster, but a paused process may serve an expired entry
+    until its timer thread runs (see ``SyncMap`` docs).  Off by default."""
     guards: Guards = field(default_factory=Guards)
     """Test-only: switch one protection off to prove a scenario test catches the bug."""
 

@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, Self
 from urllib.parse import quote
 
@@ -116,31 +115,18 @@ def free_port(host: str = HOST) -> int:
         return port
 
 
-class _Registry:
-    """Servers still running, stopped at interpreter exit so none outlives Python."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._live: set[EmbeddedRedis] = set()
-        atexit.register(self.stop_all)
-
-    def add(self, server: EmbeddedRedis) -> None:
-        with self._lock:
-            self._live.add(server)
-
-    def discard(self, server: EmbeddedRedis) -> None:
-        with self._lock:
-            self._live.discard(server)
-
-    def stop_all(self) -> None:
-        with self._lock:
-            live = list(self._live)
-        for server in live:
-            with contextlib.suppress(Exception):
-                server.stop()
+# Servers still running, stopped at interpreter exit so that none outlives Python.
+_LIVE: set[EmbeddedRedis] = set()
+_LIVE_LOCK = threading.Lock()
 
 
-_REGISTRY = _Registry()
+@atexit.register
+def _stop_all() -> None:
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for server in live:
+        with contextlib.suppress(Exception):
+            server.stop()
 
 
 class EmbeddedRedis:
@@ -237,7 +223,8 @@ class EmbeddedRedis:
         Idempotent.  ``keep=True`` leaves the data dir on disk (and usable by ``restart()``).
         """
         self._terminate()
-        _REGISTRY.discard(self)
+        with _LIVE_LOCK:
+            _LIVE.discard(self)
         if not keep and self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
@@ -277,12 +264,7 @@ class EmbeddedRedis:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def __repr__(self) -> str:
@@ -315,7 +297,8 @@ class EmbeddedRedis:
             start_new_session=True,
         )
         self._paused = False
-        _REGISTRY.add(self)
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + _START_TIMEOUT

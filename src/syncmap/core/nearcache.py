@@ -145,6 +145,10 @@ class NearCache:
         self._ttl: list[tuple[float, int, Key]] = []
         self._feed_gen = 0
         self._reconnected = False
+        self.valid_until = -INF
+        """Every cached entry may be served until then (earliest lease or TTL deadline, less
+        ``margin``).  The hit path compares the clock with this one number, so a process resumed
+        from a pause (SIGSTOP, a long GIL-holding call) never serves what expired meanwhile."""
 
     # ---- fills -------------------------------------------------------------------------------
 
@@ -187,6 +191,7 @@ class NearCache:
         b.top = max(b.top, version)
         if deadline != INF:
             heapq.heappush(self._ttl, (deadline, version, token.key))
+            self.valid_until = min(self.valid_until, deadline - self.margin)
         if len(self.entries) > self.capacity:
             self._evict()
         return True
@@ -341,6 +346,14 @@ class NearCache:
             else:
                 b.lease_until = max(b.lease_until, sent_at + self.max_staleness)
                 b.targets.clear()
+        self._revalidate()
+
+    def _revalidate(self) -> None:
+        wake = self._ttl[0][0] if self._ttl else INF
+        for b in self.buckets:
+            if b.lease_until != -INF:
+                wake = min(wake, b.lease_until)
+        self.valid_until = wake - self.margin
 
     def _restart_bucket(self, i: int, epoch: int | None, seq: int, sent_at: float) -> None:
         b = self.buckets[i]
@@ -351,9 +364,11 @@ class NearCache:
 
     def _confirm(self, b: BucketState) -> None:
         """Probes whose sequence we have now reached renew the lease."""
-        while b.targets and b.targets[0][0] <= b.seq:
-            _, sent_at = b.targets.pop(0)
-            b.lease_until = max(b.lease_until, sent_at + self.max_staleness)
+        if b.targets and b.targets[0][0] <= b.seq:
+            while b.targets and b.targets[0][0] <= b.seq:
+                _, sent_at = b.targets.pop(0)
+                b.lease_until = max(b.lease_until, sent_at + self.max_staleness)
+            self._revalidate()
 
     def tick(self, now: float) -> float:
         """Expire entries and revoke lapsed leases; returns when to call again."""
@@ -363,17 +378,13 @@ class NearCache:
             if e is not None and e.version == version:
                 self._remove(key, e)
                 self.counters.expirations += 1
-        wake = self._ttl[0][0] - self.margin if self._ttl else INF
         for i, b in enumerate(self.buckets):
-            if b.lease_until in (-INF, INF):
-                continue
-            if now >= b.lease_until - self.margin:
+            if b.lease_until not in (-INF, INF) and now >= b.lease_until - self.margin:
                 self.counters.lease_lapses += 1
                 self._flush(i, count=False)
                 b.lease_until = -INF
-            else:
-                wake = min(wake, b.lease_until - self.margin)
-        return wake
+        self._revalidate()
+        return self.valid_until
 
     # ---- housekeeping ------------------------------------------------------------------------
 

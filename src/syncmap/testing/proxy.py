@@ -17,8 +17,7 @@ import struct
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, Self, TypeAlias, TypeVar
 
 Direction = Literal["upstream", "downstream"]
 Which = Literal["upstream", "downstream", "both"]
@@ -28,6 +27,8 @@ _CONTROL_TIMEOUT = 10.0
 _CLOSE_TIMEOUT = 2.0
 _LINGER_RST = struct.pack("ii", 1, 0)
 _T = TypeVar("_T")
+# Chunks stamped with the loop time they may be delivered at; None marks end of stream.
+_Queue: TypeAlias = "asyncio.Queue[tuple[float, bytes] | None]"
 
 
 def _pick(which: Which) -> tuple[Direction, ...]:
@@ -48,6 +49,9 @@ class _Toxics:
     # Set while data may flow; cleared by stall().  Both pumps of a direction wait on it.
     flowing: asyncio.Event = field(default_factory=asyncio.Event)
 
+    def __post_init__(self) -> None:
+        self.flowing.set()  # safe before the loop runs: an Event binds to a loop on first wait
+
 
 @dataclass(eq=False)  # identity hashing: connections live in a set
 class _Conn:
@@ -56,9 +60,6 @@ class _Conn:
     budget: dict[Direction, int | None]
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closed: bool = False
-
-    def writer_for(self, direction: Direction) -> asyncio.StreamWriter:
-        return self.upstream if direction == "upstream" else self.client
 
     def close(self, *, reset: bool = False) -> None:
         """FIN both sides (after flushing), or RST them when *reset*."""
@@ -102,7 +103,7 @@ class FaultProxy:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
-        self._toxics: dict[Direction, _Toxics] = {}
+        self._toxics = {d: _Toxics() for d in _DIRECTIONS}
         self._conns: set[_Conn] = set()
         self._bytes: dict[Direction, int] = dict.fromkeys(_DIRECTIONS, 0)
         self.total_connections = 0
@@ -165,27 +166,11 @@ class FaultProxy:
 
     def limit_data(self, n_bytes: int, direction: Which = "downstream") -> None:
         """Close each connection after *n_bytes* more bytes, cutting a reply mid-frame."""
-
-        async def apply() -> None:
-            for d in _pick(direction):
-                self._toxics[d].limit = n_bytes
-                for conn in self._conns:
-                    conn.budget[d] = n_bytes
-
-        self._call(apply)
+        self._on_loop(lambda: self._set_limit(_pick(direction), n_bytes))
 
     def heal(self) -> None:
         """Remove every toxic; stalled and delayed data then flows on."""
-
-        async def apply() -> None:
-            for d in _DIRECTIONS:
-                toxics = self._toxics[d]
-                toxics.delay, toxics.blackhole, toxics.limit = 0.0, False, None
-                toxics.flowing.set()
-                for conn in self._conns:
-                    conn.budget[d] = None
-
-        self._call(apply)
+        self._on_loop(self._heal)
 
     def reset_all(self) -> None:
         """RST every open connection (both sides)."""
@@ -198,12 +183,7 @@ class FaultProxy:
     def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
@@ -221,17 +201,34 @@ class FaultProxy:
             raise RuntimeError("FaultProxy control methods must not be called from its own loop")
         return asyncio.run_coroutine_threadsafe(fn(), self._loop).result(_CONTROL_TIMEOUT)
 
+    def _on_loop(self, fn: Callable[[], object]) -> None:
+        async def run() -> None:
+            fn()
+
+        self._call(run)
+
     def _set(self, which: Which, change: Callable[[_Toxics], object]) -> None:
-        async def apply() -> None:
-            for d in _pick(which):
+        directions = _pick(which)  # validate here, so the caller gets the ValueError
+
+        def apply() -> None:
+            for d in directions:
                 change(self._toxics[d])
 
-        self._call(apply)
+        self._on_loop(apply)
+
+    def _set_limit(self, directions: tuple[Direction, ...], limit: int | None) -> None:
+        for d in directions:
+            self._toxics[d].limit = limit
+            for conn in self._conns:
+                conn.budget[d] = limit
+
+    def _heal(self) -> None:
+        for toxics in self._toxics.values():
+            toxics.delay, toxics.blackhole = 0.0, False
+            toxics.flowing.set()
+        self._set_limit(_DIRECTIONS, None)
 
     async def _listen(self) -> None:
-        for d in _DIRECTIONS:
-            self._toxics[d] = _Toxics()
-            self._toxics[d].flowing.set()
         self._server = await asyncio.start_server(self._accept, self.host, 0)
         self._port = self._server.sockets[0].getsockname()[1]
 
@@ -272,77 +269,47 @@ class FaultProxy:
         conn = _Conn(client=c_writer, upstream=u_writer, budget=budget)
         self._conns.add(conn)
         self.total_connections += 1
-        pairs: tuple[tuple[Direction, asyncio.StreamReader], ...] = (
-            ("upstream", c_reader),
-            ("downstream", u_reader),
-        )
-        for direction, reader in pairs:
-            queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
-            conn.tasks.append(asyncio.create_task(self._read(conn, direction, reader, queue)))
-            conn.tasks.append(asyncio.create_task(self._write(conn, direction, queue)))
+        self._pump(conn, "upstream", c_reader)
+        self._pump(conn, "downstream", u_reader)
 
-    async def _read(
-        self,
-        conn: _Conn,
-        direction: Direction,
-        reader: asyncio.StreamReader,
-        queue: asyncio.Queue[tuple[float, bytes] | None],
-    ) -> None:
+    def _pump(self, conn: _Conn, direction: Direction, reader: asyncio.StreamReader) -> None:
+        """A reader and a writer task per direction, so latency delays without reordering."""
+        queue: _Queue = asyncio.Queue()
+        conn.tasks.append(asyncio.create_task(self._read(reader, self._toxics[direction], queue)))
+        conn.tasks.append(asyncio.create_task(self._write(conn, direction, queue)))
+
+    @staticmethod
+    async def _read(reader: asyncio.StreamReader, toxics: _Toxics, queue: _Queue) -> None:
         """Read one direction, stamping each chunk with the time it may be delivered."""
-        toxics = self._toxics[direction]
         loop = asyncio.get_running_loop()
-        try:
+        with contextlib.suppress(OSError):
             while True:
                 await toxics.flowing.wait()
-                data = await reader.read(_CHUNK)
-                if not data:
+                if not (data := await reader.read(_CHUNK)):
                     break
                 if not toxics.blackhole:
                     queue.put_nowait((loop.time() + toxics.delay, data))
-        except OSError:
-            pass
         queue.put_nowait(None)  # end of stream: the writer flushes what is queued, then closes
 
-    async def _write(
-        self,
-        conn: _Conn,
-        direction: Direction,
-        queue: asyncio.Queue[tuple[float, bytes] | None],
-    ) -> None:
+    async def _write(self, conn: _Conn, direction: Direction, queue: _Queue) -> None:
         """Deliver queued chunks in order, each no earlier than its stamp."""
-        toxics = self._toxics[direction]
-        writer = conn.writer_for(direction)
+        toxics, budget = self._toxics[direction], conn.budget
+        writer = conn.upstream if direction == "upstream" else conn.client
         loop = asyncio.get_running_loop()
-        try:
+        with contextlib.suppress(OSError):
             while (item := await queue.get()) is not None:
                 due, data = item
                 if (wait := due - loop.time()) > 0:
                     await asyncio.sleep(wait)
                 await toxics.flowing.wait()
-                if not await self._deliver(conn, direction, writer, data):
-                    return
-        except OSError:
-            pass
-        self._finish(conn)
-
-    async def _deliver(
-        self, conn: _Conn, direction: Direction, writer: asyncio.StreamWriter, data: bytes
-    ) -> bool:
-        """Write *data*, honouring limit_data; False once the connection was cut."""
-        budget = conn.budget[direction]
-        if budget is not None and len(data) >= budget:
-            writer.write(data[:budget])
-            self._bytes[direction] += budget
-            await writer.drain()
-            self._finish(conn)
-            return False
-        if budget is not None:
-            conn.budget[direction] = budget - len(data)
-        writer.write(data)
-        self._bytes[direction] += len(data)
-        await writer.drain()
-        return True
-
-    def _finish(self, conn: _Conn) -> None:
+                if (left := budget[direction]) is not None:
+                    data = data[:left]
+                    budget[direction] = left - len(data)
+                # Count before writing: the peer may act on the bytes before this thread resumes.
+                self._bytes[direction] += len(data)
+                writer.write(data)
+                await writer.drain()
+                if budget[direction] == 0:
+                    break  # limit_data: cut the connection right here, mid-frame
         conn.close()
         self._conns.discard(conn)
