@@ -2,9 +2,9 @@
 
 Every value a map returns carries the version the store gave it, so most near-cache properties are
 an O(n log n) sweep instead of a search: bounded staleness (C2), monotonic reads (C4),
-read-your-writes
-(C5) and no phantom reads (C6).  Times come from ``time.monotonic_ns()``: CLOCK_MONOTONIC is one
-clock for every process of a host, so real-time order across our processes is trustworthy.
+read-your-writes (C5) and no phantom reads (C6).  Times come from ``time.monotonic_ns()``:
+CLOCK_MONOTONIC is one clock for every process of a host, so real-time order across our processes
+is trustworthy.
 """
 
 from __future__ import annotations
