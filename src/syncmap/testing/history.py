@@ -23,7 +23,7 @@ class Op:
     """One completed operation.  ``version`` 0 on a read means "absent"."""
 
     process: str
-    f: str  # "read" | "write"
+    f: str  # "read" | "write" | "info" (a write whose outcome is unknown: version -1)
     key: str
     value: Any
     version: int
@@ -81,8 +81,14 @@ def sweep(ops: Iterable[Op], delta_s: float) -> SweepReport:
     report = SweepReport()
     writes: dict[str, list[Op]] = defaultdict(list)
     reads: list[Op] = []
+    unknown: set[tuple[str, Any]] = set()
     for op in ops:
-        (writes[op.key] if op.f == "write" else reads).append(op)
+        if op.f == "write":
+            writes[op.key].append(op)
+        elif op.f == "read":
+            reads.append(op)
+        else:
+            unknown.add((op.key, op.value))
     by_version = {(w.key, w.version): w for ws in writes.values() for w in ws}
     report.writes = len(by_version)
     index = {k: _WriteIndex(ws) for k, ws in writes.items()}
@@ -91,7 +97,11 @@ def sweep(ops: Iterable[Op], delta_s: float) -> SweepReport:
         report.reads += 1
         report.local_reads += r.source == "local"
         written = by_version.get((r.key, r.version))
-        if r.version and (written is None or written.value != r.value):
+        if (
+            r.version
+            and (written is None or written.value != r.value)
+            and (r.key, r.value) not in unknown
+        ):
             report.phantom_reads += 1
             report._witness(f"phantom: {r}")
         idx = index.get(r.key)

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import MapConfig
 from ..core.nearcache import Guards
+from ..errors import StoreError, WriteOutcomeUnknown
 from ..map import SyncMap
 from .history import Op
 
@@ -56,7 +57,9 @@ def serve(w: Workload, process: str, seed: int, results: Any, ready: Any, go: An
         n = 0
         while time.monotonic() < end:
             key = rng.choices(names, weights)[0]
-            ops.append(_one(m, process, key, rng.random() < w.write_ratio, n))
+            op = _one(m, process, key, rng.random() < w.write_ratio, n)
+            if op is not None:
+                ops.append(op)
             n += 1
             time.sleep(w.pace_s)  # pacing the load, not waiting for anything
         time.sleep(w.max_staleness + 0.3)  # C3 is stated "after T + max_staleness"
@@ -65,14 +68,20 @@ def serve(w: Workload, process: str, seed: int, results: Any, ready: Any, go: An
     results.put(ServerResult(process, os.getpid(), ops, cached, stats))  # type: ignore[arg-type]
 
 
-def _one(m: SyncMap, process: str, key: str, write: bool, n: int) -> Op:
-    if write:
-        value = f"{process}-{n}"
-        call = time.monotonic_ns()
-        version = m.set(key, value)
-        return Op(process, "write", key, value, version, call, time.monotonic_ns())
+def _one(m: SyncMap, process: str, key: str, write: bool, n: int) -> Op | None:
+    """One operation; a failed one is dropped, a write of unknown outcome is kept as ``info``."""
     call = time.monotonic_ns()
-    value, version, source = m.get_with_meta(key)
+    try:
+        if write:
+            value = f"{process}-{n}"
+            try:
+                version = m.set(key, value)
+            except WriteOutcomeUnknown:
+                return Op(process, "info", key, value, -1, call, time.monotonic_ns())
+            return Op(process, "write", key, value, version, call, time.monotonic_ns())
+        value, version, source = m.get_with_meta(key)
+    except StoreError:
+        return None  # definitely not applied (StoreUnavailable) or nothing read
     return Op(process, "read", key, value, version, call, time.monotonic_ns(), source)
 
 
