@@ -1,8 +1,8 @@
 """TESTPLAN §8 scenarios for the near cache: S04, S05, S07, S08, S09, short forms for CI.
 
-Each server is its own OS process (``syncmap.testing.workload``).  Every scenario that guards against
-a bug runs a second time with that guard switched off (``Guards``) and must then fail: only that
-proves its green run means something.
+Each server is its own OS process (``syncmap.testing.workload``).  Every scenario that guards
+against a bug runs a second time with that guard switched off (``Guards``) and must then fail:
+only that proves its green run means something.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def fill_race(redis_server: EmbeddedRedis, guard: bool, iterations: int = 15) ->
             hgets = _hget_calls(admin)
             reader = threading.Thread(target=b.get, args=(key,))
             reader.start()
-            wait_until(lambda: _hget_calls(admin) > hgets, 5, "B's HGET reaching Redis")
+            wait_until(lambda n=hgets: _hget_calls(admin) > n, 5, "B's HGET reaching Redis")
             v2 = a.set(key, "v2")  # its invalidation reaches B long before B's HGET reply
             reader.join()
             cached = b.peek(key)
