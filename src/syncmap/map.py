@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import socket
 import time
 import uuid
@@ -16,7 +17,7 @@ import redis as redis_lib
 from .codec import Codec, is_immutable, make_codec
 from .config import MapConfig
 from .core.nearcache import COPY, INF, Event, FillToken, NearCache
-from .core.wire import unpack_value
+from .core.wire import unpack_value, unpack_value_epoch
 from .engine import Engine
 from .errors import (
     ConfigurationError,
@@ -82,6 +83,8 @@ class SyncMap(MutableMapping[Key, Any]):
         self.node_id = (
             node_id or f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         )
+        if len(self.node_id.encode()) > 255:
+            raise ConfigurationError(f"node_id {self.node_id[:40]!r}... is over 255 bytes")
         self._codec = make_codec(codec, value_type)
         client = self._client(url, redis)
         layout = Layout(cfg.namespace, self.name, cfg.buckets)
@@ -205,30 +208,31 @@ class SyncMap(MutableMapping[Key, Any]):
     def _settle_read(self, token: FillToken, raw: bytes | None) -> tuple[Any, int]:
         """Install what a read returned (if nothing newer was seen meanwhile) and return it."""
         if raw is not None:
-            version, deadline_ms, payload = unpack_value(raw)
+            version, deadline_ms, epoch, payload = unpack_value_epoch(raw)
             if not deadline_ms or deadline_ms > self._engine.server_now_ms():
                 try:
                     value = self._codec.decode(payload)
                 except BaseException:
                     self._abort(token)
                     raise
-                self._install(token, version, deadline_ms, payload, value)
+                self._install(token, version, deadline_ms, payload, value, epoch, own=False)
                 return value, version
         with self._engine.lock:
             self._core.fill_absent(token)
         return _MISSING, 0
 
     def _install(self, token: FillToken, version: int, deadline_ms: int, payload: bytes,
-                 value: Any, *, own: bool = False) -> None:  # fmt: skip
+                 value: Any, epoch: int, *, own: bool) -> None:  # fmt: skip
+        """Offer a read's (or this server's own write's) value to the cache."""
         now = time.monotonic()
         deadline = self._engine.local_deadline(deadline_ms, now) if deadline_ms else INF
         shared = is_immutable(value)
         cached, raw = (value, None) if shared else (COPY, payload)
         with self._engine.lock:
             if own:
-                self._core.wrote(token, now, version, cached, raw, deadline)
+                self._core.wrote(token, now, version, cached, raw, deadline, epoch=epoch)
             else:
-                self._core.complete_fill(token, now, version, cached, raw, deadline)
+                self._core.complete_fill(token, now, version, cached, raw, deadline, epoch)
         if deadline != INF:
             self._engine.wake_timer()
 
@@ -290,10 +294,11 @@ class SyncMap(MutableMapping[Key, Any]):
         field, nkey, bucket = self._locate(key)
         cmd = self._store.script("set", bucket, field, payload, _ttl_ms(ttl), mode, expected,
                                  fence=fence)  # fmt: skip
-        token, (version, deadline_ms, old) = self._write(nkey, cmd, bucket)
+        token, reply = self._write(nkey, cmd, bucket)
+        version, deadline_ms, old = reply[:3]
         if version:
             self._install(token, version, deadline_ms, payload, self._codec.decode(payload),
-                          own=True)  # fmt: skip
+                          int(reply[3]), own=True)  # fmt: skip
         else:
             self._settle_read(token, old)  # the refusal told us the live value
         return int(version), old
@@ -334,10 +339,12 @@ class SyncMap(MutableMapping[Key, Any]):
                 ) -> tuple[int, bytes | None]:  # fmt: skip
         field, nkey, bucket = self._locate(key)
         cmd = self._store.script("delete", bucket, field, mode, expected, fence=fence)
-        token, (version, old) = self._write(nkey, cmd, bucket)
+        token, reply = self._write(nkey, cmd, bucket)
+        version, old = reply[:2]
         if version:
             with self._engine.lock:
-                self._core.wrote(token, time.monotonic(), version, deleted=True)
+                self._core.wrote(token, time.monotonic(), version, deleted=True,
+                                 epoch=int(reply[2]))  # fmt: skip
         else:
             self._settle_read(token, old)
         return int(version), old
@@ -349,7 +356,9 @@ class SyncMap(MutableMapping[Key, Any]):
         ``fn`` may run more than once: keep it free of side effects.
         """
         field, _, bucket = self._locate(key)
-        for _ in range(self.config.transform_retries):
+        for attempt in range(self.config.transform_retries):
+            if attempt:  # lost a race: back off a little, jittered, so contenders spread out
+                time.sleep(random.uniform(0, min(0.02, 0.0002 * 2**attempt)))
             raw = self._store.hget(bucket, field)
             version, deadline_ms, payload = unpack_value(raw) if raw else (0, 0, b"")
             if raw is not None and (not deadline_ms or deadline_ms > self._engine.server_now_ms()):
@@ -377,13 +386,14 @@ class SyncMap(MutableMapping[Key, Any]):
         for key, value in [*pairs, *kwargs.items()]:
             field, nkey, bucket = self._locate(key)
             per_bucket.setdefault(bucket, []).append((nkey, field, self._payload(value)))
-        cmds, plan = [], []
+        cmds, plan, buckets = [], [], []
         for bucket, items in per_bucket.items():
             for i in range(0, len(items), 1000):  # keep each script short for Redis
                 chunk = items[i : i + 1000]
                 args = [a for _, f, p in chunk for a in (f, p)]
                 cmds.append(self._store.script("mset", bucket, _ttl_ms(ttl), *args, fence=fence))
                 plan.append(chunk)
+                buckets.append(bucket)
         if not cmds:
             return
         self._check_open()
@@ -396,7 +406,9 @@ class SyncMap(MutableMapping[Key, Any]):
                         self._core.drop(nkey)
             raise
         with self._engine.lock:
-            for first, chunk in zip(firsts, plan, strict=True):
+            now = time.monotonic()
+            for (first, epoch), chunk, bucket in zip(firsts, plan, buckets, strict=True):
+                self._core.learn_epoch(bucket, int(epoch), int(first), now)
                 for i, (nkey, _, _) in enumerate(chunk):
                     self._core.note_write(nkey, int(first) + i)
 
@@ -406,8 +418,10 @@ class SyncMap(MutableMapping[Key, Any]):
         cmds = [self._store.script("clear", b, fence=fence) for b in range(self._buckets)]
         versions = self._store.call(cmds, write=True)
         with self._engine.lock:
-            for bucket, version in enumerate(versions):
+            now = time.monotonic()
+            for bucket, (version, epoch) in enumerate(versions):
                 if version:
+                    self._core.learn_epoch(bucket, int(epoch), int(version), now)
                     self._core.cleared(bucket, int(version))
 
     def _write(self, nkey: Key, cmd: tuple[Any, ...], bucket: int) -> tuple[FillToken, Any]:

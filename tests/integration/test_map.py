@@ -329,3 +329,24 @@ def test_sync_map_url_from_environment(
     with SyncMap("env") as m:
         m["x"] = 1
         assert m.get("x", consistent=True) == 1
+
+
+def test_maps_sharing_a_name_in_one_process_all_get_messages(shared_redis_url: str) -> None:
+    """One subscriber per process serves every map, even two instances of one map."""
+    with (
+        SyncMap("shared", shared_redis_url) as m1,
+        SyncMap("shared", shared_redis_url) as m2,
+        SyncMap("shared", shared_redis_url) as writer,
+    ):
+        writer["k"] = 0
+        assert (m1["k"], m2["k"]) == (0, 0)
+        before = (m1.statistics().messages, m2.statistics().messages)
+        with m1.watch() as w1, m2.watch() as w2:
+            writer["k"] = 1
+            assert next_event(w1, "set").key == "k"
+            assert next_event(w2, "set").key == "k"
+        assert m1.statistics().messages > before[0] and m2.statistics().messages > before[1]
+        m2.close()  # closing one must not unsubscribe the other
+        with m1.watch() as w1:
+            writer["k"] = 2
+            assert next_event(w1, "set").version == writer.get_with_meta("k")[1]

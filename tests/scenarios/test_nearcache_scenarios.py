@@ -263,7 +263,9 @@ def ghost_writes(redis_server: EmbeddedRedis, writer: Writer, count: int) -> Any
             value = f"ghost-{n}"
             call = time.monotonic_ns()
             version = int(admin.hincrby(m, "seq", 1))
-            admin.hset(d, field, pack_value(version, 0, writer.map._codec.encode(value)))
+            epoch = int(admin.hget(m, "epoch") or 0)
+            payload = writer.map._codec.encode(value)
+            admin.hset(d, field, pack_value(version, 0, payload, epoch))
             writer.ops.append(Op("ghost", "write", key, value, version, call, time.monotonic_ns()))
             writer.write(f"k{n % 4}")  # a later real write in some bucket (gap there)
         admin.close()

@@ -62,13 +62,14 @@ class Entry:
         self.seen = 0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: two fills of one key must never be confused
 class FillToken:
     """A read (or write) in flight whose result may be installed if nothing newer was seen."""
 
     key: Key
     bucket: int
     gens: tuple[int, int]
+    epoch: int | None  # the bucket's epoch as this server knew it when the fill began
     max_seen: float = 0
 
 
@@ -80,6 +81,7 @@ class BucketState:
     lease_until: float = -INF
     gen: int = 0
     top: int = 0  # highest version cached in this bucket since it was last (re)started
+    heard_at: float = -INF  # when a message last told us this bucket's epoch and sequence
     targets: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -154,7 +156,8 @@ class NearCache:
 
     def begin_fill(self, key: Key, bucket: int) -> FillToken:
         """Call *before* sending the read or write whose result may be cached."""
-        token = FillToken(key, bucket, (self._feed_gen, self.buckets[bucket].gen))
+        b = self.buckets[bucket]
+        token = FillToken(key, bucket, (self._feed_gen, b.gen), b.epoch)
         self._pending.setdefault(key, []).append(token)
         return token
 
@@ -168,11 +171,23 @@ class NearCache:
 
     def complete_fill(
         self, token: FillToken, now: float, version: int, value: Any, raw: bytes | None,
-        deadline: float = INF,
+        deadline: float = INF, epoch: int | None = None,
     ) -> bool:  # fmt: skip
-        """Install ``value`` at ``version`` if that cannot be stale; returns whether it was."""
+        """Install ``value`` at ``version`` if that cannot be stale; returns whether it was.
+
+        ``epoch`` (from the stored value's header) lets a read notice a new epoch first: after a
+        FLUSHALL the store's k@2 must not lose to our cached k@7 of the old epoch.
+        """
         self.abort_fill(token)
         b = self.buckets[token.bucket]
+        if epoch and epoch != b.epoch and self.guards.epoch:
+            # News only if our epoch did not change while the fill was out: otherwise it may
+            # have read the epoch before a FLUSHALL we have already heard about.
+            if token.epoch != b.epoch:
+                self.counters.fills_rejected += 1
+                return False
+            self.learn_epoch(token.bucket, epoch, version, now)
+            token.gens = (self._feed_gen, b.gen)
         if (
             (token.max_seen > version and self.guards.fill_race)
             or token.gens != (self._feed_gen, b.gen)
@@ -180,6 +195,11 @@ class NearCache:
             or deadline <= now
         ):
             self.counters.fills_rejected += 1
+            # The caller returns this version; an older one left cached would be served next
+            # (monotonic reads, C4).  Dropping costs at most a miss.
+            old = self.entries.get(token.key)
+            if old is not None and old.version < version:
+                self._remove(token.key, old)
             return False
         old = self.entries.get(token.key)
         if old is not None:
@@ -199,6 +219,7 @@ class NearCache:
     def wrote(
         self, token: FillToken, now: float, version: int, value: Any = None,
         raw: bytes | None = None, deadline: float = INF, *, deleted: bool = False,
+        epoch: int | None = None,
     ) -> None:  # fmt: skip
         """This server's own write took ``version``: read-your-writes.
 
@@ -208,6 +229,15 @@ class NearCache:
         the writer returns, and the writer's value is installed if nothing newer was seen.
         """
         self.abort_fill(token)
+        b = self.buckets[token.bucket]
+        if epoch is not None and epoch != b.epoch and self.guards.epoch:
+            if token.epoch != b.epoch:
+                # Our epoch changed while the write was out (Redis restarted or was flushed and
+                # we heard of it): the write belongs to a past epoch.  Cache nothing of it.
+                self.drop(token.key)
+                return
+            self.learn_epoch(token.bucket, epoch, version, now)
+            token.gens = (self._feed_gen, b.gen)  # the flush was for the old epoch's entries
         self.note_write(token.key, version)
         if not deleted:
             self.complete_fill(token, now, version, value, raw, deadline)
@@ -221,16 +251,42 @@ class NearCache:
             for token in self._pending.get(key, ()):
                 token.max_seen = max(token.max_seen, version)
 
+    def learn_epoch(self, bucket: int, epoch: int, version: int, now: float) -> bool:
+        """A reply (write) or a stored value (read) says the bucket is in ``epoch`` at ``version``.
+
+        Returns whether the bucket's epoch changed (fills begun before are then cancelled).
+
+        Order it prevents: this server caches k@7 (epoch E); FLUSHALL; this server writes k and
+        gets k@1 in epoch E'.  Comparing 1 with 7 would keep k@7, so a new epoch in a reply
+        flushes what the bucket holds first.  Nothing here advances ``seq``: the messages up to
+        ``version`` may still be on their way.
+        """
+        b = self.buckets[bucket]
+        if not b.known or epoch == b.epoch or not self.guards.epoch:
+            return False
+        if b.epoch is not None or b.top > 0:
+            self.counters.epoch_changes += 1
+            self._flush(bucket)
+        b.epoch, b.seq, b.targets = epoch, max(version - 1, 0), []
+        b.heard_at = now  # newer than any probe still in flight
+        return True
+
     def cleared(self, bucket: int, version: int) -> None:
         """This server cleared ``bucket`` at ``version``."""
         self._clear_bucket(bucket, version)
 
     def fill_absent(self, token: FillToken) -> None:
-        """The store said the key is absent: whatever we hold for it is older than that read."""
+        """The store said the key is absent: whatever we hold for it is older than that read.
+
+        Other fills of the key still in flight may carry a value older than this "absent" (a
+        delete whose message has not arrived yet): they must not install it after us (C4).
+        """
         self.abort_fill(token)
         old = self.entries.get(token.key)
         if old is not None:
             self._remove(token.key, old)
+        for other in self._pending.get(token.key, ()):
+            other.max_seen = INF
 
     def drop(self, key: Key) -> None:
         """Forget ``key`` (unknown write outcome): neither it nor a fill in flight stays."""
@@ -250,8 +306,10 @@ class NearCache:
         b = self.buckets[msg.bucket]
         if b.known:
             self._sequence(msg.bucket, msg)
+            b.heard_at = now
         if msg.op == OP_CLEAR:
             self._clear_bucket(msg.bucket, msg.seq)
+            self._confirm(b)
             return [Event(None, "clear", msg.seq, msg.origin)] if want_events else []
         events = []
         op = OP_NAMES[msg.op]
@@ -267,8 +325,8 @@ class NearCache:
         """Gap and epoch detection for one message of a bucket we track."""
         b = self.buckets[i]
         if msg.epoch != b.epoch:
-            if b.epoch is None and msg.seq == 1:
-                b.epoch = msg.epoch  # the bucket's very first write: nothing can be cached
+            if b.epoch is None and msg.seq == 1 and not b.top:
+                b.epoch = msg.epoch  # the bucket's very first write, and nothing cached
             elif self.guards.epoch:
                 self.counters.epoch_changes += 1
                 self._flush(i)
@@ -324,16 +382,21 @@ class NearCache:
         repair, self._reconnected = self._reconnected, False
         for i, (epoch, seq) in enumerate(states):
             b = self.buckets[i]
-            if tops is not None and seq < tops[i] and self.guards.epoch:
-                seq_went_back = True
-            else:
-                seq_went_back = seq < b.seq
+            # A message heard after this probe left knows better than the probe: the probe read
+            # (no epoch, 0), then the bucket's first write's message taught us epoch E; the
+            # reply must not undo that.  A restart after that message shows up in the next
+            # probe, or in the next message (which must carry the new epoch).
+            overtaken = b.heard_at > sent_at
+            seq_went_back = (tops is not None and seq < tops[i] and self.guards.epoch) or (
+                seq < b.seq and not overtaken
+            )
             if not self.guards.probe:
                 if not b.known:
                     b.known, b.epoch, b.seq = True, epoch, seq
                 b.lease_until = INF
                 continue
-            if not b.known or (epoch != b.epoch and self.guards.epoch) or seq_went_back:
+            changed = epoch != b.epoch and not overtaken and self.guards.epoch
+            if not b.known or changed or seq_went_back:
                 if b.known and b.epoch is not None:
                     self.counters.epoch_changes += 1
                 self._restart_bucket(i, epoch, seq, sent_at)

@@ -10,8 +10,10 @@ A ``clear`` message has count 0 and one version.  A ``ping`` (start-up self-chec
 one field, the nonce.  Messages are built inside the Lua write scripts (``store/scripts.py``), so
 the version in the message is the one the store assigned in the same atomic step.
 
-Stored value: ``version:u64 | deadline_ms:u64 | payload`` where deadline 0 means no expiry and is
-otherwise a Redis server ``TIME`` in milliseconds.
+Stored value: ``version:u64 | deadline_ms:u64 | epoch:u64 | payload`` where deadline 0 means no
+expiry and is otherwise a Redis server ``TIME`` in milliseconds, and epoch is the bucket's epoch
+when the value was written (so a reader can tell a new epoch's small version from an old epoch's
+large one).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ OP_NAMES = {
 
 _HEAD = struct.Struct(">2sBBHQQB")
 _U32 = struct.Struct(">I")
-_VALUE_HEAD = struct.Struct(">QQ")
+_VALUE_HEAD = struct.Struct(">QQQ")
 VALUE_HEAD_SIZE = _VALUE_HEAD.size
 MAX_KEYS_PER_MESSAGE = 1_000_000
 
@@ -95,13 +97,19 @@ def decode_message(data: bytes) -> ChangeMessage:
     return ChangeMessage(op, bucket, seq, epoch, origin, tuple(fields))
 
 
-def pack_value(version: int, deadline_ms: int, payload: bytes) -> bytes:
-    return _VALUE_HEAD.pack(version, deadline_ms) + payload
+def pack_value(version: int, deadline_ms: int, payload: bytes, epoch: int = 0) -> bytes:
+    return _VALUE_HEAD.pack(version, deadline_ms, epoch) + payload
 
 
 def unpack_value(data: bytes) -> tuple[int, int, bytes]:
     """(version, deadline_ms, payload) of a stored value."""
+    version, deadline, _, payload = unpack_value_epoch(data)
+    return version, deadline, payload
+
+
+def unpack_value_epoch(data: bytes) -> tuple[int, int, int, bytes]:
+    """(version, deadline_ms, epoch, payload) of a stored value."""
     if len(data) < VALUE_HEAD_SIZE:
         raise CorruptData(f"stored value of {len(data)} bytes is shorter than its header")
-    version, deadline = _VALUE_HEAD.unpack_from(data, 0)
-    return version, deadline, data[VALUE_HEAD_SIZE:]
+    version, deadline, epoch = _VALUE_HEAD.unpack_from(data, 0)
+    return version, deadline, epoch, data[VALUE_HEAD_SIZE:]

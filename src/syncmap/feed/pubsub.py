@@ -26,11 +26,14 @@ from redis.retry import Retry
 log = logging.getLogger("syncmap.feed")
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Handler:
+    """One map's callbacks.  Several maps (even of the same name) may share a channel."""
+
     on_message: Callable[[bytes], None]
     on_up: Callable[[], None]
     on_down: Callable[[], None]
+    up: bool = False  # told on_up since the last (re)subscription
 
 
 def _target(client: redis.Redis) -> tuple[Any, ...]:
@@ -46,12 +49,17 @@ class Subscriber:
     _registry_lock = threading.Lock()
 
     @classmethod
-    def for_client(cls, client: redis.Redis) -> Subscriber:
+    def attach_to(cls, client: redis.Redis, channel: str, handler: Handler) -> Subscriber:
+        """Attach ``handler`` to the process's subscriber for ``client``'s Redis (made if new).
+
+        Under the registry lock, so a last ``detach`` elsewhere cannot stop it in between.
+        """
         key = _target(client)
         with cls._registry_lock:
             sub = cls._registry.get(key)
-            if sub is None or sub._stopped:
+            if sub is None:
                 sub = cls._registry[key] = cls(client, key)
+            sub.attach(channel, handler)
             return sub
 
     def __init__(self, client: redis.Redis, key: tuple[Any, ...]) -> None:
@@ -62,10 +70,9 @@ class Subscriber:
             connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
         )
         self._key = key
-        self._handlers: dict[bytes, Handler] = {}
+        self._handlers: dict[bytes, list[Handler]] = {}
         self._lock = threading.Lock()
         self._pubsub: Any = None
-        self._stopped = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="syncmap-subscriber", daemon=True)
         self._thread.start()
@@ -77,27 +84,30 @@ class Subscriber:
         # PubSub's connection (redis-py would open two and lose one).  If it fails, the reader
         # thread reconnects and subscribes every attached channel.
         with self._lock:
-            self._handlers[ch] = handler
-            if self._pubsub is not None:
+            self._handlers.setdefault(ch, []).append(handler)
+            if self._pubsub is not None:  # Redis confirms again even if already subscribed
                 with contextlib.suppress(redis.ConnectionError, OSError):
                     self._pubsub.subscribe(ch)
 
-    def detach(self, channel: str) -> None:
+    def detach(self, channel: str, handler: Handler) -> None:
         ch = channel.encode()
-        with self._lock:
-            self._handlers.pop(ch, None)
-            pubsub, empty = self._pubsub, not self._handlers
+        with self._registry_lock, self._lock:
+            handlers = self._handlers.get(ch, [])
+            if handler in handlers:
+                handlers.remove(handler)
+            last_on_channel = not handlers
+            if last_on_channel:
+                self._handlers.pop(ch, None)
+            empty = not self._handlers
+            if last_on_channel and not empty and self._pubsub is not None:
+                with contextlib.suppress(redis.ConnectionError, OSError):
+                    self._pubsub.unsubscribe(ch)
+            if empty and self._registry.get(self._key) is self:
+                del self._registry[self._key]
         if empty:
             self.stop()
-        elif pubsub is not None:
-            with contextlib.suppress(redis.ConnectionError, OSError):
-                pubsub.unsubscribe(ch)
 
     def stop(self) -> None:
-        with self._registry_lock:
-            if self._registry.get(self._key) is self:
-                del self._registry[self._key]
-        self._stopped = True
         self._stop.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
@@ -118,6 +128,7 @@ class Subscriber:
                 log.warning("syncmap subscriber lost its connection (%s); reconnecting", exc)
                 self._close_pubsub()
                 for handler in self._snapshot():
+                    handler.up = False
                     handler.on_down()
                 self._stop.wait(backoff)  # reconnect back-off, not a wait for data
                 backoff = min(backoff * 2, 1.0)
@@ -138,17 +149,19 @@ class Subscriber:
             kind = msg["type"]
             kind = kind.decode() if isinstance(kind, bytes) else kind
             with self._lock:
-                handler = self._handlers.get(msg["channel"])
-            if handler is None:
-                continue
+                handlers = list(self._handlers.get(msg["channel"], ()))
             if kind == "message":
-                handler.on_message(msg["data"])
+                for handler in handlers:
+                    handler.on_message(msg["data"])
             elif kind == "subscribe":
-                handler.on_up()
+                for handler in handlers:
+                    if not handler.up:
+                        handler.up = True
+                        handler.on_up()
 
     def _snapshot(self) -> list[Handler]:
         with self._lock:
-            return list(self._handlers.values())
+            return [h for handlers in self._handlers.values() for h in handlers]
 
     def _close_pubsub(self) -> None:
         with self._lock:

@@ -137,7 +137,7 @@ class RedisStore:
         text = str(exc)
         if text.startswith("STALEFENCE"):
             return StaleFence(text.removeprefix("STALEFENCE ") + ": re-acquire the lock")
-        if isinstance(exc, NoPermissionError) or text.startswith("NOPERM"):
+        if isinstance(exc, NoPermissionError) or "NOPERM" in text:
             return ConfigurationError(
                 f"{self.where} refused a command ({text}); the ACL user needs +@read +@write "
                 "+@scripting +@pubsub on the map's keys and channel (see docs/protocol.md)"

@@ -10,8 +10,8 @@ ARGV prefix (every write script):
     [1] channel  [2] bucket number  [3] epoch candidate (used only if the bucket has none)
     [4] origin (node id)  [5] fence lock name or ''  [6] fence token or '0'
 
-Stored value = struct ``>I8I8`` (version, deadline ms or 0) .. payload.  Change message: see
-``core/wire.py`` (the Lua ``publish`` below builds exactly those bytes).
+Stored value = struct ``>I8I8I8`` (version, deadline ms or 0, epoch) .. payload.  Change message:
+see ``core/wire.py`` (the Lua ``publish`` below builds exactly those bytes).
 Lua numbers are doubles: versions and epochs stay below 2**53 (epochs are 52-bit).
 """
 
@@ -68,7 +68,7 @@ local function publish(op, seq, ep, fields)
   redis.call('PUBLISH', ARGV[1], table.concat(parts))
 end
 
-local function store(field, seq, payload, ttl)
+local function store(field, seq, ep, payload, ttl)
   local dl = 0
   if ttl > 0 then
     dl = now_ms() + ttl
@@ -76,7 +76,7 @@ local function store(field, seq, payload, ttl)
   else
     redis.call('ZREM', KEYS[3], field)
   end
-  redis.call('HSET', KEYS[2], field, struct.pack('>I8I8', seq, dl) .. payload)
+  redis.call('HSET', KEYS[2], field, struct.pack('>I8I8I8', seq, dl, ep) .. payload)
   return dl
 end
 """
@@ -88,14 +88,15 @@ SET = (
 -- mode 'set': always; 'swap': always, and reply with the old value; 'nx': only if absent;
 -- 'cas': only if the live payload equals ARGV[11]; 'ver': only if the live version equals
 -- ARGV[11] (0 = absent).
--- Reply: {version, deadline, old}: version 0 = not applied (old = the live value, or false).
+-- Reply: {version, deadline, old, epoch}; version 0 = not applied: {0, 0, old} (old = the live
+-- value, or false).
 local refused = fence_refused()
 if refused then return refused end
 local field, mode = ARGV[7], ARGV[10]
 local old = false
 if mode ~= 'set' then old = live(field) end
 if mode == 'nx' and old then return {0, 0, old} end
-if mode == 'cas' and (not old or string.sub(old, 17) ~= ARGV[11]) then return {0, 0, old} end
+if mode == 'cas' and (not old or string.sub(old, 25) ~= ARGV[11]) then return {0, 0, old} end
 if mode == 'ver' then
   local have = 0
   if old then have = struct.unpack('>I8', old) end
@@ -103,9 +104,9 @@ if mode == 'ver' then
 end
 fence_record()
 local seq, ep = next_seq(1)
-local dl = store(field, seq, ARGV[8], tonumber(ARGV[9]))
+local dl = store(field, seq, ep, ARGV[8], tonumber(ARGV[9]))
 publish(1, seq, ep, {field})
-return {seq, dl, old}
+return {seq, dl, old, ep}
 """
 )
 
@@ -115,7 +116,8 @@ DELETE = (
 -- ARGV[7] field  [8] mode  [9] expected
 -- mode 'del': if present; 'cad': if the live payload equals ARGV[9]; 'ver': if the live version
 -- equals ARGV[9].  An expired field is removed silently (its expiry is already the change).
--- Reply: {version, old}: version 0 = nothing deleted (old = the live value, or false).
+-- Reply: {version, old, epoch}; version 0 = nothing deleted: {0, old} (old = the live value,
+-- or false).
 local refused = fence_refused()
 if refused then return refused end
 local field, mode = ARGV[7], ARGV[8]
@@ -124,14 +126,14 @@ if not old then
   if redis.call('HDEL', KEYS[2], field) == 1 then redis.call('ZREM', KEYS[3], field) end
   return {0, false}
 end
-if mode == 'cad' and string.sub(old, 17) ~= ARGV[9] then return {0, old} end
+if mode == 'cad' and string.sub(old, 25) ~= ARGV[9] then return {0, old} end
 if mode == 'ver' and struct.unpack('>I8', old) ~= tonumber(ARGV[9]) then return {0, old} end
 fence_record()
 redis.call('HDEL', KEYS[2], field)
 redis.call('ZREM', KEYS[3], field)
 local seq, ep = next_seq(1)
 publish(2, seq, ep, {field})
-return {seq, old}
+return {seq, old, ep}
 """
 )
 
@@ -139,7 +141,7 @@ MSET = (
     _PRELUDE
     + r"""
 -- ARGV[7] ttl ms (0 = none), then field, payload pairs.  One version per field, one message.
--- Reply: the first version (fields got first, first+1, ...).
+-- Reply: {first version, epoch} (fields got first, first+1, ...).
 local refused = fence_refused()
 if refused then return refused end
 fence_record()
@@ -149,26 +151,26 @@ local ttl = tonumber(ARGV[7])
 local fields = {}
 for i = 1, n do
   local field = ARGV[6 + 2 * i]
-  store(field, seq + i - 1, ARGV[7 + 2 * i], ttl)
+  store(field, seq + i - 1, ep, ARGV[7 + 2 * i], ttl)
   fields[i] = field
 end
 publish(1, seq, ep, fields)
-return seq
+return {seq, ep}
 """
 )
 
 CLEAR = (
     _PRELUDE
     + r"""
--- Empty one bucket.  Reply: the clear's version, or 0 when the bucket was already empty.
+-- Empty one bucket.  Reply: {version, epoch}, or {0, 0} when the bucket was already empty.
 local refused = fence_refused()
 if refused then return refused end
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 0 then return {0, 0} end
 fence_record()
 redis.call('DEL', KEYS[2], KEYS[3])
 local seq, ep = next_seq(1)
 publish(3, seq, ep, {})
-return seq
+return {seq, ep}
 """
 )
 

@@ -108,8 +108,6 @@ class FaultProxy:
         self._bytes: dict[Direction, int] = dict.fromkeys(_DIRECTIONS, 0)
         self.total_connections = 0
 
-    # -- public control (call from any thread but the proxy's) ------------------------------
-
     @property
     def port(self) -> int:
         if self._port is None:
@@ -138,7 +136,11 @@ class FaultProxy:
             target=self._loop.run_forever, name=f"FaultProxy-{self.upstream_port}", daemon=True
         )
         self._thread.start()
-        self._call(self._listen)
+        try:
+            self._call(self._listen)
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def close(self) -> None:
@@ -146,11 +148,13 @@ class FaultProxy:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
-        self._call(self._shutdown)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(_CONTROL_TIMEOUT)
-        loop.close()
-        self._loop = self._thread = None
+        try:
+            self._call(self._shutdown)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(_CONTROL_TIMEOUT)
+            loop.close()
+            self._loop = self._thread = None
 
     def latency(self, ms: float, direction: Which = "downstream") -> None:
         """Delay each chunk by *ms*, keeping order (later data never overtakes earlier data)."""
@@ -166,7 +170,8 @@ class FaultProxy:
 
     def limit_data(self, n_bytes: int, direction: Which = "downstream") -> None:
         """Close each connection after *n_bytes* more bytes, cutting a reply mid-frame."""
-        self._on_loop(lambda: self._set_limit(_pick(direction), n_bytes))
+        directions = _pick(direction)
+        self._on_loop(lambda: self._set_limit(directions, n_bytes))
 
     def heal(self) -> None:
         """Remove every toxic; stalled and delayed data then flows on."""
@@ -191,8 +196,6 @@ class FaultProxy:
             f"<FaultProxy {self.host}:{self._port} -> {self.upstream_host}:{self.upstream_port}"
             f" conns={len(self._conns)}>"
         )
-
-    # -- loop side --------------------------------------------------------------------------
 
     def _call(self, fn: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         if self._loop is None:

@@ -1,0 +1,36 @@
+"""The ``syncmap`` command.  ``syncmap demo`` is the README's first command."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import SyncMapError
+from .demo import demo as run_demo
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="syncmap")
+def main() -> None:
+    """syncmap: a Python dict shared by many servers, kept in sync through Redis."""
+
+
+@main.command()
+@click.option("--url", envvar="SYNCMAP_URL", help="Redis to use (default: start an embedded one).")
+@click.option("--nodes", default=3, show_default=True, help="Server processes sharing the map.")
+@click.option("--seconds", default=10.0, show_default=True, help="How long they run.")
+def demo(url: str | None, nodes: int, seconds: float) -> None:
+    """Servers in separate processes share one map; ends with a convergence verdict."""
+    try:
+        ok = run_demo(url, nodes, seconds, click.echo)
+    except SyncMapError as exc:
+        click.echo(f"syncmap demo: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(prog_name=os.path.basename(sys.argv[0]))
