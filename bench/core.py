@@ -411,7 +411,7 @@ def _syncmap_reader(url: str, ns: str, name: str, ready: Queue[Any], out: Queue[
         elif isinstance(event.key, int):
             got.append((event.key, now))
 
-    m.subscribe(on_event)
+    m.subscribe(on_event, inline=True)  # runs when the invalidation is applied: "visible"
     ready.put(os.getpid())
     cpu = time.process_time()
     done.wait(300)
@@ -532,7 +532,7 @@ def _propagation_rows(sm: Flow, raw: Flow) -> list[Row]:
         note += f"; MISSING deliveries: syncmap {sm.missing()}, raw {raw.missing()}"
     # CPU per delivery includes the readers' idle background work (syncmap's probes, 4/s).
     cpu_sm, cpu_raw = (f.cpu / max(len(f.delays_ms()), 1) * 1e6 for f in (sm, raw))
-    what = f"write → Event in {READERS} processes vs raw PUBLISH → subscriber"
+    what = f"write → inline Event in {READERS} processes vs raw PUBLISH → subscriber"
     return [
         Row(f"propagation p50 ({what})", "ms", _pct(d_sm, 0.5), _pct(d_raw, 0.5), at_most=0.5,
             note=note),

@@ -49,6 +49,7 @@ class Engine:
         self._pings: dict[bytes, threading.Event] = {}
         self._feed_up = threading.Event()
         self._callbacks: list[Callable[[Event], None]] = []
+        self._inline: list[Callable[[Event], None]] = []
         self._watchers: list[queue.Queue[Event | None]] = []
         self._events: queue.Queue[Event | None] | None = None
         self._threads: list[threading.Thread] = []
@@ -128,7 +129,7 @@ class Engine:
             if waiter is not None:
                 waiter.set()
             return
-        want = bool(self._callbacks or self._watchers)
+        want = bool(self._callbacks or self._watchers or self._inline)
         with self.lock:
             events = self.core.on_message(msg, time.monotonic(), want)
         for event in events:
@@ -190,7 +191,10 @@ class Engine:
 
     # ---- events for users --------------------------------------------------------------------
 
-    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+    def subscribe(self, callback: Callable[[Event], None], inline: bool) -> Callable[[], None]:
+        if inline:
+            self._inline.append(callback)
+            return lambda: self._inline.remove(callback) if callback in self._inline else None
         if self._events is None:
             self._events = queue.Queue()
             t = threading.Thread(target=self._dispatch, name="syncmap-events", daemon=True)
@@ -209,6 +213,11 @@ class Engine:
             self._watchers.remove(q)
 
     def _emit(self, event: Event) -> None:
+        for cb in self._inline:
+            try:
+                cb(event)
+            except Exception:
+                log.exception("syncmap inline subscriber callback failed on %s", event)
         if self._events is not None and self._callbacks:
             self._events.put(event)
         for q in self._watchers:

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis as redis_lib
 
-from .codec import Codec, is_immutable, make_codec
+from .codec import Codec, MsgpackCodec, is_immutable, make_codec
 from .config import MapConfig
 from .core.nearcache import COPY, INF, Event, FillToken, NearCache
 from .core.wire import unpack_value, unpack_value_epoch
@@ -30,6 +30,7 @@ from .keys import Key, Layout, bucket_of, check_map_name, decode_key, encode_key
 from .store.redis_store import RedisStore
 
 _MISSING: Any = object()
+_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 _monotonic = time.monotonic
 Fence = tuple[str, int]
 
@@ -86,11 +87,15 @@ class SyncMap(MutableMapping[Key, Any]):
         if len(self.node_id.encode()) > 255:
             raise ConfigurationError(f"node_id {self.node_id[:40]!r}... is over 255 bytes")
         self._codec = make_codec(codec, value_type)
+        # MessagePack without a value type gives these scalars back unchanged (JSON does not:
+        # it turns inf into null), so a writer may cache what it wrote without decoding it.
+        self._plain_codec = isinstance(self._codec, MsgpackCodec) and value_type is None
         client = self._client(url, redis)
         layout = Layout(cfg.namespace, self.name, cfg.buckets)
         store = RedisStore(client, layout, self.node_id)
         store.load_scripts()
         buckets, codec_name = store.ensure_meta(cfg.buckets, self._codec.name)
+        store.close()
         if codec_name != self._codec.name:
             raise ConfigurationError(
                 f"map {name!r} was created with codec {codec_name!r}, not {self._codec.name!r}: "
@@ -256,7 +261,7 @@ class SyncMap(MutableMapping[Key, Any]):
             ) -> int:  # fmt: skip
         """Store ``value``; returns its version.  ``ttl`` in seconds; ``fence`` see docs/locks."""
         payload = self._payload(value)
-        version, _ = self._set(key, payload, "set", "", ttl, fence)
+        version, _ = self._set(key, payload, "set", "", ttl, fence, value)
         return version
 
     def swap(self, key: Key, value: Any, default: Any = None, *, ttl: float | None = None,
@@ -290,15 +295,17 @@ class SyncMap(MutableMapping[Key, Any]):
         raise ConflictError(f"compare_and_set({key!r}) kept losing races; retry later")
 
     def _set(self, key: Key, payload: bytes, mode: str, expected: bytes | str, ttl: float | None,
-             fence: Fence | None) -> tuple[int, bytes | None]:  # fmt: skip
+             fence: Fence | None, value: Any = _MISSING) -> tuple[int, bytes | None]:  # fmt: skip
         field, nkey, bucket = self._locate(key)
         cmd = self._store.script("set", bucket, field, payload, _ttl_ms(ttl), mode, expected,
                                  fence=fence)  # fmt: skip
         token, reply = self._write(nkey, cmd, bucket)
         version, deadline_ms, old = reply[:3]
         if version:
-            self._install(token, version, deadline_ms, payload, self._codec.decode(payload),
-                          int(reply[3]), own=True)  # fmt: skip
+            # What readers will decode; a plain scalar decodes to itself, so skip the work.
+            plain = value.__class__ in _SCALARS and self._plain_codec
+            stored = value if plain else self._codec.decode(payload)
+            self._install(token, version, deadline_ms, payload, stored, int(reply[3]), own=True)
         else:
             self._settle_read(token, old)  # the refusal told us the live value
         return int(version), old
@@ -472,10 +479,17 @@ class SyncMap(MutableMapping[Key, Any]):
 
     # ---- events, statistics, life cycle ------------------------------------------------------
 
-    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
-        """Call ``callback(event)`` for every change from any server; returns an unsubscriber."""
+    def subscribe(
+        self, callback: Callable[[Event], None], *, inline: bool = False
+    ) -> Callable[[], None]:
+        """Call ``callback(event)`` for every change from any server; returns an unsubscriber.
+
+        Callbacks run on a thread of their own, so a slow one never delays invalidations.
+        ``inline=True`` runs it on the feed thread the moment the change is applied (lowest
+        latency): it must be quick and must not block or call back into the map's I/O.
+        """
         self._check_open()
-        return self._engine.subscribe(callback)
+        return self._engine.subscribe(callback, inline)
 
     def watch(self, maxsize: int = 10_000) -> Watch:
         """Iterate over change events as they happen: ``with m.watch() as events: ...``."""
@@ -508,6 +522,7 @@ class SyncMap(MutableMapping[Key, Any]):
             self._engine.close()
             with self._engine.lock:
                 self._entries.clear()
+            self._store.close()
 
     def __enter__(self) -> SyncMap:
         return self

@@ -38,14 +38,15 @@ def changes_seen(m: SyncMap) -> tuple[threading.Event, list[Event]]:
     return flag, seen
 
 
-def next_event(events: Any, op: str, timeout: float = 5.0) -> Event:
-    """The next event with ``op`` from a watch, skipping others (for example the write itself)."""
+def next_event(events: Any, op: str, version: int | None = None, timeout: float = 5.0) -> Event:
+    """The next event with ``op`` (and ``version``) from a watch, skipping others: an event of an
+    earlier write may still be on its way when a watch opens."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         event = events.get(timeout=deadline - time.monotonic())
-        if event is not None and event.op == op:
+        if event is not None and event.op == op and version in (None, event.version):
             return event  # type: ignore[no-any-return]
-    raise AssertionError(f"no {op!r} event within {timeout} s")
+    raise AssertionError(f"no {op!r} event (version {version}) within {timeout} s")
 
 
 def await_invalidation(m: SyncMap, key: Any, timeout: float = 5.0) -> None:
@@ -342,11 +343,11 @@ def test_maps_sharing_a_name_in_one_process_all_get_messages(shared_redis_url: s
         assert (m1["k"], m2["k"]) == (0, 0)
         before = (m1.statistics().messages, m2.statistics().messages)
         with m1.watch() as w1, m2.watch() as w2:
-            writer["k"] = 1
-            assert next_event(w1, "set").key == "k"
-            assert next_event(w2, "set").key == "k"
+            version = writer.set("k", 1)
+            assert next_event(w1, "set", version).key == "k"
+            assert next_event(w2, "set", version).key == "k"
         assert m1.statistics().messages > before[0] and m2.statistics().messages > before[1]
         m2.close()  # closing one must not unsubscribe the other
         with m1.watch() as w1:
-            writer["k"] = 2
-            assert next_event(w1, "set").version == writer.get_with_meta("k")[1]
+            version = writer.set("k", 2)
+            assert next_event(w1, "set", version).key == "k"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from syncmap.core.nearcache import INF, Guards, NearCache
+from syncmap.core.nearcache import INF, FillToken, Guards, NearCache
 from syncmap.core.wire import (
     OP_CLEAR,
     OP_DEL,
@@ -473,6 +473,43 @@ def test_regression_older_fill_installed_after_a_read_saw_the_key_absent() -> No
     core.complete_fill(older, 0.1, 1, "v1", None)  # read 1's reply arrives last
     # read 3 starts after read 2 returned "absent", and hits k@1: monotonic reads (C4) broken
     assert cached(core, "k") is None
+
+
+# ---- regressions: more core bugs found by test_core_model.py, fixed ------------------------
+
+
+def _flushall_while_in_flight() -> tuple[NearCache, FillToken]:
+    """A request of k is in flight and reads/writes k@1 of epoch E1; FLUSHALL follows at once.
+
+    The bucket goes None -> E1 (k@1's message) -> None (the probe after FLUSHALL restarts it): the
+    epoch the request began under is back, but the bucket was flushed in between, which only
+    ``token.gens`` remembers.  Then probes run for more than Δ.
+    """
+    core = started((None, 0))
+    token = core.begin_fill("k", 0)
+    core.on_message(msg(1, "k", epoch=E1), 0.1)
+    for t in (0.2, 0.45, 0.7, 0.95, 1.2):
+        core.on_probe([(None, 0)], t, t, core.tops())
+        core.tick(t)
+    return core, token
+
+
+def test_regression_fill_reply_from_before_flushall_installed_after_delta() -> None:
+    """``complete_fill(epoch=E1)``: ``token.epoch`` (None) equals the bucket's epoch (None), so
+    ``learn_epoch`` adopts E1 and ``token.gens`` is overwritten with the current generation,
+    erasing the flush.  k@1, gone from the store for over 1 s, is then served (C2)."""
+    core, token = _flushall_while_in_flight()
+    core.complete_fill(token, 1.25, 1, "v1", None, epoch=E1)
+    core.tick(1.25)
+    assert cached(core, "k") is None, "serves k@1 that FLUSHALL removed more than Δ ago"
+
+
+def test_regression_own_write_reply_from_before_flushall_installed_after_delta() -> None:
+    """The same through ``wrote(epoch=E1)`` (a slow reply of this server's own set)."""
+    core, token = _flushall_while_in_flight()
+    core.wrote(token, 1.25, 1, "v1", epoch=E1)
+    core.tick(1.25)
+    assert cached(core, "k") is None, "serves k@1 that FLUSHALL removed more than Δ ago"
 
 
 # ---- (9) the wire formats ----------------------------------------------------------------------

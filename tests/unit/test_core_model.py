@@ -6,10 +6,12 @@ had none) and a sequence; every write takes ``seq + 1`` of its bucket as the key
 publishes ``ChangeMessage(op, bucket, seq, epoch, origin, fields)`` in the same atomic step.
 
 Each server has its own pub/sub connection, modelled as a FIFO (Redis delivers one channel in
-order) that can lose messages silently (A4), deliver one twice, or disconnect (everything in
-flight is lost; ``on_feed_down`` now, ``on_feed_up`` on reconnect).  Reads and writes are split
-into begin (``begin_fill``, the request is sent) / exec (the command runs in the store) / finish
-(the reply arrives), so fills race invalidations (A2) and own writes (A6) in every order.
+order) that can lose messages silently (A4), deliver one twice, deliver one corrupt (dropped,
+repair asked, as ``Engine`` does) or disconnect (everything in flight is lost; ``on_feed_down``
+now, ``on_feed_up`` on reconnect).  Timer threads may run late (hits then rely on
+``valid_until``).  Reads and writes are split into begin (``begin_fill``, the request is sent) /
+exec (the command runs in the store) / finish (the reply arrives), so fills race invalidations
+(A2) and own writes (A6) in every order.
 Probes are sent (``tops()`` taken), executed (they reap expired keys and read every bucket's
 ``(epoch, seq)``) and applied, possibly much later.  FLUSHALL wipes data and epochs; a restart
 without persistence does the same and also cuts every subscriber.
@@ -29,6 +31,9 @@ Oracles, checked after every step (time is the simulated ``now``; Δ = ``max_sta
   acknowledged, before the read began.
 * C6 no phantom: every value read or cached was written, for that key, at that version.
 * ``len(entries) <= capacity``.
+
+``test_oracles_catch_each_guard_switched_off`` runs the model with one ``Guards`` flag off and
+requires an oracle to fail: the model's green result only counts because of that.
 """
 
 from __future__ import annotations
@@ -39,16 +44,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import hypothesis.strategies as st
-from hypothesis import HealthCheck, settings
+import pytest
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
 
-from syncmap.core.nearcache import INF, FillToken, NearCache
+from syncmap.core.nearcache import INF, FillToken, Guards, NearCache
 from syncmap.core.wire import OP_CLEAR, OP_DEL, OP_EXPIRE, OP_SET, ChangeMessage
 from syncmap.keys import bucket_of, encode_key
 
@@ -161,7 +168,8 @@ class CoreModel(RuleBasedStateMachine):
 
     WIPES = True  # FLUSHALL and store restarts
     LOSS = True  # silent message loss and disconnects
-    EXTRAS = True  # update, clear, failed requests, duplicates, delayed probes
+    EXTRAS = True  # update, clear, failed requests, duplicates, corrupt messages, delayed probes
+    GUARDS: Guards | None = None  # all on; tests switch one off to prove the oracles notice
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -174,7 +182,9 @@ class CoreModel(RuleBasedStateMachine):
         self.writes: dict[int, Write] = {}
         self.orphans: list[Op] = []  # writes whose outcome was unknown and that may still run
         self.servers = [
-            Server(f"s{i}", NearCache(nb, capacity=capacity, max_staleness=DELTA))
+            Server(
+                f"s{i}", NearCache(nb, capacity=capacity, max_staleness=DELTA, guards=self.GUARDS)
+            )
             for i in range(N_SERVERS)
         ]
         for s in self.servers:  # Engine.start: subscribed and confirmed, then a baseline probe
@@ -530,6 +540,15 @@ class CoreModel(RuleBasedStateMachine):
         if s.bus:
             s.bus.popleft()
 
+    @precondition(lambda self: self.LOSS and any(s.bus for s in self.servers))
+    @rule(i=servers_st)
+    def corrupt_message(self, i: int) -> None:
+        """A malformed message: ``Engine.on_feed_message`` drops it and asks for a repair."""
+        s = self.servers[i]
+        if s.bus:
+            s.bus.popleft()
+            s.core.on_feed_up()
+
     @precondition(lambda self: self.LOSS)
     @rule(i=servers_st)
     def disconnect(self, i: int) -> None:
@@ -681,11 +700,46 @@ class CoreModel(RuleBasedStateMachine):
                 )
 
 
-CoreModel.TestCase.settings = settings(
+class FeedRaces(CoreModel):
+    """Only reads, writes, replies, delivery, probes and time: more examples land on the races."""
+
+    WIPES = False
+    LOSS = False
+    EXTRAS = False
+
+
+_SETTINGS = settings(
     max_examples=200,
     stateful_step_count=60,
     deadline=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+CoreModel.TestCase.settings = _SETTINGS
 TestCoreModel = CoreModel.TestCase
+FeedRaces.TestCase.settings = settings(_SETTINGS, max_examples=150, stateful_step_count=40)
+TestFeedRaces = FeedRaces.TestCase
+
+
+@pytest.mark.parametrize(
+    ("flag", "machine"),
+    [("fill_race", FeedRaces), ("gaps", CoreModel), ("probe", CoreModel), ("epoch", CoreModel)],
+)
+def test_oracles_catch_each_guard_switched_off(flag: str, machine: type[CoreModel]) -> None:
+    """The model only counts if it fails without the protection it is meant to check."""
+    broken = type(
+        f"{machine.__name__}Without_{flag}", (machine,), {"GUARDS": Guards(**{flag: False})}
+    )
+    with pytest.raises(AssertionError, match=r"^(A2 |C[2-6][: ]|TTL)"):
+        run_state_machine_as_test(
+            broken,
+            settings=settings(
+                _SETTINGS,
+                max_examples=1000,
+                derandomize=True,
+                database=None,
+                phases=[Phase.generate],
+                print_blob=False,
+                report_multiple_bugs=False,
+            ),
+        )

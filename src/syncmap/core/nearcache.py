@@ -70,6 +70,7 @@ class FillToken:
     bucket: int
     gens: tuple[int, int]
     epoch: int | None  # the bucket's epoch as this server knew it when the fill began
+    probes: int  # probes started before this fill began (see NearCache.tops)
     max_seen: float = 0
 
 
@@ -146,6 +147,7 @@ class NearCache:
         self._pending: dict[Key, list[FillToken]] = {}
         self._ttl: list[tuple[float, int, Key]] = []
         self._feed_gen = 0
+        self._probes = 0
         self._reconnected = False
         self.valid_until = -INF
         """Every cached entry may be served until then (earliest lease or TTL deadline, less
@@ -157,7 +159,7 @@ class NearCache:
     def begin_fill(self, key: Key, bucket: int) -> FillToken:
         """Call *before* sending the read or write whose result may be cached."""
         b = self.buckets[bucket]
-        token = FillToken(key, bucket, (self._feed_gen, b.gen), b.epoch)
+        token = FillToken(key, bucket, (self._feed_gen, b.gen), b.epoch, self._probes)
         self._pending.setdefault(key, []).append(token)
         return token
 
@@ -181,9 +183,10 @@ class NearCache:
         self.abort_fill(token)
         b = self.buckets[token.bucket]
         if epoch and epoch != b.epoch and self.guards.epoch:
-            # News only if our epoch did not change while the fill was out: otherwise it may
-            # have read the epoch before a FLUSHALL we have already heard about.
-            if token.epoch != b.epoch:
+            # News only if nothing happened to the bucket while the fill was out: otherwise it may
+            # have read the epoch before a FLUSHALL we have already heard about (even one that
+            # took the bucket from no epoch to E1 and back to none, so compare generations too).
+            if token.epoch != b.epoch or token.gens != (self._feed_gen, b.gen):
                 self.counters.fills_rejected += 1
                 return False
             self.learn_epoch(token.bucket, epoch, version, now)
@@ -191,6 +194,7 @@ class NearCache:
         if (
             (token.max_seen > version and self.guards.fill_race)
             or token.gens != (self._feed_gen, b.gen)
+            or token.probes != self._probes
             or now >= b.lease_until - self.margin
             or deadline <= now
         ):
@@ -231,7 +235,7 @@ class NearCache:
         self.abort_fill(token)
         b = self.buckets[token.bucket]
         if epoch is not None and epoch != b.epoch and self.guards.epoch:
-            if token.epoch != b.epoch:
+            if token.epoch != b.epoch or token.gens != (self._feed_gen, b.gen):
                 # Our epoch changed while the write was out (Redis restarted or was flushed and
                 # we heard of it): the write belongs to a past epoch.  Cache nothing of it.
                 self.drop(token.key)
@@ -365,7 +369,15 @@ class NearCache:
     # ---- probes and time ---------------------------------------------------------------------
 
     def tops(self) -> list[int]:
-        """Each bucket's highest cached version; the driver takes this just before a probe."""
+        """Each bucket's highest cached version; the driver takes this just before a probe.
+
+        Taking it also marks every fill in flight as unfit to install.  Order it prevents: a
+        read fetches k@1; FLUSHALL; a probe starts (its ``tops`` cannot include k@1, not cached
+        yet) and confirms the empty bucket; the read's reply arrives.  Nothing would ever show
+        k@1 stale.  Fills are microseconds and probes a quarter of ``max_staleness`` apart, so
+        this refuses about one fill in several thousand.
+        """
+        self._probes += 1
         return [b.top for b in self.buckets]
 
     def on_probe(
@@ -396,6 +408,11 @@ class NearCache:
                 b.lease_until = INF
                 continue
             changed = epoch != b.epoch and not overtaken and self.guards.epoch
+            if changed and b.epoch is None and not b.top and b.known and not seq_went_back:
+                # The bucket's first writes since we looked, and nothing cached: follow them
+                # (their messages may still be on the way) instead of flushing, which would
+                # cancel fills in flight for nothing.
+                b.epoch, changed = epoch, False
             if not b.known or changed or seq_went_back:
                 if b.known and b.epoch is not None:
                     self.counters.epoch_changes += 1
