@@ -351,3 +351,35 @@ def test_maps_sharing_a_name_in_one_process_all_get_messages(shared_redis_url: s
         with m1.watch() as w1:
             version = writer.set("k", 2)
             assert next_event(w1, "set", version).key == "k"
+
+
+def test_fast_hits_map_serves_hits_and_follows_invalidations(shared_redis_url: str) -> None:
+    cfg = MapConfig(fast_hits=True)
+    with SyncMap("fast", shared_redis_url, config=cfg) as a, SyncMap("fast", shared_redis_url) as b:
+        assert type(a) is not SyncMap and isinstance(a, SyncMap)
+        b["k"] = 1
+        assert a["k"] == 1 and a["k"] == 1
+        assert a.statistics().hits == 1
+        b["k"] = 2
+        await_invalidation(a, "k")
+        assert a["k"] == 2
+
+
+def test_inline_callbacks_run_when_the_change_is_applied(pair: tuple[SyncMap, SyncMap]) -> None:
+    a, b = pair
+    b["k"] = 0
+    assert b["k"] == 0  # cached on b
+    seen: dict[int, Any] = {}
+    arrived = threading.Condition()
+
+    def on_change(event: Event) -> None:
+        # Runs on the feed thread right after the invalidation: b no longer caches k.
+        with arrived:
+            seen[event.version] = b.peek("k")
+            arrived.notify_all()
+
+    b.subscribe(on_change, inline=True)
+    version = a.set("k", 1)
+    with arrived:
+        assert arrived.wait_for(lambda: version in seen, timeout=5)
+    assert seen[version] is None
