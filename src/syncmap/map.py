@@ -279,10 +279,21 @@ class SyncMap(MutableMapping[Key, Any]):
     def compare_and_set(self, key: Key, expected: Any, new: Any, *, ttl: float | None = None,
                         fence: Fence | None = None) -> bool:  # fmt: skip
         """Store ``new`` only if ``key`` holds a value equal to ``expected``; atomic."""
-        mode, arg = "cas", self._payload(expected)
         new_payload = self._payload(new)
+        return self._compare(
+            key,
+            expected,
+            "cas",
+            lambda mode, arg: self._set(key, new_payload, mode, arg, ttl, fence),
+        )
+
+    def _compare(self, key: Key, expected: Any, mode: str,
+                 attempt: Callable[[str, bytes | str], tuple[int, bytes | None]]) -> bool:  # fmt: skip
+        """The compare-and-X loop: one round trip when the bytes match, a retry when only the
+        values do (equal dicts in another key order), ``ConflictError`` if it keeps losing."""
+        arg: bytes | str = self._payload(expected)
         for _ in range(self.config.transform_retries):
-            version, old = self._set(key, new_payload, mode, arg, ttl, fence)
+            version, old = attempt(mode, arg)
             if version:
                 return True
             if old is None:
@@ -290,9 +301,8 @@ class SyncMap(MutableMapping[Key, Any]):
             old_version, _, old_payload = unpack_value(old)
             if self._codec.decode(old_payload) != expected:
                 return False
-            # Equal value, different bytes (dict order): pin the write to that version.
-            mode, arg = "ver", str(old_version).encode()
-        raise ConflictError(f"compare_and_set({key!r}) kept losing races; retry later")
+            mode, arg = "ver", str(old_version)  # equal value, other bytes: pin to its version
+        raise ConflictError(f"compare-and-{mode} of {key!r} kept losing races; retry later")
 
     def _set(self, key: Key, payload: bytes, mode: str, expected: bytes | str, ttl: float | None,
              fence: Fence | None, value: Any = _MISSING) -> tuple[int, bytes | None]:  # fmt: skip
@@ -329,18 +339,9 @@ class SyncMap(MutableMapping[Key, Any]):
 
     def compare_and_delete(self, key: Key, expected: Any, *, fence: Fence | None = None) -> bool:
         """Remove ``key`` only if it holds a value equal to ``expected``; atomic."""
-        mode, arg = "cad", self._payload(expected)
-        for _ in range(self.config.transform_retries):
-            version, old = self._delete(key, mode, arg, fence)
-            if version:
-                return True
-            if old is None:
-                return False
-            old_version, _, old_payload = unpack_value(old)
-            if self._codec.decode(old_payload) != expected:
-                return False
-            mode, arg = "ver", str(old_version).encode()
-        raise ConflictError(f"compare_and_delete({key!r}) kept losing races; retry later")
+        return self._compare(
+            key, expected, "cad", lambda mode, arg: self._delete(key, mode, arg, fence)
+        )
 
     def _delete(self, key: Key, mode: str, expected: bytes | str, fence: Fence | None
                 ) -> tuple[int, bytes | None]:  # fmt: skip
