@@ -287,8 +287,10 @@ class SyncMap(MutableMapping[Key, Any]):
             lambda mode, arg: self._set(key, new_payload, mode, arg, ttl, fence),
         )
 
-    def _compare(self, key: Key, expected: Any, mode: str,
-                 attempt: Callable[[str, bytes | str], tuple[int, bytes | None]]) -> bool:  # fmt: skip
+    def _compare(
+        self, key: Key, expected: Any, mode: str,
+        attempt: Callable[[str, bytes | str], tuple[int, bytes | None]],
+    ) -> bool:  # fmt: skip
         """The compare-and-X loop: one round trip when the bytes match, a retry when only the
         values do (equal dicts in another key order), ``ConflictError`` if it keeps losing."""
         arg: bytes | str = self._payload(expected)
