@@ -46,6 +46,7 @@ class Engine:
         self._closed = threading.Event()
         self._probe_now = threading.Event()
         self._timer_wake = threading.Condition()
+        self._timer_dirty = False
         self._pings: dict[bytes, threading.Event] = {}
         self._feed_up = threading.Event()
         self._callbacks: list[Callable[[Event], None]] = []
@@ -130,8 +131,17 @@ class Engine:
                 waiter.set()
             return
         want = bool(self._callbacks or self._watchers or self._inline)
-        with self.lock:
-            events = self.core.on_message(msg, time.monotonic(), want)
+        try:
+            with self.lock:
+                events = self.core.on_message(msg, time.monotonic(), want)
+        except Exception as exc:
+            # A message we cannot apply may hide a change: count it and repair, like a loss.
+            self.core.counters.corrupt_messages += 1
+            log.warning("syncmap could not apply a change message (%r); repairing", exc)
+            with self.lock:
+                self.core.on_feed_up()
+            self._probe_now.set()
+            return
         for event in events:
             self._emit(event)
 
@@ -169,25 +179,30 @@ class Engine:
                 self.probe_once()
             except SyncMapError as exc:
                 log.debug("syncmap probe failed (%s); leases will lapse if this lasts", exc)
-            except BaseException as exc:  # a bug: surface it on the next call
+            except Exception as exc:  # a bug: surface it on the next call, and keep probing
+                log.exception("syncmap probe failed unexpectedly")
                 self.error = exc
-                return
 
     def wake_timer(self) -> None:
         with self._timer_wake:
+            self._timer_dirty = True
             self._timer_wake.notify()
 
     def _timer_loop(self) -> None:
-        try:
-            while not self._closed.is_set():
+        while not self._closed.is_set():
+            try:
+                with self._timer_wake:
+                    self._timer_dirty = False  # a wake_timer() after this is not lost
                 with self.lock:
                     wake = self.core.tick(time.monotonic())
                 delay = min(max(wake - time.monotonic(), 0.0), 60.0)
                 with self._timer_wake:
-                    if not self._closed.is_set():
+                    if not self._closed.is_set() and not self._timer_dirty:
                         self._timer_wake.wait(delay)
-        except BaseException as exc:
-            self.error = exc
+            except Exception as exc:  # a bug: surface it on the next call, keep the timer alive
+                log.exception("syncmap timer failed unexpectedly")
+                self.error = exc
+                self._closed.wait(0.1)
 
     # ---- events for users --------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from .errors import ConfigurationError, InvalidKey, KeyTypeError
+from .errors import ConfigurationError, CorruptData, InvalidKey, KeyTypeError
 
 Key = str | bytes | int
 
@@ -56,15 +56,18 @@ def encode_key(key: object, max_bytes: int) -> bytes:
 
 
 def decode_key(field: bytes) -> Key:
-    """Inverse of :func:`encode_key`."""
+    """Inverse of :func:`encode_key`; bytes that no encoder made raise ``CorruptData``."""
     tag, body = field[:1], field[1:]
-    if tag == b"s":
-        return body.decode()
-    if tag == b"b":
-        return bytes(body)
-    if tag == b"i":
-        return int(body)
-    raise ValueError(f"unknown key tag {tag!r} in field {field[:40]!r}")
+    try:
+        if tag == b"s":
+            return body.decode()
+        if tag == b"b":
+            return bytes(body)
+        if tag == b"i":
+            return int(body)
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+        raise CorruptData(f"field {field[:40]!r} does not decode: {exc}") from exc
+    raise CorruptData(f"unknown key tag {tag!r} in field {field[:40]!r}")
 
 
 def normal_key(key: object) -> Key:

@@ -152,9 +152,12 @@ class SyncMap(MutableMapping[Key, Any]):
         return super().__new__(chosen)
 
     def __getitem__(self, key: Key) -> Any:
-        # The hit path: no lock; one clock read against the earliest lease/TTL deadline.
+        # The hit path: no lock; one clock read against the earliest lease/TTL deadline, read
+        # *before* the entry.  The other order can interleave with the timer: get e; tick lapses
+        # every lease, flushes e and sets valid_until to +inf; then e would pass the check.
+        valid_until = self._core.valid_until
         e = self._entries.get(key)
-        if e is not None and key.__class__ is e.kc and _monotonic() < self._core.valid_until:
+        if e is not None and key.__class__ is e.kc and _monotonic() < valid_until:
             e.hits += 1
             v = e.value
             if v is not COPY:
@@ -168,8 +171,9 @@ class SyncMap(MutableMapping[Key, Any]):
     def get(self, key: Key, default: Any = None, *, consistent: bool = False) -> Any:
         """The value of ``key`` or ``default``; ``consistent=True`` reads through to Redis."""
         if not consistent:
+            valid_until = self._core.valid_until  # before the entry: see __getitem__
             e = self._entries.get(key)
-            if e is not None and key.__class__ is e.kc and _monotonic() < self._core.valid_until:
+            if e is not None and key.__class__ is e.kc and _monotonic() < valid_until:
                 e.hits += 1
                 v = e.value
                 return v if v is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
@@ -181,12 +185,13 @@ class SyncMap(MutableMapping[Key, Any]):
 
         For tests and checkers: versions let a history be checked for staleness and order.
         """
+        valid_until = self._core.valid_until  # before the entry: see __getitem__
         e = self._entries.get(key)
         if (
             not consistent
             and e is not None
             and key.__class__ is e.kc
-            and _monotonic() < self._core.valid_until
+            and _monotonic() < valid_until
         ):
             e.hits += 1
             v = e.value if e.value is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
@@ -213,7 +218,11 @@ class SyncMap(MutableMapping[Key, Any]):
     def _settle_read(self, token: FillToken, raw: bytes | None) -> tuple[Any, int]:
         """Install what a read returned (if nothing newer was seen meanwhile) and return it."""
         if raw is not None:
-            version, deadline_ms, epoch, payload = unpack_value_epoch(raw)
+            try:
+                version, deadline_ms, epoch, payload = unpack_value_epoch(raw)
+            except BaseException:
+                self._abort(token)
+                raise
             if not deadline_ms or deadline_ms > self._engine.server_now_ms():
                 try:
                     value = self._codec.decode(payload)
@@ -408,7 +417,7 @@ class SyncMap(MutableMapping[Key, Any]):
             return
         self._check_open()
         try:
-            firsts = self._store.call(cmds, write=True)
+            replies = self._store.call(cmds, write=True, partial=True)
         except WriteOutcomeUnknown:
             with self._engine.lock:
                 for chunk in plan:
@@ -417,22 +426,27 @@ class SyncMap(MutableMapping[Key, Any]):
             raise
         with self._engine.lock:
             now = time.monotonic()
-            for (first, epoch), chunk, bucket in zip(firsts, plan, buckets, strict=True):
-                self._core.learn_epoch(bucket, int(epoch), int(first), now)
+            for reply, chunk, bucket in zip(replies, plan, buckets, strict=True):
+                if isinstance(reply, Exception):
+                    continue
+                first, epoch = int(reply[0]), int(reply[1])
+                self._core.learn_epoch(bucket, epoch, first, now)
                 for i, (nkey, _, _) in enumerate(chunk):
-                    self._core.note_write(nkey, int(first) + i)
+                    self._core.note_write(nkey, first + i)
+        _raise_partial(replies, "update()")
 
     def clear(self, *, fence: Fence | None = None) -> None:
         """Remove every entry (each bucket atomically; buckets one after another)."""
         self._check_open()
         cmds = [self._store.script("clear", b, fence=fence) for b in range(self._buckets)]
-        versions = self._store.call(cmds, write=True)
+        replies = self._store.call(cmds, write=True, partial=True)
         with self._engine.lock:
             now = time.monotonic()
-            for bucket, (version, epoch) in enumerate(versions):
-                if version:
-                    self._core.learn_epoch(bucket, int(epoch), int(version), now)
-                    self._core.cleared(bucket, int(version))
+            for bucket, reply in enumerate(replies):
+                if not isinstance(reply, Exception) and reply[0]:
+                    self._core.learn_epoch(bucket, int(reply[1]), int(reply[0]), now)
+                    self._core.cleared(bucket, int(reply[0]))
+        _raise_partial(replies, "clear()")
 
     def _write(self, nkey: Key, cmd: tuple[Any, ...], bucket: int) -> tuple[FillToken, Any]:
         with self._engine.lock:
@@ -603,6 +617,17 @@ class Watch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _raise_partial(replies: list[Any], what: str) -> None:
+    """Raise the first refusal of a multi-bucket write, saying how much of it was applied."""
+    failed = [r for r in replies if isinstance(r, Exception)]
+    if failed:
+        first = failed[0]
+        done = len(replies) - len(failed)
+        first.args = (f"{first.args[0] if first.args else first}; {what} applied {done} of "
+                      f"{len(replies)} bucket parts (each part is atomic on its own)",)  # fmt: skip
+        raise first
 
 
 def _ttl_ms(ttl: float | None) -> int:

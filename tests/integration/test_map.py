@@ -383,3 +383,29 @@ def test_inline_callbacks_run_when_the_change_is_applied(pair: tuple[SyncMap, Sy
     with arrived:
         assert arrived.wait_for(lambda: version in seen, timeout=5)
     assert seen[version] is None
+
+
+def test_hit_path_cannot_serve_an_entry_whose_lease_lapsed_mid_read(
+    shared_redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order of events the hit path guards against: the reader takes the entry, the process
+    pauses past the lease, the timer lapses every lease (flushing the entry), the reader reads the
+    clock.  It must compare with the deadline it saw *before* the entry, and miss."""
+    import syncmap.map
+
+    with SyncMap("lapse", shared_redis_url, config=MapConfig(max_staleness=0.5)) as m:
+        m["k"] = "v1"
+        assert m.peek("k") is not None
+        real = time.monotonic
+        paused = {"done": False}
+
+        def clock_after_a_pause() -> float:
+            if not paused["done"]:
+                paused["done"] = True
+                with m._engine.lock:  # the timer runs during the pause
+                    m._core.tick(real() + 10)
+            return real() + 10
+
+        monkeypatch.setattr(syncmap.map, "_monotonic", clock_after_a_pause)
+        _, _, source = m.get_with_meta("k")
+        assert source == "redis", "served a near-cache entry whose lease had lapsed"

@@ -210,12 +210,12 @@ class NearCache:
             if old.version >= version:
                 return True
             self._remove(token.key, old)
+        if deadline != INF:  # before the entry is visible: the hit path reads valid_until first
+            heapq.heappush(self._ttl, (deadline, version, token.key))
+            self.valid_until = min(self.valid_until, deadline - self.margin)
         entry = Entry(value, raw, version, token.bucket, token.key.__class__, deadline)
         self.entries[token.key] = entry
         b.top = max(b.top, version)
-        if deadline != INF:
-            heapq.heappush(self._ttl, (deadline, version, token.key))
-            self.valid_until = min(self.valid_until, deadline - self.margin)
         if len(self.entries) > self.capacity:
             self._evict()
         return True
@@ -307,6 +307,7 @@ class NearCache:
         self.counters.messages += 1
         if msg.op == OP_PING or msg.bucket >= len(self.buckets):
             return []
+        keys = [decode_key(f) for f in msg.fields]  # CorruptData here leaves every state untouched
         b = self.buckets[msg.bucket]
         if b.known:
             self._sequence(msg.bucket, msg)
@@ -317,8 +318,7 @@ class NearCache:
             return [Event(None, "clear", msg.seq, msg.origin)] if want_events else []
         events = []
         op = OP_NAMES[msg.op]
-        for i, fld in enumerate(msg.fields):
-            key = decode_key(fld)
+        for i, key in enumerate(keys):
             self._invalidate(key, msg.seq + i)
             if want_events:
                 events.append(Event(key, op, msg.seq + i, msg.origin))
@@ -499,7 +499,8 @@ class NearCache:
                 self.counters.evictions += 1
 
     def hits(self) -> int:
-        return self.counters.hits_retired + sum(e.hits for e in self.entries.values())
+        # list() copies in one step under the GIL: other threads may change the dict meanwhile.
+        return self.counters.hits_retired + sum(e.hits for e in list(self.entries.values()))
 
     def serving(self, bucket: int, now: float) -> bool:
         return now < self.buckets[bucket].lease_until - self.margin

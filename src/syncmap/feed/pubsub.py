@@ -1,15 +1,24 @@
 """One Redis pub/sub connection per process and Redis target, shared by every map.
 
 Redisson opens a subscription per map and per lock and runs out of connections; we keep one.  The
-subscriber thread reads messages and hands each to the map that owns the channel.  It tells maps
+subscriber thread reads messages and hands each to the maps that own the channel.  It tells maps
 when the connection drops (``on_down``: messages may now be lost) and when a re-subscription is
 confirmed (``on_up``: the map repairs by probing its sequences).  Order on (re)connect, which
 matters for the start-up gap (A5): SUBSCRIBE -> confirmation -> ``on_up`` -> the map probes.
 
-redis-py's own reconnect-and-retry is switched off on this connection so a drop is never hidden,
-and the reader uses a bare redis-py ``Connection`` (for AUTH, TLS and ACL users) rather than
-``PubSub``: about 1 us of CPU per message instead of 5-8 us.  The connection always speaks RESP2,
-whatever the data connection speaks (redis-py 8 defaults to RESP3).
+How it stays alive and honest:
+
+* It reads a bare redis-py ``Connection`` (for AUTH, TLS and ACL users) rather than ``PubSub``:
+  about 1 us of CPU per message instead of 5-8 us.  The connection always speaks RESP2, whatever
+  the data connection speaks (redis-py 8 defaults to RESP3): messages are plain arrays everywhere.
+* redis-py must never reconnect it behind our back (a fresh socket has no subscriptions, and no
+  map would hear of the gap): the reader polls the parser directly, sends on the raw socket, and
+  treats a missing socket as a lost connection.
+* A half-open connection is found by PING: after ``PING_AFTER`` seconds of silence the reader
+  pings, and a connection that stays silent ``PING_AFTER`` more seconds is dropped and rebuilt.
+* One map's failure stays its own: a handler that raises is logged and the others go on; an error
+  reply (an ACL refusing one channel) is logged and the thread goes on; anything unexpected is
+  handled as a lost connection, never as a dead thread.
 """
 
 from __future__ import annotations
@@ -17,15 +26,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 log = logging.getLogger("syncmap.feed")
+PING_AFTER = 2.0
 
 
 @dataclass(slots=True, eq=False)
@@ -45,7 +57,7 @@ def _target(client: redis.Redis) -> tuple[Any, ...]:
 
 
 class Subscriber:
-    """The process's subscriber for one Redis target.  Get it with :meth:`for_client`."""
+    """The process's subscriber for one Redis target.  Get it with :meth:`attach_to`."""
 
     _registry: dict[tuple[Any, ...], Subscriber] = {}
     _registry_lock = threading.Lock()
@@ -66,19 +78,21 @@ class Subscriber:
 
     def __init__(self, client: redis.Redis, key: tuple[Any, ...]) -> None:
         pool = client.connection_pool
-        # The pool's own bookkeeping (redis-py 8 maintenance-notification handlers, which need
-        # RESP3, and saved originals) is left behind: only how to connect is copied.
+        # Only how to connect is copied: not the pool's bookkeeping (redis-py 8's maintenance
+        # handlers need RESP3), and connections are made directly, outside the pool's count.
         kwargs = {
             k: v
             for k, v in pool.connection_kwargs.items()
             if not k.startswith(("maint_notifications", "orig_", "himport"))
         }
-        # RESP2 on this connection whatever the data connection speaks: pub/sub messages are then
-        # plain arrays on every Redis version, and RESP3 push handling cannot swallow them.
+        # A finite timeout: the handshake in connect() and a frame cut mid-way must not hang the
+        # reader (waiting for messages uses its own select timeout, see _read_until_error).
+        timeout = 2.5 * PING_AFTER
         kwargs.update(
-            retry=Retry(NoBackoff(), 0), socket_timeout=None, decode_responses=False, protocol=2
-        )
-        self._pool = redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+            retry=Retry(NoBackoff(), 0), socket_timeout=timeout, socket_connect_timeout=timeout,
+            decode_responses=False, protocol=2,
+        )  # fmt: skip
+        self._make: Callable[[], Any] = lambda: pool.connection_class(**kwargs)
         self._key = key
         self._handlers: dict[bytes, list[Handler]] = {}
         self._lock = threading.Lock()
@@ -90,9 +104,6 @@ class Subscriber:
     def attach(self, channel: str, handler: Handler) -> None:
         """Subscribe ``channel``; ``handler.on_up`` runs once the subscription is confirmed."""
         ch = channel.encode()
-        # SUBSCRIBE is sent under the lock so it never races the reader thread creating the
-        # PubSub's connection (redis-py would open two and lose one).  If it fails, the reader
-        # thread reconnects and subscribes every attached channel.
         with self._lock:
             self._handlers.setdefault(ch, []).append(handler)
             self._send("SUBSCRIBE", ch)  # Redis confirms again even if already subscribed
@@ -119,14 +130,19 @@ class Subscriber:
         self._close_conn()  # wakes the reader at once
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
-        self._pool.disconnect()
 
     def _send(self, *command: Any) -> None:
-        """Send on the live connection (caller holds the lock); on failure the reader reconnects
-        and subscribes every attached channel anyway."""
-        if self._conn is not None:
-            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, OSError):
-                self._conn.send_command(*command)
+        """Send on the live socket (caller holds the lock).  Never through redis-py, which would
+        reconnect a dead connection without our subscriptions; a failure drops the connection so
+        the reader rebuilds it and subscribes every attached channel."""
+        sock = getattr(self._conn, "_sock", None)
+        if sock is None:
+            return
+        try:
+            sock.sendall(hiredis.pack_command(command))
+        except OSError:
+            with contextlib.suppress(Exception):
+                self._conn.disconnect()
 
     # ---- the reader thread -------------------------------------------------------------------
 
@@ -137,46 +153,82 @@ class Subscriber:
                 conn = self._connect()
                 backoff = 0.05
                 self._read_until_error(conn)
-            except (redis.ConnectionError, redis.TimeoutError, OSError, AttributeError,
-                    TypeError) as exc:  # fmt: skip
-                # AttributeError, TypeError: what redis-py raises on a socket that another thread
-                # (stop(), a failed send) has just disconnected.
+            except Exception as exc:  # every failure is a lost connection; the thread lives on
                 if self._stop.is_set():
                     break
                 log.warning("syncmap subscriber lost its connection (%s); reconnecting", exc)
                 self._close_conn()
                 for handler in self._snapshot():
                     handler.up = False
-                    handler.on_down()
+                    self._call(handler.on_down)
                 self._stop.wait(backoff)  # reconnect back-off, not a wait for data
                 backoff = min(backoff * 2, 1.0)
         self._close_conn()
 
     def _connect(self) -> Any:
-        conn = self._pool.make_connection()
-        conn.connect()  # type: ignore[no-untyped-call]
+        conn = self._make()
+        conn.connect()
         with self._lock:
-            if self._handlers:
-                conn.send_command("SUBSCRIBE", *self._handlers)  # type: ignore[no-untyped-call]
+            # One SUBSCRIBE per channel: an ACL that refuses one channel refuses only that one.
+            for ch in self._handlers:
+                conn.send_command("SUBSCRIBE", ch)
             self._conn = conn
         return conn
 
     def _read_until_error(self, conn: Any) -> None:
+        parser = conn._parser  # polled directly: Connection.can_read() would reconnect silently
+        heard = subscribed = time.monotonic()
+        pinged = 0.0
         while not self._stop.is_set():
-            if not conn.can_read(timeout=1.0):
+            if conn._sock is None:
+                raise redis.ConnectionError("the subscriber connection was closed")
+            if not parser.can_read(1.0):
+                now = time.monotonic()
+                if pinged and now - pinged > PING_AFTER:
+                    raise redis.ConnectionError(f"no answer to PING in {PING_AFTER} s")
+                if not pinged and now - heard > PING_AFTER:
+                    with self._lock:
+                        self._send("PING")
+                    pinged = now
+                if now - subscribed > PING_AFTER:
+                    self._resubscribe_unconfirmed()  # a SUBSCRIBE lost on a stalled link
+                    subscribed = now
                 continue
-            reply = conn.read_response()
-            kind, channel = reply[0], reply[1]
-            with self._lock:
-                handlers = list(self._handlers.get(channel, ()))
-            if kind == b"message":
-                for handler in handlers:
-                    handler.on_message(reply[2])
-            elif kind == b"subscribe":
-                for handler in handlers:
-                    if not handler.up:
-                        handler.up = True
-                        handler.on_up()
+            try:
+                reply = conn.read_response()
+            except redis.ResponseError as exc:  # e.g. NOPERM for one channel: that map's
+                log.error("syncmap subscriber: Redis refused a command: %s", exc)  # FeedError
+                continue
+            heard, pinged = time.monotonic(), 0.0
+            self._dispatch(reply)
+
+    def _resubscribe_unconfirmed(self) -> None:
+        """Send SUBSCRIBE again for channels whose confirmation never came (idempotent)."""
+        with self._lock:
+            for ch, handlers in self._handlers.items():
+                if any(not h.up for h in handlers):
+                    self._send("SUBSCRIBE", ch)
+
+    def _dispatch(self, reply: Any) -> None:
+        kind, channel = reply[0], reply[1]
+        with self._lock:
+            handlers = list(self._handlers.get(channel, ()))
+        if kind == b"message":
+            for handler in handlers:
+                self._call(handler.on_message, reply[2])
+        elif kind == b"subscribe":
+            for handler in handlers:
+                if not handler.up:
+                    handler.up = True
+                    self._call(handler.on_up)
+
+    @staticmethod
+    def _call(fn: Callable[..., None], *args: Any) -> None:
+        """Run one map's callback; its failure must not silence the other maps."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("syncmap subscriber: a map's handler failed")
 
     def _snapshot(self) -> list[Handler]:
         with self._lock:
@@ -186,5 +238,5 @@ class Subscriber:
         with self._lock:
             conn, self._conn = self._conn, None
         if conn is not None:
-            with contextlib.suppress(redis.ConnectionError, OSError):
+            with contextlib.suppress(Exception):
                 conn.disconnect()

@@ -24,6 +24,7 @@ from redis.exceptions import (
     AuthenticationError,
     NoPermissionError,
     NoScriptError,
+    RedisError,
     ResponseError,
 )
 from redis.exceptions import (
@@ -74,8 +75,12 @@ class RedisStore:
 
     # ---- transport ---------------------------------------------------------------------------
 
-    def call(self, commands: Sequence[Command], *, write: bool) -> list[Any]:
-        """Send ``commands`` as one pipeline; replies in order (Redis errors mapped, see module)."""
+    def call(self, commands: Sequence[Command], *, write: bool, partial: bool = False) -> list[Any]:
+        """Send ``commands`` as one pipeline; replies in order (Redis errors mapped, see module).
+
+        ``partial=True`` returns refusals (as SyncMapErrors) in place of their replies instead of
+        raising the first: the other commands of the pipeline did run.
+        """
         replies = self._roundtrip(commands, write=write)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:  # the script cache was flushed (restart, SCRIPT FLUSH): nothing ran
@@ -83,9 +88,11 @@ class RedisStore:
             again = self._roundtrip([commands[i] for i in missing], write=write)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
-        for reply in replies:
+        for i, reply in enumerate(replies):
             if isinstance(reply, Exception):
-                raise self._refused(reply)
+                if not partial:
+                    raise self._refused(reply)
+                replies[i] = self._refused(reply)
         return replies
 
     def _roundtrip(self, commands: Sequence[Command], *, write: bool) -> list[Any]:
@@ -101,8 +108,8 @@ class RedisStore:
         raise AssertionError("unreachable")
 
     def _once(self, commands: Sequence[Command], *, write: bool) -> list[Any]:
+        payload = b"".join(hiredis.pack_command(c) for c in commands)  # before taking a conn
         conn = self._checkout()
-        payload = b"".join(hiredis.pack_command(c) for c in commands)
         replies: list[Any] = []
         try:
             conn.send_packed_command([payload], check_health=False)
@@ -111,7 +118,7 @@ class RedisStore:
                     replies.append(conn.read_response())
                 except ResponseError as exc:
                     replies.append(exc)
-        except _NET_ERRORS as exc:
+        except (*_NET_ERRORS, RedisError) as exc:  # RedisError: a garbled reply, say
             conn.disconnect()
             if write:
                 raise WriteOutcomeUnknown(
@@ -133,17 +140,23 @@ class RedisStore:
         restart) is replaced here, before sending, so its death is not mistaken for an unknown
         write outcome.
         """
-        while self._idle:
-            conn = self._idle.pop()
+        while True:
+            try:
+                conn = self._idle.pop()
+            except IndexError:
+                break
             try:
                 if not conn.can_read(0):
                     return conn
-            except _NET_ERRORS:
+            except (*_NET_ERRORS, RedisError):
                 pass
             conn.disconnect()
+        pool = self.client.connection_pool
         try:
-            conn = self.client.connection_pool.make_connection()
-            conn.connect()  # type: ignore[no-untyped-call]
+            # Made directly, not by pool.make_connection(): this free list never gives
+            # connections back to the pool, whose count would otherwise run out (100 by default).
+            conn = pool.connection_class(**pool.connection_kwargs)
+            conn.connect()
         except AuthenticationError as exc:
             raise ConfigurationError(f"{self.where} refused the credentials: {exc}") from exc
         except _NET_ERRORS as exc:
@@ -151,6 +164,8 @@ class RedisStore:
                 f"cannot reach {self.where} ({exc}); nothing was sent. Check that Redis runs "
                 "and the URL is right, then retry"
             ) from exc
+        except RedisError as exc:  # refused while connecting: DB out of range, ACL on SELECT
+            raise ConfigurationError(f"{self.where} refused the connection: {exc}") from exc
         return conn
 
     def close(self) -> None:
@@ -178,6 +193,8 @@ class RedisStore:
         """The EVALSHA command of a write script for one bucket (see scripts.py for ARGV)."""
         m, d, x = self.layout.bucket_keys(bucket)
         lock, token = fence if fence is not None else ("", 0)
+        if not isinstance(lock, str) or not isinstance(token, int) or isinstance(token, bool):
+            raise TypeError(f"fence must be (lock name: str, token: int), not {fence!r}")
         epoch = random.getrandbits(52) or 1
         return ("EVALSHA", _SHAS[name], 3, m, d, x, self.layout.channel, bucket, epoch,
                 self.origin, lock, token, *args)  # fmt: skip

@@ -115,7 +115,7 @@ DELETE = (
     + r"""
 -- ARGV[7] field  [8] mode  [9] expected
 -- mode 'del': if present; 'cad': if the live payload equals ARGV[9]; 'ver': if the live version
--- equals ARGV[9].  An expired field is removed silently (its expiry is already the change).
+-- equals ARGV[9].  An expired field not yet reaped is removed with an 'expire' message.
 -- Reply: {version, old, epoch}; version 0 = nothing deleted: {0, old} (old = the live value,
 -- or false).
 local refused = fence_refused()
@@ -123,7 +123,13 @@ if refused then return refused end
 local field, mode = ARGV[7], ARGV[8]
 local old = live(field)
 if not old then
-  if redis.call('HDEL', KEYS[2], field) == 1 then redis.call('ZREM', KEYS[3], field) end
+  if redis.call('HDEL', KEYS[2], field) == 1 then
+    -- An expired leftover the probe has not reaped yet: its expiry is a change like any other,
+    -- with a version and a message (the probe will not see it any more).
+    redis.call('ZREM', KEYS[3], field)
+    local seq, ep = next_seq(1)
+    publish(4, seq, ep, {field})
+  end
   return {0, false}
 end
 if mode == 'cad' and string.sub(old, 25) ~= ARGV[9] then return {0, old} end
