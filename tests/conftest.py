@@ -1,4 +1,4 @@
-"""Shared fixtures: real redis-server processes on free loopback ports (never fakeredis).
+"""Shared fixtures: real redis-server processes on free loopback ports (no in-memory imitation).
 
 A test that injects faults (kill, pause, restart) takes ``redis_server``, its own process.  A test
 that only needs a working Redis takes ``shared_redis_url``: one process for the whole session,

@@ -118,12 +118,7 @@ class Engine:
         try:
             msg = decode_message(data)
         except CorruptData as exc:
-            # Counted, logged, and treated as "this map may be stale": probe and repair now.
-            self.core.counters.corrupt_messages += 1
-            log.warning("syncmap dropped a malformed change message: %s", exc)
-            with self.lock:
-                self.core.on_feed_up()
-            self._probe_now.set()
+            self._repair_after(exc)
             return
         if msg.op == OP_PING:
             waiter = self._pings.get(msg.fields[0] if msg.fields else b"")
@@ -135,15 +130,19 @@ class Engine:
             with self.lock:
                 events = self.core.on_message(msg, time.monotonic(), want)
         except Exception as exc:
-            # A message we cannot apply may hide a change: count it and repair, like a loss.
-            self.core.counters.corrupt_messages += 1
-            log.warning("syncmap could not apply a change message (%r); repairing", exc)
-            with self.lock:
-                self.core.on_feed_up()
-            self._probe_now.set()
+            self._repair_after(exc)
             return
         for event in events:
             self._emit(event)
+
+    def _repair_after(self, exc: Exception) -> None:
+        """A message we cannot decode or apply may hide a change: count it, log it, and repair
+        as after a lost message (the next probe flushes every bucket that moved)."""
+        self.core.counters.corrupt_messages += 1
+        log.warning("syncmap could not use a change message (%r); repairing", exc)
+        with self.lock:
+            self.core.on_feed_up()
+        self._probe_now.set()
 
     def on_feed_up(self) -> None:
         with self.lock:
