@@ -141,12 +141,12 @@ class Engine:
         self.core.counters.corrupt_messages += 1
         log.warning("syncmap could not use a change message (%r); repairing", exc)
         with self.lock:
-            self.core.on_feed_up()
+            self.core.on_feed_up(time.monotonic())
         self._probe_now.set()
 
     def on_feed_up(self) -> None:
         with self.lock:
-            self.core.on_feed_up()
+            self.core.on_feed_up(time.monotonic())
         self._feed_up.set()
         self._probe_now.set()
 

@@ -416,6 +416,8 @@ class SyncMap(MutableMapping[Key, Any]):
         if not cmds:
             return
         self._check_open()
+        with self._engine.lock:
+            before = {b: self._core.epoch_snapshot(b) for b in set(buckets)}
         try:
             replies = self._store.call(cmds, write=True, partial=True)
         except WriteOutcomeUnknown:
@@ -430,7 +432,7 @@ class SyncMap(MutableMapping[Key, Any]):
                 if isinstance(reply, Exception):
                     continue
                 first, epoch = int(reply[0]), int(reply[1])
-                self._core.learn_epoch(bucket, epoch, first, now)
+                self._core.learn_epoch_if(bucket, epoch, first, now, before[bucket])
                 for i, (nkey, _, _) in enumerate(chunk):
                     self._core.note_write(nkey, first + i)
         _raise_partial(replies, "update()")
@@ -439,12 +441,15 @@ class SyncMap(MutableMapping[Key, Any]):
         """Remove every entry (each bucket atomically; buckets one after another)."""
         self._check_open()
         cmds = [self._store.script("clear", b, fence=fence) for b in range(self._buckets)]
+        with self._engine.lock:
+            before = [self._core.epoch_snapshot(b) for b in range(self._buckets)]
         replies = self._store.call(cmds, write=True, partial=True)
         with self._engine.lock:
             now = time.monotonic()
             for bucket, reply in enumerate(replies):
                 if not isinstance(reply, Exception) and reply[0]:
-                    self._core.learn_epoch(bucket, int(reply[1]), int(reply[0]), now)
+                    self._core.learn_epoch_if(bucket, int(reply[1]), int(reply[0]), now,
+                                              before[bucket])  # fmt: skip
                     self._core.cleared(bucket, int(reply[0]))
         _raise_partial(replies, "clear()")
 

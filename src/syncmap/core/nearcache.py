@@ -148,7 +148,7 @@ class NearCache:
         self._ttl: list[tuple[float, int, Key]] = []
         self._feed_gen = 0
         self._probes = 0
-        self._reconnected = False
+        self._repair_from: float | None = None  # a probe sent at or after this time repairs
         self.valid_until = -INF
         """Every cached entry may be served until then (earliest lease or TTL deadline, less
         ``margin``).  The hit path compares the clock with this one number, so a process resumed
@@ -362,9 +362,25 @@ class NearCache:
         """The subscription dropped: messages may be lost until it is back."""
         self._feed_gen += 1
 
-    def on_feed_up(self) -> None:
-        """Re-subscribed and confirmed: the next probe repairs (flushes moved buckets at once)."""
-        self._reconnected = True
+    def on_feed_up(self, now: float = -INF) -> None:
+        """Re-subscribed and confirmed at ``now``: the first probe *sent* after that repairs
+        (flushes every bucket that moved at once).  A probe sent before it cannot: the messages it
+        would have to account for were published after it read the sequences."""
+        self._repair_from = now
+
+    def epoch_snapshot(self, bucket: int) -> tuple[int | None, int, int]:
+        """What a multi-key write (update, clear) records before sending, see learn_epoch_if."""
+        b = self.buckets[bucket]
+        return b.epoch, b.gen, self._feed_gen
+
+    def learn_epoch_if(
+        self, bucket: int, epoch: int, version: int, now: float,
+        before: tuple[int | None, int, int],
+    ) -> None:  # fmt: skip
+        """Learn ``epoch`` from a reply only if the bucket did not change while it was out (the
+        same rule fills and single-key writes follow: an old reply must not roll a bucket back)."""
+        if self.epoch_snapshot(bucket) == before:
+            self.learn_epoch(bucket, epoch, version, now)
 
     # ---- probes and time ---------------------------------------------------------------------
 
@@ -391,7 +407,9 @@ class NearCache:
         it; Redis dies before k@1's message reaches anyone and restarts empty; bucket and store
         both read (no epoch, seq 0), so without ``tops`` the probe would confirm k@1 forever.
         """
-        repair, self._reconnected = self._reconnected, False
+        repair = self._repair_from is not None and sent_at >= self._repair_from
+        if repair:
+            self._repair_from = None
         for i, (epoch, seq) in enumerate(states):
             b = self.buckets[i]
             # A message heard after this probe left knows better than the probe: the probe read
