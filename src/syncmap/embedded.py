@@ -124,6 +124,14 @@ def _stop_all() -> None:
             server.stop()
 
 
+def _die_with_parent(command: list[str]) -> list[str]:
+    """Run ``command`` so Linux stops it when this process dies without stopping it (SIGKILL, or a
+    timeout's SIGTERM, which skips atexit): util-linux's ``setpriv --pdeathsig`` sets the signal
+    and execs the server, which keeps it.  Unchanged where setpriv is missing."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command
+
+
 class EmbeddedRedis:
     """A ``redis-server`` child process bound to 127.0.0.1, with its own temp data dir."""
 
@@ -293,7 +301,7 @@ class EmbeddedRedis:
     def _spawn(self, binary: str) -> None:
         self._log = self.log_path.open("ab")
         self._proc = subprocess.Popen(
-            self._command(binary),
+            _die_with_parent(self._command(binary)),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
