@@ -156,7 +156,10 @@ class SyncMap(MutableMapping[Key, Any]):
         # *before* the entry.  The other order can interleave with the timer: get e; tick lapses
         # every lease, flushes e and sets valid_until to +inf; then e would pass the check.
         valid_until = self._core.valid_until
-        e = self._entries.get(key)
+        try:
+            e = self._entries.get(key)
+        except TypeError:  # unhashable: the slow path raises KeyTypeError
+            e = None
         if e is not None and key.__class__ is e.kc and _monotonic() < valid_until:
             e.hits += 1
             v = e.value
@@ -172,7 +175,10 @@ class SyncMap(MutableMapping[Key, Any]):
         """The value of ``key`` or ``default``; ``consistent=True`` reads through to Redis."""
         if not consistent:
             valid_until = self._core.valid_until  # before the entry: see __getitem__
-            e = self._entries.get(key)
+            try:
+                e = self._entries.get(key)
+            except TypeError:  # unhashable: the slow path raises KeyTypeError
+                e = None
             if e is not None and key.__class__ is e.kc and _monotonic() < valid_until:
                 e.hits += 1
                 v = e.value
@@ -186,7 +192,10 @@ class SyncMap(MutableMapping[Key, Any]):
         For tests and checkers: versions let a history be checked for staleness and order.
         """
         valid_until = self._core.valid_until  # before the entry: see __getitem__
-        e = self._entries.get(key)
+        try:
+            e = self._entries.get(key)
+        except TypeError:  # unhashable: the slow path raises KeyTypeError
+            e = None
         if (
             not consistent
             and e is not None
@@ -256,6 +265,7 @@ class SyncMap(MutableMapping[Key, Any]):
 
     def peek(self, key: Key) -> tuple[Any, int] | None:
         """(value, version) from this server's near cache only; no I/O.  For tests and tools."""
+        encode_key(key, self.config.max_key_bytes)  # refuses a bad key with KeyTypeError
         e = self._entries.get(normal_key(key))
         if e is None:
             return None
@@ -584,7 +594,10 @@ class _FastHitsSyncMap(SyncMap):
     """
 
     def __getitem__(self, key: Key) -> Any:
-        e = self._entries.get(key)
+        try:
+            e = self._entries.get(key)
+        except TypeError:  # unhashable: the slow path raises KeyTypeError
+            e = None
         if e is not None and key.__class__ is e.kc:
             e.hits += 1
             v = e.value

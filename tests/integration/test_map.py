@@ -286,6 +286,13 @@ def test_bad_keys_and_values_are_refused_before_sending(pair: tuple[SyncMap, Syn
     for key in (1.5, None, True, ("t",), ["l"]):
         with pytest.raises(KeyTypeError, match=type(key).__name__):
             a[key] = 1  # type: ignore[index]
+    for key in (["l"], {"d": 1}, {1}):  # unhashable: refused as keys on reads too
+        with pytest.raises(KeyTypeError):
+            a[key]  # type: ignore[index]
+        with pytest.raises(KeyTypeError):
+            a.get(key)  # type: ignore[arg-type]
+        with pytest.raises(KeyTypeError):
+            assert key in a
     with pytest.raises(InvalidKey, match="UTF-8"):
         a["\ud800"] = 1
     with pytest.raises(InvalidValue, match="object"):
