@@ -16,7 +16,7 @@ import redis as redis_lib
 
 from .codec import Codec, MsgpackCodec, is_immutable, make_codec
 from .config import MapConfig
-from .core.nearcache import COPY, INF, Event, FillToken, NearCache
+from .core.nearcache import COPY, INF, Entry, Event, FillToken, NearCache
 from .core.wire import unpack_value, unpack_value_epoch
 from .engine import Engine
 from .errors import (
@@ -166,6 +166,10 @@ class SyncMap(MutableMapping[Key, Any]):
             if v is not COPY:
                 return v
             return self._codec.decode(e.raw)  # type: ignore[arg-type]
+        return self._load(key)
+
+    def _load(self, key: Key) -> Any:
+        """A miss: read through (and maybe cache), or ``KeyError``."""
         value, _ = self._fetch(key, consistent=False)
         if value is _MISSING:
             raise KeyError(key)
@@ -191,22 +195,24 @@ class SyncMap(MutableMapping[Key, Any]):
 
         For tests and checkers: versions let a history be checked for staleness and order.
         """
-        valid_until = self._core.valid_until  # before the entry: see __getitem__
-        try:
-            e = self._entries.get(key)
-        except TypeError:  # unhashable: the slow path raises KeyTypeError
-            e = None
-        if (
-            not consistent
-            and e is not None
-            and key.__class__ is e.kc
-            and _monotonic() < valid_until
-        ):
+        e = None if consistent else self._servable(key)
+        if e is not None:
             e.hits += 1
             v = e.value if e.value is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
             return v, e.version, "local"
         value, version = self._fetch(key, consistent=consistent)
         return (None if value is _MISSING else value), version, "redis"
+
+    def _servable(self, key: Key) -> Entry | None:
+        """The cached entry a hit may serve, or None (``__getitem__`` and ``get`` inline this)."""
+        valid_until = self._core.valid_until  # before the entry: see __getitem__
+        try:
+            e = self._entries.get(key)
+        except TypeError:  # unhashable: the slow path raises KeyTypeError
+            return None
+        if e is not None and key.__class__ is e.kc and _monotonic() < valid_until:
+            return e
+        return None
 
     def _fetch(self, key: Key, *, consistent: bool) -> tuple[Any, int]:
         field, nkey, bucket = self._locate(key)
@@ -604,10 +610,7 @@ class _FastHitsSyncMap(SyncMap):
             if v is not COPY:
                 return v
             return self._codec.decode(e.raw)  # type: ignore[arg-type]
-        value, _ = self._fetch(key, consistent=False)
-        if value is _MISSING:
-            raise KeyError(key)
-        return value
+        return self._load(key)
 
 
 class Watch:

@@ -78,16 +78,21 @@ def report(name: str, rep: SweepReport, results: list[ServerResult], extra: str 
     print(f"\n{name}: {rep.summary()} {extra}\n  counters: {counters}")
 
 
-def run_and_check(
-    w: Workload, fault: Any = None, writer: Writer | None = None
-) -> tuple[SweepReport, list[str], list[ServerResult]]:
+def run_cluster(w: Workload, fault: Any = None) -> list[ServerResult]:
+    """Run the workload's server processes, inject ``fault(cluster)`` meanwhile, collect them."""
     cluster = Cluster(w)
     try:
         if fault is not None:
             fault(cluster)
-        results = cluster.join()
+        return cluster.join()
     finally:
         cluster.kill()
+
+
+def run_and_check(
+    w: Workload, fault: Any = None, writer: Writer | None = None
+) -> tuple[SweepReport, list[str], list[ServerResult]]:
+    results = run_cluster(w, fault)
     ops = [op for r in results for op in r.ops] + (writer.ops if writer else [])
     return sweep(ops, DELTA), divergent(results, w.url), results
 
@@ -308,12 +313,7 @@ def reset_store(redis_server: EmbeddedRedis, how: str, guards: Guards) -> list[s
         marks["ret"] = time.monotonic_ns()
 
     w = Workload(redis_server.url, seconds=4, guards=guards)
-    cluster = Cluster(w)
-    try:
-        fault(cluster)
-        results = cluster.join()
-    finally:
-        cluster.kill()
+    results = run_cluster(w, fault)
     ops = [op for r in results for op in r.ops]
     return pre_reset_reads(ops, marks["call"], marks["ret"]) + divergent(results, w.url)
 

@@ -32,7 +32,7 @@ Without the note, B would cache k@4 after having processed k@5, stale until the 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -495,10 +495,6 @@ class NearCache:
         if count:
             self.counters.resyncs += 1
 
-    def flush_all(self) -> None:
-        for i in range(len(self.buckets)):
-            self._flush(i)
-
     def _remove(self, key: Key, e: Entry) -> None:
         del self.entries[key]
         self.counters.hits_retired += e.hits
@@ -522,6 +518,3 @@ class NearCache:
 
     def serving(self, bucket: int, now: float) -> bool:
         return now < self.buckets[bucket].lease_until - self.margin
-
-    def cached(self) -> Iterator[tuple[Key, Entry]]:
-        return iter(list(self.entries.items()))

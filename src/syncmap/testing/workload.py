@@ -11,7 +11,7 @@ import multiprocessing as mp
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..config import MapConfig
@@ -64,7 +64,7 @@ def serve(w: Workload, process: str, seed: int, results: Any, ready: Any, go: An
             time.sleep(w.pace_s)  # pacing the load, not waiting for anything
         time.sleep(w.max_staleness + 0.3)  # C3 is stated "after T + max_staleness"
         cached = {str(k): m.peek(k) for k in list(m._entries)}
-        stats = {k: v for k, v in vars_of(m.statistics()).items() if isinstance(v, int)}
+        stats = {k: v for k, v in asdict(m.statistics()).items() if isinstance(v, int)}
     results.put(ServerResult(process, os.getpid(), ops, cached, stats))  # type: ignore[arg-type]
 
 
@@ -83,10 +83,6 @@ def _one(m: SyncMap, process: str, key: str, write: bool, n: int) -> Op | None:
     except StoreError:
         return None  # definitely not applied (StoreUnavailable) or nothing read
     return Op(process, "read", key, value, version, call, time.monotonic_ns(), source)
-
-
-def vars_of(obj: Any) -> dict[str, Any]:
-    return {name: getattr(obj, name) for name in obj.__slots__}
 
 
 class Cluster:
