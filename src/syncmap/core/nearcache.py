@@ -187,8 +187,7 @@ class NearCache:
             # have read the epoch before a FLUSHALL we have already heard about (even one that
             # took the bucket from no epoch to E1 and back to none, so compare generations too).
             if token.epoch != b.epoch or token.gens != (self._feed_gen, b.gen):
-                self.counters.fills_rejected += 1
-                return False
+                return self._refuse(token, version, other_epoch=True)
             self.learn_epoch(token.bucket, epoch, version, now)
             token.gens = (self._feed_gen, b.gen)
         if (
@@ -198,13 +197,7 @@ class NearCache:
             or now >= b.lease_until - self.margin
             or deadline <= now
         ):
-            self.counters.fills_rejected += 1
-            # The caller returns this version; an older one left cached would be served next
-            # (monotonic reads, C4).  Dropping costs at most a miss.
-            old = self.entries.get(token.key)
-            if old is not None and old.version < version:
-                self._remove(token.key, old)
-            return False
+            return self._refuse(token, version, other_epoch=bool(epoch) and epoch != b.epoch)
         old = self.entries.get(token.key)
         if old is not None:
             if old.version >= version:
@@ -219,6 +212,19 @@ class NearCache:
         if len(self.entries) > self.capacity:
             self._evict()
         return True
+
+    def _refuse(self, token: FillToken, version: int, *, other_epoch: bool) -> bool:
+        """Do not install a read's value; returns False.
+
+        The caller still hands that value out, so an older one left cached would be served next
+        (monotonic reads, C4): drop it.  A value of another epoch is not comparable by version
+        (after a restart both may be k@1), so then drop whatever is cached.  Costs at most a miss.
+        """
+        self.counters.fills_rejected += 1
+        old = self.entries.get(token.key)
+        if old is not None and (old.version < version or other_epoch):
+            self._remove(token.key, old)
+        return False
 
     def wrote(
         self, token: FillToken, now: float, version: int, value: Any = None,
