@@ -15,6 +15,10 @@ from .errors import (
     InvalidKey,
     InvalidValue,
     KeyTypeError,
+    LockError,
+    LockLost,
+    LockNotAcquired,
+    LockNotOwned,
     MapClosed,
     RedisServerNotFound,
     StaleFence,
@@ -24,6 +28,7 @@ from .errors import (
     ValueTooLarge,
     WriteOutcomeUnknown,
 )
+from .lock import Fence, Lock, Redlock, RWLock, Semaphore
 from .map import Statistics, SyncMap, Watch
 
 __version__ = "0.1.0"
@@ -35,15 +40,24 @@ __all__ = [
     "CorruptData",
     "Event",
     "FeedError",
+    "Fence",
     "InvalidKey",
     "InvalidValue",
     "JsonCodec",
     "KeyTypeError",
+    "Lock",
+    "LockError",
+    "LockLost",
+    "LockNotAcquired",
+    "LockNotOwned",
     "MapClosed",
     "MapConfig",
     "MsgpackCodec",
     "PickleCodec",
+    "RWLock",
     "RedisServerNotFound",
+    "Redlock",
+    "Semaphore",
     "StaleFence",
     "Statistics",
     "StoreError",

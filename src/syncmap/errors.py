@@ -18,6 +18,10 @@ with ``raise ... from exc``: callers never need to import redis to handle a fail
     │   ├── StoreUnavailable       nothing happened; retry later
     │   ├── WriteOutcomeUnknown    the write may or may not have happened
     │   └── StaleFence             a newer fencing token was already used: this holder lost the lock
+    ├── LockError                  a distributed lock could not do what was asked
+    │   ├── LockNotAcquired (TimeoutError)  not acquired within the timeout
+    │   ├── LockNotOwned (RuntimeError)     released by someone who does not hold it
+    │   └── LockLost                   the lease ran out or renewal failed while held
     ├── ConflictError              transform() lost every optimistic retry
     ├── FeedError                  the change feed does not deliver (start-up self-check)
     └── MapClosed                  the map was closed
@@ -81,6 +85,26 @@ class StaleFence(StoreError):
     """
 
 
+class LockError(SyncMapError):
+    """A distributed lock could not do what was asked."""
+
+
+class LockNotAcquired(LockError, TimeoutError):
+    """The lock was not acquired within the timeout (or at once, for a non-blocking try)."""
+
+
+class LockNotOwned(LockError, RuntimeError):
+    """``release()`` by an owner that does not hold the lock.  Nothing was changed."""
+
+
+class LockLost(LockError):
+    """The lock's lease ran out, or its renewal failed, while it was held.
+
+    Another holder may have entered the critical section since: writes fenced with this hold's
+    token are refused by the map (``StaleFence``).  Stop, release, and acquire again.
+    """
+
+
 class ConflictError(SyncMapError):
     """An optimistic read-modify-write (``transform``) lost the race on every retry."""
 
@@ -101,6 +125,10 @@ __all__ = [
     "InvalidKey",
     "InvalidValue",
     "KeyTypeError",
+    "LockError",
+    "LockLost",
+    "LockNotAcquired",
+    "LockNotOwned",
     "MapClosed",
     "RedisServerNotFound",
     "StaleFence",

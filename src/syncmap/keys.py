@@ -13,6 +13,9 @@ script touches one Redis Cluster slot):
     <ns>:{users:b}:x   zset    field -> expiry deadline in Redis server milliseconds
 
 plus ``<ns>:{users}:meta`` (bucket count, codec) and the change channel ``<ns>:{users}:ch``.
+
+A lock ``orders`` (any kind) owns keys under the hash tag ``{lock:orders}``: see :class:`LockLayout`
+and docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -115,3 +118,74 @@ class Layout:
         """(sequence hash, data hash, expiry zset) of one bucket, all in one cluster slot."""
         tag = f"{self.namespace}:{{{self.name}:{bucket}}}"
         return f"{tag}:m", f"{tag}:d", f"{tag}:x"
+
+
+def check_lock_name(name: str) -> str:
+    """Lock names are free text without braces (hash tags) or control characters."""
+    if (
+        not isinstance(name, str)
+        or not 1 <= len(name.encode()) <= 512
+        or any(c in "{}" or not c.isprintable() for c in name)
+    ):
+        raise ConfigurationError(
+            f"lock name {name!r} is not allowed: use 1-512 bytes of printable text without "
+            "braces (they would break Redis Cluster hash tags)"
+        )
+    return name
+
+
+def key_lock_name(map_name: str, field: bytes) -> str:
+    """The lock name of ``SyncMap.lock(key)``: readable for plain text keys, hex otherwise."""
+    body = field[1:]
+    if field[:1] in (b"s", b"i"):
+        text = body.decode()
+        if text.isprintable() and "{" not in text and "}" not in text:
+            return f"{map_name}:{field[:1].decode()}:{text}"
+    return f"{map_name}:x:{body.hex()}"
+
+
+@dataclass(frozen=True, slots=True)
+class LockLayout:
+    """Every Redis name of one lock, all under the hash tag ``{lock:<name>}``."""
+
+    namespace: str
+    name: str
+
+    @property
+    def _tag(self) -> str:
+        return f"{self.namespace}:{{lock:{self.name}}}"
+
+    @property
+    def hold(self) -> str:
+        """Hash {o: owner, n: re-entries, t: token}, TTL = the lease (Lock, RWLock's writer)."""
+        return self._tag
+
+    @property
+    def fence(self) -> str:
+        """The last fencing token issued (no TTL)."""
+        return f"{self._tag}:fence"
+
+    @property
+    def channel(self) -> str:
+        """Release messages wake waiters here."""
+        return f"{self._tag}:ch"
+
+    @property
+    def readers(self) -> str:
+        """RWLock: zset owner -> read lease deadline (server ms)."""
+        return f"{self._tag}:r"
+
+    @property
+    def claims(self) -> str:
+        """RWLock: zset of blocked writers -> claim deadline; readers let them go first."""
+        return f"{self._tag}:w"
+
+    @property
+    def permits(self) -> str:
+        """Semaphore: zset permit id -> lease deadline (server ms)."""
+        return f"{self._tag}:p"
+
+    @property
+    def limit(self) -> str:
+        """Semaphore: the number of permits every client must agree on."""
+        return f"{self._tag}:n"

@@ -26,13 +26,28 @@ from .errors import (
     ValueTooLarge,
     WriteOutcomeUnknown,
 )
-from .keys import Key, Layout, bucket_of, check_map_name, decode_key, encode_key, normal_key
+from .keys import (
+    Key,
+    Layout,
+    LockLayout,
+    bucket_of,
+    check_lock_name,
+    check_map_name,
+    decode_key,
+    encode_key,
+    key_lock_name,
+    normal_key,
+)
+from .lock import Fence, Lock
 from .store.redis_store import RedisStore
+from .store.transport import make_client
 
 _MISSING: Any = object()
 _SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 _monotonic = time.monotonic
-Fence = tuple[str, int]
+FenceArg = Fence | Lock | tuple[str, int]
+"""What ``fence=`` takes: the token ``acquire()`` returned, the held ``Lock`` itself, or
+``(lock name, token)`` (a token passed on from elsewhere, e.g. ``$SYNCMAP_FENCE``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,25 +129,7 @@ class SyncMap(MutableMapping[Key, Any]):
             raise
 
     def _client(self, url: str | None, client: redis_lib.Redis | None) -> redis_lib.Redis:
-        if client is not None:
-            if client.connection_pool.connection_kwargs.get("decode_responses"):
-                raise ConfigurationError(
-                    "pass a redis.Redis created with decode_responses=False: syncmap stores bytes"
-                )
-            return client
-        url = url or os.environ.get("SYNCMAP_URL")
-        if not url:
-            raise ConfigurationError(
-                "no Redis given: pass url='redis://host:6379/0' or redis=<redis.Redis>, or set "
-                "SYNCMAP_URL (syncmap.embedded.EmbeddedRedis starts a local one)"
-            )
-        try:
-            return redis_lib.Redis.from_url(
-                url, socket_timeout=self.config.socket_timeout,
-                socket_connect_timeout=self.config.socket_timeout,
-            )  # fmt: skip
-        except ValueError as exc:
-            raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from exc
+        return make_client(url, client, self.config.socket_timeout)
 
     def _feed(self, feed: str | None, client: redis_lib.Redis) -> redis_lib.Redis:
         """The connection change messages arrive on: the store's Redis unless ``feed`` says."""
@@ -282,7 +279,7 @@ class SyncMap(MutableMapping[Key, Any]):
     def __setitem__(self, key: Key, value: Any) -> None:
         self.set(key, value)
 
-    def set(self, key: Key, value: Any, *, ttl: float | None = None, fence: Fence | None = None
+    def set(self, key: Key, value: Any, *, ttl: float | None = None, fence: FenceArg | None = None
             ) -> int:  # fmt: skip
         """Store ``value``; returns its version.  ``ttl`` in seconds; ``fence`` see docs/locks."""
         payload = self._payload(value)
@@ -290,19 +287,19 @@ class SyncMap(MutableMapping[Key, Any]):
         return version
 
     def swap(self, key: Key, value: Any, default: Any = None, *, ttl: float | None = None,
-             fence: Fence | None = None) -> Any:  # fmt: skip
+             fence: FenceArg | None = None) -> Any:  # fmt: skip
         """Store ``value`` and return the previous value (or ``default``)."""
         _, old = self._set(key, self._payload(value), "swap", "", ttl, fence)
         return default if old is None else self._codec.decode(unpack_value(old)[2])
 
     def setdefault(self, key: Key, default: Any = None, *, ttl: float | None = None,
-                   fence: Fence | None = None) -> Any:  # fmt: skip
+                   fence: FenceArg | None = None) -> Any:  # fmt: skip
         """The value of ``key``, storing ``default`` first if absent (Go's LoadOrStore)."""
         version, old = self._set(key, self._payload(default), "nx", "", ttl, fence)
         return default if version else self._codec.decode(unpack_value(old)[2])  # type: ignore[arg-type]
 
     def compare_and_set(self, key: Key, expected: Any, new: Any, *, ttl: float | None = None,
-                        fence: Fence | None = None) -> bool:  # fmt: skip
+                        fence: FenceArg | None = None) -> bool:  # fmt: skip
         """Store ``new`` only if ``key`` holds a value equal to ``expected``; atomic."""
         new_payload = self._payload(new)
         return self._compare(
@@ -331,11 +328,12 @@ class SyncMap(MutableMapping[Key, Any]):
             mode, arg = "ver", str(old_version)  # equal value, other bytes: pin to its version
         raise ConflictError(f"compare-and-{mode} of {key!r} kept losing races; retry later")
 
-    def _set(self, key: Key, payload: bytes, mode: str, expected: bytes | str, ttl: float | None,
-             fence: Fence | None, value: Any = _MISSING) -> tuple[int, bytes | None]:  # fmt: skip
+    def _set(self, key: Key, payload: bytes, mode: str, expected: bytes | str,
+             ttl: float | None, fence: FenceArg | None, value: Any = _MISSING
+             ) -> tuple[int, bytes | None]:  # fmt: skip
         field, nkey, bucket = self._locate(key)
         cmd = self._store.script("set", bucket, field, payload, _ttl_ms(ttl), mode, expected,
-                                 fence=fence)  # fmt: skip
+                                 fence=self._fence_of(fence))  # fmt: skip
         token, reply = self._write(nkey, cmd, bucket)
         version, deadline_ms, old = reply[:3]
         if version:
@@ -347,7 +345,7 @@ class SyncMap(MutableMapping[Key, Any]):
             self._settle_read(token, old)  # the refusal told us the live value
         return int(version), old
 
-    def pop(self, key: Key, default: Any = _MISSING, *, fence: Fence | None = None) -> Any:
+    def pop(self, key: Key, default: Any = _MISSING, *, fence: FenceArg | None = None) -> Any:
         """Remove ``key`` and return its value (Go's LoadAndDelete)."""
         version, old = self._delete(key, "del", "", fence)
         if not version:
@@ -360,20 +358,21 @@ class SyncMap(MutableMapping[Key, Any]):
         if not self._delete(key, "del", "", None)[0]:
             raise KeyError(key)
 
-    def delete(self, key: Key, *, fence: Fence | None = None) -> bool:
+    def delete(self, key: Key, *, fence: FenceArg | None = None) -> bool:
         """Remove ``key``; returns whether it existed."""
         return bool(self._delete(key, "del", "", fence)[0])
 
-    def compare_and_delete(self, key: Key, expected: Any, *, fence: Fence | None = None) -> bool:
+    def compare_and_delete(self, key: Key, expected: Any, *, fence: FenceArg | None = None) -> bool:
         """Remove ``key`` only if it holds a value equal to ``expected``; atomic."""
         return self._compare(
             key, expected, "cad", lambda mode, arg: self._delete(key, mode, arg, fence)
         )
 
-    def _delete(self, key: Key, mode: str, expected: bytes | str, fence: Fence | None
+    def _delete(self, key: Key, mode: str, expected: bytes | str, fence: FenceArg | None
                 ) -> tuple[int, bytes | None]:  # fmt: skip
         field, nkey, bucket = self._locate(key)
-        cmd = self._store.script("delete", bucket, field, mode, expected, fence=fence)
+        fenced = self._fence_of(fence)
+        cmd = self._store.script("delete", bucket, field, mode, expected, fence=fenced)
         token, reply = self._write(nkey, cmd, bucket)
         version, old = reply[:2]
         if version:
@@ -385,7 +384,7 @@ class SyncMap(MutableMapping[Key, Any]):
         return int(version), old
 
     def transform(self, key: Key, fn: Callable[[Any], Any], default: Any = _MISSING, *,
-                  ttl: float | None = None, fence: Fence | None = None) -> Any:  # fmt: skip
+                  ttl: float | None = None, fence: FenceArg | None = None) -> Any:  # fmt: skip
         """Atomically replace the value with ``fn(value)`` (optimistic, retried); returns it.
 
         ``fn`` may run more than once: keep it free of side effects.
@@ -413,10 +412,11 @@ class SyncMap(MutableMapping[Key, Any]):
 
     def update(  # type: ignore[override]
         self, other: Mapping[Key, Any] | Iterable[tuple[Key, Any]] = (), /, *,
-        ttl: float | None = None, fence: Fence | None = None, **kwargs: Any,
+        ttl: float | None = None, fence: FenceArg | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         """Store many entries in one round trip (each bucket's part is atomic)."""
         pairs = other.items() if isinstance(other, Mapping) else other
+        fenced = self._fence_of(fence)
         per_bucket: dict[int, list[tuple[Key, bytes, bytes]]] = {}
         for key, value in [*pairs, *kwargs.items()]:
             field, nkey, bucket = self._locate(key)
@@ -426,7 +426,7 @@ class SyncMap(MutableMapping[Key, Any]):
             for i in range(0, len(items), 1000):  # keep each script short for Redis
                 chunk = items[i : i + 1000]
                 args = [a for _, f, p in chunk for a in (f, p)]
-                cmds.append(self._store.script("mset", bucket, _ttl_ms(ttl), *args, fence=fence))
+                cmds.append(self._store.script("mset", bucket, _ttl_ms(ttl), *args, fence=fenced))
                 plan.append(chunk)
                 buckets.append(bucket)
         if not cmds:
@@ -453,10 +453,42 @@ class SyncMap(MutableMapping[Key, Any]):
                     self._core.note_write(nkey, first + i)
         _raise_partial(replies, "update()")
 
-    def clear(self, *, fence: Fence | None = None) -> None:
+    # ---- locks -------------------------------------------------------------------------------
+
+    def lock(self, key: Key, *, lease: float = 30.0, **options: Any) -> Lock:
+        """A new :class:`~syncmap.Lock` for ``key`` of this map, on this map's Redis.
+
+        ``with users.lock("alice") as fence: users.set("alice", v, fence=fence)``.  Each call
+        makes a new owner; ``options`` are Lock's (``replicas``, ``on_lost``, ...).
+        """
+        field, _, _ = self._locate(key)
+        return Lock(key_lock_name(self.name, field), lease=lease, namespace=self.config.namespace,
+                    transport=self._store, **options)  # fmt: skip
+
+    def _fence_of(self, fence: FenceArg | None) -> tuple[str, str, int] | None:
+        """(lock name, fence counter key, token) for the write scripts."""
+        if fence is None:
+            return None
+        if isinstance(fence, Lock):
+            fence = fence.fence  # LockLost here if its lease ran out
+        if isinstance(fence, Fence):
+            return fence.lock, fence.key, int(fence)
+        if (
+            isinstance(fence, tuple) and len(fence) == 2 and isinstance(fence[0], str)
+            and isinstance(fence[1], int) and not isinstance(fence[1], bool)
+        ):  # fmt: skip
+            name, token = fence
+            return name, LockLayout(self.config.namespace, check_lock_name(name)).fence, token
+        raise TypeError(
+            f"fence must be the Fence that Lock.acquire() returned, a Lock, or (lock name, "
+            f"token), not {fence!r}"
+        )
+
+    def clear(self, *, fence: FenceArg | None = None) -> None:
         """Remove every entry (each bucket atomically; buckets one after another)."""
         self._check_open()
-        cmds = [self._store.script("clear", b, fence=fence) for b in range(self._buckets)]
+        fenced = self._fence_of(fence)
+        cmds = [self._store.script("clear", b, fence=fenced) for b in range(self._buckets)]
         with self._engine.lock:
             before = [self._core.epoch_snapshot(b) for b in range(self._buckets)]
         replies = self._store.call(cmds, write=True, partial=True)

@@ -5,7 +5,8 @@ validate (fence, condition) -> mutate -> take the version -> PUBLISH last.  Redi
 script back when a later line fails, so nothing is published for a change that did not happen.
 A script that refuses (stale fence) returns an error *before* its first write.
 
-KEYS (every write script): [1] sequence hash ``m``, [2] data hash ``d``, [3] expiry zset ``x``.
+KEYS (every write script): [1] sequence hash ``m``, [2] data hash ``d``, [3] expiry zset ``x``,
+    and [4] the fence counter of the lock when the write is fenced.
 ARGV prefix (every write script):
     [1] channel  [2] bucket number  [3] epoch candidate (used only if the bucket has none)
     [4] origin (node id)  [5] fence lock name or ''  [6] fence token or '0'
@@ -33,19 +34,18 @@ local function live(field)
   return v
 end
 
+-- Fencing: KEYS[4], when given, is the lock's fence counter (the last token it issued).  A token
+-- older than that counter belongs to a holder whose lease ran out: another acquisition happened
+-- since.  Equal is the current holder (one hold may write many times).  The check reads the
+-- counter itself, so a stale holder is refused even before the new holder has written anything.
 local function fence_refused()
   if ARGV[5] == '' then return false end
-  local tok = tonumber(ARGV[6])
-  local cur = tonumber(redis.call('HGET', KEYS[1], 'f:' .. ARGV[5]) or '0')
-  if tok < cur then
+  local cur = redis.call('GET', KEYS[4]) or '0'
+  if tonumber(ARGV[6]) < tonumber(cur) then
     return redis.error_reply('STALEFENCE lock ' .. ARGV[5] .. ' token ' .. ARGV[6] ..
-      ' is older than token ' .. cur .. ' already used')
+      ' is older than token ' .. cur .. ' issued since')
   end
   return false
-end
-
-local function fence_record()
-  if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'f:' .. ARGV[5], ARGV[6]) end
 end
 
 -- Take n consecutive versions; returns the first and the bucket's epoch.
@@ -102,7 +102,6 @@ if mode == 'ver' then
   if old then have = struct.unpack('>I8', old) end
   if have ~= tonumber(ARGV[11]) then return {0, 0, old} end
 end
-fence_record()
 local seq, ep = next_seq(1)
 local dl = store(field, seq, ep, ARGV[8], tonumber(ARGV[9]))
 publish(1, seq, ep, {field})
@@ -134,7 +133,6 @@ if not old then
 end
 if mode == 'cad' and string.sub(old, 25) ~= ARGV[9] then return {0, old} end
 if mode == 'ver' and struct.unpack('>I8', old) ~= tonumber(ARGV[9]) then return {0, old} end
-fence_record()
 redis.call('HDEL', KEYS[2], field)
 redis.call('ZREM', KEYS[3], field)
 local seq, ep = next_seq(1)
@@ -150,7 +148,6 @@ MSET = (
 -- Reply: {first version, epoch} (fields got first, first+1, ...).
 local refused = fence_refused()
 if refused then return refused end
-fence_record()
 local n = (#ARGV - 7) / 2
 local seq, ep = next_seq(n)
 local ttl = tonumber(ARGV[7])
@@ -172,7 +169,6 @@ CLEAR = (
 local refused = fence_refused()
 if refused then return refused end
 if redis.call('EXISTS', KEYS[2]) == 0 then return {0, 0} end
-fence_record()
 redis.call('DEL', KEYS[2], KEYS[3])
 local seq, ep = next_seq(1)
 publish(3, seq, ep, {})
@@ -200,4 +196,213 @@ return {m[1], tonumber(m[2] or '0'), now, n}
 """
 )
 
-ALL = {"set": SET, "delete": DELETE, "mset": MSET, "clear": CLEAR, "probe": PROBE}
+# ---- locks (docs/locks.md) ---------------------------------------------------------------------
+# Every lock's keys share the hash tag {lock:<name>} (one cluster slot).  A hold is a hash
+# {o = owner token, n = re-entry count, t = fencing token} with the lease as its TTL; the fence
+# counter (no TTL) is the last token issued.  Lease and wait times are Redis server milliseconds.
+
+_LOCK_PRELUDE = r"""
+local function server_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The next fencing token.  A counter that does not exist (a new lock, or one lost to a restart
+-- without persistence or to eviction) starts from the server clock in microseconds, which is above
+-- every token issued before as long as no lock was taken more than once per microsecond on
+-- average and the server clock did not go back.  Built as a string: Lua numbers print as %.14g.
+local function next_token(key)
+  if redis.call('EXISTS', key) == 0 then
+    local t = redis.call('TIME')
+    redis.call('SET', key, t[1] .. string.format('%06d', tonumber(t[2])))
+  end
+  return redis.call('INCR', key)
+end
+
+-- Keep a zset's TTL at least ms, so an abandoned one disappears on its own.
+local function keep_for(key, ms)
+  if redis.call('PTTL', key) < tonumber(ms) then redis.call('PEXPIRE', key, ms) end
+end
+"""
+
+LOCK_ACQUIRE = (
+    _LOCK_PRELUDE
+    + r"""
+-- KEYS[1] hold hash  [2] fence counter.  ARGV[1] owner  [2] lease ms
+-- Reply: {1, token, count} held (count > 1: re-entered by the same owner, same token);
+--        {0, ms left on the holder's lease, holder}.
+local owner = redis.call('HGET', KEYS[1], 'o')
+if owner == ARGV[1] then
+  local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, tonumber(redis.call('HGET', KEYS[1], 't')), n}
+end
+if owner then return {0, redis.call('PTTL', KEYS[1]), owner} end
+local tok = next_token(KEYS[2])
+redis.call('HSET', KEYS[1], 'o', ARGV[1], 'n', 1, 't', tok)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {1, tok, 1}
+"""
+)
+
+LOCK_RELEASE = r"""
+-- KEYS[1] hold hash.  ARGV[1] owner  [2] release channel  [3] '1' = every re-entry at once
+-- Reply: {1, re-entries left} (0: released, waiters told); {0, false} no hold (the lease ran out);
+--        {-1, holder} held by another owner.
+local owner = redis.call('HGET', KEYS[1], 'o')
+if not owner then return {0, false} end
+if owner ~= ARGV[1] then return {-1, owner} end
+local n = 0
+if ARGV[3] ~= '1' then n = redis.call('HINCRBY', KEYS[1], 'n', -1) end
+if n > 0 then return {1, n} end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[2], 'r')
+return {1, 0}
+"""
+
+LOCK_RENEW = r"""
+-- KEYS[1] hold hash.  ARGV[1] owner  [2] lease ms.  Reply: 1 renewed, 0 not held by this owner.
+if redis.call('HGET', KEYS[1], 'o') ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+RW_READ = (
+    _LOCK_PRELUDE
+    + r"""
+-- KEYS[1] writer hold hash  [2] fence counter  [3] readers zset  [4] waiting writers zset
+-- (zset scores: lease / claim deadlines in server ms).  ARGV[1] owner  [2] lease ms
+-- Reply: {1, fence counter} reading; {0, ms to wait at most, who is in the way}.
+local now = server_ms()
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+local w = redis.call('HGET', KEYS[1], 'o')
+if w and w ~= ARGV[1] then return {0, redis.call('PTTL', KEYS[1]), w} end
+-- A waiting writer goes first, so a stream of readers cannot starve writers; an owner that
+-- already reads (or writes) is let in again.
+if not w and not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+  local ww = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+  if #ww > 0 then return {0, tonumber(ww[2]) - now, ww[1]} end
+end
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
+keep_for(KEYS[3], ARGV[2])
+return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
+"""
+)
+
+RW_WRITE = (
+    _LOCK_PRELUDE
+    + r"""
+-- KEYS as RW_READ.  ARGV[1] owner  [2] lease ms  [3] how long a blocked writer's claim to go
+-- next lasts (ms; it renews it on every attempt).
+-- Reply: {1, token, count} writing; {0, ms to wait at most, who is in the way}.
+local now = server_ms()
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+local w = redis.call('HGET', KEYS[1], 'o')
+if w == ARGV[1] then
+  local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, tonumber(redis.call('HGET', KEYS[1], 't')), n}
+end
+local function claim()
+  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[3]), ARGV[1])
+  keep_for(KEYS[4], ARGV[3])
+end
+if w then
+  claim()
+  return {0, redis.call('PTTL', KEYS[1]), w}
+end
+local readers = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+local last, reader = 0, false
+for i = 1, #readers, 2 do
+  if readers[i] ~= ARGV[1] then  -- the only reader may upgrade itself
+    reader = readers[i]
+    last = math.max(last, tonumber(readers[i + 1]))
+  end
+end
+if reader then
+  claim()
+  return {0, last - now, reader}
+end
+redis.call('ZREM', KEYS[4], ARGV[1])
+local tok = next_token(KEYS[2])
+redis.call('HSET', KEYS[1], 'o', ARGV[1], 'n', 1, 't', tok)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {1, tok, 1}
+"""
+)
+
+ZSET_RELEASE = r"""
+-- A read hold or a semaphore permit.  KEYS[1] zset  [2] (optional) a claims zset to leave too.
+-- ARGV[1] member  [2] release channel.  Reply: 1 released (waiters told), 0 it had lapsed.
+if #KEYS > 1 then redis.call('ZREM', KEYS[2], ARGV[1]) end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('PUBLISH', ARGV[2], 'r')
+return 1
+"""
+
+ZSET_RENEW = (
+    _LOCK_PRELUDE
+    + r"""
+-- KEYS[1] zset.  ARGV[1] member  [2] lease ms.  Reply: 1 renewed, 0 lapsed (reaped or gone).
+local now = server_ms()
+local dl = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not dl or tonumber(dl) <= now then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+keep_for(KEYS[1], ARGV[2])
+return 1
+"""
+)
+
+SEM_ACQUIRE = (
+    _LOCK_PRELUDE
+    + r"""
+-- KEYS[1] permits zset (member permit id, score lease deadline)  [2] permit count.
+-- ARGV[1] permit id  [2] lease ms  [3] permits.
+-- Reply: {1} granted; {0, ms until the first permit's lease ends}; error SEMLIMIT when this
+-- client's permit count differs from the one recorded.
+local have = redis.call('GET', KEYS[2])
+if have and have ~= ARGV[3] then
+  return redis.error_reply('SEMLIMIT the semaphore has ' .. have .. ' permits, not ' .. ARGV[3])
+end
+if not have then redis.call('SET', KEYS[2], ARGV[3]) end
+local now = server_ms()
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  keep_for(KEYS[1], ARGV[2])
+  return {1}
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {0, tonumber(first[2]) - now}
+"""
+)
+
+FENCE_NEXT = (
+    _LOCK_PRELUDE
+    + r"""
+-- KEYS[1] fence counter.  Reply: the next token (a Redlock fenced on its authority).
+return next_token(KEYS[1])
+"""
+)
+
+REDLOCK_RELEASE = r"""
+-- One Redlock node.  KEYS[1] lock key.  ARGV[1] owner.  Reply: 1 deleted, 0 not this owner's.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+REDLOCK_EXTEND = r"""
+-- One Redlock node.  KEYS[1] lock key.  ARGV[1] owner  [2] lease ms.  Reply: 1 extended, 0 not.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+ALL = {
+    "set": SET, "delete": DELETE, "mset": MSET, "clear": CLEAR, "probe": PROBE,
+    "lock_acquire": LOCK_ACQUIRE, "lock_release": LOCK_RELEASE, "lock_renew": LOCK_RENEW,
+    "rw_read": RW_READ, "rw_write": RW_WRITE, "zset_release": ZSET_RELEASE,
+    "zset_renew": ZSET_RENEW, "sem_acquire": SEM_ACQUIRE, "fence_next": FENCE_NEXT,
+    "redlock_release": REDLOCK_RELEASE, "redlock_extend": REDLOCK_EXTEND,
+}  # fmt: skip

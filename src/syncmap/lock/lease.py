@@ -1,0 +1,211 @@
+"""What every lock kind shares: fencing tokens, holds with leases, and the one renewal worker.
+
+A *hold* is one acquisition that is still in force (a lock held, a read hold, a semaphore permit).
+It knows until when it is surely valid on this process's clock, and it is renewed by the process's
+single :class:`Watchdog` thread at a third of its lease.  How a hold ends up lost, and who learns:
+
+1. The watchdog renews it: ``valid_until = send time + lease - drift`` (the send time, not the
+   reply time: Redis may have applied the PEXPIRE at any moment after the send).
+2. A renewal that fails on the network is retried soon, until ``valid_until``; then it is lost.
+3. A renewal that finds the hold gone (the lease ran out, an operator deleted it) loses it.
+4. A process paused past ``valid_until`` (SIGSTOP, a long GC or C call holding the GIL) finds
+   ``valid`` false at once when it resumes, before the watchdog has run: ``valid`` reads the clock.
+Loss is sticky and loud: ``LockLost`` on the next use, ``on_lost`` called once (on the watchdog
+thread), ``valid`` false.  Safety after a loss does not rest on the holder noticing in time: its
+fenced writes are refused by the map, which compares tokens inside Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from ..errors import LockLost, SyncMapError
+
+log = logging.getLogger("syncmap.lock")
+
+#: Clock drift allowed per lease (as Redlock does: 1 % plus 2 ms), so a hold counts as expired
+#: here a little before Redis could expire it.
+DRIFT = 0.01
+DRIFT_FIXED = 0.002
+
+
+class Fence(int):
+    """A fencing token: an ``int`` that also names its lock, so ``fence=`` needs nothing else.
+
+    Tokens of one lock name strictly increase with every acquisition.  A map write given
+    ``fence=`` is refused by Redis (``StaleFence``) once a newer token has been issued.
+    """
+
+    lock: str
+    key: str
+
+    def __new__(cls, token: int, lock: str, key: str) -> Fence:
+        self = super().__new__(cls, token)
+        self.lock = lock  # the lock's name
+        self.key = key  # the Redis key of its fence counter
+        return self
+
+    def __repr__(self) -> str:
+        return f"Fence({int(self)}, lock={self.lock!r})"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (Fence, (int(self), self.lock, self.key))
+
+
+def drift(lease: float) -> float:
+    return lease * DRIFT + DRIFT_FIXED
+
+
+class Hold:
+    """One acquisition in force.  ``renew`` returns False when the hold is gone from Redis."""
+
+    def __init__(
+        self,
+        what: str,
+        lease: float,
+        sent_at: float,
+        renew: Callable[[], bool],
+        abandon: Callable[[], object],
+        on_lost: Callable[[LockLost], None] | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.what = what  # "lock 'orders' (owner host:123:ab12)", for messages
+        self.lease = lease
+        self.valid_until = sent_at + lease - drift(lease)
+        self.lost: LockLost | None = None
+        self.released = False
+        self.mutex = threading.Lock()  # a renewal and a release never interleave
+        self._renew = renew
+        self._abandon = abandon
+        self._on_lost = on_lost
+        self._clock = clock
+
+    @property
+    def valid(self) -> bool:
+        return self.lost is None and not self.released and self._clock() < self.valid_until
+
+    def check(self) -> None:
+        """Raise ``LockLost`` if this hold is lost or its lease has run out on our clock."""
+        if self.lost is None and not self.released and self._clock() >= self.valid_until:
+            with self.mutex:
+                newly = self._lose(
+                    f"its lease of {self.lease:g} s ran out before it was renewed (was this "
+                    "process paused, or Redis unreachable?)"
+                )
+            if newly:
+                self._after_loss(self.lost)
+        if self.lost is not None:
+            raise self.lost
+
+    def _lose(self, why: str) -> bool:
+        """Mark lost (caller holds ``mutex``); True if it was not lost before."""
+        if self.lost is not None or self.released:
+            return False
+        self.lost = LockLost(
+            f"{self.what} was lost: {why}. Another holder may have entered since; writes "
+            "fenced with its token are refused. Stop, release, and acquire again"
+        )
+        return True
+
+    def tick(self) -> float | None:
+        """Renew if due (watchdog thread).  Returns when to come back, or None when done."""
+        retry = min(self.lease / 10, 0.5)
+        with self.mutex:
+            if self.released or self.lost is not None:
+                return None
+            sent = self._clock()
+            if sent >= self.valid_until:
+                newly = self._lose(
+                    f"its lease of {self.lease:g} s ran out before it could be renewed (was "
+                    "this process paused, or Redis unreachable?)"
+                )
+            else:
+                try:
+                    renewed = self._renew()
+                except SyncMapError as exc:  # unreachable or unknown: try again soon
+                    log.warning("syncmap: renewing %s failed (%s); retrying", self.what, exc)
+                    return min(self._clock() + retry, self.valid_until)
+                if renewed:
+                    self.valid_until = sent + self.lease - drift(self.lease)
+                    return sent + self.lease / 3
+                newly = self._lose("renewal found it no longer held (its lease ran out in Redis)")
+            lost = self.lost
+        if newly:
+            self._after_loss(lost)
+        return None
+
+    def _after_loss(self, lost: LockLost | None) -> None:
+        log.error("syncmap: %s", lost)
+        try:
+            self._abandon()  # give it back now if it is still ours, so waiters need not wait
+        except SyncMapError as exc:
+            log.warning("syncmap: could not give back %s after its loss: %s", self.what, exc)
+        if self._on_lost is not None and lost is not None:
+            try:
+                self._on_lost(lost)
+            except Exception:
+                log.exception("syncmap: the on_lost callback of %s failed", self.what)
+
+
+class Watchdog:
+    """The process's one renewal thread for every hold of every lock kind.
+
+    Holds are kept in a dict (hold -> next due time); the thread sleeps until the earliest one.
+    ``watch`` wakes it only when the new hold is due before the planned wake-up, so back-to-back
+    acquire/release pairs cost a dict insert and delete, not a thread switch.
+    """
+
+    _instance: Watchdog | None = None
+    _instance_lock = threading.Lock()
+
+    @classmethod
+    def get(cls) -> Watchdog:
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[Hold, float] = {}
+        self._wake_at = float("inf")
+        self._clock = clock
+        self._thread = threading.Thread(target=self._run, name="syncmap-watchdog", daemon=True)
+        self._thread.start()
+
+    def watch(self, hold: Hold, due: float) -> None:
+        with self._cond:
+            self._due[hold] = due
+            if due < self._wake_at:
+                self._cond.notify()
+
+    def unwatch(self, hold: Hold) -> None:
+        with self._cond:
+            self._due.pop(hold, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = self._clock()
+                ready = [h for h, due in self._due.items() if due <= now]
+                for hold in ready:
+                    del self._due[hold]
+                if not ready:
+                    self._wake_at = min(self._due.values(), default=float("inf"))
+                    wait = None if self._due == {} else max(self._wake_at - now, 0.0)
+                    self._cond.wait(wait)
+                    continue
+                self._wake_at = float("-inf")  # busy: watch() need not notify
+            for hold in ready:  # renewals run outside the condition: they do I/O
+                try:
+                    due = hold.tick()
+                except Exception:  # never a dead watchdog (python-redis-lock's trap)
+                    log.exception("syncmap: the watchdog failed on %s; retrying", hold.what)
+                    due = self._clock() + 0.5
+                if due is not None:
+                    with self._cond:
+                        if not hold.released:
+                            self._due[hold] = due

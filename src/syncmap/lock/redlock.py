@@ -1,0 +1,209 @@
+"""``Redlock``: a lease lock over N independent Redis masters, held by a majority.
+
+What it gives: the lock survives the loss of a minority of nodes (2 of 5), without replication.
+What it does not: it issues no safe fencing token by itself (per-node counters taken over
+different majorities are not monotonic: A sees {100, 5, 5}, B later sees {6, 7, 8}), and a node
+that restarts without persistence inside a holder's lease forgets the lock, so a second majority
+can form.  Fence on the authority instead: pass ``authority=`` (the Redis that holds the data),
+and ``fence`` is a token from that Redis's counter, checked by the map's writes.  See
+docs/locks.md.
+
+Acquisition follows the published algorithm: try every node in turn with a short timeout; the
+lock is held when a majority said yes and the validity left (lease - time spent - clock drift) is
+positive; otherwise release on every node and retry after a random delay (jitter keeps clients
+from retrying in lockstep).  Waiting here is retrying: there is no one channel to listen on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from collections.abc import Sequence
+from types import TracebackType
+
+import redis
+
+from ..errors import (
+    ConfigurationError,
+    LockError,
+    LockLost,
+    LockNotAcquired,
+    LockNotOwned,
+    StoreError,
+)
+from ..keys import LockLayout, check_lock_name
+from ..store.transport import Transport, make_client
+from .base import OnLost, new_owner, shared_transport
+from .lease import Fence, Hold, Watchdog, drift
+
+
+class Redlock:
+    """A lock held by a majority of ``len(urls)`` independent Redis masters."""
+
+    def __init__(
+        self,
+        name: str,
+        urls: Sequence[str] | None = None,
+        *,
+        clients: Sequence[redis.Redis] | None = None,
+        lease: float = 10.0,
+        retries: int = 3,
+        retry_delay: float = 0.2,
+        node_timeout: float = 0.05,
+        authority: str | redis.Redis | None = None,
+        auto_renew: bool = True,
+        on_lost: OnLost | None = None,
+        namespace: str = "sm",
+    ) -> None:
+        self.name = check_lock_name(name)
+        given = list(clients or []) or [make_client(u, None, node_timeout) for u in urls or []]
+        if len(given) < 3 or len(given) % 2 == 0:
+            raise ConfigurationError(
+                f"Redlock needs an odd number of independent masters, at least 3 (got "
+                f"{len(given)}); 5 survives the loss of 2"
+            )
+        if not 0.05 <= lease <= 86_400:
+            raise ConfigurationError(f"lease={lease!r}: use 0.05 .. 86400 seconds")
+        self._nodes = [Transport(c, node_timeout) for c in given]
+        self.quorum = len(self._nodes) // 2 + 1
+        self.lease = float(lease)
+        self.retries = retries
+        self.retry_delay = retry_delay
+        self.owner = new_owner()
+        self.on_lost = on_lost
+        self.auto_renew = auto_renew
+        self.layout = LockLayout(namespace, self.name)
+        self.key = f"{namespace}:{{redlock:{self.name}}}"
+        self._authority: Transport | None = None
+        if authority is not None:
+            self._authority = shared_transport(
+                authority if isinstance(authority, str) else None,
+                authority if not isinstance(authority, str) else None, 5.0,
+            )  # fmt: skip
+        self._hold: Hold | None = None
+        self._token = 0
+        self._state = threading.Lock()
+        self.last_acquired_nodes = 0
+
+    @property
+    def what(self) -> str:
+        return f"redlock {self.name!r} (owner {self.owner})"
+
+    def _clock(self) -> float:
+        return time.monotonic()
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> float:
+        """Acquire on a majority; returns the validity left, in seconds."""
+        if self._hold is not None:
+            raise LockError(f"{self.what} is already held by this object (not re-entrant)")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        tries = 0
+        while True:
+            validity = self._try_once()
+            if validity is not None:
+                return validity
+            tries += 1
+            out_of_time = deadline is not None and time.monotonic() >= deadline
+            if not blocking or tries > self.retries or out_of_time:
+                raise LockNotAcquired(
+                    f"{self.what} was not acquired after {tries} tries: fewer than {self.quorum} "
+                    f"of {len(self._nodes)} nodes granted it within its validity (held by "
+                    "another owner, or nodes down). Retry later, or check the nodes"
+                )
+            time.sleep(random.uniform(0, self.retry_delay))  # jitter between retries (spec)
+
+    def _try_once(self) -> float | None:
+        ms = max(1, round(self.lease * 1000))
+        start = self._clock()
+        granted = 0
+        for node in self._nodes:
+            with contextlib.suppress(StoreError):
+                if node.call([("SET", self.key, self.owner, "NX", "PX", ms)], write=True)[0]:
+                    granted += 1
+        validity = self.lease - (self._clock() - start) - drift(self.lease)
+        self.last_acquired_nodes = granted
+        if granted < self.quorum or validity <= 0:
+            self._release_all()
+            return None
+        if self._authority is not None:
+            auth = self._authority
+            self._token = int(auth.call([auth.evalsha("fence_next", (self.layout.fence,))],
+                                        write=True)[0])  # fmt: skip
+        hold = Hold(self.what, self.lease, start, self._extend, self._release_all,
+                    self.on_lost)  # fmt: skip
+        with self._state:
+            self._hold = hold
+        if self.auto_renew:
+            Watchdog.get().watch(hold, start + self.lease / 3)
+        return validity
+
+    def _extend(self) -> bool:
+        ms = max(1, round(self.lease * 1000))
+        start = self._clock()
+        ok = 0
+        for node in self._nodes:
+            with contextlib.suppress(StoreError):
+                cmd = node.evalsha("redlock_extend", (self.key,), self.owner, ms)
+                ok += int(node.call([cmd], write=True)[0])
+        in_time = self.lease - (self._clock() - start) - drift(self.lease) > 0
+        return ok >= self.quorum and in_time
+
+    def _release_all(self) -> int:
+        freed = 0
+        for node in self._nodes:
+            with contextlib.suppress(StoreError):
+                cmd = node.evalsha("redlock_release", (self.key,), self.owner)
+                freed += int(node.call([cmd], write=True)[0])
+        return freed
+
+    @property
+    def valid(self) -> bool:
+        hold = self._hold
+        return hold is not None and hold.valid
+
+    @property
+    def fence(self) -> Fence:
+        """A token from the authority's counter (requires ``authority=``)."""
+        if self._authority is None:
+            raise ConfigurationError(
+                f"{self.what} has no fencing token: Redlock cannot make a safe one over "
+                "independent nodes. Pass authority=<the Redis that holds your data>"
+            )
+        hold = self._hold
+        if hold is None:
+            raise LockNotOwned(f"{self.what} is not held: acquire it first")
+        hold.check()
+        return Fence(self._token, self.name, self.layout.fence)
+
+    def release(self) -> None:
+        with self._state:
+            hold, self._hold = self._hold, None
+        if hold is None:
+            raise LockNotOwned(f"{self.what} cannot be released: it is not held")
+        with hold.mutex:
+            lost = hold.lost
+            hold.released = True
+        Watchdog.get().unwatch(hold)
+        if lost is not None:
+            raise lost
+        freed = self._release_all()
+        if freed < self.quorum and hold.valid_until <= time.monotonic():
+            raise LockLost(f"{self.what} had run out before release ({freed} nodes still had it)")
+
+    def __enter__(self) -> Redlock:
+        self.acquire()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        if exc_type is None:
+            self.release()
+            return
+        with contextlib.suppress(LockError):
+            self.release()
+
+    def __repr__(self) -> str:
+        state = "held" if self._hold else "free"
+        return f"<Redlock {self.name!r} {state} on {len(self._nodes)} nodes, quorum {self.quorum}>"

@@ -1,0 +1,146 @@
+"""``Semaphore``: at most n holders at once, each permit a lease renewed by the watchdog."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from typing import Any
+
+import redis
+
+from ..errors import ConfigurationError, LockError, LockLost, LockNotAcquired, LockNotOwned
+from ..store.transport import Transport
+from .base import LockBase, OnLost
+from .lease import Hold, Watchdog
+from .waiting import Attempt, wait_for
+
+
+class Semaphore(LockBase):
+    """At most ``permits`` holders at once; each permit is a lease, so a crashed holder's permit
+    comes back when its lease ends.  ``with sem:`` or ``acquire()`` / ``release()``.
+
+    One object may hold several permits (each ``acquire`` takes one more; ``release`` gives back
+    the latest).  Every client of a name must use the same ``permits``.  Semaphores issue no
+    fencing tokens: several holders at once is their point.
+    """
+
+    kind = "semaphore"
+
+    def __init__(
+        self,
+        name: str,
+        permits: int,
+        url: str | None = None,
+        *,
+        redis: redis.Redis | None = None,
+        lease: float = 30.0,
+        owner: str | None = None,
+        on_lost: OnLost | None = None,
+        namespace: str = "sm",
+        socket_timeout: float = 5.0,
+        transport: Transport | None = None,
+    ) -> None:
+        super().__init__(name, url, redis=redis, lease=lease, owner=owner, on_lost=on_lost,
+                         namespace=namespace, socket_timeout=socket_timeout,
+                         transport=transport)  # fmt: skip
+        if not isinstance(permits, int) or permits < 1:
+            raise ConfigurationError(f"permits={permits!r}: use an int >= 1")
+        self.permits = permits
+        self._held: list[tuple[str, Hold]] = []
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> None:
+        """Take a permit; ``LockNotAcquired`` when none came free in time."""
+        permit = f"{self.owner}:{uuid.uuid4().hex[:8]}"
+        wait_for(lambda: self._attempt(permit), waker=self._waker, channel=self.layout.channel,
+                 timeout=timeout if blocking else 0, what=self.what)  # fmt: skip
+
+    def try_acquire(self) -> bool:
+        try:
+            self.acquire(blocking=False)
+        except LockNotAcquired:
+            return False
+        return True
+
+    def _attempt(self, permit: str) -> Attempt[bool]:
+        lay = self.layout
+        sent = time.monotonic()
+        reply = self._transport.call([self._transport.evalsha(
+            "sem_acquire", (lay.permits, lay.limit), permit, self._lease_ms(), self.permits,
+        )], write=True)[0]  # fmt: skip
+        if not reply[0]:
+            return Attempt(None, int(reply[1]), f"{self.permits} other permit holders")
+        hold = Hold(f"{self.what} permit {permit}", self.lease, sent,
+                    lambda: self._renew(permit), lambda: self._give_back(permit),
+                    self.on_lost)  # fmt: skip
+        with self._state:
+            self._held.append((permit, hold))
+        Watchdog.get().watch(hold, sent + self.lease / 3)
+        return Attempt(True)
+
+    def _renew(self, permit: str) -> bool:
+        return bool(
+            self._transport.call(
+                [
+                    self._transport.evalsha(
+                        "zset_renew", (self.layout.permits,), permit, self._lease_ms()
+                    )
+                ],
+                write=True,
+            )[0]
+        )
+
+    def _give_back(self, permit: str) -> bool:
+        return bool(
+            self._transport.call(
+                [
+                    self._transport.evalsha(
+                        "zset_release", (self.layout.permits,), permit, self.layout.channel
+                    )
+                ],
+                write=True,
+            )[0]
+        )
+
+    @property
+    def held(self) -> int:
+        """How many permits this object holds."""
+        return len(self._held)
+
+    @property
+    def valid(self) -> bool:
+        """Every permit this object holds is surely still in force."""
+        return bool(self._held) and all(hold.valid for _, hold in self._held)
+
+    def release(self) -> None:
+        """Give back the latest permit; ``LockNotOwned`` if none is held, ``LockLost`` if its
+        lease had run out."""
+        with self._state:
+            if not self._held:
+                raise LockNotOwned(f"{self.what}: release() without a permit held")
+            permit, hold = self._held.pop()
+        with hold.mutex:
+            lost = hold.lost
+            hold.released = True
+        Watchdog.get().unwatch(hold)
+        if lost is not None:
+            raise lost
+        if not self._give_back(permit):
+            raise LockLost(
+                f"{self.what} permit {permit} had run out ({self.lease:g} s lease) "
+                "before release: more holders than permits may have overlapped"
+            )
+
+    def __enter__(self) -> Semaphore:
+        self.acquire()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.release()
+            return
+        with contextlib.suppress(LockError):
+            self.release()
+
+    def __repr__(self) -> str:
+        return f"<Semaphore {self.name!r} {len(self._held)}/{self.permits} held here>"
