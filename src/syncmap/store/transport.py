@@ -206,6 +206,11 @@ class Transport:
         text = str(exc)
         if text.startswith("STALEFENCE"):
             return StaleFence(text.removeprefix("STALEFENCE ") + ": re-acquire the lock")
+        if text.startswith("SEMLIMIT"):
+            return ConfigurationError(
+                text.removeprefix("SEMLIMIT ") + ": every client of a semaphore must use the "
+                "same number of permits (delete its ':n' key to change it)"
+            )
         if isinstance(exc, NoPermissionError) or "NOPERM" in text or "can't run this" in text:
             return ConfigurationError(
                 f"{self.where} refused a command ({text}); the ACL user needs +@read +@write "
