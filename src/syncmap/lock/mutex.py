@@ -79,8 +79,8 @@ class Lock(LockBase):
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> Fence:
         """Acquire (or re-enter) and return the fencing token; ``LockNotAcquired`` on timeout."""
-        if self._hold is not None and self._hold.lost is not None:
-            raise self._hold.lost  # release() the lost hold first
+        if self._hold is not None:
+            self._hold.check()  # a lost hold (or one whose lease ran out): release() it first
         fence = wait_for(self._attempt, waker=self._waker, channel=self.layout.channel,
                          timeout=timeout if blocking else 0, what=self.what)  # fmt: skip
         return fence
