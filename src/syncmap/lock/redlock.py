@@ -129,8 +129,12 @@ class Redlock:
             return None
         if self._authority is not None:
             auth = self._authority
-            self._token = int(auth.call([auth.evalsha("fence_next", (self.layout.fence,))],
-                                        write=True)[0])  # fmt: skip
+            try:
+                self._token = int(auth.call([auth.evalsha("fence_next", (self.layout.fence,))],
+                                            write=True)[0])  # fmt: skip
+            except StoreError:
+                self._release_all()  # no token, no lock: do not leave it held until the lease
+                raise
         hold = Hold(self.what, self.lease, start, self._extend, self._release_all,
                     self.on_lost)  # fmt: skip
         with self._state:
