@@ -293,3 +293,32 @@ def test_replicas_require_refuses_a_lock_no_replica_confirmed(
     plain.acquire()
     assert plain.replicated is None  # "none": not checked, no WAIT
     plain.release()
+
+
+def test_a_grant_that_arrives_after_its_lease_is_given_back_not_returned(
+    redis_server: EmbeddedRedis, admin: redis.Redis
+) -> None:
+    """Found by the S13 CLIENT PAUSE scenario: acquire() returned a fence whose lease had already
+    run out, the watchdog then gave the hold back, and a second owner got in unannounced."""
+    a, b = Lock("late", redis_server.url, lease=0.3), Lock("late", redis_server.url, lease=0.3)
+    admin.execute_command("CLIENT", "PAUSE", 600, "WRITE")  # the acquire's reply comes late
+    fence = a.acquire(timeout=5)
+    assert a.valid, "acquire() returned a hold whose lease was already over"
+    assert b.try_acquire() is None  # still exclusive
+    assert a.fence == fence
+    a.release()
+
+
+def test_a_late_give_back_of_a_lost_hold_spares_the_owners_newer_hold(
+    shared_redis_url: str,
+) -> None:
+    admin = redis.Redis.from_url(shared_redis_url)
+    lock = Lock("regive", shared_redis_url)
+    old = lock.acquire()
+    admin.delete(lock.layout.hold)
+    with pytest.raises(LockLost):
+        lock.release()
+    new = lock.acquire()
+    lock._abandon(int(old))  # the watchdog's give-back of the old hold, arriving late
+    assert lock.locked() and lock.valid and lock.fence == new
+    lock.release()

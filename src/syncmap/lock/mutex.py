@@ -103,11 +103,14 @@ class Lock(LockBase):
         return self._transport.evalsha("lock_renew", (self.layout.hold,), self.owner,
                                        self._lease_ms())  # fmt: skip
 
-    def _release_command(self, *, every_level: bool, last: bool) -> tuple[Any, ...] | None:
-        """None: nothing to tell Redis at this level (it keeps no re-entry count)."""
+    def _release_command(self, *, every_level: bool, last: bool, token: int | None = None
+                         ) -> tuple[Any, ...] | None:  # fmt: skip
+        """None: nothing to tell Redis at this level (it keeps no re-entry count).  ``token``
+        releases only that hold (a lost one given back late), not a newer one of this owner."""
         every = "1" if every_level else "0"
         return self._transport.evalsha("lock_release", (self.layout.hold,), self.owner,
-                                       self.layout.channel, every)  # fmt: skip
+                                       self.layout.channel, every,
+                                       "" if token is None else token)  # fmt: skip
 
     def _released(self, reply: Any) -> str | None:
         """None if the release reply says it was ours; else who holds it now ('' = nobody)."""
@@ -139,7 +142,14 @@ class Lock(LockBase):
         if not reply[0]:
             holder = reply[2].decode(errors="replace") if reply[2] else ""
             return Attempt(None, int(reply[1]), holder)
-        fence = self._held(int(reply[1]), sent)
+        token = int(reply[1])
+        if self._count == 0 and time.monotonic() >= sent + self.lease - drift(self.lease):
+            # The reply came after the lease had run out (Redis or this process stalled): the
+            # hold may already be another's.  Give it back and try again; never return a fence
+            # whose lease is over before the caller sees it.
+            self._abandon(token)
+            return Attempt(None, 0, "nobody (the reply came after the lease had run out)")
+        fence = self._held(token, sent)
         if self.replicas != "none":
             self._check_replicas(int(replies[1]))
         return Attempt(fence)
@@ -149,8 +159,8 @@ class Lock(LockBase):
             self._token = token
             self._count += 1
             if self._hold is None:  # a first hold, or one re-entered through a shared owner
-                self._hold = Hold(self.what, self.lease, sent, self._renew, self._abandon,
-                                  self.on_lost)  # fmt: skip
+                self._hold = Hold(self.what, self.lease, sent, self._renew,
+                                  lambda: self._abandon(token), self.on_lost)  # fmt: skip
                 Watchdog.get().watch(self._hold, sent + self.lease / 3)
             else:
                 renewed = sent + self.lease - drift(self.lease)
@@ -214,8 +224,8 @@ class Lock(LockBase):
     def _renew(self) -> bool:
         return bool(self._transport.call([self._renew_command()], write=True)[0])
 
-    def _abandon(self) -> None:
-        cmd = self._release_command(every_level=True, last=True)
+    def _abandon(self, token: int) -> None:
+        cmd = self._release_command(every_level=True, last=True, token=token)
         if cmd is not None:
             self._transport.call([cmd], write=True)
 

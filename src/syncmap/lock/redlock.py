@@ -116,6 +116,9 @@ class Redlock:
 
     def _try_once(self) -> float | None:
         ms = max(1, round(self.lease * 1000))
+        # A new owner token per attempt: giving back a lost hold late can never remove a newer
+        # hold of this same object.
+        self.owner = new_owner()
         start = self._clock()
         granted = 0
         for node in self._nodes:

@@ -56,7 +56,8 @@ class _Reader(Lock):
         return self._transport.evalsha("zset_renew", (self.layout.readers,), self.owner,
                                        self._lease_ms())  # fmt: skip
 
-    def _release_command(self, *, every_level: bool, last: bool) -> tuple[Any, ...] | None:
+    def _release_command(self, *, every_level: bool, last: bool, token: int | None = None
+                         ) -> tuple[Any, ...] | None:  # fmt: skip
         if not last:
             return None
         return self._transport.evalsha("zset_release", (self.layout.readers,), self.owner,

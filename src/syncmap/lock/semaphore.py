@@ -12,7 +12,7 @@ import redis
 from ..errors import ConfigurationError, LockError, LockLost, LockNotAcquired, LockNotOwned
 from ..store.transport import Transport
 from .base import LockBase, OnLost
-from .lease import Hold, Watchdog
+from .lease import Hold, Watchdog, drift
 from .waiting import Attempt, wait_for
 
 
@@ -70,6 +70,9 @@ class Semaphore(LockBase):
         )], write=True)[0]  # fmt: skip
         if not reply[0]:
             return Attempt(None, int(reply[1]), f"{self.permits} other permit holders")
+        if time.monotonic() >= sent + self.lease - drift(self.lease):
+            self._give_back(permit)  # granted after its lease ran out: not a permit to use
+            return Attempt(None, 0, "nobody (the reply came after the lease had run out)")
         hold = Hold(f"{self.what} permit {permit}", self.lease, sent,
                     lambda: self._renew(permit), lambda: self._give_back(permit),
                     self.on_lost)  # fmt: skip

@@ -247,11 +247,14 @@ return {1, tok, 1}
 
 LOCK_RELEASE = r"""
 -- KEYS[1] hold hash.  ARGV[1] owner  [2] release channel  [3] '1' = every re-entry at once
+-- [4] token of the hold to release, or '' for whichever hold this owner has.  (Giving back a
+-- hold that was declared lost names its token: by then the same owner may hold a newer one.)
 -- Reply: {1, re-entries left} (0: released, waiters told); {0, false} no hold (the lease ran out);
---        {-1, holder} held by another owner.
+--        {-1, holder} held by another owner (or by a newer hold of this one).
 local owner = redis.call('HGET', KEYS[1], 'o')
 if not owner then return {0, false} end
 if owner ~= ARGV[1] then return {-1, owner} end
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 't') ~= ARGV[4] then return {-1, owner} end
 local n = 0
 if ARGV[3] ~= '1' then n = redis.call('HINCRBY', KEYS[1], 'n', -1) end
 if n > 0 then return {1, n} end
