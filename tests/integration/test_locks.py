@@ -322,3 +322,19 @@ def test_a_late_give_back_of_a_lost_hold_spares_the_owners_newer_hold(
     lock._abandon(int(old))  # the watchdog's give-back of the old hold, arriving late
     assert lock.locked() and lock.valid and lock.fence == new
     lock.release()
+
+
+def test_an_evicting_policy_is_warned_about_once(
+    redis_server: EmbeddedRedis, admin: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """S16's library side: lock holds have a TTL, so volatile-lru may evict them."""
+    admin.config_set("maxmemory", 512 * 1024 * 1024)
+    admin.config_set("maxmemory-policy", "volatile-lru")
+    with caplog.at_level(logging.WARNING, logger="syncmap.lock"):
+        lock = Lock("evictable", redis_server.url)
+        lock.acquire()
+        lock.release()
+        lock.acquire()
+        lock.release()
+    warnings = [r for r in caplog.records if "evicts keys" in r.getMessage()]
+    assert len(warnings) == 1 and "volatile-lru" in warnings[0].getMessage()

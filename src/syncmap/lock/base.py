@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -11,12 +12,14 @@ from collections.abc import Callable
 
 import redis
 
-from ..errors import ConfigurationError, LockLost
+from ..errors import ConfigurationError, LockLost, SyncMapError
 from ..keys import LockLayout, check_lock_name
 from ..store.transport import Transport, make_client
 from .waiting import Waker
 
 OnLost = Callable[[LockLost], None]
+log = logging.getLogger("syncmap.lock")
+_policy_checked: weakref.WeakSet[Transport] = weakref.WeakSet()
 
 _by_url: dict[tuple[str, float], redis.Redis] = {}
 _by_client: weakref.WeakKeyDictionary[redis.Redis, Transport] = weakref.WeakKeyDictionary()
@@ -89,5 +92,41 @@ class LockBase:
     def where(self) -> str:
         return self._transport.where
 
+    def _warn_if_evicting(self) -> None:
+        """Once per Redis and process: holds have a TTL, so a ``volatile-*`` (or ``allkeys-*``)
+        policy under memory pressure evicts them and hands the lock to a second holder (S16).
+        Fencing still protects map writes; the warning says so.  A refused CONFIG is no answer."""
+        transport = self._transport
+        if transport in _policy_checked:
+            return
+        _policy_checked.add(transport)
+        try:
+            policy, limit = (
+                _config_value(r)
+                for r in transport.call(
+                    [("CONFIG", "GET", "maxmemory-policy"), ("CONFIG", "GET", "maxmemory")],
+                    write=False,
+                )
+            )
+        except SyncMapError:
+            return
+        if policy != "noeviction" and limit not in ("", "0"):
+            log.warning(
+                "syncmap: %s evicts keys under memory pressure (maxmemory %s, maxmemory-policy "
+                "%s): a lock's hold can be evicted and the lock given to a second holder. Set "
+                "maxmemory-policy noeviction for lock keys; writes fenced with fence= stay safe",
+                transport.where, limit, policy,
+            )  # fmt: skip
+
     def _lease_ms(self) -> int:
         return max(1, round(self.lease * 1000))
+
+
+def _config_value(reply: object) -> str:
+    """The value of a one-parameter CONFIG GET reply (a list in RESP2, a dict in RESP3)."""
+    if isinstance(reply, dict):
+        values = list(reply.values())
+    else:
+        values = list(reply)[1::2] if isinstance(reply, list | tuple) else []
+    value = values[0] if values else b""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -81,6 +81,7 @@ class Lock(LockBase):
         """Acquire (or re-enter) and return the fencing token; ``LockNotAcquired`` on timeout."""
         if self._hold is not None:
             self._hold.check()  # a lost hold (or one whose lease ran out): release() it first
+        self._warn_if_evicting()
         fence = wait_for(self._attempt, waker=self._waker, channel=self.layout.channel,
                          timeout=timeout if blocking else 0, what=self.what)  # fmt: skip
         return fence

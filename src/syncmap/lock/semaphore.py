@@ -52,6 +52,7 @@ class Semaphore(LockBase):
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> None:
         """Take a permit; ``LockNotAcquired`` when none came free in time."""
         permit = f"{self.owner}:{uuid.uuid4().hex[:8]}"
+        self._warn_if_evicting()
         wait_for(lambda: self._attempt(permit), waker=self._waker, channel=self.layout.channel,
                  timeout=timeout if blocking else 0, what=self.what)  # fmt: skip
 
