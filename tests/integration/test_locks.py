@@ -21,6 +21,8 @@ from syncmap import (
     LockLost,
     LockNotAcquired,
     LockNotOwned,
+    RWLock,
+    Semaphore,
     StaleFence,
     SyncMap,
 )
@@ -338,3 +340,31 @@ def test_an_evicting_policy_is_warned_about_once(
         lock.release()
     warnings = [r for r in caplog.records if "evicts keys" in r.getMessage()]
     assert len(warnings) == 1 and "volatile-lru" in warnings[0].getMessage()
+
+
+def test_the_documented_least_privilege_acl_is_enough(
+    redis_server: EmbeddedRedis, admin: redis.Redis
+) -> None:
+    """docs/locks.md's ACL for lock users: every kind of lock, a contended wait, replicas=."""
+    admin.execute_command(
+        "ACL", "SETUSER", "locker", "on", ">pw", "resetkeys", "~sm:{lock:*", "resetchannels",
+        "&sm:{lock:*}:ch", "-@all", "+@read", "+@write", "+@scripting", "+@pubsub", "+ping",
+        "+time", "+wait",
+    )  # fmt: skip
+    url = f"redis://locker:pw@127.0.0.1:{redis_server.port}/0"
+    holder, waiter = Lock("acl", url, replicas="check", replica_timeout=0.01), Lock("acl", url)
+    holder.acquire()
+    thread = threading.Thread(target=lambda: waiter.acquire(timeout=10))
+    thread.start()
+    channels = Waker.for_client(waiter._transport.client)._channels
+    wait_until(lambda: bool(getattr(channels.get(holder.layout.channel), "waiters", None)), 5,
+               "the waiter subscribing")  # fmt: skip
+    holder.release()
+    thread.join(10)
+    assert waiter.held
+    waiter.release()
+    rw = RWLock("acl-rw", url)
+    with rw.read, rw.write:  # the only reader upgrades
+        pass
+    with Semaphore("acl-sem", 2, url):
+        pass
