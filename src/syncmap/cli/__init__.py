@@ -9,6 +9,7 @@ import click
 
 from .. import __version__
 from ..errors import SyncMapError
+from .check import check_command
 from .demo import demo as run_demo
 
 
@@ -30,6 +31,9 @@ def demo(url: str | None, nodes: int, seconds: float) -> None:
         click.echo(f"syncmap demo: {exc}", err=True)
         sys.exit(2)
     sys.exit(0 if ok else 1)
+
+
+main.add_command(check_command)
 
 
 if __name__ == "__main__":  # pragma: no cover
