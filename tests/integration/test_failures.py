@@ -91,3 +91,48 @@ def test_decode_responses_client_is_refused(redis_server: EmbeddedRedis) -> None
     with pytest.raises(ConfigurationError, match="decode_responses"):
         SyncMap("m", redis=client)
     client.close()
+
+
+def test_oom_refusal_is_store_unavailable_not_a_generic_error(
+    redis_server: EmbeddedRedis, admin: redis.Redis
+) -> None:
+    """redis-py strips the OOM code from the text (found by the S02 helper): map it anyway."""
+    with SyncMap("oom", redis_server.url) as m:
+        admin.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(StoreUnavailable, match="OOM"):
+                m["k"] = "v"
+        finally:
+            admin.config_set("maxmemory", 0)
+        assert "k" not in m  # nothing ran
+
+
+@pytest.mark.filterwarnings("ignore:Call to .__init__. function with deprecated usage")
+def test_a_loading_server_refusal_is_store_unavailable_not_an_unknown_outcome() -> None:
+    """A -LOADING reply means Redis ran nothing; redis-py raises it as a ConnectionError, which
+    must not be mistaken for a connection lost after the write was sent.  A minimal peer that
+    answers every command with -LOADING stands in for a server loading a large data set."""
+    import socket
+    import threading
+
+    from syncmap.store.transport import Transport
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while conn.recv(65536):
+                conn.sendall(b"-LOADING Redis is loading the dataset in memory\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    # No CLIENT SETINFO on connect: the peer would refuse it too, before our command.
+    client = redis.Redis(port=port, protocol=2, lib_name=None, lib_version=None, socket_timeout=2)
+    try:
+        with pytest.raises(StoreUnavailable, match="loading its data set"):
+            Transport(client, 2.0).call([("SET", "k", "v")], write=True)
+    finally:
+        listener.close()

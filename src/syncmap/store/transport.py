@@ -23,6 +23,7 @@ import hiredis
 import redis
 from redis.exceptions import (
     AuthenticationError,
+    BusyLoadingError,
     NoPermissionError,
     NoScriptError,
     RedisError,
@@ -147,6 +148,13 @@ class Transport:
                     replies.append(conn.read_response())
                 except ResponseError as exc:
                     replies.append(exc)
+        except BusyLoadingError as exc:
+            # A -LOADING reply (redis-py raises it as a ConnectionError and drops the socket):
+            # Redis refused the command while loading its data set, so nothing ran.
+            conn.disconnect()
+            raise StoreUnavailable(
+                f"{self.where} is loading its data set ({exc}); nothing ran: retry in a moment"
+            ) from exc
         except (*_NET_ERRORS, RedisError) as exc:  # RedisError: a garbled reply, say
             conn.disconnect()
             if write:
@@ -216,6 +224,12 @@ class Transport:
                 f"{self.where} refused a command ({text}); the ACL user needs +@read +@write "
                 "+@scripting +@pubsub on the map's keys and channel (see docs/protocol.md)"
             )
-        if text.startswith(("OOM", "READONLY", "BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS")):
-            return StoreUnavailable(f"{self.where} cannot serve this now: {text}; retry later")
+        # redis-py strips the code of the errors it has a class for (OOM, READONLY, MASTERDOWN)
+        # and keeps it in ``status_code``; the others keep it at the start of the text.
+        code = getattr(exc, "status_code", None) or text.split(" ", 1)[0]
+        if code in ("OOM", "READONLY", "BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS"):
+            return StoreUnavailable(
+                f"{self.where} refused it ({code} {text.removeprefix(code).strip()}); nothing "
+                "ran: retry later"
+            )
         return StoreError(f"{self.where} answered an error: {text}")
