@@ -11,6 +11,8 @@ from .. import __version__
 from ..errors import SyncMapError
 from .check import check_command
 from .demo import demo as run_demo
+from .torture import torture
+from .verify import verify
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,6 +36,8 @@ def demo(url: str | None, nodes: int, seconds: float) -> None:
 
 
 main.add_command(check_command)
+main.add_command(torture)
+main.add_command(verify)
 
 
 if __name__ == "__main__":  # pragma: no cover
