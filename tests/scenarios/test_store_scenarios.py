@@ -14,15 +14,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from syncmap.testing.recorder import load_records
 from syncmap.testing.scenario import ACKED_LOST, ANOMALIES, OPS, UNKNOWN_KEYS, Env, ScenarioResult
-from syncmap.testing.scenarios_store import (
-    check_records,
-    load_records,
-    plant_stale_read,
-    s01,
-    s02,
-    s03,
-)
+from syncmap.testing.scenarios_store import s01, s02, s03
+from syncmap.testing.storecheck import check_records, plant_stale_read
 
 pytestmark = pytest.mark.scenario
 
