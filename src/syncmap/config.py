@@ -28,6 +28,10 @@ class MapConfig:
     fast_hits: bool = False
     """Skip the clock on cache hits: faster, but a paused process may serve an expired entry
     until its timer thread runs (see ``SyncMap`` docs).  Off by default."""
+    presence: bool = True
+    """Refresh a small presence and statistics record in Redis (``syncmap top`` reads it)."""
+    presence_interval: float = 2.0
+    """Seconds between presence refreshes; readers ignore a record older than three of them."""
     guards: Guards = field(default_factory=Guards)
     """Test-only: switch one protection off to prove a scenario test catches the bug."""
 
@@ -38,6 +42,10 @@ class MapConfig:
             raise ConfigurationError(f"capacity={self.capacity}: use 0 (no cache) or more")
         if not 0.01 <= self.max_staleness <= 3600:
             raise ConfigurationError(f"max_staleness={self.max_staleness}: use 0.01..3600 s")
+        if not 0.05 <= self.presence_interval <= 3600:
+            raise ConfigurationError(
+                f"presence_interval={self.presence_interval}: use 0.05..3600 s"
+            )
         if self.max_value_bytes > 512 * 1024 * 1024:
             raise ConfigurationError("max_value_bytes cannot exceed Redis's 512 MiB string limit")
 

@@ -5,6 +5,8 @@ Threads (all owned by the map, stopped by ``close()``, failures re-raised on the
 * the process's shared subscriber thread calls :meth:`Engine.on_feed_message` / ``_up`` / ``_down``;
 * ``syncmap-probe``: every ``max_staleness / 4`` reads every bucket's (epoch, seq) in one round trip
   (the same call reaps due TTL expiries) and renews the buckets' leases;
+  The same thread refreshes the map's presence record (``syncmap top``) every
+  ``presence_interval``: one HSET + PEXPIRE round trip, failures ignored;
 * ``syncmap-timer``: wakes at the next lease or TTL deadline and drops what is due.  It is separate
   from the probe so a hung probe (a stalled socket) cannot keep an expired lease alive;
 * ``syncmap-events`` (started by the first ``subscribe``/``watch``): runs user callbacks, so a slow
@@ -13,12 +15,14 @@ Threads (all owned by the map, stopped by ``close()``, failures re-raised on the
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -55,6 +59,15 @@ class Engine:
         self._events: queue.Queue[Event | None] | None = None
         self._threads: list[threading.Thread] = []
         self._subscriber: Subscriber | None = None
+        self._presence: Callable[[], dict[str, Any]] | None = None
+        self._presence_every = 0.0
+        self._presence_due = 0.0
+        self._presence_written = False
+
+    def enable_presence(self, record: Callable[[], dict[str, Any]], every: float) -> None:
+        """Refresh ``record()`` in the map's presence hash every ``every`` seconds (call before
+        ``start``).  The hash expires after three periods without any server refreshing it."""
+        self._presence, self._presence_every = record, every
 
     # ---- start and stop ----------------------------------------------------------------------
 
@@ -69,6 +82,7 @@ class Engine:
             )
         self._self_check(self_check_timeout)
         self.probe_once()
+        self._refresh_presence()
         for name, target in (("probe", self._probe_loop), ("timer", self._timer_loop)):
             t = threading.Thread(target=target, name=f"syncmap-{name}", daemon=True)
             t.start()
@@ -102,6 +116,13 @@ class Engine:
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=5)
+        if self._presence_written:
+            self._presence_written = False
+            try:
+                self.store.call([("HDEL", self.store.layout.presence, self.store.origin)],
+                                write=True)  # fmt: skip
+            except Exception as exc:  # readers drop it after three periods anyway
+                log.debug("syncmap could not remove its presence record (%r)", exc)
 
     @property
     def closed(self) -> bool:
@@ -168,12 +189,35 @@ class Engine:
             self.core.on_probe(states, sent, time.monotonic(), tops)
         self.wake_timer()
 
+    def _refresh_presence(self) -> None:
+        """Write this server's presence record: one round trip; a failure is only logged."""
+        if self._presence is None:
+            return
+        self._presence_due = time.monotonic() + self._presence_every
+        try:
+            record = self._presence()
+            data = json.dumps(record, separators=(",", ":"))
+            key = self.store.layout.presence
+            ttl_ms = max(1, round(self._presence_every * 3000))
+            self.store.call([("HSET", key, self.store.origin, data), ("PEXPIRE", key, ttl_ms)],
+                            write=True)  # fmt: skip
+            self._presence_written = True
+        except Exception as exc:
+            log.debug("syncmap presence refresh failed (%r)", exc)
+
     def _probe_loop(self) -> None:
+        next_probe = time.monotonic() + self.interval
         while not self._closed.is_set():
-            self._probe_now.wait(self.interval)
+            due = min(next_probe, self._presence_due) if self._presence else next_probe
+            woken = self._probe_now.wait(max(due - time.monotonic(), 0.0))
             self._probe_now.clear()
             if self._closed.is_set():
                 return
+            if self._presence is not None and time.monotonic() >= self._presence_due:
+                self._refresh_presence()
+                if not woken and time.monotonic() < next_probe:
+                    continue
+            next_probe = time.monotonic() + self.interval
             try:
                 self.probe_once()
             except SyncMapError as exc:

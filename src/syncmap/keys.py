@@ -114,6 +114,11 @@ class Layout:
     def channel(self) -> str:
         return f"{self.namespace}:{{{self.name}}}:ch"
 
+    @property
+    def presence(self) -> str:
+        """Hash node id -> JSON presence record of each server that has the map open."""
+        return f"{self.namespace}:{{{self.name}}}:presence"
+
     def bucket_keys(self, bucket: int) -> tuple[str, str, str]:
         """(sequence hash, data hash, expiry zset) of one bucket, all in one cluster slot."""
         tag = f"{self.namespace}:{{{self.name}:{bucket}}}"

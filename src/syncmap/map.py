@@ -122,6 +122,10 @@ class SyncMap(MutableMapping[Key, Any]):
                                guards=cfg.guards)  # fmt: skip
         self._entries = self._core.entries  # the hit path reads this dict directly
         self._engine = Engine(self._core, self._store, cfg.probe_interval, self._feed(feed, client))
+        if cfg.presence:
+            self._presence_last: tuple[float, int, int] | None = None
+            self._presence_started = 0
+            self._engine.enable_presence(self._presence_record, cfg.presence_interval)
         try:
             self._engine.start(cfg.self_check_timeout)
         except BaseException:
@@ -576,6 +580,31 @@ class SyncMap(MutableMapping[Key, Any]):
             fills_rejected=c.fills_rejected, messages=c.messages,
             corrupt_messages=c.corrupt_messages,
         )  # fmt: skip
+
+    def _presence_record(self) -> dict[str, Any]:
+        """This server's presence record (JSON-ready) for ``syncmap top``; see docs/protocol.md.
+
+        Runs on the probe thread every ``presence_interval``; the per-second rates are over the
+        time since the previous record."""
+        s = self.statistics()
+        now_ms = int(self._engine.server_now_ms())
+        if not self._presence_started:
+            self._presence_started = now_ms
+        mono, reads = time.monotonic(), s.hits + s.misses
+        last, self._presence_last = self._presence_last, (mono, reads, s.invalidations)
+        rate_r = rate_i = 0.0
+        if last is not None and mono > last[0]:
+            rate_r = (reads - last[1]) / (mono - last[0])
+            rate_i = (s.invalidations - last[2]) / (mono - last[0])
+        return {
+            "node": self.node_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "started": self._presence_started, "updated": now_ms,
+            "every": self.config.presence_interval, "entries": s.entries, "hits": s.hits,
+            "misses": s.misses, "hit_ratio": round(s.hit_ratio, 4),
+            "invalidations": s.invalidations, "resyncs": s.resyncs,
+            "lost_detected": s.lost_detected, "messages": s.messages,
+            "reads_per_s": round(rate_r, 1), "invalidations_per_s": round(rate_i, 1),
+        }  # fmt: skip
 
     def __repr__(self) -> str:
         s = self.statistics()

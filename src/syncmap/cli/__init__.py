@@ -10,7 +10,11 @@ import click
 from .. import __version__
 from ..errors import SyncMapError
 from .check import check_command
+from .data import COMMANDS as DATA_COMMANDS
 from .demo import demo as run_demo
+from .doctor import doctor
+from .lockcmd import lock_command
+from .top import top
 from .torture import torture
 from .verify import verify
 
@@ -23,12 +27,20 @@ def main() -> None:
 
 @main.command()
 @click.option("--url", envvar="SYNCMAP_URL", help="Redis to use (default: start an embedded one).")
-@click.option("--nodes", default=3, show_default=True, help="Server processes sharing the map.")
+@click.option("--nodes", default=4, show_default=True, help="Server processes sharing the map.")
 @click.option("--seconds", default=10.0, show_default=True, help="How long they run.")
-def demo(url: str | None, nodes: int, seconds: float) -> None:
-    """Servers in separate processes share one map; ends with a convergence verdict."""
+@click.option(
+    "--chaos",
+    is_flag=True,
+    help="Now and then kill the pub/sub connections or pause a server; watch it heal.",
+)
+def demo(url: str | None, nodes: int, seconds: float, chaos: bool) -> None:
+    """Servers in separate processes share one map; ends with a convergence verdict.
+
+    A live table on a terminal (needs the ``cli`` extra: rich), plain periodic lines otherwise.
+    """
     try:
-        ok = run_demo(url, nodes, seconds, click.echo)
+        ok = run_demo(url, nodes, seconds, click.echo, chaos=chaos)
     except SyncMapError as exc:
         click.echo(f"syncmap demo: {exc}", err=True)
         sys.exit(2)
@@ -36,6 +48,11 @@ def demo(url: str | None, nodes: int, seconds: float) -> None:
 
 
 main.add_command(check_command)
+for _command in DATA_COMMANDS:
+    main.add_command(_command)
+main.add_command(lock_command)
+main.add_command(doctor)
+main.add_command(top)
 main.add_command(torture)
 main.add_command(verify)
 

@@ -1,0 +1,296 @@
+"""``syncmap doctor``: is this Redis fit for syncmap?  One line per check: OK, WARN or FAIL.
+
+Checks: connection, server version and mode (standalone / Sentinel / Cluster), RESP3 (HELLO 3),
+``maxmemory`` and the eviction policy, persistence, round-trip time, and a test invalidation
+through a real ``SyncMap`` on a private map (its keys are deleted afterwards).
+
+Exit status: 0 no FAIL (WARNs allowed), 1 some check failed, 2 the Redis could not be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import click
+import redis
+
+from .torture import redact
+
+DEFAULT_URL = "redis://localhost:6379/0"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # OK / WARN / FAIL
+    detail: str
+    hint: str = ""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _config(client: redis.Redis, name: str) -> str | None:
+    """CONFIG GET ``name``, or None when the server (or its ACL) refuses CONFIG."""
+    try:
+        reply = client.config_get(name)
+    except redis.ResponseError:
+        return None
+    for key, value in reply.items():
+        if _text(key) == name:
+            return _text(value)
+    return ""
+
+
+def _server(client: redis.Redis) -> list[Check]:
+    info = client.info("server")
+    version = _text(info.get("redis_version", "?"))
+    mode = _text(info.get("redis_mode", "standalone"))
+    checks = []
+    status, hint = "OK", ""
+    if mode == "sentinel":
+        status = "FAIL"
+        hint = (
+            "this is a Sentinel, not a data server: ask it for the master "
+            "(SENTINEL get-master-addr-by-name) and point syncmap there"
+        )
+    elif mode == "cluster":
+        status = "WARN"
+        hint = (
+            "syncmap's keys are Cluster-safe (one slot per script) but the Python client talks to "
+            "one endpoint: use a node that owns the map's slots, or a standalone Redis"
+        )
+    major = version.split(".")[0]
+    if status == "OK" and major.isdigit() and int(major) < 6:
+        status, hint = "WARN", "syncmap is tested on Redis 6.2 and later: upgrade if you can"
+    checks.append(Check("server", status, f"Redis {version}, mode {mode}", hint))
+    return checks
+
+
+def _resp3(url: str) -> Check:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+        try:
+            client.execute_command("HELLO", 3)  # type: ignore[no-untyped-call]
+        finally:
+            client.close()
+    except redis.ResponseError as exc:
+        return Check(
+            "resp3",
+            "WARN",
+            f"HELLO 3 refused ({exc})",
+            "RESP2 works too; RESP3 needs Redis 6 or later",
+        )
+    except redis.RedisError as exc:
+        return Check("resp3", "WARN", f"could not test ({type(exc).__name__}: {exc})")
+    return Check("resp3", "OK", "HELLO 3 accepted (RESP3 available; syncmap also works on RESP2)")
+
+
+def _memory(client: redis.Redis) -> Check:
+    maxmemory = _config(client, "maxmemory")
+    policy = _config(client, "maxmemory-policy")
+    if maxmemory is None or policy is None:
+        return Check(
+            "memory",
+            "WARN",
+            "unknown (CONFIG refused)",
+            "check maxmemory-policy yourself: noeviction is the safe choice",
+        )
+    limit = int(maxmemory or 0)
+    if limit == 0:
+        return Check("memory", "OK", f"maxmemory 0 (no limit), policy {policy}")
+    detail = f"maxmemory {limit} bytes ({limit / 2**20:.0f} MiB), policy {policy}"
+    if policy != "noeviction":
+        return Check(
+            "memory",
+            "WARN",
+            detail + " evicts keys",
+            "an evicted map key reads as absent, and lock holds (keys with a TTL) may be evicted "
+            "early (fencing tokens still refuse a stale holder's writes). Use "
+            "maxmemory-policy noeviction, or give syncmap a Redis of its own",
+        )
+    return Check("memory", "OK", detail + " (writes fail with OOM when full; nothing is evicted)")
+
+
+def _persistence(client: redis.Redis) -> Check:
+    aof = _config(client, "appendonly")
+    fsync = _config(client, "appendfsync")
+    save = _config(client, "save")
+    if aof is None or save is None:
+        return Check(
+            "persistence",
+            "WARN",
+            "unknown (CONFIG refused)",
+            "check appendonly / save yourself: without them a restart loses the data",
+        )
+    detail = f"appendonly {aof}" + (f" (appendfsync {fsync})" if aof == "yes" else "")
+    detail += f", save {save.strip()!r}" if save.strip() else ", save (none)"
+    if aof != "yes" and not save.strip():
+        return Check(
+            "persistence",
+            "WARN",
+            detail,
+            "a restart loses every map's data and every fencing counter; syncmap notices (epochs) "
+            "and drops its caches, but the values are gone. Enable appendonly yes if they matter",
+        )
+    if aof != "yes":
+        return Check(
+            "persistence",
+            "WARN",
+            detail,
+            "snapshots only: a restart loses the writes since the last snapshot",
+        )
+    if fsync == "no":
+        return Check(
+            "persistence",
+            "WARN",
+            detail,
+            "appendfsync no: a machine crash may lose the last seconds of writes",
+        )
+    return Check("persistence", "OK", detail)
+
+
+def _rtt(client: redis.Redis, count: int = 7) -> Check:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        client.ping()
+        times.append((time.perf_counter() - start) * 1000)
+    median = statistics.median(times)
+    detail = f"median {median:.2f} ms over {count} PINGs (max {max(times):.2f} ms)"
+    if median > 50:
+        return Check(
+            "rtt", "WARN", detail, "every miss and write pays this; put syncmap close to its Redis"
+        )
+    return Check("rtt", "OK", detail)
+
+
+def _invalidation(url: str, timeout: float = 2.0) -> Check:
+    from .. import MapConfig, SyncMap  # noqa: PLC0415
+
+    name = f"doctor-{uuid.uuid4().hex[:12]}"
+    namespace = "syncmap-doctor"
+    cfg = MapConfig(namespace=namespace, buckets=1, presence=False)
+    try:
+        m = SyncMap(name, url, config=cfg, node_id=f"doctor-{uuid.uuid4().hex[:6]}")
+    except Exception as exc:
+        return Check(
+            "invalidation",
+            "FAIL",
+            f"could not open a map: {exc}",
+            "syncmap needs +@read +@write +@scripting +@pubsub (see docs/protocol.md)",
+        )
+    try:
+        with m.watch() as events:
+            started = time.monotonic()
+            m.set("probe", 1)
+            event = events.get(timeout)
+            took = (time.monotonic() - started) * 1000
+        if event is None:
+            return Check(
+                "invalidation",
+                "FAIL",
+                f"the change message did not arrive within {timeout:g} s",
+                "invalidations would never reach other servers: check pub/sub permissions and "
+                "proxies between here and Redis",
+            )
+        return Check("invalidation", "OK", f"change message arrived in {took:.1f} ms")
+    except Exception as exc:
+        return Check("invalidation", "FAIL", f"{type(exc).__name__}: {exc}")
+    finally:
+        m.close()
+        _cleanup(url, namespace, name)
+
+
+def _cleanup(url: str, namespace: str, name: str) -> None:
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        keys = list(client.scan_iter(match=f"{namespace}:{{{name}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    except redis.RedisError:
+        pass
+    finally:
+        client.close()
+
+
+def run_checks(url: str) -> tuple[list[Check], bool]:
+    """Every check, and whether Redis could be reached at all."""
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+    except ValueError as exc:
+        return [
+            Check(
+                "connect",
+                "FAIL",
+                f"{redact(url)} is not a Redis URL ({exc})",
+                "use redis://[[user]:password@]host:port/db (rediss:// for TLS)",
+            )
+        ], False
+    try:
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            return [
+                Check(
+                    "connect",
+                    "FAIL",
+                    f"cannot reach {redact(url)}: {type(exc).__name__}: {exc}",
+                    "check that the server runs and is reachable from here, and the URL's host, "
+                    "port, password and database: redis://[[user]:password@]host:port/db",
+                )
+            ], False
+        checks = [Check("connect", "OK", f"connected to {redact(url)}")]
+        for step in (
+            _server,
+            lambda c: [_resp3(url)],
+            lambda c: [_memory(c)],
+            lambda c: [_persistence(c)],
+            lambda c: [_rtt(c)],
+        ):
+            try:
+                checks.extend(step(client))
+            except redis.RedisError as exc:
+                checks.append(Check("error", "FAIL", f"{type(exc).__name__}: {exc}"))
+        checks.append(_invalidation(url))
+        return checks, True
+    finally:
+        client.close()
+
+
+@click.command("doctor")
+@click.option(
+    "--url",
+    envvar="SYNCMAP_URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    help="Redis to examine (or $SYNCMAP_URL).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def doctor(url: str, as_json: bool) -> None:
+    """Check that a Redis suits syncmap: exit 0 OK (warnings allowed), 1 a check failed, 2 down."""
+    checks, reached = run_checks(url)
+    failed = any(c.status == "FAIL" for c in checks)
+    code = 2 if not reached else (1 if failed else 0)
+    if as_json:
+        doc = {"url": redact(url), "ok": not failed, "checks": [asdict(c) for c in checks]}
+        click.echo(json.dumps(doc))
+    else:
+        width = max(len(c.name) for c in checks)
+        for c in checks:
+            click.echo(f"{c.status:<4} {c.name:<{width}}  {c.detail}")
+            if c.hint and c.status != "OK":
+                click.echo(f"     {'':<{width}}  hint: {c.hint}")
+        warns = sum(c.status == "WARN" for c in checks)
+        fails = sum(c.status == "FAIL" for c in checks)
+        click.echo(f"{len(checks)} checks: {fails} failed, {warns} warnings")
+    if not reached:
+        click.echo(f"syncmap doctor: cannot reach Redis at {redact(url)}", err=True)
+    sys.exit(code)

@@ -1,0 +1,113 @@
+"""``syncmap doctor`` and ``syncmap top`` end to end: the real commands in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import redis
+
+from syncmap import MapConfig, SyncMap
+from syncmap.embedded import EmbeddedRedis, free_port
+from syncmap.testing.wait import wait_until
+
+
+def syncmap(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "syncmap.cli", *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_doctor_on_a_default_server_passes(redis_server: EmbeddedRedis) -> None:
+    run = syncmap("doctor", "--url", redis_server.url)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("OK   invalidation") for line in lines), run.stdout
+    assert any(line.startswith("OK   connect") for line in lines)
+    assert "mode standalone" in run.stdout
+    # The embedded server runs without persistence: a warning, not a failure.
+    assert any(line.startswith("WARN persistence") for line in lines)
+    client = redis_server.client()
+    try:
+        assert client.dbsize() == 0  # the test map's keys were deleted
+    finally:
+        client.close()
+
+
+def test_doctor_warns_about_an_evicting_policy(
+    redis_server: EmbeddedRedis, admin: redis.Redis
+) -> None:
+    admin.config_set("maxmemory", "100mb")
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    run = syncmap("doctor", "--url", redis_server.url, "--json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    doc = json.loads(run.stdout)
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert checks["memory"]["status"] == "WARN"
+    assert "allkeys-lru" in checks["memory"]["detail"]
+    assert "lock" in checks["memory"]["hint"]
+    assert checks["invalidation"]["status"] == "OK"
+
+
+def test_doctor_on_a_closed_port_exits_2_naming_the_url() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    run = syncmap("doctor", "--url", url)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stdout.startswith(f"FAIL connect  cannot reach {url}")
+    assert "hint:" in run.stdout
+    assert url in run.stderr
+
+
+def _top(url: str, name: str) -> list[dict[str, object]]:
+    run = syncmap("top", name, "--url", url, "--once", "--json")
+    assert run.returncode == 0, run.stdout + run.stderr
+    servers: list[dict[str, object]] = json.loads(run.stdout)["servers"]
+    return servers
+
+
+def test_top_lists_every_open_map_and_forgets_a_closed_one(
+    redis_server: EmbeddedRedis, admin: redis.Redis
+) -> None:
+    url = redis_server.url
+    cfg = MapConfig(presence_interval=0.2)
+    a = SyncMap("users", url, node_id="node-a", config=cfg)
+    b = SyncMap("users", url, node_id="node-b", config=cfg)
+    try:
+        a["alice"] = 1
+        for _ in range(10):
+            assert b["alice"] == 1
+
+        # The records exist from open(); wait for a refresh that saw b's reads.
+        def refreshed() -> bool:
+            raw = admin.hget("sm:{users}:presence", "node-b")
+            return raw is not None and json.loads(raw)["hits"] >= 9
+
+        wait_until(refreshed, 5, "a presence refresh that saw node-b's reads")
+        servers = {s["node"]: s for s in _top(url, "users")}
+        assert set(servers) == {"node-a", "node-b"}
+        assert servers["node-b"]["entries"] == 1
+        assert servers["node-b"]["hits"] >= 9  # type: ignore[operator]
+        table = syncmap("top", "users", "--url", url, "--once")
+        assert table.returncode == 0, table.stderr
+        assert table.stdout.startswith("map users: 2 server(s)\nnode ")
+        assert "node-a" in table.stdout and "node-b" in table.stdout
+        b.close()
+        assert [s["node"] for s in _top(url, "users")] == ["node-a"]
+    finally:
+        a.close()
+        b.close()
+    assert admin.exists("sm:{users}:presence") == 0
+
+
+def test_presence_false_writes_no_presence_key(
+    redis_server: EmbeddedRedis, admin: redis.Redis
+) -> None:
+    with SyncMap("quiet", redis_server.url, config=MapConfig(presence=False)) as m:
+        m["k"] = 1
+        assert m["k"] == 1
+        assert admin.exists("sm:{quiet}:presence") == 0
+    with SyncMap("loud", redis_server.url) as m:
+        assert admin.hlen("sm:{loud}:presence") == 1
+    assert admin.exists("sm:{loud}:presence") == 0
