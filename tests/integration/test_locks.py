@@ -368,3 +368,28 @@ def test_the_documented_least_privilege_acl_is_enough(
         pass
     with Semaphore("acl-sem", 2, url):
         pass
+
+
+def test_a_loss_is_logged_as_an_error_only_when_no_callback_handles_it(
+    shared_redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    admin = redis.Redis.from_url(shared_redis_url)
+    told: list[LockLost] = []
+    with caplog.at_level(logging.INFO, logger="syncmap.lock"):
+        handled = Lock("told", shared_redis_url, lease=0.3, on_lost=told.append)
+        handled.acquire()
+        admin.delete(handled.layout.hold)
+        wait_until(lambda: bool(told), 3, "on_lost")
+        unhandled = Lock("untold", shared_redis_url, lease=0.3)
+        unhandled.acquire()
+        admin.delete(unhandled.layout.hold)
+        wait_until(lambda: any("'untold'" in r.getMessage() for r in caplog.records), 3, "log")
+    levels = {
+        r.getMessage().split("'")[1]: r.levelno
+        for r in caplog.records
+        if "was lost" in r.getMessage()
+    }
+    assert levels == {"told": logging.INFO, "untold": logging.ERROR}
+    for lock in (handled, unhandled):
+        with pytest.raises(LockLost):
+            lock.release()

@@ -138,7 +138,8 @@ class Hold:
         return None
 
     def _after_loss(self, lost: LockLost | None) -> None:
-        log.error("syncmap: %s", lost)
+        # Logged as an error only when nobody asked to be told: an on_lost callback handles it.
+        log.log(logging.ERROR if self._on_lost is None else logging.INFO, "syncmap: %s", lost)
         try:
             self._abandon()  # give it back now if it is still ours, so waiters need not wait
         except SyncMapError as exc:
