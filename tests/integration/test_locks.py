@@ -165,8 +165,10 @@ def test_a_killed_holders_lock_is_free_after_its_lease(shared_redis_url: str) ->
         token = int(child.stdout.readline())
         os.kill(child.pid, signal.SIGKILL)
         killed = time.monotonic()
-        got = Lock("crash", shared_redis_url).acquire(timeout=10)
+        successor = Lock("crash", shared_redis_url)
+        got = successor.acquire(timeout=10)
         recovered = time.monotonic() - killed
+        successor.release()
     finally:
         child.kill()
         child.wait()
@@ -389,7 +391,7 @@ def test_a_loss_is_logged_as_an_error_only_when_no_callback_handles_it(
         for r in caplog.records
         if "was lost" in r.getMessage()
     }
-    assert levels == {"told": logging.INFO, "untold": logging.ERROR}
+    assert levels.get("told") == logging.INFO and levels.get("untold") == logging.ERROR
     for lock in (handled, unhandled):
         with pytest.raises(LockLost):
             lock.release()
