@@ -621,21 +621,28 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def markdown(rows: list[Row], env: dict[str, Any], mode: str, seconds: float) -> str:
+def table(title: str, rows: list[Row]) -> list[str]:
+    """The Markdown table of ``rows`` under a heading, then one note line per row that has one
+    (shared by every bench script)."""
     lines = [
-        f"## syncmap core benchmark ({mode} run, {seconds:.0f} s)",
+        title,
         "",
         "| metric | syncmap | baseline | ratio | target | met? |",
         "|---|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        ratio = "—" if r.ratio is None else f"{r.ratio:.2f}"
+        ratio = "—" if r.ratio is None else f"{r.ratio:.2f}" if r.ratio >= 0.1 else f"{r.ratio:.2g}"
         if r.max_ratio is not None and ratio == f"{r.max_ratio:.2f}":
             ratio = f"{r.ratio:.3f}"  # at the limit: show which side of it
         ratio = ratio if ratio == "—" else ratio + TIMES
         met = {True: "yes", False: "**NO**", None: "—"}[r.met]
         lines.append(f"| {r.metric} | {_fmt(r.syncmap, r.unit)} | {_fmt(r.baseline, r.unit)} "
                      f"| {ratio} | {r.target} | {met} |")  # fmt: skip
+    return lines
+
+
+def markdown(rows: list[Row], env: dict[str, Any], mode: str, seconds: float) -> str:
+    lines = table(f"## syncmap core benchmark ({mode} run, {seconds:.0f} s)", rows)
     notes = [f"- {r.metric.strip()}: {r.note}" for r in rows if r.note]
     lines += ["", "Ratio = syncmap's cost ÷ the baseline's (time, delay, bytes; for rates the "
               "baseline's rate ÷ syncmap's); > 1 means syncmap is slower or larger. Where both "

@@ -36,14 +36,13 @@ import redis
 import redis_lock
 
 from core import (
-    TIMES,
     Row,
-    _fmt,
     _hiredis_parser,
     _load,
     _pct,
     _version,
     interleave,
+    table,
 )
 from syncmap import Lock, Redlock
 from syncmap.errors import RedisServerNotFound
@@ -389,20 +388,7 @@ def environment(client: redis.Redis, url: str, redlock: str) -> dict[str, Any]:
 
 def markdown(rows: list[Row], env: dict[str, Any], mode: str, seconds: float,
              extra: Sequence[str] = ()) -> str:  # fmt: skip
-    lines = [
-        f"## syncmap lock benchmark ({mode} run, {seconds:.0f} s)",
-        "",
-        "| metric | syncmap | baseline | ratio | target | met? |",
-        "|---|---:|---:|---:|---|---|",
-    ]
-    for r in rows:
-        ratio = "—" if r.ratio is None else f"{r.ratio:.2f}" if r.ratio >= 0.1 else f"{r.ratio:.2g}"
-        if r.max_ratio is not None and ratio == f"{r.max_ratio:.2f}":
-            ratio = f"{r.ratio:.3f}"  # at the limit: show which side of it
-        ratio = ratio if ratio == "—" else ratio + TIMES
-        met = {True: "yes", False: "**NO**", None: "—"}[r.met]
-        lines.append(f"| {r.metric} | {_fmt(r.syncmap, r.unit)} | {_fmt(r.baseline, r.unit)} "
-                     f"| {ratio} | {r.target} | {met} |")  # fmt: skip
+    lines = table(f"## syncmap lock benchmark ({mode} run, {seconds:.0f} s)", rows)
     notes = [f"- {r.metric.strip()}: {r.note}" for r in rows if r.note]
     lines += ["", "Ratio = syncmap's time ÷ the baseline's; > 1 means syncmap is slower. For the "
               "uncontended rows (interleaved rounds) it is the median of the per-round ratios, so "
