@@ -17,12 +17,14 @@ fenced writes are refused by the map, which compares tokens inside Redis.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
+from types import TracebackType
 
-from ..errors import LockLost, SyncMapError
+from ..errors import LockError, LockLost, SyncMapError
 
 log = logging.getLogger("syncmap.lock")
 
@@ -149,6 +151,22 @@ class Hold:
                 self._on_lost(lost)
             except Exception:
                 log.exception("syncmap: the on_lost callback of %s failed", self.what)
+
+
+class ReleasedOnExit:
+    """``__exit__`` for every lock kind: release; when the block is already raising, that
+    exception is the one the caller must see, so a ``LockLost`` at release is swallowed."""
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        if exc_type is None:
+            self.release()
+            return
+        with contextlib.suppress(LockError):
+            self.release()
 
 
 class Watchdog:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from types import TracebackType
 from typing import Any, Literal
 
 import redis
@@ -21,14 +20,14 @@ from ..errors import (
 )
 from ..store.transport import Transport
 from .base import LockBase, OnLost
-from .lease import Fence, Hold, Watchdog, drift
+from .lease import Fence, Hold, ReleasedOnExit, Watchdog, drift
 from .waiting import Attempt, wait_for
 
 log = logging.getLogger("syncmap.lock")
 Replicas = Literal["none", "check", "require"]
 
 
-class Lock(LockBase):
+class Lock(ReleasedOnExit, LockBase):
     """A distributed mutual-exclusion lock with a lease, a watchdog and fencing tokens.
 
     ``acquire()`` returns a :class:`Fence`: an int that strictly increases with every acquisition
@@ -272,15 +271,6 @@ class Lock(LockBase):
 
     def __enter__(self) -> Fence:
         return self.acquire()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:  # fmt: skip
-        if exc_type is None:
-            self.release()
-            return
-        # An exception is already on its way out: it is the one the caller must see.
-        with contextlib.suppress(LockLost, LockNotOwned):
-            self.release()
 
     def __repr__(self) -> str:
         state = "lost" if self._hold and self._hold.lost else ("held" if self._count else "free")

@@ -21,7 +21,6 @@ import random
 import threading
 import time
 from collections.abc import Sequence
-from types import TracebackType
 
 import redis
 
@@ -36,10 +35,10 @@ from ..errors import (
 from ..keys import LockLayout, check_lock_name
 from ..store.transport import Transport, make_client
 from .base import OnLost, new_owner, shared_transport
-from .lease import Fence, Hold, Watchdog, drift
+from .lease import Fence, Hold, ReleasedOnExit, Watchdog, drift
 
 
-class Redlock:
+class Redlock(ReleasedOnExit):
     """A lock held by a majority of ``len(urls)`` independent Redis masters."""
 
     def __init__(
@@ -202,14 +201,6 @@ class Redlock:
     def __enter__(self) -> Redlock:
         self.acquire()
         return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:  # fmt: skip
-        if exc_type is None:
-            self.release()
-            return
-        with contextlib.suppress(LockError):
-            self.release()
 
     def __repr__(self) -> str:
         state = "held" if self._hold else "free"

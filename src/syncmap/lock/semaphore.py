@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
-from typing import Any
 
 import redis
 
-from ..errors import ConfigurationError, LockError, LockLost, LockNotAcquired, LockNotOwned
+from ..errors import ConfigurationError, LockLost, LockNotAcquired, LockNotOwned
 from ..store.transport import Transport
 from .base import LockBase, OnLost
-from .lease import Hold, Watchdog, drift
+from .lease import Hold, ReleasedOnExit, Watchdog, drift
 from .waiting import Attempt, wait_for
 
 
-class Semaphore(LockBase):
+class Semaphore(ReleasedOnExit, LockBase):
     """At most ``permits`` holders at once; each permit is a lease, so a crashed holder's permit
     comes back when its lease ends.  ``with sem:`` or ``acquire()`` / ``release()``.
 
@@ -138,13 +136,6 @@ class Semaphore(LockBase):
     def __enter__(self) -> Semaphore:
         self.acquire()
         return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.release()
-            return
-        with contextlib.suppress(LockError):
-            self.release()
 
     def __repr__(self) -> str:
         return f"<Semaphore {self.name!r} {len(self._held)}/{self.permits} held here>"
