@@ -102,6 +102,18 @@ class Hold:
         if self.lost is not None:
             raise self.lost
 
+    def end(self) -> None:
+        """The holder gives it up: stop renewing, then ``LockLost`` if it had been lost.
+
+        Takes ``mutex`` first, so it waits for a renewal in flight: that renewal's reply must
+        not be read as a loss once the holder has released."""
+        with self.mutex:
+            lost = self.lost
+            self.released = True
+        Watchdog.get().unwatch(self)
+        if lost is not None:
+            raise lost
+
     def _lose(self, why: str) -> bool:
         """Mark lost (caller holds ``mutex``); True if it was not lost before."""
         if self.lost is not None or self.released:

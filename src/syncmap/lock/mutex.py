@@ -249,14 +249,9 @@ class Lock(ReleasedOnExit, LockBase):
             if last:
                 self._hold = None
         if last:
-            with hold.mutex:  # waits for a renewal in flight: its reply must not count as lost
-                lost = hold.lost
-                hold.released = True
-            Watchdog.get().unwatch(hold)
-        else:
-            lost = hold.lost
-        if lost is not None:
-            raise lost
+            hold.end()
+        elif hold.lost is not None:
+            raise hold.lost
         cmd = self._release_command(every_level=False, last=last)
         if cmd is None:
             return

@@ -188,12 +188,7 @@ class Redlock(ReleasedOnExit):
             hold, self._hold = self._hold, None
         if hold is None:
             raise LockNotOwned(f"{self.what} cannot be released: it is not held")
-        with hold.mutex:
-            lost = hold.lost
-            hold.released = True
-        Watchdog.get().unwatch(hold)
-        if lost is not None:
-            raise lost
+        hold.end()
         freed = self._release_all()
         if freed < self.quorum and hold.valid_until <= time.monotonic():
             raise LockLost(f"{self.what} had run out before release ({freed} nodes still had it)")

@@ -121,12 +121,7 @@ class Semaphore(ReleasedOnExit, LockBase):
             if not self._held:
                 raise LockNotOwned(f"{self.what}: release() without a permit held")
             permit, hold = self._held.pop()
-        with hold.mutex:
-            lost = hold.lost
-            hold.released = True
-        Watchdog.get().unwatch(hold)
-        if lost is not None:
-            raise lost
+        hold.end()
         if not self._give_back(permit):
             raise LockLost(
                 f"{self.what} permit {permit} had run out ({self.lease:g} s lease) "
