@@ -115,6 +115,11 @@ class Layout:
         return f"{self.namespace}:{{{self.name}}}:ch"
 
     @property
+    def stream(self) -> str:
+        """The change log of the ``redis+stream://`` feed (a Redis Stream)."""
+        return f"{self.namespace}:{{{self.name}}}:log"
+
+    @property
     def presence(self) -> str:
         """Hash node id -> JSON presence record of each server that has the map open."""
         return f"{self.namespace}:{{{self.name}}}:presence"

@@ -1,0 +1,79 @@
+"""``redis://`` feed: Redis pub/sub through the process's one shared subscriber (``pubsub.py``).
+
+Keeps nothing: a server that was disconnected has lost what was published meanwhile (``on_up``
+says ``resumed=False``).  In store mode the write scripts publish on this channel themselves, in
+the same atomic step as the write, so no message can be lost between a write and its publish.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import redis
+
+from ..errors import StoreUnavailable, WriteOutcomeUnknown
+from ..store.transport import Transport, make_client
+from .base import Feed, FeedHandler, FeedUnavailable, PublishOutcomeUnknown, Subscription
+from .pubsub import Handler, Subscriber
+
+
+class RedisPubSubFeed(Feed):
+    scheme = "redis"
+    durable = False
+    ordering = "total"  # one Redis server orders every PUBLISH
+
+    @classmethod
+    def topic_for(cls, namespace: str, name: str) -> str:
+        return f"{namespace}:{{{name}}}:ch"
+
+    def __init__(
+        self, url: str, topic: str, *, timeout: float = 5.0, client: redis.Redis | None = None
+    ) -> None:
+        super().__init__(url, topic, timeout=timeout)
+        self.client = make_client(url, client, timeout)
+        self._transport = Transport(self.client, timeout)
+        self._subs: list[_PubSubSubscription] = []
+        self._lock = threading.Lock()
+
+    @property
+    def channel(self) -> str:
+        return self.topic
+
+    def publish(self, payload: bytes, key: bytes | None = None, *, confirm: bool = True) -> None:
+        try:
+            self._transport.call([("PUBLISH", self.topic, payload)], write=True)
+        except WriteOutcomeUnknown as exc:
+            raise PublishOutcomeUnknown(f"PUBLISH on {self.describe()}: {exc}") from exc
+        except StoreUnavailable as exc:
+            raise FeedUnavailable(f"PUBLISH on {self.describe()} failed: {exc}") from exc
+
+    def subscribe(self, handler: FeedHandler, start: str | None = None) -> Subscription:
+        self._no_start(start)
+        inner = Handler(
+            lambda data: handler.on_message(data, None),
+            lambda: handler.on_up(False),
+            handler.on_down,
+        )
+        sub = _PubSubSubscription(self, inner)
+        with self._lock:
+            self._subs.append(sub)
+        sub.subscriber = Subscriber.attach_to(self.client, self.topic, inner)
+        return sub
+
+    def close(self) -> None:
+        with self._lock:
+            subs, self._subs = self._subs, []
+        for sub in subs:
+            sub.close()
+        self._transport.close()
+
+
+class _PubSubSubscription(Subscription):
+    def __init__(self, feed: RedisPubSubFeed, handler: Handler) -> None:
+        self.feed, self.handler = feed, handler
+        self.subscriber: Subscriber | None = None
+
+    def close(self) -> None:
+        sub, self.subscriber = self.subscriber, None
+        if sub is not None:
+            sub.detach(self.feed.topic, self.handler)
