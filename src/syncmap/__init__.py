@@ -20,16 +20,19 @@ from .errors import (
     LockNotAcquired,
     LockNotOwned,
     MapClosed,
+    NoSnapshotSource,
     RedisServerNotFound,
     StaleFence,
     StoreError,
     StoreUnavailable,
     SyncMapError,
+    UnsupportedInMode,
     ValueTooLarge,
     WriteOutcomeUnknown,
 )
 from .lock import Fence, Lock, Redlock, RWLock, Semaphore
 from .map import Statistics, SyncMap, Watch
+from .replicated import ReplicaStatistics, ReplicatedMap
 
 __version__ = "0.1.0"
 
@@ -53,10 +56,13 @@ __all__ = [
     "MapClosed",
     "MapConfig",
     "MsgpackCodec",
+    "NoSnapshotSource",
     "PickleCodec",
     "RWLock",
     "RedisServerNotFound",
     "Redlock",
+    "ReplicaStatistics",
+    "ReplicatedMap",
     "Semaphore",
     "StaleFence",
     "Statistics",
@@ -64,6 +70,7 @@ __all__ = [
     "StoreUnavailable",
     "SyncMap",
     "SyncMapError",
+    "UnsupportedInMode",
     "ValueTooLarge",
     "Watch",
     "WriteOutcomeUnknown",

@@ -2,7 +2,8 @@
 
 Threads (all owned by the map, stopped by ``close()``, failures re-raised on the next call):
 
-* the process's shared subscriber thread calls :meth:`Engine.on_feed_message` / ``_up`` / ``_down``;
+* the feed's thread (for Redis pub/sub, the process's shared subscriber) calls
+  :meth:`Engine.on_feed_message` / ``_up`` / ``_down``;
 * ``syncmap-probe``: every ``max_staleness / 4`` reads every bucket's (epoch, seq) in one round trip
   (the same call reaps due TTL expiries) and renews the buckets' leases;
   The same thread refreshes the map's presence record (``syncmap top``) every
@@ -24,21 +25,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis
-
 from .core.nearcache import Event, NearCache
 from .core.wire import OP_PING, ChangeMessage, decode_message, encode_message
 from .errors import CorruptData, FeedError, SyncMapError
-from .feed.pubsub import Handler, Subscriber
+from .feed.base import Feed, FeedHandler, Subscription
 from .store.redis_store import RedisStore
 
 log = logging.getLogger("syncmap")
 
 
 class Engine:
-    def __init__(
-        self, core: NearCache, store: RedisStore, interval: float, feed: redis.Redis
-    ) -> None:
+    def __init__(self, core: NearCache, store: RedisStore, interval: float, feed: Feed) -> None:
         self.core = core
         self.feed = feed
         self.store = store
@@ -58,11 +55,15 @@ class Engine:
         self._watchers: list[queue.Queue[Event | None]] = []
         self._events: queue.Queue[Event | None] | None = None
         self._threads: list[threading.Thread] = []
-        self._subscriber: Subscriber | None = None
+        self._subscription: Subscription | None = None
+        self.publish_failures = 0
+        if store.target == "":
+            store.relay = self._relay
         self._presence: Callable[[], dict[str, Any]] | None = None
         self._presence_every = 0.0
         self._presence_due = 0.0
         self._presence_written = False
+        self._owns_feed = True
 
     def enable_presence(self, record: Callable[[], dict[str, Any]], every: float) -> None:
         """Refresh ``record()`` in the map's presence hash every ``every`` seconds (call before
@@ -72,13 +73,21 @@ class Engine:
     # ---- start and stop ----------------------------------------------------------------------
 
     def start(self, self_check_timeout: float) -> None:
-        """Subscribe, check a message really arrives, take the baseline probe, start threads."""
-        self._handler = Handler(self.on_feed_message, self.on_feed_up, self.on_feed_down)
-        self._subscriber = Subscriber.attach_to(self.feed, self.store.layout.channel, self._handler)
+        """Subscribe, check a message really arrives, take the baseline probe, start threads.
+
+        Order: subscribe (a durable feed starts after its newest message, recorded before
+        ``subscribe`` returns) -> confirmed -> ping round trip -> baseline probe.  A write
+        acknowledged before the probe is accounted for by the probe; one after it, by its
+        message.
+        """
+        handler = FeedHandler(
+            lambda data, _position: self.on_feed_message(data), self.on_feed_up, self.on_feed_down
+        )
+        self._subscription = self.feed.subscribe(handler)
         if not self._feed_up.wait(self_check_timeout):
             raise FeedError(
-                f"could not subscribe to {self.store.layout.channel} on {self.store.where} within "
-                f"{self_check_timeout} s; check the server and that the user may SUBSCRIBE"
+                f"could not subscribe to {self.feed.topic} on {self.feed.describe()} within "
+                f"{self_check_timeout} s; check the broker and the user's permissions"
             )
         self._self_check(self_check_timeout)
         self.probe_once()
@@ -93,12 +102,12 @@ class Engine:
         nonce = os.urandom(16)
         arrived = self._pings[nonce] = threading.Event()
         msg = ChangeMessage(OP_PING, 0, 0, 0, self.store.origin, (nonce,))
-        self.store.publish(encode_message(msg))
+        self.feed.publish(encode_message(msg))
         if not arrived.wait(timeout):
             raise FeedError(
-                f"a test change message published on {self.store.layout.channel} did not come "
-                f"back within {timeout} s: invalidations would never arrive. Check pub/sub "
-                "permissions and that nothing between here and Redis drops pub/sub traffic"
+                f"a test change message published on {self.feed.topic} ({self.feed.describe()}) "
+                f"did not come back within {timeout} s: invalidations would never arrive. Check "
+                "the broker's permissions and that nothing in between drops its traffic"
             )
         del self._pings[nonce]
 
@@ -107,8 +116,10 @@ class Engine:
         self._probe_now.set()
         with self._timer_wake:
             self._timer_wake.notify_all()
-        if self._subscriber is not None:
-            self._subscriber.detach(self.store.layout.channel, self._handler)
+        if self._subscription is not None:
+            self._subscription.close()
+        if self._owns_feed:
+            self.feed.close()
         if self._events is not None:
             self._events.put(None)
         for q in self._watchers:
@@ -165,11 +176,34 @@ class Engine:
             self.core.on_feed_up(time.monotonic())
         self._probe_now.set()
 
-    def on_feed_up(self) -> None:
+    def on_feed_up(self, resumed: bool = False) -> None:
+        """Subscribed again.  ``resumed``: a durable feed carried on from the last message it
+        delivered, so nothing was lost and there is nothing to repair."""
+        if resumed and self._feed_up.is_set():
+            return
         with self.lock:
             self.core.on_feed_up(time.monotonic())
         self._feed_up.set()
         self._probe_now.set()
+
+    def _relay(self, messages: list[bytes]) -> None:
+        """Publish what a write script made (relay mode), after the write, in the writer's thread.
+
+        A failure here is not the write's: the store holds the change, and the other servers' probes
+        see the bucket's sequence move without its message and drop the bucket within
+        ``max_staleness`` (docs/feeds.md).  So it is counted and logged, never raised.
+        """
+        for data in messages:
+            try:
+                self.feed.publish(data, confirm=False)
+            except Exception as exc:
+                self.publish_failures += 1
+                if self.publish_failures == 1 or self.publish_failures % 1000 == 0:
+                    log.warning(
+                        "syncmap could not publish a change on %s (%s; %d so far): other servers "
+                        "will see it through their sequence probes instead",
+                        self.feed.describe(), exc, self.publish_failures,
+                    )  # fmt: skip
 
     def on_feed_down(self) -> None:
         with self.lock:

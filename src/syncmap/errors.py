@@ -113,6 +113,14 @@ class FeedError(SyncMapError):
     """The change feed does not deliver messages (the start-up self-check failed)."""
 
 
+class NoSnapshotSource(ConfigurationError):
+    """A replicated map on a feed that keeps no history was given no ``snapshot=`` to start from."""
+
+
+class UnsupportedInMode(SyncMapError, NotImplementedError):
+    """The operation needs a store (one authority), and this map is in replicated mode."""
+
+
 class MapClosed(SyncMapError):
     """The map was closed; open a new one."""
 
@@ -130,11 +138,13 @@ __all__ = [
     "LockNotAcquired",
     "LockNotOwned",
     "MapClosed",
+    "NoSnapshotSource",
     "RedisServerNotFound",
     "StaleFence",
     "StoreError",
     "StoreUnavailable",
     "SyncMapError",
+    "UnsupportedInMode",
     "ValueTooLarge",
     "WriteOutcomeUnknown",
 ]

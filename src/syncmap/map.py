@@ -26,6 +26,7 @@ from .errors import (
     ValueTooLarge,
     WriteOutcomeUnknown,
 )
+from .feed.routing import open_store_feed
 from .keys import (
     Key,
     Layout,
@@ -39,6 +40,7 @@ from .keys import (
     normal_key,
 )
 from .lock import Fence, Lock
+from .replicated import ReplicatedMap
 from .store.redis_store import RedisStore
 from .store.transport import make_client
 
@@ -116,12 +118,15 @@ class SyncMap(MutableMapping[Key, Any]):
                 f"map {name!r} was created with codec {codec_name!r}, not {self._codec.name!r}: "
                 "every server of a map must use the same codec"
             )
-        self._store = RedisStore(client, Layout(cfg.namespace, self.name, buckets), self.node_id)
+        layout = Layout(cfg.namespace, self.name, buckets)
+        feed_obj, target = open_store_feed(feed, client, layout, cfg.socket_timeout)
+        self._store = RedisStore(client, layout, self.node_id, target)
         self._buckets = buckets
+        # Relayed messages (target "") from two writers of one bucket may arrive in either order.
         self._core = NearCache(buckets, capacity=cfg.capacity, max_staleness=cfg.max_staleness,
-                               guards=cfg.guards)  # fmt: skip
+                               guards=cfg.guards, ordered=target != "")  # fmt: skip
         self._entries = self._core.entries  # the hit path reads this dict directly
-        self._engine = Engine(self._core, self._store, cfg.probe_interval, self._feed(feed, client))
+        self._engine = Engine(self._core, self._store, cfg.probe_interval, feed_obj)
         if cfg.presence:
             self._presence_last: tuple[float, int, int] | None = None
             self._presence_started = 0
@@ -135,20 +140,14 @@ class SyncMap(MutableMapping[Key, Any]):
     def _client(self, url: str | None, client: redis_lib.Redis | None) -> redis_lib.Redis:
         return make_client(url, client, self.config.socket_timeout)
 
-    def _feed(self, feed: str | None, client: redis_lib.Redis) -> redis_lib.Redis:
-        """The connection change messages arrive on: the store's Redis unless ``feed`` says."""
-        if feed is None:
-            return client
-        if not feed.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigurationError(
-                f"feed URL {feed!r} is not supported: this version carries changes over Redis "
-                "pub/sub only (redis://, rediss://, unix://)"
-            )
-        return self._client(feed, None)
-
     # ---- reads -------------------------------------------------------------------------------
 
     def __new__(cls, *args: Any, config: MapConfig | None = None, **kwargs: Any) -> SyncMap:
+        """``feed=`` without ``url=`` or ``redis=``: replicated mode (no store); see below."""
+        store = (len(args) > 1 and args[1] is not None) or kwargs.get("url") or kwargs.get("redis")
+        if kwargs.get("feed") is not None and not store:
+            # Not a SyncMap, so Python does not run SyncMap.__init__ on it: it is complete.
+            return ReplicatedMap(*args[:1], config=config, **kwargs)  # type: ignore[return-value]
         chosen = _FastHitsSyncMap if config is not None and config.fast_hits else cls
         return super().__new__(chosen)
 

@@ -84,6 +84,8 @@ class BucketState:
     top: int = 0  # highest version cached in this bucket since it was last (re)started
     heard_at: float = -INF  # when a message last told us this bucket's epoch and sequence
     targets: list[tuple[int, float]] = field(default_factory=list)
+    ahead: dict[int, int] = field(default_factory=dict)  # unordered feeds: first -> last seq
+    # of messages that arrived before an earlier one; ``seq`` stays the contiguous high-water mark
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +137,15 @@ class NearCache:
         margin: float | None = None,
         grace: float | None = None,
         guards: Guards | None = None,
+        ordered: bool = True,
     ) -> None:
         self.entries: dict[Key, Entry] = {}
+        self.ordered = ordered
+        """``True``: messages of a bucket arrive in version order, so a jump means a loss and the
+        bucket is flushed at once.  ``False`` (relayed feeds): a jump may be a reordering; the
+        bucket's ``seq`` advances only over contiguous versions, so a probe is confirmed only once
+        every earlier message arrived, and a message that never comes is caught by the probe's
+        grace period like any other loss."""
         self.buckets = [BucketState() for _ in range(buckets)]
         self.capacity = capacity
         self.max_staleness = max_staleness
@@ -335,6 +344,7 @@ class NearCache:
         """Gap and epoch detection for one message of a bucket we track."""
         b = self.buckets[i]
         if msg.epoch != b.epoch:
+            b.ahead.clear()
             if b.epoch is None and msg.seq == 1 and not b.top:
                 b.epoch = msg.epoch  # the bucket's very first write, and nothing cached
             elif self.guards.epoch:
@@ -344,9 +354,22 @@ class NearCache:
             b.seq = msg.last_seq
             return
         if msg.seq > b.seq + 1 and self.guards.gaps:
+            if not self.ordered:
+                b.ahead[msg.seq] = max(b.ahead.get(msg.seq, 0), msg.last_seq)
+                return
             self.counters.gaps += 1
             self._flush(i)
         b.seq = max(b.seq, msg.last_seq)
+        self._catch_up(b)
+
+    @staticmethod
+    def _catch_up(b: BucketState) -> None:
+        """Advance over messages that arrived early and now continue the contiguous run."""
+        while b.ahead:
+            first = min(b.ahead)
+            if first > b.seq + 1:
+                return
+            b.seq = max(b.seq, b.ahead.pop(first))
 
     def _invalidate(self, key: Key, version: int) -> None:
         e = self.entries.get(key)
@@ -463,7 +486,12 @@ class NearCache:
         b = self.buckets[i]
         if b.known:
             self._flush(i)
+        if epoch != b.epoch:
+            b.ahead.clear()
+        else:  # messages past ``seq`` that already arrived still count (unordered feeds)
+            b.ahead = {k: v for k, v in b.ahead.items() if v > seq}
         b.known, b.epoch, b.seq, b.targets, b.top = True, epoch, seq, [], 0
+        self._catch_up(b)
         b.lease_until = sent_at + self.max_staleness
 
     def _confirm(self, b: BucketState) -> None:

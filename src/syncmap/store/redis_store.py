@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -13,15 +13,40 @@ from . import scripts
 from .transport import SHAS, Command, Transport
 
 _REAP_LIMIT = 500
+_MAP_SCRIPTS = frozenset(SHAS[n] for n in ("set", "delete", "mset", "clear", "probe"))
 
 
 class RedisStore(Transport):
-    """The Redis side of one map: scripts, reads, probes."""
+    """The Redis side of one map: scripts, reads, probes.
 
-    def __init__(self, client: redis.Redis, layout: Layout, origin: str) -> None:
+    ``target`` says where the write scripts send change messages (scripts.py, ``publish``): a
+    channel name (the default, the map's channel), ``stream_target(...)`` for a Redis Stream on this
+    server, or ``""`` to *relay*: each write script then replies ``{reply, messages}``, :meth:`call`
+    unwraps the reply and hands the messages to ``relay`` (the engine publishes them on the
+    map's feed) after the round trip, in the caller's thread.
+    """
+
+    def __init__(
+        self, client: redis.Redis, layout: Layout, origin: str, target: str | None = None
+    ) -> None:
         super().__init__(client)
         self.layout = layout
         self.origin = origin
+        self.target = layout.channel if target is None else target
+        self.relay: Callable[[list[bytes]], None] | None = None
+
+    def call(self, commands: Sequence[Command], *, write: bool, partial: bool = False) -> list[Any]:
+        replies = super().call(commands, write=write, partial=partial)
+        if self.target != "":
+            return replies
+        out: list[bytes] = []
+        for i, (cmd, reply) in enumerate(zip(commands, replies, strict=True)):
+            if cmd[0] == "EVALSHA" and cmd[1] in _MAP_SCRIPTS and isinstance(reply, list):
+                replies[i] = reply[0]
+                out.extend(reply[1])
+        if out and self.relay is not None:
+            self.relay(out)
+        return replies
 
     # ---- scripts -----------------------------------------------------------------------------
 
@@ -37,7 +62,7 @@ class RedisStore(Transport):
             lock, counter, token = fence
             keys = (*keys, counter)
         epoch = random.getrandbits(52) or 1
-        return ("EVALSHA", SHAS[name], len(keys), *keys, self.layout.channel, bucket, epoch,
+        return ("EVALSHA", SHAS[name], len(keys), *keys, self.target, bucket, epoch,
                 self.origin, lock, token, *args)  # fmt: skip
 
     def load_scripts(self) -> None:
@@ -84,6 +109,11 @@ class RedisStore(Transport):
         )  # fmt: skip
         stored = replies[2]
         return int(stored[0]), stored[1].decode()
+
+
+def stream_target(stream: str, maxlen: int) -> str:
+    """The ``target`` that makes the write scripts XADD to ``stream`` (trimmed to ~``maxlen``)."""
+    return f"!x:{int(maxlen)}:{stream}"
 
 
 def _pairs(reply: Any) -> list[tuple[bytes, bytes]]:

@@ -58,6 +58,15 @@ local function next_seq(n)
   return redis.call('HINCRBY', KEYS[1], 'seq', n) - n + 1, tonumber(ep)
 end
 
+-- Where the change message goes, by ARGV[1] (the map's feed, see store/redis_store.py):
+--   '<channel>'              PUBLISH on that channel (redis:// feed on this server; the default);
+--   '!x:<maxlen>:<stream>'   XADD to that stream, trimmed to about maxlen (0 = never) (a
+--                            redis+stream:// feed on this server);
+--   ''                       keep it in `out`: the script replies {reply, out} and the client
+--                            publishes `out` on the map's feed after the write (any other feed).
+-- The first two happen in the same atomic step as the write; the third can be lost between the
+-- write and the publish, which the sequence probe catches (docs/feeds.md).
+local out = {}
 local function publish(op, seq, ep, fields)
   local parts = {struct.pack('>c2BBHI8I8B', 'sm', 1, op, tonumber(ARGV[2]), seq, ep, #ARGV[4]),
                  ARGV[4], struct.pack('>I4', #fields)}
@@ -65,7 +74,19 @@ local function publish(op, seq, ep, fields)
     parts[#parts + 1] = struct.pack('>I4', #f)
     parts[#parts + 1] = f
   end
-  redis.call('PUBLISH', ARGV[1], table.concat(parts))
+  local target, msg = ARGV[1], table.concat(parts)
+  if target == '' then
+    out[#out + 1] = msg
+  elseif string.sub(target, 1, 1) == '!' then
+    local maxlen, stream = string.match(target, '^!x:(%d+):(.+)$')
+    if maxlen == '0' then
+      redis.call('XADD', stream, '*', 'm', msg)
+    else
+      redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'm', msg)
+    end
+  else
+    redis.call('PUBLISH', target, msg)
+  end
 end
 
 local function store(field, seq, ep, payload, ttl)
@@ -81,9 +102,21 @@ local function store(field, seq, ep, payload, ttl)
 end
 """
 
-SET = (
-    _PRELUDE
-    + r"""
+# A map script's body runs as a function so that, in relay mode (ARGV[1] == ''), its reply can be
+# wrapped with the change messages it made: {reply, {message, ...}}.  Refusals stay plain errors.
+_EPILOGUE = r"""
+local r = body()
+if ARGV[1] == '' and not (type(r) == 'table' and r.err) then return {r, out} end
+return r
+"""
+
+
+def _map_script(body: str) -> str:
+    return _PRELUDE + "local function body()\n" + body + "\nend\n" + _EPILOGUE
+
+
+SET = _map_script(
+    r"""
 -- ARGV[7] field  [8] payload  [9] ttl ms (0 = none)  [10] mode  [11] expected
 -- mode 'set': always; 'swap': always, and reply with the old value; 'nx': only if absent;
 -- 'cas': only if the live payload equals ARGV[11]; 'ver': only if the live version equals
@@ -109,9 +142,8 @@ return {seq, dl, old, ep}
 """
 )
 
-DELETE = (
-    _PRELUDE
-    + r"""
+DELETE = _map_script(
+    r"""
 -- ARGV[7] field  [8] mode  [9] expected
 -- mode 'del': if present; 'cad': if the live payload equals ARGV[9]; 'ver': if the live version
 -- equals ARGV[9].  An expired field not yet reaped is removed with an 'expire' message.
@@ -141,9 +173,8 @@ return {seq, old, ep}
 """
 )
 
-MSET = (
-    _PRELUDE
-    + r"""
+MSET = _map_script(
+    r"""
 -- ARGV[7] ttl ms (0 = none), then field, payload pairs.  One version per field, one message.
 -- Reply: {first version, epoch} (fields got first, first+1, ...).
 local refused = fence_refused()
@@ -162,9 +193,8 @@ return {seq, ep}
 """
 )
 
-CLEAR = (
-    _PRELUDE
-    + r"""
+CLEAR = _map_script(
+    r"""
 -- Empty one bucket.  Reply: {version, epoch}, or {0, 0} when the bucket was already empty.
 local refused = fence_refused()
 if refused then return refused end
@@ -176,9 +206,8 @@ return {seq, ep}
 """
 )
 
-PROBE = (
-    _PRELUDE
-    + r"""
+PROBE = _map_script(
+    r"""
 -- ARGV[7] most expiries to reap in this call.
 -- Reaps due entries of the bucket (each an 'expire' change with its own version), then reports.
 -- Reply: {epoch or false, seq, server time ms, live entries}.

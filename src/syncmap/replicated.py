@@ -1,0 +1,500 @@
+"""``ReplicatedMap``: replicated mode, no central store.  Every server holds the whole map.
+
+``SyncMap(name, feed="nats+jetstream://...")`` (a feed and no store) opens one of these.  Reads
+are local dictionary lookups; a write is published on the feed (and confirmed by the broker),
+then applied here, so this server reads its own write at once; every server applies every
+message with the merge rule of ``core/replica.py`` and converges to the same map.  It is **not
+linearizable**: two servers writing one key at once both succeed, and the later hybrid time wins
+everywhere.  What needs a single authority (``compare_and_set``, ``transform``, ``setdefault``,
+locks, ``consistent=True`` reads) raises :class:`UnsupportedInMode` instead of pretending.
+
+Start-up, in this order (so nothing published meanwhile is missed):
+
+1. subscribe: a durable feed from its oldest message (the history *is* the snapshot; a compacted
+   feed keeps the newest message of every key), a feed that keeps nothing from now on;
+2. publish a ping and wait for it to come back: on a log with one order, everything published
+   before the ping has then been applied, so the map is loaded;
+3. a feed that keeps nothing (or a log that was trimmed) has given us only the present, so the
+   past comes from ``snapshot=``: a mapping, a function returning one, or ``"peers"`` (ask the
+   servers already running to re-send what they hold).  Without one the map refuses to start
+   (:class:`NoSnapshotSource`): an empty map that silently disagrees with its peers is worse.
+
+After a disconnect that may have lost messages (``on_up(resumed=False)``), the server asks its
+peers to re-send their state (a *sync*); the merge rule makes a re-sent message that is already
+known a no-op, so this is safe however often it happens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from .codec import Codec, is_immutable, make_codec
+from .config import MapConfig
+from .core.nearcache import Event
+from .core.replica import (
+    R_CLEAR,
+    R_DEL,
+    R_PING,
+    R_SET,
+    R_SYNC,
+    R_SYNCED,
+    Change,
+    Replica,
+    ReplicaMessage,
+    decode,
+    encode,
+)
+from .errors import (
+    ConfigurationError,
+    CorruptData,
+    FeedError,
+    MapClosed,
+    NoSnapshotSource,
+    SyncMapError,
+    UnsupportedInMode,
+    ValueTooLarge,
+)
+from .feed.base import BEGINNING, Feed, FeedHandler, Subscription, feed_class, open_feed
+from .keys import Key, check_map_name, encode_key, normal_key
+
+log = logging.getLogger("syncmap.replicated")
+_MISSING: Any = object()
+Snapshot = Mapping[Key, Any] | Callable[[], Mapping[Key, Any]] | str
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaStatistics:
+    """Counters of one replicated map on this server since it was opened."""
+
+    entries: int
+    applied: int
+    ignored: int
+    messages: int
+    corrupt_messages: int
+    syncs_requested: int
+    syncs_answered: int
+    feed_drops: int
+
+
+class ReplicatedMap(MutableMapping[Key, Any]):
+    """A map every server holds whole, kept in step by a message feed (module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        feed: str,
+        *,
+        codec: str | Codec | None = None,
+        value_type: Any = None,
+        config: MapConfig | None = None,
+        node_id: str | None = None,
+        snapshot: Snapshot | None = None,
+        load_timeout: float = 60.0,
+        peers_timeout: float = 2.0,
+    ) -> None:
+        self.name = check_map_name(name)
+        self.config = cfg = config or MapConfig()
+        self.node_id = (
+            node_id or f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        )
+        if len(self.node_id.encode()) > 255:
+            raise ConfigurationError(f"node_id {self.node_id[:40]!r}... is over 255 bytes")
+        self._codec = make_codec(codec, value_type)
+        self._replica = Replica()
+        self._slots = self._replica.slots  # the read path looks here directly
+        self._lock = threading.Lock()
+        self._closed = False
+        self._messages = self._corrupt = self._syncs_requested = self._syncs_answered = 0
+        self._drops = 0
+        self._pings: dict[bytes, threading.Event] = {}
+        self._synced = threading.Event()
+        self._up = threading.Event()
+        self._first_resumed: bool | None = None
+        self._callbacks: list[Callable[[Event], None]] = []
+        self._work: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._work_loop, name="syncmap-replica",
+                                        daemon=True)  # fmt: skip
+        self._feed: Feed = open_feed(feed, type(self)._topic(feed, cfg.namespace, self.name),
+                                     timeout=cfg.socket_timeout)  # fmt: skip
+        self._sub: Subscription | None = None
+        try:
+            self._start(snapshot, load_timeout, peers_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _topic(url: str, namespace: str, name: str) -> str:
+        return feed_class(url).topic_for(namespace, f"{name}.replicated")
+
+    # ---- start-up ----------------------------------------------------------------------------
+
+    def _start(self, snapshot: Snapshot | None, load_timeout: float, peers: float) -> None:
+        durable = type(self._feed).durable
+        handler = FeedHandler(self._on_message, self._on_up, self._on_down)
+        self._worker.start()
+        self._sub = self._feed.subscribe(handler, BEGINNING if durable else None)
+        if not self._up.wait(self.config.self_check_timeout):
+            raise FeedError(
+                f"could not subscribe to {self._feed.topic} on {self._feed.describe()} within "
+                f"{self.config.self_check_timeout} s; check the broker and the permissions"
+            )
+        self._ping(load_timeout if durable else self.config.self_check_timeout)
+        complete = durable and self._first_resumed is not False
+        if complete:
+            return
+        if snapshot is None:
+            why = (
+                "keeps no messages"
+                if not durable
+                else "no longer holds its whole history (it was trimmed)"
+            )
+            raise NoSnapshotSource(
+                f"replicated map {self.name!r}: the feed {self._feed.describe()} {why}, so a "
+                "server that starts now cannot learn what was written before. Pass snapshot="
+                "'peers' (ask the running servers), a mapping or a function returning one "
+                "(snapshot={} to start empty), or use a durable feed (nats+jetstream://, "
+                "kafka://, redis+stream://)"
+            )
+        if isinstance(snapshot, str):
+            if snapshot != "peers":
+                raise ConfigurationError(f"snapshot={snapshot!r}: use 'peers', or a mapping")
+            self._request_sync()
+            if not self._synced.wait(peers):
+                log.info("syncmap %s: no peer answered within %s s; starting from what the feed "
+                         "delivers", self.name, peers)  # fmt: skip
+            return
+        data = snapshot() if callable(snapshot) else snapshot
+        with self._lock:
+            for key, value in data.items():
+                field = encode_key(key, self.config.max_key_bytes)
+                payload = self._payload(value)
+                self._replica.load(normal_key(key), field, payload, self._cached(value, payload))
+
+    def _ping(self, timeout: float) -> None:
+        """Publish a ping and wait for it: the feed works, and (on a log) we have caught up."""
+        nonce = os.urandom(16)
+        arrived = self._pings[nonce] = threading.Event()
+        msg = ReplicaMessage(R_PING, 0, self.node_id, nonce)
+        self._feed.publish(encode(msg), key=b"\x00ping:" + self.node_id.encode())
+        if not arrived.wait(timeout):
+            raise FeedError(
+                f"a test message published on {self._feed.topic} ({self._feed.describe()}) did "
+                f"not come back within {timeout} s: this server would never see other writes"
+            )
+        del self._pings[nonce]
+
+    # ---- the feed ----------------------------------------------------------------------------
+
+    def _on_up(self, resumed: bool) -> None:
+        if self._first_resumed is None:
+            self._first_resumed = resumed
+            self._up.set()
+            return
+        if not resumed:  # messages may be lost: ask the peers to re-send (worker thread)
+            self._work.put(("request", ""))
+
+    def _on_down(self) -> None:
+        self._drops += 1
+
+    def _on_message(self, data: bytes, _position: str | None) -> None:
+        self._messages += 1
+        try:
+            msg = decode(data)
+        except CorruptData as exc:
+            self._corrupt += 1
+            log.warning("syncmap %s: dropped a malformed message (%s)", self.name, exc)
+            return
+        if msg.op == R_PING:
+            waiter = self._pings.get(msg.field)
+            if waiter is not None:
+                waiter.set()
+            return
+        if msg.op == R_SYNC:
+            if msg.origin != self.node_id:
+                self._work.put(("answer", msg.origin))
+            return
+        if msg.op == R_SYNCED:
+            if msg.field == self.node_id.encode():
+                self._synced.set()
+            return
+        try:
+            change = self._apply(msg)
+        except (CorruptData, SyncMapError) as exc:
+            self._corrupt += 1
+            log.warning("syncmap %s: could not apply a message (%s)", self.name, exc)
+            return
+        if change is not None:
+            self._emit(change, msg.origin)
+
+    def _apply(self, msg: ReplicaMessage) -> Change | None:
+        with self._lock:
+            if not self._replica.would_apply(msg):
+                self._replica.ignored += 1
+                self._replica.clock.observe(msg.hlc)
+                return None
+        value = None
+        if msg.op == R_SET:
+            value = self._cached(self._codec.decode(msg.payload), msg.payload)
+        with self._lock:
+            return self._replica.apply(msg, value)
+
+    # ---- sync: re-sending state to a peer that may have missed messages ----------------------
+
+    def _request_sync(self) -> None:
+        self._syncs_requested += 1
+        self._synced.clear()
+        msg = ReplicaMessage(R_SYNC, 0, self.node_id)
+        self._feed.publish(encode(msg), key=b"\x00sync:" + self.node_id.encode())
+
+    def _work_loop(self) -> None:
+        while (item := self._work.get()) is not None:
+            what, peer = item
+            try:
+                if what == "request":
+                    self._request_sync()
+                else:
+                    self._answer_sync(peer)
+            except Exception as exc:  # the broker is down: the next on_up asks again
+                log.warning("syncmap %s: sync %s failed (%s)", self.name, what, exc)
+
+    def _answer_sync(self, peer: str) -> None:
+        """Re-send every slot (tombstones too) with its own version, then say so."""
+        self._syncs_answered += 1
+        with self._lock:
+            cleared = self._replica.cleared
+            slots = list(self._replica.state())
+        if cleared[0]:
+            self._send(ReplicaMessage(R_CLEAR, cleared[0], cleared[1]), None, confirm=False)
+        for key, slot in slots:
+            field = encode_key(key, self.config.max_key_bytes)
+            hlc, origin = slot.version
+            if slot.payload is None:
+                self._send(ReplicaMessage(R_DEL, hlc, origin, field), field, confirm=False)
+            else:
+                m = ReplicaMessage(R_SET, hlc, origin, field, slot.payload, slot.deadline_ms)
+                self._send(m, field, confirm=False)
+        self._send(ReplicaMessage(R_SYNCED, 0, self.node_id, peer.encode()), None, confirm=True)
+
+    def _send(self, msg: ReplicaMessage, field: bytes | None, *, confirm: bool) -> None:
+        self._feed.publish(encode(msg), key=field, confirm=confirm)
+
+    # ---- reads -------------------------------------------------------------------------------
+
+    def __getitem__(self, key: Key) -> Any:
+        try:
+            slot = self._slots.get(key)
+        except TypeError:
+            slot = None
+            encode_key(key, self.config.max_key_bytes)  # KeyTypeError for an unhashable key
+        if slot is None or slot.payload is None:
+            raise KeyError(key)
+        if slot.deadline_ms and slot.deadline_ms <= _wall_ms():
+            raise KeyError(key)
+        v = slot.value
+        return v if v is not _COPY else self._codec.decode(slot.payload)
+
+    def get(self, key: Key, default: Any = None, *, consistent: bool = False) -> Any:
+        if consistent:
+            raise UnsupportedInMode(
+                "get(consistent=True) needs a store: a replicated map has no single authority "
+                "to read through to. Use store mode (url=...) for linearizable reads"
+            )
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self[key]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
+
+    def __len__(self) -> int:
+        now = _wall_ms()
+        with self._lock:
+            return sum(1 for s in self._slots.values() if s.live(now))
+
+    def __iter__(self) -> Iterator[Key]:
+        now = _wall_ms()
+        with self._lock:
+            keys = [k for k, s in self._slots.items() if s.live(now)]
+        return iter(keys)
+
+    # ---- writes ------------------------------------------------------------------------------
+
+    def __setitem__(self, key: Key, value: Any) -> None:
+        self.set(key, value)
+
+    def set(self, key: Key, value: Any, *, ttl: float | None = None) -> None:
+        """Publish the write (confirmed by the broker), then apply it here.
+
+        If the publish fails nothing is applied here (:class:`~syncmap.feed.base.FeedUnavailable`);
+        if its outcome is unknown (``PublishOutcomeUnknown``) nothing is applied either, and the
+        message, if it was delivered after all, arrives like any other.
+        """
+        self._check_open()
+        field = encode_key(key, self.config.max_key_bytes)
+        payload = self._payload(value)
+        deadline = 0
+        if ttl is not None:
+            if ttl <= 0:
+                raise ValueError(f"ttl={ttl}: use a positive number of seconds, or None")
+            deadline = _wall_ms() + max(1, round(ttl * 1000))
+        self._write(ReplicaMessage(R_SET, 0, self.node_id, field, payload, deadline),
+                    self._cached(value, payload))  # fmt: skip
+
+    def __delitem__(self, key: Key) -> None:
+        if not self.delete(key):
+            raise KeyError(key)
+
+    def delete(self, key: Key) -> bool:
+        """Delete ``key`` everywhere; returns whether this server held it."""
+        self._check_open()
+        present = key in self
+        field = encode_key(key, self.config.max_key_bytes)
+        self._write(ReplicaMessage(R_DEL, 0, self.node_id, field))
+        return present
+
+    def pop(self, key: Key, default: Any = _MISSING) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        self.delete(key)
+        return value
+
+    def update(self, other: Any = (), /, **kwargs: Any) -> None:
+        """One message per entry (a replicated map has no multi-key atomic step)."""
+        pairs = other.items() if isinstance(other, Mapping) else other
+        for key, value in [*pairs, *kwargs.items()]:
+            self.set(key, value)
+
+    def clear(self) -> None:
+        """Remove every entry written before this call, on every server."""
+        self._check_open()
+        self._write(ReplicaMessage(R_CLEAR, 0, self.node_id))
+
+    def _write(self, draft: ReplicaMessage, value: Any = None) -> None:
+        # Order: take the version -> publish (confirmed) -> apply here.  The echo of our own
+        # message may be applied by the feed thread first; then the apply below is a no-op.
+        with self._lock:
+            hlc = self._replica.clock.tick(_wall_ms())
+        msg = ReplicaMessage(draft.op, hlc, draft.origin, draft.field, draft.payload,
+                             draft.deadline_ms)  # fmt: skip
+        self._feed.publish(encode(msg), key=msg.field or None)
+        with self._lock:
+            change = self._replica.apply(msg, value)
+        if change is not None:
+            self._emit(change, self.node_id)
+
+    # ---- what needs a store ------------------------------------------------------------------
+
+    def _unsupported(self, what: str) -> UnsupportedInMode:
+        return UnsupportedInMode(
+            f"{what} needs one authority that decides atomically; a replicated map (feed only, "
+            "no store) has none. Open the map in store mode (SyncMap(name, url='redis://...', "
+            "feed=...)) for it"
+        )
+
+    def compare_and_set(self, key: Key, expected: Any, new: Any, **_: Any) -> bool:
+        raise self._unsupported("compare_and_set")
+
+    def compare_and_delete(self, key: Key, expected: Any, **_: Any) -> bool:
+        raise self._unsupported("compare_and_delete")
+
+    def transform(self, key: Key, fn: Callable[[Any], Any], *_: Any, **__: Any) -> Any:
+        raise self._unsupported("transform")
+
+    def setdefault(self, key: Key, default: Any = None, **_: Any) -> Any:
+        raise self._unsupported("setdefault (load-or-store)")
+
+    def swap(self, key: Key, value: Any, *_: Any, **__: Any) -> Any:
+        raise self._unsupported("swap")
+
+    def lock(self, key: Key, **_: Any) -> Any:
+        raise self._unsupported("a lock")
+
+    # ---- events, statistics, life cycle ------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every change applied here (on the feed's thread, or the
+        writer's for its own writes: keep it short).  Returns a function that unsubscribes."""
+        self._callbacks.append(callback)
+        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
+
+    def _emit(self, change: Change, origin: str) -> None:
+        if not self._callbacks:
+            return
+        event = Event(change.key, change.op, change.version[0], change.version[1] or origin)
+        for cb in list(self._callbacks):
+            try:
+                cb(event)
+            except Exception:
+                log.exception("syncmap subscriber callback failed on %s", event)
+
+    def statistics(self) -> ReplicaStatistics:
+        return ReplicaStatistics(
+            entries=len(self), applied=self._replica.applied, ignored=self._replica.ignored,
+            messages=self._messages, corrupt_messages=self._corrupt,
+            syncs_requested=self._syncs_requested, syncs_answered=self._syncs_answered,
+            feed_drops=self._drops,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._sub is not None:
+            self._sub.close()
+        self._work.put(None)
+        if self._worker.is_alive() and self._worker is not threading.current_thread():
+            self._worker.join(timeout=5)
+        self._feed.close()
+
+    def __enter__(self) -> ReplicatedMap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<ReplicatedMap {self.name!r} on {self._feed.describe()}, {len(self)} entries"
+                f"{' (closed)' if self._closed else ''}>")  # fmt: skip
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MapClosed(f"replicated map {self.name!r} is closed")
+
+    def _payload(self, value: Any) -> bytes:
+        data = self._codec.encode(value)
+        if len(data) > self.config.max_value_bytes:
+            raise ValueTooLarge(
+                f"value of type {type(value).__name__} encodes to {len(data)} bytes, over "
+                f"max_value_bytes={self.config.max_value_bytes}; store it elsewhere or raise "
+                "the limit in MapConfig (and check the broker's message size limit)"
+            )
+        return data
+
+    def _cached(self, value: Any, payload: bytes) -> Any:
+        return value if is_immutable(value) else _COPY
+
+
+_COPY: Any = object()
+"""A mutable value: readers get a fresh decode of the payload, so they cannot change ours."""
