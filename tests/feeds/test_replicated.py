@@ -1,0 +1,106 @@
+"""Replicated mode (no store) over every feed, against real brokers.
+
+* writes from several processes at random converge: every server ends with the same map;
+* a server reads its own write at once;
+* a late joiner loads the map: from the log of a durable feed, from its peers otherwise, and
+  refuses to start without a snapshot source on a feed that keeps nothing;
+* what needs a store raises ``UnsupportedInMode``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from conftest import FEEDS, feed_url
+from syncmap import NoSnapshotSource, ReplicatedMap, SyncMap, UnsupportedInMode
+from syncmap.feed.base import feed_class
+from syncmap.testing.replicaload import ReplicaLoad, run
+from syncmap.testing.wait import wait_until
+
+
+@pytest.fixture(params=FEEDS)
+def feed(request: pytest.FixtureRequest, shared_redis_url: str) -> str:
+    return feed_url(request, request.param, shared_redis_url)
+
+
+def _name(request: pytest.FixtureRequest) -> str:
+    """A map name of its own per test: a durable feed keeps earlier tests' messages."""
+    return "r" + str(abs(hash(request.node.nodeid)) % 10**9)
+
+
+def test_random_writes_from_three_processes_converge(
+    feed: str, request: pytest.FixtureRequest
+) -> None:
+    result = run(ReplicaLoad(feed, name=_name(request), processes=3, ops=150))
+    assert result.converged, f"maps differ after {result.seconds_to_converge:.1f} s: {result.maps}"
+    assert result.refused_writes == 0
+    assert sum(s["applied"] for s in result.stats) > 150, "the processes saw each other's writes"
+
+
+def test_own_writes_are_visible_at_once_and_reach_the_others(
+    feed: str, request: pytest.FixtureRequest
+) -> None:
+    name = _name(request)
+    with (
+        SyncMap(name, feed=feed, snapshot={}) as a,
+        ReplicatedMap(name, feed, snapshot="peers") as b,
+    ):
+        assert isinstance(a, ReplicatedMap)
+        for i in range(20):
+            a[f"k{i}"] = {"n": i}
+            assert a[f"k{i}"] == {"n": i}
+        a["k0"]["n"] = 99  # a caller's copy: the map's own value is untouched
+        assert a["k0"] == {"n": 0}
+        wait_until(lambda: all(b.get(f"k{i}") == {"n": i} for i in range(20)), 10, "b has them")
+        del b["k1"]
+        wait_until(lambda: "k1" not in a, 10, "the delete reaches a")
+        b.clear()
+        wait_until(lambda: len(a) == 0, 10, "the clear reaches a")
+        assert dict(a.items()) == dict(b.items()) == {}
+
+
+def test_a_late_joiner_loads_the_map(feed: str, request: pytest.FixtureRequest) -> None:
+    name = _name(request)
+    durable = feed_class(feed).durable
+    with ReplicatedMap(name, feed, snapshot={}) as first:
+        first.update({f"k{i}": i for i in range(100)})
+        del first["k0"]
+        if not durable:
+            with pytest.raises(NoSnapshotSource, match="snapshot="):
+                ReplicatedMap(name, feed)
+        with ReplicatedMap(name, feed, snapshot=None if durable else "peers") as late:
+            wait_until(lambda: len(late) == 99, 10, "the late joiner has every entry")
+            assert dict(late.items()) == dict(first.items())
+    if durable:  # nobody is running: the log alone rebuilds the map
+        with ReplicatedMap(name, feed) as alone:
+            assert len(alone) == 99
+            assert alone["k5"] == 5 and "k0" not in alone
+
+
+def test_what_needs_a_store_is_refused(feed: str, request: pytest.FixtureRequest) -> None:
+    with ReplicatedMap(_name(request), feed, snapshot={}) as m:
+        m["k"] = 1
+        for call in (
+            lambda: m.compare_and_set("k", 1, 2),
+            lambda: m.transform("k", lambda v: v + 1),
+            lambda: m.setdefault("k", 3),
+            lambda: m.lock("k"),
+            lambda: m.get("k", consistent=True),
+        ):
+            with pytest.raises(UnsupportedInMode, match="store"):
+                call()
+        assert m["k"] == 1
+
+
+def test_events_report_changes_from_every_server(feed: str, request: pytest.FixtureRequest) -> None:
+    name = _name(request)
+    with (
+        ReplicatedMap(name, feed, snapshot={}) as a,
+        ReplicatedMap(name, feed, snapshot="peers") as b,
+    ):
+        got = threading.Event()
+        b.subscribe(lambda e: got.set() if e.key == "x" and e.origin == a.node_id else None)
+        a["x"] = 1
+        assert got.wait(10)
