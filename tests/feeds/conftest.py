@@ -95,3 +95,30 @@ def feed_url(request: pytest.FixtureRequest, kind: str, store_url: str) -> str:
     if kind == "kafka":
         return str(request.getfixturevalue("kafka_broker").url)
     raise AssertionError(kind)
+
+
+def restartable_feed(request: pytest.FixtureRequest, kind: str) -> tuple[str, Any]:
+    """(URL, fault) where ``fault()`` takes the broker's connections down and brings it back:
+    a restart of its own Redis / NATS / Tansu process, or, for the machine's RabbitMQ, every
+    connection reset through a proxy (the broker itself is shared and stays up)."""
+    if kind in ("redis", "redis+stream"):
+        server = request.getfixturevalue("redis_server")
+        scheme = "redis+stream://" if kind == "redis+stream" else "redis://"
+        return server.url.replace("redis://", scheme, 1), server.restart
+    if kind in ("nats", "nats+jetstream"):
+        nats = request.getfixturevalue("nats_broker")
+        return nats.url.replace("nats://", f"{kind}://", 1), nats.restart
+    if kind == "kafka":
+        kafka = request.getfixturevalue("kafka_broker")
+        return kafka.url, kafka.restart
+    if kind == "amqp":
+        from urllib.parse import urlsplit
+
+        from syncmap.testing.proxy import FaultProxy
+
+        url = urlsplit(request.getfixturevalue("amqp_broker"))
+        proxy = FaultProxy(url.hostname or "127.0.0.1", url.port or 5672).start()
+        request.addfinalizer(proxy.close)
+        proxied = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}")
+        return proxied.geturl(), proxy.reset_all
+    raise AssertionError(kind)

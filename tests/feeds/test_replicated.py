@@ -13,9 +13,11 @@ import threading
 
 import pytest
 
-from conftest import FEEDS, feed_url
+from conftest import FEEDS, feed_url, restartable_feed
 from syncmap import NoSnapshotSource, ReplicatedMap, SyncMap, UnsupportedInMode
+from syncmap.embedded import EmbeddedRedis
 from syncmap.feed.base import feed_class
+from syncmap.testing.proxy import FaultProxy
 from syncmap.testing.replicaload import ReplicaLoad, run
 from syncmap.testing.wait import wait_until
 
@@ -104,3 +106,42 @@ def test_events_report_changes_from_every_server(feed: str, request: pytest.Fixt
         b.subscribe(lambda e: got.set() if e.key == "x" and e.origin == a.node_id else None)
         a["x"] = 1
         assert got.wait(10)
+
+
+@pytest.mark.parametrize("kind", FEEDS)
+def test_convergence_after_the_broker_goes_down_mid_run(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Half-way through the writes the broker restarts (or, for RabbitMQ, every connection is
+    cut).  Writes refused meanwhile are not applied anywhere; messages lost by a disconnected
+    server come back through its peers' re-send; every server ends with the same map."""
+    url, fault = restartable_feed(request, kind)
+    result = run(ReplicaLoad(url, name=_name(request), processes=3, ops=300), fault=fault)
+    assert result.converged, f"maps differ after {result.seconds_to_converge:.1f} s: {result.maps}"
+    assert sum(s["feed_drops"] for s in result.stats) >= 1, "the fault did reach the servers"
+
+
+def test_a_server_that_missed_messages_catches_up_from_its_peers(
+    redis_server: EmbeddedRedis,
+) -> None:
+    """The exact order the peer re-send exists for, on Redis pub/sub (a feed that keeps nothing):
+    a's connection silently drops everything while b writes; the connection is then reset, a
+    reconnects (``on_up(resumed=False)``), asks its peers, and b's re-send fills the gap.
+    Without the re-send a would miss those writes for good (checked by removing it)."""
+    proxy = FaultProxy(redis_server.host, redis_server.port).start()
+    try:
+        with ReplicatedMap("gap", proxy.url, snapshot={}) as a, \
+                ReplicatedMap("gap", redis_server.url, snapshot="peers") as b:  # fmt: skip
+            b["before"] = 1
+            wait_until(lambda: "before" in a, 5, "a hears b")
+            proxy.blackhole()
+            for i in range(20):
+                b[f"k{i}"] = i
+            del b["before"]
+            proxy.heal()
+            proxy.reset_all()
+            wait_until(lambda: dict(a.items()) == dict(b.items()), 10, "a catches up")
+            assert a.statistics().syncs_requested >= 1
+            assert b.statistics().syncs_answered >= 1
+    finally:
+        proxy.close()
