@@ -164,6 +164,8 @@ def feed_class(url: str) -> type[Feed]:
         try:
             mod = importlib.import_module(f"syncmap.feed.{module}")
         except ImportError as exc:
+            if (exc.name or "").startswith("syncmap"):
+                raise  # our own module is broken: not a missing extra
             raise ConfigurationError(
                 f"the {scheme}:// feed needs a library that is not installed ({exc.name}): "
                 f"pip install 'syncmap[{extra or 'dev'}]'"

@@ -1,8 +1,9 @@
 """Every Lua script syncmap runs, in one place, each headed by its KEYS, ARGV and reply.
 
 All write scripts share one argument prefix and the helpers below, and follow one order:
-validate (fence, condition) -> mutate -> take the version -> PUBLISH last.  Redis does not roll a
-script back when a later line fails, so nothing is published for a change that did not happen.
+validate (fence, condition) -> mutate -> take the version -> publish last (see ``publish``).
+Redis does not roll a script back when a later line fails, so nothing is published for a change
+that did not happen.
 A script that refuses (stale fence) returns an error *before* its first write.
 
 KEYS (every write script): [1] sequence hash ``m``, [2] data hash ``d``, [3] expiry zset ``x``,
