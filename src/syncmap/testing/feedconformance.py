@@ -2,8 +2,8 @@
 
 Each check is a function of a :class:`FeedKit` that raises ``AssertionError`` with a readable
 message.  A kit says how to open a feed of its kind on a fresh topic and, where the test can, how
-to restart the broker or cut a connection.  ``tests/integration/test_feed_conformance.py`` runs
-every check against every feed; a new feed gets the whole suite by adding one kit there.
+to restart the broker or cut a connection.  Each ``tests/feeds/test_<feed>_feed.py`` runs every
+check against its feed on a real broker; a new feed gets the whole suite by giving one kit.
 
 The checks follow the contract in ``feed/base.py``:
 
