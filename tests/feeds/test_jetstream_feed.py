@@ -14,7 +14,7 @@ import pytest
 
 from syncmap.errors import ConfigurationError
 from syncmap.feed import aioloop
-from syncmap.feed import nats as nats_feed
+from syncmap.feed import jetstream as js_feed
 from syncmap.feed.base import (
     BEGINNING,
     Feed,
@@ -23,7 +23,7 @@ from syncmap.feed.base import (
     PublishOutcomeUnknown,
     open_feed,
 )
-from syncmap.feed.nats import JetStreamFeed
+from syncmap.feed.jetstream import JetStreamFeed
 from syncmap.testing.feedconformance import CHECKS, Collector, FeedKit
 from syncmap.testing.nats_server import NatsServer, NatsServerNotFound, find_nats_server
 from syncmap.testing.wait import wait_until
@@ -305,7 +305,7 @@ def test_a_slow_handler_loses_nothing(
 ) -> None:
     """nats-py's queue overflows behind a stuck handler and drops messages; the subscription
     re-reads them from the stream, so the handler still gets every one, once, in order."""
-    monkeypatch.setattr(nats_feed, "PENDING_MSGS", 10)
+    monkeypatch.setattr(js_feed, "PENDING_MSGS", 10)
     release = threading.Event()
     c = Collector()
 
@@ -340,5 +340,5 @@ def test_a_backlog_beyond_the_flow_control_window_flows(
     sub = open_js(server, feeds).subscribe(c.handler, BEGINNING)
     c.wait(lambda c: b"end" in c.messages, "the whole backlog")
     assert c.messages == [*sent, b"end"]
-    assert isinstance(sub, nats_feed._StreamSubscription)
+    assert isinstance(sub, js_feed._StreamSubscription)
     assert sub.stalls == 0, "a flow-control request went unanswered"

@@ -27,7 +27,9 @@ def test_a_missing_client_library_names_the_extra_to_install(
     monkeypatch: pytest.MonkeyPatch, url: str, module: str, library: str, extra: str
 ) -> None:
     monkeypatch.delitem(sys.modules, module, raising=False)
-    monkeypatch.setitem(sys.modules, library, None)  # makes `import <library>` fail
+    for name in [n for n in sys.modules if n == library or n.startswith(library + ".")]:
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import <library>...` fail
+    monkeypatch.setitem(sys.modules, library, None)
     with pytest.raises(ConfigurationError, match=rf"pip install 'syncmap\[{extra}\]'"):
         feed_class(url)
 

@@ -144,7 +144,7 @@ _MODULES = {
     "amqps": ("rabbitmq", "RabbitMQFeed", "amqp"),
     "nats": ("nats", "NatsFeed", "nats"),
     "tls": ("nats", "NatsFeed", "nats"),
-    "nats+jetstream": ("nats", "JetStreamFeed", "nats"),
+    "nats+jetstream": ("jetstream", "JetStreamFeed", "nats"),
     "kafka": ("kafka", "KafkaFeed", "kafka"),
 }
 _import_lock = threading.Lock()
