@@ -9,6 +9,7 @@ import click
 
 from .. import __version__
 from ..errors import SyncMapError
+from .bench import bench as bench_command
 from .check import check_command
 from .data import COMMANDS as DATA_COMMANDS
 from .demo import demo as run_demo
@@ -48,6 +49,7 @@ def demo(url: str | None, nodes: int, seconds: float, chaos: bool) -> None:
 
 
 main.add_command(check_command)
+main.add_command(bench_command)
 for _command in DATA_COMMANDS:
     main.add_command(_command)
 main.add_command(lock_command)

@@ -1,0 +1,196 @@
+"""One benchmark run: start what it needs, run the chosen sections, write the report.
+
+The plans say how much work each section does: ``quick`` (the default, a few minutes), ``full``
+(more rounds, 16 receivers, 1M-entry maps) and ``smoke`` (tiny: only proves the command works).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from ..embedded import EmbeddedRedis
+from ..errors import SyncMapError
+from . import locks, plots, propagation, reads, report, scaling, writes
+from .context import Bench, environment, load_average
+from .handoff import HandoffPlan
+from .method import Section
+from .peers import Unavailable
+
+SECTIONS = ("reads", "writes", "propagation", "locks", "scaling")
+KiB, MiB = 1 << 10, 1 << 20
+VALUE_SIZES = (100, KiB, 10 * KiB, 100 * KiB, MiB)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    reads: reads.ReadPlan
+    writes: writes.WritePlan
+    propagation: propagation.PropagationPlan
+    locks: locks.LockPlan
+    scaling: scaling.ScalePlan
+
+
+PLANS = {
+    "smoke": Plan(
+        reads.ReadPlan(rounds=1, hit_reps=2, io_ops=10),
+        writes.WritePlan(rounds=1, ops=10, bulk_n=1000, bulk_rounds=1),
+        propagation.PropagationPlan(rounds=1, writes=10, gap=0.002, receivers=(1, 2)),
+        locks.LockPlan(rounds=1, ops=5, redlock_ops=5, handoff=HandoffPlan(
+            rounds=1, seconds=0.3, polling_seconds=0.4, warmup_seconds=0.1, contenders=(2,))),
+        scaling.ScalePlan(sizes=(100, 1000), rounds=1, reads=1000, value_sizes=(100, 10 * KiB),
+                          value_bytes=50 * KiB, mem_n=1000),
+    ),
+    "quick": Plan(
+        reads.ReadPlan(rounds=21, hit_reps=30, io_ops=150),
+        writes.WritePlan(rounds=15, ops=150, bulk_n=100_000, bulk_rounds=1),
+        propagation.PropagationPlan(rounds=3, writes=100, gap=0.003, receivers=(1, 4, 8)),
+        locks.LockPlan(rounds=7, ops=100, redlock_ops=50, handoff=HandoffPlan(
+            rounds=1, seconds=1.0, polling_seconds=2.5, warmup_seconds=0.3,
+            contenders=(2, 4, 8))),
+        scaling.ScalePlan(sizes=(1000, 10_000, 100_000), rounds=5, reads=50_000,
+                          value_sizes=VALUE_SIZES, value_bytes=2 * MiB, mem_n=100_000),
+    ),
+    "full": Plan(
+        reads.ReadPlan(rounds=31, hit_reps=100, io_ops=300),
+        writes.WritePlan(rounds=21, ops=300, bulk_n=100_000, bulk_rounds=3),
+        propagation.PropagationPlan(rounds=5, writes=200, gap=0.003, receivers=(1, 2, 4, 8, 16)),
+        locks.LockPlan(rounds=21, ops=200, redlock_ops=100, handoff=HandoffPlan(
+            rounds=3, seconds=1.5, polling_seconds=4.0, warmup_seconds=0.4,
+            contenders=(2, 4, 8))),
+        scaling.ScalePlan(sizes=(1000, 10_000, 100_000, 1_000_000), rounds=11, reads=100_000,
+                          value_sizes=VALUE_SIZES, value_bytes=8 * MiB, mem_n=1_000_000),
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What ``syncmap bench`` was asked to do."""
+
+    url: str | None = None
+    mode: str = "quick"
+    only: tuple[str, ...] = SECTIONS
+    out: Path = Path("bench/results")
+    plots: bool = True
+    feeds: tuple[str | None, ...] | None = None  # None: propagation.default_feeds()
+    redlock_urls: tuple[str, ...] = ()
+    name: str = ""  # base name of the result files; default: the mode
+    command: str = "syncmap bench"
+
+
+@dataclass(slots=True)
+class Outcome:
+    sections: list[Section] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+
+def run(opts: Options, say: Callable[[str], None]) -> Outcome:
+    """Run the sections; write ``<name>.md``, ``<name>.json`` and the plots into ``opts.out``."""
+    t0, started = time.monotonic(), datetime.datetime.now().astimezone().isoformat("T", "seconds")
+    plan, outcome = PLANS[opts.mode], Outcome()
+    with contextlib.ExitStack() as stack:
+        url = opts.url or stack.enter_context(EmbeddedRedis()).url
+        client = redis.Redis.from_url(url)
+        stack.callback(client.close)
+        b = Bench(url, f"smbench-{uuid.uuid4().hex[:8]}", client)
+        stack.callback(b.close)
+        env = environment(b)
+        say(f"benchmarking against Redis {b.server_version} at {_where(url, opts)} "
+            f"({opts.mode}: {', '.join(opts.only)})")  # fmt: skip
+        for name in opts.only:
+            _section(name, functools.partial(_call, name, b, plan, opts, stack), outcome, say)
+        env["load average at end"] = load_average()
+    meta = report.Meta(opts.command, opts.mode, time.monotonic() - t0, started)
+    outcome.files = _write(opts, outcome, env, meta, say)
+    return outcome
+
+
+def _where(url: str, opts: Options) -> str:
+    return url.rsplit("@", maxsplit=1)[-1] + ("" if opts.url else " (embedded)")
+
+
+def _section(name: str, body: Callable[[], Section], outcome: Outcome,
+             say: Callable[[str], None]) -> None:  # fmt: skip
+    """Run one section; a crash is reported (and makes the run fail) but the others still run."""
+    t0 = time.monotonic()
+    try:
+        section = body()
+    except Exception as exc:
+        outcome.failed[name] = "".join(traceback.format_exception(exc)).strip()
+        say(f"  {name}: FAILED after {time.monotonic() - t0:.1f} s: {type(exc).__name__}: {exc}")
+        return
+    section.seconds = time.monotonic() - t0
+    outcome.sections.append(section)
+    say(f"  {name}: {section.seconds:.1f} s")
+
+
+def _call(name: str, b: Bench, plan: Plan, opts: Options,
+          stack: contextlib.ExitStack) -> Section:  # fmt: skip
+    if name == "reads":
+        return reads.run(b, plan.reads)
+    if name == "writes":
+        return writes.run(b, plan.writes)
+    if name == "propagation":
+        feeds = opts.feeds if opts.feeds is not None else propagation.default_feeds(b.url)
+        return propagation.run(b, plan.propagation, feeds)
+    if name == "locks":
+        urls, why = _redlock_servers(opts, stack)
+        return locks.run(b, plan.locks, urls, why)
+    return scaling.run(b, plan.scaling)
+
+
+def _redlock_servers(opts: Options, stack: contextlib.ExitStack) -> tuple[list[str], str]:
+    """A Redlock needs independent masters: ``--redlock-urls``, else 3 embedded servers."""
+    if opts.redlock_urls:
+        return list(opts.redlock_urls), ""
+    try:
+        return [stack.enter_context(EmbeddedRedis()).url for _ in range(3)], ""
+    except SyncMapError as exc:
+        return [], f"not measured: no 3 Redis masters ({exc}); pass --redlock-urls"
+
+
+def _write(opts: Options, outcome: Outcome, env: dict[str, object], meta: report.Meta,
+           say: Callable[[str], None]) -> list[Path]:  # fmt: skip
+    opts.out.mkdir(parents=True, exist_ok=True)
+    prefix = opts.name or opts.mode
+    drawn: list[Path] = []
+    if opts.plots:
+        try:
+            drawn = plots.draw(outcome.sections, opts.out, prefix)
+        except Unavailable as exc:
+            say(f"no plots: matplotlib {exc}")
+    md = opts.out / f"{prefix}.md"
+    md.write_text(report.markdown(outcome.sections, env, meta, drawn, outcome.failed))
+    js = opts.out / f"{prefix}.json"
+    js.write_text(report.as_json(outcome.sections, env, meta, outcome.failed) + "\n")
+    return [md, js, *drawn]
+
+
+def parse_only(text: str | None) -> tuple[str, ...]:
+    """``--only reads,locks`` -> the sections in their usual order; ValueError names a typo."""
+    if not text:
+        return SECTIONS
+    asked = {s.strip() for s in text.split(",") if s.strip()}
+    if unknown := asked - set(SECTIONS):
+        raise ValueError(f"unknown section(s) {', '.join(sorted(unknown))}: use "
+                         f"{','.join(SECTIONS)}")  # fmt: skip
+    return tuple(s for s in SECTIONS if s in asked)
+
+
+def parse_feeds(text: str | None) -> tuple[str | None, ...] | None:
+    """``--feeds redis,amqp://...``: ``redis`` (or ``default``) is the store's own pub/sub."""
+    if text is None:
+        return None
+    items: Sequence[str] = [s.strip() for s in text.split(",") if s.strip()]
+    return tuple(None if s in ("redis", "default") else s for s in items)

@@ -1,0 +1,82 @@
+"""``syncmap bench``: syncmap against the libraries users would otherwise pick, in one run.
+
+Writes ``<out>/<quick|full>.md`` (the tables, the machine and versions), the same as JSON, and
+PNG plots.  Without ``--url`` it starts an embedded redis-server.  docs/benchmarks.md explains
+every figure.  Exit status: 0 done, 1 a section failed (the others still ran; the report says
+why), 2 bad arguments or no Redis.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from ..benchmarks import runner  # imports the peers and matplotlib only when they are used
+from ..errors import SyncMapError
+from .torture import redact, unreachable, unreachable_message
+
+
+@click.command("bench")
+@click.option("--url", envvar="SYNCMAP_URL", help="Redis to use (default: start an embedded one). "
+              "Keys go under a per-run namespace and are deleted afterwards.")  # fmt: skip
+@click.option("--full", is_flag=True, help="More rounds, 16 receivers, 1M-entry maps (~15 min).")
+@click.option(
+    "--only",
+    metavar="SECTIONS",
+    help="Comma-separated: reads,writes,propagation,locks,scaling (default: all).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench/results"),
+    show_default=True,
+    help="Where results go.",
+)
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@click.option("--feeds", metavar="URLS", help="Feeds to measure propagation on, comma-separated; "
+              "'redis' is the store's own pub/sub (default: redis, redis+stream on the same "
+              "server, and RabbitMQ / NATS / JetStream / Kafka on their default local ports when "
+              "something listens there).")  # fmt: skip
+@click.option(
+    "--redlock-urls",
+    metavar="URLS",
+    help="Independent Redis masters for the Redlock row (default: start 3).",
+)
+@click.option("--name", default="", help="Base name of the result files (default: the mode).")
+@click.option("--smoke", is_flag=True, hidden=True, help="Tiny plan: proves the command works.")
+def bench(url: str | None, full: bool, only: str | None, out: Path, no_plots: bool,
+          feeds: str | None, redlock_urls: str | None, name: str, smoke: bool) -> None:  # fmt: skip
+    """Benchmark syncmap against dicts, raw redis-py and its caches, cashews, pottery and lock
+    libraries; medians and in-run ratios, Markdown + JSON + PNG plots.  Quick by default."""
+    try:
+        opts = runner.Options(
+            url=url, mode="smoke" if smoke else "full" if full else "quick",
+            only=runner.parse_only(only), out=out, plots=not no_plots,
+            feeds=runner.parse_feeds(feeds),
+            redlock_urls=tuple(u for u in (redlock_urls or "").split(",") if u),
+            name=name, command=_command(),
+        )  # fmt: skip
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    if url and (why := unreachable(url)):
+        click.echo(unreachable_message("bench", url, why), err=True)
+        sys.exit(2)
+    try:
+        outcome = runner.run(opts, lambda text: click.echo(text, err=True))
+    except SyncMapError as exc:  # e.g. no redis-server to embed
+        click.echo(f"syncmap bench: {exc}", err=True)
+        sys.exit(2)
+    for path in outcome.files:
+        click.echo(str(path))
+    sys.exit(1 if outcome.failed else 0)
+
+
+def _command() -> str:
+    """The command line as typed, passwords hidden (it goes into the report)."""
+    argv = [redact(a) if "://" in a else a for a in sys.argv]
+    if argv[1:2] == ["bench"]:  # syncmap bench ..., python -m syncmap.cli bench ...
+        return shlex.join(["syncmap", *argv[1:]])
+    return shlex.join(["python", *argv])  # a plain script: python bench/run.py ...
