@@ -533,6 +533,55 @@ class SyncMap(MutableMapping[Key, Any]):
                     out.append((decode_key(field), self._codec.decode(payload)))
         return out
 
+    def preload(self, *, limit: int | None = None, retries: int = 3) -> int:
+        """Fill this server's near cache with the whole map (up to ``capacity`` or ``limit``
+        entries), a few buckets per round trip; returns how many entries it cached.
+
+        Each bucket is installed whole or not at all: a bucket that changed while it was being
+        read (a change message, a probe, a write from here) is read again, up to ``retries``
+        times, and otherwise left to fill on demand (``NearCache.complete_bulk`` says why).
+        """
+        self._check_open()
+        cap = min(self.config.capacity, limit if limit is not None else self.config.capacity)
+        todo, cached = list(range(self._buckets)), 0
+        for _ in range(retries + 1):
+            again = []
+            for i in range(0, len(todo), 8):
+                chunk = todo[i : i + 8]
+                with self._engine.lock:
+                    tokens = [self._core.begin_bulk(b) for b in chunk]
+                replies = self._store.bucket_items(chunk)
+                for bucket, token, pairs in zip(chunk, tokens, replies, strict=True):
+                    entries = self._bulk_entries(pairs, cap - cached)
+                    with self._engine.lock:
+                        n = self._core.complete_bulk(token, time.monotonic(), entries)
+                    if n == 0 and entries:
+                        again.append(bucket)
+                    cached += n
+                    if cached >= cap:
+                        self._engine.wake_timer()
+                        return cached
+            if not again:
+                break
+            todo = again
+        self._engine.wake_timer()
+        return cached
+
+    def _bulk_entries(
+        self, pairs: list[tuple[bytes, bytes]], room: int
+    ) -> list[tuple[Key, int, int, Any, bytes | None, float]]:
+        now, now_ms = time.monotonic(), self._engine.server_now_ms()
+        out: list[tuple[Key, int, int, Any, bytes | None, float]] = []
+        for field, stored in pairs[: max(room, 0)]:
+            version, deadline_ms, epoch, payload = unpack_value_epoch(stored)
+            if deadline_ms and deadline_ms <= now_ms:
+                continue
+            value = self._codec.decode(payload)
+            deadline = self._engine.local_deadline(deadline_ms, now) if deadline_ms else INF
+            cached, raw = (value, None) if is_immutable(value) else (COPY, payload)
+            out.append((decode_key(field), version, epoch, cached, raw, deadline))
+        return out
+
     def keys(self) -> list[Key]:  # type: ignore[override]
         return [k for k, _ in self.items()]
 

@@ -23,6 +23,7 @@ from syncmap import (
     SyncMap,
 )
 from syncmap.errors import CorruptData, InvalidKey, ValueTooLarge
+from syncmap.testing.wait import wait_until
 
 
 def changes_seen(m: SyncMap) -> tuple[threading.Event, list[Event]]:
@@ -416,3 +417,19 @@ def test_hit_path_cannot_serve_an_entry_whose_lease_lapsed_mid_read(
         monkeypatch.setattr(syncmap.map, "_monotonic", clock_after_a_pause)
         _, _, source = m.get_with_meta("k")
         assert source == "redis", "served a near-cache entry whose lease had lapsed"
+
+
+def test_preload_fills_the_near_cache_and_stays_coherent(shared_redis_url: str) -> None:
+    with SyncMap("pre", shared_redis_url) as writer:
+        writer.update({f"k{i}": i for i in range(3000)})
+        writer.set("short", 1, ttl=0.2)
+        with SyncMap("pre", shared_redis_url, config=MapConfig(capacity=2500)) as reader:
+            loaded = reader.preload()
+            assert loaded == 2500, "stops at the near cache's capacity"
+            cached = [k for k in (f"k{i}" for i in range(3000)) if reader.peek(k) is not None]
+            assert len(cached) >= 2499
+            before = reader.statistics().misses
+            assert all(reader[k] == int(k[1:]) for k in cached[:100])
+            assert reader.statistics().misses == before, "preloaded keys are hits"
+            writer[cached[0]] = "new"
+            wait_until(lambda: reader.get(cached[0]) == "new", 5, "a later write still arrives")

@@ -584,3 +584,51 @@ def test_value_round_trip(version: int, deadline: int, payload: bytes) -> None:
 def test_short_value_is_corrupt(n: int) -> None:
     with pytest.raises(CorruptData):
         unpack_value(b"\x00" * n)
+
+
+# ---- bulk fills (SyncMap.preload) ---------------------------------------------------------------
+
+
+def _bulk(core: NearCache, *entries: tuple[str, int]) -> int:
+    token = core.begin_bulk(0)
+    return core.complete_bulk(token, 0.1, [(k, v, E1, f"v{v}", None, INF) for k, v in entries])
+
+
+def test_a_bulk_read_is_installed_when_nothing_happened_meanwhile() -> None:
+    core = started((E1, 2))
+    assert _bulk(core, ("a", 1), ("b", 2)) == 2
+    assert cached(core, "a") == ("v1", 1)
+
+
+def test_a_bulk_read_overtaken_by_a_message_installs_nothing() -> None:
+    """The fill race for a whole bucket: b@3's message is applied while the read (which saw
+    b@2) is out; installing b@2 afterwards would leave it stale until the next write."""
+    core = started((E1, 2))
+    token = core.begin_bulk(0)
+    core.on_message(msg(3, "b"), 0.05)
+    n = core.complete_bulk(
+        token, 0.1, [("a", 1, E1, "v1", None, INF), ("b", 2, E1, "v2", None, INF)]
+    )
+    assert n == 0
+    assert cached(core, "b") is None
+
+
+def test_a_bulk_read_overtaken_by_an_own_write_installs_nothing() -> None:
+    core = started((E1, 2))
+    token = core.begin_bulk(0)
+    core.note_write("b", 3)  # this server deleted b at version 3 while the read was out
+    n = core.complete_bulk(token, 0.1, [("b", 2, E1, "v2", None, INF)])
+    assert n == 0 and cached(core, "b") is None
+
+
+def test_a_bulk_read_skips_other_epochs_and_expired_values_and_keeps_newer_entries() -> None:
+    core = started((E1, 5))
+    assert fill(core, "a", 5, "v5")
+    token = core.begin_bulk(0)
+    n = core.complete_bulk(token, 0.1, [
+        ("a", 4, E1, "v4", None, INF), ("b", 2, E2, "v2", None, INF),
+        ("c", 3, E1, "v3", None, 0.05), ("d", 1, E1, "v1", None, INF),
+    ])  # fmt: skip
+    assert n == 1
+    assert cached(core, "a") == ("v5", 5) and cached(core, "d") == ("v1", 1)
+    assert cached(core, "b") is None and cached(core, "c") is None

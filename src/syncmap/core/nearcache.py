@@ -84,6 +84,7 @@ class BucketState:
     top: int = 0  # highest version cached in this bucket since it was last (re)started
     heard_at: float = -INF  # when a message last told us this bucket's epoch and sequence
     targets: list[tuple[int, float]] = field(default_factory=list)
+    heard: int = 0  # messages applied to this bucket (a bulk fill checks none came meanwhile)
     ahead: dict[int, int] = field(default_factory=dict)  # unordered feeds: first -> last seq
     # of messages that arrived before an earlier one; ``seq`` stays the contiguous high-water mark
 
@@ -158,6 +159,7 @@ class NearCache:
         self._feed_gen = 0
         self._probes = 0
         self._repair_from: float | None = None  # a probe sent at or after this time repairs
+        self._writes = 0  # this server's own acknowledged writes (a bulk fill checks none came)
         self.valid_until = -INF
         """Every cached entry may be served until then (earliest lease or TTL deadline, less
         ``margin``).  The hit path compares the clock with this one number, so a process resumed
@@ -222,6 +224,53 @@ class NearCache:
             self._evict()
         return True
 
+    # ---- bulk fills (``SyncMap.preload``) ----------------------------------------------------
+
+    def begin_bulk(self, bucket: int) -> tuple[int, ...]:
+        """Call *before* reading a whole bucket; pass the result to :meth:`complete_bulk`."""
+        b = self.buckets[bucket]
+        return (bucket, self._feed_gen, b.gen, b.heard, self._writes)
+
+    def complete_bulk(
+        self, token: tuple[int, ...], now: float,
+        entries: Sequence[tuple[Key, int, int, Any, bytes | None, float]],
+    ) -> int:  # fmt: skip
+        """Install a whole bucket read at once, or nothing; returns how many were installed.
+
+        Why all or nothing, in the order of events it prevents: a per-key fill is protected by
+        noting every version seen for its key while it is out (the fill race, A2); a bulk read
+        has no keys to note until it returns.  So it is installed only if *nothing* reached this
+        bucket while it was out: no change message (``heard``), no repair or flush (``gen``,
+        ``feed_gen``), none of this server's own writes.  Unlike a fill it need not fear a probe
+        (:meth:`tops`): it installs only values of the bucket's known epoch, and a store that
+        restarted or was flushed meanwhile shows a probe another epoch (or none), which restarts
+        the bucket and so changes ``gen``.
+        Then every value read is at least as new as anything this server has seen, exactly as
+        for a fill.  ``entries`` are (key, version, epoch, value, raw, deadline); a value of
+        another epoch than the bucket's is skipped (its version is not comparable).
+        """
+        bucket = token[0]
+        b = self.buckets[bucket]
+        if token != self.begin_bulk(bucket) or now >= b.lease_until - self.margin:
+            return 0
+        installed = 0
+        for key, version, epoch, value, raw, deadline in entries:
+            if len(self.entries) >= self.capacity:
+                break
+            old = self.entries.get(key)
+            stale = old is not None and old.version >= version
+            if epoch != b.epoch or deadline <= now or stale:
+                continue
+            if old is not None:
+                self._remove(key, old)
+            if deadline != INF:
+                heapq.heappush(self._ttl, (deadline, version, key))
+                self.valid_until = min(self.valid_until, deadline - self.margin)
+            self.entries[key] = Entry(value, raw, version, bucket, key.__class__, deadline)
+            b.top = max(b.top, version)
+            installed += 1
+        return installed
+
     def _refuse(self, token: FillToken, version: int, *, other_epoch: bool) -> bool:
         """Do not install a read's value; returns False.
 
@@ -263,6 +312,7 @@ class NearCache:
 
     def note_write(self, key: Key, version: int) -> None:
         """A write of ``key`` at ``version`` is acknowledged: nothing older may stay or arrive."""
+        self._writes += 1
         e = self.entries.get(key)
         if e is not None and e.version < version:
             self._remove(key, e)
@@ -292,6 +342,7 @@ class NearCache:
 
     def cleared(self, bucket: int, version: int) -> None:
         """This server cleared ``bucket`` at ``version``."""
+        self._writes += 1
         self._clear_bucket(bucket, version)
 
     def fill_absent(self, token: FillToken) -> None:
@@ -324,6 +375,7 @@ class NearCache:
             return []
         keys = [decode_key(f) for f in msg.fields]  # CorruptData here leaves every state untouched
         b = self.buckets[msg.bucket]
+        b.heard += 1
         if b.known:
             self._sequence(msg.bucket, msg)
             b.heard_at = now
