@@ -253,22 +253,26 @@ class NearCache:
         b = self.buckets[bucket]
         if token != self.begin_bulk(bucket) or now >= b.lease_until - self.margin:
             return 0
-        installed = 0
+        installed, top, held, want = 0, b.top, self.entries, b.epoch
+        room = self.capacity - len(held)
         for key, version, epoch, value, raw, deadline in entries:
-            if len(self.entries) >= self.capacity:
+            if installed >= room:
                 break
-            old = self.entries.get(key)
-            stale = old is not None and old.version >= version
-            if epoch != b.epoch or deadline <= now or stale:
-                continue
+            old = held.get(key)
             if old is not None:
+                if old.version >= version:
+                    continue
                 self._remove(key, old)
+                room += 1
+            if epoch != want or deadline <= now:
+                continue
             if deadline != INF:
                 heapq.heappush(self._ttl, (deadline, version, key))
                 self.valid_until = min(self.valid_until, deadline - self.margin)
-            self.entries[key] = Entry(value, raw, version, bucket, key.__class__, deadline)
-            b.top = max(b.top, version)
+            held[key] = Entry(value, raw, version, bucket, key.__class__, deadline)
+            top = version if version > top else top
             installed += 1
+        b.top = top
         return installed
 
     def _refuse(self, token: FillToken, version: int, *, other_epoch: bool) -> bool:

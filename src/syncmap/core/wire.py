@@ -38,7 +38,8 @@ OP_NAMES = {
 
 _HEAD = struct.Struct(">2sBBHQQB")
 _U32 = struct.Struct(">I")
-_VALUE_HEAD = struct.Struct(">QQQ")
+_VALUE_HEAD = VALUE_HEAD = struct.Struct(">QQQ")
+"""The stored value's header: version, deadline ms, epoch (``VALUE_HEAD.unpack_from(stored)``)."""
 VALUE_HEAD_SIZE = _VALUE_HEAD.size
 MAX_KEYS_PER_MESSAGE = 1_000_000
 
