@@ -26,6 +26,8 @@ known a no-op, so this is safe however often it happens.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import queue
@@ -71,6 +73,13 @@ _MISSING: Any = object()
 Snapshot = Mapping[Key, Any] | Callable[[], Mapping[Key, Any]] | str
 
 
+_MAC = 32
+
+
+def _mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -87,6 +96,7 @@ class ReplicaStatistics:
     syncs_requested: int
     syncs_answered: int
     feed_drops: int
+    unauthenticated: int = 0
 
 
 class ReplicatedMap(MutableMapping[Key, Any]):
@@ -104,6 +114,7 @@ class ReplicatedMap(MutableMapping[Key, Any]):
         snapshot: Snapshot | None = None,
         load_timeout: float = 60.0,
         peers_timeout: float = 2.0,
+        signing_key: bytes | None = None,
     ) -> None:
         self.name = check_map_name(name)
         self.config = cfg = config or MapConfig()
@@ -113,6 +124,10 @@ class ReplicatedMap(MutableMapping[Key, Any]):
         if len(self.node_id.encode()) > 255:
             raise ConfigurationError(f"node_id {self.node_id[:40]!r}... is over 255 bytes")
         self._codec = make_codec(codec, value_type)
+        if signing_key is not None and len(signing_key) < 16:
+            raise ConfigurationError("signing_key must be at least 16 bytes (use os.urandom(32))")
+        self._key = signing_key
+        self._unauthenticated = 0
         self._replica = Replica()
         self._slots = self._replica.slots  # the read path looks here directly
         self._lock = threading.Lock()
@@ -189,7 +204,7 @@ class ReplicatedMap(MutableMapping[Key, Any]):
         nonce = os.urandom(16)
         arrived = self._pings[nonce] = threading.Event()
         msg = ReplicaMessage(R_PING, 0, self.node_id, nonce)
-        self._feed.publish(encode(msg), key=b"\x00ping:" + self.node_id.encode())
+        self._feed.publish(self._seal(msg), key=b"\x00ping:" + self.node_id.encode())
         if not arrived.wait(timeout):
             raise FeedError(
                 f"a test message published on {self._feed.topic} ({self._feed.describe()}) did "
@@ -212,6 +227,17 @@ class ReplicatedMap(MutableMapping[Key, Any]):
 
     def _on_message(self, data: bytes, _position: str | None) -> None:
         self._messages += 1
+        if self._key is not None:
+            body, mac = data[:-_MAC], data[-_MAC:]
+            if len(data) < _MAC or not hmac.compare_digest(mac, _mac(self._key, body)):
+                self._unauthenticated += 1
+                if self._unauthenticated == 1 or self._unauthenticated % 1000 == 0:
+                    log.warning(
+                        "syncmap %s: dropped a message without this map's signature (%d so far)",
+                        self.name, self._unauthenticated,
+                    )  # fmt: skip
+                return
+            data = body
         try:
             msg = decode(data)
         except CorruptData as exc:
@@ -258,7 +284,7 @@ class ReplicatedMap(MutableMapping[Key, Any]):
         self._syncs_requested += 1
         self._synced.clear()
         msg = ReplicaMessage(R_SYNC, 0, self.node_id)
-        self._feed.publish(encode(msg), key=b"\x00sync:" + self.node_id.encode())
+        self._feed.publish(self._seal(msg), key=b"\x00sync:" + self.node_id.encode())
 
     def _work_loop(self) -> None:
         while (item := self._work.get()) is not None:
@@ -290,7 +316,12 @@ class ReplicatedMap(MutableMapping[Key, Any]):
         self._send(ReplicaMessage(R_SYNCED, 0, self.node_id, peer.encode()), None, confirm=True)
 
     def _send(self, msg: ReplicaMessage, field: bytes | None, *, confirm: bool) -> None:
-        self._feed.publish(encode(msg), key=field, confirm=confirm)
+        self._feed.publish(self._seal(msg), key=field, confirm=confirm)
+
+    def _seal(self, msg: ReplicaMessage) -> bytes:
+        """The message's bytes, followed by its HMAC-SHA256 when the map has a signing key."""
+        data = encode(msg)
+        return data if self._key is None else data + _mac(self._key, data)
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -398,7 +429,7 @@ class ReplicatedMap(MutableMapping[Key, Any]):
             hlc = self._replica.clock.tick(_wall_ms())
         msg = ReplicaMessage(draft.op, hlc, draft.origin, draft.field, draft.payload,
                              draft.deadline_ms)  # fmt: skip
-        self._feed.publish(encode(msg), key=msg.field or None)
+        self._feed.publish(self._seal(msg), key=msg.field or None)
         with self._lock:
             change = self._replica.apply(msg, value)
         if change is not None:
@@ -454,7 +485,7 @@ class ReplicatedMap(MutableMapping[Key, Any]):
             entries=len(self), applied=self._replica.applied, ignored=self._replica.ignored,
             messages=self._messages, corrupt_messages=self._corrupt,
             syncs_requested=self._syncs_requested, syncs_answered=self._syncs_answered,
-            feed_drops=self._drops,
+            feed_drops=self._drops, unauthenticated=self._unauthenticated,
         )  # fmt: skip
 
     def close(self) -> None:

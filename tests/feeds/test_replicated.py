@@ -15,7 +15,13 @@ import pytest
 import redis
 
 from conftest import FEEDS, feed_url, restartable_feed
-from syncmap import NoSnapshotSource, ReplicatedMap, SyncMap, UnsupportedInMode
+from syncmap import (
+    ConfigurationError,
+    NoSnapshotSource,
+    ReplicatedMap,
+    SyncMap,
+    UnsupportedInMode,
+)
 from syncmap.embedded import EmbeddedRedis
 from syncmap.feed.base import feed_class
 from syncmap.testing.proxy import FaultProxy
@@ -154,3 +160,25 @@ def test_a_server_that_missed_messages_catches_up_from_its_peers(
             assert b.statistics().syncs_answered >= 1
     finally:
         proxy.close()
+
+
+def test_signed_maps_ignore_what_an_unsigned_or_forged_publisher_sends(
+    shared_redis_url: str,
+) -> None:
+    """With ``signing_key`` every message carries an HMAC-SHA256; anyone else who may publish on
+    the broker can no longer write into the map (a replayed old message loses to the version
+    already held, so replays are harmless too)."""
+    key = b"k" * 32
+    with ReplicatedMap("signed", shared_redis_url, snapshot={}, signing_key=key) as a, \
+            ReplicatedMap("signed", shared_redis_url, snapshot="peers", signing_key=key) as b, \
+            ReplicatedMap("signed", shared_redis_url, snapshot={}) as intruder:  # fmt: skip
+        a["x"] = "good"
+        wait_until(lambda: b.get("x") == "good", 5, "signed maps hear each other")
+        intruder["x"] = "evil"
+        intruder["y"] = "evil"
+        a["z"] = "marker"  # published after the intruder's writes: once it arrives, they did
+        wait_until(lambda: b.get("z") == "marker", 5, "the marker arrives")
+        assert b.get("x") == "good" and "y" not in b
+        assert b.statistics().unauthenticated >= 2
+        with pytest.raises(ConfigurationError, match="16 bytes"):
+            ReplicatedMap("signed", shared_redis_url, snapshot={}, signing_key=b"short")
