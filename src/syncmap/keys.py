@@ -20,7 +20,10 @@ and docs/protocol.md.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import uuid
 import zlib
 from dataclasses import dataclass
 
@@ -87,6 +90,14 @@ def normal_key(key: object) -> Key:
 def bucket_of(field: bytes, buckets: int) -> int:
     """Stable bucket of a field: every server must agree, so no Python ``hash()``."""
     return zlib.crc32(field) % buckets
+
+
+def check_node_id(node_id: str | None) -> str:
+    """This server's id in change messages: the one given, or ``host:pid:random``."""
+    node_id = node_id or f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    if len(node_id.encode()) > 255:
+        raise ConfigurationError(f"node_id {node_id[:40]!r}... is over 255 bytes")
+    return node_id
 
 
 def check_map_name(name: str) -> str:

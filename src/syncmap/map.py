@@ -7,7 +7,6 @@ import queue
 import random
 import socket
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ from .keys import (
     bucket_of,
     check_lock_name,
     check_map_name,
+    check_node_id,
     decode_key,
     encode_key,
     key_lock_name,
@@ -98,11 +98,7 @@ class SyncMap(MutableMapping[Key, Any]):
     ) -> None:
         self.name = check_map_name(name)
         self.config = cfg = config or MapConfig()
-        self.node_id = (
-            node_id or f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        )
-        if len(self.node_id.encode()) > 255:
-            raise ConfigurationError(f"node_id {self.node_id[:40]!r}... is over 255 bytes")
+        self.node_id = check_node_id(node_id)
         self._codec = make_codec(codec, value_type)
         # MessagePack without a value type gives these scalars back unchanged (JSON does not:
         # it turns inf into null), so a writer may cache what it wrote without decoding it.

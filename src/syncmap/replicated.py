@@ -31,10 +31,8 @@ import hmac
 import logging
 import os
 import queue
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +64,7 @@ from .errors import (
     ValueTooLarge,
 )
 from .feed.base import BEGINNING, Feed, FeedHandler, Subscription, feed_class, open_feed
-from .keys import Key, check_map_name, encode_key, normal_key
+from .keys import Key, check_map_name, check_node_id, encode_key, normal_key
 
 log = logging.getLogger("syncmap.replicated")
 _MISSING: Any = object()
@@ -118,11 +116,7 @@ class ReplicatedMap(MutableMapping[Key, Any]):
     ) -> None:
         self.name = check_map_name(name)
         self.config = cfg = config or MapConfig()
-        self.node_id = (
-            node_id or f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        )
-        if len(self.node_id.encode()) > 255:
-            raise ConfigurationError(f"node_id {self.node_id[:40]!r}... is over 255 bytes")
+        self.node_id = check_node_id(node_id)
         self._codec = make_codec(codec, value_type)
         if signing_key is not None and len(signing_key) < 16:
             raise ConfigurationError("signing_key must be at least 16 bytes (use os.urandom(32))")
