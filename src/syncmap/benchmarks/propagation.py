@@ -8,8 +8,11 @@ callback runs the moment the change is applied, i.e. when a read would see it), 
 baseline is raw redis-py: ``PUBLISH`` to N plain subscribers, in the same rounds.  Segments are
 interleaved (every feed and N in one round, the order reversed every other round).
 
-A feed whose map cannot be opened here (its broker is not running, its client library is not
-installed, the scheme is not built yet) is reported as "not available" with the reason.
+By default the feeds on the store's own Redis (pub/sub and a Stream): the brokers' feeds are
+measured by the ``feeds`` section (``feedbench.py``) against their own broker's raw delay, which
+this section's machinery (:func:`measure`, the receivers) serves as well.  A feed whose map cannot
+be opened here (its broker is not running, its client library is not installed) is reported as
+"not available" with the reason.
 """
 
 from __future__ import annotations
@@ -18,24 +21,22 @@ import contextlib
 import functools
 import itertools
 import random
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from typing import Any
-from urllib.parse import urlsplit
 
 import redis
 
 from .. import Event, MapConfig, SyncMap, SyncMapError
+from ..feed.base import FeedHandler, open_feed
+from .brokers import drop_streams, label, reachable, stream_on
 from .context import Bench
 from .method import Row, Section, pct
 from .workers import Pool, WorkerError, serve
 
 RAW = "raw redis-py PUBLISH"
-DEFAULT_BROKERS = ("amqp://guest:guest@127.0.0.1:5672/%2F", "nats://127.0.0.1:4222",
-                   "nats+jetstream://127.0.0.1:4222", "kafka://127.0.0.1:9092")  # fmt: skip
 TARGET_N = 8  # DESIGN §4: propagation to 8 servers, p50 ≤ 0.5 ms and p99 ≤ 2 ms on loopback
 Deliveries = list[tuple[int, int]]  # (write id, CLOCK_MONOTONIC ns when the receiver saw it)
 
@@ -49,13 +50,9 @@ class PropagationPlan:
 
 
 def default_feeds(url: str) -> list[str | None]:
-    """Redis pub/sub on the store (None), a Redis Stream on the same server, the usual brokers."""
-    stream = "redis+stream" + url[url.index("://") :] if url.startswith("redis://") else None
-    return [None, *([stream] if stream else []), *DEFAULT_BROKERS]
-
-
-def label(feed: str | None) -> str:
-    return "redis pub/sub" if feed is None else urlsplit(feed).scheme
+    """Redis pub/sub on the store (None) and a Redis Stream on the same server."""
+    stream = stream_on(url)
+    return [None, *([stream] if stream else [])]
 
 
 # ---- receivers (other processes) ------------------------------------------------------------
@@ -69,6 +66,10 @@ class _Listener:
         self._close: Callable[[], None]
         if cmd[1] == "raw":
             self._raw(url, cmd[2])
+        elif cmd[1] == "feed":  # the feed's own client, no map: ("open", "feed", url, topic)
+            feed = open_feed(cmd[2], cmd[3])
+            feed.subscribe(FeedHandler(self._on_payload))
+            self._close = feed.close
         else:
             m = SyncMap(cmd[2], url=url, feed=cmd[3],
                         config=MapConfig(namespace=ns, presence=False))  # fmt: skip
@@ -79,6 +80,11 @@ class _Listener:
         now = time.monotonic_ns()
         if isinstance(event.key, int):
             self.got.append((event.key, now))
+
+    def _on_payload(self, payload: bytes, position: str | None) -> None:
+        now = time.monotonic_ns()
+        if payload.isdigit():  # not a writer's warm-up message
+            self.got.append((int(payload), now))
 
     def _raw(self, url: str, channel: str) -> None:
         client = redis.Redis.from_url(url)
@@ -104,7 +110,7 @@ class _Listener:
         return self.got
 
 
-def _receiver(wid: int, cmds: Queue[Any], out: Queue[Any], url: str, ns: str) -> None:
+def receiver(wid: int, cmds: Queue[Any], out: Queue[Any], url: str, ns: str) -> None:
     current: list[_Listener] = []
 
     def handle(cmd: tuple[Any, ...]) -> Any:
@@ -140,35 +146,28 @@ class Contender:
                 "deliveries": len(xs), "missing": self.missing.get(n, 0)}  # fmt: skip
 
 
-def _reachable(feed: str) -> str:
-    """'' when something listens at the feed URL's host:port, else why not."""
-    parts = urlsplit(feed)
-    host, port = parts.hostname or "127.0.0.1", parts.port
-    if port is None:
-        return ""
+def map_contender(b: Bench, name: str, map_name: str, feed: str | None) -> Contender | str:
+    """The segments' contender for syncmap's map ``map_name`` on ``feed``; or why it cannot run."""
+    writer = functools.partial(_map_writer, b, map_name, feed)
     try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return ""
-    except OSError:
-        return f"not available: nothing listening on {host}:{port}"
+        with writer():
+            pass
+    except (SyncMapError, ImportError, OSError) as exc:
+        return f"not available: {type(exc).__name__}: {exc}"
+    return Contender(name, ("open", "map", map_name, feed), writer)
 
 
 def _contenders(b: Bench, feeds: Sequence[str | None]) -> tuple[list[Contender], dict[str, str]]:
     found: list[Contender] = []
     absent: dict[str, str] = {}
     for i, feed in enumerate(feeds):
-        name, map_name = label(feed), f"prop-{i}"
-        if feed is not None and (why := _reachable(feed)):
-            absent[name] = why
-            continue
-        writer = functools.partial(_map_writer, b, map_name, feed)
-        try:
-            with writer():
-                pass
-        except (SyncMapError, ImportError, OSError) as exc:
-            absent[name] = f"not available: {type(exc).__name__}: {exc}"
-            continue
-        found.append(Contender(name, ("open", "map", map_name, feed), writer))
+        name = label(feed)
+        why = reachable(feed) if feed is not None else ""
+        c = why or map_contender(b, name, f"prop-{i}", feed)
+        if isinstance(c, str):
+            absent[name] = c
+        else:
+            found.append(c)
     channel = b.raw("prop-ch")
     publish = functools.partial(_publish, b.client, channel)
     found.append(Contender(RAW, ("open", "raw", channel), lambda: contextlib.nullcontext(publish)))
@@ -212,26 +211,35 @@ def _segment(pool: Pool, c: Contender, n: int, writes: int, gap: float,
 
 def run(b: Bench, plan: PropagationPlan, feeds: Sequence[str | None]) -> Section:
     contenders, absent = _contenders(b, feeds)
-    pool = Pool.start(_receiver, max(plan.receivers), (b.url, b.ns))
-    ids = itertools.count()
+    pool = Pool.start(receiver, max(plan.receivers), (b.url, b.ns))
     try:
-        for r in range(plan.rounds + 1):  # round 0: a short warm-up segment of each contender
-            configs = [(c, n) for n in plan.receivers for c in contenders]
-            for c, n in configs[::-1] if r % 2 else configs:
-                if c.name in absent or (r == 0 and n != max(plan.receivers)):
-                    continue
-                try:
-                    sent, got = _segment(pool, c, n, plan.writes if r else plan.writes // 5 or 1,
-                                         plan.gap, ids)  # fmt: skip
-                except WorkerError as exc:
-                    absent[c.name] = f"not available: a receiver failed: {exc}"
-                    continue
-                if r:
-                    c.record(n, sent, got)
+        measure(pool, contenders, plan, absent)
     finally:
         pool.stop()
+        drop_streams(feeds, b.ns)  # a JetStream feed's streams
     live = [c for c in contenders if c.name not in absent]
     return _section(live, absent, plan)
+
+
+def measure(pool: Pool, contenders: Sequence[Contender], plan: PropagationPlan,
+            absent: dict[str, str]) -> None:  # fmt: skip
+    """Every contender's segments at every N, interleaved: one round has them all, the order
+    reversed every other round; round 0 is a short warm-up at the largest N, thrown away.  A
+    contender whose receivers fail is moved to ``absent``."""
+    ids = itertools.count()
+    for r in range(plan.rounds + 1):
+        configs = [(c, n) for n in plan.receivers for c in contenders]
+        for c, n in configs[::-1] if r % 2 else configs:
+            if c.name in absent or (r == 0 and n != max(plan.receivers)):
+                continue
+            try:
+                sent, got = _segment(pool, c, n, plan.writes if r else plan.writes // 5 or 1,
+                                     plan.gap, ids)  # fmt: skip
+            except WorkerError as exc:
+                absent[c.name] = f"not available: a receiver failed: {exc}"
+                continue
+            if r:
+                c.record(n, sent, got)
 
 
 def _section(live: list[Contender], absent: dict[str, str], plan: PropagationPlan) -> Section:
@@ -269,12 +277,12 @@ def _rows(c: Contender, raw: Contender, n: int) -> list[Row]:
     target = n == TARGET_N
     key = f"propagation.{c.name}.{n}"
     return [
-        Row(f"{c.name} → {_receivers(n)}: p50", "ms", mine["p50"], base["p50"], key=key + ".p50",
+        Row(f"{c.name} → {receivers(n)}: p50", "ms", mine["p50"], base["p50"], key=key + ".p50",
             at_most=0.5 if target else None, note=note),
-        Row(f"  {c.name} → {_receivers(n)}: p99", "ms", mine["p99"], base["p99"],
+        Row(f"  {c.name} → {receivers(n)}: p99", "ms", mine["p99"], base["p99"],
             key=key + ".p99", at_most=2.0 if target else None),
     ]  # fmt: skip
 
 
-def _receivers(n: int) -> str:
+def receivers(n: int) -> str:
     return f"{n} receiver" + ("" if n == 1 else "s")

@@ -69,9 +69,13 @@ def markdown(sections: Sequence[Section], env: dict[str, Any], meta: Meta,
              f"Made by `{meta.command}` on {meta.started}, {meta.seconds:.0f} s wall time, "
              f"against Redis {env.get('redis server', '?')}. Every peer was measured in the same "
              "run, interleaved with syncmap.", ""]  # fmt: skip
-    lines += [*table("## Headline", top), "", RATIO_TEXT, "", *standings(top), ""]
+    if top:  # a partial run (``--only feeds``) may have no headline row
+        lines += [*table("## Headline", top), "", RATIO_TEXT, "", *standings(top), ""]
+    else:
+        lines += [RATIO_TEXT, ""]
     for s in sections:
-        lines += [*table(f"## {s.title} ({s.seconds:.0f} s)", s.rows), *_notes(s.notes), ""]
+        lines += [*table(f"## {s.title} ({s.seconds:.0f} s)", s.rows)]
+        lines += [*(["", *s.extra] if s.extra else []), *_notes(s.notes), ""]
     lines += [f"## {name}: FAILED\n\n```\n{why}\n```\n" for name, why in failed.items()]
     if plots:
         lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots], ""]

@@ -2,6 +2,7 @@
 
 The plans say how much work each section does: ``quick`` (the default, a few minutes), ``full``
 (more rounds, 16 receivers, 1M-entry maps) and ``smoke`` (tiny: only proves the command works).
+Brokers the ``feeds`` section starts (NATS, Tansu) are stopped when that section ends.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import redis
 
 from ..embedded import EmbeddedRedis
 from ..errors import SyncMapError
-from . import locks, plots, propagation, reads, report, scaling, writes
+from . import brokers, feedbench, locks, plots, propagation, reads, report, scaling, writes
 from .context import Bench, environment, load_average
 from .handoff import HandoffPlan
 from .method import Section
 from .peers import Unavailable
 
-SECTIONS = ("reads", "writes", "propagation", "locks", "scaling")
+SECTIONS = ("reads", "writes", "propagation", "feeds", "locks", "scaling")
 KiB, MiB = 1 << 10, 1 << 20
 VALUE_SIZES = (100, KiB, 10 * KiB, 100 * KiB, MiB)
 
@@ -36,6 +37,7 @@ class Plan:
     reads: reads.ReadPlan
     writes: writes.WritePlan
     propagation: propagation.PropagationPlan
+    feeds: feedbench.FeedPlan
     locks: locks.LockPlan
     scaling: scaling.ScalePlan
 
@@ -45,6 +47,9 @@ PLANS = {
         reads.ReadPlan(rounds=1, hit_reps=2, io_ops=10),
         writes.WritePlan(rounds=1, ops=10, bulk_n=1000, bulk_rounds=1),
         propagation.PropagationPlan(rounds=1, writes=10, gap=0.002, receivers=(1, 2)),
+        feedbench.FeedPlan(propagation.PropagationPlan(rounds=1, writes=5, gap=0.002,
+                                                       receivers=(1,)),
+                           write_rounds=1, store_ops=10, replica_ops=5),
         locks.LockPlan(rounds=1, ops=5, redlock_ops=5, handoff=HandoffPlan(
             rounds=1, seconds=0.3, polling_seconds=0.4, warmup_seconds=0.1, contenders=(2,))),
         scaling.ScalePlan(sizes=(100, 1000), rounds=1, reads=1000, value_sizes=(100, 10 * KiB),
@@ -54,6 +59,9 @@ PLANS = {
         reads.ReadPlan(rounds=21, hit_reps=30, io_ops=150),
         writes.WritePlan(rounds=15, ops=150, bulk_n=100_000, bulk_rounds=1),
         propagation.PropagationPlan(rounds=3, writes=100, gap=0.003, receivers=(1, 4, 8)),
+        feedbench.FeedPlan(propagation.PropagationPlan(rounds=2, writes=100, gap=0.003,
+                                                       receivers=(1, 4, 8)),
+                           write_rounds=5, store_ops=100, replica_ops=50),
         locks.LockPlan(rounds=7, ops=100, redlock_ops=50, handoff=HandoffPlan(
             rounds=1, seconds=1.0, polling_seconds=2.5, warmup_seconds=0.3,
             contenders=(2, 4, 8))),
@@ -64,6 +72,9 @@ PLANS = {
         reads.ReadPlan(rounds=31, hit_reps=100, io_ops=300),
         writes.WritePlan(rounds=21, ops=300, bulk_n=100_000, bulk_rounds=3),
         propagation.PropagationPlan(rounds=5, writes=200, gap=0.003, receivers=(1, 2, 4, 8, 16)),
+        feedbench.FeedPlan(propagation.PropagationPlan(rounds=3, writes=200, gap=0.003,
+                                                       receivers=(1, 4, 8, 16)),
+                           write_rounds=11, store_ops=200, replica_ops=100),
         locks.LockPlan(rounds=21, ops=200, redlock_ops=100, handoff=HandoffPlan(
             rounds=3, seconds=1.5, polling_seconds=4.0, warmup_seconds=0.4,
             contenders=(2, 4, 8))),
@@ -82,7 +93,7 @@ class Options:
     only: tuple[str, ...] = SECTIONS
     out: Path = Path("bench/results")
     plots: bool = True
-    feeds: tuple[str | None, ...] | None = None  # None: propagation.default_feeds()
+    feeds: tuple[str | None, ...] | None = None  # None: each section's defaults
     redlock_urls: tuple[str, ...] = ()
     name: str = ""  # base name of the result files; default: the mode
     command: str = "syncmap bench"
@@ -111,6 +122,8 @@ def run(opts: Options, say: Callable[[str], None]) -> Outcome:
         for name in opts.only:
             _section(name, functools.partial(_call, name, b, plan, opts, stack), outcome, say)
         env["load average at end"] = load_average()
+        env.update({f"broker of {k}": v for s in outcome.sections if s.name == "feeds"
+                    for k, v in s.series["brokers"].items()})  # fmt: skip
     meta = report.Meta(opts.command, opts.mode, time.monotonic() - t0, started)
     outcome.files = _write(opts, outcome, env, meta, say)
     return outcome
@@ -143,7 +156,9 @@ def _call(name: str, b: Bench, plan: Plan, opts: Options,
         return writes.run(b, plan.writes)
     if name == "propagation":
         feeds = opts.feeds if opts.feeds is not None else propagation.default_feeds(b.url)
-        return propagation.run(b, plan.propagation, feeds)
+        return propagation.run(b, plan.propagation, brokers.resolve(feeds, b.url))
+    if name == "feeds":
+        return feedbench.run(b, plan.feeds, opts.feeds)
     if name == "locks":
         urls, why = _redlock_servers(opts, stack)
         return locks.run(b, plan.locks, urls, why)
@@ -189,7 +204,8 @@ def parse_only(text: str | None) -> tuple[str, ...]:
 
 
 def parse_feeds(text: str | None) -> tuple[str | None, ...] | None:
-    """``--feeds redis,amqp://...``: ``redis`` (or ``default``) is the store's own pub/sub."""
+    """``--feeds redis,redis+stream,amqp://...``: ``redis`` (or ``default``) is the store's own
+    pub/sub, a bare ``redis+stream`` a Stream on the store's server."""
     if text is None:
         return None
     items: Sequence[str] = [s.strip() for s in text.split(",") if s.strip()]

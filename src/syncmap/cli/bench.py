@@ -1,9 +1,10 @@
 """``syncmap bench``: syncmap against the libraries users would otherwise pick, in one run.
 
 Writes ``<out>/<quick|full>.md`` (the tables, the machine and versions), the same as JSON, and
-PNG plots.  Without ``--url`` it starts an embedded redis-server.  docs/benchmarks.md explains
-every figure.  Exit status: 0 done, 1 a section failed (the others still ran; the report says
-why), 2 bad arguments or no Redis.
+PNG plots.  Without ``--url`` it starts an embedded redis-server; the ``feeds`` section starts
+NATS and Tansu (Kafka protocol) for the run when nothing listens on their default ports.
+docs/benchmarks.md explains every figure.  Exit status: 0 done, 1 a section failed (the others
+still ran; the report says why), 2 bad arguments or no Redis.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from .torture import redact, unreachable, unreachable_message
 @click.command("bench")
 @click.option("--url", envvar="SYNCMAP_URL", help="Redis to use (default: start an embedded one). "
               "Keys go under a per-run namespace and are deleted afterwards.")  # fmt: skip
-@click.option("--full", is_flag=True, help="More rounds, 16 receivers, 1M-entry maps (~15 min).")
+@click.option("--full", is_flag=True, help="More rounds, 16 receivers, 1M-entry maps (~12 min).")
 @click.option(
     "--only",
     metavar="SECTIONS",
-    help="Comma-separated: reads,writes,propagation,locks,scaling (default: all).",
+    help="Comma-separated: reads,writes,propagation,feeds,locks,scaling (default: all).",
 )
 @click.option(
     "--out",
@@ -36,10 +37,11 @@ from .torture import redact, unreachable, unreachable_message
     help="Where results go.",
 )
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
-@click.option("--feeds", metavar="URLS", help="Feeds to measure propagation on, comma-separated; "
-              "'redis' is the store's own pub/sub (default: redis, redis+stream on the same "
-              "server, and RabbitMQ / NATS / JetStream / Kafka on their default local ports when "
-              "something listens there).")  # fmt: skip
+@click.option("--feeds", metavar="URLS", help="Feeds to measure (propagation and feeds sections), "
+              "comma-separated; 'redis' is the store's own pub/sub, 'redis+stream' a Stream on "
+              "the store's server.  Default: those two for propagation; for feeds also RabbitMQ, "
+              "NATS, JetStream and Kafka on their default local ports, starting NATS and Tansu "
+              "when nothing listens there.")  # fmt: skip
 @click.option(
     "--redlock-urls",
     metavar="URLS",
@@ -49,8 +51,9 @@ from .torture import redact, unreachable, unreachable_message
 @click.option("--smoke", is_flag=True, hidden=True, help="Tiny plan: proves the command works.")
 def bench(url: str | None, full: bool, only: str | None, out: Path, no_plots: bool,
           feeds: str | None, redlock_urls: str | None, name: str, smoke: bool) -> None:  # fmt: skip
-    """Benchmark syncmap against dicts, raw redis-py and its caches, cashews, pottery and lock
-    libraries; medians and in-run ratios, Markdown + JSON + PNG plots.  Quick by default."""
+    """Benchmark syncmap against dicts, raw redis-py and its caches, cashews, pottery, lock
+    libraries and each feed's own broker client; medians and in-run ratios, Markdown + JSON + PNG
+    plots.  Quick by default."""
     try:
         opts = runner.Options(
             url=url, mode="smoke" if smoke else "full" if full else "quick",
