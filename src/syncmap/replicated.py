@@ -72,6 +72,7 @@ Snapshot = Mapping[Key, Any] | Callable[[], Mapping[Key, Any]] | str
 
 
 _MAC = 32
+_SYNC_ATTEMPTS = 20  # about 15 s of back-off
 
 
 def _mac(key: bytes, data: bytes) -> bytes:
@@ -126,6 +127,7 @@ class ReplicatedMap(MutableMapping[Key, Any]):
         self._slots = self._replica.slots  # the read path looks here directly
         self._lock = threading.Lock()
         self._closed = False
+        self._stopping = threading.Event()
         self._messages = self._corrupt = self._syncs_requested = self._syncs_answered = 0
         self._drops = 0
         self._pings: dict[bytes, threading.Event] = {}
@@ -283,13 +285,22 @@ class ReplicatedMap(MutableMapping[Key, Any]):
     def _work_loop(self) -> None:
         while (item := self._work.get()) is not None:
             what, peer = item
-            try:
-                if what == "request":
-                    self._request_sync()
-                else:
-                    self._answer_sync(peer)
-            except Exception as exc:  # the broker is down: the next on_up asks again
-                log.warning("syncmap %s: sync %s failed (%s)", self.name, what, exc)
+            # A broker that just came back may still refuse (Redis loading its data, a NATS
+            # server re-creating its streams): retry, or this server (or the peer) would stay
+            # behind with nothing left to ask again.  Backing off on the stop event, not a sleep
+            # standing in for synchronisation.
+            for attempt in range(_SYNC_ATTEMPTS):
+                try:
+                    if what == "request":
+                        self._request_sync()
+                    else:
+                        self._answer_sync(peer)
+                    break
+                except Exception as exc:
+                    log.warning("syncmap %s: sync %s failed (%s); attempt %d of %d", self.name,
+                                what, exc, attempt + 1, _SYNC_ATTEMPTS)  # fmt: skip
+                    if self._stopping.wait(min(0.05 * 2**attempt, 1.0)):
+                        return
 
     def _answer_sync(self, peer: str) -> None:
         """Re-send every slot (tombstones too) with its own version, then say so."""
@@ -486,6 +497,7 @@ class ReplicatedMap(MutableMapping[Key, Any]):
         if self._closed:
             return
         self._closed = True
+        self._stopping.set()
         if self._sub is not None:
             self._sub.close()
         self._work.put(None)

@@ -19,35 +19,22 @@ cluster id of its own, so a reply from some other process that grabbed the port 
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib.util
 import os
 import shutil
-import signal
 import socket
 import struct
 import subprocess
-import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Self
 
-from ..embedded import _die_with_parent, free_port
 from ..errors import ConfigurationError
+from ..serverproc import HOST, ServerProcess, executable
 
 ENV_VAR = "SYNCMAP_TANSU"
-HOST = "127.0.0.1"
 MEMORY = "memory://tansu/"
-_START_TIMEOUT = 10.0
-# Tansu's SIGTERM waits for its clients to hang up, and a test's clients may linger until garbage
-# collection; the log is in memory (or in S3, written before each reply), so nothing is lost by
-# not waiting long.
-_STOP_TIMEOUT = 0.5
-_PORT_RACE_RETRIES = 3
 
 _NOT_FOUND_HELP = (
     "no tansu binary found (the Kafka-protocol broker the kafka:// tests run against). Get one "
@@ -86,32 +73,31 @@ def _bundled() -> str | None:
         return None
     for root in (spec.submodule_search_locations or []) if spec else []:
         candidate = Path(root) / "bin" / "tansu"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
+        if executable(candidate):
             return str(candidate)
     return None
 
 
-# Servers still running, stopped at interpreter exit so that none outlives Python.
-_LIVE: set[TansuServer] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-@atexit.register
-def _stop_all() -> None:
-    with _LIVE_LOCK:
-        live = list(_LIVE)
-    for server in live:
-        with contextlib.suppress(Exception):
-            server.stop()
-
-
-class TansuServer:
+class TansuServer(ServerProcess):
     """A ``tansu broker`` child process on 127.0.0.1 with a log file in a temp dir of its own.
 
     ``advertised_port``: the port the broker tells clients to use (in Metadata replies) when it is
     not its own, e.g. a :class:`~syncmap.testing.proxy.FaultProxy` in front of it, so that every
     connection of a client goes through the proxy.
+
+    :meth:`stop` sends SIGTERM and SIGKILL after 0.5 s; :meth:`kill` is a crash, after which
+    :meth:`start` or :meth:`restart` brings the broker back on the same port (see
+    :attr:`keeps_data`).
     """
+
+    name = "tansu"
+    _dir_prefix = "syncmap-tansu-"
+    _log_name = "tansu.log"  # its stdout and stderr
+    _clash = "in use"
+    # Tansu's SIGTERM waits for its clients to hang up, and a test's clients may linger until
+    # garbage collection; the log is in memory (or in S3, written before each reply), so nothing
+    # is lost by not waiting long.
+    _stop_timeout = 0.5
 
     def __init__(
         self,
@@ -122,26 +108,11 @@ class TansuServer:
         advertised_port: int | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        self._fixed_port = port
-        self._port = port
-        self._binary = binary
+        super().__init__(port=port, binary=binary)
         self.storage = storage
         self._advertised_port = advertised_port
         self._env = dict(env or {})
         self._cluster_id = f"syncmap-{uuid.uuid4().hex[:12]}"
-        self._dir: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._version = ""
-
-    host = HOST
-
-    @property
-    def port(self) -> int:
-        """The port the broker listens on."""
-        if self._port is None:
-            raise RuntimeError("server not started")
-        return self._port
 
     @property
     def bootstrap(self) -> str:
@@ -157,75 +128,18 @@ class TansuServer:
         """Whether topics survive :meth:`restart` (not with the in-memory storage)."""
         return not self.storage.startswith("memory:")
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+    def _find_binary(self) -> str:
+        return find_tansu(self._binary)
 
-    @property
-    def version(self) -> str:
-        return self._version
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def log_path(self) -> Path:
-        if self._dir is None:
-            raise RuntimeError("server not started")
-        return self._dir / "tansu.log"
-
-    def start(self) -> Self:
-        """Start the broker (no-op if running) and wait until it answers a Metadata request."""
-        if self.running:
-            return self
-        binary = find_tansu(self._binary)
+    def _prepare(self, binary: str) -> None:
         if not self._version:
             self._version = _version_of(binary)
-        first = self._dir is None
-        if self._dir is None:
-            self._dir = Path(tempfile.mkdtemp(prefix="syncmap-tansu-"))
-        try:
-            self._launch(binary)
-        except BaseException:
-            if first:
-                self.stop()
-            raise
-        return self
 
-    def stop(self) -> None:
-        """SIGTERM (SIGKILL after 0.5 s) and remove the temp dir.  Idempotent."""
-        self._terminate()
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+    def _describe(self) -> str:
+        return f"{self.bootstrap} {self.storage}"
 
-    def kill(self) -> None:
-        """SIGKILL, like a crash.  :meth:`start` or :meth:`restart` brings it back (same port)."""
-        if self._proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.kill()
-        self._reap()
-
-    def restart(self) -> Self:
-        """Stop (if running) and start again on the same port; see :attr:`keeps_data`."""
-        if self.running:
-            self._terminate()
-        if self._port is not None:
-            self._fixed_port = self._port  # a restarted broker on a new port is another endpoint
-        return self.start()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<TansuServer {self.bootstrap} {self.storage} {state} pid={self.pid}>"
+    def _environment(self) -> dict[str, str]:
+        return {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self._env}
 
     def _command(self, binary: str) -> list[str]:
         advertised = self._advertised_port or self.port
@@ -238,75 +152,11 @@ class TansuServer:
             *("--cluster-id", self._cluster_id),
         ]
 
-    def _launch(self, binary: str) -> None:
-        for attempt in range(_PORT_RACE_RETRIES + 1):
-            if self._port is None or (attempt and self._fixed_port is None):
-                self._port = free_port()
-            self._spawn(binary)
-            try:
-                self._wait_ready()
-                return
-            except ConfigurationError:
-                self._reap()
-                # Only an auto-picked port that someone else grabbed is worth another try.
-                if self._fixed_port is not None or "in use" not in self._log_tail():
-                    raise
-        raise ConfigurationError(f"tansu could not bind a free port:\n{self._log_tail()}")
-
-    def _spawn(self, binary: str) -> None:
-        self._log = self.log_path.open("ab")
-        self._proc = subprocess.Popen(
-            _die_with_parent(self._command(binary)),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self._env},
-            start_new_session=True,  # a Ctrl-C reaches Python, which stops the broker in order
-        )
-        with _LIVE_LOCK:
-            _LIVE.add(self)
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + _START_TIMEOUT
-        delay = 0.005
-        while True:
-            if self._proc is None or self._proc.poll() is not None:
-                raise ConfigurationError(f"tansu exited during start:\n{self._log_tail()}")
-            with contextlib.suppress(OSError, ValueError, struct.error):
-                if metadata_cluster_id(HOST, self.port, timeout=1.0) == self._cluster_id:
-                    return
-            if time.monotonic() > deadline:
-                raise ConfigurationError(
-                    f"tansu did not answer within {_START_TIMEOUT}s:\n{self._log_tail()}"
-                )
-            time.sleep(delay)  # back-off between connection attempts, not a wait for an event
-            delay = min(delay * 2, 0.1)
-
-    def _terminate(self) -> None:
-        if self._proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.send_signal(signal.SIGTERM)
-        try:
-            self._proc.wait(_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-        self._reap()
-
-    def _reap(self) -> None:
-        if self._proc is not None:
-            self._proc.wait()
-            self._proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def _log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except (OSError, RuntimeError):
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+    def _ready(self) -> bool:
+        """A Metadata reply with our cluster id."""
+        with contextlib.suppress(OSError, ValueError, struct.error):
+            return metadata_cluster_id(HOST, self.port, timeout=1.0) == self._cluster_id
+        return False
 
 
 def _version_of(binary: str) -> str:
