@@ -7,17 +7,14 @@ the same atomic step as the write, so no message can be lost between a write and
 
 from __future__ import annotations
 
-import threading
-
 import redis
 
-from ..errors import StoreUnavailable, WriteOutcomeUnknown
-from ..store.transport import Transport, make_client
-from .base import Feed, FeedHandler, FeedUnavailable, PublishOutcomeUnknown, Subscription
+from .base import FeedHandler, Subscription
 from .pubsub import Handler, Subscriber
+from .redis_base import RedisFeed
 
 
-class RedisPubSubFeed(Feed):
+class RedisPubSubFeed(RedisFeed):
     scheme = "redis"
     durable = False
     ordering = "total"  # one Redis server orders every PUBLISH
@@ -29,23 +26,14 @@ class RedisPubSubFeed(Feed):
     def __init__(
         self, url: str, topic: str, *, timeout: float = 5.0, client: redis.Redis | None = None
     ) -> None:
-        super().__init__(url, topic, timeout=timeout)
-        self.client = make_client(url, client, timeout)
-        self._transport = Transport(self.client, timeout)
-        self._subs: list[_PubSubSubscription] = []
-        self._lock = threading.Lock()
+        super().__init__(url, topic, timeout=timeout, client=client, redis_url=url)
 
     @property
     def channel(self) -> str:
         return self.topic
 
     def publish(self, payload: bytes, key: bytes | None = None, *, confirm: bool = True) -> None:
-        try:
-            self._transport.call([("PUBLISH", self.topic, payload)], write=True)
-        except WriteOutcomeUnknown as exc:
-            raise PublishOutcomeUnknown(f"PUBLISH on {self.describe()}: {exc}") from exc
-        except StoreUnavailable as exc:
-            raise FeedUnavailable(f"PUBLISH on {self.describe()} failed: {exc}") from exc
+        self._call(("PUBLISH", self.topic, payload), write=True)
 
     def subscribe(self, handler: FeedHandler, start: str | None = None) -> Subscription:
         self._no_start(start)
@@ -55,17 +43,9 @@ class RedisPubSubFeed(Feed):
             handler.on_down,
         )
         sub = _PubSubSubscription(self, inner)
-        with self._lock:
-            self._subs.append(sub)
+        self._keep(sub)
         sub.subscriber = Subscriber.attach_to(self.client, self.topic, inner)
         return sub
-
-    def close(self) -> None:
-        with self._lock:
-            subs, self._subs = self._subs, []
-        for sub in subs:
-            sub.close()
-        self._transport.close()
 
 
 class _PubSubSubscription(Subscription):

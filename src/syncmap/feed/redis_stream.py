@@ -68,17 +68,15 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..errors import ConfigurationError, StoreUnavailable, WriteOutcomeUnknown
-from ..store.transport import Command, Transport, make_client
+from ..errors import ConfigurationError
 from .base import (
     BEGINNING,
-    Feed,
     FeedHandler,
     FeedUnavailable,
-    PublishOutcomeUnknown,
     Subscription,
     redact,
 )
+from .redis_base import RedisFeed
 
 log = logging.getLogger("syncmap.feed")
 
@@ -145,7 +143,7 @@ def _read_on_from(last: str, info: StreamInfo | None) -> str:
     return ZERO  # cannot tell the stream is the one we read: read all of it again
 
 
-class RedisStreamFeed(Feed):
+class RedisStreamFeed(RedisFeed):
     scheme = "redis+stream"
     durable = True
     ordering = "total"  # one stream: one sequence of IDs
@@ -158,12 +156,8 @@ class RedisStreamFeed(Feed):
     def __init__(
         self, url: str, topic: str, *, timeout: float = 5.0, client: redis.Redis | None = None
     ) -> None:
-        super().__init__(url, topic, timeout=timeout)
         redis_url, self.maxlen = _split_url(url) if client is None else (None, _maxlen_of(url))
-        self.client = make_client(redis_url, client, timeout)
-        self._transport = Transport(self.client, timeout)
-        self._subs: list[_StreamSubscription] = []
-        self._lock = threading.Lock()
+        super().__init__(url, topic, timeout=timeout, client=client, redis_url=redis_url)
 
     @property
     def stream(self) -> str:
@@ -198,28 +192,11 @@ class RedisStreamFeed(Feed):
             conn.disconnect()
             self._raise_subscribe_error(exc)
         sub = _StreamSubscription(self, handler, conn, run_id, plan)
-        with self._lock:
-            self._subs.append(sub)
+        self._keep(sub)
         sub.start()
         return sub
 
-    def close(self) -> None:
-        with self._lock:
-            subs, self._subs = self._subs, []
-        for sub in subs:
-            sub.close()
-        self._transport.close()
-
     # ---- connections -------------------------------------------------------------------------
-
-    def _call(self, command: Command, *, write: bool) -> Any:
-        """One command through the transport, its failures told in the feed's terms."""
-        try:
-            return self._transport.call([command], write=write)[0]
-        except WriteOutcomeUnknown as exc:
-            raise PublishOutcomeUnknown(f"{command[0]} on {self.describe()}: {exc}") from exc
-        except StoreUnavailable as exc:
-            raise FeedUnavailable(f"{command[0]} on {self.describe()} failed: {exc}") from exc
 
     def _connect_reader(self) -> tuple[Conn, str | None]:
         """A new connection for a reader, and the server's ``run_id``."""

@@ -1,0 +1,47 @@
+"""What the two Redis feeds share: a client, commands in the feed's error terms, subscriptions."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import redis
+
+from ..errors import StoreUnavailable, WriteOutcomeUnknown
+from ..store.transport import Command, Transport, make_client
+from .base import Feed, FeedUnavailable, PublishOutcomeUnknown, Subscription
+
+
+class RedisFeed(Feed):
+    """Base of ``redis://`` and ``redis+stream://``: ``client`` is the Redis the feed is on (the
+    store routing compares its ``run_id`` with the store's, ``feed/routing.py``)."""
+
+    def __init__(
+        self, url: str, topic: str, *, timeout: float = 5.0, client: redis.Redis | None = None,
+        redis_url: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__(url, topic, timeout=timeout)
+        self.client = make_client(redis_url if client is None else None, client, timeout)
+        self._transport = Transport(self.client, timeout)
+        self._subs: list[Subscription] = []
+        self._lock = threading.Lock()
+
+    def _call(self, command: Command, *, write: bool) -> Any:
+        """One command through the transport, its failures told in the feed's terms."""
+        try:
+            return self._transport.call([command], write=write)[0]
+        except WriteOutcomeUnknown as exc:
+            raise PublishOutcomeUnknown(f"{command[0]} on {self.describe()}: {exc}") from exc
+        except StoreUnavailable as exc:
+            raise FeedUnavailable(f"{command[0]} on {self.describe()} failed: {exc}") from exc
+
+    def _keep(self, sub: Subscription) -> None:
+        with self._lock:
+            self._subs.append(sub)
+
+    def close(self) -> None:
+        with self._lock:
+            subs, self._subs = self._subs, []
+        for sub in subs:
+            sub.close()
+        self._transport.close()
