@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
-from .errors import ConfigurationError, CorruptData, InvalidValue
+from .errors import ConfigurationError, CorruptData, InvalidValue, ValueTooLarge
 
 _ENCODE_ERRORS = (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError)
 _IMMUTABLE_SCALARS = frozenset(
@@ -174,3 +174,15 @@ def make_codec(codec: str | Codec | None, value_type: Any = None) -> Codec:
     if isinstance(codec, Codec):
         return codec
     raise ConfigurationError(f"unknown codec {codec!r}: use 'msgpack', 'json' or a Codec object")
+
+
+def encode_limited(codec: Codec, value: Any, limit: int, hint: str = "") -> bytes:
+    """``codec.encode(value)``, refused with :class:`ValueTooLarge` over ``limit`` bytes, before
+    anything is sent (the map is unchanged everywhere)."""
+    data = codec.encode(value)
+    if len(data) > limit:
+        raise ValueTooLarge(
+            f"value of type {type(value).__name__} encodes to {len(data)} bytes, over "
+            f"max_value_bytes={limit}; store it elsewhere or raise the limit in MapConfig{hint}"
+        )
+    return data

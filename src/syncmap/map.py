@@ -13,7 +13,7 @@ from typing import Any
 
 import redis as redis_lib
 
-from .codec import Codec, MsgpackCodec, is_immutable, make_codec
+from .codec import Codec, MsgpackCodec, encode_limited, is_immutable, make_codec
 from .config import MapConfig
 from .core.nearcache import COPY, INF, Entry, Event, FillToken, NearCache
 from .core.wire import VALUE_HEAD, unpack_value, unpack_value_epoch
@@ -22,7 +22,6 @@ from .errors import (
     ConfigurationError,
     ConflictError,
     MapClosed,
-    ValueTooLarge,
     WriteOutcomeUnknown,
 )
 from .feed.routing import open_store_feed
@@ -701,14 +700,7 @@ class SyncMap(MutableMapping[Key, Any]):
         return field, normal_key(key), bucket_of(field, self._buckets)
 
     def _payload(self, value: Any) -> bytes:
-        data = self._codec.encode(value)
-        if len(data) > self.config.max_value_bytes:
-            raise ValueTooLarge(
-                f"value of type {type(value).__name__} encodes to {len(data)} bytes, over "
-                f"max_value_bytes={self.config.max_value_bytes}; store it elsewhere or raise "
-                "the limit in MapConfig"
-            )
-        return data
+        return encode_limited(self._codec, value, self.config.max_value_bytes)
 
 
 class _FastHitsSyncMap(SyncMap):

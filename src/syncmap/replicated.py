@@ -37,9 +37,9 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import Codec, is_immutable, make_codec
+from .codec import Codec, encode_limited, is_immutable, make_codec
 from .config import MapConfig
-from .core.nearcache import Event
+from .core.nearcache import COPY, Event
 from .core.replica import (
     R_CLEAR,
     R_DEL,
@@ -61,7 +61,6 @@ from .errors import (
     NoSnapshotSource,
     SyncMapError,
     UnsupportedInMode,
-    ValueTooLarge,
 )
 from .feed.base import BEGINNING, Feed, FeedHandler, Subscription, feed_class, open_feed
 from .keys import Key, check_map_name, check_node_id, encode_key, normal_key
@@ -341,7 +340,7 @@ class ReplicatedMap(MutableMapping[Key, Any]):
         if slot.deadline_ms and slot.deadline_ms <= _wall_ms():
             raise KeyError(key)
         v = slot.value
-        return v if v is not _COPY else self._codec.decode(slot.payload)
+        return v if v is not COPY else self._codec.decode(slot.payload)
 
     def get(self, key: Key, default: Any = None, *, consistent: bool = False) -> Any:
         if consistent:
@@ -520,18 +519,12 @@ class ReplicatedMap(MutableMapping[Key, Any]):
             raise MapClosed(f"replicated map {self.name!r} is closed")
 
     def _payload(self, value: Any) -> bytes:
-        data = self._codec.encode(value)
-        if len(data) > self.config.max_value_bytes:
-            raise ValueTooLarge(
-                f"value of type {type(value).__name__} encodes to {len(data)} bytes, over "
-                f"max_value_bytes={self.config.max_value_bytes}; store it elsewhere or raise "
-                "the limit in MapConfig (and check the broker's message size limit)"
-            )
-        return data
+        return encode_limited(
+            self._codec,
+            value,
+            self.config.max_value_bytes,
+            " (and check the broker's message size limit)",
+        )
 
     def _cached(self, value: Any, payload: bytes) -> Any:
-        return value if is_immutable(value) else _COPY
-
-
-_COPY: Any = object()
-"""A mutable value: readers get a fresh decode of the payload, so they cannot change ours."""
+        return value if is_immutable(value) else COPY
