@@ -63,7 +63,6 @@ class Engine:
         self._presence_every = 0.0
         self._presence_due = 0.0
         self._presence_written = False
-        self._owns_feed = True
 
     def enable_presence(self, record: Callable[[], dict[str, Any]], every: float) -> None:
         """Refresh ``record()`` in the map's presence hash every ``every`` seconds (call before
@@ -118,8 +117,7 @@ class Engine:
             self._timer_wake.notify_all()
         if self._subscription is not None:
             self._subscription.close()
-        if self._owns_feed:
-            self.feed.close()
+        self.feed.close()  # the map opened it (feed/routing.py)
         if self._events is not None:
             self._events.put(None)
         for q in self._watchers:
