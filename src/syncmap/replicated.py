@@ -214,8 +214,14 @@ class ReplicatedMap(MutableMapping[Key, Any]):
             self._first_resumed = resumed
             self._up.set()
             return
-        if not resumed:  # messages may be lost: ask the peers to re-send (worker thread)
+        if not resumed:
+            # Messages may be lost both ways, and the peers' own subscriptions may still be down
+            # (a broker restart drops everyone; they come back one by one).  So ask the peers to
+            # re-send, *and* re-send our state unasked: whoever comes back last, its request
+            # reaches the ones already up, and its push reaches them too.  (A request alone is
+            # lost when it reaches no one, and nothing would ask again.)  Worker thread.
             self._work.put(("request", ""))
+            self._work.put(("answer", ""))
 
     def _on_down(self) -> None:
         self._drops += 1
