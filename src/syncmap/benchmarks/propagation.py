@@ -88,7 +88,7 @@ class _Listener:
 
     def _raw(self, url: str, channel: str) -> None:
         client = redis.Redis.from_url(url)
-        pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
 
         def on_message(msg: dict[str, Any]) -> None:
             self.got.append((int(msg["data"]), time.monotonic_ns()))

@@ -452,7 +452,7 @@ class _Nemesis:
         self.admin.config_set("notify-keyspace-events", "Ee")
         stats = self.admin.info("stats")
         evicted_before = int(stats.get("evicted_keys", 0))
-        pubsub = self.admin.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        pubsub = self.admin.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call,unused-ignore]
         pubsub.subscribe(f"__keyevent@{db}__:evicted")
         hold, fence = self.layout.hold.encode(), self.layout.fence.encode()
         done = threading.Event()
