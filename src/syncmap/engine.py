@@ -26,12 +26,20 @@ from collections.abc import Callable
 from typing import Any
 
 from .core.nearcache import Event, NearCache
-from .core.wire import OP_PING, ChangeMessage, decode_message, encode_message
+from .core.wire import MAX_FIELDS, OP_PING, ChangeMessage, decode_message, encode_message
 from .errors import CorruptData, FeedError, SyncMapError
 from .feed.base import Feed, FeedHandler, Subscription
+from .ratelog import RateLimitedLog
 from .store.redis_store import RedisStore
 
 log = logging.getLogger("syncmap")
+
+EVENT_QUEUE_LIMIT = 10_000
+"""Events queued for ``subscribe()`` callbacks at most; past it new events are dropped and
+counted (``events_dropped``), so a slow callback or a flood costs bounded memory."""
+REPAIR_EVERY = 0.5
+"""A repair probe (after an unusable change message) at most once per this much of the probe
+interval: a flood of garbage on the channel cannot turn every message into a probe."""
 
 
 class Engine:
@@ -57,12 +65,19 @@ class Engine:
         self._threads: list[threading.Thread] = []
         self._subscription: Subscription | None = None
         self.publish_failures = 0
+        self.events_dropped = 0  # subscribe() and watch() events that found their queue full
+        self._repair_probe_at = -float("inf")  # no repair probe before then (_repair_after)
+        self._bad_message_log = RateLimitedLog(log)
+        self._dropped_log = RateLimitedLog(log)
+        self._callback_log = RateLimitedLog(log, logging.ERROR)
         if store.target == "":
             store.relay = self._relay
         self._presence: Callable[[], dict[str, Any]] | None = None
         self._presence_every = 0.0
         self._presence_due = 0.0
         self._presence_written = False
+        self.needs_start = False  # True in a forked child until its first use (see forked)
+        self.start_lock = threading.Lock()
 
     def enable_presence(self, record: Callable[[], dict[str, Any]], every: float) -> None:
         """Refresh ``record()`` in the map's presence hash every ``every`` seconds (call before
@@ -95,6 +110,49 @@ class Engine:
             t = threading.Thread(target=target, name=f"syncmap-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        if self._callbacks:  # subscribed before a fork: the child's events need a thread too
+            self._start_dispatch()
+
+    def forked(self, core: NearCache) -> None:
+        """In a forked child (``forksafe``), before ``fork()`` returns there: start over.
+
+        Only the forking thread exists in the child; the probe, timer and event threads, the
+        feed's subscription and any lock one of them held at the fork were the parent's.  So:
+        fresh locks and events (never acquire the inherited ones), no threads, no subscription,
+        the given empty core, and ``needs_start`` so the map's first use in the child runs
+        :meth:`start` with a feed of its own.  The old feed object is dropped, not closed: its
+        sockets and threads serve the parent.  ``watch()`` iterators end (their consumers are
+        the parent's threads); ``subscribe`` callbacks stay and are called in the child too.
+        """
+        self.core = core
+        self.lock = threading.Lock()
+        self.start_lock = threading.Lock()
+        closed, self._closed = self._closed.is_set(), threading.Event()
+        if closed:
+            self._closed.set()
+        self._probe_now = threading.Event()
+        self._timer_wake = threading.Condition()
+        self._timer_dirty = False
+        self._pings = {}
+        self._feed_up = threading.Event()
+        self._watchers, self._events, self._threads = [], None, []
+        self._subscription = None
+        self.error = None
+        self._presence_written = False
+        self.needs_start = not closed
+
+    def restart(self, feed: Feed, self_check_timeout: float) -> None:
+        """The first use in a forked child: subscribe with the child's own ``feed``, probe,
+        start the threads (:meth:`start`).  Callers hold ``start_lock``."""
+        self.feed = feed
+        try:
+            self.start(self_check_timeout)
+        except BaseException:
+            self._closed.set()  # stop what start() began; the next call starts again
+            self._stop_threads()
+            self._closed.clear()
+            raise
+        self.needs_start = False
 
     def _self_check(self, timeout: float) -> None:
         """Publish a ping on the map's channel and wait for it (RESP2/RESP3 or ACL trouble)."""
@@ -112,19 +170,9 @@ class Engine:
 
     def close(self) -> None:
         self._closed.set()
-        self._probe_now.set()
-        with self._timer_wake:
-            self._timer_wake.notify_all()
-        if self._subscription is not None:
-            self._subscription.close()
-        self.feed.close()  # the map opened it (feed/routing.py)
-        if self._events is not None:
-            self._events.put(None)
-        for q in self._watchers:
-            q.put(None)
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout=5)
+        self._stop_threads()
+        if not self.needs_start:  # in a child not yet started, the feed is the parent's
+            self.feed.close()  # the map opened it (feed/routing.py)
         if self._presence_written:
             self._presence_written = False
             try:
@@ -132,6 +180,24 @@ class Engine:
                                 write=True)  # fmt: skip
             except Exception as exc:  # readers drop it after three periods anyway
                 log.debug("syncmap could not remove its presence record (%r)", exc)
+
+    def _stop_threads(self) -> None:
+        """Wake and join the threads (``_closed`` is set), end the subscription and watches."""
+        self._probe_now.set()
+        with self._timer_wake:
+            self._timer_wake.notify_all()
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+        if self._events is not None:
+            self._events.put(None)
+            self._events = None
+        for q in self._watchers:
+            q.put(None)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=5)
+        self._threads = []
 
     @property
     def closed(self) -> bool:
@@ -162,17 +228,32 @@ class Engine:
         except Exception as exc:
             self._repair_after(exc)
             return
+        if msg.oversized:  # the core flushed its bucket (core/wire.py MAX_FIELDS)
+            self._repair_after(CorruptData(f"a message names over {MAX_FIELDS} keys"))
         for event in events:
             self._emit(event)
 
     def _repair_after(self, exc: Exception) -> None:
-        """A message we cannot decode or apply may hide a change: count it, log it, and repair
-        as after a lost message (the next probe flushes every bucket that moved)."""
+        """A message we cannot decode or apply may hide a change: count it, log it (rate-limited),
+        and repair as after a lost message: the next probe *sent* after now flushes every bucket
+        that moved (``NearCache.on_feed_up``).
+
+        That probe goes at once, but at most once per ``REPAIR_EVERY`` of the probe interval;
+        later requests wait for it or for the regular probe, so a flood at most doubles the
+        probe rate.  Waiting costs no staleness: a bucket is served only under a lease that a
+        probe whose sequence this server reached renewed, so a change hidden by the bad message
+        keeps its bucket from being renewed, and after ``grace`` it is flushed anyway."""
         self.core.counters.corrupt_messages += 1
-        log.warning("syncmap could not use a change message (%r); repairing", exc)
+        self._bad_message_log(
+            "syncmap could not use a change message on %s (%r; %d so far); repairing",
+            self.feed.topic, exc, self.core.counters.corrupt_messages,
+        )  # fmt: skip
+        now = time.monotonic()
         with self.lock:
-            self.core.on_feed_up(time.monotonic())
-        self._probe_now.set()
+            self.core.on_feed_up(now)
+        if now >= self._repair_probe_at:
+            self._repair_probe_at = now + self.interval * REPAIR_EVERY
+            self._probe_now.set()
 
     def on_feed_up(self, resumed: bool = False) -> None:
         """Subscribed again.  ``resumed``: a durable feed carried on from the last message it
@@ -286,15 +367,20 @@ class Engine:
             self._inline.append(callback)
             return lambda: self._inline.remove(callback) if callback in self._inline else None
         if self._events is None:
-            self._events = queue.Queue()
-            t = threading.Thread(target=self._dispatch, name="syncmap-events", daemon=True)
-            t.start()
-            self._threads.append(t)
+            self._start_dispatch()
         self._callbacks.append(callback)
         return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
 
+    def _start_dispatch(self) -> None:
+        events: queue.Queue[Event | None] = queue.Queue(EVENT_QUEUE_LIMIT + 1)  # see _offer
+        self._events = events
+        t = threading.Thread(target=self._dispatch, args=(events,), name="syncmap-events",
+                             daemon=True)  # fmt: skip
+        t.start()
+        self._threads.append(t)
+
     def watch_queue(self, maxsize: int) -> queue.Queue[Event | None]:
-        q: queue.Queue[Event | None] = queue.Queue(maxsize)
+        q: queue.Queue[Event | None] = queue.Queue(maxsize + 1)  # see _offer
         self._watchers.append(q)
         return q
 
@@ -307,23 +393,38 @@ class Engine:
             try:
                 cb(event)
             except Exception:
-                log.exception("syncmap inline subscriber callback failed on %s", event)
+                self._callback_log("syncmap inline subscriber callback failed on %s", event,
+                                   exc_info=True)  # fmt: skip
         if self._events is not None and self._callbacks:
-            self._events.put(event)
+            self._offer(self._events, event)
         for q in self._watchers:
-            try:
-                q.put_nowait(event)
-            except queue.Full:
-                log.warning("syncmap watch() consumer is too slow; an event was dropped")
+            self._offer(q, event)
 
-    def _dispatch(self) -> None:
-        assert self._events is not None
-        while (event := self._events.get()) is not None:
+    def _offer(self, q: queue.Queue[Event | None], event: Event) -> None:
+        """Queue ``event``, or drop and count it when ``q`` is full: never block the feed.
+
+        The last slot stays free for the end marker ``close()`` puts, which must not block."""
+        try:
+            if q.qsize() < q.maxsize - 1:
+                q.put_nowait(event)
+                return
+        except queue.Full:  # another feed thread took the slot (a reconnect's overlap)
+            pass
+        self.events_dropped += 1
+        self._dropped_log(
+            "syncmap dropped a change event: a subscribe() callback or watch() consumer of %s "
+            "is too slow (%d dropped so far; statistics().events_dropped)",
+            self.feed.topic, self.events_dropped,
+        )  # fmt: skip
+
+    def _dispatch(self, events: queue.Queue[Event | None]) -> None:
+        while (event := events.get()) is not None:
             for cb in list(self._callbacks):
                 try:
                     cb(event)
                 except Exception:
-                    log.exception("syncmap subscriber callback failed on %s", event)
+                    self._callback_log("syncmap subscriber callback failed on %s", event,
+                                       exc_info=True)  # fmt: skip
 
     def server_now_ms(self) -> float:
         return time.time() * 1000 + self.server_offset_ms

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import random
@@ -13,6 +14,7 @@ from typing import Any
 
 import redis as redis_lib
 
+from . import forksafe
 from .codec import Codec, MsgpackCodec, encode_limited, is_immutable, make_codec
 from .config import MapConfig
 from .core.nearcache import COPY, INF, Entry, Event, FillToken, NearCache
@@ -21,6 +23,7 @@ from .engine import Engine
 from .errors import (
     ConfigurationError,
     ConflictError,
+    CorruptData,
     MapClosed,
     WriteOutcomeUnknown,
 )
@@ -33,16 +36,19 @@ from .keys import (
     check_lock_name,
     check_map_name,
     check_node_id,
+    clip,
     decode_key,
     encode_key,
     key_lock_name,
     normal_key,
 )
 from .lock import Fence, Lock
+from .ratelog import RateLimitedLog
 from .replicated import ReplicatedMap
-from .store.redis_store import RedisStore
+from .store.redis_store import RedisStore, warn_if_evicting
 from .store.transport import make_client
 
+log = logging.getLogger("syncmap")
 _MISSING: Any = object()
 _SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 _monotonic = time.monotonic
@@ -69,6 +75,12 @@ class Statistics:
     fills_rejected: int
     messages: int
     corrupt_messages: int
+    events_dropped: int = 0
+    """Events a ``subscribe()`` callback or ``watch()`` never got: its queue was full."""
+    gap_overflows: int = 0
+    """Buckets flushed because a relayed feed held too many early messages (``MAX_AHEAD``)."""
+    corrupt_entries: int = 0
+    """Stored entries that did not decode, left out by ``preload()`` or ``skip_corrupt=True``."""
 
     @property
     def hit_ratio(self) -> float:
@@ -97,6 +109,7 @@ class SyncMap(MutableMapping[Key, Any]):
     ) -> None:
         self.name = check_map_name(name)
         self.config = cfg = config or MapConfig()
+        self._auto_node_id = node_id is None  # a new one in a forked child (it names the pid)
         self.node_id = check_node_id(node_id)
         self._codec = make_codec(codec, value_type)
         # MessagePack without a value type gives these scalars back unchanged (JSON does not:
@@ -107,6 +120,7 @@ class SyncMap(MutableMapping[Key, Any]):
         store = RedisStore(client, layout, self.node_id)
         store.load_scripts()
         buckets, codec_name = store.ensure_meta(cfg.buckets, self._codec.name)
+        warn_if_evicting(store)
         store.close()
         if codec_name != self._codec.name:
             raise ConfigurationError(
@@ -115,13 +129,14 @@ class SyncMap(MutableMapping[Key, Any]):
             )
         layout = Layout(cfg.namespace, self.name, buckets)
         feed_obj, target = open_store_feed(feed, client, layout, cfg.socket_timeout)
-        self._store = RedisStore(client, layout, self.node_id, target)
+        self._store = RedisStore(client, layout, self.node_id, target, codec=self._codec.name,
+                                 flags=cfg.guards.script_flags())  # fmt: skip
         self._buckets = buckets
-        # Relayed messages (target "") from two writers of one bucket may arrive in either order.
-        self._core = NearCache(buckets, capacity=cfg.capacity, max_staleness=cfg.max_staleness,
-                               guards=cfg.guards, ordered=target != "")  # fmt: skip
+        self._feed_url = feed
+        self._core = self._new_core()
         self._entries = self._core.entries  # the hit path reads this dict directly
         self._engine = Engine(self._core, self._store, cfg.probe_interval, feed_obj)
+        self._corrupt_log = RateLimitedLog(log)
         if cfg.presence:
             self._presence_last: tuple[float, int, int] | None = None
             self._presence_started = 0
@@ -131,6 +146,41 @@ class SyncMap(MutableMapping[Key, Any]):
         except BaseException:
             self._engine.close()
             raise
+        forksafe.register(self)
+
+    def _new_core(self) -> NearCache:
+        cfg = self.config
+        # Relayed messages (target "") from two writers of one bucket may arrive in either order.
+        return NearCache(self._buckets, capacity=cfg.capacity, max_staleness=cfg.max_staleness,
+                         guards=cfg.guards, ordered=self._store.target != "")  # fmt: skip
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child, before ``fork()`` returns there (``forksafe``): the map starts
+        over as if opened in the child.  An empty near cache (the parent's entries would lose
+        their guarantees: no subscription vouches for them here), a node id naming the child's
+        pid, and an engine that subscribes and starts its threads on the first call
+        (:meth:`_check_open`).  The hit path finds nothing cached until then, so every read
+        takes that path."""
+        if self._auto_node_id:
+            self.node_id = self._store.origin = check_node_id(None)
+        self._core = self._new_core()
+        self._entries = self._core.entries
+        self._engine.forked(self._core)
+
+    def _start_in_child(self) -> None:
+        """Open this process's own feed and start the engine: a forked child's first call."""
+        engine = self._engine
+        with engine.start_lock:
+            if not engine.needs_start or engine.closed:
+                return
+            layout = self._store.layout
+            feed, _ = open_store_feed(self._feed_url, self._store.client, layout,
+                                      self.config.socket_timeout)  # fmt: skip
+            try:
+                engine.restart(feed, self.config.self_check_timeout)
+            except BaseException:
+                feed.close()
+                raise
 
     def _client(self, url: str | None, client: redis_lib.Redis | None) -> redis_lib.Redis:
         return make_client(url, client, self.config.socket_timeout)
@@ -320,11 +370,13 @@ class SyncMap(MutableMapping[Key, Any]):
                 return True
             if old is None:
                 return False
-            old_version, _, old_payload = unpack_value(old)
+            old_version, _, old_epoch, old_payload = unpack_value_epoch(old)
             if self._codec.decode(old_payload) != expected:
                 return False
-            mode, arg = "ver", str(old_version)  # equal value, other bytes: pin to its version
-        raise ConflictError(f"compare-and-{mode} of {key!r} kept losing races; retry later")
+            # Equal value, other bytes: pin to that write, by epoch and version (a version
+            # alone may name another write once versions restarted under a new epoch).
+            mode, arg = "ver", f"{old_epoch}:{old_version}"
+        raise ConflictError(f"compare-and-{mode} of {clip(key)} kept losing races; retry later")
 
     def _set(self, key: Key, payload: bytes, mode: str, expected: bytes | str,
              ttl: float | None, fence: FenceArg | None, value: Any = _MISSING
@@ -392,19 +444,23 @@ class SyncMap(MutableMapping[Key, Any]):
             if attempt:  # lost a race: back off a little, jittered, so contenders spread out
                 time.sleep(random.uniform(0, min(0.02, 0.0002 * 2**attempt)))
             raw = self._store.hget(bucket, field)
-            version, deadline_ms, payload = unpack_value(raw) if raw else (0, 0, b"")
+            version, deadline_ms, epoch, payload = (
+                unpack_value_epoch(raw) if raw else (0, 0, 0, b"")
+            )
             if raw is not None and (not deadline_ms or deadline_ms > self._engine.server_now_ms()):
                 current = self._codec.decode(payload)
             elif default is _MISSING:
                 raise KeyError(key)
             else:
-                current, version = default, 0
+                current, version, epoch = default, 0, 0
             new = fn(current)
-            applied, _ = self._set(key, self._payload(new), "ver", str(version), ttl, fence)
+            # The write happens only if the value read is still there: same epoch and version.
+            expected = f"{epoch}:{version}"
+            applied, _ = self._set(key, self._payload(new), "ver", expected, ttl, fence)
             if applied:
                 return new
         raise ConflictError(
-            f"transform({key!r}) lost {self.config.transform_retries} optimistic retries to "
+            f"transform({clip(key)}) lost {self.config.transform_retries} optimistic retries to "
             "concurrent writers; retry later or protect the key with a lock"
         )
 
@@ -516,17 +572,38 @@ class SyncMap(MutableMapping[Key, Any]):
 
     # ---- whole-map views (each one round trip) -----------------------------------------------
 
-    def items(self) -> list[tuple[Key, Any]]:  # type: ignore[override]
-        """A snapshot of every (key, value), read in one round trip (not one atomic moment)."""
+    def items(self, *, skip_corrupt: bool = False) -> list[tuple[Key, Any]]:  # type: ignore[override]
+        """A snapshot of every (key, value), read in one round trip (not one atomic moment).
+
+        An entry stored in Redis that does not decode (written by something else, or with
+        another codec) raises :class:`CorruptData` naming it; ``skip_corrupt=True`` leaves it
+        out instead, counts it (``statistics().corrupt_entries``) and logs it (rate-limited).
+        ``keys()`` and ``values()`` take the same keyword; ``iter(m)`` raises."""
         self._check_open()
         now_ms = self._engine.server_now_ms()
         out = []
         for pairs in self._store.bucket_items(range(self._buckets)):
             for field, raw in pairs:
-                _, deadline_ms, payload = unpack_value(raw)
-                if not deadline_ms or deadline_ms > now_ms:
-                    out.append((decode_key(field), self._codec.decode(payload)))
+                try:
+                    _, deadline_ms, payload = unpack_value(raw)
+                    if not deadline_ms or deadline_ms > now_ms:
+                        out.append((decode_key(field), self._codec.decode(payload)))
+                except Exception as exc:  # a user's codec may raise anything
+                    self._corrupt_entry(field, exc, skip=skip_corrupt)
         return out
+
+    def _corrupt_entry(self, field: bytes, exc: Exception, *, skip: bool) -> None:
+        """A stored entry that does not decode: raise, or count it, log it and go on."""
+        if not skip:
+            raise CorruptData(
+                f"entry {field[:60]!r} of map {self.name!r} does not decode ({exc}); "
+                "items(skip_corrupt=True) lists the others"
+            ) from exc
+        self._core.counters.corrupt_entries += 1
+        self._corrupt_log(
+            "syncmap map %r: left out a corrupt entry %r (%s; %d so far)",
+            self.name, field[:60], exc, self._core.counters.corrupt_entries,
+        )  # fmt: skip
 
     def preload(self, *, limit: int | None = None, retries: int = 3) -> int:
         """Fill this server's near cache with the whole map (up to ``capacity`` or ``limit``
@@ -535,6 +612,9 @@ class SyncMap(MutableMapping[Key, Any]):
         Each bucket is installed whole or not at all: a bucket that changed while it was being
         read (a change message, a probe, a write from here) is read again, up to ``retries``
         times, and otherwise left to fill on demand (``NearCache.complete_bulk`` says why).
+        An entry that does not decode is left out (as ``items(skip_corrupt=True)`` does): it
+        is counted each time it is read, logged at most once a minute, and reading that key
+        raises :class:`CorruptData`.
         """
         self._check_open()
         cap = min(self.config.capacity, limit if limit is not None else self.config.capacity)
@@ -579,12 +659,16 @@ class SyncMap(MutableMapping[Key, Any]):
         out: list[tuple[Key, int, int, Any, bytes | None, float]] = []
         append = out.append
         for field, stored in pairs[: max(room, 0)]:
-            version, deadline_ms, epoch = head(stored)
-            if deadline_ms and deadline_ms <= now_ms:
+            try:  # free unless it raises (Python 3.11+)
+                version, deadline_ms, epoch = head(stored)
+                if deadline_ms and deadline_ms <= now_ms:
+                    continue
+                payload = stored[size:]
+                value = decode(payload)
+                key = field[1:].decode() if field[:1] == b"s" else decode_key(field)
+            except Exception as exc:  # struct.error, UnicodeDecodeError, CorruptData, a codec's
+                self._corrupt_entry(field, exc, skip=True)
                 continue
-            payload = stored[size:]
-            value = decode(payload)
-            key = field[1:].decode() if field[:1] == b"s" else decode_key(field)
             deadline = local_deadline(deadline_ms, now) if deadline_ms else INF
             if value.__class__ in scalars or is_immutable(value):
                 append((key, version, epoch, value, None, deadline))
@@ -592,11 +676,11 @@ class SyncMap(MutableMapping[Key, Any]):
                 append((key, version, epoch, COPY, payload, deadline))
         return out
 
-    def keys(self) -> list[Key]:  # type: ignore[override]
-        return [k for k, _ in self.items()]
+    def keys(self, *, skip_corrupt: bool = False) -> list[Key]:  # type: ignore[override]
+        return [k for k, _ in self.items(skip_corrupt=skip_corrupt)]
 
-    def values(self) -> list[Any]:  # type: ignore[override]
-        return [v for _, v in self.items()]
+    def values(self, *, skip_corrupt: bool = False) -> list[Any]:  # type: ignore[override]
+        return [v for _, v in self.items(skip_corrupt=skip_corrupt)]
 
     def __iter__(self) -> Iterator[Key]:
         return iter(self.keys())
@@ -636,7 +720,8 @@ class SyncMap(MutableMapping[Key, Any]):
             expirations=c.expirations, gaps=c.gaps, epoch_changes=c.epoch_changes,
             lost_detected=c.lost_detected, lease_lapses=c.lease_lapses,
             fills_rejected=c.fills_rejected, messages=c.messages,
-            corrupt_messages=c.corrupt_messages,
+            corrupt_messages=c.corrupt_messages, events_dropped=self._engine.events_dropped,
+            gap_overflows=c.gap_overflows, corrupt_entries=c.corrupt_entries,
         )  # fmt: skip
 
     def _presence_record(self) -> dict[str, Any]:
@@ -692,6 +777,8 @@ class SyncMap(MutableMapping[Key, Any]):
     def _check_open(self) -> None:
         if self._engine.closed:
             raise MapClosed(f"map {self.name!r} is closed; open a new SyncMap")
+        if self._engine.needs_start:
+            self._start_in_child()
         self._engine.raise_background_error()
 
     def _locate(self, key: Key) -> tuple[bytes, Key, int]:

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from . import forksafe
 from .codec import Codec, encode_limited, is_immutable, make_codec
 from .config import MapConfig
 from .core.nearcache import COPY, Event
@@ -114,6 +115,11 @@ class ReplicatedMap(MutableMapping[Key, Any]):
         peers_timeout: float = 2.0,
         signing_key: bytes | None = None,
     ) -> None:
+        self._opened_with = (name, feed, dict(
+            codec=codec, value_type=value_type, config=config, node_id=node_id,
+            snapshot=snapshot, load_timeout=load_timeout, peers_timeout=peers_timeout,
+            signing_key=signing_key,
+        ))  # fmt: skip
         self.name = check_map_name(name)
         self.config = cfg = config or MapConfig()
         self.node_id = check_node_id(node_id)
@@ -145,6 +151,24 @@ class ReplicatedMap(MutableMapping[Key, Any]):
         except BaseException:
             self.close()
             raise
+        self._forked = False
+        forksafe.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child (``forksafe``): the inherited copy hears no change any more (its
+        subscription and worker are the parent's), so the first read or write in the child opens
+        the map again exactly as the constructor did (feed, log replay or snapshot)."""
+        if self._closed:
+            return
+        self._lock = threading.Lock()
+        self._forked = True
+        self._slots = _ReopenOnUse(self)  # the read path's first look re-opens the map
+
+    def _reopen_in_child(self) -> None:
+        with _reopen_lock:
+            if self._forked:
+                name, feed, options = self._opened_with
+                self.__init__(name, feed, **options)  # type: ignore[misc]
 
     @staticmethod
     def _topic(url: str, namespace: str, name: str) -> str:
@@ -523,6 +547,8 @@ class ReplicatedMap(MutableMapping[Key, Any]):
     def _check_open(self) -> None:
         if self._closed:
             raise MapClosed(f"replicated map {self.name!r} is closed")
+        if self._forked:
+            self._reopen_in_child()
 
     def _payload(self, value: Any) -> bytes:
         return encode_limited(
@@ -534,3 +560,34 @@ class ReplicatedMap(MutableMapping[Key, Any]):
 
     def _cached(self, value: Any, payload: bytes) -> Any:
         return value if is_immutable(value) else COPY
+
+
+_reopen_lock = threading.RLock()
+
+
+@forksafe.at_fork
+def _fresh_reopen_lock() -> None:
+    global _reopen_lock
+    _reopen_lock = threading.RLock()
+
+
+class _ReopenOnUse(dict[Key, Any]):
+    """A forked child's stand-in for a replicated map's slots: the first look re-opens the map
+    (``ReplicatedMap._reopen_in_child``) and is answered from the re-opened map's slots."""
+
+    def __init__(self, owner: ReplicatedMap) -> None:
+        super().__init__()
+        self._owner = owner
+
+    def _real(self) -> dict[Key, Any]:
+        self._owner._reopen_in_child()
+        return self._owner._slots
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        return self._real().get(key, default)
+
+    def values(self) -> Any:
+        return self._real().values()
+
+    def items(self) -> Any:
+        return self._real().items()

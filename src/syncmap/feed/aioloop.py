@@ -34,6 +34,8 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from .. import forksafe
+
 T = TypeVar("T")
 log = logging.getLogger("syncmap.feed")
 
@@ -41,6 +43,13 @@ _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
 _thread: threading.Thread | None = None
 _pid = 0
+
+
+@forksafe.at_fork
+def _forget_loop() -> None:
+    """In a forked child the loop's thread does not exist: the next ``get_loop`` starts one."""
+    global _lock, _loop, _thread
+    _lock, _loop, _thread = threading.Lock(), None, None
 
 
 def get_loop() -> asyncio.AbstractEventLoop:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 from urllib.parse import urlsplit
 
+from .. import forksafe
 from ..errors import ConfigurationError, FeedError
 
 BEGINNING = "^"
@@ -148,6 +149,12 @@ _MODULES = {
     "kafka": ("kafka", "KafkaFeed", "kafka"),
 }
 _import_lock = threading.Lock()
+
+
+@forksafe.at_fork
+def _fresh_import_lock() -> None:
+    global _import_lock
+    _import_lock = threading.Lock()  # a parent's thread may have held it at the fork
 
 
 def feed_class(url: str) -> type[Feed]:

@@ -23,6 +23,7 @@ How it stays alive and honest:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import threading
@@ -36,8 +37,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .. import forksafe
+
 log = logging.getLogger("syncmap.feed")
 PING_AFTER = 2.0
+_exiting = threading.Event()  # the interpreter is shutting down: a lost connection is expected
+atexit.register(_exiting.set)
 
 
 @dataclass(slots=True, eq=False)
@@ -125,6 +130,14 @@ class Subscriber:
         if empty:
             self.stop()
 
+    @staticmethod
+    @forksafe.at_fork
+    def _forget_all() -> None:
+        """In a forked child: the parent's subscribers (their sockets, threads and locks) are
+        not this process's; the next ``attach_to`` opens a subscriber of the child's own."""
+        Subscriber._registry = {}
+        Subscriber._registry_lock = threading.Lock()
+
     def stop(self) -> None:
         self._stop.set()
         self._close_conn()  # wakes the reader at once
@@ -154,7 +167,7 @@ class Subscriber:
                 backoff = 0.05
                 self._read_until_error(conn)
             except Exception as exc:  # every failure is a lost connection; the thread lives on
-                if self._stop.is_set():
+                if self._stop.is_set() or _exiting.is_set():
                     break
                 log.warning("syncmap subscriber lost its connection (%s); reconnecting", exc)
                 self._close_conn()

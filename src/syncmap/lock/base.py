@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 import socket
 import threading
@@ -12,6 +14,7 @@ from collections.abc import Callable
 
 import redis
 
+from .. import forksafe
 from ..errors import ConfigurationError, LockLost, SyncMapError
 from ..keys import LockLayout, check_lock_name
 from ..store.transport import Transport, make_client
@@ -24,6 +27,12 @@ _policy_checked: weakref.WeakSet[Transport] = weakref.WeakSet()
 _by_url: dict[tuple[str, float], redis.Redis] = {}
 _by_client: weakref.WeakKeyDictionary[redis.Redis, Transport] = weakref.WeakKeyDictionary()
 _shared_lock = threading.Lock()
+
+
+@forksafe.at_fork
+def _fresh_shared_lock() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()  # a parent's thread may have held it at the fork
 
 
 def shared_transport(url: str | None, client: redis.Redis | None, timeout: float) -> Transport:
@@ -44,6 +53,50 @@ def shared_transport(url: str | None, client: redis.Redis | None, timeout: float
         if transport is None:
             transport = _by_client[client] = Transport(client, timeout)
         return transport
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """An acquire's ``timeout``: None or ``inf`` waits forever, 0 tries once.
+
+    NaN is refused: it compares False with everything, so a deadline of NaN never passes and the
+    wait would spin on Redis forever.  A negative timeout is refused too (it is a bug, not a
+    request to try once)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise TypeError(f"timeout={timeout!r}: use a number of seconds, or None to wait forever")
+    seconds = float(timeout)
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(
+            f"timeout={timeout!r}: use seconds >= 0 (0 tries once), or None to wait forever"
+        )
+    return None if math.isinf(seconds) else seconds
+
+
+def check_seconds(name: str, value: object, low: float, high: float, *, low_ok: bool = True
+                  ) -> float:  # fmt: skip
+    """A duration setting: a finite number of seconds in ``[low, high]`` (``(low, high]``
+    without ``low_ok``); ``ConfigurationError`` naming the parameter otherwise."""
+    seconds = (
+        float(value)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool)
+        else math.nan
+    )
+    above = seconds >= low if low_ok else seconds > low
+    if not (above and seconds <= high):  # NaN fails both comparisons
+        bound = "" if math.isinf(high) else f" and <= {high:g}"
+        raise ConfigurationError(
+            f"{name}={value!r}: use a finite number of seconds {'>=' if low_ok else '>'} "
+            f"{low:g}{bound}"
+        )
+    return seconds
+
+
+def check_count(name: str, value: object, low: int) -> int:
+    """An int setting ``>= low``; ``ConfigurationError`` naming the parameter otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigurationError(f"{name}={value!r}: use an int >= {low}")
+    return value
 
 
 def new_owner() -> str:
@@ -70,9 +123,9 @@ class LockBase:
         transport: Transport | None = None,
     ) -> None:
         self.name = check_lock_name(name)
-        if not 0.05 <= lease <= 86_400:
-            raise ConfigurationError(f"lease={lease!r}: use 0.05 .. 86400 seconds")
-        self.lease = float(lease)
+        self.lease = check_seconds("lease", lease, 0.05, 86_400)
+        check_seconds("socket_timeout", socket_timeout, 0, 86_400, low_ok=False)
+        self._auto_owner = owner is None
         self.owner = owner or new_owner()
         if not isinstance(self.owner, str) or not 1 <= len(self.owner.encode()) <= 512:
             raise ConfigurationError(f"owner={owner!r}: use a str of 1-512 bytes")
@@ -80,6 +133,19 @@ class LockBase:
         self.layout = LockLayout(namespace, self.name)
         self._transport = transport or shared_transport(url, redis, socket_timeout)
         self._state = threading.Lock()
+        forksafe.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child holds nothing its parent held, under an owner token of its own
+        (an explicit ``owner=`` is kept: the caller chose to share that identity).  Nothing is
+        released in Redis: the parent still holds what it held."""
+        self._state = threading.Lock()
+        if self._auto_owner:
+            self.owner = new_owner()
+        self._forget_holds()
+
+    def _forget_holds(self) -> None:
+        """Drop this object's record of its holds (each lock kind keeps its own)."""
 
     @property
     def what(self) -> str:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
+from .. import forksafe
 from ..errors import LockError, LockLost, SyncMapError
 
 log = logging.getLogger("syncmap.lock")
@@ -198,6 +199,14 @@ class Watchdog:
             if cls._instance is None:
                 cls._instance = cls()
             return cls._instance
+
+    @staticmethod
+    @forksafe.at_fork
+    def _forget() -> None:
+        """In a forked child the parent's watchdog thread does not exist and its holds are the
+        parent's: the child's first hold starts a watchdog of its own."""
+        Watchdog._instance = None
+        Watchdog._instance_lock = threading.Lock()
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._cond = threading.Condition()

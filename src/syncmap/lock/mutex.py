@@ -19,7 +19,7 @@ from ..errors import (
     WriteOutcomeUnknown,
 )
 from ..store.transport import Transport
-from .base import LockBase, OnLost
+from .base import LockBase, OnLost, check_count, check_seconds, check_timeout
 from .lease import Fence, Hold, ReleasedOnExit, Watchdog, drift
 from .waiting import Attempt, wait_for
 
@@ -67,17 +67,25 @@ class Lock(ReleasedOnExit, LockBase):
         if replicas not in ("none", "check", "require"):
             raise ConfigurationError(f"replicas={replicas!r}: use 'none', 'check' or 'require'")
         self.replicas = replicas
-        self.min_replicas = min_replicas
-        self.replica_timeout = replica_timeout
+        self.min_replicas = check_count("min_replicas", min_replicas, 1)
+        self.replica_timeout = check_seconds("replica_timeout", replica_timeout, 0, 86_400,
+                                             low_ok=False)  # fmt: skip
         self.replicated: bool | None = None  # None: not checked
         self._count = 0
         self._token = 0
         self._hold: Hold | None = None
 
+    def _forget_holds(self) -> None:
+        self._count, self._token, self._hold = 0, 0, None
+
     # ---- acquiring -----------------------------------------------------------------------------
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> Fence:
-        """Acquire (or re-enter) and return the fencing token; ``LockNotAcquired`` on timeout."""
+        """Acquire (or re-enter) and return the fencing token; ``LockNotAcquired`` on timeout.
+
+        ``timeout``: seconds (0 tries once), or None (or ``inf``) to wait forever; NaN or a
+        negative number raises ``ValueError``."""
+        timeout = check_timeout(timeout)
         if self._hold is not None:
             self._hold.check()  # a lost hold (or one whose lease ran out): release() it first
         self._warn_if_evicting()

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import redis
 
+from .. import forksafe
 from ..errors import (
     ConfigurationError,
     LockError,
@@ -34,7 +35,7 @@ from ..errors import (
 )
 from ..keys import LockLayout, check_lock_name
 from ..store.transport import Transport, make_client
-from .base import OnLost, new_owner, shared_transport
+from .base import OnLost, check_count, check_seconds, check_timeout, new_owner, shared_transport
 from .lease import Fence, Hold, ReleasedOnExit, Watchdog, drift
 
 
@@ -57,17 +58,19 @@ class Redlock(ReleasedOnExit):
         namespace: str = "sm",
     ) -> None:
         self.name = check_lock_name(name)
+        lease = check_seconds("lease", lease, 0.05, 86_400)
+        retries = check_count("retries", retries, 0)
+        retry_delay = check_seconds("retry_delay", retry_delay, 0, 3600)
+        node_timeout = check_seconds("node_timeout", node_timeout, 0, 3600, low_ok=False)
         given = list(clients or []) or [make_client(u, None, node_timeout) for u in urls or []]
         if len(given) < 3 or len(given) % 2 == 0:
             raise ConfigurationError(
                 f"Redlock needs an odd number of independent masters, at least 3 (got "
                 f"{len(given)}); 5 survives the loss of 2"
             )
-        if not 0.05 <= lease <= 86_400:
-            raise ConfigurationError(f"lease={lease!r}: use 0.05 .. 86400 seconds")
         self._nodes = [Transport(c, node_timeout) for c in given]
         self.quorum = len(self._nodes) // 2 + 1
-        self.lease = float(lease)
+        self.lease = lease
         self.retries = retries
         self.retry_delay = retry_delay
         self.owner = new_owner()
@@ -85,6 +88,13 @@ class Redlock(ReleasedOnExit):
         self._token = 0
         self._state = threading.Lock()
         self.last_acquired_nodes = 0
+        forksafe.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child holds nothing its parent held (see ``LockBase``)."""
+        self._state = threading.Lock()
+        self.owner = new_owner()
+        self._hold, self._token = None, 0
 
     @property
     def what(self) -> str:
@@ -94,7 +104,9 @@ class Redlock(ReleasedOnExit):
         return time.monotonic()
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> float:
-        """Acquire on a majority; returns the validity left, in seconds."""
+        """Acquire on a majority; returns the validity left, in seconds.  ``timeout`` bounds the
+        retries (None or ``inf``: only ``retries`` does); NaN or negative raises ``ValueError``."""
+        timeout = check_timeout(timeout)
         if self._hold is not None:
             raise LockError(f"{self.what} is already held by this object (not re-entrant)")
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -107,5 +107,10 @@ class RWLock(LockBase):
         self.read: Lock = _Reader(name, **common)
         self.write: Lock = _Writer(name, **common)
 
+    def _forget_holds(self) -> None:
+        # The sides were given this object's owner; after a fork they take its new one (each
+        # side forgets its own holds in its own hook).
+        self.read.owner = self.write.owner = self.owner
+
     def __repr__(self) -> str:
         return f"<RWLock {self.name!r} read={self.read.held} write={self.write.held}>"

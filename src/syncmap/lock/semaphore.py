@@ -9,7 +9,7 @@ import redis
 
 from ..errors import ConfigurationError, LockLost, LockNotAcquired, LockNotOwned
 from ..store.transport import Transport
-from .base import LockBase, OnLost
+from .base import LockBase, OnLost, check_timeout
 from .lease import Hold, ReleasedOnExit, Watchdog, drift
 from .waiting import Attempt, wait_for
 
@@ -47,8 +47,13 @@ class Semaphore(ReleasedOnExit, LockBase):
         self.permits = permits
         self._held: list[tuple[str, Hold]] = []
 
+    def _forget_holds(self) -> None:
+        self._held = []
+
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> None:
-        """Take a permit; ``LockNotAcquired`` when none came free in time."""
+        """Take a permit; ``LockNotAcquired`` when none came free in time (``timeout`` as
+        ``Lock.acquire``'s: NaN or negative raises ``ValueError``)."""
+        timeout = check_timeout(timeout)
         permit = f"{self.owner}:{uuid.uuid4().hex[:8]}"
         self._warn_if_evicting()
         wait_for(lambda: self._attempt(permit), waker=self._waker, channel=self.layout.channel,

@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 
 import redis
 
+from .. import forksafe
 from ..errors import LockNotAcquired
 from ..feed.pubsub import Handler, Subscriber, _target
 
@@ -68,6 +69,14 @@ class Waker:
             if waker is None:
                 waker = cls._registry[key] = cls(client)
             return waker
+
+    @staticmethod
+    @forksafe.at_fork
+    def _forget_all() -> None:
+        """In a forked child the parent's wakers (their channels on the parent's subscriber) are
+        not this process's: waiting starts over with a subscriber of the child's own."""
+        Waker._registry = {}
+        Waker._registry_lock = threading.Lock()
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client

@@ -36,6 +36,7 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
+from .. import forksafe
 from ..errors import (
     ConfigurationError,
     StaleFence,
@@ -98,6 +99,12 @@ class Transport:
         if timeout is not None and self._kwargs.get("socket_timeout") is None:
             self._kwargs["socket_timeout"] = timeout
             self._kwargs.setdefault("socket_connect_timeout", timeout)
+        forksafe.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        # The idle connections are the parent's sockets too: forget them without a shutdown
+        # (redis-py closes only this process's copy of a connection made by another pid).
+        self._idle = []
 
     def evalsha(self, name: str, keys: Sequence[Any], *args: Any) -> Command:
         """The EVALSHA command of a script of scripts.py."""
@@ -214,6 +221,11 @@ class Transport:
         text = str(exc)
         if text.startswith("STALEFENCE"):
             return StaleFence(text.removeprefix("STALEFENCE ") + ": re-acquire the lock")
+        if text.startswith("SETTINGS"):
+            return ConfigurationError(
+                text.removeprefix("SETTINGS ") + ": every server of a map must use the same "
+                "bucket count and codec (the map's meta key was lost; see docs/protocol.md)"
+            )
         if text.startswith("SEMLIMIT"):
             return ConfigurationError(
                 text.removeprefix("SEMLIMIT ") + ": every client of a semaphore must use the "
