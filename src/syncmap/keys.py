@@ -20,6 +20,7 @@ and docs/protocol.md.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -42,7 +43,8 @@ def encode_key(key: object, max_bytes: int) -> bytes:
             field = b"s" + key.encode()
         except UnicodeEncodeError as exc:
             raise InvalidKey(
-                f"key {key!r} cannot be encoded as UTF-8 ({exc.reason}); use bytes for binary keys"
+                f"key {clip(key)} cannot be encoded as UTF-8 ({exc.reason}); use bytes for "
+                "binary keys"
             ) from exc
     elif isinstance(key, bytes | bytearray | memoryview):
         field = b"b" + bytes(key)
@@ -50,7 +52,7 @@ def encode_key(key: object, max_bytes: int) -> bytes:
         field = b"i" + str(int(key)).encode()
     else:
         raise KeyTypeError(
-            f"syncmap keys must be str, bytes or int, not {type(key).__name__} ({key!r}); "
+            f"syncmap keys must be str, bytes or int, not {type(key).__name__} ({clip(key)}); "
             "convert the key first (bool is refused because True == 1 would alias key 1)"
         )
     if len(field) - 1 > max_bytes:
@@ -148,21 +150,34 @@ def check_lock_name(name: str) -> str:
         or not 1 <= len(name.encode()) <= 512
         or any(c in "{}" or not c.isprintable() for c in name)
     ):
+        size = f" ({len(name.encode(errors='replace'))} bytes)" if isinstance(name, str) else ""
         raise ConfigurationError(
-            f"lock name {name!r} is not allowed: use 1-512 bytes of printable text without "
-            "braces (they would break Redis Cluster hash tags)"
+            f"lock name {clip(name)}{size} is not allowed: use 1-512 bytes of printable text "
+            "without braces (they would break Redis Cluster hash tags)"
         )
     return name
 
 
+def clip(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters: a key may be
+    64 KiB, and a message that quotes it whole buries what it says."""
+    text = repr(value[: limit + 1] if isinstance(value, str | bytes) else value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
 def key_lock_name(map_name: str, field: bytes) -> str:
-    """The lock name of ``SyncMap.lock(key)``: readable for plain text keys, hex otherwise."""
+    """The lock name of ``SyncMap.lock(key)``: readable for plain text keys, hex otherwise, and
+    ``<map>:h:<SHA-256 of the field>`` when that would be over the 512 bytes a lock name may
+    have.  Every server derives the same name from the same key."""
     body = field[1:]
+    name = f"{map_name}:x:{body.hex()}"
     if field[:1] in (b"s", b"i"):
         text = body.decode()
         if text.isprintable() and "{" not in text and "}" not in text:
-            return f"{map_name}:{field[:1].decode()}:{text}"
-    return f"{map_name}:x:{body.hex()}"
+            name = f"{map_name}:{field[:1].decode()}:{text}"
+    if len(name.encode()) > 512:
+        name = f"{map_name}:h:{hashlib.sha256(field).hexdigest()}"
+    return name
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,12 @@ from ..keys import Key, decode_key
 from .wire import OP_CLEAR, OP_NAMES, OP_PING, ChangeMessage
 
 INF = float("inf")
+MAX_AHEAD = 1024
+"""Most early messages one bucket keeps aside on an unordered (relayed) feed, waiting for an
+earlier one.  Legitimate reorderings are a few messages deep; a lost message keeps the bucket
+waiting only until the probe's grace period ends.  Forged far-ahead sequences would otherwise grow
+this without bound: past the limit the bucket is flushed and forgets them (``gap_overflows``),
+which costs hits, never staleness (``ahead`` only ever lets ``seq`` advance)."""
 COPY = object()
 """Marks an entry whose value is mutable: the hit path decodes ``raw`` afresh for every caller."""
 
@@ -124,6 +130,8 @@ class Counters:
     messages: int = 0
     corrupt_messages: int = 0
     hits_retired: int = 0
+    gap_overflows: int = 0  # a bucket held MAX_AHEAD early messages: flushed, forgotten
+    corrupt_entries: int = 0  # stored entries skipped by whole-map reads (the driver counts)
 
 
 class NearCache:
@@ -377,6 +385,10 @@ class NearCache:
         self.counters.messages += 1
         if msg.op == OP_PING or msg.bucket >= len(self.buckets):
             return []
+        if msg.oversized:  # too many keys to apply one by one: the bucket is in doubt
+            if self.buckets[msg.bucket].known:
+                self._flush(msg.bucket)
+            return []
         keys = [decode_key(f) for f in msg.fields]  # CorruptData here leaves every state untouched
         b = self.buckets[msg.bucket]
         b.heard += 1
@@ -411,12 +423,21 @@ class NearCache:
             return
         if msg.seq > b.seq + 1 and self.guards.gaps:
             if not self.ordered:
-                b.ahead[msg.seq] = max(b.ahead.get(msg.seq, 0), msg.last_seq)
+                self._keep_ahead(i, msg)
                 return
             self.counters.gaps += 1
             self._flush(i)
         b.seq = max(b.seq, msg.last_seq)
         self._catch_up(b)
+
+    def _keep_ahead(self, i: int, msg: ChangeMessage) -> None:
+        """Keep an early message of an unordered feed aside, at most :data:`MAX_AHEAD` a bucket."""
+        b = self.buckets[i]
+        if len(b.ahead) >= MAX_AHEAD and msg.seq not in b.ahead:
+            self.counters.gap_overflows += 1
+            b.ahead.clear()  # seq stays behind: no probe is confirmed until one restarts it
+            self._flush(i)
+        b.ahead[msg.seq] = max(b.ahead.get(msg.seq, 0), msg.last_seq)
 
     @staticmethod
     def _catch_up(b: BucketState) -> None:

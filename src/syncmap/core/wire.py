@@ -41,7 +41,15 @@ _U32 = struct.Struct(">I")
 _VALUE_HEAD = VALUE_HEAD = struct.Struct(">QQQ")
 """The stored value's header: version, deadline ms, epoch (``VALUE_HEAD.unpack_from(stored)``)."""
 VALUE_HEAD_SIZE = _VALUE_HEAD.size
-MAX_KEYS_PER_MESSAGE = 1_000_000
+MAX_FIELDS = 4096
+"""The most keys a change message may name and still be applied key by key.
+
+syncmap's own writers name at most 1,000 (one ``update()`` chunk, map.py) or 500 (the probe's
+expiry reaping, ``_REAP_LIMIT`` in store/redis_store.py); a writer must stay at or below this.  A
+message naming more is decoded without its keys (:attr:`ChangeMessage.oversized`) and the near
+cache treats its bucket as changed (flush and repair), so one message costs bounded work whatever
+it claims (a 5 MB message naming a million keys used to stall every map of the process for
+seconds)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +60,8 @@ class ChangeMessage:
     epoch: int
     origin: str
     fields: tuple[bytes, ...]
+    oversized: bool = False
+    """It named more than :data:`MAX_FIELDS` keys: ``fields`` is empty, its keys were skipped."""
 
     @property
     def last_seq(self) -> int:
@@ -80,9 +90,11 @@ def decode_message(data: bytes) -> ChangeMessage:
         origin = data[pos : pos + olen].decode()
         pos += olen
         (count,) = _U32.unpack_from(data, pos)
-        if count > MAX_KEYS_PER_MESSAGE:
-            raise CorruptData(f"change message claims {count} keys")
         pos += 4
+        if len(data) - pos < 4 * count:  # each key takes at least its length prefix
+            raise CorruptData(f"change message claims {count} keys in {len(data) - pos} bytes")
+        if count > MAX_FIELDS:  # skip the keys: see MAX_FIELDS
+            return ChangeMessage(op, bucket, seq, epoch, origin, (), oversized=True)
         fields = []
         for _ in range(count):
             (n,) = _U32.unpack_from(data, pos)
