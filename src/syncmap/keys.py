@@ -6,13 +6,17 @@ three distinct keys (as they are in a dict) and never collide once stringified:
     str   -> b"s" + UTF-8        bytes -> b"b" + raw        int -> b"i" + decimal ASCII
 
 A map ``users`` with B buckets owns, for every bucket ``b`` (hash tag ``{<ns>:users:b}`` so one Lua
-script touches one Redis Cluster slot):
+script touches one Redis Cluster slot), in key layout 2 (docs/protocol.md):
 
-    <ns>:{users:b}:m   hash    epoch, seq, and fence fields ``f:<lock>`` (see docs/protocol.md)
-    <ns>:{users:b}:d   hash    field -> header(version, deadline) + codec payload
+    <ns>:{users:b}:d   hash    field -> header(version, deadline, epoch) + codec payload, and the
+                               bucket's bookkeeping in reserved fields (:data:`RESERVED`):
+                               ``#e`` epoch, ``#s`` last version, ``#c`` settings stamp
     <ns>:{users:b}:x   zset    field -> expiry deadline in Redis server milliseconds
 
 plus ``<ns>:{users}:meta`` (bucket count, codec) and the change channel ``<ns>:{users}:ch``.
+The bookkeeping lives in the data hash so that it lives and dies with the data: a data hash
+evicted by ``maxmemory`` takes its epoch with it, which every server's probe notices.  (Layout 1
+kept epoch and seq in a separate hash ``:m``; evicting one without the other went unnoticed.)
 
 A lock ``orders`` (any kind) owns keys under the hash tag ``{lock:orders}``: see :class:`LockLayout`
 and docs/protocol.md.
@@ -31,6 +35,17 @@ from dataclasses import dataclass
 from .errors import ConfigurationError, CorruptData, InvalidKey, KeyTypeError
 
 Key = str | bytes | int
+
+RESERVED = frozenset({b"#e", b"#s", b"#c"})
+"""The bookkeeping fields of a bucket's data hash.  Key fields start with ``s``, ``b`` or ``i``,
+so these never collide with a key; readers of a whole data hash skip every field starting with
+``#`` (:func:`is_key_field`)."""
+
+
+def is_key_field(field: bytes) -> bool:
+    """Whether a data hash field is a key's (not bookkeeping)."""
+    return field[:1] != b"#"
+
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-/]{1,200}$")
 
@@ -137,10 +152,14 @@ class Layout:
         """Hash node id -> JSON presence record of each server that has the map open."""
         return f"{self.namespace}:{{{self.name}}}:presence"
 
-    def bucket_keys(self, bucket: int) -> tuple[str, str, str]:
-        """(sequence hash, data hash, expiry zset) of one bucket, all in one cluster slot."""
+    def bucket_keys(self, bucket: int) -> tuple[str, str]:
+        """(data hash, expiry zset) of one bucket, both in one cluster slot."""
         tag = f"{self.namespace}:{{{self.name}:{bucket}}}"
-        return f"{tag}:m", f"{tag}:d", f"{tag}:x"
+        return f"{tag}:d", f"{tag}:x"
+
+    def data(self, bucket: int) -> str:
+        """The data hash of one bucket (its entries and its bookkeeping fields)."""
+        return f"{self.namespace}:{{{self.name}:{bucket}}}:d"
 
 
 def check_lock_name(name: str) -> str:

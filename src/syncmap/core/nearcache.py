@@ -113,6 +113,22 @@ class Guards:
     gaps: bool = True
     probe: bool = True
     epoch: bool = True
+    # Store-side protections (eviction, issue 12): passed to the write scripts as ARGV[8]
+    # (store/scripts.py ``off``), never read by the near cache itself.
+    fence_missing_refuses: bool = True  # a lost fence counter refuses fenced writes
+    ver_epoch: bool = True  # 'ver' conditions (transform, CAS retry) compare epoch and version
+    bookkeeping_in_data: bool = True  # epoch/seq live in the data hash (layout 2), not apart
+    settings_stamp: bool = True  # buckets stamped with another map's settings refuse writes
+
+    def script_flags(self) -> str:
+        """The letters of the store-side protections switched off (ARGV[8] of the scripts)."""
+        switches = (
+            ("f", self.fence_missing_refuses),
+            ("v", self.ver_epoch),
+            ("m", self.bookkeeping_in_data),
+            ("s", self.settings_stamp),
+        )
+        return "".join(c for c, on in switches if not on)
 
 
 @dataclass(slots=True)

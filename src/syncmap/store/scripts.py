@@ -6,11 +6,20 @@ Redis does not roll a script back when a later line fails, so nothing is publish
 that did not happen.
 A script that refuses (stale fence) returns an error *before* its first write.
 
-KEYS (every write script): [1] sequence hash ``m``, [2] data hash ``d``, [3] expiry zset ``x``,
-    and [4] the fence counter of the lock when the write is fenced.
+KEYS (every write script): [1] data hash ``d``, [2] expiry zset ``x``, and [3] the fence counter
+    of the lock when the write is fenced.
 ARGV prefix (every write script):
     [1] channel  [2] bucket number  [3] epoch candidate (used only if the bucket has none)
     [4] origin (node id)  [5] fence lock name or ''  [6] fence token or '0'
+    [7] the map's settings stamp ``<buckets>/<codec>``  [8] protections switched off ('' always,
+    but in guard-off tests: see ``off`` below)
+Script-specific arguments start at ARGV[9].
+
+Layout 2 (docs/protocol.md): a bucket's bookkeeping lives *in its data hash*, in reserved fields
+that no key field can be (key fields start with ``s``, ``b`` or ``i``): ``#e`` epoch, ``#s`` the
+last version taken, ``#c`` the settings stamp.  Bookkeeping so lives and dies with the data: when
+Redis evicts (or someone deletes) a data hash, its epoch goes with it, the next write starts a new
+random epoch and every server's probe sees the change and flushes the bucket.
 
 Stored value = struct ``>I8I8I8`` (version, deadline ms or 0, epoch) .. payload.  Change message:
 see ``core/wire.py`` (the Lua ``publish`` below builds exactly those bytes).
@@ -25,23 +34,40 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- Protections switched off by a test (ARGV[8]; '' in production), one letter each:
+--   f  a missing fence counter reads as 0 (layout 1)     v  'ver' compares versions only
+--   m  epoch/seq in a separate hash <tag>:m (layout 1)    s  the settings stamp is not checked
+local function off(c) return string.find(ARGV[8], c, 1, true) ~= nil end
+-- Where the bucket's epoch and seq live ('m': the old separate hash, reached by name; tests only).
+local BK = KEYS[1]
+if off('m') then BK = string.sub(KEYS[1], 1, -2) .. 'm' end
+
 -- The live stored value of a field, or false when absent or expired (expired = absent for every
 -- script: the probe reaps it and publishes the expiry).
 local function live(field)
-  local v = redis.call('HGET', KEYS[2], field)
+  local v = redis.call('HGET', KEYS[1], field)
   if not v then return false end
   local dl = struct.unpack('>I8', v, 9)
   if dl ~= 0 and dl <= now_ms() then return false end
   return v
 end
 
--- Fencing: KEYS[4], when given, is the lock's fence counter (the last token it issued).  A token
+-- Fencing: KEYS[3], when given, is the lock's fence counter (the last token it issued).  A token
 -- older than that counter belongs to a holder whose lease ran out: another acquisition happened
 -- since.  Equal is the current holder (one hold may write many times).  The check reads the
 -- counter itself, so a stale holder is refused even before the new holder has written anything.
+-- A counter that does not exist (evicted, flushed, lost in a restart) cannot tell a stale token
+-- from the current one: refused.  Acquiring again re-seeds it above every token issued.
 local function fence_refused()
   if ARGV[5] == '' then return false end
-  local cur = redis.call('GET', KEYS[4]) or '0'
+  local cur = redis.call('GET', KEYS[3])
+  if not cur then
+    if not off('f') then
+      return redis.error_reply('STALEFENCE lock ' .. ARGV[5] .. ': its fence state was lost ' ..
+        '(evicted, flushed or lost in a restart), so token ' .. ARGV[6] .. ' cannot be checked')
+    end
+    cur = '0'
+  end
   if tonumber(ARGV[6]) < tonumber(cur) then
     return redis.error_reply('STALEFENCE lock ' .. ARGV[5] .. ' token ' .. ARGV[6] ..
       ' is older than token ' .. cur .. ' issued since')
@@ -49,14 +75,49 @@ local function fence_refused()
   return false
 end
 
--- Take n consecutive versions; returns the first and the bucket's epoch.
+-- The bucket's settings stamp (ARGV[7]) must be the writer's: a server opened with another bucket
+-- count or codec (after the meta key was lost) would split the map or write values the others
+-- misread.  Returns the refusal, or false; ``stamped`` says whether the bucket has a stamp.
+local stamped = false
+local function settings_refused()
+  local have = redis.call('HGET', KEYS[1], '#c')
+  stamped = have and true or false
+  if have and have ~= ARGV[7] and not off('s') then
+    return redis.error_reply('SETTINGS bucket ' .. ARGV[2] .. ' of this map was created with ' ..
+      'settings ' .. have .. ' (buckets/codec), this server uses ' .. ARGV[7])
+  end
+  return false
+end
+
+-- Every refusal a write script can make, before its first write.
+local function refused()
+  return settings_refused() or fence_refused()
+end
+
+-- Take n consecutive versions; returns the first and the bucket's epoch.  A bucket without an
+-- epoch (new, or its data hash evicted) starts a new random one, stamped with our settings.
 local function next_seq(n)
-  local ep = redis.call('HGET', KEYS[1], 'epoch')
+  local ep = redis.call('HGET', BK, '#e')
   if not ep then
     ep = ARGV[3]
-    redis.call('HSET', KEYS[1], 'epoch', ep)
+    redis.call('HSET', BK, '#e', ep)
   end
-  return redis.call('HINCRBY', KEYS[1], 'seq', n) - n + 1, tonumber(ep)
+  if not stamped then
+    redis.call('HSET', KEYS[1], '#c', ARGV[7])
+    stamped = true
+  end
+  return redis.call('HINCRBY', BK, '#s', n) - n + 1, tonumber(ep)
+end
+
+-- Whether ``old`` (a live stored value, or false) is the one a 'ver' condition names:
+-- ``expected`` is "epoch:version", or "0:0" for absent.  Versions restart under a new epoch, so
+-- a version alone may name another write (ABA); epoch and version together cannot.
+local function is_version(old, expected)
+  local e, v = string.match(expected, '^(%d+):(%d+)$')
+  if not v then return false end
+  if not old then return v == '0' end
+  local have, _, ep = struct.unpack('>I8I8I8', old)
+  return have == tonumber(v) and (ep == tonumber(e) or off('v'))
 end
 
 -- Where the change message goes, by ARGV[1] (the map's feed, see store/redis_store.py):
@@ -94,11 +155,11 @@ local function store(field, seq, ep, payload, ttl)
   local dl = 0
   if ttl > 0 then
     dl = now_ms() + ttl
-    redis.call('ZADD', KEYS[3], dl, field)
+    redis.call('ZADD', KEYS[2], dl, field)
   else
-    redis.call('ZREM', KEYS[3], field)
+    redis.call('ZREM', KEYS[2], field)
   end
-  redis.call('HSET', KEYS[2], field, struct.pack('>I8I8I8', seq, dl, ep) .. payload)
+  redis.call('HSET', KEYS[1], field, struct.pack('>I8I8I8', seq, dl, ep) .. payload)
   return dl
 end
 """
@@ -118,26 +179,22 @@ def _map_script(body: str) -> str:
 
 SET = _map_script(
     r"""
--- ARGV[7] field  [8] payload  [9] ttl ms (0 = none)  [10] mode  [11] expected
+-- ARGV[9] field  [10] payload  [11] ttl ms (0 = none)  [12] mode  [13] expected
 -- mode 'set': always; 'swap': always, and reply with the old value; 'nx': only if absent;
--- 'cas': only if the live payload equals ARGV[11]; 'ver': only if the live version equals
--- ARGV[11] (0 = absent).
+-- 'cas': only if the live payload equals ARGV[13]; 'ver': only if the live value is the one
+-- ARGV[13] = "epoch:version" names ("0:0" = absent).
 -- Reply: {version, deadline, old, epoch}; version 0 = not applied: {0, 0, old} (old = the live
 -- value, or false).
-local refused = fence_refused()
-if refused then return refused end
-local field, mode = ARGV[7], ARGV[10]
+local refusal = refused()
+if refusal then return refusal end
+local field, mode = ARGV[9], ARGV[12]
 local old = false
 if mode ~= 'set' then old = live(field) end
 if mode == 'nx' and old then return {0, 0, old} end
-if mode == 'cas' and (not old or string.sub(old, 25) ~= ARGV[11]) then return {0, 0, old} end
-if mode == 'ver' then
-  local have = 0
-  if old then have = struct.unpack('>I8', old) end
-  if have ~= tonumber(ARGV[11]) then return {0, 0, old} end
-end
+if mode == 'cas' and (not old or string.sub(old, 25) ~= ARGV[13]) then return {0, 0, old} end
+if mode == 'ver' and not is_version(old, ARGV[13]) then return {0, 0, old} end
 local seq, ep = next_seq(1)
-local dl = store(field, seq, ep, ARGV[8], tonumber(ARGV[9]))
+local dl = store(field, seq, ep, ARGV[10], tonumber(ARGV[11]))
 publish(1, seq, ep, {field})
 return {seq, dl, old, ep}
 """
@@ -145,29 +202,30 @@ return {seq, dl, old, ep}
 
 DELETE = _map_script(
     r"""
--- ARGV[7] field  [8] mode  [9] expected
--- mode 'del': if present; 'cad': if the live payload equals ARGV[9]; 'ver': if the live version
--- equals ARGV[9].  An expired field not yet reaped is removed with an 'expire' message.
+-- ARGV[9] field  [10] mode  [11] expected
+-- mode 'del': if present; 'cad': if the live payload equals ARGV[11]; 'ver': if the live value
+-- is the one ARGV[11] = "epoch:version" names.  An expired field not yet reaped is removed
+-- with an 'expire' message.
 -- Reply: {version, old, epoch}; version 0 = nothing deleted: {0, old} (old = the live value,
 -- or false).
-local refused = fence_refused()
-if refused then return refused end
-local field, mode = ARGV[7], ARGV[8]
+local refusal = refused()
+if refusal then return refusal end
+local field, mode = ARGV[9], ARGV[10]
 local old = live(field)
 if not old then
-  if redis.call('HDEL', KEYS[2], field) == 1 then
+  if redis.call('HDEL', KEYS[1], field) == 1 then
     -- An expired leftover the probe has not reaped yet: its expiry is a change like any other,
     -- with a version and a message (the probe will not see it any more).
-    redis.call('ZREM', KEYS[3], field)
+    redis.call('ZREM', KEYS[2], field)
     local seq, ep = next_seq(1)
     publish(4, seq, ep, {field})
   end
   return {0, false}
 end
-if mode == 'cad' and string.sub(old, 25) ~= ARGV[9] then return {0, old} end
-if mode == 'ver' and struct.unpack('>I8', old) ~= tonumber(ARGV[9]) then return {0, old} end
-redis.call('HDEL', KEYS[2], field)
-redis.call('ZREM', KEYS[3], field)
+if mode == 'cad' and string.sub(old, 25) ~= ARGV[11] then return {0, old} end
+if mode == 'ver' and not is_version(old, ARGV[11]) then return {0, old} end
+redis.call('HDEL', KEYS[1], field)
+redis.call('ZREM', KEYS[2], field)
 local seq, ep = next_seq(1)
 publish(2, seq, ep, {field})
 return {seq, old, ep}
@@ -176,17 +234,17 @@ return {seq, old, ep}
 
 MSET = _map_script(
     r"""
--- ARGV[7] ttl ms (0 = none), then field, payload pairs.  One version per field, one message.
+-- ARGV[9] ttl ms (0 = none), then field, payload pairs.  One version per field, one message.
 -- Reply: {first version, epoch} (fields got first, first+1, ...).
-local refused = fence_refused()
-if refused then return refused end
-local n = (#ARGV - 7) / 2
+local refusal = refused()
+if refusal then return refusal end
+local n = (#ARGV - 9) / 2
 local seq, ep = next_seq(n)
-local ttl = tonumber(ARGV[7])
+local ttl = tonumber(ARGV[9])
 local fields = {}
 for i = 1, n do
-  local field = ARGV[6 + 2 * i]
-  store(field, seq + i - 1, ep, ARGV[7 + 2 * i], ttl)
+  local field = ARGV[8 + 2 * i]
+  store(field, seq + i - 1, ep, ARGV[9 + 2 * i], ttl)
   fields[i] = field
 end
 publish(1, seq, ep, fields)
@@ -194,13 +252,31 @@ return {seq, ep}
 """
 )
 
+# The reserved (bookkeeping) fields of a data hash; key fields start with s, b or i.
+_RESERVED = r"""
+local function reserved_count()
+  local n = 0
+  for _, v in ipairs(redis.call('HMGET', KEYS[1], '#e', '#s', '#c')) do
+    if v then n = n + 1 end
+  end
+  return n
+end
+"""
+
 CLEAR = _map_script(
-    r"""
--- Empty one bucket.  Reply: {version, epoch}, or {0, 0} when the bucket was already empty.
-local refused = fence_refused()
-if refused then return refused end
-if redis.call('EXISTS', KEYS[2]) == 0 then return {0, 0} end
-redis.call('DEL', KEYS[2], KEYS[3])
+    _RESERVED
+    + r"""
+-- Empty one bucket, keeping its bookkeeping (epoch, seq, stamp: versions go on).
+-- Reply: {version, epoch}, or {0, 0} when the bucket was already empty.
+local refusal = refused()
+if refusal then return refusal end
+if redis.call('HLEN', KEYS[1]) <= reserved_count() then return {0, 0} end
+local keep = redis.call('HMGET', KEYS[1], '#e', '#s', '#c')
+redis.call('DEL', KEYS[1], KEYS[2])
+local names = {'#e', '#s', '#c'}
+for i = 1, 3 do
+  if keep[i] then redis.call('HSET', KEYS[1], names[i], keep[i]) end
+end
 local seq, ep = next_seq(1)
 publish(3, seq, ep, {})
 return {seq, ep}
@@ -208,21 +284,30 @@ return {seq, ep}
 )
 
 PROBE = _map_script(
-    r"""
--- ARGV[7] most expiries to reap in this call.
+    _RESERVED
+    + r"""
+-- ARGV[9] most expiries to reap in this call.
 -- Reaps due entries of the bucket (each an 'expire' change with its own version), then reports.
+-- A bucket whose stamp is another map's settings (SETTINGS) or whose sequence is not a number
+-- (DAMAGED) is refused before anything is written; a wrong-typed key fails (WRONGTYPE) likewise.
 -- Reply: {epoch or false, seq, server time ms, live entries}.
+local refusal = settings_refused()
+if refusal then return refusal end
+local m = redis.call('HMGET', BK, '#e', '#s')
+if (m[1] and not tonumber(m[1])) or (m[2] and not tonumber(m[2])) then
+  return redis.error_reply('DAMAGED bucket ' .. ARGV[2] .. ' has a non-numeric epoch or sequence')
+end
 local now = now_ms()
-local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[7]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[9]))
 if #due > 0 then
-  for _, field in ipairs(due) do redis.call('HDEL', KEYS[2], field) end
-  redis.call('ZREM', KEYS[3], unpack(due))
+  for _, field in ipairs(due) do redis.call('HDEL', KEYS[1], field) end
+  redis.call('ZREM', KEYS[2], unpack(due))
   local seq, ep = next_seq(#due)
   publish(4, seq, ep, due)
+  m = redis.call('HMGET', BK, '#e', '#s')
 end
-local m = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
-local n = redis.call('HLEN', KEYS[2]) - redis.call('ZCOUNT', KEYS[3], '-inf', now)
-return {m[1], tonumber(m[2] or '0'), now, n}
+local n = redis.call('HLEN', KEYS[1]) - reserved_count()
+return {m[1], tonumber(m[2] or '0'), now, n - redis.call('ZCOUNT', KEYS[2], '-inf', now)}
 """
 )
 
@@ -241,11 +326,18 @@ end
 -- without persistence or to eviction) starts from the server clock in microseconds, which is above
 -- every token issued before as long as no lock was taken more than once per microsecond on
 -- average and the server clock did not go back.  Built as a string: Lua numbers print as %.14g.
-local function next_token(key)
-  if redis.call('EXISTS', key) == 0 then
+local function seed_token(key)
+  local cur = redis.call('GET', key)
+  if not cur then
     local t = redis.call('TIME')
-    redis.call('SET', key, t[1] .. string.format('%06d', tonumber(t[2])))
+    cur = t[1] .. string.format('%06d', tonumber(t[2]))
+    redis.call('SET', key, cur)
   end
+  return cur
+end
+
+local function next_token(key)
+  seed_token(key)
   return redis.call('INCR', key)
 end
 
@@ -305,7 +397,8 @@ RW_READ = (
     + r"""
 -- KEYS[1] writer hold hash  [2] fence counter  [3] readers zset  [4] waiting writers zset
 -- (zset scores: lease / claim deadlines in server ms).  ARGV[1] owner  [2] lease ms
--- Reply: {1, fence counter} reading; {0, ms to wait at most, who is in the way}.
+-- Reply: {1, fence counter} reading (a missing counter is seeded first, as next_token does, so
+-- the reader's token is a real one); {0, ms to wait at most, who is in the way}.
 local now = server_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
@@ -319,7 +412,7 @@ if not w and not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
 end
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
 keep_for(KEYS[3], ARGV[2])
-return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
+return {1, tonumber(seed_token(KEYS[2]))}
 """
 )
 

@@ -462,11 +462,11 @@ def _ghost_writes(server: EmbeddedRedis, writer: Writer, name: str, count: int) 
             time.sleep(0.25)  # fault schedule
             key = f"k{32 + n % 32}"  # cold keys: nobody rewrites them soon
             field = encode_key(key, 1000)
-            m, d, _ = layout.bucket_keys(bucket_of(field, 16))
+            d = layout.data(bucket_of(field, 16))  # its bookkeeping too: #s, #e (keys.py)
             value = f"ghost-{n}"
             call = time.monotonic_ns()
-            version = int(admin.hincrby(m, "seq", 1))
-            epoch = int(admin.hget(m, "epoch") or 0)
+            version = int(admin.hincrby(d, "#s", 1))
+            epoch = int(admin.hget(d, "#e") or 0)
             payload = writer.map._codec.encode(value)
             admin.hset(d, field, pack_value(version, 0, payload, epoch))
             writer.ops.append(Op("ghost", "write", key, value, version, call, time.monotonic_ns()))
