@@ -295,3 +295,30 @@ def test_non_numeric_sequence_is_a_damaged_bucket(url: str, maps: list[SyncMap],
     good = next(f"k{i}" for i in range(40) if bucket_names("ev", f"k{i}")[1] != tag)
     b[good] = -1
     assert a.get(good, consistent=True) == -1
+
+
+# ---- what is and is not guaranteed: said at open and by doctor -----------------------------------
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-lru", "noeviction"])
+def test_open_and_doctor_say_what_an_evicting_policy_guarantees(
+    url: str, maps: list[SyncMap], admin: redis.Redis, caplog: pytest.LogCaptureFixture,
+    policy: str,
+) -> None:  # fmt: skip
+    from syncmap.cli.doctor import _memory
+
+    admin.config_set("maxmemory", "100mb")
+    admin.config_set("maxmemory-policy", policy)
+    with caplog.at_level(logging.WARNING, logger="syncmap"):
+        open_map(maps, url)
+    said = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]
+    check = _memory(admin)
+    if policy == "allkeys-lru":
+        assert len(said) == 1 and "allkeys-lru" in said[0]
+        assert "refused" in said[0] and "gone" in said[0], said  # what holds, what does not
+        assert check.status == "WARN" and "fence counter" in check.hint
+    elif policy == "volatile-lru":
+        assert said == [], "volatile-* never evicts a map's keys: nothing to warn about at open"
+        assert check.status == "WARN" and "never evicted" in check.hint
+    else:
+        assert said == [] and check.status == "OK"

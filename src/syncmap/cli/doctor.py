@@ -108,13 +108,15 @@ def _memory(client: redis.Redis) -> Check:
         return Check("memory", "OK", f"maxmemory 0 (no limit), policy {policy}")
     detail = f"maxmemory {limit} bytes ({limit / 2**20:.0f} MiB), policy {policy}"
     if policy != "noeviction":
+        # What is and is not guaranteed under this policy: the same text a map logs at open.
+        from ..store.redis_store import eviction_note  # noqa: PLC0415 - keep the CLI light
+
         return Check(
             "memory",
             "WARN",
             detail + " evicts keys",
-            "an evicted map key reads as absent, and lock holds (keys with a TTL) may be evicted "
-            "early (fencing tokens still refuse a stale holder's writes). Use "
-            "maxmemory-policy noeviction, or give syncmap a Redis of its own",
+            f"{eviction_note(policy, str(limit))}. Use maxmemory-policy noeviction, or give "
+            "syncmap a Redis of its own",
         )
     return Check("memory", "OK", detail + " (writes fail with OOM when full; nothing is evicted)")
 
