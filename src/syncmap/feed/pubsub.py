@@ -42,7 +42,10 @@ from .. import forksafe
 log = logging.getLogger("syncmap.feed")
 PING_AFTER = 2.0
 _exiting = threading.Event()  # the interpreter is shutting down: a lost connection is expected
-atexit.register(_exiting.set)
+# Before every atexit handler (one of them may stop the Redis we are connected to, as
+# EmbeddedRedis's does): threading runs these when the main thread ends, as concurrent.futures
+# does for its workers.  The plain atexit hook is the fallback should that private API go.
+getattr(threading, "_register_atexit", atexit.register)(_exiting.set)
 
 
 @dataclass(slots=True, eq=False)
