@@ -129,19 +129,35 @@ class History:
         self.unexpected.update(other.unexpected)
 
 
+_ABSENT_JSON = {"$absent": True}  # as syncmap.testing.formats writes "absent"
+
+
 def save_records(records: Iterable[Record], path: str | Path) -> None:
-    """JSON lines, one operation a line (TESTPLAN §2.4), for re-checking offline."""
+    """JSON lines, one operation a line (TESTPLAN §2.4), for re-checking offline.
+
+    The lines are in ``syncmap check``'s format (docs: ``syncmap.testing.formats``), read there
+    as :func:`to_operations` reads them here: ``type`` ``ok`` or ``info`` (indeterminate), an
+    absent value as ``{"$absent": true}`` (``null`` would be the value None), and the extra
+    fields (``version``, ``server``, ``source``) that :func:`load_records` needs."""
     with open(path, "w", encoding="utf-8") as fh:
         for r in records:
-            fh.write(json.dumps(asdict(r)) + "\n")
+            d = asdict(r)
+            d["type"] = "info" if r.ret_ns is None else "ok"
+            if r.ret_ns is not None and r.f in ("get", "swap") and r.output is None:
+                d["output"] = _ABSENT_JSON
+            fh.write(json.dumps(d) + "\n")
 
 
 def load_records(path: str | Path) -> list[Record]:
+    """The records :func:`save_records` wrote (older files, with ``null`` for absent, too)."""
     out = []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             if line.strip():
                 d = json.loads(line)
+                d.pop("type", None)
+                if d["output"] == _ABSENT_JSON:
+                    d["output"] = None
                 if d["f"] == "cas" and isinstance(d["input"], list):
                     d["input"] = tuple(d["input"])
                 out.append(Record(**d))
