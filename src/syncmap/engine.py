@@ -16,6 +16,7 @@ Threads (all owned by the map, stopped by ``close()``, failures re-raised on the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -385,8 +386,19 @@ class Engine:
         return q
 
     def unwatch(self, q: queue.Queue[Event | None]) -> None:
-        if q in self._watchers:
+        """Stop feeding ``q`` and put its end marker, which ends an iteration of it that is
+        blocked in another thread (``Watch.close()``).  A second call does nothing."""
+        try:
             self._watchers.remove(q)
+        except ValueError:
+            return
+        while True:  # the last slot is kept free for the marker (_offer), but an event being
+            try:  # offered as we removed q may just have taken it: drop events to make room
+                q.put_nowait(None)
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    q.get_nowait()
 
     def _emit(self, event: Event) -> None:
         for cb in self._inline:

@@ -830,6 +830,8 @@ class Watch:
             return None
 
     def close(self) -> None:
+        """Stop watching: a ``for e in watch`` loop (in any thread) ends after the events
+        already queued."""
         self._engine.unwatch(self._q)
 
     def __enter__(self) -> Watch:
