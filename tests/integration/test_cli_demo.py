@@ -71,3 +71,13 @@ def test_demo_reports_an_unreachable_redis_clearly() -> None:
     result = _demo("--url", "redis://127.0.0.1:1/0", "--seconds", "1", timeout=60)
     assert result.returncode == 2
     assert "cannot reach redis 127.0.0.1:1/0" in result.stderr
+
+
+def test_a_chaos_run_that_injected_nothing_fails(redis_server: EmbeddedRedis) -> None:
+    """Chaos is scheduled from "servers up" and never in the last 2.5 s of the servers' run, so
+    2 s leave room for no event on any machine: that run must not pass as a chaos run."""
+    result = _demo("--url", redis_server.url, "--nodes", "2", "--seconds", "2", "--chaos")
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "chaos: 0 events, 0 healed" in lines, result.stdout
+    assert lines[-1].startswith("NOT A CHAOS RUN: --chaos injected no events"), result.stdout

@@ -67,14 +67,19 @@ class Report:
     lock_waits_ms: list[float] = field(default_factory=list)
     sample: dict[str, int] = field(default_factory=dict)  # hot key -> cached version
     final: dict[str, tuple[Any, int]] | None = None
+    ends_at: float = 0.0  # time.monotonic() when this server stops its reads and writes
 
 
 def _hot_keys() -> list[str]:
     return [f"user:{i}" for i in range(HOT)]
 
 
-def server(url: str, node: str, seconds: float, out: Connection, quiet: bool = False) -> None:
-    """One demo server: Zipf-skewed reads (90 %) and writes (10 %; 5 % of them under a lock)."""
+def server(url: str, node: str, seconds: float, out: Connection, quiet: bool = False,
+           start: Any = None) -> None:  # fmt: skip
+    """One demo server: Zipf-skewed reads (90 %) and writes (10 %; 5 % of them under a lock).
+
+    ``start``: a barrier of every server, so that their runs begin together once all are up
+    (spawning them may take seconds on a slow machine, one after another)."""
     if quiet:  # the live view shows chaos and healing itself; log lines would tear it
         logging.getLogger("syncmap").setLevel(logging.ERROR)
     rng = random.Random(node)
@@ -95,8 +100,10 @@ def server(url: str, node: str, seconds: float, out: Connection, quiet: bool = F
                     arrivals.append(arrived / 1e9)
 
         m.subscribe(on_change)
-        rep = Report(node)
+        if start is not None:
+            start.wait(60)
         end = time.monotonic() + seconds
+        rep = Report(node, ends_at=end)
         next_report = time.monotonic() + REPORT_EVERY
         while time.monotonic() < end:
             key = rng.choices(keys, weights)[0]
@@ -257,7 +264,12 @@ class Demo:
         }
         self.convergence = "waiting for the first reports"
         self.events: list[ChaosEvent] = []
-        self.next_chaos = self.started + 1.0
+        # Chaos is scheduled from "servers up" (every server has reported), not from the start:
+        # spawning them may take seconds on a slow machine, and their runs end `seconds` after
+        # each one started, so counting from here once left no time for any event.
+        self.up_at: float | None = None
+        self.run_end = float("inf")  # the first server's end, once every server is up
+        self.next_chaos = float("inf")
         self.chaos_turn = 0
         self.paused: tuple[str, int, float, ChaosEvent] | None = None  # node, pid, until, event
 
@@ -281,6 +293,10 @@ class Demo:
         """Take a report; check its sample of cached versions against the store right now."""
         node = self.nodes[rep.node]
         node.ingest(rep)
+        if self.up_at is None and all(n.latest is not None for n in self.nodes.values()):
+            self.up_at = time.monotonic()
+            self.run_end = min(n.latest.ends_at for n in self.nodes.values() if n.latest)
+            self.next_chaos = self.up_at + 1.0
         equal = in_flight = late = 0
         for k, version in rep.sample.items():
             if version >= self._store_version(k):
@@ -333,7 +349,7 @@ class Demo:
                 if all(a is not None for a in firsts):
                     event.healed_at = max(a for a in firsts if a is not None)
                     say(self._stamp(f"chaos: healed: {self._heal_text(event)}"))
-        end = self.started + self.seconds
+        end = self.run_end
         if not self.chaos or self.paused is not None or now < self.next_chaos:
             return
         if any(n.latest is None for n in self.nodes.values()):  # not every server is up yet
@@ -466,8 +482,10 @@ def run(url: str, nodes: int, seconds: float, say: Callable[[str], None], *,
     stop = ctx.Event()
     names = [f"server-{i + 1}" for i in range(nodes)]
     pipes = {n: ctx.Pipe(duplex=False) for n in names}
+    start = ctx.Barrier(nodes)
     procs = {
-        n: ctx.Process(target=server, args=(url, n, seconds, pipes[n][1], live)) for n in names
+        n: ctx.Process(target=server, args=(url, n, seconds, pipes[n][1], live, start))
+        for n in names
     }
     probe = ctx.Process(target=probe_writer, args=(url, stop, live))
     for p in [*procs.values(), probe]:
@@ -493,7 +511,14 @@ def run(url: str, nodes: int, seconds: float, say: Callable[[str], None], *,
         if missing:
             say(f"NOT CONVERGED: no final report from {', '.join(missing)}")
             return False
-        return _verdict(state.truth, finals, say)
+        converged = _verdict(state.truth, finals, say)
+        if chaos and not state.events:
+            say(
+                "NOT A CHAOS RUN: --chaos injected no events (the servers were up together for "
+                "too short a time to fit one); run longer, e.g. --seconds 10"
+            )
+            return False
+        return converged
     finally:
         state.close()
 
@@ -508,7 +533,7 @@ def _watch(state: Demo, readers: dict[Connection, str], procs: dict[str, Any], s
         deadline = time.monotonic() + state.seconds + 60
         next_poll = next_show = time.monotonic() + 1.0
         while readers and len(finals) < len(state.nodes) and time.monotonic() < deadline:
-            if time.monotonic() >= state.started + state.seconds:
+            if time.monotonic() >= state.run_end:
                 stop.set()  # before the servers' quiet period, so nothing is in flight then
             _receive(state, readers, finals)
             state.chaos_tick(procs, events_out)
