@@ -23,6 +23,11 @@ import redis
 from .torture import redact
 
 DEFAULT_URL = "redis://localhost:6379/0"
+NAMESPACE = "syncmap-doctor"  # of the private test map
+DOCTOR_GRANT = (
+    f"under a least-privilege user, doctor also needs its test map and INFO: ACL SETUSER <user> "
+    f"~{NAMESPACE}:* &{NAMESPACE}:* +info (docs/protocol.md §9)"
+)
 
 
 @dataclass
@@ -50,7 +55,11 @@ def _config(client: redis.Redis, name: str) -> str | None:
 
 
 def _server(client: redis.Redis) -> list[Check]:
-    info = client.info("server")
+    try:
+        info = client.info("server")
+    except redis.exceptions.NoPermissionError:
+        return [Check("server", "WARN", "unknown (INFO refused by the ACL)",
+                      f"grant +info to see the version and mode; {DOCTOR_GRANT}")]  # fmt: skip
     version = _text(info.get("redis_version", "?"))
     mode = _text(info.get("redis_mode", "standalone"))
     checks = []
@@ -178,7 +187,7 @@ def _invalidation(url: str, timeout: float = 2.0) -> Check:
     from .. import MapConfig, SyncMap  # noqa: PLC0415
 
     name = f"doctor-{uuid.uuid4().hex[:12]}"
-    namespace = "syncmap-doctor"
+    namespace = NAMESPACE
     cfg = MapConfig(namespace=namespace, buckets=1, presence=False)
     try:
         m = SyncMap(name, url, config=cfg, node_id=f"doctor-{uuid.uuid4().hex[:6]}")
@@ -187,7 +196,7 @@ def _invalidation(url: str, timeout: float = 2.0) -> Check:
             "invalidation",
             "FAIL",
             f"could not open a map: {exc}",
-            "syncmap needs +@read +@write +@scripting +@pubsub (see docs/protocol.md)",
+            f"syncmap needs +@read +@write +@scripting +@pubsub on a map's keys; {DOCTOR_GRANT}",
         )
     try:
         with m.watch() as events:
@@ -212,11 +221,13 @@ def _invalidation(url: str, timeout: float = 2.0) -> Check:
 
 
 def _cleanup(url: str, namespace: str, name: str) -> None:
+    from ..keys import Layout  # noqa: PLC0415 - keep the CLI light
+
+    layout = Layout(namespace, name, 1)  # the test map has one bucket
+    known = [layout.meta, layout.presence, layout.stream, *layout.bucket_keys(0)]
     client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
     try:
-        keys = list(client.scan_iter(match=f"{namespace}:{{{name}*", count=1000))
-        if keys:
-            client.delete(*keys)
+        client.delete(*known)  # by name, not by SCAN: a least-privilege user may not SCAN
     except redis.RedisError:
         pass
     finally:

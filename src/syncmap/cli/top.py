@@ -5,7 +5,7 @@ Each ``SyncMap`` (unless ``MapConfig(presence=False)``) writes a small JSON reco
 HGETALL plus TIME) and ignores a record older than three of its refresh periods (a dead server).
 The per-second rates are computed by each server over its last refresh period.
 
-Exit status: 0 shown, 2 the Redis could not be reached.
+Exit status: 0 shown, 2 the Redis could not be reached or refused (its ACL).
 """
 
 from __future__ import annotations
@@ -112,6 +112,14 @@ def top(name: str, url: str, namespace: str, once: bool, as_json: bool, interval
     def snapshot() -> list[dict[str, Any]]:
         try:
             return read_presence(client, layout)[0]
+        except redis.exceptions.NoPermissionError as exc:
+            click.echo(
+                f"syncmap top: Redis at {redact(url)} refused to show map {name!r}: {exc}\n"
+                f"  This user needs the presence key ~{layout.presence} with +hgetall and +time "
+                "(the servers need +hset +pexpire +hdel on it): see docs/protocol.md §9.",
+                err=True,
+            )
+            sys.exit(2)
         except redis.RedisError as exc:
             click.echo(unreachable_message("top", url, f"{type(exc).__name__}: {exc}"), err=True)
             sys.exit(2)
