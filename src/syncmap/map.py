@@ -114,7 +114,7 @@ class SyncMap(MutableMapping[Key, Any]):
         self._codec = make_codec(codec, value_type)
         # MessagePack without a value type gives these scalars back unchanged (JSON does not:
         # it turns inf into null), so a writer may cache what it wrote without decoding it.
-        self._plain_codec = isinstance(self._codec, MsgpackCodec) and value_type is None
+        self._plain_codec = isinstance(self._codec, MsgpackCodec) and self._codec.value_type is None
         client = self._client(url, redis)
         layout = Layout(cfg.namespace, self.name, cfg.buckets)
         store = RedisStore(client, layout, self.node_id)
@@ -387,8 +387,10 @@ class SyncMap(MutableMapping[Key, Any]):
         token, reply = self._write(nkey, cmd, bucket)
         version, deadline_ms, old = reply[:3]
         if version:
-            # What readers will decode; a plain scalar decodes to itself, so skip the work.
-            plain = value.__class__ in _SCALARS and self._plain_codec
+            # What readers will decode.  The untyped msgpack codec gives back what was stored
+            # (same types, equal values: docs/values.md), so the value itself serves; a mutable
+            # one is cached as bytes by _install anyway.
+            plain = value is not _MISSING and self._plain_codec
             stored = value if plain else self._codec.decode(payload)
             self._install(token, version, deadline_ms, payload, stored, int(reply[3]), own=True)
         else:
