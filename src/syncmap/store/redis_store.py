@@ -62,7 +62,7 @@ class RedisStore(Transport):
         self.flags = flags  # protections switched off, tests only (Guards.script_flags)
         self.damaged_buckets = 0  # probes that found a bucket damaged (counter)
         self.meta_recreated = 0  # probes that found the meta key missing and wrote it again
-        self._damage_logged = -_DAMAGE_LOG_EVERY
+        self._damage_logged = self._meta_logged = -_DAMAGE_LOG_EVERY
 
     def call(self, commands: Sequence[Command], *, write: bool, partial: bool = False) -> list[Any]:
         replies = super().call(commands, write=write, partial=partial)
@@ -124,9 +124,13 @@ class RedisStore(Transport):
         meta = replies[layout.buckets :]
         if any(r == 1 for r in meta):
             self.meta_recreated += 1
-            log.warning("syncmap map %r: its meta key %s was missing (evicted or deleted) and "
-                        "was written again (%d buckets, codec %s)", layout.name, layout.meta,
-                        layout.buckets, self.codec)  # fmt: skip
+            now = time.monotonic()
+            if now - self._meta_logged >= _DAMAGE_LOG_EVERY:
+                self._meta_logged = now
+                log.warning("syncmap map %r: its meta key %s was missing (evicted or deleted) "
+                            "and was written again (%d buckets, codec %s; %d times so far, "
+                            "logged at most once a minute)", layout.name, layout.meta,
+                            layout.buckets, self.codec, self.meta_recreated)  # fmt: skip
         states: list[tuple[int | None, int]] = []
         damaged: list[tuple[int, str]] = []
         server_ms, live = None, 0

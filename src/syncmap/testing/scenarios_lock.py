@@ -181,7 +181,7 @@ def s14(env: Env, seconds: float = 5.0, *, guard: bool = True) -> ScenarioResult
 # ---- S16 --------------------------------------------------------------------------------------
 
 
-@scenario("S16", "lock-eviction")
+@scenario("S16L", "lock-eviction")  # S16 proper (every policy, map keys too): scenarios_eviction
 def s16(env: Env, seconds: float = 5.0) -> ScenarioResult:
     """``volatile-lru`` under memory pressure evicts the hold (it has a TTL) but never the fence
     counter (it has none): second holders appear, and their predecessors' writes are refused.

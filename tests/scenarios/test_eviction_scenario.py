@@ -1,0 +1,43 @@
+"""S16 (TESTPLAN §8, issue 12 §2): real eviction under a small ``maxmemory``, every policy.
+
+The first test runs the four policies (about 2 s each) and requires every oracle to read 0; the
+others are the guard-off controls: each switches one protection back to the old behaviour (Guards,
+passed to the scripts) under ``allkeys-random`` and must see its oracle fail.  ``pytest -s``
+prints the figures.  ``syncmap torture -s S16`` runs the long form.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from syncmap.testing.scenario import Env
+from syncmap.testing.scenarios_eviction import CONTROLS, POLICIES, s16
+
+pytestmark = pytest.mark.scenario
+
+
+@pytest.fixture
+def env(redis_binary: str) -> Env:
+    return Env(redis_binary=redis_binary)
+
+
+def test_s16_every_policy_keeps_every_guarantee(env: Env) -> None:
+    r = s16(env, 8.0)
+    print(f"\n{r.summary()}")
+    per = r.figures["per_policy"]
+    assert set(per) == set(POLICIES)
+    for policy in ("allkeys-lru", "allkeys-random"):
+        assert per[policy]["evicted_fence"] > 0, "fence counters must have been evicted"
+        assert per[policy]["evicted_data"] > 0, "data hashes must have been evicted"
+        assert per[policy]["fence_state_lost_refusals"] > 0
+    assert r.figures["stale_fenced_rejected"] > 0
+    assert r.passed, r.failures
+
+
+@pytest.mark.parametrize("control", sorted(CONTROLS))
+def test_s16_guard_off_control_fails(env: Env, control: str) -> None:
+    r = s16(env, 4.0, control=control)
+    print(f"\n{r.summary()}")
+    figure = CONTROLS[control][1]
+    assert r.figures[figure] > 0, f"the {control!r} control must make {figure} fail"
+    assert r.passed, r.failures  # the control "passes" when its oracle caught the bug
