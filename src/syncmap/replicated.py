@@ -65,6 +65,7 @@ from .errors import (
 )
 from .feed.base import BEGINNING, Feed, FeedHandler, Subscription, feed_class, open_feed
 from .keys import Key, check_map_name, check_node_id, encode_key, normal_key
+from .ratelog import RateLimitedLog
 
 log = logging.getLogger("syncmap.replicated")
 _MISSING: Any = object()
@@ -134,6 +135,7 @@ class ReplicatedMap(MutableMapping[Key, Any]):
         self._closed = False
         self._stopping = threading.Event()
         self._messages = self._corrupt = self._syncs_requested = self._syncs_answered = 0
+        self._corrupt_log = RateLimitedLog(log)  # a flood of bad messages: one line a minute
         self._drops = 0
         self._pings: dict[bytes, threading.Event] = {}
         self._synced = threading.Event()
@@ -267,7 +269,8 @@ class ReplicatedMap(MutableMapping[Key, Any]):
             msg = decode(data)
         except CorruptData as exc:
             self._corrupt += 1
-            log.warning("syncmap %s: dropped a malformed message (%s)", self.name, exc)
+            self._corrupt_log("syncmap %s: dropped a malformed message (%s; %d so far)",
+                              self.name, exc, self._corrupt)  # fmt: skip
             return
         if msg.op == R_PING:
             waiter = self._pings.get(msg.field)
@@ -286,7 +289,8 @@ class ReplicatedMap(MutableMapping[Key, Any]):
             change = self._apply(msg)
         except (CorruptData, SyncMapError) as exc:
             self._corrupt += 1
-            log.warning("syncmap %s: could not apply a message (%s)", self.name, exc)
+            self._corrupt_log("syncmap %s: could not apply a message (%s; %d so far)",
+                              self.name, exc, self._corrupt)  # fmt: skip
             return
         if change is not None:
             self._emit(change, msg.origin)

@@ -181,3 +181,19 @@ def test_preload_skips_and_counts_corrupt_entries(
         assert len([r for r in caplog.records if "corrupt" in r.getMessage()]) == 1
         with pytest.raises(CorruptData):
             fresh["k4"]
+
+
+def test_close_does_not_block_on_a_full_watch_queue(redis_server: EmbeddedRedis) -> None:
+    m, writer = SyncMap("m", redis_server.url), SyncMap("m", redis_server.url)
+    try:
+        events = m.watch(maxsize=5)
+        writer.update({f"k{i}": i for i in range(50)})
+        wait_until(lambda: m.statistics().events_dropped == 45, 10, "the queue full")
+        closer = threading.Thread(target=m.close, daemon=True)
+        closer.start()
+        closer.join(10)
+        assert not closer.is_alive(), "close() blocked putting the end marker"
+        assert sum(1 for _ in events) == 5  # then the end marker ends the iteration
+    finally:
+        m.close()
+        writer.close()

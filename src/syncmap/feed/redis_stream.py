@@ -69,6 +69,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import ConfigurationError
+from ..ratelog import RateLimitedLog
 from .base import (
     BEGINNING,
     FeedHandler,
@@ -79,6 +80,7 @@ from .base import (
 from .redis_base import RedisFeed
 
 log = logging.getLogger("syncmap.feed")
+_no_m_log = RateLimitedLog(log)  # anyone who can XADD could write a line per entry otherwise
 
 DEFAULT_MAXLEN = 100_000
 ZERO = "0-0"
@@ -328,8 +330,8 @@ class _StreamSubscription(Subscription):
                     self._last = raw_id.decode()
                     payload = _field_m(fields)
                     if payload is None:
-                        log.warning("syncmap: entry %s of %s has no 'm' field; skipped",
-                                    self._last, stream)  # fmt: skip
+                        _no_m_log("syncmap: entry %s of %s has no 'm' field; skipped",
+                                  self._last, stream)  # fmt: skip
                         continue
                     self._call(self._handler.on_message, payload, self._last)
 
