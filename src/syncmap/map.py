@@ -119,7 +119,8 @@ class SyncMap(MutableMapping[Key, Any]):
         layout = Layout(cfg.namespace, self.name, cfg.buckets)
         store = RedisStore(client, layout, self.node_id)
         store.load_scripts()
-        buckets, codec_name = store.ensure_meta(cfg.buckets, self._codec.name)
+        buckets, codec_name = store.ensure_meta(cfg.buckets, self._codec.name,
+                                                stamps=cfg.guards.settings_stamp)  # fmt: skip
         warn_if_evicting(store)
         store.close()
         if codec_name != self._codec.name:
@@ -130,7 +131,8 @@ class SyncMap(MutableMapping[Key, Any]):
         layout = Layout(cfg.namespace, self.name, buckets)
         feed_obj, target = open_store_feed(feed, client, layout, cfg.socket_timeout)
         self._store = RedisStore(client, layout, self.node_id, target, codec=self._codec.name,
-                                 flags=cfg.guards.script_flags())  # fmt: skip
+                                 flags=cfg.guards.script_flags(),
+                                 isolate_damage=cfg.guards.damage_isolated)  # fmt: skip
         self._buckets = buckets
         self._feed_url = feed
         self._core = self._new_core()

@@ -251,6 +251,20 @@ def test_settings_guard_off_lets_the_other_settings_write(
     a["k"] = 6
 
 
+def test_lost_meta_key_guard_off_lets_other_settings_in(url: str, maps: list[SyncMap],
+                                                        admin: redis.Redis) -> None:  # fmt: skip
+    """The control: ignoring the stamps (the old open, the old scripts) re-creates the meta key
+    from this server's settings: a json server's 5 is then read by msgpack servers as 53."""
+    off = Guards(settings_stamp=False)
+    a = open_map(maps, url)
+    a["k"] = 1
+    admin.delete(a._store.layout.meta)
+    b = open_map(maps, url, codec="json",
+                 config=MapConfig(max_staleness=0.2, presence=False, guards=off))  # fmt: skip
+    b["k"] = 5
+    assert a.get("k", consistent=True) == 53
+
+
 # ---- (e) one damaged bucket ----------------------------------------------------------------------
 
 
@@ -322,3 +336,16 @@ def test_open_and_doctor_say_what_an_evicting_policy_guarantees(
         assert check.status == "WARN" and "never evicted" in check.hint
     else:
         assert said == [] and check.status == "OK"
+
+
+def test_damaged_bucket_guard_off_disables_the_whole_map(url: str, maps: list[SyncMap],
+                                                         admin: redis.Redis) -> None:  # fmt: skip
+    """The control: a probe that fails on its first damaged bucket fails for every bucket."""
+    a = open_map(maps, url)
+    a["k0"] = 0
+    _, tag = bucket_names("ev", "k0")
+    admin.delete(f"{tag}:d")
+    admin.set(f"{tag}:d", "not a hash")
+    off = MapConfig(max_staleness=0.2, presence=False, guards=Guards(damage_isolated=False))
+    with pytest.raises(StoreError, match="WRONGTYPE"):
+        open_map(maps, url, config=off)

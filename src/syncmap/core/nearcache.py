@@ -118,7 +118,9 @@ class Guards:
     fence_missing_refuses: bool = True  # a lost fence counter refuses fenced writes
     ver_epoch: bool = True  # 'ver' conditions (transform, CAS retry) compare epoch and version
     bookkeeping_in_data: bool = True  # epoch/seq live in the data hash (layout 2), not apart
-    settings_stamp: bool = True  # buckets stamped with another map's settings refuse writes
+    settings_stamp: bool = True  # buckets stamped with another map's settings refuse writes,
+    # and a map opened without its meta key adopts the stamps' settings
+    damage_isolated: bool = True  # a damaged bucket fails its own probe only, not the map's
 
     def script_flags(self) -> str:
         """The letters of the store-side protections switched off (ARGV[8] of the scripts)."""

@@ -50,7 +50,7 @@ class RedisStore(Transport):
 
     def __init__(
         self, client: redis.Redis, layout: Layout, origin: str, target: str | None = None,
-        *, codec: str = "msgpack", flags: str = "",
+        *, codec: str = "msgpack", flags: str = "", isolate_damage: bool = True,
     ) -> None:  # fmt: skip
         super().__init__(client)
         self.layout = layout
@@ -60,6 +60,7 @@ class RedisStore(Transport):
         self.codec = codec
         self.stamp = settings_stamp(layout.buckets, codec)
         self.flags = flags  # protections switched off, tests only (Guards.script_flags)
+        self.isolate_damage = isolate_damage  # False: tests only (Guards.damage_isolated)
         self.damaged_buckets = 0  # probes that found a bucket damaged (counter)
         self.meta_recreated = 0  # probes that found the meta key missing and wrote it again
         self._damage_logged = self._meta_logged = -_DAMAGE_LOG_EVERY
@@ -120,7 +121,7 @@ class RedisStore(Transport):
         cmds = [self.script("probe", b, _REAP_LIMIT) for b in range(layout.buckets)]
         cmds += [("HSETNX", layout.meta, "buckets", layout.buckets),
                  ("HSETNX", layout.meta, "codec", self.codec)]  # fmt: skip
-        replies = self.call(cmds, write=True, partial=True)
+        replies = self.call(cmds, write=True, partial=self.isolate_damage)
         meta = replies[layout.buckets :]
         if any(r == 1 for r in meta):
             self.meta_recreated += 1
@@ -194,26 +195,26 @@ class RedisStore(Transport):
     def publish(self, payload: bytes) -> int:
         return int(self.call([("PUBLISH", self.layout.channel, payload)], write=False)[0])
 
-    def ensure_meta(self, buckets: int, codec: str) -> tuple[int, str]:
+    def ensure_meta(self, buckets: int, codec: str, *, stamps: bool = True) -> tuple[int, str]:
         """Record the map's bucket count and codec once; return what the map really uses.
 
         A meta key that is missing although the map has data (evicted or deleted) is written
         again from the settings stamped on the map's buckets, not from this server's: a server
         opened with another bucket count or codec must not split or corrupt the map.  Buckets
         0 .. max(``buckets``, 16)-1 are read; a map all of whose buckets there are empty has
-        nothing to protect.
+        nothing to protect.  (``stamps=False``: ignore them, as layout 1 did; tests only.)
         """
         meta = self.layout.meta
         stored = self.call([("HMGET", meta, "buckets", "codec")], write=False)[0]
         if not (stored[0] and stored[1]):
-            stamps = set(self.stamps(max(buckets, 16)))
-            if len(stamps) > 1:
+            found = set(self.stamps(max(buckets, 16))) if stamps else set()
+            if len(found) > 1:
                 raise ConfigurationError(
                     f"map {self.layout.name!r} has no meta key and its buckets disagree about its "
-                    f"settings ({sorted(stamps)}): repair it by hand (see docs/protocol.md)"
+                    f"settings ({sorted(found)}): repair it by hand (see docs/protocol.md)"
                 )
-            if stamps:
-                buckets, codec = stamps.pop()
+            if found:
+                buckets, codec = found.pop()
                 log.warning("syncmap map %r: its meta key %s was missing (evicted or deleted); "
                             "re-created from the settings its buckets record: %d buckets, codec "
                             "%s", self.layout.name, meta, buckets, codec)  # fmt: skip
