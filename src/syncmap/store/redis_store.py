@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,6 +12,7 @@ import redis
 
 from ..errors import ConfigurationError, StoreError, SyncMapError
 from ..keys import Layout, is_key_field
+from ..ratelog import RateLimitedLog
 from . import scripts
 from .transport import SHAS, Command, Transport
 
@@ -20,7 +20,6 @@ log = logging.getLogger("syncmap")
 
 _REAP_LIMIT = 500
 _MAP_SCRIPTS = frozenset(SHAS[n] for n in ("set", "delete", "mset", "clear", "probe"))
-_DAMAGE_LOG_EVERY = 60.0  # seconds between two warnings about the same map's damaged buckets
 _damaged_epochs = itertools.count(1)
 
 
@@ -63,7 +62,8 @@ class RedisStore(Transport):
         self.isolate_damage = isolate_damage  # False: tests only (Guards.damage_isolated)
         self.damaged_buckets = 0  # probes that found a bucket damaged (counter)
         self.meta_recreated = 0  # probes that found the meta key missing and wrote it again
-        self._damage_logged = self._meta_logged = -_DAMAGE_LOG_EVERY
+        self._damage_log = RateLimitedLog(log)
+        self._meta_log = RateLimitedLog(log)
 
     def call(self, commands: Sequence[Command], *, write: bool, partial: bool = False) -> list[Any]:
         replies = super().call(commands, write=write, partial=partial)
@@ -125,13 +125,10 @@ class RedisStore(Transport):
         meta = replies[layout.buckets :]
         if any(r == 1 for r in meta):
             self.meta_recreated += 1
-            now = time.monotonic()
-            if now - self._meta_logged >= _DAMAGE_LOG_EVERY:
-                self._meta_logged = now
-                log.warning("syncmap map %r: its meta key %s was missing (evicted or deleted) "
-                            "and was written again (%d buckets, codec %s; %d times so far, "
-                            "logged at most once a minute)", layout.name, layout.meta,
-                            layout.buckets, self.codec, self.meta_recreated)  # fmt: skip
+            self._meta_log("syncmap map %r: its meta key %s was missing (evicted or deleted) and "
+                           "was written again (%d buckets, codec %s; %d times so far)",
+                           layout.name, layout.meta, layout.buckets, self.codec,
+                           self.meta_recreated)  # fmt: skip
         states: list[tuple[int | None, int]] = []
         damaged: list[tuple[int, str]] = []
         server_ms, live = None, 0
@@ -159,16 +156,12 @@ class RedisStore(Transport):
 
     def _report_damage(self, damaged: list[tuple[int, str]]) -> None:
         self.damaged_buckets += len(damaged)
-        now = time.monotonic()
-        if now - self._damage_logged < _DAMAGE_LOG_EVERY:
-            return
-        self._damage_logged = now
         bucket, why = damaged[0]
-        log.warning(
+        self._damage_log(
             "syncmap map %r: %d bucket(s) damaged (first: bucket %d, %s); their near cache is "
             "dropped and writes to them fail until the keys are repaired or deleted; the other "
-            "buckets are unaffected (%d damaged bucket probes so far; logged at most once a "
-            "minute)", self.layout.name, len(damaged), bucket, why[:300], self.damaged_buckets,
+            "buckets are unaffected (%d damaged bucket probes so far)",
+            self.layout.name, len(damaged), bucket, why[:300], self.damaged_buckets,
         )  # fmt: skip
 
     def bucket_items(self, buckets: Sequence[int]) -> list[list[tuple[bytes, bytes]]]:
