@@ -37,8 +37,13 @@ def test_s16_every_policy_keeps_every_guarantee(env: Env) -> None:
 
 @pytest.mark.parametrize("control", sorted(CONTROLS))
 def test_s16_guard_off_control_fails(env: Env, control: str) -> None:
-    r = s16(env, 4.0, control=control)
-    print(f"\n{r.summary()}")
+    # Which keys Redis evicts, and when, is up to its sampling: a planted bug shows in most runs,
+    # not in all.  The control must catch it within three runs (each run is independent).
     figure = CONTROLS[control][1]
-    assert r.figures[f"control_{control}"][figure] > 0, f"{control!r} must make {figure} fail"
-    assert not r.passed, "a guard-off control must fail"
+    for _attempt in range(3):
+        r = s16(env, 4.0, control=control)
+        print(f"\n{r.summary()}")
+        if r.figures[f"control_{control}"][figure] > 0:
+            assert not r.passed, "a guard-off control must fail"
+            return
+    pytest.fail(f"{control!r} did not make {figure} fail in 3 runs: the oracle caught nothing")
