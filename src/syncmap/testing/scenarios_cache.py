@@ -257,11 +257,14 @@ def s04(env: Env, seconds: float = 4.0) -> ScenarioResult:
                 if env.url:
                     delete_map(url, name)
     tally.figures(result)
-    reads, hit = tally.rep.reads, result.figures["hit_ratio"]
+    reads, local = tally.rep.reads, tally.rep.local_reads
     need = int(100 * seconds)
+    # "Exercised" is a count of cached reads, not a ratio: a short run starts cold (every key's
+    # first read in each process misses), so its ratio depends on how fast the machine is.
     result.require(
-        reads >= need and hit > 0.5,
-        f"the cache must be exercised: {reads} reads (need {need}), hit ratio {hit}",
+        reads >= need and local >= need // 2,
+        f"the cache must be exercised: {reads} reads (need {need}), {local} served from the "
+        f"cache (need {need // 2}), hit ratio {result.figures['hit_ratio']}",
     )
     tally.require_clean(result)
     return finish(result, started)
