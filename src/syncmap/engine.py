@@ -27,7 +27,14 @@ from collections.abc import Callable
 from typing import Any
 
 from .core.nearcache import Event, NearCache
-from .core.wire import MAX_FIELDS, OP_PING, ChangeMessage, decode_message, encode_message
+from .core.wire import (
+    MAX_FIELDS,
+    OP_PING,
+    ChangeMessage,
+    decode_message,
+    encode_message,
+    verify,
+)
 from .errors import CorruptData, FeedError, SyncMapError
 from .feed.base import Feed, FeedHandler, Subscription
 from .ratelog import RateLimitedLog
@@ -44,8 +51,10 @@ interval: a flood of garbage on the channel cannot turn every message into a pro
 
 
 class Engine:
-    def __init__(self, core: NearCache, store: RedisStore, interval: float, feed: Feed) -> None:
+    def __init__(self, core: NearCache, store: RedisStore, interval: float, feed: Feed,
+                 keys: tuple[bytes, ...] = ()) -> None:  # fmt: skip
         self.core = core
+        self.keys = keys  # signing keys (signing.py): with any, only verified messages apply
         self.feed = feed
         self.store = store
         self.interval = interval
@@ -69,6 +78,7 @@ class Engine:
         self.events_dropped = 0  # subscribe() and watch() events that found their queue full
         self._repair_probe_at = -float("inf")  # no repair probe before then (_repair_after)
         self._bad_message_log = RateLimitedLog(log)
+        self._forged_log = RateLimitedLog(log)
         self._dropped_log = RateLimitedLog(log)
         self._callback_log = RateLimitedLog(log, logging.ERROR)
         if store.target == "":
@@ -160,7 +170,7 @@ class Engine:
         nonce = os.urandom(16)
         arrived = self._pings[nonce] = threading.Event()
         msg = ChangeMessage(OP_PING, 0, 0, 0, self.store.origin, (nonce,))
-        self.feed.publish(encode_message(msg))
+        self.feed.publish(encode_message(msg, self.keys[0] if self.keys else None))
         if not arrived.wait(timeout):
             raise FeedError(
                 f"a test change message published on {self.feed.topic} ({self.feed.describe()}) "
@@ -212,6 +222,9 @@ class Engine:
     # ---- the feed ----------------------------------------------------------------------------
 
     def on_feed_message(self, data: bytes) -> None:
+        if self.keys and self.core.guards.message_mac and not verify(data, self.keys):
+            self._forged(data)
+            return
         try:
             msg = decode_message(data)
         except CorruptData as exc:
@@ -234,6 +247,20 @@ class Engine:
         for event in events:
             self._emit(event)
 
+    def _forged(self, data: bytes) -> None:
+        """A message without a valid MAC on a map with a signing key: never applied, no event.
+        Counted, logged (rate-limited), and repaired like an unusable message: someone who may
+        PUBLISH on the channel without the key sent it, or a server has another key; either way
+        this server may have missed a real change, so the bucket may be stale."""
+        self.core.counters.forged_messages += 1
+        self._forged_log(
+            "syncmap dropped a change message on %s without a valid signature (%d bytes, starts "
+            "%r; %d so far): a publisher without this map's signing key, or a server with "
+            "another key; repairing", self.feed.topic, len(data), bytes(data[:8]),
+            self.core.counters.forged_messages,
+        )  # fmt: skip
+        self._request_repair()
+
     def _repair_after(self, exc: Exception) -> None:
         """A message we cannot decode or apply may hide a change: count it, log it (rate-limited),
         and repair as after a lost message: the next probe *sent* after now flushes every bucket
@@ -249,6 +276,11 @@ class Engine:
             "syncmap could not use a change message on %s (%r; %d so far); repairing",
             self.feed.topic, exc, self.core.counters.corrupt_messages,
         )  # fmt: skip
+        self._request_repair()
+
+    def _request_repair(self) -> None:
+        """The next probe sent after now flushes every bucket that moved; it goes at once, at
+        most once per ``REPAIR_EVERY`` of the probe interval (see :meth:`_repair_after`)."""
         now = time.monotonic()
         with self.lock:
             self.core.on_feed_up(now)

@@ -45,6 +45,7 @@ from .keys import (
 from .lock import Fence, Lock
 from .ratelog import RateLimitedLog
 from .replicated import ReplicatedMap
+from .signing import SigningKey, pads, signing_keys
 from .store.redis_store import RedisStore, warn_if_evicting
 from .store.transport import make_client
 
@@ -81,6 +82,10 @@ class Statistics:
     """Buckets flushed because a relayed feed held too many early messages (``MAX_AHEAD``)."""
     corrupt_entries: int = 0
     """Stored entries that did not decode, left out by ``preload()`` or ``skip_corrupt=True``."""
+    forged_messages: int = 0
+    """Change messages dropped for want of a valid signature (a map with ``signing_key``)."""
+    digest_mismatches: int = 0
+    """Buckets restarted because the store's digest chain differed from the messages applied."""
 
     @property
     def hit_ratio(self) -> float:
@@ -106,8 +111,12 @@ class SyncMap(MutableMapping[Key, Any]):
         config: MapConfig | None = None,
         node_id: str | None = None,
         feed: str | None = None,
+        signing_key: SigningKey = None,
     ) -> None:
+        # Nine parameters, one past STYLE's budget: signing_key must be a keyword of SyncMap itself,
+        # since SyncMap(name, feed=...) builds a ReplicatedMap from the same keywords (__new__).
         self.name = check_map_name(name)
+        self._keys = signing_keys(signing_key)
         self.config = cfg = config or MapConfig()
         self._auto_node_id = node_id is None  # a new one in a forked child (it names the pid)
         self.node_id = check_node_id(node_id)
@@ -132,12 +141,13 @@ class SyncMap(MutableMapping[Key, Any]):
         feed_obj, target = open_store_feed(feed, client, layout, cfg.socket_timeout)
         self._store = RedisStore(client, layout, self.node_id, target, codec=self._codec.name,
                                  flags=cfg.guards.script_flags(),
-                                 isolate_damage=cfg.guards.damage_isolated)  # fmt: skip
+                                 isolate_damage=cfg.guards.damage_isolated,
+                                 pads=pads(self._keys[0]) if self._keys else b"")  # fmt: skip
         self._buckets = buckets
         self._feed_url = feed
         self._core = self._new_core()
         self._entries = self._core.entries  # the hit path reads this dict directly
-        self._engine = Engine(self._core, self._store, cfg.probe_interval, feed_obj)
+        self._engine = Engine(self._core, self._store, cfg.probe_interval, feed_obj, self._keys)
         self._corrupt_log = RateLimitedLog(log)
         if cfg.presence:
             self._presence_last: tuple[float, int, int] | None = None
@@ -726,6 +736,7 @@ class SyncMap(MutableMapping[Key, Any]):
             fills_rejected=c.fills_rejected, messages=c.messages,
             corrupt_messages=c.corrupt_messages, events_dropped=self._engine.events_dropped,
             gap_overflows=c.gap_overflows, corrupt_entries=c.corrupt_entries,
+            forged_messages=c.forged_messages, digest_mismatches=c.digest_mismatches,
         )  # fmt: skip
 
     def _presence_record(self) -> dict[str, Any]:

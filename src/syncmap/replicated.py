@@ -66,6 +66,7 @@ from .errors import (
 from .feed.base import BEGINNING, Feed, FeedHandler, Subscription, feed_class, open_feed
 from .keys import Key, check_map_name, check_node_id, encode_key, normal_key
 from .ratelog import RateLimitedLog
+from .signing import SigningKey, signing_keys
 
 log = logging.getLogger("syncmap.replicated")
 _MISSING: Any = object()
@@ -114,7 +115,7 @@ class ReplicatedMap(MutableMapping[Key, Any]):
         snapshot: Snapshot | None = None,
         load_timeout: float = 60.0,
         peers_timeout: float = 2.0,
-        signing_key: bytes | None = None,
+        signing_key: SigningKey = None,
     ) -> None:
         self._opened_with = (name, feed, dict(
             codec=codec, value_type=value_type, config=config, node_id=node_id,
@@ -125,9 +126,9 @@ class ReplicatedMap(MutableMapping[Key, Any]):
         self.config = cfg = config or MapConfig()
         self.node_id = check_node_id(node_id)
         self._codec = make_codec(codec, value_type)
-        if signing_key is not None and len(signing_key) < 16:
-            raise ConfigurationError("signing_key must be at least 16 bytes (use os.urandom(32))")
-        self._key = signing_key
+        # One key or several: the first signs, all verify (rotation, signing.py).
+        self._keys = signing_keys(signing_key)
+        self._key = self._keys[0] if self._keys else None
         self._unauthenticated = 0
         self._replica = Replica()
         self._slots = self._replica.slots  # the read path looks here directly
@@ -256,7 +257,9 @@ class ReplicatedMap(MutableMapping[Key, Any]):
         self._messages += 1
         if self._key is not None:
             body, mac = data[:-_MAC], data[-_MAC:]
-            if len(data) < _MAC or not hmac.compare_digest(mac, _mac(self._key, body)):
+            if len(data) < _MAC or not any(
+                hmac.compare_digest(mac, _mac(k, body)) for k in self._keys
+            ):
                 self._unauthenticated += 1
                 if self._unauthenticated == 1 or self._unauthenticated % 1000 == 0:
                     log.warning(

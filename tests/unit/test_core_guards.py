@@ -554,8 +554,11 @@ def test_every_truncation_and_extension_is_corrupt() -> None:
         b"",
         b"garbage that is long enough to hold a header ....",
         b"xx" + encode_message(msg(1, "k"))[2:],  # bad magic
-        b"sm\x02" + encode_message(msg(1, "k"))[3:],  # unknown format version
-        b"sm\x01\x09" + encode_message(msg(1, "k"))[4:],  # unknown op
+        b"sm\x03" + encode_message(msg(1, "k"))[3:],  # unknown format version
+        b"sm\x01" + encode_message(msg(1, "k"))[3:],  # version 1: refused by v2 readers
+        b"sm\x02\x09" + encode_message(msg(1, "k"))[4:],  # unknown op
+        encode_message(msg(1, "k"))[:4] + b"\x02" + encode_message(msg(1, "k"))[5:],  # flag
+        encode_message(msg(1, "k"))[:4] + b"\x01" + encode_message(msg(1, "k"))[5:],  # no MAC
         encode_message(ChangeMessage(OP_SET, 0, 1, E1, "o", ()))[:-4] + b"\xff\xff\xff\xff",
         encode_message(ChangeMessage(OP_SET, 0, 1, E1, "o", ()))[:-4] + b"\x00\x00\x00\x01",
     ],

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..keys import Key, decode_key
-from .wire import OP_CLEAR, OP_NAMES, OP_PING, ChangeMessage
+from .wire import OP_CLEAR, OP_NAMES, OP_PING, ChangeMessage, link, next_digest
 
 INF = float("inf")
 MAX_AHEAD = 1024
@@ -46,6 +46,9 @@ earlier one.  Legitimate reorderings are a few messages deep; a lost message kee
 waiting only until the probe's grace period ends.  Forged far-ahead sequences would otherwise grow
 this without bound: past the limit the bucket is flushed and forgets them (``gap_overflows``),
 which costs hits, never staleness (``ahead`` only ever lets ``seq`` advance)."""
+ProbeState = tuple[int | None, int] | tuple[int | None, int, str | None]
+"""What a probe read of one bucket: (epoch, seq) or (epoch, seq, digest chain); a digest of None
+(or none given, as in model tests) is not compared."""
 COPY = object()
 """Marks an entry whose value is mutable: the hit path decodes ``raw`` afresh for every caller."""
 
@@ -89,10 +92,14 @@ class BucketState:
     gen: int = 0
     top: int = 0  # highest version cached in this bucket since it was last (re)started
     heard_at: float = -INF  # when a message last told us this bucket's epoch and sequence
-    targets: list[tuple[int, float]] = field(default_factory=list)
+    targets: list[tuple[int, float, str | None]] = field(default_factory=list)  # probes to
+    # reach: (seq, sent_at, the store's digest there)
     heard: int = 0  # messages applied to this bucket (a bulk fill checks none came meanwhile)
-    ahead: dict[int, int] = field(default_factory=dict)  # unordered feeds: first -> last seq
-    # of messages that arrived before an earlier one; ``seq`` stays the contiguous high-water mark
+    ahead: dict[int, tuple[int, str]] = field(default_factory=dict)  # unordered feeds: first
+    # seq -> (last seq, chain link) of messages that arrived before an earlier one; ``seq``
+    # stays the contiguous high-water mark
+    digest: str | None = None  # the digest chain at ``seq`` (wire.next_digest); None: unknown
+    # (a gap, or an epoch learned from a reply): the next probe at ``seq`` restarts the bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +128,10 @@ class Guards:
     settings_stamp: bool = True  # buckets stamped with another map's settings refuse writes,
     # and a map opened without its meta key adopts the stamps' settings
     damage_isolated: bool = True  # a damaged bucket fails its own probe only, not the map's
+    # Protocol v2 (issue 12 §3): the digest chain is compared with the probe's (here), and a
+    # map with a signing key drops messages without a valid MAC (engine.py).
+    digest_chain: bool = True
+    message_mac: bool = True
 
     def script_flags(self) -> str:
         """The letters of the store-side protections switched off (ARGV[8] of the scripts)."""
@@ -150,6 +161,8 @@ class Counters:
     hits_retired: int = 0
     gap_overflows: int = 0  # a bucket held MAX_AHEAD early messages: flushed, forgotten
     corrupt_entries: int = 0  # stored entries skipped by whole-map reads (the driver counts)
+    digest_mismatches: int = 0  # a probe's digest at our sequence differed: flushed, restarted
+    forged_messages: int = 0  # unsigned or badly signed messages dropped (the driver counts)
 
 
 class NearCache:
@@ -367,6 +380,7 @@ class NearCache:
             self.counters.epoch_changes += 1
             self._flush(bucket)
         b.epoch, b.seq, b.targets = epoch, max(version - 1, 0), []
+        b.digest = "" if version <= 1 else None  # a new epoch's chain starts from ""
         b.heard_at = now  # newer than any probe still in flight
         return True
 
@@ -415,7 +429,7 @@ class NearCache:
             b.heard_at = now
         if msg.op == OP_CLEAR:
             self._clear_bucket(msg.bucket, msg.seq)
-            self._confirm(b)
+            self._confirm(msg.bucket)
             return [Event(None, "clear", msg.seq, msg.origin)] if want_events else []
         events = []
         op = OP_NAMES[msg.op]
@@ -423,7 +437,7 @@ class NearCache:
             self._invalidate(key, msg.seq + i)
             if want_events:
                 events.append(Event(key, op, msg.seq + i, msg.origin))
-        self._confirm(b)
+        self._confirm(msg.bucket)
         return events
 
     def _sequence(self, i: int, msg: ChangeMessage) -> None:
@@ -438,15 +452,28 @@ class NearCache:
                 self._flush(i)
                 b.epoch = msg.epoch
             b.seq = msg.last_seq
+            b.digest = next_digest("", link(msg)) if msg.seq == 1 else None
             return
+        if msg.last_seq <= b.seq:
+            return  # a duplicate: already accounted for (and chained)
         if msg.seq > b.seq + 1 and self.guards.gaps:
             if not self.ordered:
                 self._keep_ahead(i, msg)
                 return
             self.counters.gaps += 1
             self._flush(i)
-        b.seq = max(b.seq, msg.last_seq)
-        self._catch_up(b)
+        self._extend(b, msg.seq, msg.last_seq, link(msg))
+        self._catch_up(i)
+
+    @staticmethod
+    def _extend(b: BucketState, first: int, last: int, link_hex: str) -> None:
+        """Account for versions ``first .. last`` of one message and chain its link; a message
+        that does not continue ``seq`` exactly leaves the digest unknown."""
+        if first == b.seq + 1 and b.digest is not None:
+            b.digest = next_digest(b.digest, link_hex)
+        else:
+            b.digest = None
+        b.seq = last
 
     def _keep_ahead(self, i: int, msg: ChangeMessage) -> None:
         """Keep an early message of an unordered feed aside, at most :data:`MAX_AHEAD` a bucket."""
@@ -455,16 +482,22 @@ class NearCache:
             self.counters.gap_overflows += 1
             b.ahead.clear()  # seq stays behind: no probe is confirmed until one restarts it
             self._flush(i)
-        b.ahead[msg.seq] = max(b.ahead.get(msg.seq, 0), msg.last_seq)
+        have = b.ahead.get(msg.seq)
+        if have is None or have[0] < msg.last_seq:
+            b.ahead[msg.seq] = (msg.last_seq, link(msg))
 
-    @staticmethod
-    def _catch_up(b: BucketState) -> None:
-        """Advance over messages that arrived early and now continue the contiguous run."""
+    def _catch_up(self, i: int) -> None:
+        """Advance over messages that arrived early and now continue the contiguous run, checking
+        probe targets at each step (a target's sequence is a message boundary)."""
+        b = self.buckets[i]
         while b.ahead:
             first = min(b.ahead)
             if first > b.seq + 1:
                 return
-            b.seq = max(b.seq, b.ahead.pop(first))
+            last, link_hex = b.ahead.pop(first)
+            if last > b.seq:
+                self._extend(b, first, last, link_hex)
+                self._confirm(i)
 
     def _invalidate(self, key: Key, version: int) -> None:
         e = self.entries.get(key)
@@ -521,10 +554,19 @@ class NearCache:
         return [b.top for b in self.buckets]
 
     def on_probe(
-        self, states: Sequence[tuple[int | None, int]], sent_at: float, now: float,
+        self, states: Sequence[ProbeState], sent_at: float, now: float,
         tops: Sequence[int] | None = None,
     ) -> None:  # fmt: skip
-        """Apply the ``(epoch, seq)`` of every bucket, read by a probe sent at ``sent_at``.
+        """Apply the ``(epoch, seq[, digest])`` of every bucket, read by a probe sent at
+        ``sent_at``.
+
+        The digest (the store's digest chain) closes the hole a lost message leaves open to a
+        forger.  Order it prevents: a writer dies between its write (version N of key k) and the
+        publish (relayed feed); a forger publishes version N naming another key; this server
+        applies it and reaches N; the probe reads N.  By sequence alone the bucket is up to date
+        and k stays stale forever.  Our chain at N includes the forged message, the store's the
+        real one: they differ, so the bucket is restarted (``digest_mismatches``).  A reader
+        ahead of or behind the probe compares when it reaches that sequence (:meth:`_confirm`).
 
         ``tops`` (from :meth:`tops` taken before sending) catches a store that went backwards
         while looking unchanged.  Order it prevents (A7): this server writes k -> k@1 and caches
@@ -534,7 +576,9 @@ class NearCache:
         repair = self._repair_from is not None and sent_at >= self._repair_from
         if repair:
             self._repair_from = None
-        for i, (epoch, seq) in enumerate(states):
+        for i, state in enumerate(states):
+            epoch, seq = state[0], state[1]
+            digest = state[2] if len(state) == 3 else None
             b = self.buckets[i]
             # A message heard after this probe left knows better than the probe: the probe read
             # (no epoch, 0), then the bucket's first write's message taught us epoch E; the
@@ -546,7 +590,7 @@ class NearCache:
             )
             if not self.guards.probe:
                 if not b.known:
-                    b.known, b.epoch, b.seq = True, epoch, seq
+                    b.known, b.epoch, b.seq, b.digest = True, epoch, seq, digest
                 b.lease_until = INF
                 continue
             changed = epoch != b.epoch and not overtaken and self.guards.epoch
@@ -558,13 +602,15 @@ class NearCache:
             if not b.known or changed or seq_went_back:
                 if b.known and b.epoch is not None:
                     self.counters.epoch_changes += 1
-                self._restart_bucket(i, epoch, seq, sent_at)
+                self._restart_bucket(i, epoch, seq, sent_at, digest)
             elif seq > b.seq:
-                b.targets.append((seq, sent_at))
+                b.targets.append((seq, sent_at, digest))
                 overdue = b.targets[0][1] + self.grace <= now
                 if repair or overdue:
                     self.counters.lost_detected += 1
-                    self._restart_bucket(i, epoch, seq, sent_at)
+                    self._restart_bucket(i, epoch, seq, sent_at, digest)
+            elif seq == b.seq and self._chain_differs(b, seq, digest):
+                self._mismatch(i, seq, sent_at, digest)
             else:
                 b.lease_until = max(b.lease_until, sent_at + self.max_staleness)
                 b.targets.clear()
@@ -577,24 +623,53 @@ class NearCache:
                 wake = min(wake, b.lease_until)
         self.valid_until = wake - self.margin
 
-    def _restart_bucket(self, i: int, epoch: int | None, seq: int, sent_at: float) -> None:
+    def _restart_bucket(
+        self, i: int, epoch: int | None, seq: int, sent_at: float, digest: str | None = None
+    ) -> None:
         b = self.buckets[i]
         if b.known:
             self._flush(i)
         if epoch != b.epoch:
             b.ahead.clear()
         else:  # messages past ``seq`` that already arrived still count (unordered feeds)
-            b.ahead = {k: v for k, v in b.ahead.items() if v > seq}
+            b.ahead = {k: v for k, v in b.ahead.items() if v[0] > seq}
         b.known, b.epoch, b.seq, b.targets, b.top = True, epoch, seq, [], 0
-        self._catch_up(b)
+        b.digest = digest
+        self._catch_up(i)
         b.lease_until = sent_at + self.max_staleness
 
-    def _confirm(self, b: BucketState) -> None:
-        """Probes whose sequence we have now reached renew the lease."""
-        if b.targets and b.targets[0][0] <= b.seq:
-            while b.targets and b.targets[0][0] <= b.seq:
-                _, sent_at = b.targets.pop(0)
-                b.lease_until = max(b.lease_until, sent_at + self.max_staleness)
+    def _chain_differs(self, b: BucketState, seq: int, digest: str | None) -> bool:
+        """Whether the store's ``digest`` at ``seq`` fails to vouch for what we applied up to
+        ``b.seq``: it differs, or ours is unknown, or we passed ``seq`` in one step."""
+        if digest is None or not self.guards.digest_chain:
+            return False
+        return seq != b.seq or b.digest != digest
+
+    def _mismatch(self, i: int, seq: int, sent_at: float, digest: str | None) -> None:
+        """Our chain at ``seq`` is not the store's: a message we applied was not the store's (a
+        forgery standing in for a lost message), or ours was unknown.  Flush and adopt the
+        store's state, as after a lost message."""
+        b = self.buckets[i]
+        if b.digest is not None:
+            self.counters.digest_mismatches += 1
+        self._restart_bucket(i, b.epoch, seq, sent_at, digest)
+        self._revalidate()
+
+    def _confirm(self, i: int) -> None:
+        """Probes whose sequence we have now reached renew the lease, if our digest chain there
+        is the store's (a probe we passed in one step cannot vouch: the next one will)."""
+        b = self.buckets[i]
+        renewed = False
+        while b.targets and b.targets[0][0] <= b.seq:
+            seq, sent_at, digest = b.targets.pop(0)
+            if self._chain_differs(b, seq, digest):
+                if seq == b.seq:
+                    self._mismatch(i, seq, sent_at, digest)
+                    return
+                continue
+            b.lease_until = max(b.lease_until, sent_at + self.max_staleness)
+            renewed = True
+        if renewed:
             self._revalidate()
 
     def tick(self, now: float) -> float:

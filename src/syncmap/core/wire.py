@@ -1,14 +1,24 @@
 """The change-message and stored-value formats (pure; documented in docs/protocol.md).
 
-Change message, version 1, all integers big-endian::
+Change message, version 2, all integers big-endian::
 
-    "sm" | ver:u8=1 | op:u8 | bucket:u16 | seq:u64 | epoch:u64 | origin_len:u8 | origin
-         | count:u32 | count x (len:u32 | field)
+    "sm" | ver:u8=2 | op:u8 | flags:u8 | bucket:u16 | seq:u64 | epoch:u64 | origin_len:u8
+         | origin | count:u32 | count x (len:u32 | field) [ | mac:20 ]
+
+``flags`` bit 0 set: the message ends with ``HMAC-SHA1(key, everything before the MAC)`` (the
+map's signing key, :mod:`syncmap.signing`); no other bit is defined.  Version 1 (no ``flags``, no
+MAC) is refused: a store-mode map of this version shares Redis only with servers of key layout 2,
+which already writes version 2.
 
 The keys of one message carry consecutive versions ``seq, seq+1, ...`` (a batch from ``update``).
 A ``clear`` message has count 0 and one version.  A ``ping`` (start-up self-check) has seq 0 and
 one field, the nonce.  Messages are built inside the Lua write scripts (``store/scripts.py``), so
 the version in the message is the one the store assigned in the same atomic step.
+
+Every message of a bucket also extends the bucket's *digest chain* (:func:`link`,
+:func:`next_digest`), which the store keeps in the reserved field ``#h`` and a probe returns: a
+reader that applied other messages than the store made sees a different digest at the same
+sequence (docs/protocol.md §4.2).
 
 Stored value: ``version:u64 | deadline_ms:u64 | epoch:u64 | payload`` where deadline 0 means no
 expiry and is otherwise a Redis server ``TIME`` in milliseconds, and epoch is the bucket's epoch
@@ -18,7 +28,10 @@ large one).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import CorruptData
@@ -36,7 +49,12 @@ OP_NAMES = {
     OP_PING: "ping",
 }
 
-_HEAD = struct.Struct(">2sBBHQQB")
+VERSION = 2
+SIGNED = 0x01
+"""``flags`` bit: the message ends with a 20-byte HMAC-SHA1."""
+MAC_SIZE = 20
+_HEAD = struct.Struct(">2sBBBHQQB")
+_LINK = struct.Struct(">BQ")
 _U32 = struct.Struct(">I")
 _VALUE_HEAD = VALUE_HEAD = struct.Struct(">QQQ")
 """The stored value's header: version, deadline ms, epoch (``VALUE_HEAD.unpack_from(stored)``)."""
@@ -69,42 +87,81 @@ class ChangeMessage:
         return self.seq + max(len(self.fields), 1) - 1
 
 
-def encode_message(msg: ChangeMessage) -> bytes:
-    """Python-side encoder (the Lua scripts build the same bytes); used by tests and pings."""
+def encode_message(msg: ChangeMessage, key: bytes | None = None) -> bytes:
+    """Python-side encoder (the Lua scripts build the same bytes); used by tests and pings.
+    ``key``: sign it (HMAC-SHA1, flags bit 0)."""
     origin = msg.origin.encode()
-    parts = [_HEAD.pack(b"sm", 1, msg.op, msg.bucket, msg.seq, msg.epoch, len(origin)), origin]
-    parts.append(_U32.pack(len(msg.fields)))
-    for field in msg.fields:
+    flags = SIGNED if key is not None else 0
+    head = _HEAD.pack(b"sm", VERSION, msg.op, flags, msg.bucket, msg.seq, msg.epoch, len(origin))
+    data = b"".join((head, origin, _fields(msg.fields)))
+    return data if key is None else data + mac(key, data)
+
+
+def _fields(fields: Sequence[bytes]) -> bytes:
+    """``count | count x (len | field)``: the tail of a message, and of its chain link."""
+    parts = [_U32.pack(len(fields))]
+    for field in fields:
         parts.append(_U32.pack(len(field)))
         parts.append(field)
     return b"".join(parts)
 
 
+def mac(key: bytes, data: bytes) -> bytes:
+    """The MAC of a change message (what the scripts compute in Lua from ipad/opad)."""
+    return hmac.digest(key, data, hashlib.sha1)
+
+
+def verify(data: bytes, keys: Sequence[bytes]) -> bool:
+    """Whether ``data`` is a signed message whose MAC one of ``keys`` made (constant time each)."""
+    if len(data) < _HEAD.size + MAC_SIZE or data[2] != VERSION or not data[4] & SIGNED:
+        return False
+    body, tag = bytes(data[:-MAC_SIZE]), bytes(data[-MAC_SIZE:])
+    return any(hmac.compare_digest(tag, mac(k, body)) for k in keys)
+
+
+def link(msg: ChangeMessage) -> str:
+    """What one message adds to its bucket's digest chain: the SHA-1 (hex) of ``op:u8 | seq:u64 |
+    count | fields`` (the scripts: ``redis.sha1hex`` of the same bytes)."""
+    # SHA-1 because Lua has only redis.sha1hex; a forger needs a second preimage, not a collision.
+    return hashlib.sha1(_LINK.pack(msg.op, msg.seq) + _fields(msg.fields)).hexdigest()  # noqa: S324
+
+
+def next_digest(prev: str, link_hex: str) -> str:
+    """The bucket's digest after a message: the first 16 hex digits of SHA-1(prev | link).  A new
+    epoch starts from ``""``."""
+    return hashlib.sha1((prev + link_hex).encode()).hexdigest()[:16]  # noqa: S324 (see link)
+
+
 def decode_message(data: bytes) -> ChangeMessage:
-    """Parse one change message; anything malformed raises :class:`CorruptData`."""
+    """Parse one change message; anything malformed raises :class:`CorruptData`.
+
+    A MAC, when flagged, is skipped here, not checked: :func:`verify` is the reader's gate."""
     try:
-        magic, ver, op, bucket, seq, epoch, olen = _HEAD.unpack_from(data, 0)
-        if magic != b"sm" or ver != 1 or op not in OP_NAMES:
-            raise CorruptData(f"not a syncmap v1 change message: header {data[: _HEAD.size]!r}")
+        magic, ver, op, flags, bucket, seq, epoch, olen = _HEAD.unpack_from(data, 0)
+        if magic != b"sm" or ver != VERSION or op not in OP_NAMES or flags & ~SIGNED:
+            raise CorruptData(f"not a syncmap v2 change message: header {data[: _HEAD.size]!r}")
+        end = len(data) - (MAC_SIZE if flags & SIGNED else 0)
         pos = _HEAD.size
-        origin = data[pos : pos + olen].decode()
+        if pos + olen > end:
+            raise CorruptData("change message truncated inside its origin")
+        origin = bytes(data[pos : pos + olen]).decode()
         pos += olen
         (count,) = _U32.unpack_from(data, pos)
         pos += 4
-        if len(data) - pos < 4 * count:  # each key takes at least its length prefix
-            raise CorruptData(f"change message claims {count} keys in {len(data) - pos} bytes")
+        if end - pos < 4 * count:  # each key takes at least its length prefix
+            raise CorruptData(f"change message claims {count} keys in {end - pos} bytes")
         if count > MAX_FIELDS:  # skip the keys: see MAX_FIELDS
             return ChangeMessage(op, bucket, seq, epoch, origin, (), oversized=True)
         fields = []
         for _ in range(count):
             (n,) = _U32.unpack_from(data, pos)
             pos += 4
-            if pos + n > len(data):
+            if pos + n > end:
                 raise CorruptData("change message truncated inside a key")
             fields.append(bytes(data[pos : pos + n]))
             pos += n
-        if pos != len(data):
-            raise CorruptData(f"change message has {len(data) - pos} trailing bytes")
+        if pos != end:
+            raise CorruptData(f"change message has {end - pos} trailing bytes")
     except (struct.error, UnicodeDecodeError) as exc:
         raise CorruptData(f"malformed change message ({exc})") from exc
     return ChangeMessage(op, bucket, seq, epoch, origin, tuple(fields))

@@ -10,6 +10,7 @@ from typing import Any
 
 import redis
 
+from ..core.nearcache import ProbeState
 from ..errors import ConfigurationError, StoreError, SyncMapError
 from ..keys import Layout, is_key_field
 from ..ratelog import RateLimitedLog
@@ -50,6 +51,7 @@ class RedisStore(Transport):
     def __init__(
         self, client: redis.Redis, layout: Layout, origin: str, target: str | None = None,
         *, codec: str = "msgpack", flags: str = "", isolate_damage: bool = True,
+        pads: bytes = b"",
     ) -> None:  # fmt: skip
         super().__init__(client)
         self.layout = layout
@@ -60,6 +62,7 @@ class RedisStore(Transport):
         self.stamp = settings_stamp(layout.buckets, codec)
         self.flags = flags  # protections switched off, tests only (Guards.script_flags)
         self.isolate_damage = isolate_damage  # False: tests only (Guards.damage_isolated)
+        self.pads = pads  # HMAC pads of the signing key (signing.pads), or b"": unsigned
         self.damaged_buckets = 0  # probes that found a bucket damaged (counter)
         self.meta_recreated = 0  # probes that found the meta key missing and wrote it again
         self._damage_log = RateLimitedLog(log)
@@ -93,7 +96,7 @@ class RedisStore(Transport):
             keys = (*keys, counter)
         epoch = random.getrandbits(52) or 1
         return ("EVALSHA", SHAS[name], len(keys), *keys, self.target, bucket, epoch,
-                self.origin, lock, token, self.stamp, self.flags, *args)  # fmt: skip
+                self.origin, lock, token, self.stamp, self.flags, self.pads, *args)  # fmt: skip
 
     def load_scripts(self) -> None:
         self.call([("SCRIPT", "LOAD", src) for src in scripts.ALL.values()], write=False)
@@ -105,10 +108,11 @@ class RedisStore(Transport):
                                         write=False)[0]  # fmt: skip
         return reply
 
-    def probe(self) -> tuple[list[tuple[int | None, int]], int, int]:
-        """Reap due expiries and read every bucket's (epoch, seq): one round trip.
+    def probe(self) -> tuple[list[ProbeState], int, int]:
+        """Reap due expiries and read every bucket's (epoch, seq, digest): one round trip.
 
-        Returns the states, Redis's clock in ms, and the number of live entries.
+        Returns the states, Redis's clock in ms, and the number of live entries.  The digest is
+        the bucket's digest chain (scripts.py ``chain``), ``""`` before its epoch's first message.
 
         Damage stays in its bucket: a bucket whose keys are of the wrong type, whose bookkeeping
         is not numeric or that is stamped with another map's settings is reported with an epoch
@@ -129,7 +133,7 @@ class RedisStore(Transport):
                            "was written again (%d buckets, codec %s; %d times so far)",
                            layout.name, layout.meta, layout.buckets, self.codec,
                            self.meta_recreated)  # fmt: skip
-        states: list[tuple[int | None, int]] = []
+        states: list[ProbeState] = []
         damaged: list[tuple[int, str]] = []
         server_ms, live = None, 0
         for bucket, reply in enumerate(replies[: layout.buckets]):
@@ -137,16 +141,16 @@ class RedisStore(Transport):
                 if isinstance(reply, Exception):
                     raise reply
                 epoch = int(reply[0]) if reply[0] else None
-                state = (epoch, int(reply[1]))
+                state: ProbeState = (epoch, int(reply[1]), _text(reply[4]))
                 server_ms, live = int(reply[2]), live + int(reply[3])
             except SyncMapError as exc:
                 if not _bucket_damage(exc):
                     raise  # unreachable, OOM, the ACL refuses the probe: every bucket alike
                 damaged.append((bucket, str(exc)))
-                state = (-next(_damaged_epochs), 0)
+                state = (-next(_damaged_epochs), 0, None)
             except (TypeError, ValueError, IndexError) as exc:
                 damaged.append((bucket, f"unreadable probe reply {reply!r:.80} ({exc})"))
-                state = (-next(_damaged_epochs), 0)
+                state = (-next(_damaged_epochs), 0, None)
             states.append(state)
         if damaged:
             self._report_damage(damaged)
@@ -299,6 +303,10 @@ def damaged_error(layout: Layout, damaged: list[tuple[int, str]]) -> SyncMapErro
 def stream_target(stream: str, maxlen: int) -> str:
     """The ``target`` that makes the write scripts XADD to ``stream`` (trimmed to ~``maxlen``)."""
     return f"!x:{int(maxlen)}:{stream}"
+
+
+def _text(reply: Any) -> str:
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
 
 
 def _pairs(reply: Any) -> list[tuple[bytes, bytes]]:

@@ -12,14 +12,20 @@ ARGV prefix (every write script):
     [1] channel  [2] bucket number  [3] epoch candidate (used only if the bucket has none)
     [4] origin (node id)  [5] fence lock name or ''  [6] fence token or '0'
     [7] the map's settings stamp ``<buckets>/<codec>``  [8] protections switched off ('' always,
-    but in guard-off tests: see ``off`` below)
-Script-specific arguments start at ARGV[9].
+    but in guard-off tests: see ``off`` below)  [9] the HMAC-SHA1 pads of the map's signing key
+    (``K^ipad | K^opad``, 128 bytes; see ``sign``), or '' to publish unsigned messages
+Script-specific arguments start at ARGV[10].
+
+Digest chain: every message also extends its bucket's digest ``#h`` (``chain`` below), which the
+probe returns, so a reader that applied a forged message in place of a lost one cannot confirm
+the bucket against the store (docs/protocol.md §4.2).
 
 Layout 2 (docs/protocol.md): a bucket's bookkeeping lives *in its data hash*, in reserved fields
 that no key field can be (key fields start with ``s``, ``b`` or ``i``): ``#e`` epoch, ``#s`` the
-last version taken, ``#c`` the settings stamp.  Bookkeeping so lives and dies with the data: when
-Redis evicts (or someone deletes) a data hash, its epoch goes with it, the next write starts a new
-random epoch and every server's probe sees the change and flushes the bucket.
+last version taken, ``#c`` the settings stamp, ``#h`` the digest chain.  Bookkeeping so lives
+and dies with the data: when Redis evicts (or someone deletes) a data hash, its epoch goes with
+it, the next write starts a new random epoch and every server's probe sees the change and flushes
+the bucket.
 
 Stored value = struct ``>I8I8I8`` (version, deadline ms or 0, epoch) .. payload.  Change message:
 see ``core/wire.py`` (the Lua ``publish`` below builds exactly those bytes).
@@ -101,6 +107,7 @@ local function next_seq(n)
   if not ep then
     ep = ARGV[3]
     redis.call('HSET', BK, '#e', ep)
+    redis.call('HDEL', BK, '#h')  -- a new epoch starts a new chain
   end
   if not stamped then
     redis.call('HSET', KEYS[1], '#c', ARGV[7])
@@ -129,14 +136,40 @@ end
 -- The first two happen in the same atomic step as the write; the third can be lost between the
 -- write and the publish, which the sequence probe catches (docs/feeds.md).
 local out = {}
+
+-- The bucket's digest chain (``#h``): #h = first 16 hex digits of sha1hex(#h .. link), where link
+-- = sha1hex(op:u8 | seq:u64 | count | fields) of this message; '' before a new epoch's first
+-- message.  Readers keep the same chain from the messages they apply (core/wire.py).
+local function chain(op, seq, tail)
+  local link = redis.sha1hex(struct.pack('>BI8', op, seq) .. tail)
+  local prev = redis.call('HGET', BK, '#h') or ''
+  redis.call('HSET', BK, '#h', string.sub(redis.sha1hex(prev .. link), 1, 16))
+end
+
+-- HMAC-SHA1 of a message with the pads in ARGV[9]: sha1(K^opad | sha1(K^ipad | msg)), digests
+-- as raw bytes; flags bit 0 of the header says it is there.
+local function unhex(h)
+  return (string.gsub(h, '..', function(c) return string.char(tonumber(c, 16)) end))
+end
+local function sign(msg)
+  local inner = unhex(redis.sha1hex(string.sub(ARGV[9], 1, 64) .. msg))
+  return msg .. unhex(redis.sha1hex(string.sub(ARGV[9], 65, 128) .. inner))
+end
+
 local function publish(op, seq, ep, fields)
-  local parts = {struct.pack('>c2BBHI8I8B', 'sm', 1, op, tonumber(ARGV[2]), seq, ep, #ARGV[4]),
-                 ARGV[4], struct.pack('>I4', #fields)}
+  local parts = {struct.pack('>I4', #fields)}
   for _, f in ipairs(fields) do
     parts[#parts + 1] = struct.pack('>I4', #f)
     parts[#parts + 1] = f
   end
-  local target, msg = ARGV[1], table.concat(parts)
+  local tail = table.concat(parts)
+  chain(op, seq, tail)
+  local flags = 0
+  if ARGV[9] ~= '' then flags = 1 end
+  local msg = struct.pack('>c2BBBHI8I8B', 'sm', 2, op, flags, tonumber(ARGV[2]), seq, ep,
+                          #ARGV[4]) .. ARGV[4] .. tail
+  if flags == 1 then msg = sign(msg) end
+  local target = ARGV[1]
   if target == '' then
     out[#out + 1] = msg
   elseif string.sub(target, 1, 1) == '!' then
@@ -179,22 +212,22 @@ def _map_script(body: str) -> str:
 
 SET = _map_script(
     r"""
--- ARGV[9] field  [10] payload  [11] ttl ms (0 = none)  [12] mode  [13] expected
+-- ARGV[10] field  [11] payload  [12] ttl ms (0 = none)  [13] mode  [14] expected
 -- mode 'set': always; 'swap': always, and reply with the old value; 'nx': only if absent;
--- 'cas': only if the live payload equals ARGV[13]; 'ver': only if the live value is the one
--- ARGV[13] = "epoch:version" names ("0:0" = absent).
+-- 'cas': only if the live payload equals ARGV[14]; 'ver': only if the live value is the one
+-- ARGV[14] = "epoch:version" names ("0:0" = absent).
 -- Reply: {version, deadline, old, epoch}; version 0 = not applied: {0, 0, old} (old = the live
 -- value, or false).
 local refusal = refused()
 if refusal then return refusal end
-local field, mode = ARGV[9], ARGV[12]
+local field, mode = ARGV[10], ARGV[13]
 local old = false
 if mode ~= 'set' then old = live(field) end
 if mode == 'nx' and old then return {0, 0, old} end
-if mode == 'cas' and (not old or string.sub(old, 25) ~= ARGV[13]) then return {0, 0, old} end
-if mode == 'ver' and not is_version(old, ARGV[13]) then return {0, 0, old} end
+if mode == 'cas' and (not old or string.sub(old, 25) ~= ARGV[14]) then return {0, 0, old} end
+if mode == 'ver' and not is_version(old, ARGV[14]) then return {0, 0, old} end
 local seq, ep = next_seq(1)
-local dl = store(field, seq, ep, ARGV[10], tonumber(ARGV[11]))
+local dl = store(field, seq, ep, ARGV[11], tonumber(ARGV[12]))
 publish(1, seq, ep, {field})
 return {seq, dl, old, ep}
 """
@@ -202,15 +235,15 @@ return {seq, dl, old, ep}
 
 DELETE = _map_script(
     r"""
--- ARGV[9] field  [10] mode  [11] expected
--- mode 'del': if present; 'cad': if the live payload equals ARGV[11]; 'ver': if the live value
--- is the one ARGV[11] = "epoch:version" names.  An expired field not yet reaped is removed
+-- ARGV[10] field  [11] mode  [12] expected
+-- mode 'del': if present; 'cad': if the live payload equals ARGV[12]; 'ver': if the live value
+-- is the one ARGV[12] = "epoch:version" names.  An expired field not yet reaped is removed
 -- with an 'expire' message.
 -- Reply: {version, old, epoch}; version 0 = nothing deleted: {0, old} (old = the live value,
 -- or false).
 local refusal = refused()
 if refusal then return refusal end
-local field, mode = ARGV[9], ARGV[10]
+local field, mode = ARGV[10], ARGV[11]
 local old = live(field)
 if not old then
   if redis.call('HDEL', KEYS[1], field) == 1 then
@@ -222,8 +255,8 @@ if not old then
   end
   return {0, false}
 end
-if mode == 'cad' and string.sub(old, 25) ~= ARGV[11] then return {0, old} end
-if mode == 'ver' and not is_version(old, ARGV[11]) then return {0, old} end
+if mode == 'cad' and string.sub(old, 25) ~= ARGV[12] then return {0, old} end
+if mode == 'ver' and not is_version(old, ARGV[12]) then return {0, old} end
 redis.call('HDEL', KEYS[1], field)
 redis.call('ZREM', KEYS[2], field)
 local seq, ep = next_seq(1)
@@ -234,17 +267,17 @@ return {seq, old, ep}
 
 MSET = _map_script(
     r"""
--- ARGV[9] ttl ms (0 = none), then field, payload pairs.  One version per field, one message.
+-- ARGV[10] ttl ms (0 = none), then field, payload pairs.  One version per field, one message.
 -- Reply: {first version, epoch} (fields got first, first+1, ...).
 local refusal = refused()
 if refusal then return refusal end
-local n = (#ARGV - 9) / 2
+local n = (#ARGV - 10) / 2
 local seq, ep = next_seq(n)
-local ttl = tonumber(ARGV[9])
+local ttl = tonumber(ARGV[10])
 local fields = {}
 for i = 1, n do
-  local field = ARGV[8 + 2 * i]
-  store(field, seq + i - 1, ep, ARGV[9 + 2 * i], ttl)
+  local field = ARGV[9 + 2 * i]
+  store(field, seq + i - 1, ep, ARGV[10 + 2 * i], ttl)
   fields[i] = field
 end
 publish(1, seq, ep, fields)
@@ -256,7 +289,7 @@ return {seq, ep}
 _RESERVED = r"""
 local function reserved_count()
   local n = 0
-  for _, v in ipairs(redis.call('HMGET', KEYS[1], '#e', '#s', '#c')) do
+  for _, v in ipairs(redis.call('HMGET', KEYS[1], '#e', '#s', '#c', '#h')) do
     if v then n = n + 1 end
   end
   return n
@@ -266,15 +299,15 @@ end
 CLEAR = _map_script(
     _RESERVED
     + r"""
--- Empty one bucket, keeping its bookkeeping (epoch, seq, stamp: versions go on).
+-- Empty one bucket, keeping its bookkeeping (epoch, seq, stamp, chain: versions go on).
 -- Reply: {version, epoch}, or {0, 0} when the bucket was already empty.
 local refusal = refused()
 if refusal then return refusal end
 if redis.call('HLEN', KEYS[1]) <= reserved_count() then return {0, 0} end
-local keep = redis.call('HMGET', KEYS[1], '#e', '#s', '#c')
+local keep = redis.call('HMGET', KEYS[1], '#e', '#s', '#c', '#h')
 redis.call('DEL', KEYS[1], KEYS[2])
-local names = {'#e', '#s', '#c'}
-for i = 1, 3 do
+local names = {'#e', '#s', '#c', '#h'}
+for i = 1, 4 do
   if keep[i] then redis.call('HSET', KEYS[1], names[i], keep[i]) end
 end
 local seq, ep = next_seq(1)
@@ -286,11 +319,11 @@ return {seq, ep}
 PROBE = _map_script(
     _RESERVED
     + r"""
--- ARGV[9] most expiries to reap in this call.
+-- ARGV[10] most expiries to reap in this call.
 -- Reaps due entries of the bucket (each an 'expire' change with its own version), then reports.
 -- A bucket whose stamp is another map's settings (SETTINGS) or whose sequence is not a number
 -- (DAMAGED) is refused before anything is written; a wrong-typed key fails (WRONGTYPE) likewise.
--- Reply: {epoch or false, seq, server time ms, live entries}.
+-- Reply: {epoch or false, seq, server time ms, live entries, digest chain ('' for none)}.
 local refusal = settings_refused()
 if refusal then return refusal end
 local m = redis.call('HMGET', BK, '#e', '#s')
@@ -298,7 +331,7 @@ if (m[1] and not tonumber(m[1])) or (m[2] and not tonumber(m[2])) then
   return redis.error_reply('DAMAGED bucket ' .. ARGV[2] .. ' has a non-numeric epoch or sequence')
 end
 local now = now_ms()
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[9]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[10]))
 if #due > 0 then
   for _, field in ipairs(due) do redis.call('HDEL', KEYS[1], field) end
   redis.call('ZREM', KEYS[2], unpack(due))
@@ -307,7 +340,8 @@ if #due > 0 then
   m = redis.call('HMGET', BK, '#e', '#s')
 end
 local n = redis.call('HLEN', KEYS[1]) - reserved_count()
-return {m[1], tonumber(m[2] or '0'), now, n - redis.call('ZCOUNT', KEYS[2], '-inf', now)}
+return {m[1], tonumber(m[2] or '0'), now, n - redis.call('ZCOUNT', KEYS[2], '-inf', now),
+        redis.call('HGET', BK, '#h') or ''}
 """
 )
 
