@@ -8,7 +8,7 @@ import queue
 import random
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,7 @@ from .replicated import ReplicatedMap
 from .signing import SigningKey, pads, signing_keys
 from .store.redis_store import RedisStore, warn_if_evicting
 from .store.transport import make_client
+from .views import SharedMapping
 
 log = logging.getLogger("syncmap")
 _MISSING: Any = object()
@@ -93,7 +94,7 @@ class Statistics:
         return self.hits / total if total else 0.0
 
 
-class SyncMap(MutableMapping[Key, Any]):
+class SyncMap(SharedMapping):
     """A ``MutableMapping`` kept in sync across servers.  See README and docs/design.md.
 
     Reads are served from this server's near cache when they can be (nanoseconds), otherwise from
@@ -584,27 +585,47 @@ class SyncMap(MutableMapping[Key, Any]):
             raise
         return token, reply
 
-    # ---- whole-map views (each one round trip) -----------------------------------------------
+    # ---- whole-map reads (each one round trip; views and ``|`` in views.py) ------------------
 
-    def items(self, *, skip_corrupt: bool = False) -> list[tuple[Key, Any]]:  # type: ignore[override]
-        """A snapshot of every (key, value), read in one round trip (not one atomic moment).
+    def copy(self, *, skip_corrupt: bool = False) -> dict[Key, Any]:
+        """A plain dict of every live entry, read in one round trip (not one atomic moment).
 
-        An entry stored in Redis that does not decode (written by something else, or with
-        another codec) raises :class:`CorruptData` naming it; ``skip_corrupt=True`` leaves it
-        out instead, counts it (``statistics().corrupt_entries``) and logs it (rate-limited).
-        ``keys()`` and ``values()`` take the same keyword; ``iter(m)`` raises."""
+        ``keys()``, ``items()`` and ``values()`` are live views that read one such snapshot per
+        operation.  An entry stored in Redis that does not decode (written by something else, or
+        with another codec) raises :class:`CorruptData` naming it; ``skip_corrupt=True`` leaves
+        it out instead, counts it (``statistics().corrupt_entries``) and logs it (rate-limited).
+        The views take the same keyword; ``iter(m)`` raises."""
         self._check_open()
         now_ms = self._engine.server_now_ms()
-        out = []
+        out = {}
         for pairs in self._store.bucket_items(range(self._buckets)):
             for field, raw in pairs:
                 try:
                     _, deadline_ms, payload = unpack_value(raw)
                     if not deadline_ms or deadline_ms > now_ms:
-                        out.append((decode_key(field), self._codec.decode(payload)))
+                        out[decode_key(field)] = self._codec.decode(payload)
                 except Exception as exc:  # a user's codec may raise anything
                     self._corrupt_entry(field, exc, skip=skip_corrupt)
         return out
+
+    def _popitem_candidates(self) -> list[Key]:
+        """Keys of the first non-empty group of 8 buckets from a random one on (so contenders
+        spread out): a round trip per group, keys only; [] when every bucket read was empty."""
+        self._check_open()
+        start = random.randrange(self._buckets)
+        order = [(start + i) % self._buckets for i in range(self._buckets)]
+        for i in range(0, len(order), 8):
+            keys = []
+            for fields in self._store.bucket_fields(order[i : i + 8]):
+                for field in fields:
+                    try:
+                        keys.append(decode_key(field))
+                    except CorruptData:  # no key to pop it by; items() reports it
+                        continue
+            if keys:
+                random.shuffle(keys)
+                return keys
+        return []
 
     def _corrupt_entry(self, field: bytes, exc: Exception, *, skip: bool) -> None:
         """A stored entry that does not decode: raise, or count it, log it and go on."""
@@ -690,19 +711,32 @@ class SyncMap(MutableMapping[Key, Any]):
                 append((key, version, epoch, COPY, payload, deadline))
         return out
 
-    def keys(self, *, skip_corrupt: bool = False) -> list[Key]:  # type: ignore[override]
-        return [k for k, _ in self.items(skip_corrupt=skip_corrupt)]
-
-    def values(self, *, skip_corrupt: bool = False) -> list[Any]:  # type: ignore[override]
-        return [v for _, v in self.items(skip_corrupt=skip_corrupt)]
-
     def __iter__(self) -> Iterator[Key]:
-        return iter(self.keys())
+        return iter(self.copy())
 
     def __len__(self) -> int:
+        """Live entries in Redis: one probe round trip (which also renews this server's leases),
+        or none when this map counted less than ``max_staleness`` ago and has since neither
+        written nor heard of a change: that count is then a read within the staleness contract
+        (as fresh as a cached hit), and this server's own writes are in it."""
         self._check_open()
+        core = self._core
+        counted = self.__dict__.get("_counted") or (None, -1, -INF, 0)
+        changes = core._writes + core.counters.messages  # both only grow
+        if counted[:2] == (core, changes) and _monotonic() < counted[2] + self.config.max_staleness:
+            return int(counted[3])
+        sent = _monotonic()  # taken before the probe, as `changes` was: the conservative side
         self._engine.probe_once()
-        return self._engine.live_entries
+        n = self._engine.live_entries
+        self._counted = (core, changes, sent, n)
+        return n
+
+    def __bool__(self) -> bool:
+        """No I/O when this server caches a servable entry (a hit would prove the map held it
+        within ``max_staleness``); otherwise ``len(self) > 0``."""
+        if self._entries and _monotonic() < self._core.valid_until:
+            return True
+        return len(self) > 0
 
     def __contains__(self, key: object) -> bool:
         return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]

@@ -31,9 +31,10 @@ import hmac
 import logging
 import os
 import queue
+import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,7 @@ from .feed.base import BEGINNING, Feed, FeedHandler, Subscription, feed_class, o
 from .keys import Key, check_map_name, check_node_id, encode_key, normal_key
 from .ratelog import RateLimitedLog
 from .signing import SigningKey, signing_keys
+from .views import SharedMapping
 
 log = logging.getLogger("syncmap.replicated")
 _MISSING: Any = object()
@@ -100,7 +102,7 @@ class ReplicaStatistics:
     unauthenticated: int = 0
 
 
-class ReplicatedMap(MutableMapping[Key, Any]):
+class ReplicatedMap(SharedMapping):
     """A map every server holds whole, kept in step by a message feed (module docstring)."""
 
     def __init__(
@@ -407,6 +409,23 @@ class ReplicatedMap(MutableMapping[Key, Any]):
         with self._lock:
             keys = [k for k, s in self._slots.items() if s.live(now)]
         return iter(keys)
+
+    def copy(self, *, skip_corrupt: bool = False) -> dict[Key, Any]:
+        """A plain dict of every live entry, from this server's memory (no I/O).
+        ``skip_corrupt`` is accepted as ``SyncMap`` takes it: a replicated map holds no entry
+        that does not decode (such a message is dropped on arrival)."""
+        now = _wall_ms()
+        with self._lock:
+            live = [(k, s.value, s.payload) for k, s in self._slots.items() if s.live(now)]
+        return {k: v if v is not COPY else self._codec.decode(p) for k, v, p in live}  # type: ignore[arg-type]
+
+    def _popitem_candidates(self) -> list[Key]:
+        """Every live key, shuffled so servers draining the map at once mostly pick different
+        ones.  ``pop`` here is a read then a delete (no single authority): two servers may both
+        return the same entry (docs/dict.md)."""
+        keys = list(self)
+        random.shuffle(keys)
+        return keys
 
     # ---- writes ------------------------------------------------------------------------------
 

@@ -200,7 +200,7 @@ def test_clear_keeps_the_epoch_and_sequence(url: str, maps: list[SyncMap],
     v1 = m.set("k", 1)
     m.clear()
     assert m.set("k", 2) == v1 + 2, "versions continue across a clear"
-    assert len(m) == 1 and m.items() == [("k", 2)] and list(m) == ["k"]
+    assert len(m) == 1 and list(m.items()) == [("k", 2)] and list(m) == ["k"]
     m.clear()
     m.clear()  # already empty: no new version
     assert m.set("k", 3) == v1 + 4

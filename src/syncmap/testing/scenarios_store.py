@@ -116,7 +116,7 @@ def _snapshot_items(m: SyncMap, timeout: float) -> tuple[list[tuple[Any, Any]], 
     while True:
         start = time.monotonic_ns()
         try:
-            items = m.items()
+            items = list(m.items())  # read now, inside [start, end]: a view reads when used
         except StoreUnavailable:
             if time.monotonic() > give_up:
                 raise
