@@ -101,6 +101,8 @@ def test_watch_json_prints_a_change_made_by_another_process(redis_url: str) -> N
     try:
         assert proc.stderr is not None and proc.stdout is not None
         err, out = _lines(proc.stderr), _lines(proc.stdout)
+        first = err.get(timeout=20)  # a new map: a note first (a mistyped name would be silent)
+        assert "no map 'events'" in first and "waiting for its first write" in first
         assert "watching map 'events'" in err.get(timeout=20)  # subscribed from here on
         with SyncMap("events", redis_url) as m:
             m["k1"] = {"a": 1}
@@ -115,3 +117,34 @@ def test_watch_json_prints_a_change_made_by_another_process(redis_url: str) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_mistyped_map_name_is_not_created(redis_url: str) -> None:
+    import redis
+
+    run("set", "users", "alice", "1", url=redis_url)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        before = sorted(client.scan_iter())
+        for args in (("get", "usres", "alice"), ("ls", "usres"), ("del", "usres", "alice")):
+            result = run(*args, url=redis_url)
+            assert result.returncode == 1, (args, result.stderr)
+            assert "no map 'usres'" in result.stderr and "maps here: users" in result.stderr
+        assert sorted(client.scan_iter()) == before  # nothing written, no meta key
+    finally:
+        client.close()
+    assert run("ls", "users", url=redis_url).stdout == "alice\t1\n"  # an existing map still works
+
+
+def test_every_command_takes_the_same_url_default(redis_url: str) -> None:
+    from syncmap.cli.options import DEFAULT_URL
+
+    for command in ("get", "set", "del", "ls", "watch", "lock", "top", "doctor", "verify"):
+        shown = subprocess.run([*CLI, command, "--help"], capture_output=True, text=True,
+                               check=True, env={**os.environ, "COLUMNS": "200"}).stdout  # fmt: skip
+        assert "SYNCMAP_URL" in shown and DEFAULT_URL in shown, command
+    run("set", "m", "k", "1", url=redis_url)
+    env = {**os.environ, "SYNCMAP_URL": redis_url}
+    got = subprocess.run([*CLI, "get", "m", "k"], capture_output=True, text=True, env=env,
+                         check=False, timeout=60)  # fmt: skip
+    assert got.returncode == 0 and got.stdout == "1\n", got.stderr

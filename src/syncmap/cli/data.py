@@ -4,8 +4,10 @@ Values are JSON on the command line (``set MAP KEY '{"a": 1}'``; ``--raw`` store
 as-is) and JSON on output.  Keys are strings; ``--int-key`` makes KEY an int key instead (``1``
 and ``"1"`` are different keys in a map).
 
-Exit status: 0 done, 1 the key is not in the map (``get``, ``del``), 2 bad input or Redis could
-not be reached (the message names the URL and how to fix it).
+Exit status: 0 done, 1 the key is not in the map (``get``, ``del``) or the map does not exist
+(``get``, ``del``, ``ls``: they never create one; the message lists the maps that do exist when
+that is cheap), 2 bad input or Redis could not be reached (the message names the URL and how to
+fix it).  The URL: ``--url``, else ``$SYNCMAP_URL``, else ``redis://localhost:6379/0``.
 """
 
 from __future__ import annotations
@@ -22,20 +24,20 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import click
+import redis
 
 from ..config import MapConfig
 from ..errors import SyncMapError
 from ..keys import Key
 from ..map import SyncMap
+from ..store.transport import make_client
+from .options import URL_SOURCES, map_exists, maps_found, missing_map_message, url_option
 from .torture import redact, unreachable, unreachable_message
 
 CODECS = ("msgpack", "json")
 SELF_CHECK_S = 3.0
 
-_url_option = click.option(
-    "--url", envvar="SYNCMAP_URL", metavar="URL",
-    help="Redis holding the map, e.g. redis://localhost:6379/0 (or set SYNCMAP_URL).",
-)  # fmt: skip
+_url_option = url_option("the map")
 _codec_option = click.option(
     "--codec", type=click.Choice(CODECS), default="msgpack", show_default=True,
     help="The codec the map was created with (every user of a map must use the same).",
@@ -84,17 +86,20 @@ def key_text(key: Key | None) -> str:
 
 
 @contextlib.contextmanager
-def open_map(command: str, name: str, url: str | None, codec: str) -> Iterator[SyncMap]:
+def open_map(command: str, name: str, url: str, codec: str, *, must_exist: bool = False
+             ) -> Iterator[SyncMap]:  # fmt: skip
     """The map, opened after a short self-check of the URL; closed on the way out.  Exit 2 (with
     a message naming the URL and the fix) if Redis cannot be reached or the map cannot be
-    opened."""
+    opened; exit 1 if ``must_exist`` and there is no such map (opening it would create it)."""
     if not url:
         fail(command, "no Redis given: pass --url redis://host:6379/0 or set SYNCMAP_URL")
     why = unreachable(url)
     if why is not None:
         click.echo(unreachable_message(command, url, why), err=True)
-        click.echo("  The URL comes from --url, else from $SYNCMAP_URL.", err=True)
+        click.echo(f"  {URL_SOURCES}", err=True)
         sys.exit(2)
+    if must_exist:
+        _require_map(command, name, url)
     config = MapConfig(self_check_timeout=SELF_CHECK_S, socket_timeout=SELF_CHECK_S)
     try:
         m = SyncMap(name, url, codec=codec, config=config)
@@ -108,6 +113,35 @@ def open_map(command: str, name: str, url: str | None, codec: str) -> Iterator[S
         m.close()
 
 
+def _require_map(command: str, name: str, url: str) -> None:
+    """Exit 1 naming the maps that do exist if map ``name`` does not: a mistyped name must not
+    be created by a command that only reads."""
+    try:
+        client = make_client(url, None, SELF_CHECK_S)
+        try:
+            if map_exists(client, name):
+                return
+            found = maps_found(client)
+        finally:
+            client.close()
+    except (SyncMapError, redis.RedisError) as exc:
+        fail(command, f"cannot look for map {name!r} on {redact(url)}: {exc}")
+    fail(command, missing_map_message(name, redact(url), found), 1)
+
+
+def _note_if_new(name: str, url: str) -> None:
+    """``watch`` of a map that does not exist yet is allowed (it prints the first writes), but a
+    mistyped name would wait forever in silence: say so on stderr."""
+    with contextlib.suppress(SyncMapError, redis.RedisError):
+        client = make_client(url, None, SELF_CHECK_S)
+        try:
+            if not map_exists(client, name):
+                note = missing_map_message(name, redact(url), maps_found(client))
+                click.echo(f"syncmap watch: {note}; waiting for its first write", err=True)
+        finally:
+            client.close()
+
+
 @click.command("get")
 @click.argument("map_name", metavar="MAP")
 @click.argument("key")
@@ -117,14 +151,14 @@ def open_map(command: str, name: str, url: str | None, codec: str) -> Iterator[S
 @click.option("--raw", is_flag=True, help="Print a string value as-is, not as JSON.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"map", "key", "value", "version"} as one JSON object.')  # fmt: skip
-def get_command(map_name: str, key: str, url: str | None, codec: str, int_key: bool,
+def get_command(map_name: str, key: str, url: str, codec: str, int_key: bool,
                 raw: bool, as_json: bool) -> None:  # fmt: skip
     """Print the value of KEY in MAP as JSON (read from Redis, not a cache).
 
-    Exit 1 with a message on stderr if the key is not in the map.
+    Exit 1 with a message on stderr if the key or the map does not exist.
     """
     k = parse_key("get", key, int_key)
-    with open_map("get", map_name, url, codec) as m:
+    with open_map("get", map_name, url, codec, must_exist=True) as m:
         value, version, _ = m.get_with_meta(k, consistent=True)
     if version == 0:
         fail("get", f"key {key_text(k)!r} is not in map {map_name!r}", 1)
@@ -146,7 +180,7 @@ def get_command(map_name: str, key: str, url: str | None, codec: str, int_key: b
 @click.option("--raw", is_flag=True, help="Store VALUE as a string, without parsing it as JSON.")
 @click.option("--ttl", type=click.FloatRange(min=0, min_open=True), default=None, metavar="S",
               help="Expire the key after S seconds (default: never).")  # fmt: skip
-def set_command(map_name: str, key: str, value: str, url: str | None, codec: str,
+def set_command(map_name: str, key: str, value: str, url: str, codec: str,
                 int_key: bool, raw: bool, ttl: float | None) -> None:  # fmt: skip
     """Set KEY in MAP to VALUE, parsed as JSON: 42, 3.5, true, null, '"text"', '[1, 2]', '{"a": 1}'.
 
@@ -173,11 +207,11 @@ def set_command(map_name: str, key: str, value: str, url: str | None, codec: str
 @_int_key_option
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"map", "key", "deleted"} as one JSON object.')  # fmt: skip
-def del_command(map_name: str, key: str, url: str | None, codec: str, int_key: bool,
+def del_command(map_name: str, key: str, url: str, codec: str, int_key: bool,
                 as_json: bool) -> None:  # fmt: skip
-    """Delete KEY from MAP.  Exit 1 (with a message on stderr) if it was not there."""
+    """Delete KEY from MAP.  Exit 1 (with a message on stderr) if it or the map was not there."""
     k = parse_key("del", key, int_key)
-    with open_map("del", map_name, url, codec) as m:
+    with open_map("del", map_name, url, codec, must_exist=True) as m:
         deleted = m.delete(k)
     if as_json:
         click.echo(dumps({"map": map_name, "key": k, "deleted": deleted}))
@@ -201,15 +235,15 @@ def _sort_key(key: Key) -> tuple[int, str]:
 @click.option("--json", "as_json", is_flag=True,
               help='Print one JSON object: {"map", "count", "matched", "truncated", "items": '
                    '[{"key", "value"}...]}.')  # fmt: skip
-def ls_command(map_name: str, url: str | None, codec: str, pattern: str, limit: int | None,
+def ls_command(map_name: str, url: str, codec: str, pattern: str, limit: int | None,
                keys_only: bool, as_json: bool) -> None:  # fmt: skip
     """List the entries of MAP, sorted by key: one ``KEY<TAB>VALUE-as-JSON`` line each.
 
     A snapshot read in one round trip (not one atomic moment).  Non-string keys are shown as
-    JSON and matched against the pattern in that form.
+    JSON and matched against the pattern in that form.  Exit 1 if there is no such map.
     """
-    with open_map("ls", map_name, url, codec) as m:
-        items = m.items()
+    with open_map("ls", map_name, url, codec, must_exist=True) as m:
+        items = m.copy().items()
     matched = sorted(
         ((k, v) for k, v in items if fnmatch.fnmatchcase(key_text(k), pattern)),
         key=lambda kv: _sort_key(kv[0]),
@@ -239,11 +273,12 @@ def ls_command(map_name: str, url: str | None, codec: str, pattern: str, limit: 
     is_flag=True,
     help='One JSON object per change: {"key", "op", "version", "origin"}.',
 )
-def watch_command(map_name: str, url: str | None, codec: str, as_json: bool) -> None:
+def watch_command(map_name: str, url: str, codec: str, as_json: bool) -> None:
     """Print every change to MAP as it happens, until Ctrl-C or SIGTERM (exit 0).
 
     Plain lines are ``OP KEY version=V origin=NODE``.  A "watching ..." line goes to stderr once
     the subscription is live: changes made after it are printed.  Each line is flushed at once.
+    MAP need not exist yet (its first writes are printed), so watching creates it.
     """
     stop = threading.Event()
 
@@ -252,6 +287,7 @@ def watch_command(map_name: str, url: str | None, codec: str, as_json: bool) -> 
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     out = sys.stdout
+    _note_if_new(map_name, url)
     try:
         with open_map("watch", map_name, url, codec) as m, m.watch() as events:
             click.echo(f"syncmap watch: watching map {map_name!r} on {redact(url or '')} "

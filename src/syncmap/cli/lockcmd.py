@@ -18,6 +18,7 @@ import click
 
 from ..errors import LockError, LockLost, LockNotAcquired, SyncMapError
 from ..lock import Fence, Lock
+from .options import url_option
 from .torture import redact, unreachable, unreachable_message
 
 EX_TEMPFAIL = 75
@@ -117,9 +118,7 @@ def _acquire(lock: Lock, url: str, wait: float | None) -> Fence:
 @click.argument(
     "command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="-- CMD [ARGS]..."
 )
-@click.option("--url", envvar="SYNCMAP_URL", metavar="URL",
-              help="Redis holding the lock, e.g. redis://host:6379/0 "
-                   "(or set SYNCMAP_URL).")  # fmt: skip
+@url_option("the lock")
 @click.option("--ttl", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               metavar="S",
               help="Lease in seconds; renewed in the background as CMD runs.")  # fmt: skip

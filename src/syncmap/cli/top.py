@@ -20,6 +20,7 @@ import click
 import redis
 
 from ..keys import Layout, check_map_name
+from .options import url_option
 from .torture import redact, rich_console, unreachable_message
 
 COLUMNS = ("node", "host:pid", "age", "cached", "hit ratio", "reads/s", "inval/s", "resyncs",
@@ -88,8 +89,7 @@ def _rich_table(name: str, records: list[dict[str, Any]]) -> Any:
 
 @click.command("top")
 @click.argument("name", metavar="MAP")
-@click.option("--url", envvar="SYNCMAP_URL", default="redis://localhost:6379/0",
-              show_default=True, help="Redis the map lives on (or $SYNCMAP_URL).")  # fmt: skip
+@url_option("the map")
 @click.option("--namespace", default="sm", show_default=True, help="The maps' MapConfig.namespace.")
 @click.option("--once", is_flag=True, help="Print one table and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the records as JSON (one line each "

@@ -22,6 +22,7 @@ from typing import Any
 import click
 import redis
 
+from .options import url_option
 from .torture import json_safe, redact, unreachable, unreachable_message
 
 SCENARIOS = ("S01", "S04")
@@ -65,8 +66,7 @@ def _run(reg: Any, env: Any, seconds: float, say: Callable[[str], None]) -> Any:
 
 
 @click.command("verify")
-@click.option("--url", required=True, envvar="SYNCMAP_URL",
-              help="The Redis to verify (redis://[[user]:password@]host:port/db).")  # fmt: skip
+@url_option("the maps to verify with (they are deleted afterwards)")
 @click.option("--seconds", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
               help="How long each scenario runs.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
