@@ -610,14 +610,15 @@ class SyncMap(SharedMapping):
 
     def _popitem_candidates(self) -> list[Key]:
         """Keys of the first non-empty group of 8 buckets from a random one on (so contenders
-        spread out): a round trip per group, keys only; [] when every bucket read was empty."""
+        spread out): a round trip per group; [] when every bucket read was empty.  HGETALL, not
+        HKEYS: the least-privilege ACL of docs/protocol.md §9 grants the one, not the other."""
         self._check_open()
         start = random.randrange(self._buckets)
         order = [(start + i) % self._buckets for i in range(self._buckets)]
         for i in range(0, len(order), 8):
             keys = []
-            for fields in self._store.bucket_fields(order[i : i + 8]):
-                for field in fields:
+            for pairs in self._store.bucket_items(order[i : i + 8]):
+                for field, _ in pairs:
                     try:
                         keys.append(decode_key(field))
                     except CorruptData:  # no key to pop it by; items() reports it
