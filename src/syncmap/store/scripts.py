@@ -148,8 +148,10 @@ end
 
 -- HMAC-SHA1 of a message with the pads in ARGV[9]: sha1(K^opad | sha1(K^ipad | msg)), digests
 -- as raw bytes; flags bit 0 of the header says it is there.
-local function unhex(h)
-  return (string.gsub(h, '..', function(c) return string.char(tonumber(c, 16)) end))
+local function unhex(h)  -- 40 hex digits -> 20 bytes (five 32-bit words: exact in a double)
+  local w = {}
+  for i = 1, 33, 8 do w[#w + 1] = tonumber(string.sub(h, i, i + 7), 16) end
+  return struct.pack('>I4I4I4I4I4', w[1], w[2], w[3], w[4], w[5])
 end
 local function sign(msg)
   local inner = unhex(redis.sha1hex(string.sub(ARGV[9], 1, 64) .. msg))
