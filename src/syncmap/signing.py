@@ -42,8 +42,8 @@ def signing_keys(arg: SigningKey, env: dict[str, str] | None = None) -> tuple[by
     for key in keys:
         if not isinstance(key, bytes | bytearray) or len(key) < MIN_BYTES:
             raise ConfigurationError(
-                f"signing_key must be bytes of at least {MIN_BYTES} random bytes, or a sequence "
-                "of them (the first signs, all verify); use os.urandom(32)"
+                f"signing_key must be at least {MIN_BYTES} bytes (use os.urandom(32)), or a "
+                "sequence of such keys (the first signs, all verify)"
             )
     return tuple(bytes(k) for k in keys)
 
