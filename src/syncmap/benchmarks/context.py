@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from .. import MapConfig, SyncMap
+from ..serverinfo import server_identity
 
 PEERS = ("redis", "hiredis", "python-redis-lock", "pottery", "cashews", "matplotlib", "msgspec")
 
@@ -50,7 +51,8 @@ class Bench:
 
     @property
     def server_version(self) -> str:
-        return str(self.client.info("server").get("redis_version", "?"))
+        """``Redis 7.0.15`` or ``Valkey 8.1.8`` (not Valkey's pinned redis_version)."""
+        return server_identity(self.client.info("server")).label
 
     def close(self) -> None:
         for m in self.maps:

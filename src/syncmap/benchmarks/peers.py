@@ -56,8 +56,10 @@ def redis_client_cache(url: str, server_version: str) -> redis.Redis:
         client.ping()  # connects: redis-py checks the server's version here
     except (redis.RedisError, ValueError) as exc:
         if "7.4" in str(exc):
+            # redis-py checks HELLO's server name too: Valkey (8.1 tracks keys) is refused.
+            only = "" if server_version.startswith("Redis") else " (redis-py allows Redis only)"
             raise Unavailable(
-                f"not supported by this server ({server_version}): needs ≥ 7.4"
+                f"not supported by this server ({server_version}): needs ≥ 7.4{only}"
             ) from exc
         raise Unavailable(f"does not run here: {type(exc).__name__}: {exc}") from exc
     return client

@@ -67,7 +67,7 @@ def markdown(sections: Sequence[Section], env: dict[str, Any], meta: Meta,
     top = headline(sections)
     lines = [f"# syncmap benchmarks ({meta.mode} run)", "",
              f"Made by `{meta.command}` on {meta.started}, {meta.seconds:.0f} s wall time, "
-             f"against Redis {env.get('redis server', '?')}. Every peer was measured in the same "
+             f"against {env.get('redis server', '?')}. Every peer was measured in the same "
              "run, interleaved with syncmap.", ""]  # fmt: skip
     if top:  # a partial run (``--only feeds``) may have no headline row
         lines += [*table("## Headline", top), "", RATIO_TEXT, "", *standings(top), ""]

@@ -117,7 +117,7 @@ def run(opts: Options, say: Callable[[str], None]) -> Outcome:
         b = Bench(url, f"smbench-{uuid.uuid4().hex[:8]}", client)
         stack.callback(b.close)
         env = environment(b)
-        say(f"benchmarking against Redis {b.server_version} at {_where(url, opts)} "
+        say(f"benchmarking against {b.server_version} at {_where(url, opts)} "
             f"({opts.mode}: {', '.join(opts.only)})")  # fmt: skip
         for name in opts.only:
             _section(name, functools.partial(_call, name, b, plan, opts, stack), outcome, say)

@@ -619,7 +619,7 @@ def demo(url: str | None, nodes: int, seconds: float, say: Callable[[str], None]
         if url is None:
             embedded = stack.enter_context(EmbeddedRedis())
             url = embedded.url
-            say(f"started an embedded Redis {embedded.version} at {url}")
+            say(f"started an embedded {embedded.label} at {url}")
         else:
             with SyncMap(MAP, url) as m:
                 m.clear()

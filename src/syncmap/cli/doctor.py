@@ -20,6 +20,7 @@ from typing import Any
 import click
 import redis
 
+from ..serverinfo import server_identity
 from .torture import redact
 
 DEFAULT_URL = "redis://localhost:6379/0"
@@ -60,8 +61,10 @@ def _server(client: redis.Redis) -> list[Check]:
     except redis.exceptions.NoPermissionError:
         return [Check("server", "WARN", "unknown (INFO refused by the ACL)",
                       f"grant +info to see the version and mode; {DOCTOR_GRANT}")]  # fmt: skip
-    version = _text(info.get("redis_version", "?"))
-    mode = _text(info.get("redis_mode", "standalone"))
+    server = server_identity(info)
+    version = server.redis_version  # Valkey's too: it is what feature checks go by
+    # Valkey 8 says server_mode where Redis says redis_mode.
+    mode = _text(info.get("redis_mode", info.get("server_mode", "standalone")))
     checks = []
     status, hint = "OK", ""
     if mode == "sentinel":
@@ -79,7 +82,7 @@ def _server(client: redis.Redis) -> list[Check]:
     major = version.split(".")[0]
     if status == "OK" and major.isdigit() and int(major) < 6:
         status, hint = "WARN", "syncmap is tested on Redis 6.2 and later: upgrade if you can"
-    checks.append(Check("server", status, f"Redis {version}, mode {mode}", hint))
+    checks.append(Check("server", status, f"{server.detail}, mode {mode}", hint))
     return checks
 
 
