@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +49,8 @@ from . import scripts
 
 Command = tuple[Any, ...]
 _NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# A refusal as Redis < 7 reports it from inside a script (see Transport._refused).
+_SCRIPT_WRAPPED = re.compile(r"^Error running script .*?: -(OOM|READONLY|NOREPLICAS) ")
 
 
 def _sha(src: str) -> str:
@@ -239,6 +242,11 @@ class Transport:
         # redis-py strips the code of the errors it has a class for (OOM, READONLY, MASTERDOWN)
         # and keeps it in ``status_code``; the others keep it at the start of the text.
         code = getattr(exc, "status_code", None) or text.split(" ", 1)[0]
+        if wrapped := _SCRIPT_WRAPPED.search(text):
+            # Redis < 7 wraps a refusal inside a script: "Error running script (call to f_..):
+            # @user_script:73: @user_script: 73: -OOM command not allowed ...".  It refuses
+            # before the script's first write, so here too nothing ran.
+            code, text = wrapped.group(1), text[wrapped.start(1) :]
         if code in ("OOM", "READONLY", "BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS"):
             return StoreUnavailable(
                 f"{self.where} refused it ({code} {text.removeprefix(code).strip()}); nothing "
