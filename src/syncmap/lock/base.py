@@ -17,7 +17,7 @@ import redis
 from .. import forksafe
 from ..errors import ConfigurationError, LockLost, SyncMapError
 from ..keys import LockLayout, check_lock_name
-from ..store.transport import Transport, make_client
+from ..store.transport import Transport, config_value, make_client
 from .waiting import Waker
 
 OnLost = Callable[[LockLost], None]
@@ -168,7 +168,7 @@ class LockBase:
         _policy_checked.add(transport)
         try:
             policy, limit = (
-                _config_value(r)
+                config_value(r)
                 for r in transport.call(
                     [("CONFIG", "GET", "maxmemory-policy"), ("CONFIG", "GET", "maxmemory")],
                     write=False,
@@ -186,13 +186,3 @@ class LockBase:
 
     def _lease_ms(self) -> int:
         return max(1, round(self.lease * 1000))
-
-
-def _config_value(reply: object) -> str:
-    """The value of a one-parameter CONFIG GET reply (a list in RESP2, a dict in RESP3)."""
-    if isinstance(reply, dict):
-        values = list(reply.values())
-    else:
-        values = list(reply)[1::2] if isinstance(reply, list | tuple) else []
-    value = values[0] if values else b""
-    return value.decode() if isinstance(value, bytes) else str(value)

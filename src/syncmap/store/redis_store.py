@@ -15,7 +15,7 @@ from ..errors import ConfigurationError, StoreError, SyncMapError
 from ..keys import Layout, is_key_field
 from ..ratelog import RateLimitedLog
 from . import scripts
-from .transport import SHAS, Command, Transport
+from .transport import SHAS, Command, Transport, config_value
 
 log = logging.getLogger("syncmap")
 
@@ -258,16 +258,6 @@ def eviction_note(policy: str, maxmemory: str) -> str | None:
     return EVICTION_NOTE["allkeys" if policy.startswith("allkeys") else "volatile"]
 
 
-def _config_value(reply: object) -> str:
-    """The value of a one-parameter CONFIG GET reply (a list in RESP2, a dict in RESP3)."""
-    if isinstance(reply, dict):
-        values = list(reply.values())
-    else:
-        values = list(reply)[1::2] if isinstance(reply, list | tuple) else []
-    value = values[0] if values else b""
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def warn_if_evicting(store: Transport) -> str | None:
     """Once per Redis and process, at map open: a one-line WARNING when ``maxmemory-policy`` is
     ``allkeys-*`` (what is and is not guaranteed then).  ``volatile-*`` evicts no map key (they
@@ -275,7 +265,7 @@ def warn_if_evicting(store: Transport) -> str | None:
     Returns the policy read, or None."""
     cmds = [("CONFIG", "GET", "maxmemory-policy"), ("CONFIG", "GET", "maxmemory")]
     try:
-        policy, limit = (_config_value(r) for r in store.call(cmds, write=False))
+        policy, limit = (config_value(r) for r in store.call(cmds, write=False))
     except SyncMapError:
         return None
     if policy.startswith("allkeys") and store.where not in _policy_warned:
