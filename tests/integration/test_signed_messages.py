@@ -21,6 +21,7 @@ from syncmap.core.nearcache import Event, Guards
 from syncmap.core.wire import (
     MAC_SIZE,
     OP_SET,
+    STAMPED,
     ChangeMessage,
     decode_message,
     encode_message,
@@ -82,7 +83,7 @@ def test_lua_hmac_equals_python_hmac(raw: redis.Redis, key: bytes) -> None:
 
 def test_unsigned_when_the_map_has_no_key(raw: redis.Redis) -> None:
     (data,) = run(relay_store(raw, None), "set", 0, b"sa", b"\x01", 0, "set", "")
-    assert data[4] == 0 and not verify(data, [KEY])
+    assert data[4] == STAMPED and not verify(data, [KEY])  # stamped (§4.3), not signed
     assert data == encode_message(decode_message(data))
 
 

@@ -3,10 +3,13 @@
 Change message, version 2, all integers big-endian::
 
     "sm" | ver:u8=2 | op:u8 | flags:u8 | bucket:u16 | seq:u64 | epoch:u64 | origin_len:u8
-         | origin | count:u32 | count x (len:u32 | field) [ | mac:20 ]
+         | origin | count:u32 | count x (len:u32 | field) [ | stamp_ms:u64 ] [ | mac:20 ]
 
 ``flags`` bit 0 set: the message ends with ``HMAC-SHA1(key, everything before the MAC)`` (the
-map's signing key, :mod:`syncmap.signing`); no other bit is defined.  Version 1 (no ``flags``, no
+map's signing key, :mod:`syncmap.signing`).  Bit 1 set: the fields are followed by ``stamp_ms``,
+the Redis server time (``TIME``, ms) of the write, which a receiver subtracts from its estimate
+of the server clock to measure how old the change is on arrival (``syncmap.otel``'s feed lag and
+staleness).  No other bit is defined.  Version 1 (no ``flags``, no
 MAC) is refused: a store-mode map of this version shares Redis only with servers of key layout 2,
 which already writes version 2.
 
@@ -52,7 +55,10 @@ OP_NAMES = {
 VERSION = 2
 SIGNED = 0x01
 """``flags`` bit: the message ends with a 20-byte HMAC-SHA1."""
+STAMPED = 0x02
+"""``flags`` bit: the fields are followed by the write's Redis server time, ms (u64)."""
 MAC_SIZE = 20
+_STAMP = struct.Struct(">Q")
 _HEAD = struct.Struct(">2sBBBHQQB")
 _LINK = struct.Struct(">BQ")
 _U32 = struct.Struct(">I")
@@ -80,6 +86,8 @@ class ChangeMessage:
     fields: tuple[bytes, ...]
     oversized: bool = False
     """It named more than :data:`MAX_FIELDS` keys: ``fields`` is empty, its keys were skipped."""
+    stamp_ms: int = 0
+    """The write's Redis server time in ms (flags bit 1), or 0 when the message has none."""
 
     @property
     def last_seq(self) -> int:
@@ -89,11 +97,12 @@ class ChangeMessage:
 
 def encode_message(msg: ChangeMessage, key: bytes | None = None) -> bytes:
     """Python-side encoder (the Lua scripts build the same bytes); used by tests and pings.
-    ``key``: sign it (HMAC-SHA1, flags bit 0)."""
+    ``key``: sign it (HMAC-SHA1, flags bit 0).  A ``stamp_ms`` is written (flags bit 1)."""
     origin = msg.origin.encode()
-    flags = SIGNED if key is not None else 0
+    flags = (SIGNED if key is not None else 0) | (STAMPED if msg.stamp_ms else 0)
     head = _HEAD.pack(b"sm", VERSION, msg.op, flags, msg.bucket, msg.seq, msg.epoch, len(origin))
-    data = b"".join((head, origin, _fields(msg.fields)))
+    stamp = _STAMP.pack(msg.stamp_ms) if msg.stamp_ms else b""
+    data = b"".join((head, origin, _fields(msg.fields), stamp))
     return data if key is None else data + mac(key, data)
 
 
@@ -138,9 +147,15 @@ def decode_message(data: bytes) -> ChangeMessage:
     A MAC, when flagged, is skipped here, not checked: :func:`verify` is the reader's gate."""
     try:
         magic, ver, op, flags, bucket, seq, epoch, olen = _HEAD.unpack_from(data, 0)
-        if magic != b"sm" or ver != VERSION or op not in OP_NAMES or flags & ~SIGNED:
+        if magic != b"sm" or ver != VERSION or op not in OP_NAMES or flags & ~(SIGNED | STAMPED):
             raise CorruptData(f"not a syncmap v2 change message: header {data[: _HEAD.size]!r}")
         end = len(data) - (MAC_SIZE if flags & SIGNED else 0)
+        stamp_ms = 0
+        if flags & STAMPED:
+            end -= _STAMP.size
+            if end < _HEAD.size:
+                raise CorruptData("change message too short for its stamp")
+            (stamp_ms,) = _STAMP.unpack_from(data, end)
         pos = _HEAD.size
         if pos + olen > end:
             raise CorruptData("change message truncated inside its origin")
@@ -151,7 +166,7 @@ def decode_message(data: bytes) -> ChangeMessage:
         if end - pos < 4 * count:  # each key takes at least its length prefix
             raise CorruptData(f"change message claims {count} keys in {end - pos} bytes")
         if count > MAX_FIELDS:  # skip the keys: see MAX_FIELDS
-            return ChangeMessage(op, bucket, seq, epoch, origin, (), oversized=True)
+            return ChangeMessage(op, bucket, seq, epoch, origin, (), True, stamp_ms)
         fields = []
         for _ in range(count):
             (n,) = _U32.unpack_from(data, pos)
@@ -164,7 +179,7 @@ def decode_message(data: bytes) -> ChangeMessage:
             raise CorruptData(f"change message has {end - pos} trailing bytes")
     except (struct.error, UnicodeDecodeError) as exc:
         raise CorruptData(f"malformed change message ({exc})") from exc
-    return ChangeMessage(op, bucket, seq, epoch, origin, tuple(fields))
+    return ChangeMessage(op, bucket, seq, epoch, origin, tuple(fields), False, stamp_ms)
 
 
 def pack_value(version: int, deadline_ms: int, payload: bytes, epoch: int = 0) -> bytes:

@@ -28,7 +28,8 @@ it, the next write starts a new random epoch and every server's probe sees the c
 the bucket.
 
 Stored value = struct ``>I8I8I8`` (version, deadline ms or 0, epoch) .. payload.  Change message:
-see ``core/wire.py`` (the Lua ``publish`` below builds exactly those bytes).
+see ``core/wire.py`` (the Lua ``publish`` below builds exactly those bytes, always stamped with
+the write's server time: flags bit 1).
 Lua numbers are doubles: versions and epochs stay below 2**53 (epochs are 52-bit).
 """
 
@@ -166,11 +167,13 @@ local function publish(op, seq, ep, fields)
   end
   local tail = table.concat(parts)
   chain(op, seq, tail)
-  local flags = 0
-  if ARGV[9] ~= '' then flags = 1 end
+  -- flags bit 1: the write's server time (ms) follows the fields, so a receiver can tell how
+  -- old the change is when it arrives (it is not part of the chain link).  Bit 0: signed.
+  local flags = 2
+  if ARGV[9] ~= '' then flags = 3 end
   local msg = struct.pack('>c2BBBHI8I8B', 'sm', 2, op, flags, tonumber(ARGV[2]), seq, ep,
-                          #ARGV[4]) .. ARGV[4] .. tail
-  if flags == 1 then msg = sign(msg) end
+                          #ARGV[4]) .. ARGV[4] .. tail .. struct.pack('>I8', now_ms())
+  if flags == 3 then msg = sign(msg) end
   local target = ARGV[1]
   if target == '' then
     out[#out + 1] = msg
