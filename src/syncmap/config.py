@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .core.nearcache import Guards
 from .errors import ConfigurationError
@@ -32,6 +33,18 @@ class MapConfig:
     """Refresh a small presence and statistics record in Redis (``syncmap top`` reads it)."""
     presence_interval: float = 2.0
     """Seconds between presence refreshes; readers ignore a record older than three of them."""
+    on_store_down: Literal["raise", "serve_stale"] = "raise"
+    """When Redis is unreachable or hung: ``"raise"`` (the strict contract) serves cached reads
+    until their lease lapses (at most ``max_staleness``), then raises ``StoreUnavailable``;
+    ``"serve_stale"`` keeps serving what is cached, flagged (``get_with_meta`` says ``"stale"``)
+    and counted (``statistics().stale_reads``), up to ``max_stale_age``.  docs/outages.md."""
+    max_stale_age: float = 60.0
+    """serve_stale only: no read is older than this (seconds since Redis last vouched for its
+    bucket).  Must exceed ``max_staleness``."""
+    call_timeout: float | None = None
+    """A deadline for each call's round trip to Redis (connect, send, reply and the one retry
+    of a read), in seconds: a hung Redis costs a call at most this long.  None: each socket
+    operation waits up to ``socket_timeout`` instead (a read may then wait for two)."""
     guards: Guards = field(default_factory=Guards)
     """Test-only: switch one protection off to prove a scenario test catches the bug."""
 
@@ -46,8 +59,33 @@ class MapConfig:
             raise ConfigurationError(
                 f"presence_interval={self.presence_interval}: use 0.05..3600 s"
             )
+        self._check_outage_policy()
         if self.max_value_bytes > 512 * 1024 * 1024:
             raise ConfigurationError("max_value_bytes cannot exceed Redis's 512 MiB string limit")
+
+    def _check_outage_policy(self) -> None:
+        if self.on_store_down not in ("raise", "serve_stale"):
+            raise ConfigurationError(
+                f"on_store_down={self.on_store_down!r}: use 'raise' or 'serve_stale'"
+            )
+        serve_stale = self.on_store_down == "serve_stale"
+        if serve_stale and not self.max_staleness < self.max_stale_age <= 86400:
+            raise ConfigurationError(
+                f"max_stale_age={self.max_stale_age}: use more than max_staleness "
+                f"({self.max_staleness} s) and at most 86400 s"
+            )
+        if self.call_timeout is not None and not 0.01 <= self.call_timeout <= 3600:
+            raise ConfigurationError(f"call_timeout={self.call_timeout}: use 0.01..3600 s")
+        if self.fast_hits and serve_stale:
+            raise ConfigurationError(
+                "fast_hits=True skips the clock on hits, so it cannot tell a stale entry from a "
+                "fresh one: choose fast_hits or on_store_down='serve_stale'"
+            )
+
+    @property
+    def stale_age(self) -> float:
+        """``max_stale_age`` in serve_stale mode, else 0 (strict)."""
+        return self.max_stale_age if self.on_store_down == "serve_stale" else 0.0
 
     @property
     def probe_interval(self) -> float:

@@ -87,6 +87,8 @@ class Statistics:
     """Change messages dropped for want of a valid signature (a map with ``signing_key``)."""
     digest_mismatches: int = 0
     """Buckets restarted because the store's digest chain differed from the messages applied."""
+    stale_reads: int = 0
+    """Reads served stale while Redis was unreachable (``on_store_down="serve_stale"``)."""
 
     @property
     def hit_ratio(self) -> float:
@@ -143,7 +145,8 @@ class SyncMap(SharedMapping):
         self._store = RedisStore(client, layout, self.node_id, target, codec=self._codec.name,
                                  flags=cfg.guards.script_flags(),
                                  isolate_damage=cfg.guards.damage_isolated,
-                                 pads=pads(self._keys[0]) if self._keys else b"")  # fmt: skip
+                                 pads=pads(self._keys[0]) if self._keys else b"",
+                                 deadline=cfg.call_timeout)  # fmt: skip
         self._buckets = buckets
         self._feed_url = feed
         self._core = self._new_core()
@@ -165,7 +168,8 @@ class SyncMap(SharedMapping):
         cfg = self.config
         # Relayed messages (target "") from two writers of one bucket may arrive in either order.
         return NearCache(self._buckets, capacity=cfg.capacity, max_staleness=cfg.max_staleness,
-                         guards=cfg.guards, ordered=self._store.target != "")  # fmt: skip
+                         guards=cfg.guards, ordered=self._store.target != "",
+                         max_stale_age=cfg.stale_age)  # fmt: skip
 
     def _after_fork_in_child(self) -> None:
         """In a forked child, before ``fork()`` returns there (``forksafe``): the map starts
@@ -228,7 +232,7 @@ class SyncMap(SharedMapping):
 
     def _load(self, key: Key) -> Any:
         """A miss: read through (and maybe cache), or ``KeyError``."""
-        value, _ = self._fetch(key, consistent=False)
+        value, _, _ = self._fetch(key, consistent=False)
         if value is _MISSING:
             raise KeyError(key)
         return value
@@ -245,21 +249,25 @@ class SyncMap(SharedMapping):
                 e.hits += 1
                 v = e.value
                 return v if v is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
-        value, _ = self._fetch(key, consistent=consistent)
+        value, _, _ = self._fetch(key, consistent=consistent)
         return default if value is _MISSING else value
 
     def get_with_meta(self, key: Key, *, consistent: bool = False) -> tuple[Any, int, str]:
-        """(value or None, version or 0, ``"local"`` or ``"redis"``): the read and its provenance.
+        """(value or None, version or 0, provenance): the read and where it came from.
 
-        For tests and checkers: versions let a history be checked for staleness and order.
+        Provenance: ``"local"`` (the near cache, within ``max_staleness``), ``"redis"``, or
+        ``"stale"``: served from the near cache while Redis was unreachable, with
+        ``on_store_down="serve_stale"``: older than ``max_staleness`` may be, older than
+        ``max_stale_age`` never (docs/outages.md).  For tests and checkers: versions let a
+        history be checked for staleness and order.
         """
         e = None if consistent else self._servable(key)
         if e is not None:
             e.hits += 1
             v = e.value if e.value is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
             return v, e.version, "local"
-        value, version = self._fetch(key, consistent=consistent)
-        return (None if value is _MISSING else value), version, "redis"
+        value, version, source = self._fetch(key, consistent=consistent)
+        return (None if value is _MISSING else value), version, source
 
     def _servable(self, key: Key) -> Entry | None:
         """The cached entry a hit may serve, or None (``__getitem__`` and ``get`` inline this)."""
@@ -272,21 +280,33 @@ class SyncMap(SharedMapping):
             return e
         return None
 
-    def _fetch(self, key: Key, *, consistent: bool) -> tuple[Any, int]:
+    def _fetch(self, key: Key, *, consistent: bool) -> tuple[Any, int, str]:
+        """A read that missed the hit path: (value or _MISSING, version, provenance)."""
         field, nkey, bucket = self._locate(key)
         now = _monotonic()
+        hit = None
         with self._engine.lock:
             if now >= self._core.valid_until:
                 self._core.tick(now)  # do not wait for the timer thread (we may have been paused)
-            token = self._core.begin_fill(nkey, bucket)
-            if not consistent:
-                self._core.counters.misses += 1
+            if self._core.max_stale_age and not consistent:
+                # serve_stale: while a bucket is stale every read comes here (valid_until is
+                # in the past); serve from the cache at once, without waiting on a dead store.
+                hit = self._core.cached(nkey, now)
+            if hit is None:
+                token = self._core.begin_fill(nkey, bucket)
+                if not consistent:
+                    self._core.counters.misses += 1
+        if hit is not None:
+            e, stale = hit
+            e.hits += 1
+            v = e.value if e.value is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
+            return v, e.version, "stale" if stale else "local"
         try:
             raw = self._store.hget(bucket, field)
         except BaseException:
             self._abort(token)
             raise
-        return self._settle_read(token, raw)
+        return (*self._settle_read(token, raw), "redis")
 
     def _settle_read(self, token: FillToken, raw: bytes | None) -> tuple[Any, int]:
         """Install what a read returned (if nothing newer was seen meanwhile) and return it."""
@@ -772,6 +792,7 @@ class SyncMap(SharedMapping):
             corrupt_messages=c.corrupt_messages, events_dropped=self._engine.events_dropped,
             gap_overflows=c.gap_overflows, corrupt_entries=c.corrupt_entries,
             forged_messages=c.forged_messages, digest_mismatches=c.digest_mismatches,
+            stale_reads=c.stale_reads,
         )  # fmt: skip
 
     def _presence_record(self) -> dict[str, Any]:

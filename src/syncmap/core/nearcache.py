@@ -18,6 +18,14 @@ Why a cached entry is never stale beyond ``max_staleness`` (the contract, DESIGN
   acknowledged before ``T``.  ``tick`` revokes leases ``margin`` early, because the hit path does
   not read the clock.
 * A restarted or flushed Redis shows a new **epoch** (or a sequence that went backwards): flush.
+* Outages (``max_stale_age``, off by default: ``MapConfig(on_store_down="serve_stale")``): a
+  lease that lapses because no probe came back since the one that last confirmed the bucket
+  (the store is unreachable or hung, not a lost message: then a later probe *did* come back and
+  did not renew it) keeps the bucket's entries as *stale-servable* until ``max_stale_age``
+  after that confirmation.  The hit path never serves them (``valid_until`` stays in the past
+  while any bucket is stale); the driver's slow path asks :meth:`cached` and flags them.  What
+  the core learns meanwhile still drops entries at once (messages, gaps, epochs), and the first
+  probe that comes back restarts every stale bucket that moved, as a reconnect's repair does.
 
 The fill race (A2), in the order of events it prevents::
 
@@ -100,6 +108,8 @@ class BucketState:
     # stays the contiguous high-water mark
     digest: str | None = None  # the digest chain at ``seq`` (wire.next_digest); None: unknown
     # (a gap, or an epoch learned from a reply): the next probe at ``seq`` restarts the bucket
+    confirmed_at: float = -INF  # send time of the probe that gave ``lease_until``
+    stale_until: float = -INF  # lapsed in an outage: entries servable stale until then
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +142,9 @@ class Guards:
     # map with a signing key drops messages without a valid MAC (engine.py).
     digest_chain: bool = True
     message_mac: bool = True
+    # Outages (serve_stale mode): stale entries only while no probe came back, and only until
+    # ``max_stale_age`` after the bucket's last confirmation.  Off: any lapse keeps them, unbounded.
+    stale_bound: bool = True
 
     def script_flags(self) -> str:
         """The letters of the store-side protections switched off (ARGV[8] of the scripts)."""
@@ -163,6 +176,7 @@ class Counters:
     corrupt_entries: int = 0  # stored entries skipped by whole-map reads (the driver counts)
     digest_mismatches: int = 0  # a probe's digest at our sequence differed: flushed, restarted
     forged_messages: int = 0  # unsigned or badly signed messages dropped (the driver counts)
+    stale_reads: int = 0  # reads served stale during an outage (serve_stale mode, :meth:`cached`)
 
 
 class NearCache:
@@ -178,8 +192,12 @@ class NearCache:
         grace: float | None = None,
         guards: Guards | None = None,
         ordered: bool = True,
+        max_stale_age: float = 0.0,
     ) -> None:
         self.entries: dict[Key, Entry] = {}
+        self.max_stale_age = max_stale_age
+        """0: strict (a lapsed lease flushes its bucket).  More: serve_stale mode, see above."""
+        self._replied = -INF  # send time of the newest probe that came back
         self.ordered = ordered
         """``True``: messages of a bucket arrive in version order, so a jump means a loss and the
         bucket is flushed at once.  ``False`` (relayed feeds): a jump may be a reordering; the
@@ -576,6 +594,7 @@ class NearCache:
         repair = self._repair_from is not None and sent_at >= self._repair_from
         if repair:
             self._repair_from = None
+        self._replied = max(self._replied, sent_at)
         for i, state in enumerate(states):
             epoch, seq = state[0], state[1]
             digest = state[2] if len(state) == 3 else None
@@ -591,7 +610,7 @@ class NearCache:
             if not self.guards.probe:
                 if not b.known:
                     b.known, b.epoch, b.seq, b.digest = True, epoch, seq, digest
-                b.lease_until = INF
+                b.lease_until, b.stale_until = INF, -INF
                 continue
             changed = epoch != b.epoch and not overtaken and self.guards.epoch
             if changed and b.epoch is None and not b.top and b.known and not seq_went_back:
@@ -606,22 +625,38 @@ class NearCache:
             elif seq > b.seq:
                 b.targets.append((seq, sent_at, digest))
                 overdue = b.targets[0][1] + self.grace <= now
-                if repair or overdue:
+                # A stale bucket that moved during an outage: its messages may be lost, so it is
+                # repaired as after a reconnect, at once (its entries must not outlive Δ).
+                if repair or overdue or b.stale_until != -INF:
                     self.counters.lost_detected += 1
                     self._restart_bucket(i, epoch, seq, sent_at, digest)
             elif seq == b.seq and self._chain_differs(b, seq, digest):
                 self._mismatch(i, seq, sent_at, digest)
             else:
-                b.lease_until = max(b.lease_until, sent_at + self.max_staleness)
+                self._renew(b, sent_at)
                 b.targets.clear()
         self._revalidate()
 
-    def _revalidate(self) -> None:
+    def _renew(self, b: BucketState, sent_at: float) -> None:
+        """A probe sent at ``sent_at`` vouches for the bucket: its lease runs to ``sent_at + Δ``
+        (and a bucket served stale in an outage is current again)."""
+        if sent_at + self.max_staleness > b.lease_until:
+            b.lease_until, b.confirmed_at = sent_at + self.max_staleness, sent_at
+        b.stale_until = -INF
+
+    def _revalidate(self) -> float:
+        """Set ``valid_until``; returns when :meth:`tick` has work next.  While any bucket is
+        stale-servable, ``valid_until`` is in the past: every read takes the slow path, which
+        flags and counts stale entries (:meth:`cached`)."""
         wake = self._ttl[0][0] if self._ttl else INF
+        stale, any_stale = INF, False
         for b in self.buckets:
             if b.lease_until != -INF:
                 wake = min(wake, b.lease_until)
-        self.valid_until = wake - self.margin
+            if b.stale_until != -INF:
+                stale, any_stale = min(stale, b.stale_until), True
+        self.valid_until = -INF if any_stale else wake - self.margin
+        return min(wake, stale) - self.margin
 
     def _restart_bucket(
         self, i: int, epoch: int | None, seq: int, sent_at: float, digest: str | None = None
@@ -636,7 +671,7 @@ class NearCache:
         b.known, b.epoch, b.seq, b.targets, b.top = True, epoch, seq, [], 0
         b.digest = digest
         self._catch_up(i)
-        b.lease_until = sent_at + self.max_staleness
+        b.lease_until, b.confirmed_at, b.stale_until = sent_at + self.max_staleness, sent_at, -INF
 
     def _chain_differs(self, b: BucketState, seq: int, digest: str | None) -> bool:
         """Whether the store's ``digest`` at ``seq`` fails to vouch for what we applied up to
@@ -667,7 +702,7 @@ class NearCache:
                     self._mismatch(i, seq, sent_at, digest)
                     return
                 continue
-            b.lease_until = max(b.lease_until, sent_at + self.max_staleness)
+            self._renew(b, sent_at)
             renewed = True
         if renewed:
             self._revalidate()
@@ -683,10 +718,43 @@ class NearCache:
         for i, b in enumerate(self.buckets):
             if b.lease_until not in (-INF, INF) and now >= b.lease_until - self.margin:
                 self.counters.lease_lapses += 1
-                self._flush(i, count=False)
                 b.lease_until = -INF
-        self._revalidate()
-        return self.valid_until
+                if self._keeps_stale(b):
+                    bound = self.guards.stale_bound
+                    b.stale_until = b.confirmed_at + self.max_stale_age if bound else INF
+                else:
+                    self._flush(i, count=False)
+            if b.stale_until != -INF and now >= b.stale_until - self.margin:
+                self._flush(i, count=False)
+        return self._revalidate()
+
+    def _keeps_stale(self, b: BucketState) -> bool:
+        """Whether a bucket whose lease just lapsed may be served stale (serve_stale mode).
+
+        Only when no probe sent after the one that last confirmed it has come back: the store
+        is unreachable or hung.  Order it tells apart: a message is lost; the next probe comes
+        back with a sequence we never reach, so the lease is not renewed and lapses.  That
+        probe came back (``_replied`` > ``confirmed_at``): the store is up and the bucket is
+        known to be behind, so it is flushed as in strict mode, never served stale.
+        """
+        if self.max_stale_age <= 0 or b.top <= 0:
+            return False
+        return self._replied <= b.confirmed_at or not self.guards.stale_bound
+
+    def cached(self, key: Key, now: float) -> tuple[Entry, bool] | None:
+        """The entry a read of ``key`` may serve at ``now`` without I/O, and whether it is
+        stale; None: read the store.  The slow path's check in serve_stale mode: under its
+        bucket's lease (as a hit would be), or stale-servable during an outage (counted)."""
+        e = self.entries.get(key)
+        if e is None or now >= e.deadline - self.margin:
+            return None
+        b = self.buckets[e.bucket]
+        if now < b.lease_until - self.margin:
+            return e, False
+        if now < b.stale_until - self.margin:
+            self.counters.stale_reads += 1
+            return e, True
+        return None
 
     # ---- housekeeping ------------------------------------------------------------------------
 
@@ -696,6 +764,7 @@ class NearCache:
             self._remove(k, self.entries[k])
         self.buckets[bucket].gen += 1
         self.buckets[bucket].top = 0
+        self.buckets[bucket].stale_until = -INF
         if count:
             self.counters.resyncs += 1
 

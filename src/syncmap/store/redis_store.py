@@ -51,9 +51,9 @@ class RedisStore(Transport):
     def __init__(
         self, client: redis.Redis, layout: Layout, origin: str, target: str | None = None,
         *, codec: str = "msgpack", flags: str = "", isolate_damage: bool = True,
-        pads: bytes = b"",
+        pads: bytes = b"", deadline: float | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(client)
+        super().__init__(client, deadline=deadline)
         self.layout = layout
         self.origin = origin
         self.target = layout.channel if target is None else target

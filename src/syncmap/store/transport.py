@@ -7,6 +7,9 @@ lost could run twice.  So syncmap sends every request itself on one pooled conne
 * it failed after the request was (partly) sent   -> ``WriteOutcomeUnknown`` for writes; reads
                                                      are idempotent and are retried once
 * Redis answered NOSCRIPT                          -> the script did not run: load it, resend
+* the call's deadline (``deadline=``, ``MapConfig.call_timeout``) passed
+  before sending                                  -> ``StoreUnavailable`` (nothing was sent)
+  after sending                                   -> as a failure after sending, above
 
 Several requests go out as one pipeline (one round trip) when the caller passes several.  Maps and
 locks share this transport; each owns its own small free list of connections.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,10 +95,14 @@ class Transport:
     """Pipelined calls on connections of ``client``'s pool, with the failure meanings above.
 
     ``timeout`` replaces a missing socket timeout of the client's: a call must never hang forever
-    (a lock's renewal that hangs would hold every other renewal up).
+    (a lock's renewal that hangs would hold every other renewal up).  ``deadline`` bounds a
+    whole :meth:`call` (connecting, sending, every reply, a read's retry): each socket operation
+    waits at most for what is left of it, so a hung Redis costs a call at most ``deadline``.
     """
 
-    def __init__(self, client: redis.Redis, timeout: float | None = None) -> None:
+    def __init__(
+        self, client: redis.Redis, timeout: float | None = None, *, deadline: float | None = None
+    ) -> None:
         self.client = client
         self.where = describe(client)
         self._idle: list[Any] = []
@@ -102,6 +110,9 @@ class Transport:
         if timeout is not None and self._kwargs.get("socket_timeout") is None:
             self._kwargs["socket_timeout"] = timeout
             self._kwargs.setdefault("socket_connect_timeout", timeout)
+        self.deadline = deadline
+        if deadline is not None:
+            self._kwargs["socket_timeout"] = self._kwargs["socket_connect_timeout"] = deadline
         forksafe.register(self)
 
     def _after_fork_in_child(self) -> None:
@@ -121,11 +132,13 @@ class Transport:
         ``partial=True`` returns refusals (as SyncMapErrors) in place of their replies instead of
         raising the first: the other commands of the pipeline did run.
         """
-        replies = self._roundtrip(commands, write=write)
+        until = None if self.deadline is None else time.monotonic() + self.deadline
+        replies = self._roundtrip(commands, write=write, until=until)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:  # the script cache was flushed (restart, SCRIPT FLUSH): nothing ran
-            self._roundtrip([("SCRIPT", "LOAD", src) for src in scripts.ALL.values()], write=False)
-            again = self._roundtrip([commands[i] for i in missing], write=write)
+            load = [("SCRIPT", "LOAD", src) for src in scripts.ALL.values()]
+            self._roundtrip(load, write=False, until=until)
+            again = self._roundtrip([commands[i] for i in missing], write=write, until=until)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         for i, reply in enumerate(replies):
@@ -135,21 +148,25 @@ class Transport:
                 replies[i] = self._refused(reply)
         return replies
 
-    def _roundtrip(self, commands: Sequence[Command], *, write: bool) -> list[Any]:
+    def _roundtrip(
+        self, commands: Sequence[Command], *, write: bool, until: float | None = None
+    ) -> list[Any]:
         attempts = 1 if write else 2
         for attempt in range(attempts):
             try:
-                return self._once(commands, write=write)
+                return self._once(commands, write=write, until=until)
             except WriteOutcomeUnknown:
                 raise
             except StoreUnavailable:
-                if attempt + 1 == attempts:
+                if attempt + 1 == attempts or (until is not None and time.monotonic() >= until):
                     raise
         raise AssertionError("unreachable")
 
-    def _once(self, commands: Sequence[Command], *, write: bool) -> list[Any]:
+    def _once(self, commands: Sequence[Command], *, write: bool, until: float | None) -> list[Any]:
         payload = b"".join(hiredis.pack_command(c) for c in commands)  # before taking a conn
-        conn = self._checkout()
+        conn = self._checkout(until)
+        if until is not None:
+            self._limit(conn, until)
         replies: list[Any] = []
         try:
             conn.send_packed_command([payload], check_health=False)
@@ -179,7 +196,21 @@ class Transport:
         self._idle.append(conn)
         return replies
 
-    def _checkout(self) -> Any:
+    def _limit(self, conn: Any, until: float) -> None:
+        """Let every socket operation of this call wait at most until ``until``; raise
+        ``StoreUnavailable`` if it passed already (nothing has been sent: safe for writes)."""
+        left = until - time.monotonic()
+        if left <= 0:
+            self._idle.append(conn)  # unused and in step: it may serve the next call
+            raise StoreUnavailable(
+                f"the call deadline ({self.deadline} s, MapConfig.call_timeout) passed before "
+                f"anything was sent to {self.where}; nothing ran: retry later"
+            )
+        sock = getattr(conn, "_sock", None)  # redis-py's socket; read_response keeps its timeout
+        if sock is not None:
+            sock.settimeout(left)
+
+    def _checkout(self, until: float | None = None) -> Any:
         """An idle connection that is still alive, or a new one; nothing has been sent yet.
 
         Our own small free list instead of the client's pool: redis-py 8's pool bookkeeping costs
@@ -202,7 +233,11 @@ class Transport:
         try:
             # Made directly, not by pool.make_connection(): this free list never gives
             # connections back to the pool, whose count would otherwise run out (100 by default).
-            conn = pool.connection_class(**self._kwargs)
+            kwargs = self._kwargs
+            if until is not None:  # connect within what is left of the call's deadline
+                left = max(until - time.monotonic(), 0.001)
+                kwargs = {**kwargs, "socket_timeout": left, "socket_connect_timeout": left}
+            conn = pool.connection_class(**kwargs)
             conn.connect()
         except AuthenticationError as exc:
             raise ConfigurationError(f"{self.where} refused the credentials: {exc}") from exc
