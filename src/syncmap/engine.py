@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import instruments
 from .core.nearcache import Event, NearCache
 from .core.wire import (
     MAX_FIELDS,
@@ -89,6 +90,7 @@ class Engine:
         self._presence_written = False
         self.needs_start = False  # True in a forked child until its first use (see forked)
         self.start_lock = threading.Lock()
+        instruments.engines.add(self)  # read by a metrics exporter when scraped (syncmap.otel)
 
     def enable_presence(self, record: Callable[[], dict[str, Any]], every: float) -> None:
         """Refresh ``record()`` in the map's presence hash every ``every`` seconds (call before
@@ -238,10 +240,18 @@ class Engine:
         want = bool(self._callbacks or self._watchers or self._inline)
         try:
             with self.lock:
+                dropped = self.core.counters.invalidations
                 events = self.core.on_message(msg, time.monotonic(), want)
+                dropped = self.core.counters.invalidations - dropped
         except Exception as exc:
             self._repair_after(exc)
             return
+        hook = instruments.change_age
+        if hook is not None and msg.stamp_ms:
+            # Staleness only for others' writes: this server's own write reached its cache
+            # with the write's reply (its echo may merely arrive first).
+            age = max(0.0, (self.server_now_ms() - msg.stamp_ms) / 1000)
+            hook(self, age, dropped > 0 and msg.origin != self.store.origin)
         if msg.oversized:  # the core flushed its bucket (core/wire.py MAX_FIELDS)
             self._repair_after(CorruptData(f"a message names over {MAX_FIELDS} keys"))
         for event in events:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
-from .. import forksafe
+from .. import forksafe, instruments
 from ..errors import LockError, LockLost, SyncMapError
 
 log = logging.getLogger("syncmap.lock")
@@ -153,6 +153,7 @@ class Hold:
         return None
 
     def _after_loss(self, lost: LockLost | None) -> None:
+        instruments.lock_lost(self.what)
         # Logged as an error only when nobody asked to be told: an on_lost callback handles it.
         log.log(logging.ERROR if self._on_lost is None else logging.INFO, "syncmap: %s", lost)
         try:

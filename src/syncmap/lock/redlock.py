@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import redis
 
-from .. import forksafe
+from .. import forksafe, instruments
 from ..errors import (
     ConfigurationError,
     LockError,
@@ -109,6 +109,19 @@ class Redlock(ReleasedOnExit):
         timeout = check_timeout(timeout)
         if self._hold is not None:
             raise LockError(f"{self.what} is already held by this object (not re-entrant)")
+        started = time.monotonic()
+        try:
+            validity = self._acquire(blocking, timeout)
+        except LockNotAcquired:
+            instruments.lock_attempt(self.what, "timeout", time.monotonic() - started)
+            raise
+        except BaseException:
+            instruments.lock_attempt(self.what, "error", time.monotonic() - started)
+            raise
+        instruments.lock_attempt(self.what, "acquired", time.monotonic() - started)
+        return validity
+
+    def _acquire(self, blocking: bool, timeout: float | None) -> float:
         deadline = None if timeout is None else time.monotonic() + timeout
         tries = 0
         while True:

@@ -29,7 +29,7 @@ from typing import Any, Generic, TypeVar
 
 import redis
 
-from .. import forksafe
+from .. import forksafe, instruments
 from ..errors import LockNotAcquired
 from ..feed.pubsub import Handler, Subscriber, _target
 
@@ -135,7 +135,23 @@ def wait_for(
     timeout: float | None,
     what: str,
 ) -> T:
-    """Acquire by ``attempt`` within ``timeout`` seconds (None: forever; 0: one try)."""
+    """Acquire by ``attempt`` within ``timeout`` seconds (None: forever; 0: one try).  Counted
+    by result, with the time it took (:mod:`syncmap.instruments`)."""
+    started = time.monotonic()
+    try:
+        value = _wait(attempt, waker, channel, timeout, what)
+    except LockNotAcquired:
+        instruments.lock_attempt(what, "timeout", time.monotonic() - started)
+        raise
+    except BaseException:
+        instruments.lock_attempt(what, "error", time.monotonic() - started)
+        raise
+    instruments.lock_attempt(what, "acquired", time.monotonic() - started)
+    return value
+
+
+def _wait(attempt: Callable[[], Attempt[T]], waker: Callable[[], Waker], channel: str,
+          timeout: float | None, what: str) -> T:  # fmt: skip
     first = attempt()
     if first.value is not None:
         return first.value
