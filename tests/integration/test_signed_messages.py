@@ -151,7 +151,9 @@ def test_a_keyed_map_applies_only_signed_messages_and_rotates(
         for data in (encode_message(forged), encode_message(forged, os.urandom(32)),
                      encode_message(forged, old)[:-1] + b"\0", b"garbage"):  # fmt: skip
             raw.publish(CHANNEL, data)
-        wait_until(lambda: reader.statistics().forged_messages == 4, 5, "4 forged dropped")
+        # A bound for a loaded machine, not a delay: the wait ends as soon as all four are in.
+        wait_until(lambda: reader.statistics().forged_messages >= 4, 20, "4 forged dropped")
+        assert reader.statistics().forged_messages == 4
         assert reader.statistics().corrupt_messages == 0
         assert not [e for e in seen if e.origin == "attacker"]
         # Rotation step 2: the writer signs with the new key; the reader verifies both.
