@@ -204,7 +204,11 @@ class EmbeddedRedis(ServerProcess):
         ):
             info = probe.info("server")
             # Another process may own the port (then ours is about to exit): check the pid.
-            if info.get("process_id") == self.pid:
+            # INFO answers while the server still loads its data set (AOF or RDB), when every
+            # data command would fail with -LOADING: ready means loaded too.
+            if info.get("process_id") == self.pid and not int(
+                probe.info("persistence").get("loading", 0)
+            ):
                 self._identity = server_identity(info)
                 self._version = self._identity.version  # Valkey's own, not its redis_version
                 return True

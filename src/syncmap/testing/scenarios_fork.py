@@ -37,8 +37,13 @@ def _task(task: int, ops: int) -> dict[str, Any]:
     """One pool task: which Redis connection it talks on, checked reads, writes, increments."""
     m = _MAP
     assert m is not None
-    client_id = int(m._store.call([("CLIENT", "ID")], write=False)[0])  # before anything else
     wrong = errors = 0
+    # Any exception counts as an error, not only SyncMapErrors: on a shared socket a reply meant
+    # for another process (an int where a list was due) fails anywhere (the guard-off run).
+    try:  # first, before anything else: which Redis connection does the child talk on?
+        client_id = int(m._store.call([("CLIENT", "ID")], write=False)[0])
+    except Exception:
+        client_id, errors = -1, 1
     for j in range(ops):
         key = KEYS[(task * 7 + j) % len(KEYS)]
         try:
@@ -46,7 +51,7 @@ def _task(task: int, ops: int) -> dict[str, Any]:
                 wrong += 1
             m.set(f"w{task}", {"k": f"w{task}", "n": j})
             m.transform("counter", lambda n: n + 1, 0)
-        except SyncMapError:
+        except Exception:
             errors += 1
     # Outlive the leases inherited from the parent: only the child's own probes keep it serving.
     threading.Event().wait(3 * STALENESS)
@@ -55,7 +60,7 @@ def _task(task: int, ops: int) -> dict[str, Any]:
         before = m.statistics().hits
         m.get("k0")
         hit = m.statistics().hits - before
-    except SyncMapError:
+    except Exception:
         hit, errors = 0, errors + 1
     return {"wrong": wrong, "errors": errors, "hit": hit, "pid": os.getpid(), "id": client_id}
 
@@ -76,7 +81,7 @@ def _pool_run(url: str, name: str, tasks: int, ops: int, workers: int) -> dict[s
             for k in KEYS[:8]:
                 try:
                     parent["wrong"] += m.get(k, consistent=True) != {"k": k}
-                except SyncMapError:
+                except Exception:  # as in _task
                     parent["wrong"] += 1
                 parent["reads"] += 1
 
