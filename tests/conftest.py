@@ -135,3 +135,9 @@ def admin(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture
+def raw(admin: redis.Redis) -> redis.Redis:
+    """``admin`` by the name the message tests use: a plain client that publishes raw bytes."""
+    return admin

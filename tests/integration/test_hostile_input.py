@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -22,15 +21,6 @@ from syncmap.keys import bucket_of, encode_key
 from syncmap.testing.wait import wait_until
 
 CHANNEL = "sm:{m}:ch"
-
-
-@pytest.fixture
-def raw(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
-    client = redis_server.client()
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def evalsha_calls(client: redis.Redis) -> int:

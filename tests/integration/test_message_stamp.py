@@ -3,27 +3,15 @@ docs/protocol.md §4.3), on every route and for every op, signed or not."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import redis
 
 from syncmap.core.wire import SIGNED, STAMPED, decode_message, encode_message, verify
-from syncmap.embedded import EmbeddedRedis
 from syncmap.keys import Layout
 from syncmap.signing import pads
 from syncmap.store.redis_store import RedisStore
 
 KEY = bytes(range(16))
-
-
-@pytest.fixture
-def raw(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
-    client = redis_server.client()
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def server_ms(raw: redis.Redis) -> int:

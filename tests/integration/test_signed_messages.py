@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import os
 import time
-from collections.abc import Iterator
 
 import msgspec
 import pytest
@@ -39,15 +38,6 @@ from syncmap.testing.wait import wait_until
 CHANNEL = "sm:{m}:ch"
 KEY = bytes(range(32))
 CFG = MapConfig(buckets=4, max_staleness=0.4, presence=False)
-
-
-@pytest.fixture
-def raw(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
-    client = redis_server.client()
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def relay_store(raw: redis.Redis, key: bytes | None, buckets: int = 4) -> RedisStore:
