@@ -14,6 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from . import forksafe
+
 EVERY = 60.0
 """Default seconds between two lines of one :class:`RateLimitedLog`."""
 
@@ -21,7 +23,8 @@ EVERY = 60.0
 class RateLimitedLog:
     """``log(msg, *args)`` at most once per ``every`` seconds; thread-safe."""
 
-    __slots__ = ("_clock", "_level", "_lock", "_logger", "_next", "_skipped", "every", "total")
+    __slots__ = ("__weakref__", "_clock", "_level", "_lock", "_logger", "_next", "_skipped",
+                 "every", "total")  # fmt: skip
 
     def __init__(
         self, logger: logging.Logger, level: int = logging.WARNING, *, every: float = EVERY,
@@ -29,10 +32,14 @@ class RateLimitedLog:
     ) -> None:  # fmt: skip
         self._logger, self._level, self._clock = logger, level, clock
         self._lock = threading.Lock()
+        forksafe.register(self)
         self._next = -float("inf")
         self._skipped = 0
         self.every = every
         self.total = 0
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # a parent's thread may have held it at the fork
 
     def __call__(self, msg: str, *args: object, exc_info: bool = False) -> bool:
         """Log ``msg % args`` unless a line was logged less than ``every`` seconds ago; returns
