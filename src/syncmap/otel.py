@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, MeterProvider, Observation
 
-from . import __version__, instruments
+from . import __version__, forksafe, instruments
 from .core.nearcache import INF
 from .engine import Engine
 
@@ -262,6 +262,12 @@ class Instrumentation:
 
 _active: Instrumentation | None = None
 _active_lock = threading.Lock()
+
+
+@forksafe.at_fork
+def _fresh_active_lock() -> None:
+    global _active_lock
+    _active_lock = threading.Lock()  # a parent's thread may have held it at the fork
 
 
 def enable(meter_provider: MeterProvider | None = None, *, node_id: bool = True
