@@ -87,6 +87,10 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+MAX_PENDING_ANSWERS = 1024
+"""Peers whose sync answer may wait at once (each answer re-sends the whole map)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicaStatistics:
     """Counters of one replicated map on this server since it was opened."""
@@ -100,6 +104,7 @@ class ReplicaStatistics:
     syncs_answered: int
     feed_drops: int
     unauthenticated: int = 0
+    sync_requests_dropped: int = 0
 
 
 class ReplicatedMap(SharedMapping):
@@ -139,6 +144,11 @@ class ReplicatedMap(SharedMapping):
         self._stopping = threading.Event()
         self._messages = self._corrupt = self._syncs_requested = self._syncs_answered = 0
         self._corrupt_log = RateLimitedLog(log)  # a flood of bad messages: one line a minute
+        # Peers with an answer queued: one pending answer (the whole state, sent when its turn
+        # comes) covers every request that peer makes meanwhile, so the work queue holds at most
+        # MAX_PENDING_ANSWERS answers however many requests arrive.
+        self._answers_due: set[str] = set()
+        self._sync_requests_dropped = 0
         self._drops = 0
         self._pings: dict[bytes, threading.Event] = {}
         self._synced = threading.Event()
@@ -284,7 +294,7 @@ class ReplicatedMap(SharedMapping):
             return
         if msg.op == R_SYNC:
             if msg.origin != self.node_id:
-                self._work.put(("answer", msg.origin))
+                self._queue_answer(msg.origin)
             return
         if msg.op == R_SYNCED:
             if msg.field == self.node_id.encode():
@@ -320,9 +330,29 @@ class ReplicatedMap(SharedMapping):
         msg = ReplicaMessage(R_SYNC, 0, self.node_id)
         self._feed.publish(self._seal(msg), key=b"\x00sync:" + self.node_id.encode())
 
+    def _queue_answer(self, peer: str) -> None:
+        with self._lock:
+            if peer in self._answers_due:
+                return
+            if len(self._answers_due) >= MAX_PENDING_ANSWERS:
+                self._sync_requests_dropped += 1
+                full = True
+            else:
+                self._answers_due.add(peer)
+                full = False
+        if full:  # that peer asks again after its next lossy reconnect
+            self._corrupt_log("syncmap %s: %d peers already wait for a sync answer; a request "
+                              "from %r was dropped (%d so far)", self.name, MAX_PENDING_ANSWERS,
+                              peer[:80], self._sync_requests_dropped)  # fmt: skip
+            return
+        self._work.put(("answer", peer))
+
     def _work_loop(self) -> None:
         while (item := self._work.get()) is not None:
             what, peer = item
+            if what == "answer":
+                with self._lock:  # a request from now on needs an answer sent after this one
+                    self._answers_due.discard(peer)
             # A broker that just came back may still refuse (Redis loading its data, a NATS
             # server re-creating its streams): retry, or this server (or the peer) would stay
             # behind with nothing left to ask again.  Backing off on the stop event, not a sleep
@@ -546,6 +576,7 @@ class ReplicatedMap(SharedMapping):
             messages=self._messages, corrupt_messages=self._corrupt,
             syncs_requested=self._syncs_requested, syncs_answered=self._syncs_answered,
             feed_drops=self._drops, unauthenticated=self._unauthenticated,
+            sync_requests_dropped=self._sync_requests_dropped,
         )  # fmt: skip
 
     def close(self) -> None:
