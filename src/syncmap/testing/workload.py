@@ -17,7 +17,7 @@ from typing import Any
 from ..config import MapConfig
 from ..core.nearcache import Guards
 from ..errors import StoreError, WriteOutcomeUnknown
-from ..opening import open_map
+from ..map import SyncMap
 from .history import Op
 
 
@@ -50,7 +50,7 @@ def serve(w: Workload, process: str, seed: int, results: Any, ready: Any, go: An
     weights = [1 / (i + 1) for i in range(w.keys)]  # Zipf-like skew
     names = [f"k{i}" for i in range(w.keys)]
     ops: list[Op] = []
-    with open_map(w.name, w.url, config=cfg, feed=w.feed, node_id=process) as m:
+    with SyncMap(w.name, w.url, config=cfg, feed=w.feed, node_id=process) as m:
         ready.put(os.getpid())
         go.wait()
         end = time.monotonic() + w.seconds
@@ -68,7 +68,7 @@ def serve(w: Workload, process: str, seed: int, results: Any, ready: Any, go: An
     results.put(ServerResult(process, os.getpid(), ops, cached, stats))  # type: ignore[arg-type]
 
 
-def _one(m: Any, process: str, key: str, write: bool, n: int) -> Op | None:
+def _one(m: SyncMap, process: str, key: str, write: bool, n: int) -> Op | None:
     """One operation; a failed one is dropped, a write of unknown outcome is kept as ``info``."""
     call = time.monotonic_ns()
     try:
