@@ -16,7 +16,6 @@ Threads (all owned by the map, stopped by ``close()``, failures re-raised on the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from .core.wire import (
     verify,
 )
 from .errors import CorruptData, FeedError, SyncMapError
+from .events import Fanout
 from .feed.base import Feed, FeedHandler, Subscription
 from .flows import admin
 from .flows.state import MapState
@@ -47,9 +47,6 @@ from .sync.run import run
 
 log = logging.getLogger("syncmap")
 
-EVENT_QUEUE_LIMIT = 10_000
-"""Events queued for ``subscribe()`` callbacks at most; past it new events are dropped and
-counted (``events_dropped``), so a slow callback or a flood costs bounded memory."""
 REPAIR_EVERY = 0.5
 """A repair probe (after an unusable change message) at most once per this much of the probe
 interval: a flood of garbage on the channel cannot turn every message into a probe."""
@@ -78,19 +75,13 @@ class Engine:
         self._timer_dirty = False
         self._pings: dict[bytes, threading.Event] = {}
         self._feed_up = threading.Event()
-        self._callbacks: list[Callable[[Event], None]] = []
-        self._inline: list[Callable[[Event], None]] = []
-        self._watchers: list[queue.Queue[Event | None]] = []
-        self._events: queue.Queue[Event | None] | None = None
+        self.events = Fanout(feed.topic)
         self._threads: list[threading.Thread] = []
         self._subscription: Subscription | None = None
         self.publish_failures = 0
-        self.events_dropped = 0  # subscribe() and watch() events that found their queue full
         self._repair_probe_at = -float("inf")  # no repair probe before then (_repair_after)
         self._bad_message_log = RateLimitedLog(log)
         self._forged_log = RateLimitedLog(log)
-        self._dropped_log = RateLimitedLog(log)
-        self._callback_log = RateLimitedLog(log, logging.ERROR)
         self._presence: Callable[[], dict[str, Any]] | None = None
         self._presence_every = 0.0
         self._presence_due = 0.0
@@ -143,8 +134,7 @@ class Engine:
             t = threading.Thread(target=target, name=f"syncmap-{name}", daemon=True)
             t.start()
             self._threads.append(t)
-        if self._callbacks:  # subscribed before a fork: the child's events need a thread too
-            self._start_dispatch()
+        self.events.start()  # subscribed before a fork: the child's events need a thread too
 
     def forked(self) -> None:
         """In a forked child (``forksafe``), before ``fork()`` returns there: start over.
@@ -166,7 +156,8 @@ class Engine:
         self._timer_dirty = False
         self._pings = {}
         self._feed_up = threading.Event()
-        self._watchers, self._events, self._threads = [], None, []
+        self.events.forked()
+        self._threads = []
         self._subscription = None
         self.error = None
         self._presence_written = False
@@ -220,11 +211,7 @@ class Engine:
         if self._subscription is not None:
             self._subscription.close()
             self._subscription = None
-        if self._events is not None:
-            self._events.put(None)
-            self._events = None
-        for q in self._watchers:
-            q.put(None)
+        self.events.stop()
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=5)
@@ -255,7 +242,7 @@ class Engine:
             if waiter is not None:
                 waiter.set()
             return
-        want = bool(self._callbacks or self._watchers or self._inline)
+        want = self.events.wanted
         try:
             with self.lock:
                 dropped = self.core.counters.invalidations
@@ -273,7 +260,7 @@ class Engine:
         if msg.oversized:  # the core flushed its bucket (core/wire.py MAX_FIELDS)
             self._repair_after(CorruptData(f"a message names over {MAX_FIELDS} keys"))
         for event in events:
-            self._emit(event)
+            self.events.emit(event)
 
     def _forged(self, data: bytes) -> None:
         """A message without a valid MAC on a map with a signing key: never applied, no event.
@@ -433,82 +420,20 @@ class Engine:
                 self.error = exc
                 self._closed.wait(0.1)
 
-    # ---- events for users --------------------------------------------------------------------
+    # ---- events for users (events.py) ---------------------------------------------------------
 
     def subscribe(self, callback: Callable[[Event], None], inline: bool) -> Callable[[], None]:
-        if inline:
-            self._inline.append(callback)
-            return lambda: self._inline.remove(callback) if callback in self._inline else None
-        if self._events is None:
-            self._start_dispatch()
-        self._callbacks.append(callback)
-        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
-
-    def _start_dispatch(self) -> None:
-        events: queue.Queue[Event | None] = queue.Queue(EVENT_QUEUE_LIMIT + 1)  # see _offer
-        self._events = events
-        t = threading.Thread(target=self._dispatch, args=(events,), name="syncmap-events",
-                             daemon=True)  # fmt: skip
-        t.start()
-        self._threads.append(t)
+        return self.events.subscribe(callback, inline)
 
     def watch_queue(self, maxsize: int) -> queue.Queue[Event | None]:
-        q: queue.Queue[Event | None] = queue.Queue(maxsize + 1)  # see _offer
-        self._watchers.append(q)
-        return q
+        return self.events.watch_queue(maxsize)
 
     def unwatch(self, q: queue.Queue[Event | None]) -> None:
-        """Stop feeding ``q`` and put its end marker, which ends an iteration of it that is
-        blocked in another thread (``Watch.close()``).  A second call does nothing."""
-        try:
-            self._watchers.remove(q)
-        except ValueError:
-            return
-        while True:  # the last slot is kept free for the marker (_offer), but an event being
-            try:  # offered as we removed q may just have taken it: drop events to make room
-                q.put_nowait(None)
-                return
-            except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    q.get_nowait()
+        self.events.unwatch(q)
 
-    def _emit(self, event: Event) -> None:
-        for cb in self._inline:
-            try:
-                cb(event)
-            except Exception:
-                self._callback_log("syncmap inline subscriber callback failed on %s", event,
-                                   exc_info=True)  # fmt: skip
-        if self._events is not None and self._callbacks:
-            self._offer(self._events, event)
-        for q in self._watchers:
-            self._offer(q, event)
-
-    def _offer(self, q: queue.Queue[Event | None], event: Event) -> None:
-        """Queue ``event``, or drop and count it when ``q`` is full: never block the feed.
-
-        The last slot stays free for the end marker ``close()`` puts, which must not block."""
-        try:
-            if q.qsize() < q.maxsize - 1:
-                q.put_nowait(event)
-                return
-        except queue.Full:  # another feed thread took the slot (a reconnect's overlap)
-            pass
-        self.events_dropped += 1
-        self._dropped_log(
-            "syncmap dropped a change event: a subscribe() callback or watch() consumer of %s "
-            "is too slow (%d dropped so far; statistics().events_dropped)",
-            self.feed.topic, self.events_dropped,
-        )  # fmt: skip
-
-    def _dispatch(self, events: queue.Queue[Event | None]) -> None:
-        while (event := events.get()) is not None:
-            for cb in list(self._callbacks):
-                try:
-                    cb(event)
-                except Exception:
-                    self._callback_log("syncmap subscriber callback failed on %s", event,
-                                       exc_info=True)  # fmt: skip
+    @property
+    def events_dropped(self) -> int:
+        return self.events.dropped
 
     def server_now_ms(self) -> float:
         return self.state.server_now_ms()

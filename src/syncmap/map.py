@@ -8,7 +8,6 @@ else.  Every operation that reaches Redis is a flow (``syncmap.flows``), run by 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
@@ -16,52 +15,39 @@ from typing import Any, TypeVar
 import redis as redis_lib
 
 from . import forksafe
-from .codec import Codec, encode_limited, make_codec
+from .codec import Codec, make_codec
 from .config import MapConfig
-from .core.nearcache import COPY, INF, Entry, Event, NearCache
+from .core.nearcache import COPY, INF, Entry
 from .core.wire import unpack_value
 from .engine import Engine
-from .errors import ConfigurationError, MapClosed
 from .feed.routing import open_store_feed
-from .flows import admin, bulk, reads, writes
+from .flows import bulk, reads, writes
 from .flows.effects import Flow
 from .flows.reads import MISSING
 from .flows.state import MapState
-from .flows.writes import Ref
 from .keys import (
     Key,
-    Layout,
-    LockLayout,
-    bucket_of,
-    check_lock_name,
     check_map_name,
     check_node_id,
     encode_key,
-    key_lock_name,
     normal_key,
 )
-from .lock import Fence, Lock
+from .mapbase import FenceArg, MapBase
 from .signing import SigningKey, pads, signing_keys
-from .stats import Presence, Statistics
+from .stats import Statistics
 from .store.commands import MapCommands
-from .store.eviction import warn_if_evicting
 from .store.transport import Transport, make_client
-from .sync.run import run
-from .views import SharedMapping
 from .watch import Watch
 
 log = logging.getLogger("syncmap")
 _MISSING: Any = MISSING
 _monotonic = time.monotonic
 T = TypeVar("T")
-FenceArg = Fence | Lock | tuple[str, int]
-"""What ``fence=`` takes: the token ``acquire()`` returned, the held ``Lock`` itself, or
-``(lock name, token)`` (a token passed on from elsewhere, e.g. ``$SYNCMAP_FENCE``)."""
 
 __all__ = ["FenceArg", "Statistics", "SyncMap", "Watch"]
 
 
-class SyncMap(SharedMapping):
+class SyncMap(MapBase):
     """A ``MutableMapping`` kept in sync across servers: store mode.  See README, docs/design.md.
 
     Reads are served from this server's near cache when they can be (nanoseconds), otherwise from
@@ -112,74 +98,6 @@ class SyncMap(SharedMapping):
         self._state.wake_timer = self._engine.wake_timer
         self._start()
         forksafe.register(self)
-
-    def _open_layout(self) -> Layout:
-        """Load the scripts, agree on the map's settings with the store, warn about eviction."""
-        cfg = self.config
-        asked = Layout(cfg.namespace, self.name, cfg.buckets)
-        opening = admin.open_map(asked, self._codec.name, stamps=cfg.guards.settings_stamp)
-        buckets, codec_name = self._run(opening)
-        if codec_name != self._codec.name:
-            raise ConfigurationError(
-                f"map {self.name!r} was created with codec {codec_name!r}, not "
-                f"{self._codec.name!r}: every server of a map must use the same codec"
-            )
-        policy = self._run(admin.eviction_policy())
-        if policy is not None:
-            warn_if_evicting(self._executor.where, *policy)
-        return Layout(cfg.namespace, self.name, buckets)
-
-    def _start(self) -> None:
-        cfg = self.config
-        if cfg.presence:
-            presence = Presence(self.node_id, cfg.presence_interval)
-            self._engine.enable_presence(
-                lambda: presence.record(self.statistics(), int(self._state.server_now_ms())),
-                cfg.presence_interval,
-            )
-        try:
-            self._engine.start(cfg.self_check_timeout)
-        except BaseException:
-            self._engine.close()
-            raise
-
-    def _new_core(self) -> NearCache:
-        cfg = self.config
-        # Relayed messages (target "") from two writers of one bucket may arrive in either order.
-        return NearCache(self._buckets, capacity=cfg.capacity, max_staleness=cfg.max_staleness,
-                         guards=cfg.guards, ordered=not self._cmds.relayed,
-                         max_stale_age=cfg.stale_age)  # fmt: skip
-
-    def _run(self, flow: Flow[T]) -> T:
-        return run(flow, self._executor, self._engine.relay if hasattr(self, "_engine") else _no)
-
-    def _after_fork_in_child(self) -> None:
-        """In a forked child, before ``fork()`` returns there (``forksafe``): the map starts
-        over as if opened in the child.  An empty near cache (the parent's entries would lose
-        their guarantees: no subscription vouches for them here), a fresh guard (a parent's
-        thread may have held it at the fork), a node id naming the child's pid, and an engine
-        that subscribes and starts its threads on the first call (:meth:`_check_open`).  The hit
-        path finds nothing cached until then, so every read takes that path."""
-        if self._auto_node_id:
-            self.node_id = self._cmds.origin = check_node_id(None)
-        self._state.core = self._core = self._new_core()
-        self._state.guard = threading.Lock()
-        self._entries = self._core.entries
-        self._engine.forked()
-
-    def _start_in_child(self) -> None:
-        """Open this process's own feed and start the engine: a forked child's first call."""
-        engine = self._engine
-        with engine.start_lock:
-            if not engine.needs_start or engine.closed:
-                return
-            feed, _ = open_store_feed(self._feed_url, self._client, self._cmds.layout,
-                                      self.config.socket_timeout)  # fmt: skip
-            try:
-                engine.restart(feed, self.config.self_check_timeout)
-            except BaseException:
-                feed.close()
-                raise
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -372,37 +290,6 @@ class SyncMap(SharedMapping):
         replies = self._run(writes.clear(self._state, fence=self._fence_of(fence)))
         writes.raise_partial(replies, "clear()")
 
-    # ---- locks -------------------------------------------------------------------------------
-
-    def lock(self, key: Key, *, lease: float = 30.0, **options: Any) -> Lock:
-        """A new :class:`~syncmap.Lock` for ``key`` of this map, on this map's Redis.
-
-        ``with users.lock("alice") as fence: users.set("alice", v, fence=fence)``.  Each call
-        makes a new owner; ``options`` are Lock's (``replicas``, ``on_lost``, ...).
-        """
-        field, _, _ = self._locate(key)
-        return Lock(key_lock_name(self.name, field), lease=lease, namespace=self.config.namespace,
-                    transport=self._executor, **options)  # fmt: skip
-
-    def _fence_of(self, fence: FenceArg | None) -> tuple[str, str, int] | None:
-        """(lock name, fence counter key, token) for the write scripts."""
-        if fence is None:
-            return None
-        if isinstance(fence, Lock):
-            fence = fence.fence  # LockLost here if its lease ran out
-        if isinstance(fence, Fence):
-            return fence.lock, fence.key, int(fence)
-        if (
-            isinstance(fence, tuple) and len(fence) == 2 and isinstance(fence[0], str)
-            and isinstance(fence[1], int) and not isinstance(fence[1], bool)
-        ):  # fmt: skip
-            name, token = fence
-            return name, LockLayout(self.config.namespace, check_lock_name(name)).fence, token
-        raise TypeError(
-            f"fence must be the Fence that Lock.acquire() returned, a Lock, or (lock name, "
-            f"token), not {fence!r}"
-        )
-
     # ---- whole-map reads (each one round trip; views and ``|`` in views.py) ------------------
 
     def copy(self, *, skip_corrupt: bool = False) -> dict[Key, Any]:
@@ -465,79 +352,6 @@ class SyncMap(SharedMapping):
     def __contains__(self, key: object) -> bool:
         return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
 
-    # ---- events, statistics, life cycle ------------------------------------------------------
-
-    def subscribe(
-        self, callback: Callable[[Event], None], *, inline: bool = False
-    ) -> Callable[[], None]:
-        """Call ``callback(event)`` for every change from any server; returns an unsubscriber.
-
-        Callbacks run on a thread of their own, so a slow one never delays invalidations.
-        ``inline=True`` runs it on the feed thread the moment the change is applied (lowest
-        latency): it must be quick and must not block or call back into the map's I/O.
-        """
-        self._check_open()
-        return self._engine.subscribe(callback, inline)
-
-    def watch(self, maxsize: int = 10_000) -> Watch:
-        """Iterate over change events as they happen: ``with m.watch() as events: ...``."""
-        self._check_open()
-        return Watch(self._engine, self._engine.watch_queue(maxsize))
-
-    def statistics(self) -> Statistics:
-        c = self._core.counters
-        return Statistics(
-            hits=self._core.hits(), misses=c.misses, invalidations=c.invalidations,
-            resyncs=c.resyncs, entries=len(self._entries), evictions=c.evictions,
-            expirations=c.expirations, gaps=c.gaps, epoch_changes=c.epoch_changes,
-            lost_detected=c.lost_detected, lease_lapses=c.lease_lapses,
-            fills_rejected=c.fills_rejected, messages=c.messages,
-            corrupt_messages=c.corrupt_messages, events_dropped=self._engine.events_dropped,
-            gap_overflows=c.gap_overflows, corrupt_entries=c.corrupt_entries,
-            forged_messages=c.forged_messages, digest_mismatches=c.digest_mismatches,
-            stale_reads=c.stale_reads,
-        )  # fmt: skip
-
-    def __repr__(self) -> str:
-        s = self.statistics()
-        state = "closed" if self._engine.closed else "open"
-        return (
-            f"<SyncMap {self.name!r} {state} on {self._executor.where}: {s.entries} cached, "
-            f"hits={s.hits} misses={s.misses} invalidations={s.invalidations} "
-            f"resyncs={s.resyncs}>"
-        )
-
-    def close(self) -> None:
-        """Stop the background threads and drop the near cache.  Idempotent."""
-        if not self._engine.closed:
-            self._engine.close()
-            with self._state.guard:
-                self._entries.clear()
-            self._executor.close()
-
-    def __enter__(self) -> SyncMap:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ---- helpers -----------------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._engine.closed:
-            raise MapClosed(f"map {self.name!r} is closed; open a new SyncMap")
-        if self._engine.needs_start:
-            self._start_in_child()
-        self._engine.raise_background_error()
-
-    def _locate(self, key: Key) -> Ref:
-        self._check_open()
-        field = encode_key(key, self.config.max_key_bytes)
-        return Ref(field, normal_key(key), bucket_of(field, self._buckets))
-
-    def _payload(self, value: Any) -> bytes:
-        return encode_limited(self._codec, value, self.config.max_value_bytes)
-
 
 class _FastHitsSyncMap(SyncMap):
     """``MapConfig(fast_hits=True)``: hits skip the clock read (about 60 ns, most of a hit).
@@ -559,10 +373,6 @@ class _FastHitsSyncMap(SyncMap):
                 return v
             return self._codec.decode(e.raw)  # type: ignore[arg-type]
         return self._load(key)
-
-
-def _no(messages: list[bytes]) -> None:
-    raise AssertionError("no feed yet: nothing may be published while the map opens")
 
 
 def _ttl_ms(ttl: float | None) -> int:
