@@ -219,8 +219,10 @@ class MemoryStore:
     def _cmd_hget(self, key: bytes, field: bytes) -> bytes | None:
         return self.hget(key, field)
 
-    def _cmd_hgetall(self, key: bytes) -> list[bytes]:
-        return [x for pair in (self._get(key, dict) or {}).items() for x in pair]
+    def _cmd_hgetall(self, key: bytes) -> dict[bytes, bytes]:
+        # A map, as redis-py 8 asks for RESP3 (RESP2 would give a flat list; scripts' replies
+        # are the same in both).
+        return dict(self._get(key, dict) or {})
 
     def _cmd_hmget(self, key: bytes, *fields: bytes) -> list[bytes | None]:
         return self.hmget(key, fields)
@@ -244,9 +246,9 @@ class MemoryStore:
         self.deadlines[key] = self.clock() + int(ms)
         return 1
 
-    def _cmd_config(self, sub: bytes, parameter: bytes) -> list[bytes]:
+    def _cmd_config(self, sub: bytes, parameter: bytes) -> dict[bytes, bytes]:
         known = {b"maxmemory-policy": b"noeviction", b"maxmemory": b"0"}
-        return [parameter, known[parameter]] if parameter in known else []
+        return {parameter: known[parameter]} if parameter in known else {}
 
     def _cmd_publish(self, channel: bytes, message: bytes) -> int:
         return self.publish(channel, message)
