@@ -45,12 +45,19 @@ class Zset(dict[bytes, int]):
 
 def _arg(value: Any) -> bytes:
     """A command argument as Redis receives it (hiredis.pack_command's conversions)."""
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, int | float):
-        return repr(value).encode() if isinstance(value, float) else str(value).encode()
+    cls = value.__class__
+    if cls is bytes:
+        return value  # type: ignore[no-any-return]
+    if cls is str:
+        return value.encode()  # type: ignore[no-any-return]
+    if cls is int:
+        return b"%d" % value
+    if isinstance(value, float):
+        return repr(value).encode()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str | int):  # a subclass
+        return _arg(str(value) if isinstance(value, str) else int(value))
     raise TypeError(f"cannot send {type(value).__name__} to Redis")
 
 
@@ -66,6 +73,11 @@ class MemoryStore:
         self.loaded: set[bytes] = set()  # SHAs of loaded scripts
         self.subscribers: dict[bytes, list[Callback]] = {}
         self.monitors: list[Callback] = []
+        self._handlers: dict[bytes, Callable[..., Any]] = {
+            n.removeprefix("_cmd_").upper().encode(): getattr(self, n)
+            for n in dir(self)
+            if n.startswith("_cmd_")
+        }
 
     # ---- faults ------------------------------------------------------------------------------
 
@@ -187,11 +199,11 @@ class MemoryStore:
         """One command's reply, or the :class:`Refusal` Redis would answer (in place, as in a
         pipeline: the other commands still run)."""
         name, *args = [_arg(a) for a in command]
-        handler = getattr(self, f"_cmd_{name.decode().lower()}", None)
+        handler = self._handlers.get(name.upper())
         if handler is None:
             return Refusal(f"ERR the memory store does not model {name.decode()}")
         try:
-            return handler(*args)
+            return handler(*args)  # pipeline semantics: an error is this command's reply
         except Refusal as exc:
             return exc
         except (TypeError, ValueError) as exc:  # wrong arity or a non-number
