@@ -1,20 +1,28 @@
-"""Model-based test of the near-cache core (``syncmap.core.nearcache``) in simulated time.
+"""Model-based test of the near cache and the real flows, in simulated time.
 
-Three servers, each its own ``NearCache``, share ONE simulated store that follows the Lua scripts
-of ``store/scripts.py`` exactly: per bucket an epoch (created by the bucket's first write after it
-had none) and a sequence; every write takes ``seq + 1`` of its bucket as the key's version and
-publishes ``ChangeMessage(op, bucket, seq, epoch, origin, fields)`` in the same atomic step.
+Three servers share ONE in-memory store (``syncmap.store.memory``) that runs the five map scripts'
+semantics (the store conformance suite holds it to a real Redis).  Each server is a real
+:class:`~syncmap.flows.state.MapState` (its own ``NearCache``, guard, ``MapCommands`` with its
+origin) and runs the REAL flows (``syncmap.flows``): an operation is a flow generator the model
+starts (``effect = next(flow)``: the request is sent, a fill begun), executes in the store later
+(``replies = executor.call(effect.commands, ...)``) and finishes later still
+(``flow.send(replies)``: the reply arrives), so fills race invalidations (A2) and own writes (A6)
+in every order, and the model can never drift from the code it checks.  Probes are
+``flows.admin.probe`` split the same way: sent (``tops()`` taken), executed (expired keys reaped,
+every bucket's ``(epoch, seq, digest)`` read) and applied, possibly much later.
 
 Each server has its own pub/sub connection, modelled as a FIFO (Redis delivers one channel in
 order) that can lose messages silently (A4), deliver one twice, deliver one corrupt (dropped,
 repair asked, as ``Engine`` does) or disconnect (everything in flight is lost; ``on_feed_down``
-now, ``on_feed_up`` on reconnect).  Timer threads may run late (hits then rely on
-``valid_until``).  Reads and writes are split into begin (``begin_fill``, the request is sent) /
-exec (the command runs in the store) / finish (the reply arrives), so fills race invalidations
-(A2) and own writes (A6) in every order.
-Probes are sent (``tops()`` taken), executed (they reap expired keys and read every bucket's
-``(epoch, seq)``) and applied, possibly much later.  FLUSHALL wipes data and epochs; a restart
-without persistence does the same and also cuts every subscriber.
+now, ``on_feed_up`` on reconnect).  On a relayed feed (``UnorderedModel``: the scripts return
+their messages and the flow publishes them after the write) the FIFOs also reorder.  Timer
+threads may run late (hits then rely on ``valid_until``).  A request may time out: a read is
+aborted, a write's outcome is unknown (``WriteOutcomeUnknown`` thrown into its flow) and, if it
+had not run yet, it may still run later.  FLUSHALL wipes data and epochs; a restart without
+persistence does the same, forgets the loaded scripts and cuts every subscriber.
+
+The model's bookkeeping (which write each value is, when it stopped being the key's state) comes
+from the store's ``monitor``: every change message a script makes, whatever its route.
 
 Oracles, checked after every step (time is the simulated ``now``; Δ = ``max_staleness``):
 
@@ -40,7 +48,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import hypothesis.strategies as st
@@ -55,9 +63,17 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from syncmap.core.nearcache import INF, FillToken, Guards, NearCache
-from syncmap.core.wire import OP_CLEAR, OP_DEL, OP_EXPIRE, OP_SET, ChangeMessage
-from syncmap.keys import bucket_of, encode_key
+from syncmap.codec import make_codec
+from syncmap.config import MapConfig
+from syncmap.core.nearcache import INF, Guards, NearCache
+from syncmap.core.wire import OP_CLEAR, OP_DEL, OP_EXPIRE, OP_SET, decode_message, unpack_value
+from syncmap.errors import StoreUnavailable, WriteOutcomeUnknown
+from syncmap.flows import admin, reads, writes
+from syncmap.flows.effects import Call, Flow, Publish
+from syncmap.flows.state import MapState
+from syncmap.keys import Layout, bucket_of, decode_key, encode_key
+from syncmap.store.commands import MapCommands
+from syncmap.store.memory import MemoryExecutor, MemoryStore
 
 DELTA = 1.0
 N_SERVERS = 3
@@ -65,6 +81,8 @@ KEYS = ("a", "b", "c")
 FIELDS = {k: encode_key(k, 1000) for k in KEYS}
 EPS = 1e-9
 Order = tuple[int, int]  # (gid of the event that made the state, 1 if "expired after it")
+Meta = list[tuple[str, Order]]  # what a change message announces: (key, state order) each
+CODEC = make_codec(None, None)
 
 
 @dataclass
@@ -86,75 +104,54 @@ class Write:
         return min(self.end, self.deadline)
 
 
-class SimStore:
-    """The store of one map: a dict per bucket plus the ``m`` hash (epoch, seq), as in Lua."""
+class SimState(MapState):
+    """A server's map state in simulated time: Redis's clock is the model's (``server_ms``)."""
 
-    def __init__(self, nb: int) -> None:
-        self.nb = nb
-        self.epoch: list[int | None] = [None] * nb
-        self.seq = [0] * nb
-        self.data: list[dict[str, Write]] = [{} for _ in range(nb)]
-        self.absent: dict[str, Order] = dict.fromkeys(KEYS, (0, 0))
-        self._epochs = itertools.count(1000)
-
-    def bucket(self, key: str) -> int:
-        return bucket_of(FIELDS[key], self.nb)
-
-    def next_seq(self, b: int, n: int) -> tuple[int, int]:
-        """``next_seq`` of the Lua prelude: the first of n versions, and the bucket's epoch."""
-        if self.epoch[b] is None:
-            self.epoch[b] = next(self._epochs)
-        first = self.seq[b] + 1
-        self.seq[b] += n
-        ep = self.epoch[b]
-        assert ep is not None
-        return first, ep
-
-    def hget(self, key: str) -> tuple[str, Any]:
-        """Plain HGET: an expired but unreaped value is returned (the driver checks deadlines)."""
-        w = self.data[self.bucket(key)].get(key)
-        return ("rec", w) if w is not None else ("absent", self.absent[key])
-
-    def wipe(self) -> None:
-        self.epoch = [None] * self.nb
-        self.seq = [0] * self.nb
-        self.data = [{} for _ in range(self.nb)]
+    def server_now_ms(self) -> float:
+        return float(self.server_ms())  # type: ignore[attr-defined]
 
 
 @dataclass(eq=False)  # identity: two ops can look alike
 class Op:
-    """A read or write this server has sent and not yet seen the reply of."""
+    """A read or write this server has sent (its flow waits at ``call``) and not yet finished."""
 
     kind: str  # "read" | "set" | "del"
     key: str
-    token: FillToken
+    flow: Flow[Any]
+    call: Call
     rfloor: Order
     wfloor: Order
     value: int = 0
-    ttl: float | None = None
     executed: bool = False
-    result: Any = None
+    replies: Any = None
+    observed: Order = (0, 0)  # reads: the key's state in the store when the HGET ran
+    made: Meta = field(default_factory=list)  # what the command changed, as the monitor saw
 
 
 @dataclass(eq=False)
 class Probe:
-    sent_at: float
-    tops: list[int]
-    states: list[tuple[int | None, int]] | None = None
+    flow: Flow[Any]
+    call: Call
+    replies: list[Any] | None = None
 
 
 class Server:
-    def __init__(self, name: str, core: NearCache) -> None:
+    def __init__(self, name: str, state: SimState, executor: MemoryExecutor) -> None:
         self.name = name
-        self.core = core
+        self.state = state
+        self.executor = executor
         # In flight to this server: each message with the (key, state order) it announces.
-        self.bus: deque[tuple[ChangeMessage, list[tuple[str, Order]]]] = deque()
+        self.bus: deque[tuple[bytes, Meta]] = deque()
         self.seen: dict[str, Order] = dict.fromkeys(KEYS, (0, 0))  # newest change processed
         self.up = True
         self.ops: list[Op] = []
         self.probes: list[Probe] = []
         self.rfloor: dict[str, Order] = dict.fromkeys(KEYS, (0, 0))
         self.wfloor: dict[str, Order] = dict.fromkeys(KEYS, (0, 0))
+
+    @property
+    def core(self) -> NearCache:
+        return self.state.core
 
 
 servers_st = st.integers(0, N_SERVERS - 1)
@@ -176,135 +173,139 @@ class CoreModel(RuleBasedStateMachine):
 
     @initialize(nb=st.integers(2, 4), capacity=st.integers(2, 5))
     def setup(self, nb: int, capacity: int) -> None:
-        self.now = 0.0
-        self.store = SimStore(nb)
+        self.now_ms = 0
+        self.store = MemoryStore(lambda: self.now_ms)
+        self.store.monitors.append(self._on_change)
+        self.layout = Layout("model", "m", nb)
         self.gids = itertools.count(1)
         self.values = itertools.count(1)
         self.writes: dict[int, Write] = {}
-        self.orphans: list[Op] = []  # writes whose outcome was unknown and that may still run
-        self.servers = [
-            Server(
-                f"s{i}",
-                NearCache(
-                    nb,
-                    capacity=capacity,
-                    max_staleness=DELTA,
-                    guards=self.GUARDS,
-                    ordered=self.ORDERED,
-                ),
-            )
-            for i in range(N_SERVERS)
-        ]
+        self.live: dict[str, Write] = {}  # the store's record of each key (expired or not)
+        self.absent: dict[str, Order] = dict.fromkeys(KEYS, (0, 0))
+        self.meta: dict[bytes, Meta] = {}  # every change message made, with what it announces
+        self.made: Meta = []  # what the command being executed changed
+        self.orphans: list[Call] = []  # writes whose outcome was unknown and that may still run
+        self.servers = [self._server(f"s{i}", nb, capacity) for i in range(N_SERVERS)]
         for s in self.servers:  # Engine.start: subscribed and confirmed, then a baseline probe
             s.core.on_feed_up()
             self._probe_now(s)
 
-    # ---- the store, as the Lua scripts run it ------------------------------------------------
+    def _server(self, name: str, nb: int, capacity: int) -> Server:
+        guards = self.GUARDS or Guards()
+        core = NearCache(nb, capacity=capacity, max_staleness=DELTA, guards=self.GUARDS,
+                         ordered=self.ORDERED)  # fmt: skip
+        cmds = MapCommands(self.layout, name, None if self.ORDERED else "",
+                           flags=guards.script_flags())  # fmt: skip
+        state = SimState(name, core, cmds, CODEC, MapConfig(), clock=lambda: self.now)
+        state.server_ms = lambda: self.now_ms  # type: ignore[attr-defined]
+        s = Server(name, state, MemoryExecutor(self.store, f"store (from {name})"))
+        self.store.subscribe(self.layout.channel, lambda msg: self._arrive(s, msg))
+        return s
 
-    def _publish(self, msg: ChangeMessage, meta: list[tuple[str, Order]]) -> None:
-        for s in self.servers:
-            if s.up:
-                s.bus.append((msg, meta))
+    @property
+    def now(self) -> float:
+        return self.now_ms / 1000
+
+    def bucket(self, key: str) -> int:
+        return bucket_of(FIELDS[key], self.layout.buckets)
+
+    def ref(self, key: str) -> writes.Ref:
+        return writes.Ref(FIELDS[key], key, self.bucket(key))
+
+    # ---- the store's side: what its scripts changed (the monitor), and its faults -------------
+
+    def _on_change(self, data: bytes) -> None:
+        """A script made a change message: record which write each key's state now is."""
+        msg = decode_message(data)
+        meta: Meta = []
+        if msg.op == OP_SET:
+            for i, f in enumerate(msg.fields):
+                key = str(decode_key(f))
+                raw = self.store.hget(self.layout.data(msg.bucket).encode(), f)
+                assert raw is not None
+                version, deadline_ms, payload = unpack_value(raw)
+                assert version == msg.seq + i
+                self._end_state(key)
+                w = Write(key, CODEC.decode(payload), version, msg.epoch, next(self.gids),
+                          self.now, deadline_ms / 1000 if deadline_ms else INF)  # fmt: skip
+                self.live[key] = self.writes[w.value] = w
+                meta.append((key, (w.gid, 0)))
+        elif msg.op == OP_EXPIRE:  # reaped by a probe, or an expired leftover deleted
+            for f in msg.fields:
+                key = str(decode_key(f))
+                self.absent[key] = (self.live.pop(key).gid, 1)
+                meta.append((key, self.absent[key]))
+        else:  # OP_DEL names its key; OP_CLEAR empties the whole bucket
+            assert msg.op in (OP_DEL, OP_CLEAR)
+            gid = next(self.gids)
+            names = [str(decode_key(f)) for f in msg.fields]
+            keys = names if msg.op == OP_DEL else [k for k in KEYS if self.bucket(k) == msg.bucket]
+            for key in keys:
+                self._end_state(key)
+                self.live.pop(key, None)
+                self.absent[key] = (gid, 0)
+                meta.append((key, (gid, 0)))
+        self.meta[data] = meta
+        self.made.extend(meta)
 
     def _end_state(self, key: str) -> None:
-        w = self.store.data[self.store.bucket(key)].get(key)
+        w = self.live.get(key)
         if w is not None and w.end == INF:
             w.end = self.now
 
-    def _store_set(self, key: str, value: int, ttl: float | None, origin: str) -> Write:
-        b = self.store.bucket(key)
-        self._end_state(key)
-        version, ep = self.store.next_seq(b, 1)
-        deadline = self.now + ttl if ttl else INF
-        w = Write(key, value, version, ep, next(self.gids), self.now, deadline)
-        self.store.data[b][key] = w
-        self.writes[value] = w
-        self._publish(
-            ChangeMessage(OP_SET, b, version, ep, origin, (FIELDS[key],)), [(key, (w.gid, 0))]
-        )
-        return w
+    def _arrive(self, s: Server, data: bytes) -> None:
+        """The store published ``data`` on the channel: in flight to ``s`` if connected."""
+        if s.up:
+            s.bus.append((data, self.meta[data]))
 
-    def _store_delete(self, key: str, origin: str) -> tuple[int, int, int] | None:
-        """DELETE mode 'del': (version, gid, epoch) or None when not live (expired: HDELed)."""
-        b = self.store.bucket(key)
-        w = self.store.data[b].get(key)
+    def _state_of(self, key: str) -> Order:
+        """The key's state in the store now, as a plain HGET would find it (expired unreaped:
+        the write, "expired after it")."""
+        w = self.live.get(key)
         if w is None:
-            return None
-        if w.deadline <= self.now:
-            del self.store.data[b][key]
-            self.store.absent[key] = (w.gid, 1)
-            return None
-        self._end_state(key)
-        del self.store.data[b][key]
-        version, ep = self.store.next_seq(b, 1)
-        gid = next(self.gids)
-        self.store.absent[key] = (gid, 0)
-        self._publish(
-            ChangeMessage(OP_DEL, b, version, ep, origin, (FIELDS[key],)), [(key, (gid, 0))]
-        )
-        return version, gid, ep
-
-    def _store_mset(self, b: int, items: list[tuple[str, int]], origin: str) -> list[Write]:
-        first, ep = self.store.next_seq(b, len(items))
-        out = []
-        for i, (key, value) in enumerate(items):
-            self._end_state(key)
-            w = Write(key, value, first + i, ep, next(self.gids), self.now, INF)
-            self.store.data[b][key] = w
-            self.writes[value] = w
-            out.append(w)
-        fields = tuple(FIELDS[k] for k, _ in items)
-        self._publish(
-            ChangeMessage(OP_SET, b, first, ep, origin, fields), [(w.key, (w.gid, 0)) for w in out]
-        )
-        return out
-
-    def _store_clear(self, b: int, origin: str) -> tuple[int, int, int] | None:
-        """CLEAR of one bucket: (version, gid, epoch), or None when the bucket held nothing."""
-        if not self.store.data[b]:
-            return None
-        gid = next(self.gids)
-        keys = [k for k in KEYS if self.store.bucket(k) == b]
-        for key in keys:
-            self._end_state(key)
-            self.store.absent[key] = (gid, 0)
-        self.store.data[b] = {}
-        version, ep = self.store.next_seq(b, 1)
-        self._publish(
-            ChangeMessage(OP_CLEAR, b, version, ep, origin, ()), [(k, (gid, 0)) for k in keys]
-        )
-        return version, gid, ep
-
-    def _store_probe(self, origin: str) -> list[tuple[int | None, int]]:
-        """PROBE on every bucket: reap due expiries (one 'expire' message), read (epoch, seq)."""
-        states: list[tuple[int | None, int]] = []
-        for b in range(self.store.nb):
-            data = self.store.data[b]
-            due = sorted(
-                (w.deadline, FIELDS[k], k) for k, w in data.items() if w.deadline <= self.now
-            )
-            if due:
-                for _, _, k in due:
-                    self.store.absent[k] = (data.pop(k).gid, 1)
-                first, ep = self.store.next_seq(b, len(due))
-                fields = tuple(f for _, f, _ in due)
-                meta = [(k, self.store.absent[k]) for _, _, k in due]
-                self._publish(ChangeMessage(OP_EXPIRE, b, first, ep, origin, fields), meta)
-            states.append((self.store.epoch[b], self.store.seq[b]))
-        return states
+            return self.absent[key]
+        return (w.gid, 0) if w.deadline > self.now else (w.gid, 1)
 
     def _wipe(self) -> None:
         gid = next(self.gids)
         for key in KEYS:
             self._end_state(key)
-            self.store.absent[key] = (gid, 0)
-        self.store.wipe()
+            self.absent[key] = (gid, 0)
+        self.live.clear()
 
-    # ---- the driver's side (map.py / engine.py), per server ----------------------------------
+    # ---- the driver's side (sync/run.py), step by step ---------------------------------------
+
+    def _execute(self, s: Server, call: Call) -> tuple[Any, Meta]:
+        """Run one batch in the store now: its replies (or the error), and what it changed."""
+        self.made = []
+        try:
+            replies: Any = s.executor.call(call.commands, write=call.write, partial=call.partial)
+        except StoreUnavailable as exc:
+            replies = exc
+        return replies, self.made
+
+    def _drive(self, s: Server, flow: Flow[Any], reply: Any) -> Any:
+        """Resume ``flow`` with ``reply`` and run it to its end, every further effect at once
+        (what ``syncmap.sync.run.run`` does); returns the flow's value."""
+        while True:
+            try:
+                effect = flow.throw(reply) if isinstance(reply, Exception) else flow.send(reply)
+            except StopIteration as stop:
+                return stop.value
+            if isinstance(effect, Call):
+                reply = self._execute(s, effect)[0]
+            elif isinstance(effect, Publish):  # a relayed feed: the flow publishes after the write
+                for data in effect.messages:
+                    self.store.publish(self.layout.channel.encode(), data)
+                reply = None
+            else:  # Pause: simulated time does not move for it
+                reply = None
+
+    def _run(self, s: Server, flow: Flow[Any]) -> Any:
+        return self._drive(s, flow, None)
 
     def _probe_now(self, s: Server) -> None:
-        tops = s.core.tops()
-        s.core.on_probe(self._store_probe(s.name), self.now, self.now, tops)
+        self._run(s, admin.probe(s.state))
 
     def _observe(
         self, s: Server, op: str, key: str, state: Order, rfloor: Order, wfloor: Order
@@ -332,50 +333,47 @@ class CoreModel(RuleBasedStateMachine):
     def _begin(
         self, s: Server, kind: str, key: str, value: int = 0, ttl: float | None = None
     ) -> Op:
-        token = s.core.begin_fill(key, self.store.bucket(key))
-        op = Op(kind, key, token, s.rfloor[key], s.wfloor[key], value, ttl)
+        """Start the operation's flow up to its request: the fill is begun, the command built."""
+        ref = self.ref(key)
+        if kind == "read":
+            flow = reads.read(s.state, ref.field, ref.key, ref.bucket, consistent=False)
+        elif kind == "set":
+            ttl_ms = round(ttl * 1000) if ttl else 0
+            flow = writes.set_value(s.state, ref, writes.payload(s.state, value), ttl_ms=ttl_ms,
+                                    mode="set", value=value)  # fmt: skip
+        else:
+            flow = writes.delete(s.state, ref)
+        call = next(flow)
+        assert isinstance(call, Call), call
+        op = Op(kind, key, flow, call, s.rfloor[key], s.wfloor[key], value)
         s.ops.append(op)
         return op
 
     def _exec(self, s: Server, op: Op) -> None:
-        if op.kind == "read":
-            op.result = self.store.hget(op.key)
-        elif op.kind == "set":
-            op.result = self._store_set(op.key, op.value, op.ttl, s.name)
-        else:
-            op.result = self._store_delete(op.key, s.name)
+        op.replies, op.made = self._execute(s, op.call)
+        op.observed = self._state_of(op.key)
         op.executed = True
 
     def _finish(self, s: Server, op: Op) -> None:
-        """The reply arrives: what ``SyncMap._settle_read`` / ``_install`` / ``_delete`` do."""
+        """The reply arrives: the flow settles it (install, refuse, drop) under its guard."""
         s.ops.remove(op)
-        core, key, token = s.core, op.key, op.token
+        key = op.key
+        result = self._drive(s, op.flow, op.replies)
         if op.kind == "read":
-            tag, got = op.result
-            if tag == "rec" and got.deadline > self.now:
-                core.complete_fill(
-                    token, self.now, got.version, got.value, None, got.deadline, got.epoch
-                )
-                self._check_value(key, got.value, got.version, f"{s.name} read-through")
-                state = (got.gid, 0)
+            value, version, _ = result
+            if value is reads.MISSING:
+                state = op.observed
             else:
-                core.fill_absent(token)
-                state = (got.gid, 1) if tag == "rec" else got
+                state = (self._check_value(key, value, version, f"{s.name} read-through").gid, 0)
             self._observe(s, "read-through", key, state, op.rfloor, op.wfloor)
-        elif op.kind == "set":
-            w = op.result
-            core.wrote(token, self.now, w.version, w.value, None, w.deadline, epoch=w.epoch)
-            s.wfloor[key] = max(s.wfloor[key], (w.gid, 0))
-        elif op.result is None:
-            core.fill_absent(token)  # nothing deleted: the reply said the key is absent
-        else:
-            version, gid, ep = op.result
-            core.wrote(token, self.now, version, deleted=True, epoch=ep)
-            s.wfloor[key] = max(s.wfloor[key], (gid, 0))
+        elif op.kind == "set" or result[0]:  # a set, or a delete that deleted
+            for k, order in op.made:
+                if k == key:
+                    s.wfloor[key] = max(s.wfloor[key], order)
 
     def _deliver(self, s: Server, keep: bool = False) -> None:
-        msg, meta = s.bus[0] if keep else s.bus.popleft()
-        s.core.on_message(msg, self.now)
+        data, meta = s.bus[0] if keep else s.bus.popleft()
+        s.core.on_message(decode_message(data), self.now)
         for key, order in meta:
             s.seen[key] = max(s.seen[key], order)
 
@@ -383,7 +381,7 @@ class CoreModel(RuleBasedStateMachine):
 
     @rule(i=servers_st, key=keys_st)
     def read(self, i: int, key: str) -> None:
-        """``SyncMap.get``: a hit while ``now < valid_until``, else (tick if due) a read-through."""
+        """``SyncMap.get``: a hit while ``now < valid_until`` (map.py), else the read flow."""
         s = self.servers[i]
         e = s.core.entries.get(key)
         if e is not None and self.now < s.core.valid_until:
@@ -391,8 +389,6 @@ class CoreModel(RuleBasedStateMachine):
             w = self._check_value(key, e.value, e.version, f"{s.name} hit")
             self._observe(s, "hit", key, (w.gid, 0), s.rfloor[key], s.wfloor[key])
             return
-        if self.now >= s.core.valid_until:
-            s.core.tick(self.now)  # _fetch does not wait for a late timer thread
         op = self._begin(s, "read", key)
         self._exec(s, op)
         self._finish(s, op)
@@ -473,55 +469,47 @@ class CoreModel(RuleBasedStateMachine):
     @precondition(lambda self: self.EXTRAS and any(s.ops for s in self.servers))
     @rule(i=servers_st, j=idx_st)
     def fail_op(self, i: int, j: int) -> None:
-        """A request times out: a read is aborted; a write's outcome is unknown (``drop``)."""
+        """A request times out: the executor's error is thrown into its flow, which aborts a
+        read's fill and drops a write's key (outcome unknown); a write not run yet may still run
+        later, or never."""
         s = self.servers[i]
         if not s.ops:
             return
         op = s.ops.pop(j % len(s.ops))
-        s.core.abort_fill(op.token)
-        if op.kind != "read":
-            s.core.drop(op.key)
-            if not op.executed:
-                self.orphans.append(op)  # the command may still run later, or never
+        error = StoreUnavailable("timed out") if op.kind == "read" else WriteOutcomeUnknown("?")
+        with pytest.raises(type(error)):
+            op.flow.throw(error)
+        if op.kind != "read" and not op.executed:
+            self.orphans.append(op.call)
 
     @precondition(lambda self: self.orphans)
     @rule(j=idx_st)
     def exec_orphan(self, j: int) -> None:
-        op = self.orphans.pop(j % len(self.orphans))
-        if op.kind == "set":
-            self._store_set(op.key, op.value, op.ttl, "orphan")
-        else:
-            self._store_delete(op.key, "orphan")
+        """A write whose writer gave up runs now (on a relayed feed its messages are lost with
+        the writer: only the probes tell the others)."""
+        call = self.orphans.pop(j % len(self.orphans))
+        self._execute(self.servers[0], call)
 
     @precondition(lambda self: self.EXTRAS)
     @rule(i=servers_st, keys=st.lists(keys_st, min_size=1, max_size=3, unique=True))
     def update(self, i: int, keys: list[str]) -> None:
-        """``SyncMap.update``: one MSET per bucket, then ``note_write`` for every key."""
+        """``SyncMap.update``: the update flow (one MSET per bucket), run at once."""
         s = self.servers[i]
-        per_bucket: dict[int, list[tuple[str, int]]] = {}
-        for key in keys:
-            per_bucket.setdefault(self.store.bucket(key), []).append((key, next(self.values)))
-        for b, items in per_bucket.items():
-            written = self._store_mset(b, items, s.name)
-            s.core.learn_epoch(b, written[0].epoch, written[0].version, self.now)
-            for w in written:
-                s.core.note_write(w.key, w.version)
-                s.wfloor[w.key] = max(s.wfloor[w.key], (w.gid, 0))
+        items = [(self.ref(k), writes.payload(s.state, next(self.values))) for k in keys]
+        self.made = []
+        self._run(s, writes.update(s.state, items, ttl_ms=0, fence=None))
+        for key, order in self.made:
+            s.wfloor[key] = max(s.wfloor[key], order)
 
     @precondition(lambda self: self.EXTRAS)
     @rule(i=servers_st)
     def clear(self, i: int) -> None:
-        """``SyncMap.clear``: one CLEAR per bucket, then ``cleared`` for each that was not empty."""
+        """``SyncMap.clear``: the clear flow (one CLEAR per bucket), run at once."""
         s = self.servers[i]
-        for b in range(self.store.nb):
-            got = self._store_clear(b, s.name)
-            if got is not None:
-                version, gid, ep = got
-                s.core.learn_epoch(b, ep, version, self.now)
-                s.core.cleared(b, version)
-                for key in KEYS:
-                    if self.store.bucket(key) == b:
-                        s.wfloor[key] = max(s.wfloor[key], (gid, 0))
+        self.made = []
+        self._run(s, writes.clear(s.state, fence=None))
+        for key, order in self.made:
+            s.wfloor[key] = max(s.wfloor[key], order)
 
     # ---- rules: the feed ---------------------------------------------------------------------
 
@@ -593,31 +581,38 @@ class CoreModel(RuleBasedStateMachine):
     @precondition(lambda self: self.EXTRAS)
     @rule(i=servers_st)
     def probe_send(self, i: int) -> None:
+        """The probe flow takes ``tops()`` and its send time and sends its batch."""
         s = self.servers[i]
-        s.probes.append(Probe(self.now, s.core.tops()))
+        flow = admin.probe(s.state)
+        call = next(flow)
+        assert isinstance(call, Call), call
+        s.probes.append(Probe(flow, call))
 
-    @precondition(lambda self: any(p.states is None for s in self.servers for p in s.probes))
+    @precondition(lambda self: any(p.replies is None for s in self.servers for p in s.probes))
     @rule(i=servers_st, j=idx_st)
     def probe_exec(self, i: int, j: int) -> None:
-        todo = [p for p in self.servers[i].probes if p.states is None]
+        """The probe runs in the store: it reaps due expiries and reads every bucket."""
+        s = self.servers[i]
+        todo = [p for p in s.probes if p.replies is None]
         if todo:
-            todo[j % len(todo)].states = self._store_probe(self.servers[i].name)
+            p = todo[j % len(todo)]
+            p.replies = self._execute(s, p.call)[0]
 
-    @precondition(lambda self: any(p.states is not None for s in self.servers for p in s.probes))
+    @precondition(lambda self: any(p.replies is not None for s in self.servers for p in s.probes))
     @rule(i=servers_st, j=idx_st)
     def probe_apply(self, i: int, j: int) -> None:
+        """Its reply arrives, possibly much later: the flow applies it (``on_probe``)."""
         s = self.servers[i]
-        done = [p for p in s.probes if p.states is not None]
+        done = [p for p in s.probes if p.replies is not None]
         if done:
             p = done[j % len(done)]
             s.probes.remove(p)
-            assert p.states is not None
-            s.core.on_probe(p.states, p.sent_at, self.now, p.tops)
+            self._drive(s, p.flow, p.replies)
 
-    @rule(dt=st.floats(0.0, 0.6, allow_nan=False), timer=st.booleans())
-    def advance(self, dt: float, timer: bool) -> None:
-        """Time passes; every server's timer thread ticks, unless it is late (GIL, pause)."""
-        self.now += dt
+    @rule(dt=st.integers(0, 600), timer=st.booleans())
+    def advance(self, dt: int, timer: bool) -> None:
+        """Time passes (ms); every server's timer thread ticks, unless it is late (GIL, pause)."""
+        self.now_ms += dt
         if timer:
             for s in self.servers:
                 s.core.tick(self.now)
@@ -628,12 +623,15 @@ class CoreModel(RuleBasedStateMachine):
     @rule()
     def flushall(self) -> None:
         """FLUSHALL: data and epochs gone, no message, subscribers stay connected."""
+        self.store.flushall()
         self._wipe()
 
     @precondition(lambda self: self.WIPES)
     @rule()
     def restart_store(self) -> None:
-        """Redis restarts without persistence: FLUSHALL plus every subscriber cut and back."""
+        """Redis restarts without persistence: data, epochs and loaded scripts gone, every
+        subscriber cut and back."""
+        self.store.restart()
         self._wipe()
         for s in self.servers:
             s.bus.clear()
@@ -655,7 +653,7 @@ class CoreModel(RuleBasedStateMachine):
             for s in self.servers:
                 while s.bus:
                     self._deliver(s)
-            self.now += DELTA / 4
+            self.now_ms += round(DELTA * 1000 / 4)
             for s in self.servers:
                 s.core.tick(self.now)
             for s in self.servers:
@@ -666,8 +664,7 @@ class CoreModel(RuleBasedStateMachine):
         for s in self.servers:
             s.core.tick(self.now)
             for key, e in s.core.entries.items():
-                b = self.store.bucket(key)
-                live = self.store.data[b].get(key)
+                live = self.live.get(key)
                 assert live is not None and live.deadline > self.now, (
                     f"C3: after quiescence {s.name} caches {key!r}={e.value!r}@{e.version} "
                     f"but the store has no live value (now={self.now})"
@@ -676,6 +673,12 @@ class CoreModel(RuleBasedStateMachine):
                     f"C3: after quiescence {s.name} caches {key!r}={e.value!r}@{e.version}, "
                     f"the store has {live.value!r}@{live.version} (now={self.now})"
                 )
+        for key in KEYS:  # the model's bookkeeping agrees with the store itself
+            raw = self.store.hget(self.layout.data(self.bucket(key)).encode(), FIELDS[key])
+            live = self.live.get(key)
+            got = None if raw is None else (CODEC.decode(unpack_value(raw)[2]), raw[:8])
+            want = None if live is None else (live.value, live.version.to_bytes(8, "big"))
+            assert got == want, f"model bookkeeping: {key!r} is {got} in the store, not {want}"
 
     # ---- invariants --------------------------------------------------------------------------
 
