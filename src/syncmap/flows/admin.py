@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from ..errors import ConfigurationError, SyncMapError
 from ..keys import Layout
@@ -32,12 +31,12 @@ def probe(s: MapState) -> Flow[ProbeResult]:
     with s.guard:
         tops = s.core.tops()
     sent = s.clock()
-    wall = time.time() * 1000
+    wall = s.wall() * 1000
     cmds = s.cmds.probe()
     replies = yield from store_call(cmds, write=True, partial=s.cmds.isolate_damage,
                                     relayed=s.cmds.relayed)  # fmt: skip
     result = parse_probe(s.cmds.layout, replies)
-    s.server_offset_ms = result.server_ms - (wall + time.time() * 1000) / 2
+    s.server_offset_ms = result.server_ms - (wall + s.wall() * 1000) / 2
     s.live_entries = result.live
     with s.guard:
         s.core.on_probe(result.states, sent, s.clock(), tops)

@@ -40,6 +40,8 @@ class MapState:
     guard: Any = field(default_factory=threading.Lock)
     wake_timer: Callable[[], None] = _nothing
     clock: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+    """Wall-clock seconds: only to relate Redis's clock to ours (``server_offset_ms``)."""
     server_offset_ms: float = 0.0
     """Redis's clock minus ours (ms), measured by each probe; TTL deadlines are Redis's."""
     live_entries: int = 0
@@ -59,7 +61,7 @@ class MapState:
         return (n, max(1, round(self.config.wait_timeout * 1000))) if n else None
 
     def server_now_ms(self) -> float:
-        return time.time() * 1000 + self.server_offset_ms
+        return self.wall() * 1000 + self.server_offset_ms
 
     def local_deadline(self, deadline_ms: int, now: float) -> float:
         """Convert a Redis-clock deadline (ms) into this process's monotonic clock."""
