@@ -47,7 +47,7 @@ from .ratelog import RateLimitedLog
 from .replicated import ReplicatedMap
 from .signing import SigningKey, pads, signing_keys
 from .store.redis_store import RedisStore, warn_if_evicting
-from .store.transport import make_client
+from .store.topology import Topology, open_topology
 from .views import SharedMapping
 
 log = logging.getLogger("syncmap")
@@ -127,9 +127,9 @@ class SyncMap(SharedMapping):
         # MessagePack without a value type gives these scalars back unchanged (JSON does not:
         # it turns inf into null), so a writer may cache what it wrote without decoding it.
         self._plain_codec = isinstance(self._codec, MsgpackCodec) and self._codec.value_type is None
-        client = self._client(url, redis)
+        topology = self._client(url, redis)
         layout = Layout(cfg.namespace, self.name, cfg.buckets)
-        store = RedisStore(client, layout, self.node_id)
+        store = RedisStore(topology, layout, self.node_id)
         store.load_scripts()
         buckets, codec_name = store.ensure_meta(cfg.buckets, self._codec.name,
                                                 stamps=cfg.guards.settings_stamp)  # fmt: skip
@@ -141,8 +141,8 @@ class SyncMap(SharedMapping):
                 "every server of a map must use the same codec"
             )
         layout = Layout(cfg.namespace, self.name, buckets)
-        feed_obj, target = open_store_feed(feed, client, layout, cfg.socket_timeout)
-        self._store = RedisStore(client, layout, self.node_id, target, codec=self._codec.name,
+        feed_obj, target = open_store_feed(feed, topology, layout, cfg.socket_timeout)
+        self._store = RedisStore(topology, layout, self.node_id, target, codec=self._codec.name,
                                  flags=cfg.guards.script_flags(),
                                  isolate_damage=cfg.guards.damage_isolated,
                                  pads=pads(self._keys[0]) if self._keys else b"",
@@ -191,7 +191,7 @@ class SyncMap(SharedMapping):
             if not engine.needs_start or engine.closed:
                 return
             layout = self._store.layout
-            feed, _ = open_store_feed(self._feed_url, self._store.client, layout,
+            feed, _ = open_store_feed(self._feed_url, self._store.topology, layout,
                                       self.config.socket_timeout)  # fmt: skip
             try:
                 engine.restart(feed, self.config.self_check_timeout)
@@ -199,8 +199,8 @@ class SyncMap(SharedMapping):
                 feed.close()
                 raise
 
-    def _client(self, url: str | None, client: redis_lib.Redis | None) -> redis_lib.Redis:
-        return make_client(url, client, self.config.socket_timeout)
+    def _client(self, url: str | None, client: redis_lib.Redis | None) -> Topology:
+        return open_topology(url, client, timeout=self.config.socket_timeout)
 
     # ---- reads -------------------------------------------------------------------------------
 
@@ -552,7 +552,7 @@ class SyncMap(SharedMapping):
         """
         field, _, _ = self._locate(key)
         return Lock(key_lock_name(self.name, field), lease=lease, namespace=self.config.namespace,
-                    transport=self._store, **options)  # fmt: skip
+                    topology=self._store.topology, **options)  # fmt: skip
 
     def _fence_of(self, fence: FenceArg | None) -> tuple[str, str, int] | None:
         """(lock name, fence counter key, token) for the write scripts."""

@@ -21,6 +21,7 @@ import click
 import redis
 
 from ..serverinfo import server_identity
+from .options import redis_client
 from .torture import redact
 
 DEFAULT_URL = "redis://localhost:6379/0"
@@ -88,7 +89,7 @@ def _server(client: redis.Redis) -> list[Check]:
 
 def _resp3(url: str) -> Check:
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+        client = redis_client(url, 5)
         try:
             client.execute_command("HELLO", 3)  # type: ignore[no-untyped-call]
         finally:
@@ -228,7 +229,7 @@ def _cleanup(url: str, namespace: str, name: str) -> None:
 
     layout = Layout(namespace, name, 1)  # the test map has one bucket
     known = [layout.meta, layout.presence, layout.stream, *layout.bucket_keys(0)]
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    client = redis_client(url, 5)
     try:
         client.delete(*known)  # by name, not by SCAN: a least-privilege user may not SCAN
     except redis.RedisError:
@@ -240,7 +241,7 @@ def _cleanup(url: str, namespace: str, name: str) -> None:
 def run_checks(url: str) -> tuple[list[Check], bool]:
     """Every check, and whether Redis could be reached at all."""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+        client = redis_client(url, 5, socket_timeout=10)
     except ValueError as exc:
         return [
             Check(

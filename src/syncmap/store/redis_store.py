@@ -8,14 +8,14 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import redis
-
 from ..core.nearcache import ProbeState
 from ..errors import ConfigurationError, StoreError, SyncMapError
 from ..keys import Layout, is_key_field
 from ..ratelog import RateLimitedLog
 from . import scripts
-from .transport import SHAS, Command, Transport, config_value
+from .executor import SHAS, Command, config_value
+from .node import NodeExecutor as Transport
+from .topology import Topology
 
 log = logging.getLogger("syncmap")
 
@@ -49,11 +49,11 @@ class RedisStore(Transport):
     """
 
     def __init__(
-        self, client: redis.Redis, layout: Layout, origin: str, target: str | None = None,
+        self, topology: Topology, layout: Layout, origin: str, target: str | None = None,
         *, codec: str = "msgpack", flags: str = "", isolate_damage: bool = True,
         pads: bytes = b"", deadline: float | None = None,
     ) -> None:  # fmt: skip
-        super().__init__(client, deadline=deadline)
+        super().__init__(topology, deadline=deadline)
         self.layout = layout
         self.origin = origin
         self.target = layout.channel if target is None else target

@@ -53,6 +53,7 @@ from ..keys import Layout, bucket_of, encode_key
 from ..map import SyncMap
 from ..signing import pads
 from ..store.redis_store import RedisStore
+from ..store.topology import open_topology
 from .scenario import ANOMALIES, OPS, Env, ScenarioResult, finish, scenario, timed
 
 DELTA = 0.5
@@ -271,7 +272,8 @@ def _one(env: Env, seconds: float, key: bytes | None, guards: Guards) -> dict[st
             run = _Run(key, admin, attacker, writer, reader, _keys("w", 8, 0, BUCKETS // 2),
                        _keys("g", 8, BUCKETS // 2, BUCKETS))  # fmt: skip
             reader.subscribe(run.events.append, inline=True)
-            store = RedisStore(server.client(), Layout("sm", NAME, BUCKETS), "ghost:1", "",
+            ghost = open_topology(client=server.client())
+            store = RedisStore(ghost, Layout("sm", NAME, BUCKETS), "ghost:1", "",
                                codec="msgpack", pads=pads(key) if key else b"")  # fmt: skip
             store.relay = lambda _messages: None  # the writer died before publishing
             for g in run.ghosts:
