@@ -37,7 +37,8 @@ CERT_REQS = ("none", "optional", "required")
 # TLS details syncmap has no field for).  Everything else of the client's kwargs (its retry
 # policy, decoding, protocol, redis-py's own bookkeeping) is syncmap's to decide.
 PASSED_ON = frozenset({
-    "client_name", "driver_info", "credential_provider", "socket_keepalive", "socket_keepalive_options",
+    "client_name", "driver_info", "credential_provider", "socket_keepalive",
+    "socket_keepalive_options",
     "ssl_ca_data", "ssl_ca_path", "ssl_password", "ssl_ciphers", "ssl_min_version",
     "ssl_include_verify_flags", "ssl_exclude_verify_flags", "ssl_validate_ocsp",
     "ssl_validate_ocsp_stapled",
@@ -99,8 +100,9 @@ class Endpoint:
         """Identity for per-process registries: the same node, database, user and TLS settings.
 
         Timeouts are excluded: two maps with different timeouts still share one subscriber."""
+        options = tuple((k, _hashable(v)) for k, v in self.options)
         return (self.host, self.port, self.path, self.db, self.username, self.password,
-                self.tls, self.options)  # fmt: skip
+                self.tls, options)  # fmt: skip
 
     def at(self, host: str, port: int) -> Endpoint:
         """The same credentials, TLS and timeouts at another TCP address."""
@@ -131,8 +133,9 @@ class Endpoint:
             "db": self.db, "username": self.username, "password": self.password,
             "socket_timeout": sock_timeout, "socket_connect_timeout": conn_timeout,
             "retry": Retry(NoBackoff(), 0), "decode_responses": False, "protocol": 2,
-            "socket_keepalive": True,
         }  # fmt: skip
+        if not self.path:
+            kwargs["socket_keepalive"] = True  # redis-py's default for TCP; Unix takes none
         kwargs.update(self.options)
         if once:
             kwargs["redis_connect_func"] = _connect_once()
@@ -231,15 +234,24 @@ def _connect_once() -> Callable[[Any], None]:
     return on_connect
 
 
+def _hashable(value: object) -> object:
+    """``value``, or its identity when it cannot be a key (a dict of keep-alive options)."""
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return value
+
+
 def _passed_on(name: str, value: object) -> bool:
     """Whether a user's client option is passed on (not a default syncmap sets anyway)."""
     if name == "socket_keepalive":
         return value is False
-    if name == "driver_info":  # None: the user turned CLIENT SETINFO off
-        return True
+    if name == "driver_info":  # None: the user turned CLIENT SETINFO off; else redis-py's own
+        return value is None
     if name == "socket_keepalive_options":
         return isinstance(value, dict) and bool(value)
-    return name in PASSED_ON and value is not None
+    return name in PASSED_ON and value is not None and value is not False
 
 
 # ---- URL helpers, shared with the Sentinel URLs (topology.py) ------------------------------
