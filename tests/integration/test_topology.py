@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.sentinel
 from sentinels import SentinelSet, poll, sentinel_set
 from test_tls import make_certs
 
 from syncmap import Lock, SyncMap
+from syncmap.cli.doctor import run_checks
 from syncmap.embedded import EmbeddedRedis
 from syncmap.errors import StoreUnavailable
 from syncmap.feed.base import FeedHandler
@@ -158,6 +160,16 @@ def test_resolution_names_the_master_and_caps_the_timeout(sentinels: SentinelSet
         assert (topology.down_after, master.socket_timeout) == (1.0, 0.5)
         assert topology.executor().call([("SET", "a", "1")], write=True) == [b"OK"]
         assert sentinels.node(master.port).client().get("a") == b"1"
+        # A user's redis-py Sentinel client names the same service: a Sentinel topology too.
+        sentinel = redis.sentinel.Sentinel([(HOST, s.port) for s in sentinels.sentinels])
+        theirs = open_topology(client=sentinel.master_for("mymaster"), timeout=5.0)
+        assert isinstance(theirs, SentinelTopology) and theirs.endpoint().port == master.port
+        checks, reached = run_checks(sentinels.url())
+        line = next(c for c in checks if c.name == "topology")
+        replica = next(n.port for n in sentinels.nodes["mymaster"] if n.port != master.port)
+        assert reached and line.status == "OK", checks
+        assert f"master {HOST}:{master.port}, replicas {HOST}:{replica}" in line.detail
+        assert all(str(s.port) in line.detail for s in sentinels.sentinels), line.detail
     finally:
         topology.close()
 

@@ -87,6 +87,26 @@ def _server(client: redis.Redis) -> list[Check]:
     return checks
 
 
+def _topology(url: str) -> Check:
+    """What the URL names: one node, or a Sentinel service (its master, replicas, sentinels)."""
+    from ..errors import SyncMapError  # noqa: PLC0415 - keep the CLI light
+    from ..store.sentinel import SentinelTopology  # noqa: PLC0415
+    from ..store.topology import open_topology  # noqa: PLC0415
+
+    try:
+        topology = open_topology(url, timeout=5.0)
+        if not isinstance(topology, SentinelTopology):
+            return Check("topology", "OK", f"standalone {topology.where}")
+        seen = topology.describe()
+    except SyncMapError as exc:
+        return Check("topology", "FAIL", str(exc))
+    return Check("topology", "OK", (
+        f"sentinel service {topology.service!r}: master {seen['master']}, replicas "
+        f"{', '.join(seen['replicas']) or 'none'}, sentinels {', '.join(seen['sentinels'])}; "
+        f"down-after {seen['down_after']} s (data socket timeout capped at half of it)"
+    ))  # fmt: skip
+
+
 def _resp3(url: str) -> Check:
     try:
         client = redis_client(url, 5)
@@ -264,7 +284,7 @@ def run_checks(url: str) -> tuple[list[Check], bool]:
                     "port, password and database: redis://[[user]:password@]host:port/db",
                 )
             ], False
-        checks = [Check("connect", "OK", f"connected to {redact(url)}")]
+        checks = [Check("connect", "OK", f"connected to {redact(url)}"), _topology(url)]
         for step in (
             _server,
             lambda c: [_resp3(url)],

@@ -296,8 +296,8 @@ class SentinelTopology:
                 return {
                     "master": master.address,
                     "down_after": self.down_after,
-                    "replicas": [_field(r, "name") for r in replicas],
-                    "sentinels": [sentinel.address, *(_field(p, "name") for p in peers)],
+                    "replicas": [_address(r) for r in replicas],
+                    "sentinels": [sentinel.address, *(_address(p) for p in peers)],
                 }
         return {"master": master.address, "down_after": self.down_after, "replicas": [],
                 "sentinels": []}  # fmt: skip
@@ -342,6 +342,10 @@ def _field(flat: object, name: str) -> str:
     items = list(flat) if isinstance(flat, list | tuple) else []
     pairs = dict(zip(map(_text, items[::2]), items[1::2], strict=False))
     return _text(pairs.get(name, ""))
+
+
+def _address(flat: object) -> str:
+    return f"{_field(flat, 'ip')}:{_field(flat, 'port')}"
 
 
 def _down_after(info: object) -> float | None:
