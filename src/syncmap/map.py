@@ -36,7 +36,7 @@ from .mapbase import FenceArg, MapBase
 from .signing import SigningKey, pads, signing_keys
 from .stats import Statistics
 from .store.commands import MapCommands
-from .store.transport import Transport, make_client
+from .store.topology import open_topology
 from .watch import Watch
 
 log = logging.getLogger("syncmap")
@@ -80,10 +80,10 @@ class SyncMap(MapBase):
         self._codec = make_codec(codec, value_type)
         if cfg.fast_hits:  # the same map with a hit path that skips the clock (see the class)
             self.__class__ = _FastHitsSyncMap
-        self._client = make_client(url, redis, cfg.socket_timeout)
-        self._executor = Transport(self._client, deadline=cfg.call_timeout)
+        self._topology = open_topology(url, redis, timeout=cfg.socket_timeout)
+        self._executor = self._topology.executor(deadline=cfg.call_timeout)
         layout = self._open_layout()
-        feed_obj, target = open_store_feed(feed, self._client, layout, cfg.socket_timeout)
+        feed_obj, target = open_store_feed(feed, self._topology, layout, cfg.socket_timeout)
         self._cmds = MapCommands(layout, self.node_id, target, codec=self._codec.name,
                                  flags=cfg.guards.script_flags(),
                                  isolate_damage=cfg.guards.damage_isolated,

@@ -11,8 +11,6 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-import redis as redis_lib
-
 from .codec import Codec, encode_limited
 from .config import MapConfig
 from .core.nearcache import Entry, Event, NearCache
@@ -38,7 +36,8 @@ from .lock import Fence, Lock
 from .stats import Presence, Statistics
 from .store.commands import MapCommands
 from .store.eviction import warn_if_evicting
-from .store.transport import Transport
+from .store.node import NodeExecutor
+from .store.topology import Topology
 from .sync.run import run
 from .views import SharedMapping
 from .watch import Watch
@@ -60,8 +59,8 @@ class MapBase(SharedMapping):
     node_id: str
     config: MapConfig
     _codec: Codec
-    _client: redis_lib.Redis
-    _executor: Transport
+    _topology: Topology
+    _executor: NodeExecutor
     _cmds: MapCommands
     _state: MapState
     _engine: Engine
@@ -131,7 +130,7 @@ class MapBase(SharedMapping):
         with engine.start_lock:
             if not engine.needs_start or engine.closed:
                 return
-            feed, _ = open_store_feed(self._feed_url, self._client, self._cmds.layout,
+            feed, _ = open_store_feed(self._feed_url, self._topology, self._cmds.layout,
                                       self.config.socket_timeout)  # fmt: skip
             try:
                 engine.restart(feed, self.config.self_check_timeout)
@@ -149,7 +148,7 @@ class MapBase(SharedMapping):
         """
         field, _, _ = self._locate(key)
         return Lock(key_lock_name(self.name, field), lease=lease, namespace=self.config.namespace,
-                    transport=self._executor, **options)  # fmt: skip
+                    topology=self._topology, **options)  # fmt: skip
 
     def _fence_of(self, fence: FenceArg | None) -> tuple[str, str, int] | None:
         """(lock name, fence counter key, token) for the write scripts."""

@@ -429,8 +429,8 @@ def test_position_of_an_empty_stream_is_none(feeds: Feeds) -> None:
 def test_url_options() -> None:
     feed = RedisStreamFeed("redis+stream://127.0.0.1:1/3?maxlen=42", "s")
     try:
-        kwargs = feed.client.connection_pool.connection_kwargs
-        assert (feed.maxlen, kwargs["db"], "maxlen" in kwargs) == (42, 3, False)
+        endpoint = feed.topology.endpoint()
+        assert (feed.maxlen, endpoint.db, endpoint.socket_timeout) == (42, 3, feed.timeout)
     finally:
         feed.close()
     plain = RedisStreamFeed("redis+stream://127.0.0.1:1/0", "s")
@@ -438,7 +438,8 @@ def test_url_options() -> None:
     plain.close()
     tls.close()
     assert plain.maxlen == DEFAULT_MAXLEN
-    assert tls.client.connection_pool.connection_class is redis.SSLConnection
+    assert tls.topology.endpoint().tls is not None
+    assert plain.topology.endpoint().tls is None
     assert registry_class("rediss+stream://h:1/0") is RedisStreamFeed
     for bad in ("-1", "ten", "1.5"):
         with pytest.raises(ConfigurationError, match="maxlen"):

@@ -115,7 +115,7 @@ def test_a_loading_server_refusal_is_store_unavailable_not_an_unknown_outcome() 
     import socket
     import threading
 
-    from syncmap.store.transport import Transport
+    from syncmap.store.topology import open_topology
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -133,6 +133,6 @@ def test_a_loading_server_refusal_is_store_unavailable_not_an_unknown_outcome() 
     client = redis.Redis(port=port, protocol=2, lib_name=None, lib_version=None, socket_timeout=2)
     try:
         with pytest.raises(StoreUnavailable, match="loading its data set"):
-            Transport(client, 2.0).call([("SET", "k", "v")], write=True)
+            open_topology(client=client).executor(timeout=2.0).call([("SET", "k", "v")], write=True)
     finally:
         listener.close()

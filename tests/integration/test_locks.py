@@ -72,7 +72,7 @@ def test_a_waiter_is_woken_by_the_release_message_not_by_the_lease(shared_redis_
     got: list[float] = []
     thread = threading.Thread(target=lambda: (waiter.acquire(timeout=20), got.append(1.0)))
     thread.start()
-    channels = Waker.for_client(waiter._transport.client)._channels
+    channels = Waker.for_topology(waiter._topology)._channels
     wait_until(lambda: bool(getattr(channels.get(holder.layout.channel), "waiters", None)), 5,
                "the waiter subscribing")  # fmt: skip
     released = time.monotonic()
@@ -358,7 +358,7 @@ def test_the_documented_least_privilege_acl_is_enough(
     holder.acquire()
     thread = threading.Thread(target=lambda: waiter.acquire(timeout=10))
     thread.start()
-    channels = Waker.for_client(waiter._transport.client)._channels
+    channels = Waker.for_topology(waiter._topology)._channels
     wait_until(lambda: bool(getattr(channels.get(holder.layout.channel), "waiters", None)), 5,
                "the waiter subscribing")  # fmt: skip
     holder.release()

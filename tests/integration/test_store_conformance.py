@@ -13,18 +13,19 @@ import redis
 from syncmap.embedded import EmbeddedRedis
 from syncmap.errors import StoreUnavailable
 from syncmap.store.memory import MemoryExecutor, MemoryStore
-from syncmap.store.transport import Transport
+from syncmap.store.node import NodeExecutor
+from syncmap.store.topology import open_topology
 from syncmap.testing.storeconformance import CHECKS, Inbox, StoreKit
 
 WAIT = 5.0
 
 
 def _redis_kit(server: EmbeddedRedis, admin: redis.Redis) -> Iterator[StoreKit]:
-    opened: list[Transport] = []
+    opened: list[NodeExecutor] = []
     subs: list[redis.client.PubSub] = []
 
-    def executor() -> Transport:
-        opened.append(Transport(server.client()))
+    def executor() -> NodeExecutor:
+        opened.append(open_topology(client=server.client()).executor())
         return opened[-1]
 
     def subscribe(channel: str) -> Inbox:

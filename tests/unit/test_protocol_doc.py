@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from syncmap.store.transport import SHAS
+from syncmap.store.executor import SHAS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
 

@@ -97,11 +97,10 @@ def version(dist: str) -> str:
 
 
 def hiredis_parser(client: redis.Redis) -> bool:
-    conn = client.connection_pool.get_connection()
-    try:
-        return "Hiredis" in type(conn._parser).__name__
-    finally:
-        client.connection_pool.release(conn)
+    """Whether redis-py parses replies with hiredis (its public HIREDIS_AVAILABLE flag)."""
+    from redis.utils import HIREDIS_AVAILABLE  # noqa: PLC0415 - read once per report
+
+    return bool(HIREDIS_AVAILABLE)
 
 
 def load_average() -> str:

@@ -30,8 +30,14 @@ from ..config import MapConfig
 from ..errors import SyncMapError
 from ..keys import Key
 from ..map import SyncMap
-from ..store.transport import make_client
-from .options import URL_SOURCES, map_exists, maps_found, missing_map_message, url_option
+from .options import (
+    URL_SOURCES,
+    map_exists,
+    maps_found,
+    missing_map_message,
+    redis_client,
+    url_option,
+)
 from .torture import redact, unreachable, unreachable_message
 
 CODECS = ("msgpack", "json")
@@ -117,7 +123,7 @@ def _require_map(command: str, name: str, url: str) -> None:
     """Exit 1 naming the maps that do exist if map ``name`` does not: a mistyped name must not
     be created by a command that only reads."""
     try:
-        client = make_client(url, None, SELF_CHECK_S)
+        client = redis_client(url, SELF_CHECK_S)
         try:
             if map_exists(client, name):
                 return
@@ -133,7 +139,7 @@ def _note_if_new(name: str, url: str) -> None:
     """``watch`` of a map that does not exist yet is allowed (it prints the first writes), but a
     mistyped name would wait forever in silence: say so on stderr."""
     with contextlib.suppress(SyncMapError, redis.RedisError):
-        client = make_client(url, None, SELF_CHECK_S)
+        client = redis_client(url, SELF_CHECK_S)
         try:
             if not map_exists(client, name):
                 note = missing_map_message(name, redact(url), maps_found(client))

@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-import redis as redis_lib
-
 from ..core.nearcache import Event
 from ..embedded import EmbeddedRedis
 from ..errors import LockLost, LockNotAcquired, StaleFence
 from ..map import SyncMap
+from .options import redis_client
 
 MAP = "demo"
 KEYS = 200
@@ -254,7 +253,7 @@ class Demo:
         self.url, self.seconds, self.chaos = url, seconds, chaos
         self.nodes = {n: Node(n) for n in names}
         self.started = time.monotonic()
-        self.admin = redis_lib.Redis.from_url(url, socket_timeout=5)
+        self.admin = redis_client(url, 5)
         self.truth = SyncMap(MAP, url, node_id="demo-check")
         self.max_staleness = self.truth.config.max_staleness
         self.store: dict[str, Any] = {}

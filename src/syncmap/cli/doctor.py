@@ -21,6 +21,7 @@ import click
 import redis
 
 from ..serverinfo import server_identity
+from .options import redis_client
 from .torture import redact
 
 DEFAULT_URL = "redis://localhost:6379/0"
@@ -86,9 +87,29 @@ def _server(client: redis.Redis) -> list[Check]:
     return checks
 
 
+def _topology(url: str) -> Check:
+    """What the URL names: one node, or a Sentinel service (its master, replicas, sentinels)."""
+    from ..errors import SyncMapError  # noqa: PLC0415 - keep the CLI light
+    from ..store.sentinel import SentinelTopology  # noqa: PLC0415
+    from ..store.topology import open_topology  # noqa: PLC0415
+
+    try:
+        topology = open_topology(url, timeout=5.0)
+        if not isinstance(topology, SentinelTopology):
+            return Check("topology", "OK", f"standalone {topology.where}")
+        seen = topology.describe()
+    except SyncMapError as exc:
+        return Check("topology", "FAIL", str(exc))
+    return Check("topology", "OK", (
+        f"sentinel service {topology.service!r}: master {seen['master']}, replicas "
+        f"{', '.join(seen['replicas']) or 'none'}, sentinels {', '.join(seen['sentinels'])}; "
+        f"down-after {seen['down_after']} s (data socket timeout capped at half of it)"
+    ))  # fmt: skip
+
+
 def _resp3(url: str) -> Check:
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+        client = redis_client(url, 5)
         try:
             client.execute_command("HELLO", 3)  # type: ignore[no-untyped-call]
         finally:
@@ -228,7 +249,7 @@ def _cleanup(url: str, namespace: str, name: str) -> None:
 
     layout = Layout(namespace, name, 1)  # the test map has one bucket
     known = [layout.meta, layout.presence, layout.stream, *layout.bucket_keys(0)]
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    client = redis_client(url, 5)
     try:
         client.delete(*known)  # by name, not by SCAN: a least-privilege user may not SCAN
     except redis.RedisError:
@@ -240,7 +261,7 @@ def _cleanup(url: str, namespace: str, name: str) -> None:
 def run_checks(url: str) -> tuple[list[Check], bool]:
     """Every check, and whether Redis could be reached at all."""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+        client = redis_client(url, 5, socket_timeout=10)
     except ValueError as exc:
         return [
             Check(
@@ -263,7 +284,7 @@ def run_checks(url: str) -> tuple[list[Check], bool]:
                     "port, password and database: redis://[[user]:password@]host:port/db",
                 )
             ], False
-        checks = [Check("connect", "OK", f"connected to {redact(url)}")]
+        checks = [Check("connect", "OK", f"connected to {redact(url)}"), _topology(url)]
         for step in (
             _server,
             lambda c: [_resp3(url)],

@@ -10,7 +10,9 @@ from typing import Any, TypeVar
 import click
 import redis
 
+from ..errors import ConfigurationError, StoreUnavailable
 from ..keys import Layout
+from ..store.topology import open_topology
 
 DEFAULT_URL = "redis://localhost:6379/0"
 """The URL used when neither ``--url`` nor ``$SYNCMAP_URL`` is given.  (``demo``, ``bench`` and
@@ -30,6 +32,23 @@ def url_option(what: str) -> Callable[[F], F]:
         "--url", envvar="SYNCMAP_URL", default=DEFAULT_URL, show_default=True, metavar="URL",
         help=f"Redis holding {what} (or set SYNCMAP_URL).",
     )  # fmt: skip
+
+
+def redis_client(url: str, timeout: float = 5.0, **overrides: Any) -> redis.Redis:
+    """A ``redis.Redis`` on the node ``url`` names now (every URL form: ``redis://``,
+    ``rediss://``, ``unix://``, ``redis+sentinel://``: the master the sentinels name).
+
+    A bad URL raises ``ValueError`` and a master no sentinel names ``redis.ConnectionError``,
+    as ``redis.Redis.from_url`` and its first command would: the commands handle those."""
+    try:
+        topology = open_topology(url, timeout=timeout)
+    except ConfigurationError as exc:
+        raise ValueError(str(exc)) from exc
+    try:
+        endpoint = topology.endpoint()
+    except StoreUnavailable as exc:
+        raise redis.ConnectionError(str(exc)) from exc
+    return endpoint.client(**overrides)
 
 
 def map_exists(client: redis.Redis, name: str, namespace: str = "sm") -> bool:

@@ -20,7 +20,7 @@ import click
 import redis
 
 from ..keys import Layout, check_map_name
-from .options import url_option
+from .options import redis_client, url_option
 from .torture import redact, rich_console, unreachable_message
 
 COLUMNS = ("node", "host:pid", "age", "cached", "hit ratio", "reads/s", "inval/s", "resyncs",
@@ -104,7 +104,7 @@ def top(name: str, url: str, namespace: str, once: bool, as_json: bool, interval
         raise click.BadParameter(str(exc), param_hint="MAP") from exc
     layout = Layout(namespace, name, 1)
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+        client = redis_client(url, 5, socket_timeout=10)
     except ValueError as exc:
         click.echo(f"syncmap top: {redact(url)} is not a Redis URL ({exc})", err=True)
         sys.exit(2)

@@ -32,6 +32,7 @@ import click
 import redis
 
 from ..errors import RedisServerNotFound
+from .options import redis_client
 
 OVERHEAD_S = 2.0  # start-up and the quiet period of C3 a scenario adds to its ``seconds``
 MIN_SECONDS = 1.0
@@ -59,7 +60,7 @@ def redact(url: str) -> str:
 def unreachable(url: str) -> str | None:
     """None if ``url`` answers PING; otherwise why not, in words."""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+        client = redis_client(url, 5, socket_timeout=10)
     except ValueError as exc:
         return f"not a Redis URL ({exc})"
     try:

@@ -22,7 +22,7 @@ from typing import Any
 import click
 import redis
 
-from .options import url_option
+from .options import redis_client, url_option
 from .torture import json_safe, redact, unreachable, unreachable_message
 
 SCENARIOS = ("S01", "S04")
@@ -30,7 +30,7 @@ SCENARIOS = ("S01", "S04")
 
 def _sweep(url: str, patterns: list[str]) -> int:
     """Delete what is left under the private prefixes; how many keys that was."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+    client = redis_client(url, 5, socket_timeout=10)
     try:
         keys = {k for p in patterns for k in client.scan_iter(match=p, count=1000)}
         return int(client.delete(*keys)) if keys else 0
@@ -39,7 +39,7 @@ def _sweep(url: str, patterns: list[str]) -> int:
 
 
 def _dbsize(url: str) -> int | None:
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+    client = redis_client(url, 5, socket_timeout=10)
     try:
         return int(client.dbsize())
     except redis.RedisError:

@@ -69,7 +69,7 @@ MAX_FIELDS = 4096
 """The most keys a change message may name and still be applied key by key.
 
 syncmap's own writers name at most 1,000 (one ``update()`` chunk, map.py) or 500 (the probe's
-expiry reaping, ``_REAP_LIMIT`` in store/redis_store.py); a writer must stay at or below this.  A
+expiry reaping, ``REAP_LIMIT`` in store/commands.py); a writer must stay at or below this.  A
 message naming more is decoded without its keys (:attr:`ChangeMessage.oversized`) and the near
 cache treats its bucket as changed (flush and repair), so one message costs bounded work whatever
 it claims (a 5 MB message naming a million keys used to stall every map of the process for

@@ -8,12 +8,16 @@ matters for the start-up gap (A5): SUBSCRIBE -> confirmation -> ``on_up`` -> the
 
 How it stays alive and honest:
 
-* It reads a bare redis-py ``Connection`` (for AUTH, TLS and ACL users) rather than ``PubSub``:
-  about 1 us of CPU per message instead of 5-8 us.  The connection always speaks RESP2, whatever
-  the data connection speaks (redis-py 8 defaults to RESP3): messages are plain arrays everywhere.
+* It reads a bare redis-py ``Connection`` made by the topology's endpoint (for AUTH, TLS and ACL
+  users) rather than ``PubSub``: about 1 us of CPU per message instead of 5-8 us.  The connection
+  speaks RESP2 (``Endpoint.connection``): messages are plain arrays everywhere.
 * redis-py must never reconnect it behind our back (a fresh socket has no subscriptions, and no
-  map would hear of the gap): the reader polls the parser directly, sends on the raw socket, and
-  treats a missing socket as a lost connection.
+  map would hear of the gap): the connection is made with ``once=True`` (a silent reconnect
+  raises instead), and the reader and senders check ``is_connected`` and that the connection is
+  still the current one before using it; a closed connection is a lost connection.
+* It follows the topology: on ``on_change`` (Sentinel named a new master) it drops its connection
+  and rebuilds it on the new master, telling the maps ``on_down`` then ``on_up`` as on any
+  reconnect (the maps then probe: the new master may have lost acknowledged writes).
 * A half-open connection is found by PING: after ``PING_AFTER`` seconds of silence the reader
   pings, and a connection that stays silent ``PING_AFTER`` more seconds is dropped and rebuilt.
 * One map's failure stays its own: a handler that raises is logged and the others go on; an error
@@ -32,12 +36,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import hiredis
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from .. import forksafe
+from ..store.topology import Topology
 
 log = logging.getLogger("syncmap.feed")
 PING_AFTER = 2.0
@@ -58,56 +60,42 @@ class Handler:
     up: bool = False  # told on_up since the last (re)subscription
 
 
-def _target(client: redis.Redis) -> tuple[Any, ...]:
-    kw = client.connection_pool.connection_kwargs
-    names = ("host", "port", "path", "db", "username", "password", "protocol", "ssl_ca_certs")
-    return (*(kw.get(k) for k in names), client.connection_pool.connection_class)
-
-
 class Subscriber:
-    """The process's subscriber for one Redis target.  Get it with :meth:`attach_to`."""
+    """The process's subscriber for one topology.  Get it with :meth:`attach_to`."""
 
     _registry: dict[tuple[Any, ...], Subscriber] = {}
     _registry_lock = threading.Lock()
 
     @classmethod
-    def attach_to(cls, client: redis.Redis, channel: str, handler: Handler) -> Subscriber:
-        """Attach ``handler`` to the process's subscriber for ``client``'s Redis (made if new).
+    def attach_to(cls, topology: Topology, channel: str, handler: Handler) -> Subscriber:
+        """Attach ``handler`` to the process's subscriber for ``topology`` (made if new).
 
         Under the registry lock, so a last ``detach`` elsewhere cannot stop it in between.
         """
-        key = _target(client)
+        key = topology.key
         with cls._registry_lock:
             sub = cls._registry.get(key)
             if sub is None:
-                sub = cls._registry[key] = cls(client, key)
+                sub = cls._registry[key] = cls(topology, key)
             sub.attach(channel, handler)
             return sub
 
-    def __init__(self, client: redis.Redis, key: tuple[Any, ...]) -> None:
-        pool = client.connection_pool
-        # Only how to connect is copied: not the pool's bookkeeping (redis-py 8's maintenance
-        # handlers need RESP3), and connections are made directly, outside the pool's count.
-        kwargs = {
-            k: v
-            for k, v in pool.connection_kwargs.items()
-            if not k.startswith(("maint_notifications", "orig_", "himport"))
-        }
-        # A finite timeout: the handshake in connect() and a frame cut mid-way must not hang the
-        # reader (waiting for messages uses its own select timeout, see _read_until_error).
-        timeout = 2.5 * PING_AFTER
-        kwargs.update(
-            retry=Retry(NoBackoff(), 0), socket_timeout=timeout, socket_connect_timeout=timeout,
-            decode_responses=False, protocol=2,
-        )  # fmt: skip
-        self._make: Callable[[], Any] = lambda: pool.connection_class(**kwargs)
+    def __init__(self, topology: Topology, key: tuple[Any, ...]) -> None:
+        self._topology = topology
         self._key = key
         self._handlers: dict[bytes, list[Handler]] = {}
         self._lock = threading.Lock()
         self._conn: Any = None
         self._stop = threading.Event()
+        topology.on_change(self._master_changed)
         self._thread = threading.Thread(target=self._run, name="syncmap-subscriber", daemon=True)
         self._thread.start()
+
+    def _master_changed(self) -> None:
+        """The topology names another master: drop the connection; the reader rebuilds it
+        there (on_down, reconnect, SUBSCRIBE, on_up)."""
+        log.warning("syncmap subscriber: %s changed master; reconnecting", self._topology.where)
+        self._close_conn()
 
     def attach(self, channel: str, handler: Handler) -> None:
         """Subscribe ``channel``; ``handler.on_up`` runs once the subscription is confirmed."""
@@ -143,22 +131,23 @@ class Subscriber:
 
     def stop(self) -> None:
         self._stop.set()
+        self._topology.remove_listener(self._master_changed)
         self._close_conn()  # wakes the reader at once
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
 
     def _send(self, *command: Any) -> None:
-        """Send on the live socket (caller holds the lock).  Never through redis-py, which would
-        reconnect a dead connection without our subscriptions; a failure drops the connection so
-        the reader rebuilds it and subscribes every attached channel."""
-        sock = getattr(self._conn, "_sock", None)
-        if sock is None:
+        """Send on the live connection (caller holds the lock).  Never on a closed one, which
+        would have none of our subscriptions; a failure drops the connection so the reader
+        rebuilds it and subscribes every attached channel."""
+        conn = self._conn
+        if conn is None or not conn.is_connected:
             return
         try:
-            sock.sendall(hiredis.pack_command(command))
-        except OSError:
+            conn.send_command(*command, check_health=False)
+        except (redis.RedisError, OSError):
             with contextlib.suppress(Exception):
-                self._conn.disconnect()
+                conn.disconnect()
 
     # ---- the reader thread -------------------------------------------------------------------
 
@@ -182,7 +171,10 @@ class Subscriber:
         self._close_conn()
 
     def _connect(self) -> Any:
-        conn = self._make()
+        # A finite timeout: the handshake in connect() and a frame cut mid-way must not hang the
+        # reader (waiting for messages uses can_read's own timeout, see _read_until_error).
+        endpoint = self._topology.endpoint()  # Sentinel: resolved here after a change
+        conn = endpoint.connection(timeout=2.5 * PING_AFTER, once=True)
         conn.connect()
         with self._lock:
             # One SUBSCRIBE per channel: an ACL that refuses one channel refuses only that one.
@@ -192,13 +184,19 @@ class Subscriber:
         return conn
 
     def _read_until_error(self, conn: Any) -> None:
-        parser = conn._parser  # polled directly: Connection.can_read() would reconnect silently
+        try:
+            self._read(conn)
+        finally:  # whatever ended the reading, this connection is done
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+
+    def _read(self, conn: Any) -> None:
         heard = subscribed = time.monotonic()
         pinged = 0.0
         while not self._stop.is_set():
-            if conn._sock is None:
+            if self._conn is not conn or not conn.is_connected:
                 raise redis.ConnectionError("the subscriber connection was closed")
-            if not parser.can_read(1.0):
+            if not conn.can_read(1.0):
                 now = time.monotonic()
                 if pinged and now - pinged > PING_AFTER:
                     raise redis.ConnectionError(f"no answer to PING in {PING_AFTER} s")

@@ -1,28 +1,27 @@
-"""What the two Redis feeds share: a client, commands in the feed's error terms, subscriptions."""
+"""What the two Redis feeds share: a topology, commands in the feed's error terms, subscriptions."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
 
-import redis
-
 from ..errors import StoreUnavailable, WriteOutcomeUnknown
-from ..store.transport import Command, Transport, make_client
+from ..store.executor import Command
+from ..store.topology import Topology, open_topology
 from .base import Feed, FeedUnavailable, PublishOutcomeUnknown, Subscription
 
 
 class RedisFeed(Feed):
-    """Base of ``redis://`` and ``redis+stream://``: ``client`` is the Redis the feed is on (the
+    """Base of ``redis://`` and ``redis+stream://``: ``topology`` is the Redis the feed is on (the
     store routing compares its ``run_id`` with the store's, ``feed/routing.py``)."""
 
     def __init__(
-        self, url: str, topic: str, *, timeout: float = 5.0, client: redis.Redis | None = None,
+        self, url: str, topic: str, *, timeout: float = 5.0, topology: Topology | None = None,
         redis_url: str | None = None,
     ) -> None:  # fmt: skip
         super().__init__(url, topic, timeout=timeout)
-        self.client = make_client(redis_url if client is None else None, client, timeout)
-        self._transport = Transport(self.client, timeout)
+        self.topology = topology or open_topology(redis_url, timeout=timeout)
+        self._transport = self.topology.executor(timeout=timeout)
         self._subs: list[Subscription] = []
         self._lock = threading.Lock()
 

@@ -7,8 +7,7 @@ the same atomic step as the write, so no message can be lost between a write and
 
 from __future__ import annotations
 
-import redis
-
+from ..store.topology import Topology
 from .base import FeedHandler, Subscription
 from .pubsub import Handler, Subscriber
 from .redis_base import RedisFeed
@@ -24,9 +23,9 @@ class RedisPubSubFeed(RedisFeed):
         return f"{namespace}:{{{name}}}:ch"
 
     def __init__(
-        self, url: str, topic: str, *, timeout: float = 5.0, client: redis.Redis | None = None
+        self, url: str, topic: str, *, timeout: float = 5.0, topology: Topology | None = None
     ) -> None:
-        super().__init__(url, topic, timeout=timeout, client=client, redis_url=url)
+        super().__init__(url, topic, timeout=timeout, topology=topology, redis_url=url)
 
     @property
     def channel(self) -> str:
@@ -44,7 +43,7 @@ class RedisPubSubFeed(RedisFeed):
         )
         sub = _PubSubSubscription(self, inner)
         self._keep(sub)
-        sub.subscriber = Subscriber.attach_to(self.client, self.topic, inner)
+        sub.subscriber = Subscriber.attach_to(self.topology, self.topic, inner)
         return sub
 
 

@@ -63,13 +63,11 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-import hiredis
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from ..errors import ConfigurationError
 from ..ratelog import RateLimitedLog
+from ..store.topology import Topology
 from .base import (
     BEGINNING,
     FeedHandler,
@@ -91,7 +89,7 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 1.0
 _ID = re.compile(r"\d+-\d+")
 
 StreamId = tuple[int, int]
-Conn = Any  # a redis-py Connection, driven by hand (see _command)
+Conn = Any  # a redis-py Connection made with once=True (see _command)
 
 
 def parse_id(entry_id: str) -> StreamId:
@@ -156,10 +154,10 @@ class RedisStreamFeed(RedisFeed):
         return f"{namespace}:{{{name}}}:log"
 
     def __init__(
-        self, url: str, topic: str, *, timeout: float = 5.0, client: redis.Redis | None = None
+        self, url: str, topic: str, *, timeout: float = 5.0, topology: Topology | None = None
     ) -> None:
-        redis_url, self.maxlen = _split_url(url) if client is None else (None, _maxlen_of(url))
-        super().__init__(url, topic, timeout=timeout, client=client, redis_url=redis_url)
+        redis_url, self.maxlen = _split_url(url) if topology is None else (None, _maxlen_of(url))
+        super().__init__(url, topic, timeout=timeout, topology=topology, redis_url=redis_url)
 
     @property
     def stream(self) -> str:
@@ -202,19 +200,11 @@ class RedisStreamFeed(RedisFeed):
 
     def _connect_reader(self) -> tuple[Conn, str | None]:
         """A new connection for a reader, and the server's ``run_id``."""
-        pool = self.client.connection_pool
-        # Only how to connect is copied, not the pool's bookkeeping (redis-py 8's maintenance
-        # handlers need RESP3).  No retries: a drop must reach the reader, which checks for a gap.
-        kwargs = {
-            k: v
-            for k, v in pool.connection_kwargs.items()
-            if not k.startswith(("maint_notifications", "orig_", "himport"))
-        }
-        kwargs.update(
-            retry=Retry(NoBackoff(), 0), socket_timeout=_READ_TIMEOUT,
-            socket_connect_timeout=self.timeout, decode_responses=False, protocol=2,
-        )  # fmt: skip
-        conn = pool.connection_class(**kwargs)
+        # No retries, no silent reconnect (Endpoint.connection): a drop must reach the reader,
+        # which checks for a gap.  Sentinel: the master is resolved here after a change.
+        conn = self.topology.endpoint().connection(
+            timeout=_READ_TIMEOUT, connect_timeout=self.timeout, once=True
+        )
         try:
             conn.connect()
             return conn, _run_id(conn)
@@ -270,9 +260,16 @@ class _StreamSubscription(Subscription):
         self._thread = threading.Thread(target=self._run, name="syncmap-stream", daemon=True)
 
     def start(self) -> None:
+        self._feed.topology.on_change(self._master_changed)
         self._thread.start()
 
+    def _master_changed(self) -> None:
+        """The topology names another master: drop the connection; the reader reconnects
+        there and checks for a gap (on_down, then on_up(resumed))."""
+        self._drop()
+
     def close(self) -> None:
+        self._feed.topology.remove_listener(self._master_changed)
         self._stop.set()
         self._drop()  # wakes a reader blocked in XREAD at once
         if threading.current_thread() is not self._thread and self._thread.is_alive():
@@ -377,13 +374,12 @@ def check_resume(conn: Conn, stream: str, last: str, same_server: bool) -> tuple
 def _command(conn: Conn, *args: Any) -> Any:
     """Send one command on ``conn`` and read its reply.
 
-    Written to the socket by hand: redis-py's ``send_command`` opens a new socket for a closed
-    connection without a word, and the reader must see every drop to check for a gap.
+    The reader must see every drop to check for a gap: a closed connection is an error here
+    (and a connection made with ``once=True`` cannot be reopened behind our back either).
     """
-    sock = conn._sock
-    if sock is None:
+    if not conn.is_connected:
         raise redis.ConnectionError("the stream reader's connection was closed")
-    sock.sendall(hiredis.pack_command(args))
+    conn.send_command(*args, check_health=False)
     return conn.read_response()
 
 

@@ -20,42 +20,49 @@ another address (a proxy, a Unix socket) still gets the atomic route.
 
 from __future__ import annotations
 
-import redis
-
+from ..errors import StoreError, SyncMapError
 from ..keys import Layout
 from ..store.commands import stream_target
+from ..store.topology import Topology
 from .base import Feed, FeedUnavailable, feed_class
 from .redis_pubsub import RedisPubSubFeed
 
 
 def open_store_feed(
-    url: str | None, client: redis.Redis, layout: Layout, timeout: float
+    url: str | None, topology: Topology, layout: Layout, timeout: float
 ) -> tuple[Feed, str]:
     """Open the feed ``url`` names for a store-mode map; returns it and the scripts' target."""
     if url is None:
         feed: Feed = RedisPubSubFeed("redis (the store)", layout.channel, timeout=timeout,
-                                     client=client)  # fmt: skip
+                                     topology=topology)  # fmt: skip
         return feed, layout.channel
     cls = feed_class(url)
     feed = cls(url, cls.topic_for(layout.namespace, layout.name), timeout=timeout)
-    feed_client: redis.Redis | None = getattr(feed, "client", None)
-    if feed_client is None or not _same_server(feed_client, client, feed):
+    feed_topology: Topology | None = getattr(feed, "topology", None)
+    if feed_topology is None or not _same_server(feed_topology, topology, feed, timeout):
         return feed, ""
     if isinstance(feed, RedisPubSubFeed):
         return feed, feed.topic
     return feed, stream_target(feed.topic, int(getattr(feed, "maxlen", 0)))
 
 
-def _same_server(a: redis.Redis, b: redis.Redis, feed: Feed) -> bool:
+def _same_server(a: Topology, b: Topology, feed: Feed, timeout: float) -> bool:
     try:
-        return bool(_run_id(a) == _run_id(b))
-    except redis.RedisError as exc:
+        return _run_id(a, timeout) == _run_id(b, timeout)
+    except SyncMapError as exc:  # unreachable, or an ACL refusing INFO
         feed.close()
         raise FeedUnavailable(
             f"cannot reach the feed's Redis at {feed.describe()} ({exc}): check the URL"
         ) from exc
 
 
-def _run_id(client: redis.Redis) -> str:
-    info = client.info("server")
-    return str(info["run_id"])
+def _run_id(topology: Topology, timeout: float) -> str:
+    executor = topology.executor(timeout=timeout)
+    try:
+        info: bytes = executor.call([("INFO", "server")], write=False)[0]
+    finally:
+        executor.close()
+    for line in info.splitlines():
+        if line.startswith(b"run_id:"):
+            return line.removeprefix(b"run_id:").decode()
+    raise StoreError(f"{executor.where} told no run_id in INFO server")

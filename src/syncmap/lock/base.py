@@ -17,42 +17,27 @@ import redis
 from .. import forksafe
 from ..errors import ConfigurationError, LockLost, SyncMapError
 from ..keys import LockLayout, check_lock_name
-from ..store.transport import Transport, config_value, make_client
+from ..store.executor import config_value
+from ..store.node import NodeExecutor
+from ..store.topology import Topology, open_topology
 from .waiting import Waker
 
 OnLost = Callable[[LockLost], None]
 log = logging.getLogger("syncmap.lock")
-_policy_checked: weakref.WeakSet[Transport] = weakref.WeakSet()
-
-_by_url: dict[tuple[str, float], redis.Redis] = {}
-_by_client: weakref.WeakKeyDictionary[redis.Redis, Transport] = weakref.WeakKeyDictionary()
-_shared_lock = threading.Lock()
+_policy_checked: weakref.WeakSet[NodeExecutor] = weakref.WeakSet()
 
 
-@forksafe.at_fork
-def _fresh_shared_lock() -> None:
-    global _shared_lock
-    _shared_lock = threading.Lock()  # a parent's thread may have held it at the fork
+def lock_topology(url: str | None, client: redis.Redis | None, timeout: float) -> Topology:
+    """The topology of a lock's ``redis=`` client, else its ``url``, else ``$SYNCMAP_URL``."""
+    return open_topology(url, client, timeout=timeout)
 
 
-def shared_transport(url: str | None, client: redis.Redis | None, timeout: float) -> Transport:
-    """One transport (and so one small pool of connections) per Redis client in this process.
+def shared_executor(url: str | None, client: redis.Redis | None, timeout: float) -> NodeExecutor:
+    """The topology's shared executor: one small pool of connections per Redis and process.
 
     ``users.lock(key)`` makes a Lock per call; each must not open a connection of its own.
     """
-    with _shared_lock:
-        if client is None:
-            url = url or os.environ.get("SYNCMAP_URL")
-            key = (url or "", timeout)
-            client = _by_url.get(key)
-            if client is None:
-                client = _by_url[key] = make_client(url, None, timeout)
-        else:
-            make_client(None, client, timeout)  # validates it
-        transport = _by_client.get(client)
-        if transport is None:
-            transport = _by_client[client] = Transport(client, timeout)
-        return transport
+    return lock_topology(url, client, timeout).shared_executor(timeout)
 
 
 def check_timeout(timeout: float | None) -> float | None:
@@ -120,7 +105,7 @@ class LockBase:
         on_lost: OnLost | None,
         namespace: str,
         socket_timeout: float,
-        transport: Transport | None = None,
+        topology: Topology | None = None,
     ) -> None:
         self.name = check_lock_name(name)
         self.lease = check_seconds("lease", lease, 0.05, 86_400)
@@ -131,7 +116,8 @@ class LockBase:
             raise ConfigurationError(f"owner={owner!r}: use a str of 1-512 bytes")
         self.on_lost = on_lost
         self.layout = LockLayout(namespace, self.name)
-        self._transport = transport or shared_transport(url, redis, socket_timeout)
+        self._topology = topology or lock_topology(url, redis, socket_timeout)
+        self._executor = self._topology.shared_executor(socket_timeout)
         self._state = threading.Lock()
         forksafe.register(self)
 
@@ -152,24 +138,24 @@ class LockBase:
         return f"{self.kind} {self.name!r} (owner {self.owner})"
 
     def _waker(self) -> Waker:
-        return Waker.for_client(self._transport.client)
+        return Waker.for_topology(self._topology)
 
     @property
     def where(self) -> str:
-        return self._transport.where
+        return self._executor.where
 
     def _warn_if_evicting(self) -> None:
         """Once per Redis and process: holds have a TTL, so a ``volatile-*`` (or ``allkeys-*``)
         policy under memory pressure evicts them and hands the lock to a second holder (S16).
         Fencing still protects map writes; the warning says so.  A refused CONFIG is no answer."""
-        transport = self._transport
-        if transport in _policy_checked:
+        executor = self._executor
+        if executor in _policy_checked:
             return
-        _policy_checked.add(transport)
+        _policy_checked.add(executor)
         try:
             policy, limit = (
                 config_value(r)
-                for r in transport.call(
+                for r in executor.call(
                     [("CONFIG", "GET", "maxmemory-policy"), ("CONFIG", "GET", "maxmemory")],
                     write=False,
                 )
@@ -181,7 +167,7 @@ class LockBase:
                 "syncmap: %s evicts keys under memory pressure (maxmemory %s, maxmemory-policy "
                 "%s): a lock's hold can be evicted and the lock given to a second holder. Set "
                 "maxmemory-policy noeviction for lock keys; writes fenced with fence= stay safe",
-                transport.where, limit, policy,
+                executor.where, limit, policy,
             )  # fmt: skip
 
     def _lease_ms(self) -> int:

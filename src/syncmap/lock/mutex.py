@@ -18,7 +18,8 @@ from ..errors import (
     StoreUnavailable,
     WriteOutcomeUnknown,
 )
-from ..store.transport import Transport
+from ..store.executor import evalsha
+from ..store.topology import Topology
 from .base import LockBase, OnLost, check_count, check_seconds, check_timeout
 from .lease import Fence, Hold, ReleasedOnExit, Watchdog, drift
 from .waiting import Attempt, wait_for
@@ -59,11 +60,11 @@ class Lock(ReleasedOnExit, LockBase):
         on_lost: OnLost | None = None,
         namespace: str = "sm",
         socket_timeout: float = 5.0,
-        transport: Transport | None = None,
+        topology: Topology | None = None,
     ) -> None:
         super().__init__(name, url, redis=redis, lease=lease, owner=owner, on_lost=on_lost,
                          namespace=namespace, socket_timeout=socket_timeout,
-                         transport=transport)  # fmt: skip
+                         topology=topology)  # fmt: skip
         if replicas not in ("none", "check", "require"):
             raise ConfigurationError(f"replicas={replicas!r}: use 'none', 'check' or 'require'")
         self.replicas = replicas
@@ -104,11 +105,11 @@ class Lock(ReleasedOnExit, LockBase):
 
     def _acquire_command(self) -> tuple[Any, ...]:
         lay = self.layout
-        return self._transport.evalsha("lock_acquire", (lay.hold, lay.fence), self.owner,
+        return evalsha("lock_acquire", (lay.hold, lay.fence), self.owner,
                                        self._lease_ms())  # fmt: skip
 
     def _renew_command(self) -> tuple[Any, ...]:
-        return self._transport.evalsha("lock_renew", (self.layout.hold,), self.owner,
+        return evalsha("lock_renew", (self.layout.hold,), self.owner,
                                        self._lease_ms())  # fmt: skip
 
     def _release_command(self, *, every_level: bool, last: bool, token: int | None = None
@@ -116,7 +117,7 @@ class Lock(ReleasedOnExit, LockBase):
         """None: nothing to tell Redis at this level (it keeps no re-entry count).  ``token``
         releases only that hold (a lost one given back late), not a newer one of this owner."""
         every = "1" if every_level else "0"
-        return self._transport.evalsha("lock_release", (self.layout.hold,), self.owner,
+        return evalsha("lock_release", (self.layout.hold,), self.owner,
                                        self.layout.channel, every,
                                        "" if token is None else token)  # fmt: skip
 
@@ -128,7 +129,7 @@ class Lock(ReleasedOnExit, LockBase):
 
     def _still_ours(self) -> tuple[int, int] | None:
         """After a lost acquire reply: (token, re-entries) if Redis says this owner holds it."""
-        owner, count, token = self._transport.call(
+        owner, count, token = self._executor.call(
             [("HMGET", self.layout.hold, "o", "n", "t")], write=False
         )[0]
         if owner is None or owner.decode() != self.owner:
@@ -143,7 +144,7 @@ class Lock(ReleasedOnExit, LockBase):
             cmds.append(("WAIT", self.min_replicas, max(1, round(self.replica_timeout * 1000))))
         sent = time.monotonic()
         try:
-            replies = self._transport.call(cmds, write=True)
+            replies = self._executor.call(cmds, write=True)
         except WriteOutcomeUnknown:
             return self._after_unknown(sent)
         reply = replies[0]
@@ -227,15 +228,15 @@ class Lock(ReleasedOnExit, LockBase):
 
     def locked(self) -> bool:
         """Whether any owner holds it now (one round trip)."""
-        return bool(self._transport.call([("EXISTS", self.layout.hold)], write=False)[0])
+        return bool(self._executor.call([("EXISTS", self.layout.hold)], write=False)[0])
 
     def _renew(self) -> bool:
-        return bool(self._transport.call([self._renew_command()], write=True)[0])
+        return bool(self._executor.call([self._renew_command()], write=True)[0])
 
     def _abandon(self, token: int) -> None:
         cmd = self._release_command(every_level=True, last=True, token=token)
         if cmd is not None:
-            self._transport.call([cmd], write=True)
+            self._executor.call([cmd], write=True)
 
     # ---- releasing -----------------------------------------------------------------------------
 
@@ -263,7 +264,7 @@ class Lock(ReleasedOnExit, LockBase):
         cmd = self._release_command(every_level=False, last=last)
         if cmd is None:
             return
-        now_held_by = self._released(self._transport.call([cmd], write=True)[0])
+        now_held_by = self._released(self._executor.call([cmd], write=True)[0])
         if now_held_by is not None:
             holder = f"; {now_held_by} holds it now" if now_held_by else ""
             raise LockLost(

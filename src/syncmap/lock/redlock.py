@@ -34,9 +34,21 @@ from ..errors import (
     StoreError,
 )
 from ..keys import LockLayout, check_lock_name
-from ..store.transport import Transport, make_client
-from .base import OnLost, check_count, check_seconds, check_timeout, new_owner, shared_transport
+from ..store.executor import evalsha
+from ..store.node import NodeExecutor
+from ..store.topology import Topology, open_topology
+from .base import OnLost, check_count, check_seconds, check_timeout, new_owner, shared_executor
 from .lease import Fence, Hold, ReleasedOnExit, Watchdog, drift
+
+
+def _nodes(urls: Sequence[str] | None, clients: Sequence[redis.Redis] | None,
+           topologies: Sequence[Topology] | None, timeout: float) -> list[Topology]:  # fmt: skip
+    """The nodes, from ``topologies``, else ``clients``, else ``urls``."""
+    if topologies:
+        return list(topologies)
+    if clients:
+        return [open_topology(client=c, timeout=timeout) for c in clients]
+    return [open_topology(u, timeout=timeout) for u in urls or []]
 
 
 class Redlock(ReleasedOnExit):
@@ -48,6 +60,7 @@ class Redlock(ReleasedOnExit):
         urls: Sequence[str] | None = None,
         *,
         clients: Sequence[redis.Redis] | None = None,
+        topologies: Sequence[Topology] | None = None,
         lease: float = 10.0,
         retries: int = 3,
         retry_delay: float = 0.2,
@@ -62,13 +75,13 @@ class Redlock(ReleasedOnExit):
         retries = check_count("retries", retries, 0)
         retry_delay = check_seconds("retry_delay", retry_delay, 0, 3600)
         node_timeout = check_seconds("node_timeout", node_timeout, 0, 3600, low_ok=False)
-        given = list(clients or []) or [make_client(u, None, node_timeout) for u in urls or []]
+        given = _nodes(urls, clients, topologies, node_timeout)
         if len(given) < 3 or len(given) % 2 == 0:
             raise ConfigurationError(
                 f"Redlock needs an odd number of independent masters, at least 3 (got "
                 f"{len(given)}); 5 survives the loss of 2"
             )
-        self._nodes = [Transport(c, node_timeout) for c in given]
+        self._nodes = [t.executor(timeout=node_timeout) for t in given]
         self.quorum = len(self._nodes) // 2 + 1
         self.lease = lease
         self.retries = retries
@@ -78,9 +91,9 @@ class Redlock(ReleasedOnExit):
         self.auto_renew = auto_renew
         self.layout = LockLayout(namespace, self.name)
         self.key = f"{namespace}:{{redlock:{self.name}}}"
-        self._authority: Transport | None = None
+        self._authority: NodeExecutor | None = None
         if authority is not None:
-            self._authority = shared_transport(
+            self._authority = shared_executor(
                 authority if isinstance(authority, str) else None,
                 authority if not isinstance(authority, str) else None, 5.0,
             )  # fmt: skip
@@ -157,7 +170,7 @@ class Redlock(ReleasedOnExit):
         if self._authority is not None:
             auth = self._authority
             try:
-                self._token = int(auth.call([auth.evalsha("fence_next", (self.layout.fence,))],
+                self._token = int(auth.call([evalsha("fence_next", (self.layout.fence,))],
                                             write=True)[0])  # fmt: skip
             except StoreError:
                 self._release_all()  # no token, no lock: do not leave it held until the lease
@@ -176,7 +189,7 @@ class Redlock(ReleasedOnExit):
         ok = 0
         for node in self._nodes:
             with contextlib.suppress(StoreError):
-                cmd = node.evalsha("redlock_extend", (self.key,), self.owner, ms)
+                cmd = evalsha("redlock_extend", (self.key,), self.owner, ms)
                 ok += int(node.call([cmd], write=True)[0])
         in_time = self.lease - (self._clock() - start) - drift(self.lease) > 0
         return ok >= self.quorum and in_time
@@ -185,7 +198,7 @@ class Redlock(ReleasedOnExit):
         freed = 0
         for node in self._nodes:
             with contextlib.suppress(StoreError):
-                cmd = node.evalsha("redlock_release", (self.key,), self.owner)
+                cmd = evalsha("redlock_release", (self.key,), self.owner)
                 freed += int(node.call([cmd], write=True)[0])
         return freed
 

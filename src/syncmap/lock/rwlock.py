@@ -7,7 +7,8 @@ from typing import Any
 import redis
 
 from ..errors import LockNotAcquired
-from ..store.transport import Transport
+from ..store.executor import evalsha
+from ..store.topology import Topology
 from .base import LockBase, OnLost
 from .lease import Fence
 from .mutex import Lock
@@ -22,7 +23,7 @@ class _Writer(Lock):
     def _acquire_command(self) -> tuple[Any, ...]:
         lay = self.layout
         claim_ms = self._lease_ms() + 1000  # outlives every wait between two attempts
-        return self._transport.evalsha("rw_write", (lay.hold, lay.fence, lay.readers, lay.claims),
+        return evalsha("rw_write", (lay.hold, lay.fence, lay.readers, lay.claims),
                                        self.owner, self._lease_ms(), claim_ms)  # fmt: skip
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> Fence:
@@ -30,7 +31,7 @@ class _Writer(Lock):
             return super().acquire(blocking, timeout)
         except LockNotAcquired:
             # Give up the claim at once, or readers would wait for it to run out.
-            self._transport.call([("ZREM", self.layout.claims, self.owner)], write=True)
+            self._executor.call([("ZREM", self.layout.claims, self.owner)], write=True)
             raise
 
 
@@ -42,7 +43,7 @@ class _Reader(Lock):
 
     def _acquire_command(self) -> tuple[Any, ...]:
         lay = self.layout
-        return self._transport.evalsha("rw_read", (lay.hold, lay.fence, lay.readers, lay.claims),
+        return evalsha("rw_read", (lay.hold, lay.fence, lay.readers, lay.claims),
                                        self.owner, self._lease_ms())  # fmt: skip
 
     def _attempt(self) -> Attempt[Fence]:
@@ -53,21 +54,21 @@ class _Reader(Lock):
         return super()._attempt()
 
     def _renew_command(self) -> tuple[Any, ...]:
-        return self._transport.evalsha("zset_renew", (self.layout.readers,), self.owner,
+        return evalsha("zset_renew", (self.layout.readers,), self.owner,
                                        self._lease_ms())  # fmt: skip
 
     def _release_command(self, *, every_level: bool, last: bool, token: int | None = None
                          ) -> tuple[Any, ...] | None:  # fmt: skip
         if not last:
             return None
-        return self._transport.evalsha("zset_release", (self.layout.readers,), self.owner,
+        return evalsha("zset_release", (self.layout.readers,), self.owner,
                                        self.layout.channel)  # fmt: skip
 
     def _released(self, reply: Any) -> str | None:
         return None if int(reply) == 1 else ""
 
     def _still_ours(self) -> tuple[int, int] | None:
-        score = self._transport.call([("ZSCORE", self.layout.readers, self.owner)],
+        score = self._executor.call([("ZSCORE", self.layout.readers, self.owner)],
                                      write=False)[0]  # fmt: skip
         return None if score is None else (self._token, 1)
 
@@ -95,14 +96,14 @@ class RWLock(LockBase):
         on_lost: OnLost | None = None,
         namespace: str = "sm",
         socket_timeout: float = 5.0,
-        transport: Transport | None = None,
+        topology: Topology | None = None,
     ) -> None:
         super().__init__(name, url, redis=redis, lease=lease, owner=owner, on_lost=on_lost,
                          namespace=namespace, socket_timeout=socket_timeout,
-                         transport=transport)  # fmt: skip
+                         topology=topology)  # fmt: skip
         common: dict[str, Any] = dict(
             lease=lease, owner=self.owner, on_lost=on_lost, namespace=namespace,
-            transport=self._transport,
+            socket_timeout=socket_timeout, topology=self._topology,
         )  # fmt: skip
         self.read: Lock = _Reader(name, **common)
         self.write: Lock = _Writer(name, **common)

@@ -8,7 +8,8 @@ import uuid
 import redis
 
 from ..errors import ConfigurationError, LockLost, LockNotAcquired, LockNotOwned
-from ..store.transport import Transport
+from ..store.executor import evalsha
+from ..store.topology import Topology
 from .base import LockBase, OnLost, check_timeout
 from .lease import Hold, ReleasedOnExit, Watchdog, drift
 from .waiting import Attempt, wait_for
@@ -37,11 +38,11 @@ class Semaphore(ReleasedOnExit, LockBase):
         on_lost: OnLost | None = None,
         namespace: str = "sm",
         socket_timeout: float = 5.0,
-        transport: Transport | None = None,
+        topology: Topology | None = None,
     ) -> None:
         super().__init__(name, url, redis=redis, lease=lease, owner=owner, on_lost=on_lost,
                          namespace=namespace, socket_timeout=socket_timeout,
-                         transport=transport)  # fmt: skip
+                         topology=topology)  # fmt: skip
         if not isinstance(permits, int) or permits < 1:
             raise ConfigurationError(f"permits={permits!r}: use an int >= 1")
         self.permits = permits
@@ -69,7 +70,7 @@ class Semaphore(ReleasedOnExit, LockBase):
     def _attempt(self, permit: str) -> Attempt[bool]:
         lay = self.layout
         sent = time.monotonic()
-        reply = self._transport.call([self._transport.evalsha(
+        reply = self._executor.call([evalsha(
             "sem_acquire", (lay.permits, lay.limit), permit, self._lease_ms(), self.permits,
         )], write=True)[0]  # fmt: skip
         if not reply[0]:
@@ -87,24 +88,16 @@ class Semaphore(ReleasedOnExit, LockBase):
 
     def _renew(self, permit: str) -> bool:
         return bool(
-            self._transport.call(
-                [
-                    self._transport.evalsha(
-                        "zset_renew", (self.layout.permits,), permit, self._lease_ms()
-                    )
-                ],
+            self._executor.call(
+                [evalsha("zset_renew", (self.layout.permits,), permit, self._lease_ms())],
                 write=True,
             )[0]
         )
 
     def _give_back(self, permit: str) -> bool:
         return bool(
-            self._transport.call(
-                [
-                    self._transport.evalsha(
-                        "zset_release", (self.layout.permits,), permit, self.layout.channel
-                    )
-                ],
+            self._executor.call(
+                [evalsha("zset_release", (self.layout.permits,), permit, self.layout.channel)],
                 write=True,
             )[0]
         )

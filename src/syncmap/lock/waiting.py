@@ -27,11 +27,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-import redis
-
 from .. import forksafe, instruments
 from ..errors import LockNotAcquired
-from ..feed.pubsub import Handler, Subscriber, _target
+from ..feed.pubsub import Handler, Subscriber
+from ..store.topology import Topology
 
 T = TypeVar("T")
 IDLE_CHANNELS = 256
@@ -62,12 +61,12 @@ class Waker:
     _registry_lock = threading.Lock()
 
     @classmethod
-    def for_client(cls, client: redis.Redis) -> Waker:
-        key = _target(client)
+    def for_topology(cls, topology: Topology) -> Waker:
+        """The process's waker for ``topology`` (keyed as its shared subscriber is)."""
         with cls._registry_lock:
-            waker = cls._registry.get(key)
+            waker = cls._registry.get(topology.key)
             if waker is None:
-                waker = cls._registry[key] = cls(client)
+                waker = cls._registry[topology.key] = cls(topology)
             return waker
 
     @staticmethod
@@ -78,8 +77,8 @@ class Waker:
         Waker._registry = {}
         Waker._registry_lock = threading.Lock()
 
-    def __init__(self, client: redis.Redis) -> None:
-        self._client = client
+    def __init__(self, topology: Topology) -> None:
+        self._topology = topology
         self._lock = threading.Lock()
         self._channels: OrderedDict[str, _Channel] = OrderedDict()
 
@@ -116,7 +115,7 @@ class Waker:
 
         chan = _Channel(Handler(on_message=lambda _payload: wake(), on_up=up, on_down=down))
         self._channels[channel] = chan
-        chan.subscriber = Subscriber.attach_to(self._client, channel, chan.handler)
+        chan.subscriber = Subscriber.attach_to(self._topology, channel, chan.handler)
         return chan
 
     def _evict_idle(self) -> None:

@@ -1,27 +1,50 @@
-"""The store seam: one method every way of reaching Redis implements.
+"""The one seam to Redis: ``Executor.call(commands)``, and what its failures mean.
 
-Contract (every executor, checked by ``syncmap.testing.storeconformance``):
+Everything syncmap sends to Redis (map scripts, reads, probes, locks, feeds' commands) goes
+through an executor.  The contract, written here once and kept by every executor
+(:class:`~syncmap.store.node.NodeExecutor` on one node, whichever the topology names):
 
-* ``call(commands, write=..., partial=...)`` sends the commands as one batch and returns their
-  replies in order;
-* ``StoreUnavailable``: nothing ran (no connection, refused before running: READONLY,
-  MASTERDOWN, LOADING, OOM, NOREPLICAS, a deadline passed before sending);
-* ``WriteOutcomeUnknown``: a write may have run (the connection failed after sending); a write
-  that may have run is never retried; a read is retried once;
-* NOSCRIPT is handled inside (load the scripts, resend what did not run);
-* ``partial=True`` returns refusals (as ``SyncMapError``) in place of their replies instead of
-  raising the first: the other commands did run.
+* **order kept**: ``call(commands)`` sends the commands as one pipeline and returns their replies
+  in the same order;
+* ``StoreUnavailable`` means **nothing ran**: no connection could be had, the call's deadline
+  passed before sending, or Redis refused the command before running it (``READONLY`` from a
+  demoted master, ``MASTERDOWN``, ``LOADING``, ``OOM``, ``NOREPLICAS``, ``BUSY``);
+* ``WriteOutcomeUnknown`` means **it may have run**: a write's connection failed after the request
+  was (partly) sent.  Read the key to find out;
+* a write that may have run is **never retried**; a read (idempotent) is retried once on a new
+  connection;
+* ``NOSCRIPT`` is handled inside: the script did not run, so the executor loads the scripts and
+  sends those commands again (safe for writes too);
+* any other error reply becomes a ``StoreError`` (``StaleFence``, ``ConfigurationError`` for the
+  script refusals and ACLs, see :func:`refused`); with ``partial=True`` each refusal is returned
+  in place of its reply instead of raising the first (the pipeline's other commands did run).
+
+Commands are plain tuples (``Command``), built by pure builders (``commands.py``) and
+:func:`evalsha` here.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from redis.exceptions import NoPermissionError
+
+from ..errors import ConfigurationError, StaleFence, StoreError, StoreUnavailable
+from . import scripts
+
 Command = tuple[Any, ...]
+# Refusals after which the node we talk to is no (longer the) master: re-resolve (Sentinel).
+NOT_MASTER = frozenset({"READONLY", "MASTERDOWN"})
+# A refusal as Redis < 7 reports it from inside a script (see refused).
+_SCRIPT_WRAPPED = re.compile(r"^Error running script .*?: -(OOM|READONLY|NOREPLICAS) ")
+_NOTHING_RAN = ("OOM", "READONLY", "BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS")
 
 
 class Executor(Protocol):
+    """Round trips to Redis with the failure meanings of the module docstring."""
+
     where: str
 
     def call(
@@ -29,3 +52,65 @@ class Executor(Protocol):
     ) -> list[Any]: ...
 
     def close(self) -> None: ...
+
+
+SHAS = scripts.SHAS
+
+
+def evalsha(name: str, keys: Sequence[Any], *args: Any) -> Command:
+    """The EVALSHA command of a script of scripts.py."""
+    return ("EVALSHA", SHAS[name], len(keys), *keys, *args)
+
+
+def error_code(exc: Exception) -> tuple[str, str]:
+    """(code, text) of an error reply: ``("READONLY", "READONLY You can't write ...")``.
+
+    redis-py strips the code of the errors it has a class for (OOM, READONLY, MASTERDOWN) and
+    keeps it in ``status_code``; the others keep it at the start of the text."""
+    text = str(exc)
+    code = getattr(exc, "status_code", None) or text.split(" ", 1)[0]
+    if wrapped := _SCRIPT_WRAPPED.search(text):
+        # Redis < 7 wraps a refusal inside a script: "Error running script (call to f_..):
+        # @user_script:73: @user_script: 73: -OOM command not allowed ...".  It refuses
+        # before the script's first write, so here too nothing ran.
+        code, text = wrapped.group(1), text[wrapped.start(1) :]
+    return str(code), text
+
+
+def refused(exc: Exception, where: str) -> Exception:
+    """The SyncMapError an error reply of ``where`` stands for."""
+    text = str(exc)
+    if text.startswith("STALEFENCE"):
+        return StaleFence(text.removeprefix("STALEFENCE ") + ": re-acquire the lock")
+    if text.startswith("SETTINGS"):
+        return ConfigurationError(
+            text.removeprefix("SETTINGS ") + ": every server of a map must use the same "
+            "bucket count and codec (the map's meta key was lost; see docs/protocol.md)"
+        )
+    if text.startswith("SEMLIMIT"):
+        return ConfigurationError(
+            text.removeprefix("SEMLIMIT ") + ": every client of a semaphore must use the "
+            "same number of permits (delete its ':n' key to change it)"
+        )
+    if isinstance(exc, NoPermissionError) or "NOPERM" in text or "can't run this" in text:
+        return ConfigurationError(
+            f"{where} refused a command ({text}); the ACL user needs +@read +@write "
+            "+@scripting +@pubsub on the map's keys and channel (see docs/protocol.md)"
+        )
+    code, text = error_code(exc)
+    if code in _NOTHING_RAN:
+        return StoreUnavailable(
+            f"{where} refused it ({code} {text.removeprefix(code).strip()}); nothing "
+            "ran: retry later"
+        )
+    return StoreError(f"{where} answered an error: {text}")
+
+
+def config_value(reply: object) -> str:
+    """The value of a one-parameter CONFIG GET reply (a list in RESP2, a dict in RESP3)."""
+    if isinstance(reply, dict):
+        values = list(reply.values())
+    else:
+        values = list(reply)[1::2] if isinstance(reply, list | tuple) else []
+    value = values[0] if values else b""
+    return value.decode() if isinstance(value, bytes) else str(value)

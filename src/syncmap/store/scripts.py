@@ -130,7 +130,7 @@ local function is_version(old, expected)
   return have == tonumber(v) and (ep == tonumber(e) or off('v'))
 end
 
--- Where the change message goes, by ARGV[1] (the map's feed, see store/redis_store.py):
+-- Where the change message goes, by ARGV[1] (the map's feed, see store/commands.py):
 --   '<channel>'              PUBLISH on that channel (redis:// feed on this server; the default);
 --   '!x:<maxlen>:<stream>'   XADD to that stream, trimmed to about maxlen (0 = never) (a
 --                            redis+stream:// feed on this server);

@@ -74,6 +74,7 @@ from ..errors import (
 from ..keys import LockLayout
 from ..lock import Lock
 from ..map import SyncMap
+from ..store.endpoint import Endpoint
 from .lockcheck import (
     Evictions,
     FaultEvent,
@@ -447,7 +448,7 @@ class _Nemesis:
     def _fill(self, evictions: Evictions) -> list[FaultEvent]:
         """Volatile filler keys at ``fill_rate`` until ``stop_ns``; evictions counted."""
         cfg = self.cfg
-        db = int(self.admin.connection_pool.connection_kwargs.get("db", 0))
+        db = Endpoint.from_client(self.admin).db
         before = self.admin.config_get("notify-keyspace-events").get("notify-keyspace-events") or ""
         self.admin.config_set("notify-keyspace-events", "Ee")
         stats = self.admin.info("stats")

@@ -16,7 +16,7 @@ import redis
 from ..core.nearcache import ProbeState
 from ..keys import Layout
 from ..store.commands import Command, MapCommands, load_scripts, parse_probe, unwrap_relayed
-from ..store.transport import Transport
+from ..store.topology import open_topology
 
 
 class RawStore:
@@ -25,7 +25,7 @@ class RawStore:
         codec: str = "msgpack", pads: bytes = b"", flags: str = "",
     ) -> None:  # fmt: skip
         self.cmds = MapCommands(layout, origin, target, codec=codec, pads=pads, flags=flags)
-        self.executor = Transport(client)
+        self.executor = open_topology(client=client).executor()
         self.relay: Callable[[list[bytes]], None] = lambda _messages: None
 
     @property

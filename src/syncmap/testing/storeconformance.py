@@ -3,7 +3,7 @@ runs the map scripts must do, checked the same way on a real Redis and on the me
 
 Each check is a function of a :class:`StoreKit` that raises ``AssertionError`` with a readable
 message.  ``tests/integration/test_store_conformance.py`` runs every check against a real
-``redis-server`` (``Transport``) and against ``MemoryExecutor``; a difference between the two is
+``redis-server`` (``NodeExecutor``) and against ``MemoryExecutor``; a difference between the two is
 a bug in the memory model (or in the scripts' documentation), fixed there.
 
 The checks go through :class:`~syncmap.store.commands.MapCommands`, the reply parsers and the real

@@ -1,0 +1,245 @@
+"""``NodeExecutor``: precise round trips to the one node a topology names now.
+
+redis-py retries every command, writes included, up to 10 times by default: a write whose reply
+was lost could run twice.  So syncmap sends every request itself, on connections of its own made
+by the topology's :class:`~syncmap.store.endpoint.Endpoint`, and keeps the contract of
+``executor.py``:
+
+* no connection could be had (refused, DNS, no master named)  -> ``StoreUnavailable``
+* it failed after the request was (partly) sent              -> ``WriteOutcomeUnknown`` for
+                                                                writes; a read is retried once
+* Redis answered NOSCRIPT                                     -> load the scripts, resend
+* the call's deadline (``deadline=``, ``MapConfig.call_timeout``) passed
+  before sending                                             -> ``StoreUnavailable``
+  after sending                                              -> as a failure after sending
+
+Following the master.  A connection failure, or a ``READONLY``/``MASTERDOWN`` refusal (the node
+is no longer the master: nothing ran), calls ``topology.invalidate()``: the next connection
+re-resolves the master (Sentinel).  Every idle connection remembers the topology ``generation``
+it was made in; one made for an older generation is dropped at checkout, so after a failover no
+call goes to the old master over a connection kept from before.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import hiredis
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .. import forksafe
+from ..errors import ConfigurationError, StoreUnavailable, WriteOutcomeUnknown
+from . import scripts
+from .executor import NOT_MASTER, Command, error_code, evalsha, refused
+
+if TYPE_CHECKING:
+    from .endpoint import Endpoint
+    from .topology import Topology
+
+NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class NodeExecutor:
+    """Pipelined calls on a small free list of connections to ``topology``'s current node.
+
+    ``timeout`` is the socket timeout when the endpoint has none: a call must never hang forever
+    (a lock's renewal that hangs would hold every other renewal up).  ``deadline`` bounds a
+    whole :meth:`call` (connecting, sending, every reply, a read's retry): each reply is waited
+    for at most what is left of it, so a hung Redis costs a call at most ``deadline``.
+    """
+
+    def __init__(
+        self, topology: Topology, *, timeout: float | None = None, deadline: float | None = None
+    ) -> None:
+        self.topology = topology
+        self.where = topology.where
+        self.timeout = timeout
+        self.deadline = deadline
+        self._idle: list[tuple[Any, int]] = []  # (connection, the generation it was made in)
+        forksafe.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        # The idle connections are the parent's sockets too: forget them without a shutdown
+        # (redis-py closes only this process's copy of a connection made by another pid).
+        self._idle = []
+
+    evalsha = staticmethod(evalsha)
+
+    def call(self, commands: Sequence[Command], *, write: bool, partial: bool = False) -> list[Any]:
+        """Send ``commands`` as one pipeline; replies in order (the contract of executor.py).
+
+        ``partial=True`` returns refusals (as SyncMapErrors) in place of their replies instead of
+        raising the first: the other commands of the pipeline did run.
+        """
+        until = None if self.deadline is None else time.monotonic() + self.deadline
+        replies = self._roundtrip(commands, write=write, until=until)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:  # the script cache was flushed (restart, SCRIPT FLUSH): nothing ran
+            load = [("SCRIPT", "LOAD", src) for src in scripts.ALL.values()]
+            self._roundtrip(load, write=False, until=until)
+            again = self._roundtrip([commands[i] for i in missing], write=write, until=until)
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        for i, reply in enumerate(replies):
+            if isinstance(reply, Exception):
+                if error_code(reply)[0] in NOT_MASTER:
+                    self._not_master()
+                if not partial:
+                    raise refused(reply, self.where)
+                replies[i] = refused(reply, self.where)
+        return replies
+
+    def _not_master(self) -> None:
+        """The node refused as a replica would: drop our connections, re-resolve the master."""
+        self.topology.invalidate()
+        self.close()
+
+    def _roundtrip(
+        self, commands: Sequence[Command], *, write: bool, until: float | None = None
+    ) -> list[Any]:
+        attempts = 1 if write else 2
+        for attempt in range(attempts):
+            try:
+                return self._once(commands, write=write, until=until)
+            except WriteOutcomeUnknown:
+                raise
+            except StoreUnavailable:
+                if attempt + 1 == attempts or (until is not None and time.monotonic() >= until):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _once(self, commands: Sequence[Command], *, write: bool, until: float | None) -> list[Any]:
+        payload = b"".join(hiredis.pack_command(c) for c in commands)  # before taking a conn
+        conn, generation = self._checkout(until)
+        replies: list[Any] = []
+        try:
+            if until is not None:
+                self._check_deadline(until)
+            conn.send_packed_command([payload], check_health=False)
+            if until is None:
+                for _ in commands:
+                    try:
+                        replies.append(conn.read_response())
+                    except ResponseError as exc:
+                        replies.append(exc)
+            else:
+                self._read_until(conn, len(commands), until, replies)
+        except StoreUnavailable:
+            self._idle.append((conn, generation))  # nothing sent: in step, may serve the next
+            raise
+        except BusyLoadingError as exc:
+            # A -LOADING reply (redis-py raises it as a ConnectionError and drops the socket):
+            # Redis refused the command while loading its data set, so nothing ran.
+            conn.disconnect()
+            raise StoreUnavailable(
+                f"{self.where} is loading its data set ({exc}); nothing ran: retry in a moment"
+            ) from exc
+        except (*NET_ERRORS, RedisError) as exc:  # RedisError: a garbled reply, say
+            conn.disconnect()
+            self.topology.invalidate()
+            if write:
+                raise WriteOutcomeUnknown(
+                    f"connection to {self.where} failed after the write was sent ({exc}); "
+                    "it may or may not have been applied. Read the key to find out"
+                ) from exc
+            raise StoreUnavailable(f"{self.where} failed during a read ({exc}); retry") from exc
+        except BaseException:
+            conn.disconnect()
+            raise
+        self._idle.append((conn, generation))
+        return replies
+
+    @staticmethod
+    def _read_until(conn: Any, count: int, until: float, replies: list[Any]) -> None:
+        """Read ``count`` replies, each waited for at most until ``until``."""
+        for _ in range(count):
+            left = until - time.monotonic()
+            if left <= 0:
+                raise RedisTimeoutError("the call deadline passed while waiting for replies")
+            try:
+                replies.append(conn.read_response(timeout=left))
+            except ResponseError as exc:
+                replies.append(exc)
+
+    def _check_deadline(self, until: float) -> None:
+        """``StoreUnavailable`` if ``until`` passed already (nothing has been sent yet)."""
+        if until - time.monotonic() <= 0:
+            raise StoreUnavailable(
+                f"the call deadline ({self.deadline} s, MapConfig.call_timeout) passed before "
+                f"anything was sent to {self.where}; nothing ran: retry later"
+            )
+
+    def _checkout(self, until: float | None = None) -> tuple[Any, int]:
+        """An idle connection of the current generation that is still alive, or a new one.
+
+        Our own small free list instead of a pool (redis-py 8's pool bookkeeping costs about
+        10 us a call).  A connection that has anything to read while idle (EOF after a Redis
+        restart) is replaced here, before sending, so its death is not mistaken for an unknown
+        write outcome.  ``is_connected`` is checked first: ``can_read`` would reconnect a closed
+        connection silently.
+        """
+        generation = self.topology.generation
+        while True:
+            try:
+                conn, made = self._idle.pop()
+            except IndexError:
+                break
+            if made == generation and conn.is_connected:
+                try:
+                    if not conn.can_read(0):
+                        return conn, generation
+                except (*NET_ERRORS, RedisError):
+                    pass
+            conn.disconnect()
+        return self._connect(until), generation
+
+    def _connect(self, until: float | None) -> Any:
+        """A new connection to the node the topology names now (resolved here if need be)."""
+        endpoint = self.topology.endpoint()
+        timeout = endpoint.socket_timeout if endpoint.socket_timeout is not None else self.timeout
+        connect_timeout = None
+        if self.deadline is not None:
+            timeout = self.deadline if timeout is None else min(timeout, self.deadline)
+        if until is not None:  # connect within what is left of the call's deadline
+            connect_timeout = max(until - time.monotonic(), 0.001)
+        conn = endpoint.connection(timeout=timeout, connect_timeout=connect_timeout)
+        try:
+            conn.connect()
+        except AuthenticationError as exc:
+            raise ConfigurationError(f"{self.where} refused the credentials: {exc}") from exc
+        except BusyLoadingError as exc:  # -LOADING to the handshake: nothing was sent
+            raise StoreUnavailable(
+                f"{self.where} is loading its data set ({exc}); nothing ran: retry in a moment"
+            ) from exc
+        except NET_ERRORS as exc:
+            self.topology.invalidate()
+            raise StoreUnavailable(
+                f"cannot reach {self._at(endpoint)} ({exc}); nothing was sent. "
+                "Check that Redis runs and the URL is right, then retry"
+            ) from exc
+        except RedisError as exc:  # refused while connecting: DB out of range, ACL on SELECT
+            raise ConfigurationError(f"{self.where} refused the connection: {exc}") from exc
+        return conn
+
+    def _at(self, endpoint: Endpoint) -> str:
+        """Where, with the node's address when the topology's name does not tell it."""
+        return self.where if endpoint.where == self.where else f"{self.where} ({endpoint.address})"
+
+    def close(self) -> None:
+        """Disconnect the idle connections this executor opened."""
+        while self._idle:
+            try:
+                conn, _ = self._idle.pop()
+            except IndexError:
+                return
+            conn.disconnect()

@@ -1,0 +1,176 @@
+"""Which Redis node(s) a map talks to: ``Standalone`` or ``Sentinel``, from a URL or a client.
+
+A :class:`Topology` names the node to connect to now (:meth:`~Topology.endpoint`), makes
+executors that follow it (:meth:`~Topology.executor`), and tells listeners when it changes
+(:meth:`~Topology.on_change`: the shared subscriber and the stream readers reconnect).
+
+URLs (:func:`open_topology`; ``SYNCMAP_URL`` when neither a URL nor a client is given)::
+
+    redis://[user:password@]host[:port][/db][?options]        one node
+    rediss://...                                              one node, TLS
+    unix:///path/to/redis.sock[?db=N&options]                 one node, Unix socket
+    redis+sentinel://[user:password@]h1:26379,h2:26379/<service>[/<db>][?options]
+    rediss+sentinel://...                                     TLS to the master and sentinels
+
+Options of every form: ``socket_timeout``, ``socket_connect_timeout`` (seconds, for the data
+connections); TLS: ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``
+(none|optional|required), ``ssl_check_hostname`` (true|false).  Sentinel only (see
+``sentinel.py`` and docs/deploying.md §Sentinel):
+
+* ``user:password@`` authenticates to the **master** (the data node, as in ``redis://``);
+* ``sentinel_username``, ``sentinel_password``: the **sentinels'** own credentials (sentinels
+  usually run without any: ``requirepass`` in sentinel.conf);
+* ``sentinel_timeout``: seconds for one sentinel to answer (default 0.5);
+* with ``rediss+sentinel://`` the same TLS options apply to the sentinels as to the master.
+
+A user's ``redis.Redis`` becomes ``Standalone``, unless its pool is redis-py's
+``SentinelConnectionPool`` (``Sentinel(...).master_for(service)``): then a Sentinel topology
+of that service, its sentinels and its credentials (public attributes only).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+import redis
+
+from .. import forksafe
+from ..errors import ConfigurationError
+from .endpoint import Endpoint, bad_url
+from .node import NodeExecutor
+
+Listener = Callable[[], None]
+
+
+class Topology(Protocol):
+    """Where a map's Redis is, now and after a failover."""
+
+    @property
+    def kind(self) -> Literal["standalone", "sentinel"]: ...
+
+    @property
+    def sharded(self) -> bool: ...  # False; a Cluster slot comes with the Cluster topology
+
+    @property
+    def where(self) -> str: ...  # for messages (never a password)
+
+    @property
+    def key(self) -> tuple[Any, ...]: ...  # identity for per-process registries
+
+    @property
+    def generation(self) -> int: ...  # bumped whenever the named node (may have) changed
+
+    def endpoint(self) -> Endpoint: ...
+
+    def invalidate(self) -> None: ...
+
+    def executor(self, *, timeout: float | None = None, deadline: float | None = None
+                 ) -> NodeExecutor: ...  # fmt: skip
+
+    def shared_executor(self, timeout: float | None = None) -> NodeExecutor: ...
+
+    def on_change(self, listener: Listener) -> None: ...
+
+    def remove_listener(self, listener: Listener) -> None: ...
+
+
+class Standalone:
+    """One node, always the same: nothing to resolve, nothing ever changes."""
+
+    kind: Literal["standalone"] = "standalone"
+    sharded = False
+    generation = 0
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
+
+    @property
+    def where(self) -> str:
+        return self._endpoint.where
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return ("standalone", *self._endpoint.key)
+
+    def endpoint(self) -> Endpoint:
+        return self._endpoint
+
+    def invalidate(self) -> None:
+        """Nothing to re-resolve: the next connection goes to the same address."""
+
+    def executor(self, *, timeout: float | None = None, deadline: float | None = None
+                 ) -> NodeExecutor:  # fmt: skip
+        return NodeExecutor(self, timeout=timeout, deadline=deadline)
+
+    def shared_executor(self, timeout: float | None = None) -> NodeExecutor:
+        return shared_executor(self, timeout)
+
+    def on_change(self, listener: Listener) -> None:
+        """A standalone node never changes: the listener is never called."""
+
+    def remove_listener(self, listener: Listener) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<Standalone {self.where}>"
+
+
+# ---- shared executors ------------------------------------------------------------------------
+
+_shared: dict[tuple[Any, ...], NodeExecutor] = {}
+_shared_lock = threading.Lock()
+
+
+@forksafe.at_fork
+def _fresh_shared_lock() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()  # a parent's thread may have held it at the fork
+
+
+def shared_executor(topology: Topology, timeout: float | None = None) -> NodeExecutor:
+    """One executor (one small pool of connections) per topology and timeout in this process.
+
+    ``users.lock(key)`` makes a Lock per call; each must not open a connection of its own."""
+    key = (topology.key, timeout)
+    with _shared_lock:
+        executor = _shared.get(key)
+        if executor is None:
+            executor = _shared[key] = topology.executor(timeout=timeout)
+        return executor
+
+
+# ---- opening ---------------------------------------------------------------------------------
+
+
+def open_topology(
+    url: str | None = None, client: redis.Redis | None = None, *, timeout: float | None = 5.0
+) -> Topology:
+    """The topology of ``client``, else of ``url``, else of ``$SYNCMAP_URL`` (module docstring).
+
+    ``timeout`` is the data connections' socket timeout when the URL or client sets none."""
+    from . import sentinel  # noqa: PLC0415 - sentinel.py imports this module
+
+    if client is not None:
+        if sentinel.is_sentinel_client(client):
+            return sentinel.from_client(client, timeout)
+        endpoint = Endpoint.from_client(client)
+        if endpoint.socket_timeout is None:
+            endpoint = endpoint.with_timeout(timeout)
+        return Standalone(endpoint)
+    url = url or os.environ.get("SYNCMAP_URL")
+    if not url:
+        raise ConfigurationError(
+            "no Redis given: pass url='redis://host:6379/0' or redis=<redis.Redis>, or set "
+            "SYNCMAP_URL (syncmap.embedded.EmbeddedRedis starts a local one)"
+        )
+    if not isinstance(url, str):
+        raise ConfigurationError(f"url={url!r}: pass the Redis URL as a str")
+    scheme = url.partition("://")[0].lower()
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        return sentinel.from_url(url, timeout)
+    if "://" not in url:
+        raise bad_url(url, "use redis://host:6379/0 (or rediss://, unix://, redis+sentinel://)")
+    return Standalone(Endpoint.from_url(url, timeout))
