@@ -147,7 +147,10 @@ class MapBase(SharedMapping):
         makes a new owner; ``options`` are Lock's (``replicas``, ``on_lost``, ...).
         """
         field, _, _ = self._locate(key)
-        return Lock(key_lock_name(self.name, field), lease=lease, namespace=self.config.namespace,
+        # The map's call_timeout bounds its locks' round trips too (each socket operation).
+        cfg = self.config
+        options.setdefault("socket_timeout", cfg.call_timeout or cfg.socket_timeout)
+        return Lock(key_lock_name(self.name, field), lease=lease, namespace=cfg.namespace,
                     topology=self._topology, **options)  # fmt: skip
 
     def _fence_of(self, fence: FenceArg | None) -> tuple[str, str, int] | None:
