@@ -27,6 +27,7 @@ import redis
 
 from syncmap.embedded import ENV_VAR, KINDS, EmbeddedRedis, find_redis_server
 from syncmap.errors import RedisServerNotFound
+from syncmap.testing.sentinelset import SentinelModeUnavailable, SentinelSet
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -98,6 +99,20 @@ def redis_server(redis_binary: str) -> Iterator[EmbeddedRedis]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def sentinel_set(redis_binary: str) -> Iterator[SentinelSet]:
+    """A master, a replica and three Sentinels (quorum 2, down-after 1 s) on free ports, for this
+    test; skipped (failed under CI=true) where the binary cannot run as a Sentinel."""
+    try:
+        sentinels = SentinelSet(binary=redis_binary)
+    except SentinelModeUnavailable as exc:
+        _no_server(exc)
+    try:
+        yield sentinels
+    finally:
+        sentinels.close()
 
 
 @pytest.fixture
