@@ -21,6 +21,7 @@ from .errors import (
     LockNotOwned,
     MapClosed,
     NoSnapshotSource,
+    NotReplicated,
     RedisServerNotFound,
     StaleFence,
     StoreError,
@@ -32,6 +33,7 @@ from .errors import (
 )
 from .lock import Fence, Lock, Redlock, RWLock, Semaphore
 from .map import Statistics, SyncMap, Watch
+from .opening import open_map
 from .replicated import ReplicaStatistics, ReplicatedMap
 
 __version__ = "0.1.0"
@@ -57,6 +59,7 @@ __all__ = [
     "MapConfig",
     "MsgpackCodec",
     "NoSnapshotSource",
+    "NotReplicated",
     "PickleCodec",
     "RWLock",
     "RedisServerNotFound",
@@ -74,4 +77,5 @@ __all__ = [
     "ValueTooLarge",
     "Watch",
     "WriteOutcomeUnknown",
+    "open_map",
 ]

@@ -45,6 +45,14 @@ class MapConfig:
     """A deadline for each call's round trip to Redis (connect, send, reply and the one retry
     of a read), in seconds: a hung Redis costs a call at most this long.  None: each socket
     operation waits up to ``socket_timeout`` instead (a read may then wait for two)."""
+    wait_replicas: int = 0
+    """Durability: after each write, wait until this many replicas hold it (Redis ``WAIT``, in the
+    same round trip).  0 (default): asynchronous replication; a failover may lose writes
+    acknowledged just before it.  A write that fewer replicas confirmed within ``wait_timeout``
+    raises :class:`~syncmap.errors.NotReplicated`: it was applied on the master and may or may
+    not survive a failover.  docs/deploying.md, Sentinel."""
+    wait_timeout: float = 0.5
+    """Seconds a write waits for ``wait_replicas`` replicas (``WAIT``'s timeout)."""
     guards: Guards = field(default_factory=Guards)
     """Test-only: switch one protection off to prove a scenario test catches the bug."""
 
@@ -60,6 +68,11 @@ class MapConfig:
                 f"presence_interval={self.presence_interval}: use 0.05..3600 s"
             )
         self._check_outage_policy()
+        if not 0 <= self.wait_replicas <= 100 or not 0.001 <= self.wait_timeout <= 60:
+            raise ConfigurationError(
+                f"wait_replicas={self.wait_replicas}, wait_timeout={self.wait_timeout}: use "
+                "0..100 replicas and 0.001..60 s"
+            )
         if self.max_value_bytes > 512 * 1024 * 1024:
             raise ConfigurationError("max_value_bytes cannot exceed Redis's 512 MiB string limit")
 

@@ -16,7 +16,6 @@ Threads (all owned by the map, stopped by ``close()``, failures re-raised on the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -37,53 +36,52 @@ from .core.wire import (
     verify,
 )
 from .errors import CorruptData, FeedError, SyncMapError
+from .events import Fanout
 from .feed.base import Feed, FeedHandler, Subscription
+from .flows import admin
+from .flows.state import MapState
 from .ratelog import RateLimitedLog
-from .store.redis_store import RedisStore
+from .store.commands import ProbeResult
+from .store.executor import Executor
+from .sync.run import run
 
 log = logging.getLogger("syncmap")
 
-EVENT_QUEUE_LIMIT = 10_000
-"""Events queued for ``subscribe()`` callbacks at most; past it new events are dropped and
-counted (``events_dropped``), so a slow callback or a flood costs bounded memory."""
 REPAIR_EVERY = 0.5
 """A repair probe (after an unusable change message) at most once per this much of the probe
 interval: a flood of garbage on the channel cannot turn every message into a probe."""
 
 
 class Engine:
-    def __init__(self, core: NearCache, store: RedisStore, interval: float, feed: Feed,
+    """The background loops of one map around its :class:`MapState` (shared with the map's
+    façade): ``state.core`` and ``state.guard`` are read through ``core`` and ``lock``."""
+
+    def __init__(self, state: MapState, executor: Executor, interval: float, feed: Feed,
                  keys: tuple[bytes, ...] = ()) -> None:  # fmt: skip
-        self.core = core
+        self.state = state
+        self.cmds = state.cmds
         self.keys = keys  # signing keys (signing.py): with any, only verified messages apply
         self.feed = feed
-        self.store = store
+        self.executor = executor
         self.interval = interval
-        self.lock = threading.Lock()
         self.error: BaseException | None = None
-        self.server_offset_ms = 0.0
-        self.live_entries = 0
+        self.damaged_buckets = 0  # probes that found a bucket damaged (counter)
+        self.meta_recreated = 0  # probes that found the meta key missing and wrote it again
+        self._damage_log = RateLimitedLog(log)
+        self._meta_log = RateLimitedLog(log)
         self._closed = threading.Event()
         self._probe_now = threading.Event()
         self._timer_wake = threading.Condition()
         self._timer_dirty = False
         self._pings: dict[bytes, threading.Event] = {}
         self._feed_up = threading.Event()
-        self._callbacks: list[Callable[[Event], None]] = []
-        self._inline: list[Callable[[Event], None]] = []
-        self._watchers: list[queue.Queue[Event | None]] = []
-        self._events: queue.Queue[Event | None] | None = None
+        self.events = Fanout(feed.topic)
         self._threads: list[threading.Thread] = []
         self._subscription: Subscription | None = None
         self.publish_failures = 0
-        self.events_dropped = 0  # subscribe() and watch() events that found their queue full
         self._repair_probe_at = -float("inf")  # no repair probe before then (_repair_after)
         self._bad_message_log = RateLimitedLog(log)
         self._forged_log = RateLimitedLog(log)
-        self._dropped_log = RateLimitedLog(log)
-        self._callback_log = RateLimitedLog(log, logging.ERROR)
-        if store.target == "":
-            store.relay = self._relay
         self._presence: Callable[[], dict[str, Any]] | None = None
         self._presence_every = 0.0
         self._presence_due = 0.0
@@ -91,6 +89,19 @@ class Engine:
         self.needs_start = False  # True in a forked child until its first use (see forked)
         self.start_lock = threading.Lock()
         instruments.engines.add(self)  # read by a metrics exporter when scraped (syncmap.otel)
+
+    @property
+    def core(self) -> NearCache:
+        return self.state.core
+
+    @property
+    def lock(self) -> Any:
+        """The map's guard (``MapState.guard``): protects ``core``."""
+        return self.state.guard
+
+    @property
+    def live_entries(self) -> int:
+        return self.state.live_entries
 
     def enable_presence(self, record: Callable[[], dict[str, Any]], every: float) -> None:
         """Refresh ``record()`` in the map's presence hash every ``every`` seconds (call before
@@ -123,22 +134,19 @@ class Engine:
             t = threading.Thread(target=target, name=f"syncmap-{name}", daemon=True)
             t.start()
             self._threads.append(t)
-        if self._callbacks:  # subscribed before a fork: the child's events need a thread too
-            self._start_dispatch()
+        self.events.start()  # subscribed before a fork: the child's events need a thread too
 
-    def forked(self, core: NearCache) -> None:
+    def forked(self) -> None:
         """In a forked child (``forksafe``), before ``fork()`` returns there: start over.
 
         Only the forking thread exists in the child; the probe, timer and event threads, the
         feed's subscription and any lock one of them held at the fork were the parent's.  So:
         fresh locks and events (never acquire the inherited ones), no threads, no subscription,
-        the given empty core, and ``needs_start`` so the map's first use in the child runs
+        the map's new empty core, and ``needs_start`` so the map's first use in the child runs
         :meth:`start` with a feed of its own.  The old feed object is dropped, not closed: its
         sockets and threads serve the parent.  ``watch()`` iterators end (their consumers are
         the parent's threads); ``subscribe`` callbacks stay and are called in the child too.
         """
-        self.core = core
-        self.lock = threading.Lock()
         self.start_lock = threading.Lock()
         closed, self._closed = self._closed.is_set(), threading.Event()
         if closed:
@@ -148,7 +156,8 @@ class Engine:
         self._timer_dirty = False
         self._pings = {}
         self._feed_up = threading.Event()
-        self._watchers, self._events, self._threads = [], None, []
+        self.events.forked()
+        self._threads = []
         self._subscription = None
         self.error = None
         self._presence_written = False
@@ -171,7 +180,7 @@ class Engine:
         """Publish a ping on the map's channel and wait for it (RESP2/RESP3 or ACL trouble)."""
         nonce = os.urandom(16)
         arrived = self._pings[nonce] = threading.Event()
-        msg = ChangeMessage(OP_PING, 0, 0, 0, self.store.origin, (nonce,))
+        msg = ChangeMessage(OP_PING, 0, 0, 0, self.cmds.origin, (nonce,))
         self.feed.publish(encode_message(msg, self.keys[0] if self.keys else None))
         if not arrived.wait(timeout):
             raise FeedError(
@@ -189,8 +198,8 @@ class Engine:
         if self._presence_written:
             self._presence_written = False
             try:
-                self.store.call([("HDEL", self.store.layout.presence, self.store.origin)],
-                                write=True)  # fmt: skip
+                self.executor.call([("HDEL", self.cmds.layout.presence, self.cmds.origin)],
+                                   write=True)  # fmt: skip
             except Exception as exc:  # readers drop it after three periods anyway
                 log.debug("syncmap could not remove its presence record (%r)", exc)
 
@@ -202,11 +211,7 @@ class Engine:
         if self._subscription is not None:
             self._subscription.close()
             self._subscription = None
-        if self._events is not None:
-            self._events.put(None)
-            self._events = None
-        for q in self._watchers:
-            q.put(None)
+        self.events.stop()
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(timeout=5)
@@ -237,7 +242,7 @@ class Engine:
             if waiter is not None:
                 waiter.set()
             return
-        want = bool(self._callbacks or self._watchers or self._inline)
+        want = self.events.wanted
         try:
             with self.lock:
                 dropped = self.core.counters.invalidations
@@ -251,11 +256,11 @@ class Engine:
             # Staleness only for others' writes: this server's own write reached its cache
             # with the write's reply (its echo may merely arrive first).
             age = max(0.0, (self.server_now_ms() - msg.stamp_ms) / 1000)
-            hook(self, age, dropped > 0 and msg.origin != self.store.origin)
+            hook(self, age, dropped > 0 and msg.origin != self.cmds.origin)
         if msg.oversized:  # the core flushed its bucket (core/wire.py MAX_FIELDS)
             self._repair_after(CorruptData(f"a message names over {MAX_FIELDS} keys"))
         for event in events:
-            self._emit(event)
+            self.events.emit(event)
 
     def _forged(self, data: bytes) -> None:
         """A message without a valid MAC on a map with a signing key: never applied, no event.
@@ -308,7 +313,7 @@ class Engine:
         self._feed_up.set()
         self._probe_now.set()
 
-    def _relay(self, messages: list[bytes]) -> None:
+    def relay(self, messages: list[bytes]) -> None:
         """Publish what a write script made (relay mode), after the write, in the writer's thread.
 
         A failure here is not the write's: the store holds the change, and the other servers' probes
@@ -334,16 +339,28 @@ class Engine:
     # ---- probes and the timer ----------------------------------------------------------------
 
     def probe_once(self) -> None:
-        with self.lock:
-            tops = self.core.tops()
-        sent = time.monotonic()
-        wall = time.time() * 1000
-        states, server_ms, live = self.store.probe()
-        self.server_offset_ms = server_ms - (wall + time.time() * 1000) / 2
-        self.live_entries = live
-        with self.lock:
-            self.core.on_probe(states, sent, time.monotonic(), tops)
-        self.wake_timer()
+        """One probe (``flows.admin.probe``), and what it found damaged reported."""
+        self._report(run(admin.probe(self.state), self.executor, self.relay))
+
+    def _report(self, result: ProbeResult) -> None:
+        """Damage stays in its bucket (``store.commands.parse_probe``): counted and logged at
+        WARNING at most once a minute per map; a re-created meta key likewise."""
+        layout = self.cmds.layout
+        if result.meta_recreated:
+            self.meta_recreated += 1
+            self._meta_log("syncmap map %r: its meta key %s was missing (evicted or deleted) and "
+                           "was written again (%d buckets, codec %s; %d times so far)",
+                           layout.name, layout.meta, layout.buckets, self.cmds.codec,
+                           self.meta_recreated)  # fmt: skip
+        if result.damaged:
+            self.damaged_buckets += len(result.damaged)
+            bucket, why = result.damaged[0]
+            self._damage_log(
+                "syncmap map %r: %d bucket(s) damaged (first: bucket %d, %s); their near cache "
+                "is dropped and writes to them fail until the keys are repaired or deleted; the "
+                "other buckets are unaffected (%d damaged bucket probes so far)",
+                layout.name, len(result.damaged), bucket, why[:300], self.damaged_buckets,
+            )  # fmt: skip
 
     def _refresh_presence(self) -> None:
         """Write this server's presence record: one round trip; a failure is only logged."""
@@ -353,10 +370,10 @@ class Engine:
         try:
             record = self._presence()
             data = json.dumps(record, separators=(",", ":"))
-            key = self.store.layout.presence
+            key = self.cmds.layout.presence
             ttl_ms = max(1, round(self._presence_every * 3000))
-            self.store.call([("HSET", key, self.store.origin, data), ("PEXPIRE", key, ttl_ms)],
-                            write=True)  # fmt: skip
+            self.executor.call([("HSET", key, self.cmds.origin, data), ("PEXPIRE", key, ttl_ms)],
+                               write=True)  # fmt: skip
             self._presence_written = True
         except Exception as exc:
             log.debug("syncmap presence refresh failed (%r)", exc)
@@ -403,86 +420,20 @@ class Engine:
                 self.error = exc
                 self._closed.wait(0.1)
 
-    # ---- events for users --------------------------------------------------------------------
+    # ---- events for users (events.py) ---------------------------------------------------------
 
     def subscribe(self, callback: Callable[[Event], None], inline: bool) -> Callable[[], None]:
-        if inline:
-            self._inline.append(callback)
-            return lambda: self._inline.remove(callback) if callback in self._inline else None
-        if self._events is None:
-            self._start_dispatch()
-        self._callbacks.append(callback)
-        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
-
-    def _start_dispatch(self) -> None:
-        events: queue.Queue[Event | None] = queue.Queue(EVENT_QUEUE_LIMIT + 1)  # see _offer
-        self._events = events
-        t = threading.Thread(target=self._dispatch, args=(events,), name="syncmap-events",
-                             daemon=True)  # fmt: skip
-        t.start()
-        self._threads.append(t)
+        return self.events.subscribe(callback, inline)
 
     def watch_queue(self, maxsize: int) -> queue.Queue[Event | None]:
-        q: queue.Queue[Event | None] = queue.Queue(maxsize + 1)  # see _offer
-        self._watchers.append(q)
-        return q
+        return self.events.watch_queue(maxsize)
 
     def unwatch(self, q: queue.Queue[Event | None]) -> None:
-        """Stop feeding ``q`` and put its end marker, which ends an iteration of it that is
-        blocked in another thread (``Watch.close()``).  A second call does nothing."""
-        try:
-            self._watchers.remove(q)
-        except ValueError:
-            return
-        while True:  # the last slot is kept free for the marker (_offer), but an event being
-            try:  # offered as we removed q may just have taken it: drop events to make room
-                q.put_nowait(None)
-                return
-            except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    q.get_nowait()
+        self.events.unwatch(q)
 
-    def _emit(self, event: Event) -> None:
-        for cb in self._inline:
-            try:
-                cb(event)
-            except Exception:
-                self._callback_log("syncmap inline subscriber callback failed on %s", event,
-                                   exc_info=True)  # fmt: skip
-        if self._events is not None and self._callbacks:
-            self._offer(self._events, event)
-        for q in self._watchers:
-            self._offer(q, event)
-
-    def _offer(self, q: queue.Queue[Event | None], event: Event) -> None:
-        """Queue ``event``, or drop and count it when ``q`` is full: never block the feed.
-
-        The last slot stays free for the end marker ``close()`` puts, which must not block."""
-        try:
-            if q.qsize() < q.maxsize - 1:
-                q.put_nowait(event)
-                return
-        except queue.Full:  # another feed thread took the slot (a reconnect's overlap)
-            pass
-        self.events_dropped += 1
-        self._dropped_log(
-            "syncmap dropped a change event: a subscribe() callback or watch() consumer of %s "
-            "is too slow (%d dropped so far; statistics().events_dropped)",
-            self.feed.topic, self.events_dropped,
-        )  # fmt: skip
-
-    def _dispatch(self, events: queue.Queue[Event | None]) -> None:
-        while (event := events.get()) is not None:
-            for cb in list(self._callbacks):
-                try:
-                    cb(event)
-                except Exception:
-                    self._callback_log("syncmap subscriber callback failed on %s", event,
-                                       exc_info=True)  # fmt: skip
+    @property
+    def events_dropped(self) -> int:
+        return self.events.dropped
 
     def server_now_ms(self) -> float:
-        return time.time() * 1000 + self.server_offset_ms
-
-    def local_deadline(self, deadline_ms: int, now: float) -> float:
-        """Convert a Redis-clock deadline (ms) into this process's monotonic clock."""
-        return now + (deadline_ms - self.server_now_ms()) / 1000
+        return self.state.server_now_ms()

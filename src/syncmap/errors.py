@@ -17,6 +17,7 @@ with ``raise ... from exc``: callers never need to import redis to handle a fail
     ├── StoreError                 the store did not do what was asked
     │   ├── StoreUnavailable       nothing happened; retry later
     │   ├── WriteOutcomeUnknown    the write may or may not have happened
+    │   │   └── NotReplicated      applied on the master, too few replicas confirmed it
     │   └── StaleFence             a newer fencing token was already used: this holder lost the lock
     ├── LockError                  a distributed lock could not do what was asked
     │   ├── LockNotAcquired (TimeoutError)  not acquired within the timeout
@@ -75,6 +76,12 @@ class WriteOutcomeUnknown(StoreError):
 
     The key has been dropped from this server's near cache, so the next read fetches the truth.
     """
+
+
+class NotReplicated(WriteOutcomeUnknown):
+    """The write was applied on the master, but fewer replicas than ``MapConfig.wait_replicas``
+    confirmed it within ``wait_timeout``: a failover now may lose it.  Read the key to find out
+    what survived; the key has been dropped from this server's near cache."""
 
 
 class StaleFence(StoreError):
@@ -139,6 +146,7 @@ __all__ = [
     "LockNotOwned",
     "MapClosed",
     "NoSnapshotSource",
+    "NotReplicated",
     "RedisServerNotFound",
     "StaleFence",
     "StoreError",

@@ -94,10 +94,10 @@ class Instrumentation:
     # ---- what is read at collection ----------------------------------------------------------
 
     def _attrs(self, engine: Engine) -> dict[str, str]:
-        store = engine.store
+        cmds = engine.cmds
         if self.node_id:
-            return {MAP: store.layout.name, NODE: store.origin}
-        return {MAP: store.layout.name}
+            return {MAP: cmds.layout.name, NODE: cmds.origin}
+        return {MAP: cmds.layout.name}
 
     def _engines(self) -> list[Engine]:
         if self.closed:

@@ -19,8 +19,8 @@ from syncmap import (
     ConfigurationError,
     NoSnapshotSource,
     ReplicatedMap,
-    SyncMap,
     UnsupportedInMode,
+    open_map,
 )
 from syncmap.embedded import EmbeddedRedis
 from syncmap.feed.base import feed_class
@@ -61,7 +61,7 @@ def test_own_writes_are_visible_at_once_and_reach_the_others(
 ) -> None:
     name = _name(request)
     with (
-        SyncMap(name, feed=feed, snapshot={}) as a,
+        open_map(name, feed=feed, snapshot={}) as a,
         ReplicatedMap(name, feed, snapshot="peers") as b,
     ):
         assert isinstance(a, ReplicatedMap)

@@ -175,14 +175,14 @@ def test_bool_and_len_need_no_round_trip_when_they_can(shared_redis_url: str) ->
         while m.statistics().messages < 1:  # its echo came back (a change heard: counts again)
             time.sleep(0.001)
         calls = []
-        real, me = m._store.call, threading.current_thread()
+        real, me = m._executor.call, threading.current_thread()
 
         def counting(*args: Any, **kwargs: Any) -> Any:
             if threading.current_thread() is me:  # not the background probes
                 calls.append(args)
             return real(*args, **kwargs)
 
-        m._store.call = counting  # type: ignore[method-assign]
+        m._executor.call = counting  # type: ignore[method-assign]
         assert m and not calls  # the cached own write proves it non-empty
         assert len(m) == 1 and len(calls) == 1  # counted by one probe
         assert len(m) == 1 and len(calls) == 1  # that count is fresh and nothing was written
@@ -203,10 +203,10 @@ def test_copies_do_not_share_the_maps_threads(shared_redis_url: str) -> None:
 def test_equality_is_identity_and_does_not_read_the_map(shared_redis_url: str) -> None:
     with SyncMap("eq", shared_redis_url) as a, SyncMap("eq", shared_redis_url) as b:
         a["k"] = 1
-        a._store.call = None  # type: ignore[assignment, method-assign]  # any I/O would fail
+        a._executor.call = None  # type: ignore[assignment, method-assign]  # any I/O would fail
         same = a
         assert a == same and a not in (b, {"k": 1}) and a in [b, a] and len({a, b}) == 2
-        del a._store.call  # back to the class's method
+        del a._executor.call  # back to the class's method
 
 
 def test_popitem_under_contention_pops_every_entry_once(shared_redis_url: str) -> None:

@@ -152,8 +152,8 @@ def test_ver_mode_compares_epoch_and_version(url: str, maps: list[SyncMap],
     epoch = struct.unpack(">QQQ", admin.hget(f"{tag}:d", field)[:24])[2]
 
     def attempt(expected: str) -> int:
-        cmd = a._store.script("set", bucket, field, b"\x01", 0, "ver", expected)
-        return int(a._store.call([cmd], write=True)[0][0])
+        cmd = a._cmds.script("set", bucket, field, b"\x01", 0, "ver", expected)
+        return int(a._executor.call([cmd], write=True)[0][0])
 
     assert attempt(f"{epoch + 1}:1") == 0
     lose_bookkeeping(admin, "ev", "k")
@@ -217,10 +217,10 @@ def test_lost_meta_key_other_settings_cannot_split_the_map(url: str, maps: list[
     a = open_map(maps, url)
     for i in range(40):
         a[f"k{i}"] = i
-    admin.delete(a._store.layout.meta)
+    admin.delete(a._cmds.layout.meta)
     with pytest.raises(ConfigurationError, match="codec"):
         open_map(maps, url, codec="json")
-    admin.delete(a._store.layout.meta)
+    admin.delete(a._cmds.layout.meta)
     b = open_map(maps, url, config=MapConfig(buckets=32, max_staleness=0.2, presence=False))
     assert b._buckets == 16, "the bucket count of the map's stamps is adopted"
     assert b["k5"] == 5
@@ -258,7 +258,7 @@ def test_lost_meta_key_guard_off_lets_other_settings_in(url: str, maps: list[Syn
     off = Guards(settings_stamp=False)
     a = open_map(maps, url)
     a["k"] = 1
-    admin.delete(a._store.layout.meta)
+    admin.delete(a._cmds.layout.meta)
     b = open_map(maps, url, codec="json",
                  config=MapConfig(max_staleness=0.2, presence=False, guards=off))  # fmt: skip
     b["k"] = 5
@@ -291,7 +291,7 @@ def test_one_damaged_bucket_stays_in_its_bucket(
     damaged = [r for r in caplog.records if "damaged" in r.getMessage()]
     assert damaged and all(r.levelno == logging.WARNING for r in damaged)
     assert len(damaged) <= 2, "logged once per map, not once per probe"
-    assert b._store.damaged_buckets >= 1
+    assert b._engine.damaged_buckets >= 1
 
 
 def test_non_numeric_sequence_is_a_damaged_bucket(url: str, maps: list[SyncMap],

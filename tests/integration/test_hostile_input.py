@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from syncmap import MapConfig, SyncMap
-from syncmap import engine as engine_module
+from syncmap import events as events_module
 from syncmap.core.nearcache import MAX_AHEAD, Event
 from syncmap.core.wire import OP_SET, ChangeMessage, encode_message, pack_value
 from syncmap.embedded import EmbeddedRedis
@@ -80,7 +80,7 @@ def test_a_message_naming_many_keys_flushes_one_bucket_without_per_key_work(
 def test_the_subscribe_queue_is_bounded_and_counts_what_it_drops(
     redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(engine_module, "EVENT_QUEUE_LIMIT", 50)
+    monkeypatch.setattr(events_module, "EVENT_QUEUE_LIMIT", 50)
     with SyncMap("m", redis_server.url) as m, SyncMap("m", redis_server.url) as writer:
         release, got = threading.Event(), []
 
@@ -91,7 +91,7 @@ def test_the_subscribe_queue_is_bounded_and_counts_what_it_drops(
         m.subscribe(slow)
         writer.update({f"k{i}": i for i in range(500)})
         wait_until(lambda: m.statistics().events_dropped >= 449, 10, "the overflow counted")
-        queued = m._engine._events
+        queued = m._engine.events._events
         assert queued is not None and queued.qsize() <= 50
         release.set()
         wait_until(lambda: len(got) + m.statistics().events_dropped == 500, 10, "the rest ran")

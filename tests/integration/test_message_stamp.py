@@ -9,7 +9,7 @@ import redis
 from syncmap.core.wire import SIGNED, STAMPED, decode_message, encode_message, verify
 from syncmap.keys import Layout
 from syncmap.signing import pads
-from syncmap.store.redis_store import RedisStore
+from syncmap.testing.rawstore import RawStore
 
 KEY = bytes(range(16))
 
@@ -23,8 +23,8 @@ def server_ms(raw: redis.Redis) -> int:
 def test_every_script_stamps_its_message_with_the_server_time(
     raw: redis.Redis, key: bytes | None
 ) -> None:
-    store = RedisStore(raw, Layout("sm", "m", 1), "writer:1", target="",
-                       pads=pads(key) if key else b"")  # fmt: skip
+    store = RawStore(raw, Layout("sm", "m", 1), "writer:1", target="",
+                     pads=pads(key) if key else b"")  # fmt: skip
     store.load_scripts()
     made: list[bytes] = []
     store.relay = made.extend

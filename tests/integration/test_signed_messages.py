@@ -32,7 +32,7 @@ from syncmap.embedded import EmbeddedRedis
 from syncmap.errors import ConfigurationError
 from syncmap.keys import Layout, bucket_of, encode_key
 from syncmap.signing import pads, signing_keys
-from syncmap.store.redis_store import RedisStore
+from syncmap.testing.rawstore import RawStore
 from syncmap.testing.wait import wait_until
 
 CHANNEL = "sm:{m}:ch"
@@ -40,15 +40,15 @@ KEY = bytes(range(32))
 CFG = MapConfig(buckets=4, max_staleness=0.4, presence=False)
 
 
-def relay_store(raw: redis.Redis, key: bytes | None, buckets: int = 4) -> RedisStore:
+def relay_store(raw: redis.Redis, key: bytes | None, buckets: int = 4) -> RawStore:
     """A store whose scripts hand back their messages (relay mode) instead of publishing them."""
-    store = RedisStore(raw, Layout("sm", "m", buckets), "writer:1", target="",
-                       pads=pads(key) if key else b"")  # fmt: skip
+    store = RawStore(raw, Layout("sm", "m", buckets), "writer:1", target="",
+                     pads=pads(key) if key else b"")  # fmt: skip
     store.load_scripts()
     return store
 
 
-def run(store: RedisStore, name: str, bucket: int, *args: object) -> list[bytes]:
+def run(store: RawStore, name: str, bucket: int, *args: object) -> list[bytes]:
     """Run one write script; the messages it made (relay mode keeps them for the caller)."""
     made: list[bytes] = []
     store.relay = made.extend
@@ -161,8 +161,7 @@ def ghost_write(raw: redis.Redis, key: str, value: int, signing: bytes | None) -
     """A real write whose relayed message is lost (its writer died before publishing): the
     version is taken, the chain extended, nothing published.  Returns (bucket, version)."""
     store = relay_store(raw, signing)
-    store.codec = "msgpack"
-    store.stamp = "4/msgpack"
+    store.restamp("msgpack", "4/msgpack")
     field = encode_key(key, 100)
     b = bucket_of(field, 4)
     run(store, "set", b, field, msgspec.msgpack.encode(value), 0, "set", "")

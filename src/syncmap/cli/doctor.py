@@ -121,7 +121,7 @@ def _memory(client: redis.Redis) -> Check:
     detail = f"maxmemory {limit} bytes ({limit / 2**20:.0f} MiB), policy {policy}"
     if policy != "noeviction":
         # What is and is not guaranteed under this policy: the same text a map logs at open.
-        from ..store.redis_store import eviction_note  # noqa: PLC0415 - keep the CLI light
+        from ..store.eviction import eviction_note  # noqa: PLC0415 - keep the CLI light
 
         return Check(
             "memory",

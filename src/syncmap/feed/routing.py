@@ -23,7 +23,7 @@ from __future__ import annotations
 import redis
 
 from ..keys import Layout
-from ..store.redis_store import stream_target
+from ..store.commands import stream_target
 from .base import Feed, FeedUnavailable, feed_class
 from .redis_pubsub import RedisPubSubFeed
 

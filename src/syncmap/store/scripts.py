@@ -35,6 +35,8 @@ Lua numbers are doubles: versions and epochs stay below 2**53 (epochs are 52-bit
 
 from __future__ import annotations
 
+import hashlib
+
 _PRELUDE = r"""
 local function now_ms()
   local t = redis.call('TIME')
@@ -571,3 +573,6 @@ ALL = {
     "zset_renew": ZSET_RENEW, "sem_acquire": SEM_ACQUIRE, "fence_next": FENCE_NEXT,
     "redlock_release": REDLOCK_RELEASE, "redlock_extend": REDLOCK_EXTEND,
 }  # fmt: skip
+
+SHAS = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in ALL.items()}  # noqa: S324
+"""Each script's SHA-1, the name Redis knows it by (EVALSHA)."""

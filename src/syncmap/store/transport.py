@@ -17,7 +17,6 @@ locks share this transport; each owns its own small free list of connections.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import time
@@ -57,11 +56,7 @@ _NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 _SCRIPT_WRAPPED = re.compile(r"^Error running script .*?: -(OOM|READONLY|NOREPLICAS) ")
 
 
-def _sha(src: str) -> str:
-    return hashlib.sha1(src.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
-
-
-SHAS = {name: _sha(src) for name, src in scripts.ALL.items()}
+SHAS = scripts.SHAS
 
 
 def describe(client: redis.Redis) -> str:

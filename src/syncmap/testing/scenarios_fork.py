@@ -41,7 +41,7 @@ def _task(task: int, ops: int) -> dict[str, Any]:
     # Any exception counts as an error, not only SyncMapErrors: on a shared socket a reply meant
     # for another process (an int where a list was due) fails anywhere (the guard-off run).
     try:  # first, before anything else: which Redis connection does the child talk on?
-        client_id = int(m._store.call([("CLIENT", "ID")], write=False)[0])
+        client_id = int(m._executor.call([("CLIENT", "ID")], write=False)[0])
     except Exception:
         client_id, errors = -1, 1
     for j in range(ops):

@@ -52,7 +52,7 @@ from ..errors import CorruptData, SyncMapError
 from ..keys import Layout, bucket_of, encode_key
 from ..map import SyncMap
 from ..signing import pads
-from ..store.redis_store import RedisStore
+from .rawstore import RawStore
 from .scenario import ANOMALIES, OPS, Env, ScenarioResult, finish, scenario, timed
 
 DELTA = 0.5
@@ -166,7 +166,7 @@ def _read(run: _Run) -> None:
                 run.stale += 1
 
 
-def _ghost(run: _Run, store: RedisStore, key: str, value: int) -> None:
+def _ghost(run: _Run, store: RawStore, key: str, value: int) -> None:
     """The attack: a write whose relayed message is lost, then its exact (epoch, seq) forged."""
     field_ = encode_key(key, 1000)
     b = bucket_of(field_, BUCKETS)
@@ -182,7 +182,7 @@ def _ghost(run: _Run, store: RedisStore, key: str, value: int) -> None:
     run.publish("current_seq", encode_message(forged))
 
 
-def _inject(run: _Run, store: RedisStore) -> None:
+def _inject(run: _Run, store: RawStore) -> None:
     rng = random.Random(19)
     n = 0
     while not run.stop.is_set():
@@ -271,9 +271,9 @@ def _one(env: Env, seconds: float, key: bytes | None, guards: Guards) -> dict[st
             run = _Run(key, admin, attacker, writer, reader, _keys("w", 8, 0, BUCKETS // 2),
                        _keys("g", 8, BUCKETS // 2, BUCKETS))  # fmt: skip
             reader.subscribe(run.events.append, inline=True)
-            store = RedisStore(server.client(), Layout("sm", NAME, BUCKETS), "ghost:1", "",
-                               codec="msgpack", pads=pads(key) if key else b"")  # fmt: skip
-            store.relay = lambda _messages: None  # the writer died before publishing
+            # The writer dies before publishing: RawStore drops the relayed messages.
+            store = RawStore(server.client(), Layout("sm", NAME, BUCKETS), "ghost:1", "",
+                             codec="msgpack", pads=pads(key) if key else b"")  # fmt: skip
             for g in run.ghosts:
                 run.ack(g, 0, writer.set(g, 0))
             observer = _observe(run)

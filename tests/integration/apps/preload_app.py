@@ -35,7 +35,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
         body = {"value": MAP.transform(path[1], lambda n: n + 1, 0)}
     elif path[0] == "whoami":  # which Redis connection this worker's map talks on
         if not _first_client_id:
-            _first_client_id.append(int(MAP._store.call([("CLIENT", "ID")], write=False)[0]))
+            _first_client_id.append(int(MAP._executor.call([("CLIENT", "ID")], write=False)[0]))
         body = {"client_id": _first_client_id[0]}
     elif path[0] == "stats":
         MAP.get("k0")

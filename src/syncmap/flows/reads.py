@@ -1,0 +1,100 @@
+"""Reads that missed the hit path, and how any reply becomes a cache entry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..codec import is_immutable
+from ..core.nearcache import COPY, INF, FillToken
+from ..core.wire import unpack_value_epoch
+from ..keys import Key
+from .effects import Call, Flow
+from .state import MapState
+
+MISSING: Any = object()
+"""A read's value when the key is absent (``None`` is a value)."""
+
+
+def read(s: MapState, field: bytes, nkey: Key, bucket: int, *, consistent: bool
+         ) -> Flow[tuple[Any, int, str]]:  # fmt: skip
+    """(value or MISSING, version, provenance) of a read that missed the hit path.
+
+    Order: under the guard, begin a fill (the core records which changes of this key it hears
+    of from now on) -> HGET -> under the guard, install the reply only if nothing newer was
+    heard meanwhile (``complete_fill``).  A failure aborts the fill.
+    """
+    now = s.clock()
+    hit = None
+    with s.guard:
+        core = s.core
+        if now >= core.valid_until:
+            core.tick(now)  # do not wait for the timer thread (we may have been paused)
+        if core.max_stale_age and not consistent:
+            # serve_stale: while a bucket is stale every read comes here (valid_until is in
+            # the past); serve from the cache at once, without waiting on a dead store.
+            hit = core.cached(nkey, now)
+        if hit is None:
+            token = core.begin_fill(nkey, bucket)
+            if not consistent:
+                core.counters.misses += 1
+    if hit is not None:
+        e, stale = hit
+        e.hits += 1
+        v = e.value if e.value is not COPY else s.codec.decode(e.raw)  # type: ignore[arg-type]
+        return v, e.version, "stale" if stale else "local"
+    try:
+        raw = (yield Call((s.cmds.hget(bucket, field),), False))[0]
+    except BaseException:
+        abort(s, token)
+        raise
+    value, version = settle_read(s, token, raw)
+    return value, version, "redis"
+
+
+def settle_read(s: MapState, token: FillToken, raw: bytes | None) -> tuple[Any, int]:
+    """Install what a read (or a refused write) returned, if nothing newer was seen meanwhile,
+    and return it as (value or MISSING, version).  Decoding failures abort the fill."""
+    if raw is not None:
+        try:
+            version, deadline_ms, epoch, payload = unpack_value_epoch(raw)
+            live = not deadline_ms or deadline_ms > s.server_now_ms()
+            value = s.codec.decode(payload) if live else None
+        except BaseException:
+            abort(s, token)
+            raise
+        if live:
+            install(s, token, version, deadline_ms, payload, value, epoch, own=False)
+            return value, version
+    with s.guard:
+        s.core.fill_absent(token)
+    return MISSING, 0
+
+
+def install(s: MapState, token: FillToken, version: int, deadline_ms: int, payload: bytes,
+            value: Any, epoch: int, *, own: bool) -> None:  # fmt: skip
+    """Offer a read's (or this server's own write's) value to the cache."""
+    now = s.clock()
+    deadline = s.local_deadline(deadline_ms, now) if deadline_ms else INF
+    cached, raw = (value, None) if is_immutable(value) else (COPY, payload)
+    with s.guard:
+        if own:
+            s.core.wrote(token, now, version, cached, raw, deadline, epoch=epoch)
+        else:
+            s.core.complete_fill(token, now, version, cached, raw, deadline, epoch)
+    if deadline != INF:
+        s.wake_timer()
+
+
+def abort(s: MapState, token: FillToken) -> None:
+    with s.guard:
+        s.core.abort_fill(token)
+
+
+def current(s: MapState, raw: bytes | None) -> tuple[Any, int, int]:
+    """(value or MISSING, version, epoch) of a stored value read without caching it."""
+    if raw is None:
+        return MISSING, 0, 0
+    version, deadline_ms, epoch, payload = unpack_value_epoch(raw)
+    if deadline_ms and deadline_ms <= s.server_now_ms():
+        return MISSING, 0, 0
+    return s.codec.decode(payload), version, epoch

@@ -1,0 +1,202 @@
+"""Writes: one script per key (set, swap, setdefault, compare-and-X, delete, transform), and the
+multi-bucket ones (update, clear), each bucket part atomic on its own."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from ..codec import encode_limited
+from ..core.nearcache import FillToken
+from ..core.wire import unpack_value_epoch
+from ..errors import ConflictError, WriteOutcomeUnknown
+from ..keys import Key, clip
+from ..store.commands import Command
+from .effects import Flow, Pause, store_call
+from .reads import MISSING, abort, current, install, settle_read
+from .state import MapState
+
+Fenced = tuple[str, str, int] | None
+"""(lock name, fence counter key, token) for the write scripts, or None: not fenced."""
+
+
+class Ref(NamedTuple):
+    """Where a key lives: its stored field, its normal form (the cache's key) and its bucket."""
+
+    field: bytes
+    key: Key
+    bucket: int
+
+
+def payload(s: MapState, value: Any) -> bytes:
+    return encode_limited(s.codec, value, s.config.max_value_bytes)
+
+
+def write_one(s: MapState, ref: Ref, cmd: Command) -> Flow[tuple[FillToken, Any]]:
+    """Send one write script for ``ref``'s key, with a fill begun so the reply can be installed.
+
+    A write that may have run (``WriteOutcomeUnknown``) drops the key here: this server must
+    not keep believing a value the store may no longer hold (or never held)."""
+    with s.guard:
+        token = s.core.begin_fill(ref.key, ref.bucket)
+    try:
+        replies = yield from store_call((cmd,), write=True, relayed=s.cmds.relayed, wait=s.wait)
+    except WriteOutcomeUnknown:
+        with s.guard:
+            s.core.abort_fill(token)
+            s.core.drop(ref.key)
+        raise
+    except BaseException:
+        abort(s, token)
+        raise
+    return token, replies[0]
+
+
+def set_value(s: MapState, ref: Ref, data: bytes, *, ttl_ms: int, mode: str,
+              expected: bytes | str = "", fence: Fenced = None, value: Any = MISSING
+              ) -> Flow[tuple[int, bytes | None]]:  # fmt: skip
+    """The set script (modes set, swap, nx, cas, ver: scripts.py); returns (version or 0 when
+    refused, the old stored value).  A refusal tells the live value: it is installed as a read."""
+    cmd = s.cmds.script("set", ref.bucket, ref.field, data, ttl_ms, mode, expected, fence=fence)
+    token, reply = yield from write_one(s, ref, cmd)
+    version, deadline_ms, old = reply[:3]
+    if version:
+        # What readers will decode.  The untyped msgpack codec gives back what was stored (same
+        # types, equal values: docs/values.md), so the value itself serves; a mutable one is
+        # cached as bytes by install anyway.
+        plain = value is not MISSING and s.plain_codec
+        stored = value if plain else s.codec.decode(data)
+        install(s, token, version, deadline_ms, data, stored, int(reply[3]), own=True)
+    else:
+        settle_read(s, token, old)
+    return int(version), old
+
+
+def delete(s: MapState, ref: Ref, *, mode: str = "del", expected: bytes | str = "",
+           fence: Fenced = None) -> Flow[tuple[int, bytes | None]]:  # fmt: skip
+    """The delete script (modes del, cad, ver); returns (version or 0, the old stored value)."""
+    cmd = s.cmds.script("delete", ref.bucket, ref.field, mode, expected, fence=fence)
+    token, reply = yield from write_one(s, ref, cmd)
+    version, old = reply[:2]
+    if version:
+        with s.guard:
+            s.core.wrote(token, s.clock(), version, deleted=True, epoch=int(reply[2]))
+    else:
+        settle_read(s, token, old)
+    return int(version), old
+
+
+Attempt = Callable[[str, bytes | str], Flow[tuple[int, bytes | None]]]
+
+
+def compare(s: MapState, key: Key, expected: Any, mode: str, attempt: Attempt) -> Flow[bool]:
+    """The compare-and-X loop: one round trip when the bytes match, a retry when only the values
+    do (equal dicts in another key order), ``ConflictError`` if it keeps losing."""
+    arg: bytes | str = payload(s, expected)
+    for _ in range(s.config.transform_retries):
+        version, old = yield from attempt(mode, arg)
+        if version:
+            return True
+        if old is None:
+            return False
+        old_version, _, old_epoch, old_payload = unpack_value_epoch(old)
+        if s.codec.decode(old_payload) != expected:
+            return False
+        # Equal value, other bytes: pin to that write, by epoch and version (a version alone
+        # may name another write once versions restarted under a new epoch).
+        mode, arg = "ver", f"{old_epoch}:{old_version}"
+    raise ConflictError(f"compare-and-{mode} of {clip(key)} kept losing races; retry later")
+
+
+def transform(s: MapState, ref: Ref, key: Key, fn: Callable[[Any], Any], default: Any, *,
+              ttl_ms: int, fence: Fenced) -> Flow[Any]:  # fmt: skip
+    """Read, apply ``fn``, write only if the value read is still there (same epoch and
+    version); retried with a jittered back-off when another writer came first."""
+    for attempt in range(s.config.transform_retries):
+        if attempt:  # lost a race: back off a little, jittered, so contenders spread out
+            yield Pause(random.uniform(0, min(0.02, 0.0002 * 2**attempt)))
+        raw = (yield from store_call((s.cmds.hget(ref.bucket, ref.field),), write=False))[0]
+        value, version, epoch = current(s, raw)
+        if value is MISSING:
+            if default is MISSING:
+                raise KeyError(key)
+            value = default
+        new = fn(value)
+        applied, _ = yield from set_value(s, ref, payload(s, new), ttl_ms=ttl_ms, mode="ver",
+                                          expected=f"{epoch}:{version}", fence=fence)  # fmt: skip
+        if applied:
+            return new
+    raise ConflictError(
+        f"transform({clip(key)}) lost {s.config.transform_retries} optimistic retries to "
+        "concurrent writers; retry later or protect the key with a lock"
+    )
+
+
+def update(s: MapState, items: list[tuple[Ref, bytes]], *, ttl_ms: int, fence: Fenced
+           ) -> Flow[list[Any]]:  # fmt: skip
+    """Store many entries: one mset script per bucket (and per 1,000 keys), one round trip.
+
+    Replies come back per part (refusals in place, see :func:`raise_partial`).  A batch whose
+    outcome is unknown drops every key of it from the cache."""
+    per_bucket: dict[int, list[tuple[Ref, bytes]]] = {}
+    for ref, data in items:
+        per_bucket.setdefault(ref.bucket, []).append((ref, data))
+    cmds, plan = [], []
+    for bucket, pairs in per_bucket.items():
+        for i in range(0, len(pairs), 1000):  # keep each script short for Redis
+            chunk = pairs[i : i + 1000]
+            args = [a for ref, data in chunk for a in (ref.field, data)]
+            cmds.append(s.cmds.script("mset", bucket, ttl_ms, *args, fence=fence))
+            plan.append((bucket, chunk))
+    if not cmds:
+        return []
+    with s.guard:
+        before = {b: s.core.epoch_snapshot(b) for b in per_bucket}
+    try:
+        replies = yield from store_call(cmds, write=True, partial=True, relayed=s.cmds.relayed,
+                                        wait=s.wait)  # fmt: skip
+    except WriteOutcomeUnknown:
+        with s.guard:
+            for _, chunk in plan:
+                for ref, _ in chunk:
+                    s.core.drop(ref.key)
+        raise
+    with s.guard:
+        now = s.clock()
+        for reply, (bucket, chunk) in zip(replies, plan, strict=True):
+            if isinstance(reply, Exception):
+                continue
+            first, epoch = int(reply[0]), int(reply[1])
+            s.core.learn_epoch_if(bucket, epoch, first, now, before[bucket])
+            for i, (ref, _) in enumerate(chunk):
+                s.core.note_write(ref.key, first + i)
+    return replies
+
+
+def clear(s: MapState, *, fence: Fenced) -> Flow[list[Any]]:
+    """Remove every entry: each bucket atomically, all in one round trip."""
+    n = s.cmds.layout.buckets
+    cmds = [s.cmds.script("clear", b, fence=fence) for b in range(n)]
+    with s.guard:
+        before = [s.core.epoch_snapshot(b) for b in range(n)]
+    replies = yield from store_call(cmds, write=True, partial=True, relayed=s.cmds.relayed,
+                                    wait=s.wait)  # fmt: skip
+    with s.guard:
+        now = s.clock()
+        for bucket, reply in enumerate(replies):
+            if not isinstance(reply, Exception) and reply[0]:
+                s.core.learn_epoch_if(bucket, int(reply[1]), int(reply[0]), now, before[bucket])
+                s.core.cleared(bucket, int(reply[0]))
+    return replies
+
+
+def raise_partial(replies: list[Any], what: str) -> None:
+    """Raise the first refusal of a multi-bucket write, saying how much of it was applied."""
+    failed = [r for r in replies if isinstance(r, Exception)]
+    if failed:
+        first = failed[0]
+        done = len(replies) - len(failed)
+        first.args = (f"{first.args[0] if first.args else first}; {what} applied {done} of "
+                      f"{len(replies)} bucket parts (each part is atomic on its own)",)  # fmt: skip
+        raise first

@@ -1,0 +1,77 @@
+"""What a store-mode map counts (``SyncMap.statistics()``) and publishes as its presence record."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    """Counters of one map on this server since it was opened."""
+
+    hits: int
+    misses: int
+    invalidations: int
+    resyncs: int
+    entries: int
+    evictions: int
+    expirations: int
+    gaps: int
+    epoch_changes: int
+    lost_detected: int
+    lease_lapses: int
+    fills_rejected: int
+    messages: int
+    corrupt_messages: int
+    events_dropped: int = 0
+    """Events a ``subscribe()`` callback or ``watch()`` never got: its queue was full."""
+    gap_overflows: int = 0
+    """Buckets flushed because a relayed feed held too many early messages (``MAX_AHEAD``)."""
+    corrupt_entries: int = 0
+    """Stored entries that did not decode, left out by ``preload()`` or ``skip_corrupt=True``."""
+    forged_messages: int = 0
+    """Change messages dropped for want of a valid signature (a map with ``signing_key``)."""
+    digest_mismatches: int = 0
+    """Buckets restarted because the store's digest chain differed from the messages applied."""
+    stale_reads: int = 0
+    """Reads served stale while Redis was unreachable (``on_store_down="serve_stale"``)."""
+
+    @property
+    def hit_ratio(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class Presence:
+    """This server's presence record (JSON-ready) for ``syncmap top``; see docs/protocol.md.
+
+    Built on the probe thread every ``presence_interval``; the per-second rates are over the time
+    since the previous record."""
+
+    def __init__(self, node_id: str, every: float) -> None:
+        self.node_id, self.every = node_id, every
+        self._last: tuple[float, int, int] | None = None
+        self._started = 0
+
+    def record(self, s: Statistics, now_ms: int) -> dict[str, Any]:
+        if not self._started:
+            self._started = now_ms
+        mono, reads = time.monotonic(), s.hits + s.misses
+        last, self._last = self._last, (mono, reads, s.invalidations)
+        rate_r = rate_i = 0.0
+        if last is not None and mono > last[0]:
+            rate_r = (reads - last[1]) / (mono - last[0])
+            rate_i = (s.invalidations - last[2]) / (mono - last[0])
+        return {
+            "node": self.node_id, "host": socket.gethostname(), "pid": os.getpid(),
+            "started": self._started, "updated": now_ms,
+            "every": self.every, "entries": s.entries, "hits": s.hits,
+            "misses": s.misses, "hit_ratio": round(s.hit_ratio, 4),
+            "invalidations": s.invalidations, "resyncs": s.resyncs,
+            "lost_detected": s.lost_detected, "messages": s.messages,
+            "reads_per_s": round(rate_r, 1), "invalidations_per_s": round(rate_i, 1),
+        }  # fmt: skip

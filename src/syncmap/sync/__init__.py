@@ -1,0 +1,1 @@
+"""The thread driver: runs flows (``syncmap.flows``) with blocking I/O."""
