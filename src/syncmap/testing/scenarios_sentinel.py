@@ -16,7 +16,7 @@ three Sentinels, down-after 1 s):
    map waits out ``max_staleness``, and the final store (the master the Sentinels name) is read.
 
 Variants: ``plain`` (asynchronous replication), ``wait`` (``MapConfig(wait_replicas=1)``: every
-write followed by ``WAIT 1 timeout``; skipped while MapConfig has no such knob), ``min-replicas``
+write followed by ``WAIT 1 0.5 s``, ``NotReplicated`` when not confirmed), ``min-replicas``
 (``min-replicas-to-write 1``, ``min-replicas-max-lag 2`` on both data nodes).
 
 Figures per variant (``<variant>_<figure>``), defined precisely:
@@ -51,7 +51,6 @@ about to be demoted, so it must lose acknowledged writes (and ``acked_lost`` == 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import threading
 import time
@@ -62,7 +61,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import MapConfig
-from ..errors import StoreError, StoreUnavailable, WriteOutcomeUnknown
+from ..errors import NotReplicated, StoreError, StoreUnavailable, WriteOutcomeUnknown
 from ..map import SyncMap
 from .history import Op, sweep
 from .scenario import ACKED_LOST, ANOMALIES, OPS, Env, ScenarioResult, finish, scenario, timed
@@ -81,7 +80,6 @@ PAUSE_FACTOR = 2.5  # the master stays stopped at least this many down-afters
 # timeout is shorter gives up and asks the Sentinels again while the old master is stopped.
 HOLD = 1.5
 MIN_REPLICAS_MAX_LAG = 2  # s; below the pause, so the resumed old master counts no replica
-WAIT_KNOB = "wait_replicas" in {f.name for f in dataclasses.fields(MapConfig)}
 _ns = time.monotonic_ns
 _INF, _NEG_INF = 2**63, -(2**63)
 
@@ -109,7 +107,7 @@ class Write:
 
 
 def _outcome(exc: StoreError) -> str:
-    if type(exc).__name__ == "NotReplicated":  # issue 13's WAIT knob; a WriteOutcomeUnknown
+    if isinstance(exc, NotReplicated):  # before its base class, WriteOutcomeUnknown
         return "not_replicated"
     if isinstance(exc, WriteOutcomeUnknown):
         return "unknown"
@@ -244,8 +242,9 @@ def _divergent(maps: list[SyncMap], final: dict[str, tuple[Any, int]]) -> tuple[
 def _maps(sset: SentinelSet, variant: str, guard: bool, timeout: float
           ) -> Iterator[list[SyncMap]]:  # fmt: skip
     name = f"s10-{uuid.uuid4().hex[:8]}"
-    extra: dict[str, Any] = {"wait_replicas": 1, "wait_timeout": 0.5} if variant == "wait" else {}
-    config = MapConfig(max_staleness=DELTA, socket_timeout=timeout, **extra)
+    replicas = 1 if variant == "wait" else 0
+    config = MapConfig(max_staleness=DELTA, socket_timeout=timeout, wait_replicas=replicas,
+                       wait_timeout=0.5)  # fmt: skip
     pinned = "redis://{}:{}/0".format(*sset.master_addr())  # the control's fixed address
     ids = [f"w{i}" for i in range(WRITERS)] + [f"r{i}" for i in range(READERS)]
     with contextlib.ExitStack() as stack:
@@ -347,9 +346,6 @@ def s10(env: Env, seconds: float = 6.0, *, variants: tuple[str, ...] = VARIANTS,
     share = seconds / max(len(chosen), 1)
     runs = []
     for variant in chosen:
-        if variant == "wait" and not WAIT_KNOB:
-            result.figures["wait"] = "skipped: MapConfig has no wait_replicas yet (issue 13 §6)"
-            continue
         runs.append(_variant(env, variant, share, guard, socket_timeout))
     for f in runs:
         _require(result, f, guard)

@@ -256,17 +256,23 @@ class SentinelSet:
         node.kill()
         return node
 
+    def new_master(self, old: Addr) -> Addr | None:
+        """One look: the master a majority of the Sentinels name, if that is not ``old`` and it
+        answers ``ROLE`` as a master; else None."""
+        for addr, n in self.named_masters().items():
+            if addr != old and 2 * n > len(self.sentinels) and self.role(addr) == "master":
+                return addr
+        return None
+
     def wait_failover(self, old: Addr, timeout: float = 30.0) -> tuple[Addr, float]:
-        """Poll until a majority of the Sentinels name a master other than ``old`` and that node
-        answers ``ROLE`` as a master; the new address and the seconds it took."""
+        """Poll :meth:`new_master` until there is one; its address and the seconds it took."""
         start = time.monotonic()
         found: list[Addr] = []
 
         def moved() -> bool:
-            named = self.named_masters()
-            new = [a for a, n in named.items() if a != old and 2 * n > len(self.sentinels)]
-            found[:] = [a for a in new if self.role(a) == "master"]
-            return bool(found)
+            new = self.new_master(old)
+            found[:] = [new] if new is not None else []
+            return new is not None
 
         _poll(moved, start + timeout, f"a failover away from {old[0]}:{old[1]}")
         return found[0], time.monotonic() - start
