@@ -4,11 +4,13 @@ follows a failover, and leaves no process or temp dir behind, also when starting
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from syncmap import serverproc
 from syncmap.errors import ConfigurationError
+from syncmap.map import SyncMap
 from syncmap.testing.sentinelset import SentinelSet, parse_sentinel_url, sentinel_master_client
 from syncmap.testing.wait import wait_until
 
@@ -106,3 +108,25 @@ def _child_of_us(pid: int) -> bool:
             return int(fh.read().split(") ")[1].split()[1]) == os.getpid()
     except (OSError, ValueError, IndexError):
         return False
+
+
+def test_the_outages_doc_sentinel_example_runs(sentinel_set: SentinelSet) -> None:
+    """docs/outages.md §Sentinel's code, pointed at this set: the map writes through Sentinel."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "outages.md").read_text()
+    section = doc.split("\n## Sentinel\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    addrs = ", ".join(f'("{h}", {p})' for h, p in sentinel_set.sentinel_addrs)
+    wanted = '[("s1", 26379), ("s2", 26379), ("s3", 26379)]'
+    assert wanted in code and '"mymaster"' in code, code
+    code = code.replace(wanted, f"[{addrs}]").replace('"mymaster"', repr(sentinel_set.service))
+    scope: dict[str, object] = {}
+    exec(compile(code, "docs/outages.md", "exec"), scope)  # our own documentation
+    m = scope["m"]
+    assert isinstance(m, SyncMap)
+    try:
+        m["k"] = "v"
+        assert m.get("k", consistent=True) == "v"
+        master = sentinel_set.node_at(sentinel_set.master_addr())
+        assert master.client().dbsize() > 0  # the map's keys are on the master the set names
+    finally:
+        m.close()
