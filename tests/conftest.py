@@ -27,6 +27,11 @@ import redis
 
 from syncmap.embedded import ENV_VAR, KINDS, EmbeddedRedis, find_redis_server
 from syncmap.errors import RedisServerNotFound
+from syncmap.testing.sentinelset import (
+    SentinelModeUnavailable,
+    SentinelSet,
+    sentinel_mode_available,
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -98,6 +103,30 @@ def redis_server(redis_binary: str) -> Iterator[EmbeddedRedis]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def sentinel_binary(redis_binary: str) -> str:
+    """``redis_binary``, once it is known to run as a Sentinel (``<binary> <conf> --sentinel``);
+    else skipped locally, failed under CI=true."""
+    why = sentinel_mode_available(redis_binary)
+    if why is not None:
+        _no_server(SentinelModeUnavailable(f"{redis_binary} cannot run as a Sentinel: {why}"))
+    return redis_binary
+
+
+@pytest.fixture
+def sentinel_set(sentinel_binary: str) -> Iterator[SentinelSet]:
+    """A master, a replica and three Sentinels (quorum 2, down-after 1 s) on free ports, for this
+    test; skipped (failed under CI=true) where the binary cannot run as a Sentinel."""
+    try:
+        sentinels = SentinelSet(binary=sentinel_binary)
+    except SentinelModeUnavailable as exc:
+        _no_server(exc)
+    try:
+        yield sentinels
+    finally:
+        sentinels.close()
 
 
 @pytest.fixture

@@ -33,15 +33,22 @@ def main() -> None:
 @click.option(
     "--chaos",
     is_flag=True,
-    help="Now and then kill the pub/sub connections or pause a server; watch it heal.",
+    help="Now and then kill the pub/sub connections or pause a server; watch it heal.  With "
+    "--sentinel: pause the master once; watch Sentinel fail over.",
 )
-def demo(url: str | None, nodes: int, seconds: float, chaos: bool) -> None:
+@click.option(
+    "--sentinel",
+    is_flag=True,
+    help="Start a master, a replica and three Sentinels instead of one Redis; the maps find the "
+    "master through the Sentinels (redis+sentinel:// URL).",
+)
+def demo(url: str | None, nodes: int, seconds: float, chaos: bool, sentinel: bool) -> None:
     """Servers in separate processes share one map; ends with a convergence verdict.
 
     A live table on a terminal (needs the ``cli`` extra: rich), plain periodic lines otherwise.
     """
     try:
-        ok = run_demo(url, nodes, seconds, click.echo, chaos=chaos)
+        ok = run_demo(url, nodes, seconds, click.echo, chaos=chaos, sentinel=sentinel)
     except SyncMapError as exc:
         click.echo(f"syncmap demo: {exc}", err=True)
         sys.exit(2)

@@ -16,6 +16,7 @@ would serve, and the demo checks that every such entry equals the store: the con
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -30,10 +31,16 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+import redis as redis_lib
+
 from ..core.nearcache import Event
 from ..embedded import EmbeddedRedis
-from ..errors import LockLost, LockNotAcquired, StaleFence
+from ..errors import ConfigurationError, LockLost, LockNotAcquired, StaleFence, StoreError
 from ..map import SyncMap
+from ..store.endpoint import Endpoint
+from ..store.topology import open_topology
+from ..testing.sentinelset import SentinelSet
+from .demo_sentinel import FailoverChaos
 from .options import redis_client
 
 MAP = "demo"
@@ -67,6 +74,7 @@ class Report:
     sample: dict[str, int] = field(default_factory=dict)  # hot key -> cached version
     final: dict[str, tuple[Any, int]] | None = None
     ends_at: float = 0.0  # time.monotonic() when this server stops its reads and writes
+    errors: int = 0  # calls that failed: Redis down or failing over (--sentinel --chaos)
 
 
 def _hot_keys() -> list[str]:
@@ -93,7 +101,10 @@ def server(url: str, node: str, seconds: float, out: Connection, quiet: bool = F
             # The probe writes its send time; the event's arrival time is taken first.
             if event.key == PROBE_KEY:
                 arrived = time.monotonic_ns()
-                sent, version, _ = m.get_with_meta(PROBE_KEY, consistent=True)
+                try:
+                    sent, version, _ = m.get_with_meta(PROBE_KEY, consistent=True)
+                except StoreError:
+                    return
                 if version == event.version and isinstance(sent, int):
                     delays.append((arrived - sent) / 1e6)
                     arrivals.append(arrived / 1e9)
@@ -105,16 +116,10 @@ def server(url: str, node: str, seconds: float, out: Connection, quiet: bool = F
         rep = Report(node, ends_at=end)
         next_report = time.monotonic() + REPORT_EVERY
         while time.monotonic() < end:
-            key = rng.choices(keys, weights)[0]
-            if rng.random() < WRITE_SHARE:
-                if rng.random() < LOCK_SHARE:
-                    _locked_write(m, key, node, rep)
-                else:
-                    m.set(key, {"by": node, "visits": rep.writes})
-                rep.writes += 1
-            else:
-                m.get(key)
-                rep.reads += 1
+            try:
+                _one_call(m, rng, rng.choices(keys, weights)[0], node, rep)
+            except StoreError:
+                rep.errors += 1
             time.sleep(0.001)  # pacing: a server doing other work between map calls
             if time.monotonic() >= next_report:
                 rep.sample = _sample(m, hot)
@@ -128,6 +133,18 @@ def server(url: str, node: str, seconds: float, out: Connection, quiet: bool = F
                 rep.final[str(k)] = cached
         rep.sample = _sample(m, hot)
         _flush(m, rep, delays, arrivals, out)
+
+
+def _one_call(m: SyncMap, rng: random.Random, key: str, node: str, rep: Report) -> None:
+    if rng.random() < WRITE_SHARE:
+        if rng.random() < LOCK_SHARE:
+            _locked_write(m, key, node, rep)
+        else:
+            m.set(key, {"by": node, "visits": rep.writes})
+        rep.writes += 1
+    else:
+        m.get(key)
+        rep.reads += 1
 
 
 def _locked_write(m: SyncMap, key: str, node: str, rep: Report) -> None:
@@ -179,7 +196,8 @@ def probe_writer(url: str, stop: Any, quiet: bool = False) -> None:
         logging.getLogger("syncmap").setLevel(logging.ERROR)
     with SyncMap(MAP, url, node_id="probe") as m:
         while not stop.is_set():
-            m.set(PROBE_KEY, time.monotonic_ns())
+            with contextlib.suppress(StoreError):  # failing over (--sentinel): the next one will do
+                m.set(PROBE_KEY, time.monotonic_ns())
             stop.wait(0.05)
 
 
@@ -253,8 +271,13 @@ class Demo:
         self.url, self.seconds, self.chaos = url, seconds, chaos
         self.nodes = {n: Node(n) for n in names}
         self.started = time.monotonic()
+        # INFO goes to the node the URL names *now*: on Sentinel, the master after a failover
+        # (a client pinned to the paused one would stall the demo's loop for its timeout).
+        self._topology = open_topology(url, timeout=1.0)
+        self._admin_at: Endpoint | None = None
         self.admin = redis_client(url, 5)
         self.truth = SyncMap(MAP, url, node_id="demo-check")
+        self.failover: FailoverChaos | None = None  # --sentinel --chaos
         self.max_staleness = self.truth.config.max_staleness
         self.store: dict[str, Any] = {}
         self.entries_in_store = 0
@@ -297,8 +320,12 @@ class Demo:
             self.run_end = min(n.latest.ends_at for n in self.nodes.values() if n.latest)
             self.next_chaos = self.up_at + 1.0
         equal = in_flight = late = 0
+        try:
+            store = {k: self._store_version(k) for k in rep.sample}
+        except StoreError:  # Redis failing over: this report goes unchecked
+            return
         for k, version in rep.sample.items():
-            if version >= self._store_version(k):
+            if version >= store[k]:
                 equal += 1
             # Late: the store already held a newer version max_staleness before the report.
             elif any(v > version and t <= rep.t - self.max_staleness for t, v in self.history[k]):
@@ -307,9 +334,19 @@ class Demo:
                 in_flight += 1
         node.check = (equal, in_flight, late)
 
+    def _admin(self) -> redis_lib.Redis:
+        endpoint = self._topology.endpoint()
+        if endpoint != self._admin_at:
+            self.admin.close()
+            self.admin, self._admin_at = endpoint.client(), endpoint
+        return self.admin
+
     def poll_store(self) -> None:
-        self.entries_in_store = len(self.truth)
-        info = self.admin.info()
+        try:
+            self.entries_in_store = len(self.truth)
+            info = self._admin().info()
+        except (StoreError, redis_lib.RedisError):  # failing over: the last figures stay
+            return
         self.store = {
             "memory": info.get("used_memory_human", "?"),
             "clients": info.get("connected_clients", 0),
@@ -348,6 +385,9 @@ class Demo:
                 if all(a is not None for a in firsts):
                     event.healed_at = max(a for a in firsts if a is not None)
                     say(self._stamp(f"chaos: healed: {self._heal_text(event)}"))
+        if self.chaos and self.failover is not None:  # --sentinel: one failover, nothing else
+            self._failover_tick(say)
+            return
         end = self.run_end
         if not self.chaos or self.paused is not None or now < self.next_chaos:
             return
@@ -372,7 +412,16 @@ class Demo:
         self.events.append(event)
         say(self._stamp(f"chaos: {event.what}"))
 
+    def _failover_tick(self, say: Callable[[str], None]) -> None:
+        assert self.failover is not None
+        resumed = self.failover.tick(self.up_at, self.run_end, lambda t: say(self._stamp(t)))
+        if resumed is not None:
+            what, at = resumed
+            self.events.append(ChaosEvent(self.failover.paused_at, what, heal_from=at))
+
     def resume_all(self, procs: dict[str, Any]) -> None:
+        if self.failover is not None:
+            self.failover.resume()
         if self.paused is not None:
             name, pid, _, event = self.paused
             os.kill(pid, signal.SIGCONT)
@@ -402,6 +451,7 @@ class Demo:
             f"propagation p50 {_ms(_pct(delays, 0.5))} p99 {_ms(_pct(delays, 0.99))}, "
             f"locks {r.locks} (wait p50 {_ms(_pct(node.lock_waits, 0.5))} "
             f"p99 {_ms(_pct(node.lock_waits, 0.99))}), resyncs {r.resyncs}"
+            + (f", store errors {r.errors}" if r.errors else "")
             + (" [paused]" if node.paused else "")
         )
 
@@ -475,8 +525,10 @@ class Demo:
 
 
 def run(url: str, nodes: int, seconds: float, say: Callable[[str], None], *,
-        chaos: bool = False, live: bool = False) -> bool:  # fmt: skip
-    """Run the demo against ``url``; returns the convergence verdict."""
+        chaos: bool = False, live: bool = False, sentinels: SentinelSet | None = None
+        ) -> bool:  # fmt: skip
+    """Run the demo against ``url``; returns the convergence verdict.  ``sentinels``: the set
+    ``url`` names (``--sentinel``), whose master ``chaos`` pauses once instead of the usual."""
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     names = [f"server-{i + 1}" for i in range(nodes)]
@@ -493,6 +545,8 @@ def run(url: str, nodes: int, seconds: float, say: Callable[[str], None], *,
         w.close()  # the children hold the writing ends
     readers = {r: n for n, (r, _) in pipes.items()}
     state = Demo(url, names, seconds, chaos)
+    if sentinels is not None:
+        state.failover = FailoverChaos(sentinels)
     finals: dict[str, dict[str, tuple[Any, int]]] = {}
     try:
         _watch(state, readers, procs, stop, finals, say, live)
@@ -607,15 +661,25 @@ def rich_available() -> bool:
 
 
 def demo(url: str | None, nodes: int, seconds: float, say: Callable[[str], None], *,
-         chaos: bool = False, live: bool | None = None) -> bool:  # fmt: skip
+         chaos: bool = False, live: bool | None = None, sentinel: bool = False
+         ) -> bool:  # fmt: skip
     """Start an embedded Redis unless ``url`` is given, then :func:`run`.
 
     ``live=None``: a rich live view when stdout is a terminal and rich is installed.
+    ``sentinel``: start a master, a replica and three Sentinels instead (demo_sentinel.py).
     """
     if live is None:
         live = sys.stdout.isatty() and rich_available()
+    if sentinel and url is not None:
+        raise ConfigurationError("--sentinel starts servers of its own: leave out --url")
     with ExitStack() as stack:
-        if url is None:
+        sentinels = None
+        if sentinel:
+            sentinels = stack.enter_context(SentinelSet())
+            url = sentinels.url
+            say(f"started an embedded {sentinels.topology()}")
+            say(f"maps open {url}")
+        elif url is None:
             embedded = stack.enter_context(EmbeddedRedis())
             url = embedded.url
             say(f"started an embedded {embedded.label} at {url}")
@@ -625,7 +689,17 @@ def demo(url: str | None, nodes: int, seconds: float, say: Callable[[str], None]
         say(
             f"{nodes} servers share map {MAP!r} for {seconds:g} s (90 % reads, 10 % writes, "
             f"{LOCK_SHARE:.0%} of them under the key's lock)"
-            + (": chaos on (pub/sub kills, paused servers)" if chaos else "")
+            + (
+                ": chaos on ("
+                + (
+                    "the master paused once: a failover"
+                    if sentinel
+                    else "pub/sub kills, paused servers"
+                )
+                + ")"
+                if chaos
+                else ""
+            )
         )
-        return run(url, nodes, seconds, say, chaos=chaos, live=live)
+        return run(url, nodes, seconds, say, chaos=chaos, live=live, sentinels=sentinels)
     raise AssertionError("unreachable")
