@@ -29,6 +29,8 @@ def test_doctor_on_a_default_server_passes(redis_server: EmbeddedRedis) -> None:
     assert "mode standalone" in run.stdout
     # The embedded server runs without persistence: a warning, not a failure.
     assert any(line.startswith("WARN persistence") for line in lines)
+    assert any(line.startswith("OK   durability") and "no replicas" in line for line in lines)
+    assert any(line.startswith("OK   topology") and "standalone" in line for line in lines)
     client = redis_server.client()
     try:
         assert client.dbsize() == 0  # the test map's keys were deleted

@@ -170,6 +170,16 @@ def test_resolution_names_the_master_and_caps_the_timeout(sentinels: SentinelSet
         assert reached and line.status == "OK", checks
         assert f"master {HOST}:{master.port}, replicas {HOST}:{replica}" in line.detail
         assert all(str(s.port) in line.detail for s in sentinels.sentinels), line.detail
+        # Asynchronous replication by default: doctor says what a failover may lose, and the fix.
+        durable = next(c for c in checks if c.name == "durability")
+        assert durable.status == "WARN" and "min-replicas-to-write 1" in durable.hint, durable
+        master_node = sentinels.node(master.port).client()
+        master_node.config_set("min-replicas-to-write", 1)
+        try:
+            durable = next(c for c in run_checks(sentinels.url())[0] if c.name == "durability")
+            assert durable.status == "OK" and "refuses writes" in durable.detail, durable
+        finally:
+            master_node.config_set("min-replicas-to-write", 0)
     finally:
         topology.close()
 

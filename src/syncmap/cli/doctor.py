@@ -1,8 +1,9 @@
 """``syncmap doctor``: is this Redis fit for syncmap?  One line per check: OK, WARN or FAIL.
 
-Checks: connection, server version and mode (standalone / Sentinel / Cluster), RESP3 (HELLO 3),
-``maxmemory`` and the eviction policy, persistence, round-trip time, and a test invalidation
-through a real ``SyncMap`` on a private map (its keys are deleted afterwards).
+Checks: connection, the topology (one node, or a Sentinel service: master, replicas, sentinels),
+server version and mode, RESP3 (HELLO 3), ``maxmemory`` and the eviction policy, persistence,
+durability across a failover (replicas, ``min-replicas-to-write``), round-trip time, and a test
+invalidation through a real ``SyncMap`` on a private map (its keys are deleted afterwards).
 
 Exit status: 0 no FAIL (WARNs allowed), 1 some check failed, 2 the Redis could not be reached.
 """
@@ -192,6 +193,28 @@ def _persistence(client: redis.Redis) -> Check:
     return Check("persistence", "OK", detail)
 
 
+def _durability(client: redis.Redis) -> Check:
+    """What a failover may lose: with replicas and ``min-replicas-to-write 0`` (the default),
+    writes acknowledged just before a failover may be gone on the promoted replica."""
+    try:
+        replicas = int(client.info("replication").get("connected_slaves", 0))
+    except (redis.RedisError, ValueError):
+        return Check("durability", "WARN", "unknown (INFO replication refused)")
+    if replicas == 0:
+        return Check("durability", "OK", "no replicas: durability is this node's persistence")
+    need = _config(client, "min-replicas-to-write")
+    lag = _config(client, "min-replicas-max-lag")
+    detail = f"{replicas} replica(s), min-replicas-to-write {need or '?'}"
+    if need in (None, "0"):
+        return Check("durability", "WARN", detail + " (asynchronous replication)", (
+            "a failover may lose writes acknowledged just before it: set min-replicas-to-write 1 "
+            "and min-replicas-max-lag 10 on the master, or MapConfig(wait_replicas=1) "
+            "(docs/deploying.md, Sentinel)"
+        ))  # fmt: skip
+    return Check("durability", "OK", f"{detail}, min-replicas-max-lag {lag}: the master refuses "
+                 "writes without enough replicas")  # fmt: skip
+
+
 def _rtt(client: redis.Redis, count: int = 7) -> Check:
     times = []
     for _ in range(count):
@@ -290,6 +313,7 @@ def run_checks(url: str) -> tuple[list[Check], bool]:
             lambda c: [_resp3(url)],
             lambda c: [_memory(c)],
             lambda c: [_persistence(c)],
+            lambda c: [_durability(c)],
             lambda c: [_rtt(c)],
         ):
             try:
