@@ -7,7 +7,12 @@ origin) and runs the REAL flows (``syncmap.flows``): an operation is a flow gene
 starts (``effect = next(flow)``: the request is sent, a fill begun), executes in the store later
 (``replies = executor.call(effect.commands, ...)``) and finishes later still
 (``flow.send(replies)``: the reply arrives), so fills race invalidations (A2) and own writes (A6)
-in every order, and the model can never drift from the code it checks.  Probes are
+in every order, and the model can never drift from the code it checks.  The operations: get,
+set, delete, swap, setdefault, compare_and_set and compare_and_delete (with their 'ver' retry:
+every third value is stored as a float, equal to the int another server expects but other
+bytes), transform (its read, then its 'ver' write) and preload; a flow that sends several
+requests has each one executed and answered in later steps.  Every server's clocks (monotonic
+and wall) are the model's ``now``, as is the store's.  Probes are
 ``flows.admin.probe`` split the same way: sent (``tops()`` taken), executed (expired keys reaped,
 every bucket's ``(epoch, seq, digest)`` read) and applied, possibly much later.
 
@@ -37,7 +42,11 @@ Oracles, checked after every step (time is the simulated ``now``; Δ = ``max_sta
   counter (``gid``) so the order stays meaningful when versions restart after FLUSHALL/restart:
   a read returns a state no older than any read that completed, or any own write/delete/clear
   acknowledged, before the read began.
-* C6 no phantom: every value read or cached was written, for that key, at that version.
+* C6 no phantom: every value read or cached was written, for that key, at that version; the
+  previous value swap, setdefault and delete return was the key's live write when their script
+  ran (none if it had none); compare-and-X returns True exactly when the key held an equal value
+  as its last request ran; transform's ``fn`` was given the value the key held when its write
+  ran (its atomicity).  C4/C5 hold for those previous values too.
 * ``len(entries) <= capacity``.
 
 ``test_oracles_catch_each_guard_switched_off`` runs the model with one ``Guards`` flag off and
@@ -67,9 +76,10 @@ from syncmap.codec import make_codec
 from syncmap.config import MapConfig
 from syncmap.core.nearcache import INF, Guards, NearCache
 from syncmap.core.wire import OP_CLEAR, OP_DEL, OP_EXPIRE, OP_SET, decode_message, unpack_value
-from syncmap.errors import StoreUnavailable, WriteOutcomeUnknown
-from syncmap.flows import admin, reads, writes
+from syncmap.errors import ConflictError, StoreUnavailable, WriteOutcomeUnknown
+from syncmap.flows import admin, bulk, reads, writes
 from syncmap.flows.effects import Call, Flow, Publish
+from syncmap.flows.reads import MISSING
 from syncmap.flows.state import MapState
 from syncmap.keys import Layout, bucket_of, decode_key, encode_key
 from syncmap.store.commands import MapCommands
@@ -104,28 +114,29 @@ class Write:
         return min(self.end, self.deadline)
 
 
-class SimState(MapState):
-    """A server's map state in simulated time: Redis's clock is the model's (``server_ms``)."""
-
-    def server_now_ms(self) -> float:
-        return float(self.server_ms())  # type: ignore[attr-defined]
-
-
 @dataclass(eq=False)  # identity: two ops can look alike
 class Op:
-    """A read or write this server has sent (its flow waits at ``call``) and not yet finished."""
+    """An operation this server has started (its flow waits at ``call``) and not yet finished.
 
-    kind: str  # "read" | "set" | "del"
+    A flow may send several requests one after another (a compare-and-X's 'ver' retry, a
+    transform's read then write, a preload's second round): ``call`` is the current one, and
+    ``before``/``pre``/``observed``/``made`` describe the last one that ran."""
+
+    kind: str  # read | set | swap | nx | del | cas | cad | transform | preload
     key: str
     flow: Flow[Any]
     call: Call
     rfloor: Order
     wfloor: Order
-    value: int = 0
+    value: Any = 0  # what a set-like write stores (unique: it names the write)
+    expected: Any = None  # cas / cad: the value compared with
     executed: bool = False
     replies: Any = None
-    observed: Order = (0, 0)  # reads: the key's state in the store when the HGET ran
+    before: Write | None = None  # the key's live write just before the request ran
+    pre: Order = (0, 0)  # the key's state just before it ran
+    observed: Order = (0, 0)  # ... and just after (a read's HGET: what it found)
     made: Meta = field(default_factory=list)  # what the command changed, as the monitor saw
+    inputs: list[Any] = field(default_factory=list)  # transform: every value fn was given
 
 
 @dataclass(eq=False)
@@ -136,7 +147,7 @@ class Probe:
 
 
 class Server:
-    def __init__(self, name: str, state: SimState, executor: MemoryExecutor) -> None:
+    def __init__(self, name: str, state: MapState, executor: MemoryExecutor) -> None:
         self.name = name
         self.state = state
         self.executor = executor
@@ -158,6 +169,10 @@ servers_st = st.integers(0, N_SERVERS - 1)
 keys_st = st.sampled_from(KEYS)
 ttl_st = st.sampled_from([None, None, None, 0.3, 1.5])
 idx_st = st.integers(0, 7)
+pick_st = st.integers(0, 3)  # what a compare-and-X expects (CoreModel._expected)
+WRITES = ("set", "swap", "nx", "cas", "transform")  # the kinds that store a new value
+OTHERS = ("swap", "nx", "cas", "cad", "transform", "preload")
+KINDS = ("read", "read", "set", "del", *OTHERS)
 
 
 class CoreModel(RuleBasedStateMachine):
@@ -196,8 +211,10 @@ class CoreModel(RuleBasedStateMachine):
                          ordered=self.ORDERED)  # fmt: skip
         cmds = MapCommands(self.layout, name, None if self.ORDERED else "",
                            flags=guards.script_flags())  # fmt: skip
-        state = SimState(name, core, cmds, CODEC, MapConfig(), clock=lambda: self.now)
-        state.server_ms = lambda: self.now_ms  # type: ignore[attr-defined]
+        # Both clocks are the model's: the wall clock only relates Redis's clock (the store's,
+        # also the model's) to ours, through the offset each probe measures.
+        state = MapState(name, core, cmds, CODEC, MapConfig(), clock=lambda: self.now,
+                         wall=lambda: self.now)  # fmt: skip
         s = Server(name, state, MemoryExecutor(self.store, f"store (from {name})"))
         self.store.subscribe(self.layout.channel, lambda msg: self._arrive(s, msg))
         return s
@@ -284,22 +301,33 @@ class CoreModel(RuleBasedStateMachine):
             replies = exc
         return replies, self.made
 
-    def _drive(self, s: Server, flow: Flow[Any], reply: Any) -> Any:
-        """Resume ``flow`` with ``reply`` and run it to its end, every further effect at once
-        (what ``syncmap.sync.run.run`` does); returns the flow's value."""
+    def _resume(self, flow: Flow[Any], reply: Any) -> tuple[Call | None, Any]:
+        """Resume ``flow`` with ``reply`` (an error is thrown in) up to its next request, doing a
+        ``Publish`` (a relayed feed: right after the write) or ``Pause`` (simulated time does
+        not move for it) at once: (the request, None), or (None, what the flow returned or
+        the ``ConflictError``/``KeyError`` a compare or transform ended with)."""
         while True:
             try:
                 effect = flow.throw(reply) if isinstance(reply, Exception) else flow.send(reply)
             except StopIteration as stop:
-                return stop.value
+                return None, stop.value
+            except (ConflictError, KeyError) as exc:
+                return None, exc
             if isinstance(effect, Call):
-                reply = self._execute(s, effect)[0]
-            elif isinstance(effect, Publish):  # a relayed feed: the flow publishes after the write
+                return effect, None
+            if isinstance(effect, Publish):
                 for data in effect.messages:
                     self.store.publish(self.layout.channel.encode(), data)
-                reply = None
-            else:  # Pause: simulated time does not move for it
-                reply = None
+            reply = None
+
+    def _drive(self, s: Server, flow: Flow[Any], reply: Any) -> Any:
+        """Resume ``flow`` with ``reply`` and run it to its end, every further request at once
+        (what ``syncmap.sync.run.run`` does); returns the flow's value."""
+        while True:
+            call, value = self._resume(flow, reply)
+            if call is None:
+                return value
+            reply = self._execute(s, call)[0]
 
     def _run(self, s: Server, flow: Flow[Any]) -> Any:
         return self._drive(s, flow, None)
@@ -330,46 +358,156 @@ class CoreModel(RuleBasedStateMachine):
         )
         return w
 
-    def _begin(
-        self, s: Server, kind: str, key: str, value: int = 0, ttl: float | None = None
-    ) -> Op:
-        """Start the operation's flow up to its request: the fill is begun, the command built."""
-        ref = self.ref(key)
-        if kind == "read":
-            flow = reads.read(s.state, ref.field, ref.key, ref.bucket, consistent=False)
-        elif kind == "set":
-            ttl_ms = round(ttl * 1000) if ttl else 0
-            flow = writes.set_value(s.state, ref, writes.payload(s.state, value), ttl_ms=ttl_ms,
-                                    mode="set", value=value)  # fmt: skip
-        else:
-            flow = writes.delete(s.state, ref)
-        call = next(flow)
+    def _begin(self, s: Server, kind: str, key: str, ttl: float | None = None, pick: int = 0
+               ) -> Op:  # fmt: skip
+        """Start the operation's flow up to its first request: fills begun, the command built."""
+        op = Op(kind, key, None, None, s.rfloor[key], s.wfloor[key])  # type: ignore[arg-type]
+        if kind in WRITES:
+            op.value = self._new_value()
+        if kind in ("cas", "cad"):
+            op.expected = self._expected(key, pick)
+        op.flow = self._flow(s, op, round(ttl * 1000) if ttl else 0)
+        call = next(op.flow)
         assert isinstance(call, Call), call
-        op = Op(kind, key, flow, call, s.rfloor[key], s.wfloor[key], value)
+        op.call = call
         s.ops.append(op)
         return op
 
+    def _new_value(self) -> Any:
+        """A value no write used: every third one a float, so an equal int compares equal but
+        is other bytes (what sends a compare-and-X down its 'ver' retry)."""
+        n = next(self.values)
+        return float(n) if n % 3 == 0 else n
+
+    def _expected(self, key: str, pick: int) -> Any:
+        """What a compare-and-X expects: the key's value now (as an int, or as stored), one it
+        held before, or one it never held."""
+        w = self.live.get(key)
+        older = [w for w in self.writes.values() if w.key == key]
+        if pick == 2 and older:
+            return older[len(older) // 2].value
+        if w is None or pick == 3:
+            return -1
+        return int(w.value) if pick == 0 else w.value
+
+    def _flow(self, s: Server, op: Op, ttl_ms: int) -> Flow[Any]:
+        """The flow the map's method of ``op.kind`` runs (map.py), on this server's state."""
+        st_, ref = s.state, self.ref(op.key)
+        if op.kind == "read":
+            return reads.read(st_, ref.field, ref.key, ref.bucket, consistent=False)
+        if op.kind == "preload":
+            # As after Engine.start's baseline probe: a bucket installs only values of an epoch
+            # the server knows, under a live lease; the race is with what happens from here on.
+            self._probe_now(s)
+            return bulk.preload(st_, s.core.capacity, retries=1)
+        if op.kind == "transform":
+            return writes.transform(st_, ref, op.key, lambda v: op.inputs.append(v) or op.value,
+                                    0, ttl_ms=ttl_ms, fence=None)  # fmt: skip
+        return self._write_flow(st_, ref, op, ttl_ms)
+
+    @staticmethod
+    def _write_flow(st_: MapState, ref: writes.Ref, op: Op, ttl_ms: int) -> Flow[Any]:
+        if op.kind == "del":
+            return writes.delete(st_, ref)
+        if op.kind == "cad":
+            return writes.compare(st_, op.key, op.expected, "cad", lambda m, e: writes.delete(
+                st_, ref, mode=m, expected=e))  # fmt: skip
+        data = writes.payload(st_, op.value)
+        if op.kind == "cas":
+            return writes.compare(st_, op.key, op.expected, "cas", lambda m, e: writes.set_value(
+                st_, ref, data, ttl_ms=ttl_ms, mode=m, expected=e))  # fmt: skip
+        value = op.value if op.kind == "set" else MISSING  # as map.py passes it
+        return writes.set_value(st_, ref, data, ttl_ms=ttl_ms, mode=op.kind, value=value)
+
+    def _live_write(self, key: str) -> Write | None:
+        w = self.live.get(key)
+        return w if w is not None and w.deadline > self.now else None
+
     def _exec(self, s: Server, op: Op) -> None:
+        op.before, op.pre = self._live_write(op.key), self._state_of(op.key)
         op.replies, op.made = self._execute(s, op.call)
         op.observed = self._state_of(op.key)
         op.executed = True
 
-    def _finish(self, s: Server, op: Op) -> None:
-        """The reply arrives: the flow settles it (install, refuse, drop) under its guard."""
+    def _reply(self, s: Server, op: Op) -> None:
+        """The reply arrives: the flow settles it (install, refuse, drop) under its guard, and
+        either sends its next request or ends."""
+        call, result = self._resume(op.flow, op.replies)
+        if call is not None:
+            op.call, op.executed, op.replies = call, False, None
+            return
         s.ops.remove(op)
-        key = op.key
-        result = self._drive(s, op.flow, op.replies)
+        applied = self._check_result(s, op, result)
+        if applied:  # C5 from now on: this server's own write is acknowledged
+            for k, order in op.made:
+                if k == op.key:
+                    s.wfloor[k] = max(s.wfloor[k], order)
+
+    def _complete(self, s: Server, op: Op) -> None:
+        """Run ``op`` to its end now: each request executed, each reply handled."""
+        while op in s.ops:
+            if not op.executed:
+                self._exec(s, op)
+            self._reply(s, op)
+
+    def _check_result(self, s: Server, op: Op, result: Any) -> bool:
+        """C4/C5/C6 for what the operation returned; whether it changed the key."""
+        key, before = op.key, op.before
         if op.kind == "read":
             value, version, _ = result
-            if value is reads.MISSING:
-                state = op.observed
-            else:
+            state = op.observed
+            if value is not MISSING:
                 state = (self._check_value(key, value, version, f"{s.name} read-through").gid, 0)
             self._observe(s, "read-through", key, state, op.rfloor, op.wfloor)
-        elif op.kind == "set" or result[0]:  # a set, or a delete that deleted
-            for k, order in op.made:
-                if k == key:
-                    s.wfloor[key] = max(s.wfloor[key], order)
+            return False
+        if op.kind == "preload":  # what it installed is checked by the invariants
+            return False
+        if op.kind in ("cas", "cad", "transform"):
+            return self._check_conditional(s, op, result)
+        version, old = result
+        if old is not None:  # the key's live value when the script ran (C6, and a read: C4/C5)
+            w = self._check_stored(key, old, f"{s.name} {op.kind} (old value)")
+            assert w is before, (
+                f"C6: {s.name} {op.kind}({key!r}) returned {w.value!r} as the value it found, "
+                f"the key held {before and before.value!r} when it ran (now={self.now})"
+            )
+            self._observe(s, op.kind, key, op.pre, op.rfloor, op.wfloor)
+        elif op.kind != "set":
+            assert before is None, (
+                f"C6: {s.name} {op.kind}({key!r}) found no value, the key held "
+                f"{before.value!r} when it ran (now={self.now})"
+            )
+        if op.kind == "nx":
+            assert bool(version) == (before is None), f"nx: applied={version}, found {before}"
+        return bool(version)
+
+    def _check_conditional(self, s: Server, op: Op, result: Any) -> bool:
+        """cas/cad: True exactly when the key held an equal value as the last request ran;
+        transform: ``fn`` was given the value the key held when its write ran (atomic)."""
+        key, before = op.key, op.before
+        if isinstance(result, ConflictError):
+            return False
+        if op.kind == "transform":
+            for v in op.inputs:
+                assert v == 0 or (v in self.writes and self.writes[v].key == key), (
+                    f"C6 phantom: transform({key!r}) was given {v!r}, never written to it"
+                )
+            assert op.inputs[-1] == (0 if before is None else before.value), (
+                f"transform({key!r}) wrote fn({op.inputs[-1]!r}), but the key held "
+                f"{before and before.value!r} when the write ran (now={self.now})"
+            )
+            self._observe(s, "transform", key, op.pre, op.rfloor, op.wfloor)
+            return True
+        equal = before is not None and before.value == op.expected
+        assert result is equal, (
+            f"{op.kind}({key!r}, expected={op.expected!r}) returned {result}, the key held "
+            f"{before and before.value!r} when it ran (now={self.now})"
+        )
+        return bool(result)
+
+    def _check_stored(self, key: str, raw: bytes, where: str) -> Write:
+        version, _, payload = unpack_value(raw)
+        return self._check_value(key, CODEC.decode(payload), version, where)
 
     def _deliver(self, s: Server, keep: bool = False) -> None:
         data, meta = s.bus[0] if keep else s.bus.popleft()
@@ -389,31 +527,50 @@ class CoreModel(RuleBasedStateMachine):
             w = self._check_value(key, e.value, e.version, f"{s.name} hit")
             self._observe(s, "hit", key, (w.gid, 0), s.rfloor[key], s.wfloor[key])
             return
-        op = self._begin(s, "read", key)
-        self._exec(s, op)
-        self._finish(s, op)
+        self._complete(s, self._begin(s, "read", key))
 
     @rule(i=servers_st, key=keys_st, ttl=ttl_st)
     def write(self, i: int, key: str, ttl: float | None) -> None:
         s = self.servers[i]
-        op = self._begin(s, "set", key, next(self.values), ttl)
-        self._exec(s, op)
-        self._finish(s, op)
+        self._complete(s, self._begin(s, "set", key, ttl))
 
     @rule(i=servers_st, key=keys_st)
     def delete(self, i: int, key: str) -> None:
         s = self.servers[i]
-        op = self._begin(s, "del", key)
-        self._exec(s, op)
-        self._finish(s, op)
+        self._complete(s, self._begin(s, "del", key))
 
-    @rule(
-        i=servers_st, key=keys_st, kind=st.sampled_from(["read", "read", "set", "del"]), ttl=ttl_st
-    )
-    def begin_op(self, i: int, key: str, kind: str, ttl: float | None) -> None:
-        """Send a read or write; its command runs and its reply arrives in later steps."""
-        value = next(self.values) if kind == "set" else 0
-        self._begin(self.servers[i], kind, key, value, ttl)
+    @rule(i=servers_st, key=keys_st, kind=st.sampled_from(OTHERS[:-1]), ttl=ttl_st,
+          pick=pick_st)  # fmt: skip
+    def other_write(self, i: int, key: str, kind: str, ttl: float | None, pick: int) -> None:
+        """``swap``, ``setdefault``, ``compare_and_set``, ``compare_and_delete`` or
+        ``transform``, run to its end at once."""
+        s = self.servers[i]
+        self._complete(s, self._begin(s, kind, key, ttl, pick))
+
+    @rule(i=servers_st, key=keys_st, kind=st.sampled_from(["cas", "cad", "transform"]),
+          other=st.integers(1, N_SERVERS - 1), pick=pick_st)  # fmt: skip
+    def conditional_race(self, i: int, key: str, kind: str, other: int, pick: int) -> None:
+        """Another server writes the key between a conditional write's first request (the
+        transform's read, the compare's first try) and its next one (the write, the 'ver'
+        retry): what the 'ver' condition is there for."""
+        s = self.servers[i]
+        op = self._begin(s, kind, key, None, pick)
+        self._exec(s, op)
+        self._reply(s, op)
+        if op in s.ops:
+            self.write((i + other) % N_SERVERS, key, None)
+            self._complete(s, op)
+
+    @rule(i=servers_st)
+    def preload(self, i: int) -> None:
+        """``SyncMap.preload``, run to its end at once."""
+        s = self.servers[i]
+        self._complete(s, self._begin(s, "preload", KEYS[0]))
+
+    @rule(i=servers_st, key=keys_st, kind=st.sampled_from(KINDS), ttl=ttl_st, pick=pick_st)
+    def begin_op(self, i: int, key: str, kind: str, ttl: float | None, pick: int) -> None:
+        """Start any operation; its requests run and their replies arrive in later steps."""
+        self._begin(self.servers[i], kind, key, ttl, pick)
 
     @rule(i=servers_st, key=keys_st, n=st.integers(2, 3))
     def read_burst(self, i: int, key: str, n: int) -> None:
@@ -439,7 +596,7 @@ class CoreModel(RuleBasedStateMachine):
             op = s.ops[j % len(s.ops)]
             if not op.executed:
                 self._exec(s, op)
-            self._finish(s, op)
+            self._reply(s, op)
 
     # The next two are ``write``/``delete``/``read`` with their arguments aimed at a key that has a
     # request in flight: the interesting races need several steps on one (server, key) in a row.
@@ -476,10 +633,11 @@ class CoreModel(RuleBasedStateMachine):
         if not s.ops:
             return
         op = s.ops.pop(j % len(s.ops))
-        error = StoreUnavailable("timed out") if op.kind == "read" else WriteOutcomeUnknown("?")
+        write = op.call.write
+        error = WriteOutcomeUnknown("?") if write else StoreUnavailable("timed out")
         with pytest.raises(type(error)):
             op.flow.throw(error)
-        if op.kind != "read" and not op.executed:
+        if write and not op.executed:
             self.orphans.append(op.call)
 
     @precondition(lambda self: self.orphans)
@@ -495,7 +653,7 @@ class CoreModel(RuleBasedStateMachine):
     def update(self, i: int, keys: list[str]) -> None:
         """``SyncMap.update``: the update flow (one MSET per bucket), run at once."""
         s = self.servers[i]
-        items = [(self.ref(k), writes.payload(s.state, next(self.values))) for k in keys]
+        items = [(self.ref(k), writes.payload(s.state, self._new_value())) for k in keys]
         self.made = []
         self._run(s, writes.update(s.state, items, ttl_ms=0, fence=None))
         for key, order in self.made:
@@ -781,3 +939,44 @@ def test_oracles_catch_each_guard_switched_off(flag: str, machine: type[CoreMode
                 report_multiple_bugs=False,
             ),
         )
+
+
+def _ver_as_set(orig: Any) -> Any:
+    def set_value(*args: Any, mode: str, **kwargs: Any) -> Any:
+        return orig(*args, mode="set" if mode == "ver" else mode, **kwargs)
+
+    return set_value
+
+
+def _swap_forgets_old(orig: Any) -> Any:
+    def set_value(*args: Any, **kwargs: Any) -> Any:
+        version, old = yield from orig(*args, **kwargs)
+        return version, None if kwargs.get("mode") == "swap" else old
+
+    return set_value
+
+
+def _compare_lies(orig: Any) -> Any:
+    def compare(*args: Any) -> Any:
+        return not (yield from orig(*args))
+
+    return compare
+
+
+@pytest.mark.parametrize(
+    ("name", "planted"),
+    [("set_value", _ver_as_set), ("set_value", _swap_forgets_old), ("compare", _compare_lies)],
+    ids=["transform_and_cas_without_ver", "swap_forgets_old", "compare_lies"],
+)
+def test_oracles_catch_a_broken_conditional_write(
+    name: str, planted: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The oracles on what swap, compare-and-X and transform return, with one planted bug."""
+    monkeypatch.setattr(writes, name, planted(getattr(writes, name)))
+    with pytest.raises(AssertionError, match=r"^(C[4-6][: ]|cas|cad|transform)"):
+        run_state_machine_as_test(
+            CoreModel,
+            settings=settings(_SETTINGS, max_examples=300, derandomize=True, database=None,
+                              phases=[Phase.generate], print_blob=False,
+                              report_multiple_bugs=False),
+        )  # fmt: skip

@@ -10,9 +10,10 @@ script makes, whatever its target (the model test keeps its bookkeeping with it)
 
 :class:`MemoryExecutor` implements the ``Executor`` contract (``store/executor.py``) on it,
 errors mapped as the real executor maps them, and lets a test inject the faults a network
-adds: the next call fails before anything runs (``StoreUnavailable``) or after a write ran
-(``WriteOutcomeUnknown``).  The store's own faults are :meth:`MemoryStore.flushall` and
-:meth:`MemoryStore.restart` (data and loaded scripts lost).  Not thread-safe: one caller at a time.
+adds: an attempt fails before anything runs (``StoreUnavailable``) or its connection is cut
+after the request was sent (``WriteOutcomeUnknown`` for a write; a read is retried once).  The
+store's own faults are :meth:`MemoryStore.flushall` and :meth:`MemoryStore.restart` (data and
+loaded scripts lost).  Not thread-safe: one caller at a time.
 """
 
 from __future__ import annotations
@@ -298,36 +299,44 @@ class MemoryStore:
 class MemoryExecutor:
     """The ``Executor`` of a :class:`MemoryStore` (contract: ``store/executor.py``).
 
-    ``fail_next(StoreUnavailable)``: the next call raises it before anything runs;
-    ``fail_next(WriteOutcomeUnknown)``: the next *write* call runs, then raises it (its reply
-    was lost); a read is retried once, as the real executor does, so it succeeds.
+    Faults, one per *attempt*, as the real executor meets them on its connections (a write gets
+    one attempt, a read two: the real one retries a read once, on a new connection):
+
+    * ``fail_next(StoreUnavailable)``: the attempt fails before anything ran;
+    * ``fail_next(WriteOutcomeUnknown)``: the connection is cut after the request was sent: a
+      write runs and raises it (never resent); a read's attempt fails (``StoreUnavailable`` if
+      it was the second).
+
+    ``times`` arms that many attempts in a row (``times=2`` makes a read fail too).
     """
 
     def __init__(self, store: MemoryStore, where: str = "memory store") -> None:
         self.store = store
         self.where = where
-        self._fault: type[StoreError] | None = None
+        self._faults: list[type[StoreError]] = []
         self.calls = 0
 
-    def fail_next(self, fault: type[StoreError]) -> None:
+    def fail_next(self, fault: type[StoreError], times: int = 1) -> None:
         if fault not in (StoreUnavailable, WriteOutcomeUnknown):
             raise ValueError("fail_next takes StoreUnavailable or WriteOutcomeUnknown")
-        self._fault = fault
+        self._faults.extend([fault] * times)
+
+    def clear_faults(self) -> None:
+        """Disarm the faults no attempt has met yet."""
+        self._faults.clear()
 
     def call(self, commands: Sequence[Command], *, write: bool, partial: bool = False) -> list[Any]:
         self.calls += 1
-        fault, self._fault = self._fault, None
-        if fault is StoreUnavailable:
-            raise StoreUnavailable(f"cannot reach {self.where} (injected); nothing was sent")
-        # A read whose reply was lost is retried once by the real executor: it just works.
-        replies = [self.store.execute(c) for c in commands]
-        missing = [i for i, r in enumerate(replies) if isinstance(r, Refusal) and _noscript(r)]
-        if missing:  # the script cache was flushed: nothing ran; load and resend (in order)
-            for src in scripts.ALL.values():
-                self.store.execute(("SCRIPT", "LOAD", src))
-            for i in missing:
-                replies[i] = self.store.execute(commands[i])
-        if fault is WriteOutcomeUnknown and write:
+        for attempt in range(1 if write else 2):
+            fault = self._faults.pop(0) if self._faults else None
+            if fault is None or (fault is WriteOutcomeUnknown and write):
+                break
+            if attempt == (0 if write else 1):
+                raise StoreUnavailable(
+                    f"cannot reach {self.where} (injected {fault.__name__}); nothing ran: retry"
+                )
+        replies = self._run(commands)
+        if fault is WriteOutcomeUnknown:
             raise WriteOutcomeUnknown(
                 f"connection to {self.where} failed after the write was sent (injected); it "
                 "may or may not have been applied. Read the key to find out"
@@ -337,6 +346,18 @@ class MemoryExecutor:
                 if not partial:
                     raise self.refused(reply)
                 replies[i] = self.refused(reply)
+        return replies
+
+    def _run(self, commands: Sequence[Command]) -> list[Any]:
+        """Every command's reply, in order; a NOSCRIPT (the script cache was flushed: nothing
+        ran) loads the scripts and resends those commands, in order."""
+        replies = [self.store.execute(c) for c in commands]
+        missing = [i for i, r in enumerate(replies) if isinstance(r, Refusal) and _noscript(r)]
+        if missing:
+            for src in scripts.ALL.values():
+                self.store.execute(("SCRIPT", "LOAD", src))
+            for i in missing:
+                replies[i] = self.store.execute(commands[i])
         return replies
 
     def refused(self, exc: Refusal) -> StoreError | ConfigurationError:

@@ -107,6 +107,7 @@ class FaultProxy:
         self._conns: set[_Conn] = set()
         self._bytes: dict[Direction, int] = dict.fromkeys(_DIRECTIONS, 0)
         self.total_connections = 0
+        self._refusing = False
 
     @property
     def port(self) -> int:
@@ -168,10 +169,21 @@ class FaultProxy:
         """Read and discard: the sender's writes succeed, nothing arrives."""
         self._set(direction, lambda t: setattr(t, "blackhole", True))
 
-    def limit_data(self, n_bytes: int, direction: Which = "downstream") -> None:
-        """Close each connection after *n_bytes* more bytes, cutting a reply mid-frame."""
+    def limit_data(
+        self, n_bytes: int, direction: Which = "downstream", *, future: bool = True
+    ) -> None:
+        """Close each connection after *n_bytes* more bytes, cutting a reply mid-frame.
+
+        ``future=False``: only the connections open now; later ones are not limited (so a
+        client's retry on a new connection gets through)."""
         directions = _pick(direction)
-        self._on_loop(lambda: self._set_limit(directions, n_bytes))
+        self._on_loop(lambda: self._set_limit(directions, n_bytes, future=future))
+
+    def refuse(self) -> None:
+        """Close every open connection, and every new one at once: to a client the server is
+        down, while the real one keeps running (and keeps its data).  ``heal`` undoes it."""
+        self._on_loop(lambda: setattr(self, "_refusing", True))
+        self.close_all()
 
     def heal(self) -> None:
         """Remove every toxic; stalled and delayed data then flows on."""
@@ -219,9 +231,12 @@ class FaultProxy:
 
         self._on_loop(apply)
 
-    def _set_limit(self, directions: tuple[Direction, ...], limit: int | None) -> None:
+    def _set_limit(
+        self, directions: tuple[Direction, ...], limit: int | None, *, future: bool = True
+    ) -> None:
         for d in directions:
-            self._toxics[d].limit = limit
+            if future:
+                self._toxics[d].limit = limit
             for conn in self._conns:
                 conn.budget[d] = limit
 
@@ -230,6 +245,7 @@ class FaultProxy:
             toxics.delay, toxics.blackhole = 0.0, False
             toxics.flowing.set()
         self._set_limit(_DIRECTIONS, None)
+        self._refusing = False
 
     async def _listen(self) -> None:
         self._server = await asyncio.start_server(self._accept, self.host, 0)
@@ -257,6 +273,9 @@ class FaultProxy:
         await asyncio.get_running_loop().shutdown_default_executor()
 
     async def _accept(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        if self._refusing:
+            c_writer.close()
+            return
         try:
             u_reader, u_writer = await asyncio.open_connection(
                 self.upstream_host, self.upstream_port

@@ -19,7 +19,11 @@ flows (``syncmap.sync.run.run`` on a :class:`~syncmap.flows.state.MapState`):
   decode, carry the store's versions and verify with the signing key;
 * ``published``: on a channel target, the same messages reach a subscriber;
 * ``noscript``: after ``SCRIPT FLUSH`` a call still works (loaded and resent inside);
-* ``unavailable``: a store that is down before sending raises ``StoreUnavailable``;
+* ``unavailable``: a store that cannot be reached raises ``StoreUnavailable``, and nothing ran;
+* ``lost_write``: a write whose connection is cut after the request was sent raises
+  ``WriteOutcomeUnknown``, ran once and is never resent; the write flow drops the key;
+* ``lost_read``: a read cut the same way is retried once (on a new connection), a second cut
+  makes it ``StoreUnavailable``;
 * ``damage``: a wrong-typed bucket or a non-numeric sequence is a ``StoreError`` in place.
 """
 
@@ -34,7 +38,13 @@ from ..codec import make_codec
 from ..config import MapConfig
 from ..core.nearcache import NearCache
 from ..core.wire import OP_EXPIRE, OP_SET, decode_message, link, next_digest, verify
-from ..errors import ConfigurationError, StaleFence, StoreError, StoreUnavailable
+from ..errors import (
+    ConfigurationError,
+    StaleFence,
+    StoreError,
+    StoreUnavailable,
+    WriteOutcomeUnknown,
+)
 from ..flows import admin, reads, writes
 from ..flows.state import MapState
 from ..keys import Layout, bucket_of, encode_key
@@ -59,9 +69,13 @@ class StoreKit:
     advance: Callable[[int], None]
     """Let at least this many ms of the store's clock pass."""
     down: Callable[[], None]
-    """Make the store unreachable (nothing can be sent) ..."""
+    """Make the store unreachable (nothing can be sent; it keeps running, with its data) ..."""
     up: Callable[[], None]
-    """... and reachable again (data may be lost)."""
+    """... and reachable again; also ends ``cut(ex, True)``."""
+    cut: Callable[[Executor, bool], None]
+    """``cut(ex, every)``: the connection ``ex``'s next request goes out on (it has one open)
+    is cut right after the request was sent: Redis runs it, the reply is lost.  ``every``:
+    every later connection too, until ``up()``."""
 
 
 def _map(kit: StoreKit, buckets: int = 4, **cmds: Any) -> tuple[Executor, MapState]:
@@ -174,7 +188,9 @@ def check_mset_clear(kit: StoreKit) -> None:
     assert replies[0][0] == 4 and replies[0][1] == s.core.epoch_snapshot(0)[0], f"{replies!r}"
     assert run(writes.clear(s, fence=None), ex) == [[0, 0]], "clearing an empty bucket"
     assert _read(s, ex, "a") is reads.MISSING
-    assert ex.call([s.cmds.probe()[0]], write=True)[0][1] == 4, "clear kept the sequence"
+    assert ex.call([s.cmds.probe()[0]], write=True)[0][1] == 4, (
+        "clear did not keep the bucket's sequence"
+    )
 
 
 def check_probe_reaps(kit: StoreKit) -> None:
@@ -252,13 +268,55 @@ def check_noscript(kit: StoreKit) -> None:
 
 def check_unavailable(kit: StoreKit) -> None:
     ex, s = _map(kit)
+    _set(s, ex, "k", 1)
     kit.down()
     try:
-        _raises(StoreUnavailable, lambda: _set(s, ex, "k", 1), "a write to a store that is down")
+        _raises(StoreUnavailable, lambda: _set(s, ex, "k", 2), "a write to a store that is down")
         _raises(StoreUnavailable, lambda: _read(s, ex, "k"), "a read from a store that is down")
     finally:
         kit.up()
-    assert _set(s, ex, "k", 2)[0] >= 1, "a write once the store is back"
+    assert _read(s, ex, "k") == 1, "StoreUnavailable, yet the write ran"
+    assert _set(s, ex, "k", 3)[0] == 2, "a write once the store is back"
+
+
+def check_lost_write(kit: StoreKit) -> None:
+    ex, s = _map(kit)
+    counter = f"conf:{{c{uuid.uuid4().hex[:8]}}}:n"
+    kit.cut(ex, False)
+    _raises(WriteOutcomeUnknown, lambda: ex.call([("INCR", counter)], write=True),
+            "a write whose reply was lost")  # fmt: skip
+    assert ex.call([("GET", counter)], write=False) == [b"1"], "the write did not run once"
+    kit.cut(ex, True)  # even if every connection fails the same way: never resent
+    try:
+        _raises(WriteOutcomeUnknown, lambda: ex.call([("INCR", counter)], write=True),
+                "a write whose reply was lost, on every connection")  # fmt: skip
+    finally:
+        kit.up()
+    assert ex.call([("GET", counter)], write=False) == [b"2"], "a lost write was resent"
+    _set(s, ex, "k", "old")
+    assert "k" in s.core.entries, "a write's own value is cached"
+    kit.cut(ex, False)
+    exc = _raises(WriteOutcomeUnknown, lambda: _set(s, ex, "k", "new"), "the set flow")
+    assert "may or may not" in str(exc), str(exc)
+    assert "k" not in s.core.entries, "the flow kept a value the store may no longer hold"
+    assert _read(s, ex, "k") == "new", "the write whose reply was lost did run"
+
+
+def check_lost_read(kit: StoreKit) -> None:
+    ex, s = _map(kit)
+    _set(s, ex, "k", "v")
+    s.core.drop("k")
+    kit.cut(ex, False)
+    assert _read(s, ex, "k") == "v", "a read whose reply was lost is retried"
+    counter = f"conf:{{c{uuid.uuid4().hex[:8]}}}:n"
+    # The cut was spent on the read (not left for the next call): this write is not cut.
+    assert ex.call([("INCR", counter)], write=True) == [1], "the read did not meet the cut"
+    kit.cut(ex, True)
+    try:
+        _raises(StoreUnavailable, lambda: _read(s, ex, "k"), "a read cut twice (retried once)")
+    finally:
+        kit.up()
+    assert _read(s, ex, "k") == "v"
 
 
 def check_damage(kit: StoreKit) -> None:
@@ -277,5 +335,5 @@ CHECKS: dict[str, Callable[[StoreKit], None]] = {
     f.__name__.removeprefix("check_"): f
     for f in (check_order, check_set_modes, check_delete_modes, check_mset_clear,
               check_probe_reaps, check_refusals, check_relay, check_published, check_noscript,
-              check_unavailable, check_damage)
+              check_unavailable, check_lost_write, check_lost_read, check_damage)
 }  # fmt: skip
