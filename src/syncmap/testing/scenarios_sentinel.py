@@ -41,7 +41,9 @@ Figures per variant (``<variant>_<figure>``), defined precisely:
   failover, reported (versions may repeat after a lossy failover, which the sweep cannot tell).
 
 Must hold: ``divergent`` == 0 in every variant; ``acked_lost`` == 0 with ``wait`` and
-``min-replicas``.  ``plain`` reports its ``acked_lost``.
+``min-replicas``; with ``plain`` at most ``PLAIN_LOSS_BOUND`` (asynchronous replication's instant
+before the stop; measured 0 in every run with the default 5 s socket timeout, which the
+topology caps at half of down-after; 745-1,990 without the cap, issue 13).
 
 ``guard=False`` is the control: the ``plain`` variant with every map pinned to the first master's
 fixed address (``redis://host:port``, no Sentinel).  Its writes after the SIGCONT land on a master
@@ -70,7 +72,10 @@ from .sentinelset import SentinelSet
 VARIANTS = ("plain", "wait", "min-replicas")
 KEYS = [f"k{i}" for i in range(4)]
 WRITERS, READERS = 3, 2
-SOCKET_TIMEOUT = 1.0  # issue 13: redis-py's 5 s default kept writing to the old master for ~10 s
+SOCKET_TIMEOUT = MapConfig().socket_timeout  # the default (5 s): the topology's cap must suffice
+PLAIN_LOSS_BOUND = 50
+"""Acknowledged writes plain mode may lose at most: asynchronous replication can lose the few
+acknowledged in the instant before the stop; without the cap S10 lost 745-1,990."""
 DELTA = 1.0  # max_staleness
 DOWN_AFTER_MS = 1000
 PAUSE_FACTOR = 2.5  # the master stays stopped at least this many down-afters
@@ -322,10 +327,12 @@ def _require(result: ScenarioResult, f: dict[str, Any], guard: bool) -> None:
     need(f["caught_up"], f"{v}: no write was acknowledged within 30 s of the failover")
     need(f["divergent"] == 0, f"{v}: {f['divergent']} cached entries differ from the store "
          f"after Δ (C3): {f['divergent_witnesses']}")  # fmt: skip
-    if v != "plain" or not guard:
-        lost, keys = f["acked_lost"], f["keys_lost_latest"]
-        need(lost == 0, f"{v}: {lost} acknowledged writes lost ({keys} keys lost their "
-             f"newest): {f['lost_witnesses']}")  # fmt: skip
+    lost, keys = f["acked_lost"], f["keys_lost_latest"]
+    # plain: asynchronous replication may lose the few writes acknowledged in the instant before
+    # the stop, never the hundreds a writer still connected to the resumed old master loses.
+    bound = PLAIN_LOSS_BOUND if v == "plain" and guard else 0
+    need(lost <= bound, f"{v}: {lost} acknowledged writes lost (at most {bound} allowed; {keys} "
+         f"keys lost their newest): {f['lost_witnesses']}")  # fmt: skip
     need(not f["other_errors"], f"{v}: unexpected write errors {f['other_errors']}")
     need(f["writes_ok"] > 0 and f["reads"] > 0, f"{v}: nothing was written or read")
 
@@ -349,7 +356,9 @@ def s10(env: Env, seconds: float = 6.0, *, variants: tuple[str, ...] = VARIANTS,
     fig[OPS] = sum(f["writes_ok"] + f["reads"] for f in runs)
     fig[ACKED_LOST] = sum(f["acked_lost"] for f in runs)
     fig[ANOMALIES] = sum(f["divergent"] for f in runs) + sum(
-        f["acked_lost"] for f in runs if f["variant"] != "plain" or not guard
+        f["acked_lost"]
+        for f in runs
+        if f["variant"] != "plain" or not guard or f["acked_lost"] > PLAIN_LOSS_BOUND
     )
     for f in runs:
         tag = f.pop("variant").replace("-", "_")
