@@ -115,14 +115,16 @@ def test_the_outages_doc_sentinel_example_runs(sentinel_set: SentinelSet) -> Non
     doc = (Path(__file__).resolve().parents[2] / "docs" / "outages.md").read_text()
     section = doc.split("\n## Sentinel\n", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    addrs = ", ".join(f'("{h}", {p})' for h, p in sentinel_set.sentinel_addrs)
-    wanted = '[("s1", 26379), ("s2", 26379), ("s3", 26379)]'
-    assert wanted in code and '"mymaster"' in code, code
-    code = code.replace(wanted, f"[{addrs}]").replace('"mymaster"', repr(sentinel_set.service))
+    addrs = ",".join(f"{h}:{p}" for h, p in sentinel_set.sentinel_addrs)
+    wanted = "s1:26379,s2:26379,s3:26379/mymaster/"
+    assert wanted in code, code
+    code = code.replace(wanted, f"{addrs}/{sentinel_set.service}/")
     scope: dict[str, object] = {}
     exec(compile(code, "docs/outages.md", "exec"), scope)  # our own documentation
-    m = scope["m"]
-    assert isinstance(m, SyncMap)
+    m, durable = scope["m"], scope["durable"]
+    assert isinstance(m, SyncMap) and isinstance(durable, SyncMap)
+    durable["d"] = 1  # a replica confirmed it (wait_replicas=1), or NotReplicated was raised
+    durable.close()
     try:
         m["k"] = "v"
         assert m.get("k", consistent=True) == "v"
