@@ -17,7 +17,7 @@ import redis
 from .. import forksafe
 from ..errors import ConfigurationError, LockLost, SyncMapError
 from ..keys import LockLayout, check_lock_name
-from ..store.executor import config_value
+from ..store.commands import config_value
 from ..store.node import NodeExecutor
 from ..store.topology import Topology, open_topology
 from .waiting import Waker

@@ -104,13 +104,3 @@ def refused(exc: Exception, where: str) -> Exception:
             "ran: retry later"
         )
     return StoreError(f"{where} answered an error: {text}")
-
-
-def config_value(reply: object) -> str:
-    """The value of a one-parameter CONFIG GET reply (a list in RESP2, a dict in RESP3)."""
-    if isinstance(reply, dict):
-        values = list(reply.values())
-    else:
-        values = list(reply)[1::2] if isinstance(reply, list | tuple) else []
-    value = values[0] if values else b""
-    return value.decode() if isinstance(value, bytes) else str(value)

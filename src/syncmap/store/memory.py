@@ -23,13 +23,12 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..errors import (
-    ConfigurationError,
-    StaleFence,
     StoreError,
     StoreUnavailable,
     WriteOutcomeUnknown,
 )
 from . import scripts
+from .executor import refused
 from .memscripts import Refusal, lua_number, run_script
 
 Command = tuple[Any, ...]
@@ -360,17 +359,9 @@ class MemoryExecutor:
                 replies[i] = self.store.execute(commands[i])
         return replies
 
-    def refused(self, exc: Refusal) -> StoreError | ConfigurationError:
-        """The error the real executor raises for this error reply (transport.py)."""
-        text = str(exc)
-        if text.startswith("STALEFENCE"):
-            return StaleFence(text.removeprefix("STALEFENCE ") + ": re-acquire the lock")
-        if text.startswith("SETTINGS"):
-            return ConfigurationError(
-                text.removeprefix("SETTINGS ") + ": every server of a map must use the same "
-                "bucket count and codec (the map's meta key was lost; see docs/protocol.md)"
-            )
-        return StoreError(f"{self.where} answered an error: {text}")
+    def refused(self, exc: Refusal) -> Exception:
+        """The error the real executor raises for this error reply: the same mapping."""
+        return refused(exc, self.where)
 
     def close(self) -> None:
         return None
