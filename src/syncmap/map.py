@@ -20,6 +20,7 @@ from .config import MapConfig
 from .core.nearcache import COPY, INF, Entry
 from .core.wire import unpack_value
 from .engine import Engine
+from .errors import ConfigurationError
 from .feed.routing import open_store_feed
 from .flows import bulk, reads, writes
 from .flows.effects import Flow
@@ -36,7 +37,7 @@ from .mapbase import FenceArg, MapBase
 from .signing import SigningKey, pads, signing_keys
 from .stats import Statistics
 from .store.commands import MapCommands
-from .store.topology import open_topology
+from .store.topology import Topology, open_topology
 from .watch import Watch
 
 log = logging.getLogger("syncmap")
@@ -80,7 +81,7 @@ class SyncMap(MapBase):
         self._codec = make_codec(codec, value_type)
         if cfg.fast_hits:  # the same map with a hit path that skips the clock (see the class)
             self.__class__ = _FastHitsSyncMap
-        self._topology = open_topology(url, redis, timeout=cfg.socket_timeout)
+        self._topology = _open_store(url, redis, feed, cfg.socket_timeout)
         self._executor = self._topology.executor(deadline=cfg.call_timeout)
         layout = self._open_layout()
         feed_obj, target = open_store_feed(feed, self._topology, layout, cfg.socket_timeout)
@@ -373,6 +374,21 @@ class _FastHitsSyncMap(SyncMap):
                 return v
             return self._codec.decode(e.raw)  # type: ignore[arg-type]
         return self._load(key)
+
+
+def _open_store(url: str | None, redis: redis_lib.Redis | None, feed: str | None,
+                timeout: float | None) -> Topology:  # fmt: skip
+    """The store's topology.  No store but a feed: the error names replicated mode's classes
+    (``SyncMap`` is store mode only; it never falls back to replicated mode)."""
+    try:
+        return open_topology(url, redis, timeout=timeout)
+    except ConfigurationError as exc:
+        if feed is None or "no Redis given" not in str(exc):
+            raise
+        raise ConfigurationError(
+            f"{exc}. SyncMap is store mode; for replicated mode (a feed and no store) open "
+            f"ReplicatedMap(name, {feed!r}), or open_map(name, feed=...) to choose by SYNCMAP_URL"
+        ) from None
 
 
 def _ttl_ms(ttl: float | None) -> int:

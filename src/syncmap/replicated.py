@@ -1,12 +1,15 @@
 """``ReplicatedMap``: replicated mode, no central store.  Every server holds the whole map.
 
-``SyncMap(name, feed="nats+jetstream://...")`` (a feed and no store) opens one of these.  Reads
+Opened as ``ReplicatedMap(name, feed)``, or by ``open_map(name, feed=...)`` when no store is
+configured (``SyncMap`` is always store mode).  It answers ``SyncMap``'s methods with the same
+signatures and return types (``tests/integration/test_map_agreement.py``).  Reads
 are local dictionary lookups; a write is published on the feed (and confirmed by the broker),
 then applied here, so this server reads its own write at once; every server applies every
 message with the merge rule of ``core/replica.py`` and converges to the same map.  It is **not
 linearizable**: two servers writing one key at once both succeed, and the later hybrid time wins
 everywhere.  What needs a single authority (``compare_and_set``, ``transform``, ``setdefault``,
-locks, ``consistent=True`` reads) raises :class:`UnsupportedInMode` instead of pretending.
+``swap``, locks, ``fence=``, ``consistent=True`` reads) raises :class:`UnsupportedInMode`
+naming store mode, instead of pretending (``storeonly.py``).
 
 Start-up, in this order (so nothing published meanwhile is missed):
 
@@ -34,9 +37,9 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 from . import forksafe
 from .codec import Codec, encode_limited, is_immutable, make_codec
@@ -52,6 +55,7 @@ from .core.replica import (
     Change,
     Replica,
     ReplicaMessage,
+    Slot,
     decode,
     encode,
 )
@@ -62,16 +66,20 @@ from .errors import (
     MapClosed,
     NoSnapshotSource,
     SyncMapError,
-    UnsupportedInMode,
 )
+from .events import Fanout
 from .feed.base import BEGINNING, Feed, FeedHandler, Subscription, feed_class, open_feed
 from .keys import Key, check_map_name, check_node_id, encode_key, normal_key
 from .ratelog import RateLimitedLog
 from .signing import SigningKey, signing_keys
+from .storeonly import _MISSING, StoreOnly, needs_store, no_fence
 from .views import SharedMapping
+from .watch import Watch
+
+if TYPE_CHECKING:
+    from .mapbase import FenceArg
 
 log = logging.getLogger("syncmap.replicated")
-_MISSING: Any = object()
 Snapshot = Mapping[Key, Any] | Callable[[], Mapping[Key, Any]] | str
 
 
@@ -105,9 +113,10 @@ class ReplicaStatistics:
     feed_drops: int
     unauthenticated: int = 0
     sync_requests_dropped: int = 0
+    events_dropped: int = 0
 
 
-class ReplicatedMap(SharedMapping):
+class ReplicatedMap(StoreOnly, SharedMapping):
     """A map every server holds whole, kept in step by a message feed (module docstring)."""
 
     def __init__(
@@ -154,7 +163,9 @@ class ReplicatedMap(SharedMapping):
         self._synced = threading.Event()
         self._up = threading.Event()
         self._first_resumed: bool | None = None
-        self._callbacks: list[Callable[[Event], None]] = []
+        # Events as SyncMap delivers them (events.py).  A forked child's re-open keeps the
+        # parent's subscribers, as a store-mode map does.
+        self._fanout: Fanout = self.__dict__.get("_fanout") or Fanout(f"{name}.replicated")
         self._work: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work_loop, name="syncmap-replica",
                                         daemon=True)  # fmt: skip
@@ -177,6 +188,7 @@ class ReplicatedMap(SharedMapping):
             return
         self._lock = threading.Lock()
         self._forked = True
+        self._fanout.forked()
         self._slots = _ReopenOnUse(self)  # the read path's first look re-opens the map
 
     def _reopen_in_child(self) -> None:
@@ -184,6 +196,7 @@ class ReplicatedMap(SharedMapping):
             if self._forked:
                 name, feed, options = self._opened_with
                 self.__init__(name, feed, **options)  # type: ignore[misc]
+                self._fanout.start()  # the callbacks' thread was the parent's
 
     @staticmethod
     def _topic(url: str, namespace: str, name: str) -> str:
@@ -397,42 +410,90 @@ class ReplicatedMap(SharedMapping):
         return data if self._key is None else data + _mac(self._key, data)
 
     # ---- reads -------------------------------------------------------------------------------
+    # The hit path (``__getitem__``, ``get``, ``in``): one dict lookup, the key's class, the TTL.
+    # Anything else (absent, a tombstone, a key of another class, not a key at all) takes
+    # ``_live_slot``, which refuses what store mode refuses (``KeyTypeError``, ``InvalidKey``).
 
     def __getitem__(self, key: Key) -> Any:
         try:
             slot = self._slots.get(key)
-        except TypeError:
+        except TypeError:  # unhashable: _live_slot raises KeyTypeError
             slot = None
-            encode_key(key, self.config.max_key_bytes)  # KeyTypeError for an unhashable key
-        if slot is None or slot.payload is None:
-            raise KeyError(key)
-        if slot.deadline_ms and slot.deadline_ms <= _wall_ms():
-            raise KeyError(key)
+        if slot is None or key.__class__ is not slot.kc or slot.payload is None or (
+            slot.deadline_ms and slot.deadline_ms <= _wall_ms()
+        ):  # fmt: skip
+            slot = self._live_slot(key)
+            if slot is None:
+                raise KeyError(key)
         v = slot.value
-        return v if v is not COPY else self._codec.decode(slot.payload)
+        return v if v is not COPY else self._codec.decode(slot.payload)  # type: ignore[arg-type]
 
     def get(self, key: Key, default: Any = None, *, consistent: bool = False) -> Any:
+        """The value of ``key`` or ``default``, from this server's memory (never any I/O).
+        ``consistent=True`` raises :class:`UnsupportedInMode`: there is nothing to read
+        through to."""
         if consistent:
-            raise UnsupportedInMode(
-                "get(consistent=True) needs a store: a replicated map has no single authority "
-                "to read through to. Use store mode (url=...) for linearizable reads"
-            )
+            raise needs_store("get(consistent=True) (a linearizable read)")
         try:
-            return self[key]
-        except KeyError:
-            return default
+            slot = self._slots.get(key)
+        except TypeError:
+            slot = None
+        if slot is None or key.__class__ is not slot.kc or slot.payload is None or (
+            slot.deadline_ms and slot.deadline_ms <= _wall_ms()
+        ):  # fmt: skip
+            slot = self._live_slot(key)
+            if slot is None:
+                return default
+        v = slot.value
+        return v if v is not COPY else self._codec.decode(slot.payload)  # type: ignore[arg-type]
 
     def __contains__(self, key: object) -> bool:
         try:
-            self[key]  # type: ignore[index]
-        except KeyError:
-            return False
+            slot = self._slots.get(key)  # type: ignore[call-overload]
+        except TypeError:
+            slot = None
+        if slot is None or key.__class__ is not slot.kc or slot.payload is None or (
+            slot.deadline_ms and slot.deadline_ms <= _wall_ms()
+        ):  # fmt: skip
+            return self._live_slot(key) is not None  # type: ignore[arg-type]
         return True
+
+    def _live_slot(self, key: Key) -> Slot | None:
+        """The live slot of ``key`` looked up by its plain form, or None; a key store mode
+        would refuse is refused here too."""
+        encode_key(key, self.config.max_key_bytes)
+        slot = self._slots.get(normal_key(key))
+        return slot if slot is not None and slot.live(_wall_ms()) else None
+
+    def _value_of(self, slot: Slot) -> Any:
+        v = slot.value
+        return v if v is not COPY else self._codec.decode(slot.payload)  # type: ignore[arg-type]
+
+    def get_with_meta(self, key: Key, *, consistent: bool = False) -> tuple[Any, int, str]:
+        """(value or None, version or 0, ``"local"``): every read is from this server's memory.
+
+        The version is the write's hybrid-clock time, what ``set()`` returned and events carry
+        (0 for an entry loaded from ``snapshot=`` that no write has replaced yet)."""
+        if consistent:
+            raise needs_store("get_with_meta(consistent=True) (a linearizable read)")
+        slot = self._live_slot(key)
+        return (None, 0, "local") if slot is None else (self._value_of(slot), slot.version[0],
+                                                         "local")  # fmt: skip
+
+    def peek(self, key: Key) -> tuple[Any, int] | None:
+        """(value, version) held here, or None; no I/O (as every read here).  For tests, tools."""
+        slot = self._live_slot(key)
+        return None if slot is None else (self._value_of(slot), slot.version[0])
 
     def __len__(self) -> int:
         now = _wall_ms()
         with self._lock:
             return sum(1 for s in self._slots.values() if s.live(now))
+
+    def __bool__(self) -> bool:
+        now = _wall_ms()
+        with self._lock:
+            return any(s.live(now) for s in self._slots.values())
 
     def __iter__(self) -> Iterator[Key]:
         now = _wall_ms()
@@ -457,42 +518,60 @@ class ReplicatedMap(SharedMapping):
         random.shuffle(keys)
         return keys
 
+    def preload(self, *, limit: int | None = None, retries: int = 3) -> int:
+        """Nothing to load: every server holds the whole map from the start.  Returns what
+        ``SyncMap.preload`` returns for a map whose entries are all cached already: 0 entries
+        newly cached.  ``limit`` and ``retries`` are accepted for the same signature."""
+        self._check_open()
+        return 0
+
     # ---- writes ------------------------------------------------------------------------------
 
     def __setitem__(self, key: Key, value: Any) -> None:
         self.set(key, value)
 
-    def set(self, key: Key, value: Any, *, ttl: float | None = None) -> None:
-        """Publish the write (confirmed by the broker), then apply it here.
+    def set(self, key: Key, value: Any, *, ttl: float | None = None, fence: FenceArg | None = None
+            ) -> int:  # fmt: skip
+        """Store ``value``; returns its version, as ``SyncMap.set`` does.
 
-        If the publish fails nothing is applied here (:class:`~syncmap.feed.base.FeedUnavailable`);
-        if its outcome is unknown (``PublishOutcomeUnknown``) nothing is applied either, and the
-        message, if it was delivered after all, arrives like any other.
+        The version is the write's hybrid-clock time (``(wall ms << 16) + counter``): it grows
+        with every write this server makes, exceeds every version this server has seen, and is
+        the ``version`` of the change event and of ``get_with_meta`` for this write.  It orders
+        writes to a key (last writer wins), but it is not a store's sequence number: two servers'
+        concurrent writes may both return, and the higher version is what every server keeps.
+
+        The write is published (confirmed by the broker), then applied here.  If the publish
+        fails nothing is applied here (:class:`~syncmap.feed.base.FeedUnavailable`); if its
+        outcome is unknown (``PublishOutcomeUnknown``) nothing is applied either, and the
+        message, if it was delivered after all, arrives like any other.  ``fence=`` raises
+        :class:`UnsupportedInMode` (a fence is checked by a store).
         """
+        if fence is not None:
+            raise no_fence("set")
         self._check_open()
         field = encode_key(key, self.config.max_key_bytes)
         payload = self._payload(value)
-        deadline = 0
-        if ttl is not None:
-            if ttl <= 0:
-                raise ValueError(f"ttl={ttl}: use a positive number of seconds, or None")
-            deadline = _wall_ms() + max(1, round(ttl * 1000))
-        self._write(ReplicaMessage(R_SET, 0, self.node_id, field, payload, deadline),
-                    self._cached(value, payload))  # fmt: skip
+        msg = ReplicaMessage(R_SET, 0, self.node_id, field, payload, _deadline(ttl))
+        return self._write(msg, self._cached(value, payload))
 
     def __delitem__(self, key: Key) -> None:
         if not self.delete(key):
             raise KeyError(key)
 
-    def delete(self, key: Key) -> bool:
+    def delete(self, key: Key, *, fence: FenceArg | None = None) -> bool:
         """Delete ``key`` everywhere; returns whether this server held it."""
+        if fence is not None:
+            raise no_fence("delete")
         self._check_open()
         present = key in self
         field = encode_key(key, self.config.max_key_bytes)
         self._write(ReplicaMessage(R_DEL, 0, self.node_id, field))
         return present
 
-    def pop(self, key: Key, default: Any = _MISSING) -> Any:
+    def pop(self, key: Key, default: Any = _MISSING, *, fence: FenceArg | None = None) -> Any:
+        """Remove ``key`` and return its value: a read, then a delete (not atomic here)."""
+        if fence is not None:
+            raise no_fence("pop")
         value = self.get(key, _MISSING)
         if value is _MISSING:
             if default is _MISSING:
@@ -501,18 +580,31 @@ class ReplicatedMap(SharedMapping):
         self.delete(key)
         return value
 
-    def update(self, other: Any = (), /, **kwargs: Any) -> None:
-        """One message per entry (a replicated map has no multi-key atomic step)."""
+    def update(  # type: ignore[override]
+        self, other: Mapping[Key, Any] | Iterable[tuple[Key, Any]] = (), /, *,
+        ttl: float | None = None, fence: FenceArg | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        """One message per entry (a replicated map has no multi-key atomic step).  Every key
+        and value is checked before the first is sent, as ``SyncMap.update`` does."""
+        if fence is not None:
+            raise no_fence("update")
         pairs = other.items() if isinstance(other, Mapping) else other
-        for key, value in [*pairs, *kwargs.items()]:
-            self.set(key, value)
+        deadline = _deadline(ttl)
+        limit = self.config.max_key_bytes
+        drafts = [(encode_key(k, limit), self._payload(v), v) for k, v in [*pairs, *kwargs.items()]]
+        self._check_open()
+        for field, payload, value in drafts:
+            self._write(ReplicaMessage(R_SET, 0, self.node_id, field, payload, deadline),
+                        self._cached(value, payload))  # fmt: skip
 
-    def clear(self) -> None:
+    def clear(self, *, fence: FenceArg | None = None) -> None:
         """Remove every entry written before this call, on every server."""
+        if fence is not None:
+            raise no_fence("clear")
         self._check_open()
         self._write(ReplicaMessage(R_CLEAR, 0, self.node_id))
 
-    def _write(self, draft: ReplicaMessage, value: Any = None) -> None:
+    def _write(self, draft: ReplicaMessage, value: Any = None) -> int:
         # Order: take the version -> publish (confirmed) -> apply here.  The echo of our own
         # message may be applied by the feed thread first; then the apply below is a no-op.
         with self._lock:
@@ -524,86 +616,76 @@ class ReplicatedMap(SharedMapping):
             change = self._replica.apply(msg, value)
         if change is not None:
             self._emit(change, self.node_id)
-
-    # ---- what needs a store ------------------------------------------------------------------
-
-    def _unsupported(self, what: str) -> UnsupportedInMode:
-        return UnsupportedInMode(
-            f"{what} needs one authority that decides atomically; a replicated map (feed only, "
-            "no store) has none. Open the map in store mode (SyncMap(name, url='redis://...', "
-            "feed=...)) for it"
-        )
-
-    def compare_and_set(self, key: Key, expected: Any, new: Any, **_: Any) -> bool:
-        raise self._unsupported("compare_and_set")
-
-    def compare_and_delete(self, key: Key, expected: Any, **_: Any) -> bool:
-        raise self._unsupported("compare_and_delete")
-
-    def transform(self, key: Key, fn: Callable[[Any], Any], *_: Any, **__: Any) -> Any:
-        raise self._unsupported("transform")
-
-    def setdefault(self, key: Key, default: Any = None, **_: Any) -> Any:
-        raise self._unsupported("setdefault (load-or-store)")
-
-    def swap(self, key: Key, value: Any, *_: Any, **__: Any) -> Any:
-        raise self._unsupported("swap")
-
-    def lock(self, key: Key, **_: Any) -> Any:
-        raise self._unsupported("a lock")
+        return hlc
 
     # ---- events, statistics, life cycle ------------------------------------------------------
 
-    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
-        """Call ``callback(event)`` for every change applied here (on the feed's thread, or the
-        writer's for its own writes: keep it short).  Returns a function that unsubscribes."""
-        self._callbacks.append(callback)
-        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
+    def subscribe(
+        self, callback: Callable[[Event], None], *, inline: bool = False
+    ) -> Callable[[], None]:
+        """Call ``callback(event)`` for every change applied here; returns an unsubscriber.
+
+        As in store mode, callbacks run on a thread of their own, so a slow one never delays
+        applying changes; ``inline=True`` runs it on the thread that applied the change (the
+        feed's, or the writer's for its own write): it must be quick.  ``event.version`` is
+        the write's hybrid-clock version (what ``set()`` returned on the writing server)."""
+        self._check_open()
+        return self._fanout.subscribe(callback, inline)
+
+    def watch(self, maxsize: int = 10_000) -> Watch:
+        """Iterate over change events as they happen: ``with m.watch() as events: ...``."""
+        self._check_open()
+        return Watch(self._fanout, self._fanout.watch_queue(maxsize))
 
     def _emit(self, change: Change, origin: str) -> None:
-        if not self._callbacks:
-            return
-        event = Event(change.key, change.op, change.version[0], change.version[1] or origin)
-        for cb in list(self._callbacks):
-            try:
-                cb(event)
-            except Exception:
-                log.exception("syncmap subscriber callback failed on %s", event)
+        fanout = self._fanout
+        if fanout.wanted:
+            fanout.emit(Event(change.key, change.op, change.version[0],
+                              change.version[1] or origin))  # fmt: skip
 
     def statistics(self) -> ReplicaStatistics:
+        now = _wall_ms()
+        with self._lock:  # the replica's own slots: statistics stay readable after close()
+            entries = sum(1 for s in self._replica.slots.values() if s.live(now))
         return ReplicaStatistics(
-            entries=len(self), applied=self._replica.applied, ignored=self._replica.ignored,
+            entries=entries, applied=self._replica.applied, ignored=self._replica.ignored,
             messages=self._messages, corrupt_messages=self._corrupt,
             syncs_requested=self._syncs_requested, syncs_answered=self._syncs_answered,
             feed_drops=self._drops, unauthenticated=self._unauthenticated,
             sync_requests_dropped=self._sync_requests_dropped,
+            events_dropped=self._fanout.dropped,
         )  # fmt: skip
 
     def close(self) -> None:
+        """Stop the feed and the background threads; reads then raise ``MapClosed`` as
+        ``SyncMap``'s do.  Idempotent."""
         if self._closed:
             return
         self._closed = True
+        self._slots = _Closed(self.name)  # the read paths' next look raises MapClosed
         self._stopping.set()
         if self._sub is not None:
             self._sub.close()
         self._work.put(None)
         if self._worker.is_alive() and self._worker is not threading.current_thread():
             self._worker.join(timeout=5)
+        self._fanout.stop()
         self._feed.close()
 
-    def __enter__(self) -> ReplicatedMap:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"<ReplicatedMap {self.name!r} on {self._feed.describe()}, {len(self)} entries"
+        entries = self.statistics().entries  # len(self) raises once closed
+        return (f"<ReplicatedMap {self.name!r} on {self._feed.describe()}, {entries} entries"
                 f"{' (closed)' if self._closed else ''}>")  # fmt: skip
 
     def _check_open(self) -> None:
         if self._closed:
-            raise MapClosed(f"replicated map {self.name!r} is closed")
+            raise MapClosed(f"replicated map {self.name!r} is closed; open a new one")
         if self._forked:
             self._reopen_in_child()
 
@@ -617,6 +699,16 @@ class ReplicatedMap(SharedMapping):
 
     def _cached(self, value: Any, payload: bytes) -> Any:
         return value if is_immutable(value) else COPY
+
+
+def _deadline(ttl: float | None) -> int:
+    """The wall-clock expiry (ms) of a write with ``ttl`` seconds, 0 for none; ``ttl`` is
+    checked as ``SyncMap`` checks it."""
+    if ttl is None:
+        return 0
+    if not ttl > 0:
+        raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+    return _wall_ms() + max(1, round(ttl * 1000))
 
 
 _reopen_lock = threading.RLock()
@@ -648,3 +740,24 @@ class _ReopenOnUse(dict[Key, Any]):
 
     def items(self) -> Any:
         return self._real().items()
+
+
+class _Closed(dict[Key, Any]):
+    """A closed map's stand-in for its slots: every read raises ``MapClosed``, as on a closed
+    ``SyncMap`` (the hit path pays nothing for the check)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self._name = name
+
+    def _refuse(self) -> MapClosed:
+        return MapClosed(f"replicated map {self._name!r} is closed; open a new one")
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        raise self._refuse()
+
+    def values(self) -> Any:
+        raise self._refuse()
+
+    def items(self) -> Any:
+        raise self._refuse()

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .core.nearcache import Event
 
-if TYPE_CHECKING:
-    from .engine import Engine
+
+class _Source(Protocol):
+    """Where a watch's events come from: a store-mode map's engine, a replicated map's fanout."""
+
+    def unwatch(self, q: queue.Queue[Event | None]) -> None: ...
 
 
 class Watch:
     """An iterator over a map's change events; close it (or use ``with``) to stop."""
 
-    def __init__(self, engine: Engine, q: queue.Queue[Event | None]) -> None:
+    def __init__(self, engine: _Source, q: queue.Queue[Event | None]) -> None:
         self._engine, self._q = engine, q
 
     def __iter__(self) -> Iterator[Event]:

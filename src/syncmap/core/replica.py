@@ -101,15 +101,21 @@ class HybridClock:
 
 
 class Slot:
-    """What a server holds for one key: a value, or a tombstone (``payload is None``)."""
+    """What a server holds for one key: a value, or a tombstone (``payload is None``).
 
-    __slots__ = ("deadline_ms", "payload", "value", "version")
+    ``kc`` is the key's class (``str``, ``bytes`` or ``int``): a read serves the slot only to a
+    key of that class, so ``True`` or ``1.0`` (equal to ``1``, and hashed alike) never reads
+    key ``1``, as in store mode (``Entry.kc``)."""
 
-    def __init__(self, version: Version, payload: bytes | None, value: Any, deadline_ms: int):
+    __slots__ = ("deadline_ms", "kc", "payload", "value", "version")
+
+    def __init__(self, version: Version, payload: bytes | None, value: Any, deadline_ms: int,
+                 kc: type = object) -> None:  # fmt: skip
         self.version = version
         self.payload = payload
         self.value = value
         self.deadline_ms = deadline_ms
+        self.kc = kc
 
     def live(self, wall_ms: int) -> bool:
         return self.payload is not None and not (0 < self.deadline_ms <= wall_ms)
@@ -155,9 +161,9 @@ class Replica:
             self.ignored += 1
             return None
         if msg.op == R_SET:
-            self.slots[key] = Slot(v, msg.payload, value, msg.deadline_ms)
+            self.slots[key] = Slot(v, msg.payload, value, msg.deadline_ms, key.__class__)
         else:
-            self.slots[key] = Slot(v, None, None, 0)
+            self.slots[key] = Slot(v, None, None, 0, key.__class__)
         self.applied += 1
         return Change(key, "set" if msg.op == R_SET else "delete", v)
 
@@ -173,7 +179,7 @@ class Replica:
     def load(self, key: Key, field: bytes, payload: bytes, value: Any) -> None:
         """A snapshot entry: version ZERO, so every real write, older or newer, beats it."""
         if key not in self.slots and self.cleared == ZERO:
-            self.slots[key] = Slot(ZERO, payload, value, 0)
+            self.slots[key] = Slot(ZERO, payload, value, 0, key.__class__)
 
     def state(self) -> Iterator[tuple[Key, Slot]]:
         """Everything held, tombstones included (what a sync re-sends)."""
