@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import forksafe
 from ..core.nearcache import ProbeState
 from ..errors import ConfigurationError, StoreError, SyncMapError
 from ..keys import Layout, is_key_field
@@ -28,6 +29,16 @@ REAP_LIMIT = 500
 MAP_SCRIPTS = ("set", "delete", "mset", "clear", "probe")
 _MAP_SHAS = frozenset(scripts.SHAS[n] for n in MAP_SCRIPTS)
 _damaged_epochs = itertools.count(1)
+# Epoch candidates come from a generator of their own: the global one is the caller's (a test
+# seeds it, Hypothesis replays it), and a probe thread drawing from it at unpredictable moments
+# made a caller's "random" choices differ between replays.  Reseeded in a forked child, as the
+# global one is, so two processes never draw the same candidates.
+_epochs = random.Random()
+
+
+@forksafe.at_fork
+def _reseed_epochs() -> None:
+    _epochs.seed()
 
 
 def settings_stamp(buckets: int, codec: str) -> str:
@@ -90,7 +101,7 @@ class MapCommands:
         if fence is not None:
             lock, counter, token = fence
             keys = (*keys, counter)
-        epoch = random.getrandbits(52) or 1
+        epoch = _epochs.getrandbits(52) or 1
         return ("EVALSHA", scripts.SHAS[name], len(keys), *keys, self.target, bucket, epoch,
                 self.origin, lock, token, self.stamp, self.flags, self.pads, *args)  # fmt: skip
 
