@@ -27,6 +27,8 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
+from redis.asyncio import connection as aio_connection
+from redis.asyncio import retry as aio_retry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -42,6 +44,12 @@ PASSED_ON = frozenset({
     "ssl_ca_data", "ssl_ca_path", "ssl_password", "ssl_ciphers", "ssl_min_version",
     "ssl_include_verify_flags", "ssl_exclude_verify_flags", "ssl_validate_ocsp",
     "ssl_validate_ocsp_stapled",
+})  # fmt: skip
+# Those of PASSED_ON that redis.asyncio's connections take too.
+ASYNC_PASSED_ON = frozenset({
+    "client_name", "driver_info", "credential_provider", "ssl_ca_data", "ssl_ca_path",
+    "ssl_password", "ssl_ciphers", "ssl_min_version", "ssl_include_verify_flags",
+    "ssl_exclude_verify_flags",
 })  # fmt: skip
 URL_OPTIONS = (
     "socket_timeout", "socket_connect_timeout", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
@@ -145,6 +153,30 @@ class Endpoint:
         if self.tls is not None:
             return _CLASSES["tls"](**kwargs, **self.tls.kwargs())
         return _CLASSES["tcp"](**kwargs)
+
+    def async_connection(
+        self, *, timeout: float | None = None, connect_timeout: float | None = None
+    ) -> Any:
+        """A new, unconnected ``redis.asyncio`` connection with the same settings as
+        :meth:`connection` (RESP2, no retries, bytes), for the asyncio driver."""
+        sock_timeout = self.socket_timeout if timeout is None else timeout
+        conn_timeout = connect_timeout
+        if conn_timeout is None:
+            conn_timeout = (
+                self.connect_timeout if self.connect_timeout is not None else sock_timeout
+            )
+        kwargs: dict[str, Any] = {
+            "db": self.db, "username": self.username, "password": self.password,
+            "socket_timeout": sock_timeout, "socket_connect_timeout": conn_timeout,
+            "retry": aio_retry.Retry(NoBackoff(), 0), "decode_responses": False, "protocol": 2,
+        }  # fmt: skip
+        kwargs.update((k, v) for k, v in self.options if k in ASYNC_PASSED_ON)
+        if self.path:
+            return aio_connection.UnixDomainSocketConnection(path=self.path, **kwargs)
+        kwargs.update(host=self.host, port=self.port, socket_keepalive=True)
+        if self.tls is not None:
+            return aio_connection.SSLConnection(**kwargs, **self.tls.kwargs())
+        return aio_connection.Connection(**kwargs)
 
     def client(self, **overrides: Any) -> redis.Redis:
         """A ``redis.Redis`` for this node, for tools (the CLI, tests); not used by maps."""

@@ -54,6 +54,18 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+class AsyncExecutor(Protocol):
+    """The asyncio twin of :class:`Executor`: the same contract, awaited."""
+
+    where: str
+
+    async def call(
+        self, commands: Sequence[Command], *, write: bool, partial: bool = False
+    ) -> list[Any]: ...
+
+    async def aclose(self) -> None: ...
+
+
 SHAS = scripts.SHAS
 
 

@@ -40,6 +40,7 @@ from redis.sentinel import SentinelConnectionPool
 
 from .. import forksafe
 from ..errors import StoreUnavailable
+from .anode import AsyncNodeExecutor
 from .endpoint import (
     URL_OPTIONS,
     Endpoint,
@@ -111,6 +112,12 @@ class SentinelTopology:
     def executor(self, *, timeout: float | None = None, deadline: float | None = None
                  ) -> NodeExecutor:  # fmt: skip
         return NodeExecutor(self, timeout=timeout, deadline=deadline)
+
+    def async_executor(self, *, timeout: float | None = None, deadline: float | None = None
+                       ) -> AsyncNodeExecutor:  # fmt: skip
+        # Resolving the master (endpoint()) still blocks, up to sentinel_timeout per sentinel:
+        # only after a failover or a connection failure, not on each call.
+        return AsyncNodeExecutor(self, timeout=timeout, deadline=deadline)
 
     def shared_executor(self, timeout: float | None = None) -> NodeExecutor:
         return shared_executor(self, timeout)

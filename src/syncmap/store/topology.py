@@ -39,6 +39,7 @@ import redis
 
 from .. import forksafe
 from ..errors import ConfigurationError
+from .anode import AsyncNodeExecutor
 from .endpoint import Endpoint, bad_url
 from .node import NodeExecutor
 
@@ -72,6 +73,9 @@ class Topology(Protocol):
 
     def shared_executor(self, timeout: float | None = None) -> NodeExecutor: ...
 
+    def async_executor(self, *, timeout: float | None = None, deadline: float | None = None
+                       ) -> AsyncNodeExecutor: ...  # fmt: skip
+
     def on_change(self, listener: Listener) -> None: ...
 
     def remove_listener(self, listener: Listener) -> None: ...
@@ -104,6 +108,10 @@ class Standalone:
     def executor(self, *, timeout: float | None = None, deadline: float | None = None
                  ) -> NodeExecutor:  # fmt: skip
         return NodeExecutor(self, timeout=timeout, deadline=deadline)
+
+    def async_executor(self, *, timeout: float | None = None, deadline: float | None = None
+                       ) -> AsyncNodeExecutor:  # fmt: skip
+        return AsyncNodeExecutor(self, timeout=timeout, deadline=deadline)
 
     def shared_executor(self, timeout: float | None = None) -> NodeExecutor:
         return shared_executor(self, timeout)

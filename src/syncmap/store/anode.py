@@ -1,0 +1,177 @@
+"""``AsyncNodeExecutor``: the asyncio twin of :class:`~syncmap.store.node.NodeExecutor`.
+
+The same contract (``executor.py``), the same failure meanings and the same decisions, taken by
+the same functions: only the waiting differs (``await`` on ``redis.asyncio`` connections made by
+the topology's :class:`~syncmap.store.endpoint.Endpoint`).  One more case exists here:
+
+* the call was **cancelled** (``asyncio.CancelledError``) after its request was sent: the
+  connection is dropped (its replies would be read by the next caller) and the cancellation
+  goes on; the asyncio driver then treats a write as outcome-unknown (``aio/run.py``).
+
+Connections belong to the event loop that made them: an executor serves one loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import hiredis
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+)
+
+from ..errors import ConfigurationError, StoreUnavailable, WriteOutcomeUnknown
+from . import scripts
+from .executor import NOT_MASTER, Command, error_code, refused
+from .node import NET_ERRORS
+
+if TYPE_CHECKING:
+    from .topology import Topology
+
+
+class AsyncNodeExecutor:
+    """Pipelined calls on a small free list of asyncio connections to ``topology``'s node."""
+
+    def __init__(
+        self, topology: Topology, *, timeout: float | None = None, deadline: float | None = None
+    ) -> None:
+        self.topology = topology
+        self.where = topology.where
+        self.timeout = timeout
+        self.deadline = deadline
+        self._idle: list[tuple[Any, int]] = []
+
+    async def call(
+        self, commands: Sequence[Command], *, write: bool, partial: bool = False
+    ) -> list[Any]:
+        """As :meth:`NodeExecutor.call`, awaited."""
+        until = None if self.deadline is None else time.monotonic() + self.deadline
+        replies = await self._roundtrip(commands, write=write, until=until)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:  # the script cache was flushed (restart, SCRIPT FLUSH): nothing ran
+            load = [("SCRIPT", "LOAD", src) for src in scripts.ALL.values()]
+            await self._roundtrip(load, write=False, until=until)
+            again = await self._roundtrip([commands[i] for i in missing], write=write, until=until)
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        for i, reply in enumerate(replies):
+            if isinstance(reply, Exception):
+                if error_code(reply)[0] in NOT_MASTER:
+                    self.topology.invalidate()
+                    await self.aclose()
+                if not partial:
+                    raise refused(reply, self.where)
+                replies[i] = refused(reply, self.where)
+        return replies
+
+    async def _roundtrip(
+        self, commands: Sequence[Command], *, write: bool, until: float | None
+    ) -> list[Any]:
+        attempts = 1 if write else 2
+        for attempt in range(attempts):
+            try:
+                return await self._once(commands, write=write, until=until)
+            except WriteOutcomeUnknown:
+                raise
+            except StoreUnavailable:
+                if attempt + 1 == attempts or (until is not None and time.monotonic() >= until):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _once(
+        self, commands: Sequence[Command], *, write: bool, until: float | None
+    ) -> list[Any]:
+        payload = b"".join(hiredis.pack_command(c) for c in commands)  # before taking a conn
+        conn, generation = await self._checkout(until)
+        replies: list[Any] = []
+        try:
+            if until is not None and until - time.monotonic() <= 0:
+                raise StoreUnavailable(
+                    f"the call deadline ({self.deadline} s, MapConfig.call_timeout) passed "
+                    f"before anything was sent to {self.where}; nothing ran: retry later"
+                )
+            await conn.send_packed_command([payload], check_health=False)
+            for _ in commands:
+                left = None if until is None else until - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError("the call deadline passed while waiting for replies")
+                try:
+                    replies.append(await conn.read_response(timeout=left))
+                except ResponseError as exc:
+                    replies.append(exc)
+        except StoreUnavailable:
+            self._idle.append((conn, generation))  # nothing sent: in step, may serve the next
+            raise
+        except BusyLoadingError as exc:
+            await conn.disconnect()
+            raise StoreUnavailable(
+                f"{self.where} is loading its data set ({exc}); nothing ran: retry in a moment"
+            ) from exc
+        except (*NET_ERRORS, RedisError) as exc:  # RedisError: a garbled reply, say
+            await conn.disconnect()
+            self.topology.invalidate()
+            if write:
+                raise WriteOutcomeUnknown(
+                    f"connection to {self.where} failed after the write was sent ({exc}); "
+                    "it may or may not have been applied. Read the key to find out"
+                ) from exc
+            raise StoreUnavailable(f"{self.where} failed during a read ({exc}); retry") from exc
+        except BaseException:  # cancelled mid-call: the connection is out of step, drop it
+            await asyncio.shield(conn.disconnect())
+            raise
+        self._idle.append((conn, generation))
+        return replies
+
+    async def _checkout(self, until: float | None) -> tuple[Any, int]:
+        """An idle connection of the current generation that is still alive, or a new one."""
+        generation = self.topology.generation
+        while self._idle:
+            conn, made = self._idle.pop()
+            if made == generation and conn.is_connected:
+                try:
+                    if not await conn.can_read_destructive():
+                        return conn, generation
+                except (*NET_ERRORS, RedisError):
+                    pass
+            await conn.disconnect()
+        return await self._connect(until), generation
+
+    async def _connect(self, until: float | None) -> Any:
+        endpoint = self.topology.endpoint()
+        timeout = endpoint.socket_timeout if endpoint.socket_timeout is not None else self.timeout
+        connect_timeout = None
+        if self.deadline is not None:
+            timeout = self.deadline if timeout is None else min(timeout, self.deadline)
+        if until is not None:
+            connect_timeout = max(until - time.monotonic(), 0.001)
+        conn = endpoint.async_connection(timeout=timeout, connect_timeout=connect_timeout)
+        try:
+            await conn.connect()
+        except AuthenticationError as exc:
+            raise ConfigurationError(f"{self.where} refused the credentials: {exc}") from exc
+        except BusyLoadingError as exc:
+            raise StoreUnavailable(
+                f"{self.where} is loading its data set ({exc}); nothing ran: retry in a moment"
+            ) from exc
+        except NET_ERRORS as exc:
+            self.topology.invalidate()
+            raise StoreUnavailable(
+                f"cannot reach {self.where} ({exc}); nothing was sent. Check that Redis runs "
+                "and the URL is right, then retry"
+            ) from exc
+        except RedisError as exc:
+            raise ConfigurationError(f"{self.where} refused the connection: {exc}") from exc
+        return conn
+
+    async def aclose(self) -> None:
+        """Disconnect the idle connections this executor opened."""
+        while self._idle:
+            conn, _ = self._idle.pop()
+            await conn.disconnect()
