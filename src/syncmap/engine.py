@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -26,22 +25,13 @@ from collections.abc import Callable
 from typing import Any
 
 from . import instruments
-from .core.nearcache import Event, NearCache
-from .core.wire import (
-    MAX_FIELDS,
-    OP_PING,
-    ChangeMessage,
-    decode_message,
-    encode_message,
-    verify,
-)
-from .errors import CorruptData, FeedError, SyncMapError
+from .changes import FeedLogic
+from .core.nearcache import Event
+from .errors import FeedError, SyncMapError
 from .events import Fanout
 from .feed.base import Feed, FeedHandler, Subscription
 from .flows import admin
 from .flows.state import MapState
-from .ratelog import RateLimitedLog
-from .store.commands import ProbeResult
 from .store.executor import Executor
 from .sync.run import run
 
@@ -52,36 +42,25 @@ REPAIR_EVERY = 0.5
 interval: a flood of garbage on the channel cannot turn every message into a probe."""
 
 
-class Engine:
+class Engine(FeedLogic):
     """The background loops of one map around its :class:`MapState` (shared with the map's
     façade): ``state.core`` and ``state.guard`` are read through ``core`` and ``lock``."""
 
+    events: Fanout
+
     def __init__(self, state: MapState, executor: Executor, interval: float, feed: Feed,
                  keys: tuple[bytes, ...] = ()) -> None:  # fmt: skip
-        self.state = state
-        self.cmds = state.cmds
-        self.keys = keys  # signing keys (signing.py): with any, only verified messages apply
+        super().__init__(state, interval, feed.topic, keys)
         self.feed = feed
         self.executor = executor
-        self.interval = interval
-        self.error: BaseException | None = None
-        self.damaged_buckets = 0  # probes that found a bucket damaged (counter)
-        self.meta_recreated = 0  # probes that found the meta key missing and wrote it again
-        self._damage_log = RateLimitedLog(log)
-        self._meta_log = RateLimitedLog(log)
         self._closed = threading.Event()
         self._probe_now = threading.Event()
         self._timer_wake = threading.Condition()
         self._timer_dirty = False
-        self._pings: dict[bytes, threading.Event] = {}
         self._feed_up = threading.Event()
         self.events = Fanout(feed.topic)
         self._threads: list[threading.Thread] = []
         self._subscription: Subscription | None = None
-        self.publish_failures = 0
-        self._repair_probe_at = -float("inf")  # no repair probe before then (_repair_after)
-        self._bad_message_log = RateLimitedLog(log)
-        self._forged_log = RateLimitedLog(log)
         self._presence: Callable[[], dict[str, Any]] | None = None
         self._presence_every = 0.0
         self._presence_due = 0.0
@@ -90,18 +69,16 @@ class Engine:
         self.start_lock = threading.Lock()
         instruments.engines.add(self)  # read by a metrics exporter when scraped (syncmap.otel)
 
-    @property
-    def core(self) -> NearCache:
-        return self.state.core
+    # ---- the hooks of FeedLogic (changes.py) ----------------------------------------------
 
-    @property
-    def lock(self) -> Any:
-        """The map's guard (``MapState.guard``): protects ``core``."""
-        return self.state.guard
+    def wake_probe(self) -> None:
+        self._probe_now.set()
 
-    @property
-    def live_entries(self) -> int:
-        return self.state.live_entries
+    def signal_up(self) -> None:
+        self._feed_up.set()
+
+    def is_up(self) -> bool:
+        return self._feed_up.is_set()
 
     def enable_presence(self, record: Callable[[], dict[str, Any]], every: float) -> None:
         """Refresh ``record()`` in the map's presence hash every ``every`` seconds (call before
@@ -154,7 +131,7 @@ class Engine:
         self._probe_now = threading.Event()
         self._timer_wake = threading.Condition()
         self._timer_dirty = False
-        self._pings = {}
+        self.pings = {}
         self._feed_up = threading.Event()
         self.events.forked()
         self._threads = []
@@ -178,17 +155,16 @@ class Engine:
 
     def _self_check(self, timeout: float) -> None:
         """Publish a ping on the map's channel and wait for it (RESP2/RESP3 or ACL trouble)."""
-        nonce = os.urandom(16)
-        arrived = self._pings[nonce] = threading.Event()
-        msg = ChangeMessage(OP_PING, 0, 0, 0, self.cmds.origin, (nonce,))
-        self.feed.publish(encode_message(msg, self.keys[0] if self.keys else None))
+        arrived = threading.Event()
+        nonce, ping = self.ping_message(arrived.set)
+        self.feed.publish(ping)
         if not arrived.wait(timeout):
             raise FeedError(
                 f"a test change message published on {self.feed.topic} ({self.feed.describe()}) "
                 f"did not come back within {timeout} s: invalidations would never arrive. Check "
                 "the broker's permissions and that nothing in between drops its traffic"
             )
-        del self._pings[nonce]
+        del self.pings[nonce]
 
     def close(self) -> None:
         self._closed.set()
@@ -228,139 +204,20 @@ class Engine:
 
     # ---- the feed ----------------------------------------------------------------------------
 
-    def on_feed_message(self, data: bytes) -> None:
-        if self.keys and self.core.guards.message_mac and not verify(data, self.keys):
-            self._forged(data)
-            return
-        try:
-            msg = decode_message(data)
-        except CorruptData as exc:
-            self._repair_after(exc)
-            return
-        if msg.op == OP_PING:
-            waiter = self._pings.get(msg.fields[0] if msg.fields else b"")
-            if waiter is not None:
-                waiter.set()
-            return
-        want = self.events.wanted
-        try:
-            with self.lock:
-                dropped = self.core.counters.invalidations
-                events = self.core.on_message(msg, time.monotonic(), want)
-                dropped = self.core.counters.invalidations - dropped
-        except Exception as exc:
-            self._repair_after(exc)
-            return
-        hook = instruments.change_age
-        if hook is not None and msg.stamp_ms:
-            # Staleness only for others' writes: this server's own write reached its cache
-            # with the write's reply (its echo may merely arrive first).
-            age = max(0.0, (self.server_now_ms() - msg.stamp_ms) / 1000)
-            hook(self, age, dropped > 0 and msg.origin != self.cmds.origin)
-        if msg.oversized:  # the core flushed its bucket (core/wire.py MAX_FIELDS)
-            self._repair_after(CorruptData(f"a message names over {MAX_FIELDS} keys"))
-        for event in events:
-            self.events.emit(event)
-
-    def _forged(self, data: bytes) -> None:
-        """A message without a valid MAC on a map with a signing key: never applied, no event.
-        Counted, logged (rate-limited), and repaired like an unusable message: someone who may
-        PUBLISH on the channel without the key sent it, or a server has another key; either way
-        this server may have missed a real change, so the bucket may be stale."""
-        self.core.counters.forged_messages += 1
-        self._forged_log(
-            "syncmap dropped a change message on %s without a valid signature (%d bytes, starts "
-            "%r; %d so far): a publisher without this map's signing key, or a server with "
-            "another key; repairing", self.feed.topic, len(data), bytes(data[:8]),
-            self.core.counters.forged_messages,
-        )  # fmt: skip
-        self._request_repair()
-
-    def _repair_after(self, exc: Exception) -> None:
-        """A message we cannot decode or apply may hide a change: count it, log it (rate-limited),
-        and repair as after a lost message: the next probe *sent* after now flushes every bucket
-        that moved (``NearCache.on_feed_up``).
-
-        That probe goes at once, but at most once per ``REPAIR_EVERY`` of the probe interval;
-        later requests wait for it or for the regular probe, so a flood at most doubles the
-        probe rate.  Waiting costs no staleness: a bucket is served only under a lease that a
-        probe whose sequence this server reached renewed, so a change hidden by the bad message
-        keeps its bucket from being renewed, and after ``grace`` it is flushed anyway."""
-        self.core.counters.corrupt_messages += 1
-        self._bad_message_log(
-            "syncmap could not use a change message on %s (%r; %d so far); repairing",
-            self.feed.topic, exc, self.core.counters.corrupt_messages,
-        )  # fmt: skip
-        self._request_repair()
-
-    def _request_repair(self) -> None:
-        """The next probe sent after now flushes every bucket that moved; it goes at once, at
-        most once per ``REPAIR_EVERY`` of the probe interval (see :meth:`_repair_after`)."""
-        now = time.monotonic()
-        with self.lock:
-            self.core.on_feed_up(now)
-        if now >= self._repair_probe_at:
-            self._repair_probe_at = now + self.interval * REPAIR_EVERY
-            self._probe_now.set()
-
-    def on_feed_up(self, resumed: bool = False) -> None:
-        """Subscribed again.  ``resumed``: a durable feed carried on from the last message it
-        delivered, so nothing was lost and there is nothing to repair."""
-        if resumed and self._feed_up.is_set():
-            return
-        with self.lock:
-            self.core.on_feed_up(time.monotonic())
-        self._feed_up.set()
-        self._probe_now.set()
-
     def relay(self, messages: list[bytes]) -> None:
-        """Publish what a write script made (relay mode), after the write, in the writer's thread.
-
-        A failure here is not the write's: the store holds the change, and the other servers' probes
-        see the bucket's sequence move without its message and drop the bucket within
-        ``max_staleness`` (docs/feeds.md).  So it is counted and logged, never raised.
-        """
+        """Publish what a write script made (relay mode), after the write, in the writer's
+        thread; a failure is counted and logged, never raised (:meth:`publish_failed`)."""
         for data in messages:
             try:
                 self.feed.publish(data, confirm=False)
             except Exception as exc:
-                self.publish_failures += 1
-                if self.publish_failures == 1 or self.publish_failures % 1000 == 0:
-                    log.warning(
-                        "syncmap could not publish a change on %s (%s; %d so far): other servers "
-                        "will see it through their sequence probes instead",
-                        self.feed.describe(), exc, self.publish_failures,
-                    )  # fmt: skip
-
-    def on_feed_down(self) -> None:
-        with self.lock:
-            self.core.on_feed_down()
+                self.publish_failed(exc)
 
     # ---- probes and the timer ----------------------------------------------------------------
 
     def probe_once(self) -> None:
         """One probe (``flows.admin.probe``), and what it found damaged reported."""
-        self._report(run(admin.probe(self.state), self.executor, self.relay))
-
-    def _report(self, result: ProbeResult) -> None:
-        """Damage stays in its bucket (``store.commands.parse_probe``): counted and logged at
-        WARNING at most once a minute per map; a re-created meta key likewise."""
-        layout = self.cmds.layout
-        if result.meta_recreated:
-            self.meta_recreated += 1
-            self._meta_log("syncmap map %r: its meta key %s was missing (evicted or deleted) and "
-                           "was written again (%d buckets, codec %s; %d times so far)",
-                           layout.name, layout.meta, layout.buckets, self.cmds.codec,
-                           self.meta_recreated)  # fmt: skip
-        if result.damaged:
-            self.damaged_buckets += len(result.damaged)
-            bucket, why = result.damaged[0]
-            self._damage_log(
-                "syncmap map %r: %d bucket(s) damaged (first: bucket %d, %s); their near cache "
-                "is dropped and writes to them fail until the keys are repaired or deleted; the "
-                "other buckets are unaffected (%d damaged bucket probes so far)",
-                layout.name, len(result.damaged), bucket, why[:300], self.damaged_buckets,
-            )  # fmt: skip
+        self.report(run(admin.probe(self.state), self.executor, self.relay))
 
     def _refresh_presence(self) -> None:
         """Write this server's presence record: one round trip; a failure is only logged."""
@@ -434,6 +291,3 @@ class Engine:
     @property
     def events_dropped(self) -> int:
         return self.events.dropped
-
-    def server_now_ms(self) -> float:
-        return self.state.server_now_ms()

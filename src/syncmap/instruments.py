@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from . import forksafe
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .changes import FeedLogic as Engine
 
 engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 """Every map engine of this process (store-mode ``SyncMap``); closed ones are skipped by readers."""

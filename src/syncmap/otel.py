@@ -28,8 +28,8 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, MeterProvider, Observation
 
 from . import __version__, forksafe, instruments
+from .changes import FeedLogic as Engine
 from .core.nearcache import INF
-from .engine import Engine
 
 __all__ = ["Instrumentation", "disable", "enable"]
 
