@@ -78,7 +78,7 @@ from syncmap.core.nearcache import INF, Guards, NearCache
 from syncmap.core.wire import OP_CLEAR, OP_DEL, OP_EXPIRE, OP_SET, decode_message, unpack_value
 from syncmap.errors import ConflictError, StoreUnavailable, WriteOutcomeUnknown
 from syncmap.flows import admin, bulk, reads, writes
-from syncmap.flows.effects import Call, Flow, Publish
+from syncmap.flows.effects import Apply, Call, Flow, Publish
 from syncmap.flows.reads import MISSING
 from syncmap.flows.state import MapState
 from syncmap.keys import Layout, bucket_of, decode_key, encode_key
@@ -315,10 +315,12 @@ class CoreModel(RuleBasedStateMachine):
                 return None, exc
             if isinstance(effect, Call):
                 return effect, None
+            reply = None
             if isinstance(effect, Publish):
                 for data in effect.messages:
                     self.store.publish(self.layout.channel.encode(), data)
-            reply = None
+            elif isinstance(effect, Apply):  # transform's function, at once
+                reply = effect.fn(effect.arg)
 
     def _drive(self, s: Server, flow: Flow[Any], reply: Any) -> Any:
         """Resume ``flow`` with ``reply`` and run it to its end, every further request at once

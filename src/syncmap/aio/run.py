@@ -10,11 +10,12 @@ sees its ``CancelledError``.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from ..errors import WriteOutcomeUnknown
-from ..flows.effects import Call, Flow, Publish
+from ..flows.effects import Apply, Call, Flow, Publish
 from ..store.executor import AsyncExecutor
 
 T = TypeVar("T")
@@ -41,6 +42,10 @@ async def run(flow: Flow[T], executor: AsyncExecutor, relay: AsyncRelay = _no_re
                                             partial=effect.partial)  # fmt: skip
             elif isinstance(effect, Publish):
                 await relay(effect.messages)
+            elif isinstance(effect, Apply):  # transform's function: sync or async
+                reply = effect.fn(effect.arg)
+                if inspect.isawaitable(reply):
+                    reply = await reply
             else:
                 await asyncio.sleep(effect.seconds)  # Pause
         except asyncio.CancelledError as cancelled:

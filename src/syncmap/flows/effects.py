@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -38,7 +38,19 @@ class Pause:
     seconds: float
 
 
-Effect = Call | Publish | Pause
+@dataclass(frozen=True, slots=True)
+class Apply:
+    """Call the user's ``fn(arg)`` and send back what it returns (``transform``'s function).
+
+    Its own effect so that a flow never runs user code that may block or be a coroutine
+    function: the thread driver calls it, the asyncio driver awaits what it returns when that
+    is awaitable."""
+
+    fn: Callable[[Any], Any]
+    arg: Any
+
+
+Effect = Call | Publish | Pause | Apply
 Flow = Generator[Effect, Any, T]
 
 

@@ -13,7 +13,7 @@ from ..core.wire import unpack_value_epoch
 from ..errors import ConflictError, WriteOutcomeUnknown
 from ..keys import Key, clip
 from ..store.commands import Command
-from .effects import Flow, Pause, store_call
+from .effects import Apply, Flow, Pause, store_call
 from .reads import MISSING, abort, current, install, settle_read
 from .state import MapState
 
@@ -122,7 +122,7 @@ def transform(s: MapState, ref: Ref, key: Key, fn: Callable[[Any], Any], default
             if default is MISSING:
                 raise KeyError(key)
             value = default
-        new = fn(value)
+        new = yield Apply(fn, value)
         applied, _ = yield from set_value(s, ref, payload(s, new), ttl_ms=ttl_ms, mode="ver",
                                           expected=f"{epoch}:{version}", fence=fence)  # fmt: skip
         if applied:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..flows.effects import Call, Flow, Publish
+from ..flows.effects import Apply, Call, Flow, Publish
 from ..store.executor import Executor
 
 T = TypeVar("T")
@@ -38,6 +38,8 @@ def run(flow: Flow[T], executor: Executor, relay: Relay = _no_relay) -> T:
                 reply = executor.call(effect.commands, write=effect.write, partial=effect.partial)
             elif isinstance(effect, Publish):
                 relay(effect.messages)
+            elif isinstance(effect, Apply):
+                reply = effect.fn(effect.arg)
             else:
                 time.sleep(effect.seconds)  # Pause
         except BaseException as exc:  # back into the flow, which cleans up and re-raises
