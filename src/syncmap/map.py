@@ -26,6 +26,7 @@ from .flows import bulk, reads, writes
 from .flows.effects import Flow
 from .flows.reads import MISSING
 from .flows.state import MapState
+from .flows.writes import ttl_ms
 from .keys import (
     Key,
     check_map_name,
@@ -210,15 +211,15 @@ class SyncMap(MapBase):
     def compare_and_set(self, key: Key, expected: Any, new: Any, *, ttl: float | None = None,
                         fence: FenceArg | None = None) -> bool:  # fmt: skip
         """Store ``new`` only if ``key`` holds a value equal to ``expected``; atomic."""
-        ref, data, ttl_ms, fenced = (
+        ref, data, ms, fenced = (
             self._locate(key),
             self._payload(new),
-            _ttl_ms(ttl),
+            ttl_ms(ttl),
             self._fence_of(fence),
         )
 
         def attempt(mode: str, arg: bytes | str) -> Flow[tuple[int, bytes | None]]:
-            return writes.set_value(self._state, ref, data, ttl_ms=ttl_ms, mode=mode,
+            return writes.set_value(self._state, ref, data, ttl_ms=ms, mode=mode,
                                     expected=arg, fence=fenced)  # fmt: skip
 
         return self._run(writes.compare(self._state, key, expected, "cas", attempt))
@@ -226,7 +227,7 @@ class SyncMap(MapBase):
     def _set(self, key: Key, data: bytes, mode: str, expected: bytes | str,
              ttl: float | None, fence: FenceArg | None, value: Any = _MISSING
              ) -> tuple[int, bytes | None]:  # fmt: skip
-        flow = writes.set_value(self._state, self._locate(key), data, ttl_ms=_ttl_ms(ttl),
+        flow = writes.set_value(self._state, self._locate(key), data, ttl_ms=ttl_ms(ttl),
                                 mode=mode, expected=expected, fence=self._fence_of(fence),
                                 value=value)  # fmt: skip
         return self._run(flow)
@@ -268,7 +269,7 @@ class SyncMap(MapBase):
         ``fn`` may run more than once: keep it free of side effects.
         """
         flow = writes.transform(self._state, self._locate(key), key, fn, default,
-                                ttl_ms=_ttl_ms(ttl), fence=self._fence_of(fence))  # fmt: skip
+                                ttl_ms=ttl_ms(ttl), fence=self._fence_of(fence))  # fmt: skip
         return self._run(flow)
 
     def update(  # type: ignore[override]
@@ -281,7 +282,7 @@ class SyncMap(MapBase):
         items = [(self._locate(k), self._payload(v)) for k, v in [*pairs, *kwargs.items()]]
         if items:
             self._check_open()
-            replies = self._run(writes.update(self._state, items, ttl_ms=_ttl_ms(ttl),
+            replies = self._run(writes.update(self._state, items, ttl_ms=ttl_ms(ttl),
                                               fence=fenced))  # fmt: skip
             writes.raise_partial(replies, "update()")
 
@@ -389,11 +390,3 @@ def _open_store(url: str | None, redis: redis_lib.Redis | None, feed: str | None
             f"{exc}. SyncMap is store mode; for replicated mode (a feed and no store) open "
             f"ReplicatedMap(name, {feed!r}), or open_map(name, feed=...) to choose by SYNCMAP_URL"
         ) from None
-
-
-def _ttl_ms(ttl: float | None) -> int:
-    if ttl is None:
-        return 0
-    if not ttl > 0:
-        raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
-    return max(1, round(ttl * 1000))

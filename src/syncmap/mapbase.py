@@ -33,7 +33,7 @@ from .keys import (
     normal_key,
 )
 from .lock import Fence, Lock
-from .stats import Presence, Statistics
+from .stats import Presence, Statistics, statistics_of
 from .store.commands import MapCommands
 from .store.eviction import warn_if_evicting
 from .store.node import NodeExecutor
@@ -154,23 +154,7 @@ class MapBase(SharedMapping):
                     topology=self._topology, **options)  # fmt: skip
 
     def _fence_of(self, fence: FenceArg | None) -> tuple[str, str, int] | None:
-        """(lock name, fence counter key, token) for the write scripts."""
-        if fence is None:
-            return None
-        if isinstance(fence, Lock):
-            fence = fence.fence  # LockLost here if its lease ran out
-        if isinstance(fence, Fence):
-            return fence.lock, fence.key, int(fence)
-        if (
-            isinstance(fence, tuple) and len(fence) == 2 and isinstance(fence[0], str)
-            and isinstance(fence[1], int) and not isinstance(fence[1], bool)
-        ):  # fmt: skip
-            name, token = fence
-            return name, LockLayout(self.config.namespace, check_lock_name(name)).fence, token
-        raise TypeError(
-            f"fence must be the Fence that Lock.acquire() returned, a Lock, or (lock name, "
-            f"token), not {fence!r}"
-        )
+        return fence_args(fence, self.config.namespace)
 
     # ---- events, statistics, life cycle ------------------------------------------------------
 
@@ -192,18 +176,7 @@ class MapBase(SharedMapping):
         return Watch(self._engine, self._engine.watch_queue(maxsize))
 
     def statistics(self) -> Statistics:
-        c = self._core.counters
-        return Statistics(
-            hits=self._core.hits(), misses=c.misses, invalidations=c.invalidations,
-            resyncs=c.resyncs, entries=len(self._entries), evictions=c.evictions,
-            expirations=c.expirations, gaps=c.gaps, epoch_changes=c.epoch_changes,
-            lost_detected=c.lost_detected, lease_lapses=c.lease_lapses,
-            fills_rejected=c.fills_rejected, messages=c.messages,
-            corrupt_messages=c.corrupt_messages, events_dropped=self._engine.events_dropped,
-            gap_overflows=c.gap_overflows, corrupt_entries=c.corrupt_entries,
-            forged_messages=c.forged_messages, digest_mismatches=c.digest_mismatches,
-            stale_reads=c.stale_reads,
-        )  # fmt: skip
+        return statistics_of(self._core, self._engine.events_dropped)
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -244,6 +217,27 @@ class MapBase(SharedMapping):
 
     def _payload(self, value: Any) -> bytes:
         return encode_limited(self._codec, value, self.config.max_value_bytes)
+
+
+def fence_args(fence: Any, namespace: str) -> tuple[str, str, int] | None:
+    """(lock name, fence counter key, token) for the write scripts, from what ``fence=`` takes:
+    a Fence, a held lock of either driver (anything with a ``fence`` Fence), or (name, token)."""
+    if fence is None:
+        return None
+    if not isinstance(fence, Fence | tuple) and isinstance(getattr(fence, "fence", None), Fence):
+        fence = fence.fence  # LockLost here if its lease ran out
+    if isinstance(fence, Fence):
+        return fence.lock, fence.key, int(fence)
+    if (
+        isinstance(fence, tuple) and len(fence) == 2 and isinstance(fence[0], str)
+        and isinstance(fence[1], int) and not isinstance(fence[1], bool)
+    ):  # fmt: skip
+        name, token = fence
+        return name, LockLayout(namespace, check_lock_name(name)).fence, token
+    raise TypeError(
+        f"fence must be the Fence that Lock.acquire() returned, a Lock, or (lock name, "
+        f"token), not {fence!r}"
+    )
 
 
 def _no(messages: list[bytes]) -> None:

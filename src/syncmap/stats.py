@@ -6,7 +6,10 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .core.nearcache import NearCache
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,3 +78,19 @@ class Presence:
             "lost_detected": s.lost_detected, "messages": s.messages,
             "reads_per_s": round(rate_r, 1), "invalidations_per_s": round(rate_i, 1),
         }  # fmt: skip
+
+
+def statistics_of(core: NearCache, events_dropped: int) -> Statistics:
+    """A map's :class:`Statistics` from its near cache's counters (either driver)."""
+    c = core.counters
+    return Statistics(
+        hits=core.hits(), misses=c.misses, invalidations=c.invalidations,
+        resyncs=c.resyncs, entries=len(core.entries), evictions=c.evictions,
+        expirations=c.expirations, gaps=c.gaps, epoch_changes=c.epoch_changes,
+        lost_detected=c.lost_detected, lease_lapses=c.lease_lapses,
+        fills_rejected=c.fills_rejected, messages=c.messages,
+        corrupt_messages=c.corrupt_messages, events_dropped=events_dropped,
+        gap_overflows=c.gap_overflows, corrupt_entries=c.corrupt_entries,
+        forged_messages=c.forged_messages, digest_mismatches=c.digest_mismatches,
+        stale_reads=c.stale_reads,
+    )  # fmt: skip

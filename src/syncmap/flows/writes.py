@@ -29,6 +29,15 @@ class Ref(NamedTuple):
     bucket: int
 
 
+def ttl_ms(ttl: float | None) -> int:
+    """``ttl=`` in seconds as the scripts take it: ms, at least 1; 0 = no TTL."""
+    if ttl is None:
+        return 0
+    if not ttl > 0:
+        raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+    return max(1, round(ttl * 1000))
+
+
 def payload(s: MapState, value: Any) -> bytes:
     return encode_limited(s.codec, value, s.config.max_value_bytes)
 

@@ -1,0 +1,202 @@
+"""The background half of an asyncio map: tasks in place of the thread engine's threads.
+
+Every decision is :class:`~syncmap.changes.FeedLogic`'s (shared with ``engine.py``); this module
+only waits: the feed's handler runs on the loop, a probe task sends a probe every
+``max_staleness / 4`` (or at once when the logic asks for a repair), and a timer task wakes at
+the next lease or TTL deadline.  The tasks are owned by the map, cancelled and awaited by
+``aclose()``; a failure is kept and raised on the map's next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from ..changes import FeedLogic
+from ..errors import FeedError, SyncMapError
+from ..feed.abase import AsyncFeed, AsyncSubscription
+from ..feed.base import FeedHandler
+from ..flows import admin
+from ..flows.state import MapState
+from ..store.executor import AsyncExecutor
+from .events import AsyncFanout
+from .run import run
+
+log = logging.getLogger("syncmap")
+
+
+class AsyncEngine(FeedLogic):
+    events: AsyncFanout
+
+    def __init__(self, state: MapState, executor: AsyncExecutor, interval: float,
+                 feed: AsyncFeed, keys: tuple[bytes, ...] = ()) -> None:  # fmt: skip
+        super().__init__(state, interval, feed.topic, keys)
+        self.feed = feed
+        self.executor = executor
+        self.events = AsyncFanout(feed.topic)
+        self._closed = False
+        self._probe_now = asyncio.Event()
+        self._timer_wake = asyncio.Event()
+        self._feed_up = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subscription: AsyncSubscription | None = None
+        self._presence: Callable[[], dict[str, Any]] | None = None
+        self._presence_every = 0.0
+        self._presence_written = False
+
+    # ---- the hooks of FeedLogic --------------------------------------------------------------
+
+    def wake_probe(self) -> None:
+        self._probe_now.set()
+
+    def signal_up(self) -> None:
+        self._feed_up.set()
+
+    def is_up(self) -> bool:
+        return self._feed_up.is_set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def events_dropped(self) -> int:
+        return self.events.dropped
+
+    def wake_timer(self) -> None:
+        self._timer_wake.set()
+
+    def enable_presence(self, record: Callable[[], dict[str, Any]], every: float) -> None:
+        self._presence, self._presence_every = record, every
+
+    # ---- start and stop ----------------------------------------------------------------------
+
+    async def start(self, self_check_timeout: float) -> None:
+        """As the thread engine: subscribe -> confirmed -> ping round trip -> baseline probe ->
+        the tasks.  A write acknowledged before the probe is accounted for by the probe; one
+        after it, by its message."""
+        handler = FeedHandler(
+            lambda data, _position: self.on_feed_message(data), self.on_feed_up, self.on_feed_down
+        )
+        self._subscription = await self.feed.subscribe(handler)
+        try:
+            await asyncio.wait_for(self._feed_up.wait(), self_check_timeout)
+        except TimeoutError:
+            raise FeedError(
+                f"could not subscribe to {self.feed.topic} on {self.feed.describe()} within "
+                f"{self_check_timeout} s; check the broker and the user's permissions"
+            ) from None
+        await self._self_check(self_check_timeout)
+        await self.probe_once()
+        await self._refresh_presence()
+        self._spawn(self._probe_loop(), "probe")
+        self._spawn(self._timer_loop(), "timer")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coro, name=f"syncmap-{name}"))
+
+    async def _self_check(self, timeout: float) -> None:
+        arrived = asyncio.Event()
+        nonce, ping = self.ping_message(arrived.set)
+        try:
+            await self.feed.publish(ping)
+            await asyncio.wait_for(arrived.wait(), timeout)
+        except TimeoutError:
+            raise FeedError(
+                f"a test change message published on {self.feed.topic} "
+                f"({self.feed.describe()}) did not come back within {timeout} s: invalidations "
+                "would never arrive. Check the broker's permissions and what lies in between"
+            ) from None
+        finally:
+            self.pings.pop(nonce, None)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        if self._subscription is not None:
+            await self._subscription.aclose()
+            self._subscription = None
+        await self.events.stop()
+        await self.feed.aclose()
+        if self._presence_written:
+            with contextlib.suppress(Exception):  # readers drop it after three periods anyway
+                await self.executor.call(
+                    [("HDEL", self.cmds.layout.presence, self.cmds.origin)], write=True
+                )
+
+    def raise_background_error(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise SyncMapError(f"a syncmap background task failed: {err!r}") from err
+
+    # ---- probes, presence and the timer ------------------------------------------------------
+
+    async def relay(self, messages: list[bytes]) -> None:
+        """Relay route: publish what a write made, after the write; failures counted, logged."""
+        for data in messages:
+            try:
+                await self.feed.publish(data, confirm=False)
+            except Exception as exc:
+                self.publish_failed(exc)
+
+    async def probe_once(self) -> None:
+        self.report(await run(admin.probe(self.state), self.executor, self.relay))
+
+    async def _refresh_presence(self) -> None:
+        if self._presence is None:
+            return
+        try:
+            data = json.dumps(self._presence(), separators=(",", ":"))
+            key = self.cmds.layout.presence
+            ttl_ms = max(1, round(self._presence_every * 3000))
+            await self.executor.call(
+                [("HSET", key, self.cmds.origin, data), ("PEXPIRE", key, ttl_ms)], write=True
+            )
+            self._presence_written = True
+        except Exception as exc:
+            log.debug("syncmap presence refresh failed (%r)", exc)
+
+    async def _probe_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_probe = loop.time() + self.interval
+        next_presence = loop.time() + self._presence_every
+        while True:
+            due = min(next_probe, next_presence) if self._presence else next_probe
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._probe_now.wait(), max(due - loop.time(), 0.0))
+            woken = self._probe_now.is_set()
+            self._probe_now.clear()
+            if self._presence is not None and loop.time() >= next_presence:
+                next_presence = loop.time() + self._presence_every
+                await self._refresh_presence()
+                if not woken and loop.time() < next_probe:
+                    continue
+            next_probe = loop.time() + self.interval
+            try:
+                await self.probe_once()
+            except SyncMapError as exc:
+                log.debug("syncmap probe failed (%s); leases will lapse if this lasts", exc)
+            except Exception as exc:  # a bug: surface it on the next call, and keep probing
+                log.exception("syncmap probe failed unexpectedly")
+                self.error = exc
+
+    async def _timer_loop(self) -> None:
+        while True:
+            self._timer_wake.clear()  # a wake_timer() after this is not lost
+            with self.lock:
+                wake = self.core.tick(time.monotonic())
+            delay = min(max(wake - time.monotonic(), 0.0), 60.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._timer_wake.wait(), delay)
