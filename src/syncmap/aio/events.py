@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from ..core.nearcache import Event
 from ..events import EVENT_QUEUE_LIMIT
@@ -51,16 +51,16 @@ class AsyncFanout:
             )
         return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
 
-    async def watch(self, maxsize: int) -> AsyncIterator[Event]:
-        """The events from now on, until the map closes (or the iteration is left)."""
+    def watch(self, maxsize: int) -> AsyncWatch:
+        """The events from now on (registered at once, before the first ``await``)."""
         q: asyncio.Queue[Event | None] = asyncio.Queue(maxsize + 1)  # a slot for the end marker
         self._watchers.append(q)
-        try:
-            while (event := await q.get()) is not None:
-                yield event
-        finally:
-            with contextlib.suppress(ValueError):
-                self._watchers.remove(q)
+        return AsyncWatch(self, q)
+
+    def unwatch(self, q: asyncio.Queue[Event | None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._watchers.remove(q)
+            q.put_nowait(None)
 
     def emit(self, event: Event) -> None:
         for cb in self._inline:
@@ -109,3 +109,24 @@ class AsyncFanout:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class AsyncWatch:
+    """``async for event in m.watch()``: ends when the map closes or :meth:`close` is called."""
+
+    def __init__(self, fanout: AsyncFanout, q: asyncio.Queue[Event | None]) -> None:
+        self._fanout, self._q = fanout, q
+
+    def __aiter__(self) -> AsyncWatch:
+        return self
+
+    async def __anext__(self) -> Event:
+        event = await self._q.get()
+        if event is None:
+            self._q.put_nowait(None)  # every later __anext__ ends too
+            raise StopAsyncIteration
+        return event
+
+    def close(self) -> None:
+        """Stop watching; a pending or later ``__anext__`` ends the iteration."""
+        self._fanout.unwatch(self._q)

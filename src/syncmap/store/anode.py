@@ -136,7 +136,7 @@ class AsyncNodeExecutor:
             conn, made = self._idle.pop()
             if made == generation and conn.is_connected:
                 try:
-                    if not await conn.can_read_destructive():
+                    if not await conn.can_read():
                         return conn, generation
                 except (*NET_ERRORS, RedisError):
                     pass
