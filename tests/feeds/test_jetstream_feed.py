@@ -13,7 +13,7 @@ from typing import NoReturn
 import pytest
 
 from syncmap.errors import ConfigurationError
-from syncmap.feed import aioloop
+from syncmap.feed import aioloop, natsbase
 from syncmap.feed import jetstream as js_feed
 from syncmap.feed.base import (
     BEGINNING,
@@ -305,7 +305,7 @@ def test_a_slow_handler_loses_nothing(
 ) -> None:
     """nats-py's queue overflows behind a stuck handler and drops messages; the subscription
     re-reads them from the stream, so the handler still gets every one, once, in order."""
-    monkeypatch.setattr(js_feed, "PENDING_MSGS", 10)
+    monkeypatch.setattr(natsbase, "PENDING_MSGS", 10)
     release = threading.Event()
     c = Collector()
 

@@ -14,8 +14,7 @@ from typing import NoReturn
 import pytest
 
 from syncmap.errors import ConfigurationError
-from syncmap.feed import aioloop
-from syncmap.feed import nats as nats_feed
+from syncmap.feed import aioloop, natsbase
 from syncmap.feed.base import Feed, FeedHandler, FeedUnavailable, PublishOutcomeUnknown, open_feed
 from syncmap.feed.nats import NatsFeed
 from syncmap.testing import nats_server
@@ -256,7 +255,7 @@ def test_a_slow_handler_hears_of_the_messages_it_lost(
 ) -> None:
     """nats-py drops what overflows its queue behind a stuck handler: the handler is told
     (on_down, on_up(False)) so the map repairs, and delivery goes on."""
-    monkeypatch.setattr(nats_feed, "PENDING_MSGS", 10)
+    monkeypatch.setattr(natsbase, "PENDING_MSGS", 10)
     release = threading.Event()
     c = Collector()
 

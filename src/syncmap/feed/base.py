@@ -110,11 +110,17 @@ class Feed(ABC):
         return redact(self.url)
 
     def _no_start(self, start: str | None) -> None:
-        if start is not None and not self.durable:
-            raise ConfigurationError(
-                f"{self.scheme}:// keeps no messages, so it cannot deliver from a position "
-                f"({start!r}); use a durable feed (redis+stream://, nats+jetstream://, kafka://)"
-            )
+        refuse_start(self.scheme, self.durable, start)
+
+
+def refuse_start(scheme: str, durable: bool, start: str | None) -> None:
+    """A ``start`` position given to a feed that keeps nothing is a configuration error (shared by
+    the thread and asyncio feeds)."""
+    if start is not None and not durable:
+        raise ConfigurationError(
+            f"{scheme}:// keeps no messages, so it cannot deliver from a position "
+            f"({start!r}); use a durable feed (redis+stream://, nats+jetstream://, kafka://)"
+        )
 
 
 class FeedUnavailable(FeedError):

@@ -55,7 +55,7 @@ import pika
 import pika.exceptions
 
 from ..errors import ConfigurationError, FeedError
-from .base import Feed, FeedHandler, FeedUnavailable, PublishOutcomeUnknown, Subscription
+from .base import Feed, FeedHandler, FeedUnavailable, PublishOutcomeUnknown, Subscription, redact
 
 log = logging.getLogger("syncmap.feed")
 
@@ -77,11 +77,7 @@ class RabbitMQFeed(Feed):
 
     def __init__(self, url: str, topic: str, *, timeout: float = 5.0) -> None:
         super().__init__(url, topic, timeout=timeout)
-        if topic.startswith("amq.") or len(topic.encode()) > 255:
-            raise ConfigurationError(
-                f"RabbitMQ exchange name {topic!r} is not allowed: it must not start with 'amq.' "
-                "and must be at most 255 bytes; use a shorter map name or namespace"
-            )
+        check_exchange_name(topic)
         self._parameters("check")  # a malformed URL fails here, not at the first publish
         self._lock = threading.Lock()
         self._publisher: _Publisher | None = None
@@ -136,26 +132,7 @@ class RabbitMQFeed(Feed):
     # ---- helpers both sides use -----------------------------------------------------------------
 
     def _parameters(self, role: str) -> Any:
-        """pika's parameters for one connection: the URL's, with our defaults where it sets none.
-
-        Bounded connecting (``timeout``) makes an unreachable broker a prompt error, and a blocked
-        connection (broker resource alarm) is torn down after ``timeout`` instead of hanging."""
-        try:
-            params = pika.URLParameters(self.url)
-        except (ValueError, TypeError) as exc:
-            raise ConfigurationError(f"bad RabbitMQ URL {self.describe()!r}: {exc}") from exc
-        given = parse_qs(urlsplit(self.url).query)
-        defaults: dict[str, object] = {
-            "heartbeat": HEARTBEAT,
-            "socket_timeout": self.timeout,
-            "stack_timeout": self.timeout,
-            "blocked_connection_timeout": self.timeout,
-            "client_properties": {"connection_name": f"syncmap {role} {self.topic}"},
-        }
-        for name, value in defaults.items():
-            if name not in given:
-                setattr(params, name, value)
-        return params
+        return pika_parameters(self.url, self.topic, self.timeout, role)
 
     def _connect(self, role: str) -> Any:
         """A new ``BlockingConnection``; its failure as a FeedUnavailable that says what to do."""
@@ -186,6 +163,55 @@ class RabbitMQFeed(Feed):
                 f"({exc.reply_code} {exc.reply_text}); syncmap needs a fanout, non-durable, "
                 "auto-delete exchange: delete one made otherwise, or grant 'configure' on it"
             ) from exc
+
+
+def check_exchange_name(topic: str) -> None:
+    """RabbitMQ's rules for an exchange name (shared with the asyncio feed)."""
+    if topic.startswith("amq.") or len(topic.encode()) > 255:
+        raise ConfigurationError(
+            f"RabbitMQ exchange name {topic!r} is not allowed: it must not start with 'amq.' "
+            "and must be at most 255 bytes; use a shorter map name or namespace"
+        )
+
+
+def pika_parameters(url: str, topic: str, timeout: float, role: str) -> Any:
+    """pika's parameters for one connection: the URL's, with our defaults where it sets none
+    (the asyncio feed reads its heartbeat here too, and fails on the same malformed URLs).
+
+    Bounded connecting (``timeout``) makes an unreachable broker a prompt error, and a blocked
+    connection (broker resource alarm) is torn down after ``timeout`` instead of hanging."""
+    try:
+        params = pika.URLParameters(url)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"bad RabbitMQ URL {redact(url)!r}: {exc}") from exc
+    given = parse_qs(urlsplit(url).query)
+    defaults: dict[str, object] = {
+        "heartbeat": HEARTBEAT,
+        "socket_timeout": timeout,
+        "stack_timeout": timeout,
+        "blocked_connection_timeout": timeout,
+        "client_properties": {"connection_name": f"syncmap {role} {topic}"},
+    }
+    for name, value in defaults.items():
+        if name not in given:
+            setattr(params, name, value)
+    return params
+
+
+def give_up_error(state: _State, where: str, timeout: float) -> FeedError | None:
+    """What a caller whose ``timeout`` ran out is told, by how far its message got (``None``: it
+    is done, its own error stands).  Shared by the thread and asyncio publishers."""
+    if state is _State.QUEUED:
+        return FeedUnavailable(
+            f"could not publish on {where} within {timeout} s: the publishing connection is "
+            "reconnecting or stuck; nothing was sent"
+        )
+    if state is _State.SENDING:
+        return PublishOutcomeUnknown(
+            f"RabbitMQ at {where} did not confirm a message within {timeout} s: it may or may "
+            "not be delivered"
+        )
+    return None
 
 
 # ---- publishing ---------------------------------------------------------------------------------
@@ -250,17 +276,11 @@ class _Publisher:
     def _give_up(self, item: _Outgoing) -> None:
         """The caller's ``timeout`` ran out: withdraw the message, or say its fate is unknown."""
         with self._lock:
+            error = give_up_error(item.state, self.feed.describe(), self.feed.timeout)
             if item.state is _State.QUEUED:
                 item.state = _State.WITHDRAWN
-                raise FeedUnavailable(
-                    f"could not publish on {self.feed.describe()} within {self.feed.timeout} s: "
-                    "the publishing connection is reconnecting or stuck; nothing was sent"
-                )
-            if item.state is _State.SENDING:
-                raise PublishOutcomeUnknown(
-                    f"RabbitMQ at {self.feed.describe()} did not confirm a message within "
-                    f"{self.feed.timeout} s: it may or may not be delivered"
-                )
+        if error is not None:
+            raise error
         # DONE between the wait's timeout and the lock: the caller reads item.error.
 
     def stop(self) -> None:
