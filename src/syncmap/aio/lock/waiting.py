@@ -16,46 +16,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from ... import instruments
 from ...errors import LockNotAcquired
+from ...feed.apubsub import AsyncSubscriber, Handler
 from ...lock.waiting import CONFIRM_WAIT, IDLE_CHANNELS, Attempt, not_acquired
 from ...store.topology import Topology
 
 T = TypeVar("T")
 
 
-class Subscriber(Protocol):
-    """What the waker needs of ``AsyncSubscriber`` (feed/apubsub.py)."""
-
-    async def detach(self, channel: str, handler: Any) -> None: ...
-
-
-class SubscriberClass(Protocol):
-    def attach_to(self, topology: Topology, channel: str, handler: Any) -> Subscriber: ...
-
-
-def _default_subscriber() -> SubscriberClass:
-    module = importlib.import_module("syncmap.feed.apubsub")
-    cls: SubscriberClass = module.AsyncSubscriber
-    return cls
-
-
 class _Channel:
-    """One channel's handler: its callbacks run on the loop and only set events."""
-
-    up = False  # for subscribers that keep per-handler state, as the thread one does
+    """One channel's waiters; its handler's callbacks run on the loop and only set events."""
 
     def __init__(self) -> None:
         self.confirmed = asyncio.Event()
         self.waiters: set[asyncio.Event] = set()
-        self.subscriber: Subscriber | None = None
+        self.handler = Handler(on_message=self.on_message, on_up=self.on_up,
+                               on_down=self.on_down)  # fmt: skip
+        self.subscriber: AsyncSubscriber | None = None
 
     def _wake(self) -> None:
         for event in self.waiters:
@@ -76,8 +60,6 @@ class _Channel:
 class AsyncWaker:
     """Wakes one loop's waiters of one Redis target when a lock is released."""
 
-    #: The subscriber class; None: ``syncmap.feed.apubsub.AsyncSubscriber``.
-    subscriber: SubscriberClass | None = None
     _registry: weakref.WeakKeyDictionary[
         asyncio.AbstractEventLoop, dict[tuple[Any, ...], AsyncWaker]
     ] = weakref.WeakKeyDictionary()
@@ -102,8 +84,7 @@ class AsyncWaker:
         chan = self._channels.get(channel)
         if chan is None:
             chan = self._channels[channel] = _Channel()
-            subscriber = self.subscriber or _default_subscriber()
-            chan.subscriber = subscriber.attach_to(self._topology, channel, chan)
+            chan.subscriber = AsyncSubscriber.attach_to(self._topology, channel, chan.handler)
         self._channels.move_to_end(channel)
         chan.waiters.add(event)
         try:
@@ -120,14 +101,14 @@ class AsyncWaker:
         for name in idle[: max(0, len(idle) - IDLE_CHANNELS)]:
             chan = self._channels.pop(name)
             if chan.subscriber is not None:
-                await chan.subscriber.detach(name, chan)
+                await chan.subscriber.detach(name, chan.handler)
 
     async def aclose(self) -> None:
         """Detach every channel (the loop's subscriber stops once nobody uses it)."""
         while self._channels:
             name, chan = self._channels.popitem()
             if chan.subscriber is not None:
-                await chan.subscriber.detach(name, chan)
+                await chan.subscriber.detach(name, chan.handler)
 
 
 async def aclose_wakers() -> None:
