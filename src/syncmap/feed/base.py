@@ -38,7 +38,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from .. import forksafe
@@ -166,13 +166,22 @@ def _fresh_import_lock() -> None:
 def feed_class(url: str) -> type[Feed]:
     """The feed class for ``url``'s scheme, with a clear error for an unknown scheme or a missing
     client library."""
+    cls: type[Feed] = load_class(url, _MODULES)
+    return cls
+
+
+def load_class(url: str, modules: dict[str, tuple[str, str, str]]) -> Any:
+    """The class ``modules`` names for ``url``'s scheme (``scheme: (module of syncmap.feed,
+    class, pip extra)``), imported now, with a clear error for an unknown scheme or a missing
+    client library.  Shared by the thread feeds' registry and the asyncio one (``aregistry.py``).
+    """
     scheme = urlsplit(url).scheme.lower()
-    if scheme not in _MODULES:
+    if scheme not in modules:
         raise ConfigurationError(
             f"feed URL {redact(url)!r}: unknown scheme {scheme!r}; use one of "
-            + ", ".join(f"{s}://" for s in _MODULES)
+            + ", ".join(f"{s}://" for s in modules)
         )
-    module, name, extra = _MODULES[scheme]
+    module, name, extra = modules[scheme]
     with _import_lock:
         try:
             mod = importlib.import_module(f"syncmap.feed.{module}")
@@ -183,8 +192,7 @@ def feed_class(url: str) -> type[Feed]:
                 f"the {scheme}:// feed needs a library that is not installed ({exc.name}): "
                 f"pip install 'syncmap[{extra or 'dev'}]'"
             ) from exc
-    cls: type[Feed] = getattr(mod, name)
-    return cls
+    return getattr(mod, name)
 
 
 def open_feed(url: str, topic: str, *, timeout: float = 5.0) -> Feed:

@@ -55,92 +55,41 @@ writes (``appendfsync everysec`` and a crash) can lose entries after the one we 
 
 from __future__ import annotations
 
-import logging
-import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NoReturn
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 
-from ..errors import ConfigurationError
-from ..ratelog import RateLimitedLog
 from ..store.topology import Topology
-from .base import (
-    BEGINNING,
-    FeedHandler,
-    FeedUnavailable,
-    Subscription,
-    redact,
-)
+from .base import BEGINNING, FeedHandler, Subscription
 from .redis_base import RedisFeed
+from .streamlog import (
+    BACKOFF_MAX,
+    BACKOFF_MIN,
+    DEFAULT_MAXLEN,
+    READ_TIMEOUT,
+    ZERO,
+    StreamInfo,
+    check_start,
+    field_m,
+    is_no_such_key,
+    log,
+    maxlen_of,
+    newest,
+    newest_command,
+    no_m_log,
+    raise_subscribe_error,
+    resume_point,
+    run_id_of,
+    split_url,
+    stream_info,
+    xadd,
+    xread_command,
+)
 
-log = logging.getLogger("syncmap.feed")
-_no_m_log = RateLimitedLog(log)  # anyone who can XADD could write a line per entry otherwise
-
-DEFAULT_MAXLEN = 100_000
-ZERO = "0-0"
-_BLOCK_MS = 1000  # how long one XREAD waits: the bound on noticing close()
-_READ_TIMEOUT = _BLOCK_MS / 1000 + 1.5  # socket timeout: an XREAD that outlives it is stalled
-_COUNT = 512
-_BACKOFF_MIN, _BACKOFF_MAX = 0.05, 1.0
-_ID = re.compile(r"\d+-\d+")
-
-StreamId = tuple[int, int]
+__all__ = ["DEFAULT_MAXLEN", "ZERO", "RedisStreamFeed", "StreamInfo", "resume_point"]
 Conn = Any  # a redis-py Connection made with once=True (see _command)
-
-
-def parse_id(entry_id: str) -> StreamId:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-@dataclass(frozen=True, slots=True)
-class StreamInfo:
-    """What ``XINFO STREAM`` tells about a stream; ``None`` fields: an older Redis omits them."""
-
-    length: int
-    last_generated: StreamId
-    first_entry: StreamId | None
-    entries_added: int | None = None
-    max_deleted: StreamId | None = None
-
-
-def resume_point(
-    last: str, kept: bool, info: StreamInfo | None, same_server: bool
-) -> tuple[str, bool]:
-    """Where a reader goes on after ``last``, and whether it lost nothing (module docstring).
-
-    ``kept``: the entry ``last`` is still in the stream; ``info``: the stream (``None``: no such
-    key); ``same_server``: Redis's ``run_id`` did not change since the previous connection.
-    """
-    if last == ZERO:
-        return ZERO, same_server and _never_lost_an_entry(info)
-    if kept:
-        return last, True
-    return _read_on_from(last, info), False
-
-
-def _never_lost_an_entry(info: StreamInfo | None) -> bool:
-    if info is None:
-        return True
-    if info.entries_added is None:  # Redis < 7.0: only an untouched empty stream is sure
-        return info.length == 0 and info.last_generated == (0, 0)
-    return info.entries_added == info.length
-
-
-def _read_on_from(last: str, info: StreamInfo | None) -> str:
-    """Where to read after a gap behind ``last``, whose entry is no longer in the stream."""
-    ours = parse_id(last)
-    if info is None or info.last_generated < ours:
-        return ZERO  # gone, or made anew: IDs went backwards
-    if info.first_entry is None or info.first_entry > ours:
-        return last  # trimmed past us: everything left is newer than ``last``
-    if info.max_deleted is not None and info.max_deleted >= ours:
-        return last  # our entry was deleted (XDEL) from this same stream
-    return ZERO  # cannot tell the stream is the one we read: read all of it again
 
 
 class RedisStreamFeed(RedisFeed):
@@ -156,7 +105,7 @@ class RedisStreamFeed(RedisFeed):
     def __init__(
         self, url: str, topic: str, *, timeout: float = 5.0, topology: Topology | None = None
     ) -> None:
-        redis_url, self.maxlen = _split_url(url) if topology is None else (None, _maxlen_of(url))
+        redis_url, self.maxlen = split_url(url) if topology is None else (None, maxlen_of(url))
         super().__init__(url, topic, timeout=timeout, topology=topology, redis_url=redis_url)
 
     @property
@@ -166,16 +115,13 @@ class RedisStreamFeed(RedisFeed):
 
     def publish(self, payload: bytes, key: bytes | None = None, *, confirm: bool = True) -> None:
         # ``key`` is not used: a stream trims by count, it does not compact per key.
-        trim = ("MAXLEN", "~", self.maxlen) if self.maxlen else ()
-        self._call(("XADD", self.stream, *trim, "*", "m", payload), write=True)
+        self._call(xadd(self.stream, self.maxlen, payload), write=True)
 
     def position(self) -> str | None:
-        newest = self._call(("XREVRANGE", self.stream, "+", "-", "COUNT", 1), write=False)
-        return _newest(newest)
+        return newest(self._call(newest_command(self.stream), write=False))
 
     def subscribe(self, handler: FeedHandler, start: str | None = None) -> Subscription:
-        if start is not None and start != BEGINNING and not _ID.fullmatch(start):
-            raise ValueError(f"{start!r} is not a redis+stream:// position (an entry ID, 'ms-seq')")
+        check_start(start)
         try:
             conn, run_id = self._connect_reader()
         except Exception as exc:
@@ -184,8 +130,7 @@ class RedisStreamFeed(RedisFeed):
             # Order: the newest ID is read here, before subscribe() returns; an entry added after
             # this read has a larger ID, so the reader (XREAD after that ID) delivers it.
             if start is None:
-                plan = (_newest(_command(conn, "XREVRANGE", self.stream, "+", "-", "COUNT", 1))
-                        or ZERO, True)  # fmt: skip
+                plan = (newest(_command(conn, *newest_command(self.stream))) or ZERO, True)
             else:
                 plan = check_resume(conn, self.stream, ZERO if start == BEGINNING else start, True)
         except Exception as exc:
@@ -203,7 +148,7 @@ class RedisStreamFeed(RedisFeed):
         # No retries, no silent reconnect (Endpoint.connection): a drop must reach the reader,
         # which checks for a gap.  Sentinel: the master is resolved here after a change.
         conn = self.topology.endpoint().connection(
-            timeout=_READ_TIMEOUT, connect_timeout=self.timeout, once=True
+            timeout=READ_TIMEOUT, connect_timeout=self.timeout, once=True
         )
         try:
             conn.connect()
@@ -214,17 +159,7 @@ class RedisStreamFeed(RedisFeed):
 
     def _raise_subscribe_error(self, exc: Exception) -> NoReturn:
         """Raise ``exc`` in the feed's terms: fix the settings, or retry later."""
-        if isinstance(exc, redis.AuthenticationError | redis.ResponseError):
-            raise ConfigurationError(
-                f"{self.describe()} refused to subscribe to {self.stream!r} ({exc}): check the "
-                "credentials, that the ACL user may XREAD, XRANGE and XINFO the key, and that "
-                "the key is a stream"
-            ) from exc
-        if isinstance(exc, redis.RedisError | OSError):
-            raise FeedUnavailable(
-                f"cannot subscribe on {self.describe()} ({exc}); nothing is subscribed: retry later"
-            ) from exc
-        raise exc
+        raise_subscribe_error(self.describe(), self.stream, exc)
 
     def _forget(self, sub: _StreamSubscription) -> None:
         with self._lock:
@@ -254,7 +189,7 @@ class _StreamSubscription(Subscription):
         self._last = plan[0]
         self._same_server = True  # run_id unchanged since the previous connection
         self._up = False
-        self._backoff = _BACKOFF_MIN
+        self._backoff = BACKOFF_MIN
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="syncmap-stream", daemon=True)
@@ -273,7 +208,7 @@ class _StreamSubscription(Subscription):
         self._stop.set()
         self._drop()  # wakes a reader blocked in XREAD at once
         if threading.current_thread() is not self._thread and self._thread.is_alive():
-            self._thread.join(timeout=_READ_TIMEOUT + 1.0)
+            self._thread.join(timeout=READ_TIMEOUT + 1.0)
         self._feed._forget(self)
 
     # ---- the reader thread -------------------------------------------------------------------
@@ -317,17 +252,16 @@ class _StreamSubscription(Subscription):
     def _read(self, conn: Conn) -> None:
         stream = self._feed.stream
         while not self._stop.is_set():
-            reply = _command(conn, "XREAD", "COUNT", _COUNT, "BLOCK", _BLOCK_MS,
-                             "STREAMS", stream, self._last)  # fmt: skip
-            self._backoff = _BACKOFF_MIN  # the connection serves reads: the next drop is new
+            reply = _command(conn, *xread_command(stream, self._last))
+            self._backoff = BACKOFF_MIN  # the connection serves reads: the next drop is new
             for _key, entries in reply or ():
                 for raw_id, fields in entries:
                     if self._stop.is_set():  # closed meanwhile: deliver nothing more
                         return
                     self._last = raw_id.decode()
-                    payload = _field_m(fields)
+                    payload = field_m(fields)
                     if payload is None:
-                        _no_m_log("syncmap: entry %s of %s has no 'm' field; skipped",
+                        no_m_log("syncmap: entry %s of %s has no 'm' field; skipped",
                                   self._last, stream)  # fmt: skip
                         continue
                     self._call(self._handler.on_message, payload, self._last)
@@ -344,7 +278,7 @@ class _StreamSubscription(Subscription):
             log.debug("syncmap stream reader of %s: reconnect failed (%s)", self._feed.stream, exc)
         self._plan = None
         self._stop.wait(self._backoff)  # reconnect back-off, not a wait for data
-        self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
 
     def _drop(self) -> None:
         with self._lock:
@@ -385,65 +319,15 @@ def _command(conn: Conn, *args: Any) -> Any:
 
 def _stream_info(conn: Conn, stream: str) -> StreamInfo | None:
     try:
-        reply = _command(conn, "XINFO", "STREAM", stream)
+        return stream_info(_command(conn, "XINFO", "STREAM", stream))
     except redis.ResponseError as exc:
-        if "no such key" in str(exc).lower():
+        if is_no_such_key(exc):
             return None
         raise
-    fields = dict(zip(reply[::2], reply[1::2], strict=True))
-    first = fields.get(b"first-entry")
-    added, deleted = fields.get(b"entries-added"), fields.get(b"max-deleted-entry-id")
-    return StreamInfo(
-        length=int(fields[b"length"]),
-        last_generated=parse_id(fields[b"last-generated-id"].decode()),
-        first_entry=parse_id(first[0].decode()) if first else None,
-        entries_added=None if added is None else int(added),
-        max_deleted=None if deleted is None else parse_id(deleted.decode()),
-    )
 
 
 def _run_id(conn: Conn) -> str | None:
     try:
-        info: bytes = _command(conn, "INFO", "server")
+        return run_id_of(_command(conn, "INFO", "server"))
     except redis.ResponseError:  # an ACL may refuse INFO: restarts then go unnoticed (see top)
         return None
-    for line in info.splitlines():
-        if line.startswith(b"run_id:"):
-            return line.removeprefix(b"run_id:").decode()
-    return None
-
-
-def _newest(reply: Any) -> str | None:
-    """The ID of an ``XREVRANGE + - COUNT 1`` reply's entry (``None``: an empty stream)."""
-    return reply[0][0].decode() if reply else None
-
-
-def _field_m(fields: list[bytes]) -> bytes | None:
-    for i in range(0, len(fields) - 1, 2):
-        if fields[i] == b"m":
-            return fields[i + 1]
-    return None
-
-
-# ---- the URL ------------------------------------------------------------------------------------
-
-
-def _split_url(url: str) -> tuple[str, int]:
-    """(the Redis URL for redis-py, maxlen) of a ``redis+stream://`` URL."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower().removesuffix("+stream")
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "maxlen"]
-    redis_url = parts._replace(scheme=scheme, query=urlencode(query)).geturl()
-    return redis_url, _maxlen_of(url)
-
-
-def _maxlen_of(url: str) -> int:
-    values = [v for k, v in parse_qsl(urlsplit(url).query, keep_blank_values=True) if k == "maxlen"]
-    if not values:
-        return DEFAULT_MAXLEN
-    if len(values) > 1 or not values[0].isdigit():
-        raise ConfigurationError(
-            f"feed URL {redact(url)!r}: maxlen must be one whole number >= 0 "
-            f"(0 = never trim), not {values!r}"
-        )
-    return int(values[0])

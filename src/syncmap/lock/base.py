@@ -11,6 +11,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 import redis
 
@@ -20,6 +21,8 @@ from ..keys import LockLayout, check_lock_name
 from ..store.commands import config_value
 from ..store.node import NodeExecutor
 from ..store.topology import Topology, open_topology
+from ..sync.run import run
+from . import flows
 from .waiting import Waker
 
 OnLost = Callable[[LockLost], None]
@@ -89,8 +92,9 @@ def new_owner() -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
 
-class LockBase:
-    """A named lock on one Redis: its layout, transport and owner token."""
+class LockIdentity:
+    """What both drivers' lock kinds share and check the same way: the name and its Redis
+    layout, the lease, the owner token, ``on_lost`` and the topology.  No I/O."""
 
     kind = "lock"
 
@@ -109,7 +113,8 @@ class LockBase:
     ) -> None:
         self.name = check_lock_name(name)
         self.lease = check_seconds("lease", lease, 0.05, 86_400)
-        check_seconds("socket_timeout", socket_timeout, 0, 86_400, low_ok=False)
+        self.socket_timeout = check_seconds("socket_timeout", socket_timeout, 0, 86_400,
+                                            low_ok=False)  # fmt: skip
         self._auto_owner = owner is None
         self.owner = owner or new_owner()
         if not isinstance(self.owner, str) or not 1 <= len(self.owner.encode()) <= 512:
@@ -117,6 +122,34 @@ class LockBase:
         self.on_lost = on_lost
         self.layout = LockLayout(namespace, self.name)
         self._topology = topology or lock_topology(url, redis, socket_timeout)
+
+    @property
+    def what(self) -> str:
+        return f"{self.kind} {self.name!r} (owner {self.owner})"
+
+    def _lease_ms(self) -> int:
+        return flows.lease_ms(self.lease)
+
+
+class LockBase(LockIdentity):
+    """A named lock on one Redis for the thread driver: its shared executor and waker."""
+
+    def __init__(
+        self,
+        name: str,
+        url: str | None,
+        *,
+        redis: redis.Redis | None,
+        lease: float,
+        owner: str | None,
+        on_lost: OnLost | None,
+        namespace: str,
+        socket_timeout: float,
+        topology: Topology | None = None,
+    ) -> None:
+        super().__init__(name, url, redis=redis, lease=lease, owner=owner, on_lost=on_lost,
+                         namespace=namespace, socket_timeout=socket_timeout,
+                         topology=topology)  # fmt: skip
         self._executor = self._topology.shared_executor(socket_timeout)
         self._state = threading.Lock()
         forksafe.register(self)
@@ -132,10 +165,6 @@ class LockBase:
 
     def _forget_holds(self) -> None:
         """Drop this object's record of its holds (each lock kind keeps its own)."""
-
-    @property
-    def what(self) -> str:
-        return f"{self.kind} {self.name!r} (owner {self.owner})"
 
     def _waker(self) -> Waker:
         return Waker.for_topology(self._topology)
@@ -153,22 +182,19 @@ class LockBase:
             return
         _policy_checked.add(executor)
         try:
-            policy, limit = (
-                config_value(r)
-                for r in executor.call(
-                    [("CONFIG", "GET", "maxmemory-policy"), ("CONFIG", "GET", "maxmemory")],
-                    write=False,
-                )
-            )
+            replies = run(flows.eviction_check(), executor)
         except SyncMapError:
             return
-        if policy != "noeviction" and limit not in ("", "0"):
-            log.warning(
-                "syncmap: %s evicts keys under memory pressure (maxmemory %s, maxmemory-policy "
-                "%s): a lock's hold can be evicted and the lock given to a second holder. Set "
-                "maxmemory-policy noeviction for lock keys; writes fenced with fence= stay safe",
-                executor.where, limit, policy,
-            )  # fmt: skip
+        warn_if_evicting(executor.where, *replies)
 
-    def _lease_ms(self) -> int:
-        return max(1, round(self.lease * 1000))
+
+def warn_if_evicting(where: str, policy_reply: Any, limit_reply: Any) -> None:
+    """Warn when the server's eviction policy can evict holds (both drivers call this)."""
+    policy, limit = config_value(policy_reply), config_value(limit_reply)
+    if policy != "noeviction" and limit not in ("", "0"):
+        log.warning(
+            "syncmap: %s evicts keys under memory pressure (maxmemory %s, maxmemory-policy "
+            "%s): a lock's hold can be evicted and the lock given to a second holder. Set "
+            "maxmemory-policy noeviction for lock keys; writes fenced with fence= stay safe",
+            where, limit, policy,
+        )  # fmt: skip

@@ -62,8 +62,99 @@ def drift(lease: float) -> float:
     return lease * DRIFT + DRIFT_FIXED
 
 
-class Hold:
-    """One acquisition in force.  ``renew`` returns False when the hold is gone from Redis."""
+PAUSED = (
+    "its lease of {lease:g} s ran out before it was renewed (was this process paused, or "
+    "Redis unreachable?)"
+)
+UNRENEWED = (
+    "its lease of {lease:g} s ran out before it could be renewed (was this process "
+    "paused, or Redis unreachable?)"
+)
+GONE = "renewal found it no longer held (its lease ran out in Redis)"
+
+
+class Lease:
+    """A hold's bookkeeping, shared by both drivers: until when it is surely valid, whether it
+    was lost or released, and what a renewal's outcome means.  No I/O and no waiting here: the
+    thread driver (:class:`Hold`) and the asyncio one (``syncmap.aio.lock.hold``) do the
+    round trips and decide only through these methods."""
+
+    def __init__(self, what: str, lease: float, sent_at: float,
+                 on_lost: Callable[[LockLost], None] | None,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.what = what  # "lock 'orders' (owner host:123:ab12)", for messages
+        self.lease = lease
+        self.valid_until = sent_at + lease - drift(lease)
+        self.lost: LockLost | None = None
+        self.released = False
+        self._on_lost = on_lost
+        self._clock = clock
+
+    @property
+    def valid(self) -> bool:
+        return self.lost is None and not self.released and self._clock() < self.valid_until
+
+    @property
+    def overdue(self) -> bool:
+        """In force by our records, but its lease has run out on our clock."""
+        return self.lost is None and not self.released and self._clock() >= self.valid_until
+
+    def _lose(self, why: str) -> bool:
+        """Mark lost; True if it was not lost (nor released) before."""
+        if self.lost is not None or self.released:
+            return False
+        self.lost = LockLost(
+            f"{self.what} was lost: {why}. Another holder may have entered since; writes "
+            "fenced with its token are refused. Stop, release, and acquire again"
+        )
+        return True
+
+    def extended(self, sent: float) -> None:
+        """Redis granted it again (a re-entry) for a request sent at ``sent``."""
+        self.valid_until = max(self.valid_until, sent + self.lease - drift(self.lease))
+
+    def renew_due(self) -> tuple[bool, bool]:
+        """Before a renewal: (renew now?, newly lost?).  Neither when it is over already."""
+        if self.released or self.lost is not None:
+            return False, False
+        if self._clock() >= self.valid_until:
+            return False, self._lose(UNRENEWED.format(lease=self.lease))
+        return True, False
+
+    def renewed(self, sent: float, ok: bool) -> tuple[float | None, bool]:
+        """After a renewal sent at ``sent`` that said ``ok``: (when to renew next, newly lost?)."""
+        if self.released or self.lost is not None:
+            return None, False
+        if ok:
+            self.valid_until = sent + self.lease - drift(self.lease)
+            return sent + self.lease / 3, False
+        return None, self._lose(GONE)
+
+    def failed(self, exc: SyncMapError) -> float:
+        """After a renewal that failed on the network: when to try again (soon, never past
+        ``valid_until``: the next try then finds it lost)."""
+        log.warning("syncmap: renewing %s failed (%s); retrying", self.what, exc)
+        return min(self._clock() + min(self.lease / 10, 0.5), self.valid_until)
+
+    def announce(self) -> None:
+        """Count and log a new loss (before the driver gives the hold back)."""
+        instruments.lock_lost(self.what)
+        # Logged as an error only when nobody asked to be told: an on_lost callback handles it.
+        log.log(logging.ERROR if self._on_lost is None else logging.INFO, "syncmap: %s",
+                self.lost)  # fmt: skip
+
+    def tell(self) -> None:
+        """Call ``on_lost`` (after the driver gave the hold back); its failure is only logged."""
+        if self._on_lost is not None and self.lost is not None:
+            try:
+                self._on_lost(self.lost)
+            except Exception:
+                log.exception("syncmap: the on_lost callback of %s failed", self.what)
+
+
+class Hold(Lease):
+    """One acquisition in force, for the thread driver.  ``renew`` returns False when the hold
+    is gone from Redis; the process's :class:`Watchdog` calls :meth:`tick`."""
 
     def __init__(
         self,
@@ -75,31 +166,18 @@ class Hold:
         on_lost: Callable[[LockLost], None] | None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.what = what  # "lock 'orders' (owner host:123:ab12)", for messages
-        self.lease = lease
-        self.valid_until = sent_at + lease - drift(lease)
-        self.lost: LockLost | None = None
-        self.released = False
+        super().__init__(what, lease, sent_at, on_lost, clock)
         self.mutex = threading.Lock()  # a renewal and a release never interleave
         self._renew = renew
         self._abandon = abandon
-        self._on_lost = on_lost
-        self._clock = clock
-
-    @property
-    def valid(self) -> bool:
-        return self.lost is None and not self.released and self._clock() < self.valid_until
 
     def check(self) -> None:
         """Raise ``LockLost`` if this hold is lost or its lease has run out on our clock."""
-        if self.lost is None and not self.released and self._clock() >= self.valid_until:
+        if self.overdue:
             with self.mutex:
-                newly = self._lose(
-                    f"its lease of {self.lease:g} s ran out before it was renewed (was this "
-                    "process paused, or Redis unreachable?)"
-                )
+                newly = self._lose(PAUSED.format(lease=self.lease))
             if newly:
-                self._after_loss(self.lost)
+                self._after_loss()
         if self.lost is not None:
             raise self.lost
 
@@ -115,56 +193,29 @@ class Hold:
         if lost is not None:
             raise lost
 
-    def _lose(self, why: str) -> bool:
-        """Mark lost (caller holds ``mutex``); True if it was not lost before."""
-        if self.lost is not None or self.released:
-            return False
-        self.lost = LockLost(
-            f"{self.what} was lost: {why}. Another holder may have entered since; writes "
-            "fenced with its token are refused. Stop, release, and acquire again"
-        )
-        return True
-
     def tick(self) -> float | None:
         """Renew if due (watchdog thread).  Returns when to come back, or None when done."""
-        retry = min(self.lease / 10, 0.5)
         with self.mutex:
-            if self.released or self.lost is not None:
-                return None
-            sent = self._clock()
-            if sent >= self.valid_until:
-                newly = self._lose(
-                    f"its lease of {self.lease:g} s ran out before it could be renewed (was "
-                    "this process paused, or Redis unreachable?)"
-                )
-            else:
+            go, newly = self.renew_due()
+            due = None
+            if go:
+                sent = self._clock()
                 try:
-                    renewed = self._renew()
+                    ok = self._renew()
                 except SyncMapError as exc:  # unreachable or unknown: try again soon
-                    log.warning("syncmap: renewing %s failed (%s); retrying", self.what, exc)
-                    return min(self._clock() + retry, self.valid_until)
-                if renewed:
-                    self.valid_until = sent + self.lease - drift(self.lease)
-                    return sent + self.lease / 3
-                newly = self._lose("renewal found it no longer held (its lease ran out in Redis)")
-            lost = self.lost
+                    return self.failed(exc)
+                due, newly = self.renewed(sent, ok)
         if newly:
-            self._after_loss(lost)
-        return None
+            self._after_loss()
+        return due
 
-    def _after_loss(self, lost: LockLost | None) -> None:
-        instruments.lock_lost(self.what)
-        # Logged as an error only when nobody asked to be told: an on_lost callback handles it.
-        log.log(logging.ERROR if self._on_lost is None else logging.INFO, "syncmap: %s", lost)
+    def _after_loss(self) -> None:
+        self.announce()
         try:
             self._abandon()  # give it back now if it is still ours, so waiters need not wait
         except SyncMapError as exc:
             log.warning("syncmap: could not give back %s after its loss: %s", self.what, exc)
-        if self._on_lost is not None and lost is not None:
-            try:
-                self._on_lost(lost)
-            except Exception:
-                log.exception("syncmap: the on_lost callback of %s failed", self.what)
+        self.tell()
 
 
 class ReleasedOnExit:

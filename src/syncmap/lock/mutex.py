@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from typing import Any, Literal
+from typing import Literal
 
 import redis
 
-from ..errors import (
-    ConfigurationError,
-    LockError,
-    LockLost,
-    LockNotAcquired,
-    LockNotOwned,
-    StoreUnavailable,
-    WriteOutcomeUnknown,
-)
-from ..store.executor import evalsha
+from ..errors import ConfigurationError, LockError, LockNotAcquired, LockNotOwned
 from ..store.topology import Topology
+from ..sync.run import run
+from . import flows
 from .base import LockBase, OnLost, check_count, check_seconds, check_timeout
-from .lease import Fence, Hold, ReleasedOnExit, Watchdog, drift
+from .lease import Fence, Hold, ReleasedOnExit, Watchdog
 from .waiting import Attempt, wait_for
 
 log = logging.getLogger("syncmap.lock")
@@ -45,6 +37,8 @@ class Lock(ReleasedOnExit, LockBase):
     warning is logged when they did not confirm), ``"require"`` (refuse the acquisition,
     releasing it, unless ``min_replicas`` replicas confirmed within ``replica_timeout``).
     """
+
+    kind_of: type[flows.Kind] = flows.Mutex
 
     def __init__(
         self,
@@ -101,102 +95,45 @@ class Lock(ReleasedOnExit, LockBase):
         except LockNotAcquired:
             return None
 
-    # The hooks a variant (RWLock's sides) overrides: which scripts acquire, renew and release.
+    def _kind(self) -> flows.Kind:
+        """Which scripts this lock uses (RWLock's sides use their own)."""
+        return self.kind_of(self.layout, self.owner, self.lease, self.what)
 
-    def _acquire_command(self) -> tuple[Any, ...]:
-        lay = self.layout
-        return evalsha("lock_acquire", (lay.hold, lay.fence), self.owner,
-                                       self._lease_ms())  # fmt: skip
-
-    def _renew_command(self) -> tuple[Any, ...]:
-        return evalsha("lock_renew", (self.layout.hold,), self.owner,
-                                       self._lease_ms())  # fmt: skip
-
-    def _release_command(self, *, every_level: bool, last: bool, token: int | None = None
-                         ) -> tuple[Any, ...] | None:  # fmt: skip
-        """None: nothing to tell Redis at this level (it keeps no re-entry count).  ``token``
-        releases only that hold (a lost one given back late), not a newer one of this owner."""
-        every = "1" if every_level else "0"
-        return evalsha("lock_release", (self.layout.hold,), self.owner,
-                                       self.layout.channel, every,
-                                       "" if token is None else token)  # fmt: skip
-
-    def _released(self, reply: Any) -> str | None:
-        """None if the release reply says it was ours; else who holds it now ('' = nobody)."""
-        if int(reply[0]) == 1:
+    def _wait_replicas(self) -> tuple[int, int] | None:
+        if self.replicas == "none":
             return None
-        return reply[1].decode(errors="replace") if reply[1] else ""
-
-    def _still_ours(self) -> tuple[int, int] | None:
-        """After a lost acquire reply: (token, re-entries) if Redis says this owner holds it."""
-        owner, count, token = self._executor.call(
-            [("HMGET", self.layout.hold, "o", "n", "t")], write=False
-        )[0]
-        if owner is None or owner.decode() != self.owner:
-            return None
-        return int(token), int(count)
-
-    # ----
+        return self.min_replicas, max(1, round(self.replica_timeout * 1000))
 
     def _attempt(self) -> Attempt[Fence]:
-        cmds: list[tuple[Any, ...]] = [self._acquire_command()]
-        if self.replicas != "none":
-            cmds.append(("WAIT", self.min_replicas, max(1, round(self.replica_timeout * 1000))))
-        sent = time.monotonic()
-        try:
-            replies = self._executor.call(cmds, write=True)
-        except WriteOutcomeUnknown:
-            return self._after_unknown(sent)
-        reply = replies[0]
-        if not reply[0]:
-            holder = reply[2].decode(errors="replace") if reply[2] else ""
-            return Attempt(None, int(reply[1]), holder)
-        token = int(reply[1])
-        if self._count == 0 and time.monotonic() >= sent + self.lease - drift(self.lease):
-            # The reply came after the lease had run out (Redis or this process stalled): the
-            # hold may already be another's.  Give it back and try again; never return a fence
-            # whose lease is over before the caller sees it.
-            self._abandon(token)
-            return Attempt(None, 0, "nobody (the reply came after the lease had run out)")
-        fence = self._held(token, sent)
-        if self.replicas != "none":
-            self._check_replicas(int(replies[1]))
+        got = run(flows.attempt(self._kind(), count=self._count, token=self._token,
+                                wait=self._wait_replicas()), self._executor)  # fmt: skip
+        grant = got.value
+        if grant is None:
+            return Attempt(None, got.wait_ms, got.holder)
+        fence = self._held(grant.token, grant.sent)
+        if grant.acked is not None:
+            self._check_replicas(grant.acked)
         return Attempt(fence)
 
-    def _held(self, token: int, sent: float) -> Fence:
+    def _held(self, token: int, sent: float | None) -> Fence:
         with self._state:
             self._token = token
             self._count += 1
-            if self._hold is None:  # a first hold, or one re-entered through a shared owner
+            if sent is None:  # re-entered without asking Redis
+                pass
+            elif self._hold is None:  # a first hold, or one re-entered through a shared owner
                 self._hold = Hold(self.what, self.lease, sent, self._renew,
                                   lambda: self._abandon(token), self.on_lost)  # fmt: skip
                 Watchdog.get().watch(self._hold, sent + self.lease / 3)
             else:
-                renewed = sent + self.lease - drift(self.lease)
-                self._hold.valid_until = max(self._hold.valid_until, renewed)
+                self._hold.extended(sent)
         return Fence(token, self.name, self.layout.fence)
 
-    def _after_unknown(self, sent: float) -> Attempt[Fence]:
-        """The acquire was sent but its reply lost: read whether it took effect."""
-        ours = self._still_ours()
-        if ours is None:
-            return Attempt(None, 1)  # it did not: try again
-        if ours[1] == self._count + 1:
-            return Attempt(self._held(ours[0], sent))
-        raise StoreUnavailable(
-            f"{self.what}: the acquire's reply was lost and its effect is ambiguous; "
-            "release() and acquire again"
-        )
-
     def _check_replicas(self, acked: int) -> None:
-        self.replicated = acked >= self.min_replicas
-        if self.replicated:
+        msg = flows.replicas_message(self.what, acked, self.min_replicas, self.replica_timeout)
+        self.replicated = msg is None
+        if msg is None:
             return
-        msg = (
-            f"{self.what}: only {acked} of {self.min_replicas} replicas confirmed the "
-            f"acquisition within {self.replica_timeout:g} s; a failover now could give the "
-            "lock to a second holder"
-        )
         if self.replicas == "check":
             log.warning("syncmap: %s", msg)
             return
@@ -228,15 +165,13 @@ class Lock(ReleasedOnExit, LockBase):
 
     def locked(self) -> bool:
         """Whether any owner holds it now (one round trip)."""
-        return bool(self._executor.call([("EXISTS", self.layout.hold)], write=False)[0])
+        return run(flows.locked(self.layout), self._executor)
 
     def _renew(self) -> bool:
-        return bool(self._executor.call([self._renew_command()], write=True)[0])
+        return run(flows.renew(self._kind()), self._executor)
 
     def _abandon(self, token: int) -> None:
-        cmd = self._release_command(every_level=True, last=True, token=token)
-        if cmd is not None:
-            self._executor.call([cmd], write=True)
+        run(flows.abandon(self._kind(), token), self._executor)
 
     # ---- releasing -----------------------------------------------------------------------------
 
@@ -261,17 +196,7 @@ class Lock(ReleasedOnExit, LockBase):
             hold.end()
         elif hold.lost is not None:
             raise hold.lost
-        cmd = self._release_command(every_level=False, last=last)
-        if cmd is None:
-            return
-        now_held_by = self._released(self._executor.call([cmd], write=True)[0])
-        if now_held_by is not None:
-            holder = f"; {now_held_by} holds it now" if now_held_by else ""
-            raise LockLost(
-                f"{self.what} was lost before release: its lease of {self.lease:g} s had run "
-                f"out{holder}. Another holder may have entered; writes fenced with token "
-                f"{self._token} are refused"
-            )
+        run(flows.release(self._kind(), last=last, token=self._token), self._executor)
 
     def __enter__(self) -> Fence:
         return self.acquire()

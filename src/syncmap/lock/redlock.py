@@ -16,11 +16,11 @@ from retrying in lockstep).  Waiting here is retrying: there is no one channel t
 
 from __future__ import annotations
 
-import contextlib
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import redis
 
@@ -33,12 +33,14 @@ from ..errors import (
     LockNotOwned,
     StoreError,
 )
+from ..flows.effects import Flow
 from ..keys import LockLayout, check_lock_name
-from ..store.executor import evalsha
 from ..store.node import NodeExecutor
 from ..store.topology import Topology, open_topology
-from .base import OnLost, check_count, check_seconds, check_timeout, new_owner, shared_executor
-from .lease import Fence, Hold, ReleasedOnExit, Watchdog, drift
+from ..sync.run import run
+from . import flows
+from .base import OnLost, check_count, check_seconds, check_timeout, lock_topology, new_owner
+from .lease import Fence, Hold, ReleasedOnExit, Watchdog
 
 
 def _nodes(urls: Sequence[str] | None, clients: Sequence[redis.Redis] | None,
@@ -51,8 +53,8 @@ def _nodes(urls: Sequence[str] | None, clients: Sequence[redis.Redis] | None,
     return [open_topology(u, timeout=timeout) for u in urls or []]
 
 
-class Redlock(ReleasedOnExit):
-    """A lock held by a majority of ``len(urls)`` independent Redis masters."""
+class RedlockSettings:
+    """Redlock's parameters, checked the same way for both drivers (no I/O)."""
 
     def __init__(
         self,
@@ -71,43 +73,34 @@ class Redlock(ReleasedOnExit):
         namespace: str = "sm",
     ) -> None:
         self.name = check_lock_name(name)
-        lease = check_seconds("lease", lease, 0.05, 86_400)
-        retries = check_count("retries", retries, 0)
-        retry_delay = check_seconds("retry_delay", retry_delay, 0, 3600)
-        node_timeout = check_seconds("node_timeout", node_timeout, 0, 3600, low_ok=False)
-        given = _nodes(urls, clients, topologies, node_timeout)
-        if len(given) < 3 or len(given) % 2 == 0:
+        self.lease = check_seconds("lease", lease, 0.05, 86_400)
+        self.retries = check_count("retries", retries, 0)
+        self.retry_delay = check_seconds("retry_delay", retry_delay, 0, 3600)
+        self.node_timeout = check_seconds("node_timeout", node_timeout, 0, 3600, low_ok=False)
+        self._topologies = _nodes(urls, clients, topologies, self.node_timeout)
+        if len(self._topologies) < 3 or len(self._topologies) % 2 == 0:
             raise ConfigurationError(
                 f"Redlock needs an odd number of independent masters, at least 3 (got "
-                f"{len(given)}); 5 survives the loss of 2"
+                f"{len(self._topologies)}); 5 survives the loss of 2"
             )
-        self._nodes = [t.executor(timeout=node_timeout) for t in given]
-        self.quorum = len(self._nodes) // 2 + 1
-        self.lease = lease
-        self.retries = retries
-        self.retry_delay = retry_delay
+        self.quorum = len(self._topologies) // 2 + 1
         self.owner = new_owner()
         self.on_lost = on_lost
         self.auto_renew = auto_renew
         self.layout = LockLayout(namespace, self.name)
         self.key = f"{namespace}:{{redlock:{self.name}}}"
-        self._authority: NodeExecutor | None = None
+        self._authority_topology: Topology | None = None
         if authority is not None:
-            self._authority = shared_executor(
+            self._authority_topology = lock_topology(
                 authority if isinstance(authority, str) else None,
                 authority if not isinstance(authority, str) else None, 5.0,
             )  # fmt: skip
-        self._hold: Hold | None = None
         self._token = 0
-        self._state = threading.Lock()
         self.last_acquired_nodes = 0
-        forksafe.register(self)
+        self._setup()
 
-    def _after_fork_in_child(self) -> None:
-        """A forked child holds nothing its parent held (see ``LockBase``)."""
-        self._state = threading.Lock()
-        self.owner = new_owner()
-        self._hold, self._token = None, 0
+    def _setup(self) -> None:
+        """The driver's part: executors and hold state."""
 
     @property
     def what(self) -> str:
@@ -115,6 +108,38 @@ class Redlock(ReleasedOnExit):
 
     def _clock(self) -> float:
         return time.monotonic()
+
+    def _too_few(self, tries: int) -> LockNotAcquired:
+        return LockNotAcquired(
+            f"{self.what} was not acquired after {tries} tries: fewer than {self.quorum} "
+            f"of {len(self._topologies)} nodes granted it within its validity (held by "
+            "another owner, or nodes down). Retry later, or check the nodes"
+        )
+
+    def _no_fence(self) -> ConfigurationError:
+        return ConfigurationError(
+            f"{self.what} has no fencing token: Redlock cannot make a safe one over "
+            "independent nodes. Pass authority=<the Redis that holds your data>"
+        )
+
+
+class Redlock(ReleasedOnExit, RedlockSettings):
+    """A lock held by a majority of ``len(urls)`` independent Redis masters."""
+
+    def _setup(self) -> None:
+        self._nodes = [t.executor(timeout=self.node_timeout) for t in self._topologies]
+        self._authority: NodeExecutor | None = None
+        if self._authority_topology is not None:
+            self._authority = self._authority_topology.shared_executor(5.0)
+        self._hold: Hold | None = None
+        self._state = threading.Lock()
+        forksafe.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child holds nothing its parent held (see ``LockBase``)."""
+        self._state = threading.Lock()
+        self.owner = new_owner()
+        self._hold, self._token = None, 0
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> float:
         """Acquire on a majority; returns the validity left, in seconds.  ``timeout`` bounds the
@@ -144,34 +169,23 @@ class Redlock(ReleasedOnExit):
             tries += 1
             out_of_time = deadline is not None and time.monotonic() >= deadline
             if not blocking or tries > self.retries or out_of_time:
-                raise LockNotAcquired(
-                    f"{self.what} was not acquired after {tries} tries: fewer than {self.quorum} "
-                    f"of {len(self._nodes)} nodes granted it within its validity (held by "
-                    "another owner, or nodes down). Retry later, or check the nodes"
-                )
+                raise self._too_few(tries)
             time.sleep(random.uniform(0, self.retry_delay))  # jitter between retries (spec)
 
     def _try_once(self) -> float | None:
-        ms = max(1, round(self.lease * 1000))
         # A new owner token per attempt: giving back a lost hold late can never remove a newer
         # hold of this same object.
         self.owner = new_owner()
         start = self._clock()
-        granted = 0
-        for node in self._nodes:
-            with contextlib.suppress(StoreError):
-                if node.call([("SET", self.key, self.owner, "NX", "PX", ms)], write=True)[0]:
-                    granted += 1
-        validity = self.lease - (self._clock() - start) - drift(self.lease)
+        granted = sum(self._each_node(flows.node_set, self.lease))
+        validity = flows.redlock_validity(self.lease, start, granted, self.quorum, self._clock)
         self.last_acquired_nodes = granted
-        if granted < self.quorum or validity <= 0:
+        if validity is None:
             self._release_all()
             return None
         if self._authority is not None:
-            auth = self._authority
             try:
-                self._token = int(auth.call([evalsha("fence_next", (self.layout.fence,))],
-                                            write=True)[0])  # fmt: skip
+                self._token = run(flows.next_fence(self.layout), self._authority)
             except StoreError:
                 self._release_all()  # no token, no lock: do not leave it held until the lease
                 raise
@@ -183,24 +197,23 @@ class Redlock(ReleasedOnExit):
             Watchdog.get().watch(hold, start + self.lease / 3)
         return validity
 
-    def _extend(self) -> bool:
-        ms = max(1, round(self.lease * 1000))
-        start = self._clock()
-        ok = 0
+    def _each_node(self, step: Callable[..., Flow[bool]], *args: Any) -> list[bool]:
+        """Run one node step on every node in turn; a node that fails counts as a no."""
+        said = []
         for node in self._nodes:
-            with contextlib.suppress(StoreError):
-                cmd = evalsha("redlock_extend", (self.key,), self.owner, ms)
-                ok += int(node.call([cmd], write=True)[0])
-        in_time = self.lease - (self._clock() - start) - drift(self.lease) > 0
-        return ok >= self.quorum and in_time
+            try:
+                said.append(run(step(self.key, self.owner, *args), node))
+            except StoreError:
+                said.append(False)
+        return said
+
+    def _extend(self) -> bool:
+        start = self._clock()
+        ok = sum(self._each_node(flows.node_extend, self.lease))
+        return flows.redlock_validity(self.lease, start, ok, self.quorum, self._clock) is not None
 
     def _release_all(self) -> int:
-        freed = 0
-        for node in self._nodes:
-            with contextlib.suppress(StoreError):
-                cmd = evalsha("redlock_release", (self.key,), self.owner)
-                freed += int(node.call([cmd], write=True)[0])
-        return freed
+        return sum(self._each_node(flows.node_release))
 
     @property
     def valid(self) -> bool:
@@ -211,10 +224,7 @@ class Redlock(ReleasedOnExit):
     def fence(self) -> Fence:
         """A token from the authority's counter (requires ``authority=``)."""
         if self._authority is None:
-            raise ConfigurationError(
-                f"{self.what} has no fencing token: Redlock cannot make a safe one over "
-                "independent nodes. Pass authority=<the Redis that holds your data>"
-            )
+            raise self._no_fence()
         hold = self._hold
         if hold is None:
             raise LockNotOwned(f"{self.what} is not held: acquire it first")

@@ -7,31 +7,26 @@ from typing import Any
 import redis
 
 from ..errors import LockNotAcquired
-from ..store.executor import evalsha
 from ..store.topology import Topology
+from ..sync.run import run
+from . import flows
 from .base import LockBase, OnLost
 from .lease import Fence
 from .mutex import Lock
-from .waiting import Attempt
 
 
 class _Writer(Lock):
     """RWLock's write side: a Lock whose acquire also waits for readers and claims its turn."""
 
     kind = "rwlock (write)"
-
-    def _acquire_command(self) -> tuple[Any, ...]:
-        lay = self.layout
-        claim_ms = self._lease_ms() + 1000  # outlives every wait between two attempts
-        return evalsha("rw_write", (lay.hold, lay.fence, lay.readers, lay.claims),
-                                       self.owner, self._lease_ms(), claim_ms)  # fmt: skip
+    kind_of = flows.Writer
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> Fence:
         try:
             return super().acquire(blocking, timeout)
         except LockNotAcquired:
             # Give up the claim at once, or readers would wait for it to run out.
-            self._executor.call([("ZREM", self.layout.claims, self.owner)], write=True)
+            run(flows.drop_claim(self._kind()), self._executor)
             raise
 
 
@@ -40,37 +35,7 @@ class _Reader(Lock):
     refused once a writer has acquired since (readers are not meant to write)."""
 
     kind = "rwlock (read)"
-
-    def _acquire_command(self) -> tuple[Any, ...]:
-        lay = self.layout
-        return evalsha("rw_read", (lay.hold, lay.fence, lay.readers, lay.claims),
-                                       self.owner, self._lease_ms())  # fmt: skip
-
-    def _attempt(self) -> Attempt[Fence]:
-        if self._count:  # re-entered: Redis keeps one read hold per owner, no count
-            with self._state:
-                self._count += 1
-            return Attempt(Fence(self._token, self.name, self.layout.fence))
-        return super()._attempt()
-
-    def _renew_command(self) -> tuple[Any, ...]:
-        return evalsha("zset_renew", (self.layout.readers,), self.owner,
-                                       self._lease_ms())  # fmt: skip
-
-    def _release_command(self, *, every_level: bool, last: bool, token: int | None = None
-                         ) -> tuple[Any, ...] | None:  # fmt: skip
-        if not last:
-            return None
-        return evalsha("zset_release", (self.layout.readers,), self.owner,
-                                       self.layout.channel)  # fmt: skip
-
-    def _released(self, reply: Any) -> str | None:
-        return None if int(reply) == 1 else ""
-
-    def _still_ours(self) -> tuple[int, int] | None:
-        score = self._executor.call([("ZSCORE", self.layout.readers, self.owner)],
-                                     write=False)[0]  # fmt: skip
-        return None if score is None else (self._token, 1)
+    kind_of = flows.Reader
 
 
 class RWLock(LockBase):

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import redis
 
-from ..errors import ConfigurationError, LockLost, LockNotAcquired, LockNotOwned
-from ..store.executor import evalsha
+from ..errors import ConfigurationError, LockNotAcquired, LockNotOwned
 from ..store.topology import Topology
+from ..sync.run import run
+from . import flows
 from .base import LockBase, OnLost, check_timeout
-from .lease import Hold, ReleasedOnExit, Watchdog, drift
+from .lease import Hold, ReleasedOnExit, Watchdog
 from .waiting import Attempt, wait_for
 
 
@@ -68,16 +68,11 @@ class Semaphore(ReleasedOnExit, LockBase):
         return True
 
     def _attempt(self, permit: str) -> Attempt[bool]:
-        lay = self.layout
-        sent = time.monotonic()
-        reply = self._executor.call([evalsha(
-            "sem_acquire", (lay.permits, lay.limit), permit, self._lease_ms(), self.permits,
-        )], write=True)[0]  # fmt: skip
-        if not reply[0]:
-            return Attempt(None, int(reply[1]), f"{self.permits} other permit holders")
-        if time.monotonic() >= sent + self.lease - drift(self.lease):
-            self._give_back(permit)  # granted after its lease ran out: not a permit to use
-            return Attempt(None, 0, "nobody (the reply came after the lease had run out)")
+        got = run(flows.sem_attempt(self.layout, permit, self.lease, self.permits),
+                  self._executor)  # fmt: skip
+        if got.value is None:
+            return Attempt(None, got.wait_ms, got.holder)
+        sent = got.value
         hold = Hold(f"{self.what} permit {permit}", self.lease, sent,
                     lambda: self._renew(permit), lambda: self._give_back(permit),
                     self.on_lost)  # fmt: skip
@@ -87,20 +82,10 @@ class Semaphore(ReleasedOnExit, LockBase):
         return Attempt(True)
 
     def _renew(self, permit: str) -> bool:
-        return bool(
-            self._executor.call(
-                [evalsha("zset_renew", (self.layout.permits,), permit, self._lease_ms())],
-                write=True,
-            )[0]
-        )
+        return run(flows.sem_renew(self.layout, permit, self.lease), self._executor)
 
     def _give_back(self, permit: str) -> bool:
-        return bool(
-            self._executor.call(
-                [evalsha("zset_release", (self.layout.permits,), permit, self.layout.channel)],
-                write=True,
-            )[0]
-        )
+        return run(flows.sem_give_back(self.layout, permit), self._executor)
 
     @property
     def held(self) -> int:
@@ -120,11 +105,7 @@ class Semaphore(ReleasedOnExit, LockBase):
                 raise LockNotOwned(f"{self.what}: release() without a permit held")
             permit, hold = self._held.pop()
         hold.end()
-        if not self._give_back(permit):
-            raise LockLost(
-                f"{self.what} permit {permit} had run out ({self.lease:g} s lease) "
-                "before release: more holders than permits may have overlapped"
-            )
+        run(flows.sem_release(self.what, self.layout, permit, self.lease), self._executor)
 
     def __enter__(self) -> Semaphore:
         self.acquire()

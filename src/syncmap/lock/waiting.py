@@ -155,7 +155,7 @@ def _wait(attempt: Callable[[], Attempt[T]], waker: Callable[[], Waker], channel
     if first.value is not None:
         return first.value
     if timeout is not None and timeout <= 0:
-        raise _not_acquired(what, first, timeout)
+        raise not_acquired(what, first, timeout)
     deadline = float("inf") if timeout is None else time.monotonic() + timeout
     with waker().waiting(channel) as released:
         while True:
@@ -165,12 +165,12 @@ def _wait(attempt: Callable[[], Attempt[T]], waker: Callable[[], Waker], channel
                 return got.value
             left = deadline - time.monotonic()
             if left <= 0:
-                raise _not_acquired(what, got, timeout)
+                raise not_acquired(what, got, timeout)
             # At most until the holder's lease ends (a crashed holder never publishes).
             released.wait(min(left, max(got.wait_ms, 1) / 1000))
 
 
-def _not_acquired(what: str, got: Attempt[Any], timeout: float | None) -> LockNotAcquired:
+def not_acquired(what: str, got: Attempt[Any], timeout: float | None) -> LockNotAcquired:
     within = "at once" if not timeout else f"within {timeout:g} s"
     return LockNotAcquired(
         f"{what} was not acquired {within}: held by {got.holder or 'another owner'} for up to "

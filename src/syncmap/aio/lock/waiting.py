@@ -1,0 +1,163 @@
+"""Waiting for a lock on an event loop, woken by the holder's release message.
+
+The asyncio twin of ``syncmap.lock.waiting`` (read its docstring for why the order of events
+below lets no release slip by unseen): one handler per lock channel on the loop's shared
+asyncio subscriber (``syncmap.feed.apubsub.AsyncSubscriber``), whose callbacks run on the loop
+and only set events.  Order in :func:`wait_for`:
+
+1. try once (the uncontended path never subscribes);
+2. attach (once per channel) and wait, at most ``CONFIRM_WAIT``, for the subscription's
+   confirmation (``on_up``);
+3. loop: clear the event -> try -> wait for the event, at most until the holder's lease ends.
+   A release between "try" and "wait" has set the event already, so the wait returns at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from ... import instruments
+from ...errors import LockNotAcquired
+from ...feed.apubsub import AsyncSubscriber, Handler
+from ...lock.waiting import CONFIRM_WAIT, IDLE_CHANNELS, Attempt, not_acquired
+from ...store.topology import Topology
+
+T = TypeVar("T")
+
+
+class _Channel:
+    """One channel's waiters; its handler's callbacks run on the loop and only set events."""
+
+    def __init__(self) -> None:
+        self.confirmed = asyncio.Event()
+        self.waiters: set[asyncio.Event] = set()
+        self.handler = Handler(on_message=self.on_message, on_up=self.on_up,
+                               on_down=self.on_down)  # fmt: skip
+        self.subscriber: AsyncSubscriber | None = None
+
+    def _wake(self) -> None:
+        for event in self.waiters:
+            event.set()
+
+    def on_message(self, data: bytes) -> None:
+        self._wake()
+
+    def on_up(self) -> None:
+        self.confirmed.set()
+        self._wake()  # a release may have come while we were not subscribed
+
+    def on_down(self) -> None:
+        self.confirmed.clear()
+        self._wake()  # messages may be lost from now on: every waiter tries again
+
+
+class AsyncWaker:
+    """Wakes one loop's waiters of one Redis target when a lock is released."""
+
+    _registry: weakref.WeakKeyDictionary[
+        asyncio.AbstractEventLoop, dict[tuple[Any, ...], AsyncWaker]
+    ] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def for_topology(cls, topology: Topology) -> AsyncWaker:
+        """The running loop's waker for ``topology``."""
+        per_loop = cls._registry.setdefault(asyncio.get_running_loop(), {})
+        waker = per_loop.get(topology.key)
+        if waker is None:
+            waker = per_loop[topology.key] = cls(topology)
+        return waker
+
+    def __init__(self, topology: Topology) -> None:
+        self._topology = topology
+        self._channels: OrderedDict[str, _Channel] = OrderedDict()
+
+    @contextlib.asynccontextmanager
+    async def waiting(self, channel: str) -> AsyncIterator[asyncio.Event]:
+        """An event set whenever ``channel`` may have seen a release (or the feed dropped)."""
+        event = asyncio.Event()
+        chan = self._channels.get(channel)
+        if chan is None:
+            chan = self._channels[channel] = _Channel()
+            chan.subscriber = AsyncSubscriber.attach_to(self._topology, channel, chan.handler)
+        self._channels.move_to_end(channel)
+        chan.waiters.add(event)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CONFIRM_WAIT):
+                    await chan.confirmed.wait()
+            yield event
+        finally:
+            chan.waiters.discard(event)
+            await self._evict_idle()
+
+    async def _evict_idle(self) -> None:
+        idle = [name for name, chan in self._channels.items() if not chan.waiters]
+        for name in idle[: max(0, len(idle) - IDLE_CHANNELS)]:
+            chan = self._channels.pop(name)
+            if chan.subscriber is not None:
+                await chan.subscriber.detach(name, chan.handler)
+
+    async def aclose(self) -> None:
+        """Detach every channel (the loop's subscriber stops once nobody uses it)."""
+        while self._channels:
+            name, chan = self._channels.popitem()
+            if chan.subscriber is not None:
+                await chan.subscriber.detach(name, chan.handler)
+
+
+async def aclose_wakers() -> None:
+    """Detach the running loop's wakers from their subscribers (before the loop closes)."""
+    for waker in AsyncWaker._registry.pop(asyncio.get_running_loop(), {}).values():
+        await waker.aclose()
+
+
+async def wait_for(
+    attempt: Callable[[], Awaitable[Attempt[T]]],
+    *,
+    waker: Callable[[], AsyncWaker],
+    channel: str,
+    timeout: float | None,
+    what: str,
+) -> T:
+    """Acquire by ``attempt`` within ``timeout`` seconds (None: forever; 0: one try), counted
+    by result as the thread driver counts them."""
+    started = time.monotonic()
+    try:
+        value = await _wait(attempt, waker, channel, timeout, what)
+    except LockNotAcquired:
+        instruments.lock_attempt(what, "timeout", time.monotonic() - started)
+        raise
+    except BaseException:
+        instruments.lock_attempt(what, "error", time.monotonic() - started)
+        raise
+    instruments.lock_attempt(what, "acquired", time.monotonic() - started)
+    return value
+
+
+async def _wait(attempt: Callable[[], Awaitable[Attempt[T]]], waker: Callable[[], AsyncWaker],
+                channel: str, timeout: float | None, what: str) -> T:  # fmt: skip
+    first = await attempt()
+    if first.value is not None:
+        return first.value
+    if timeout is not None and timeout <= 0:
+        raise not_acquired(what, first, timeout)
+    deadline = float("inf") if timeout is None else time.monotonic() + timeout
+    async with waker().waiting(channel) as released:
+        while True:
+            released.clear()
+            got = await attempt()
+            if got.value is not None:
+                return got.value
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise not_acquired(what, got, timeout)
+            # At most until the holder's lease ends (a crashed holder never publishes).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, max(got.wait_ms, 1) / 1000)):
+                    await released.wait()

@@ -1,0 +1,318 @@
+"""One Redis pub/sub connection per event loop and Redis target, shared by every map and lock on
+that loop: the asyncio twin of ``pubsub.py``, whose docstring states what it promises.  The same
+holds here: the order on (re)connect SUBSCRIBE -> confirmation -> ``on_up``; ``on_down`` when the
+connection drops; a PING after ``PING_AFTER`` s of silence and a drop when it stays unanswered as
+long again; a handler that raises is logged and the others go on; never a silent reconnect.
+
+What differs, and why:
+
+* **Per loop.**  A ``redis.asyncio`` connection belongs to the loop that opened it, so the
+  registry is keyed by (loop, topology key).  It never keeps a closed loop: the reader task's end
+  removes its entry, whether the last ``detach`` stopped it or ``asyncio.run`` cancelled it while
+  shutting the loop down; ``attach_to`` also drops entries of loops closed without ending their
+  tasks (``loop.close()`` straight after ``run_until_complete``).
+* **The reader is a task the subscriber owns**, started by the first ``attach_to`` and cancelled
+  and awaited by the last ``detach``.  It reads with ``read_response(timeout=1 s)``, which
+  returns ``None`` on silence and leaves the connection as it was (hiredis keeps a partial frame).
+* **No silent reconnect.**  ``redis.asyncio`` reconnects a closed connection when it sends, so
+  every send first checks that the connection is still the current one and still connected, with
+  no ``await`` between that check and the send: a closed connection stays closed.
+* **Sends from ``attach``** (a plain function) run as tasks the subscriber owns; one that fails
+  drops the connection, and the reader rebuilds it and subscribes every attached channel.
+* **Waking the reader.**  A Sentinel switch (told on the watcher thread; the listener hops onto
+  the loop) or a failed send drops the connection at once: the reader's session runs inside an
+  ``asyncio.timeout`` scope that is rescheduled to now, which ends whatever it awaits (connect,
+  read) as a lost connection: ``on_down``, reconnect on the master named now, ``on_up``.
+* **Resolving a Sentinel master** talks to the sentinels with blocking sockets: it runs in a
+  worker thread (:func:`resolve`), never on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, ClassVar
+
+import redis
+
+from .. import forksafe
+from ..store.endpoint import Endpoint
+from ..store.topology import Topology
+from .pubsub import PING_AFTER, Handler
+
+__all__ = ["PING_AFTER", "AsyncSubscriber", "Handler", "Wake", "resolve"]
+
+log = logging.getLogger("syncmap.feed")
+READ_SLICE = 1.0  # seconds one read waits before the reader checks PING and re-SUBSCRIBE
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0
+RegistryKey = tuple[asyncio.AbstractEventLoop, tuple[Any, ...]]
+
+
+async def resolve(topology: Topology) -> Endpoint:
+    """``topology.endpoint()`` without blocking the loop: resolving a Sentinel master does I/O."""
+    if topology.kind == "standalone":
+        return topology.endpoint()
+    return await asyncio.to_thread(topology.endpoint)
+
+
+class Wake:
+    """Ends, from any callback on the loop, whatever a reader task awaits inside :meth:`scope`.
+
+    The awaited call sees a cancellation (``redis.asyncio`` then closes the connection it was
+    using) and the scope raises ``TimeoutError``: the reader handles it as a lost connection.
+    A cancellation of the task itself still ends the task (``asyncio.timeout`` tells them apart).
+    """
+
+    def __init__(self) -> None:
+        self._scope: asyncio.Timeout | None = None
+
+    @contextlib.asynccontextmanager
+    async def scope(self) -> AsyncIterator[None]:
+        async with asyncio.timeout(None) as scope:
+            self._scope = scope
+            try:
+                yield
+            finally:
+                self._scope = None
+
+    def now(self) -> None:
+        scope = self._scope
+        if scope is not None and not scope.expired():
+            scope.reschedule(asyncio.get_running_loop().time())
+
+
+class AsyncSubscriber:
+    """The subscriber of one event loop for one topology.  Get it with :meth:`attach_to`."""
+
+    _registry: ClassVar[dict[RegistryKey, AsyncSubscriber]] = {}
+    # Loops on several threads share the registry; held for a few dict operations, never across
+    # an await, so it never blocks a loop for longer than that.
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def attach_to(cls, topology: Topology, channel: str, handler: Handler) -> AsyncSubscriber:
+        """Attach ``handler`` to the running loop's subscriber for ``topology`` (made if new);
+        ``handler.on_up`` runs once the subscription is confirmed."""
+        loop = asyncio.get_running_loop()
+        key = (loop, topology.key)
+        with cls._registry_lock:
+            for stale in [k for k in cls._registry if k[0].is_closed()]:
+                del cls._registry[stale]
+            sub = cls._registry.get(key)
+            if sub is None:
+                sub = cls._registry[key] = cls(topology, key)
+        sub.attach(channel, handler)
+        return sub
+
+    def __init__(self, topology: Topology, key: RegistryKey) -> None:
+        self._topology = topology
+        self._key = key
+        self._loop = key[0]
+        self._handlers: dict[bytes, list[Handler]] = {}
+        self._conn: Any = None  # the connection the reader reads; None while it (re)connects
+        self._wake = Wake()
+        self._sends: set[asyncio.Task[None]] = set()
+        self._stopped = False
+        topology.on_change(self._master_changed)
+        self._task = self._loop.create_task(self._run(), name="syncmap-async-subscriber")
+
+    @property
+    def running(self) -> bool:
+        """The reader task is alive (tests)."""
+        return not self._task.done()
+
+    def attach(self, channel: str, handler: Handler) -> None:
+        """Subscribe ``channel`` (use :meth:`attach_to`, which makes the subscriber)."""
+        if self._stopped:
+            raise RuntimeError("this subscriber was stopped; attach with AsyncSubscriber.attach_to")
+        ch = channel.encode()
+        handler.up = False  # told on_up by this subscription's confirmation, not an older one
+        self._handlers.setdefault(ch, []).append(handler)
+        self._send_soon("SUBSCRIBE", ch)  # Redis confirms again even if already subscribed
+
+    async def detach(self, channel: str, handler: Handler) -> None:
+        """Stop delivering to ``handler``; the last detach stops the reader and its connection."""
+        ch = channel.encode()
+        handlers = self._handlers.get(ch, [])
+        if handler in handlers:
+            handlers.remove(handler)
+        if not handlers:
+            self._handlers.pop(ch, None)
+            if self._handlers:
+                self._send_soon("UNSUBSCRIBE", ch)
+        if not self._handlers:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Cancel the reader and the sends, and wait for them (the connection is closed).
+
+        Out of the registry first: an ``attach_to`` from now on makes a new subscriber."""
+        self._unregister()
+        self._stopped = True
+        self._topology.remove_listener(self._master_changed)
+        for task in (*self._sends, self._task):
+            task.cancel()
+        await asyncio.wait([self._task, *self._sends])
+
+    @staticmethod
+    @forksafe.at_fork
+    def _forget_all() -> None:
+        """In a forked child the parent's loops, sockets and tasks are not this process's."""
+        AsyncSubscriber._registry = {}
+        AsyncSubscriber._registry_lock = threading.Lock()
+
+    # ---- the connection, from callbacks on the loop ----------------------------------------
+
+    def _master_changed(self) -> None:
+        """On the Sentinel watcher's thread: the topology names another master."""
+        log.warning("syncmap subscriber: %s changed master; reconnecting", self._topology.where)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing is left to move
+            self._loop.call_soon_threadsafe(self._drop)
+
+    def _drop(self) -> None:
+        """Give up the current connection now; the reader closes it and builds another."""
+        self._conn = None
+        self._wake.now()
+
+    def _send_soon(self, *command: Any) -> None:
+        conn = self._conn
+        if conn is None:
+            return  # the reader subscribes every attached channel once it is connected
+        task = self._loop.create_task(self._send(conn, command))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _send(self, conn: Any, command: tuple[Any, ...]) -> None:
+        # No await between this check and send_command's own is_connected check: a connection
+        # closed meanwhile is never reopened (it would have none of our subscriptions).
+        if conn is not self._conn or not conn.is_connected:
+            return
+        try:
+            await conn.send_command(*command, check_health=False)
+        except (redis.RedisError, OSError) as exc:
+            log.warning("syncmap subscriber: sending %s failed (%s)", command[0], exc)
+            if conn is self._conn:
+                self._drop()
+
+    # ---- the reader task ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_MIN
+        try:
+            while True:
+                served = False
+                try:
+                    async with self._wake.scope():
+                        conn = await self._connect()
+                        served = True
+                        backoff = BACKOFF_MIN
+                        await self._read_until_error(conn)
+                except Exception as exc:  # every failure is a lost connection; the task lives on
+                    self._lost(exc, served)
+                    await asyncio.sleep(backoff)  # reconnect back-off, not a wait for data
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+        finally:  # stopped, or cancelled by the loop shutting down
+            self._conn = None
+            self._topology.remove_listener(self._master_changed)
+            self._unregister()
+
+    def _unregister(self) -> None:
+        with self._registry_lock:
+            if self._registry.get(self._key) is self:
+                del self._registry[self._key]
+
+    async def _connect(self) -> Any:
+        generation = self._topology.generation
+        endpoint = await resolve(self._topology)  # Sentinel: the master named now
+        conn = endpoint.async_connection(timeout=2.5 * PING_AFTER)
+        try:
+            await conn.connect()
+            if self._topology.generation != generation:
+                raise redis.ConnectionError("the master changed while connecting")
+            # Order: the channels are read and the connection published with no await between,
+            # so a channel attached after this point is sent by its own attach().  One SUBSCRIBE
+            # per channel: an ACL that refuses one channel refuses only that one.
+            packed = conn.pack_commands([("SUBSCRIBE", ch) for ch in self._handlers])
+            self._conn = conn
+            if packed:
+                await conn.send_packed_command(packed, check_health=False)
+        except BaseException:
+            await conn.disconnect(nowait=True)  # nowait: never suspends, so never cut short
+            raise
+        return conn
+
+    async def _read_until_error(self, conn: Any) -> None:
+        try:
+            await self._read(conn)
+        finally:  # whatever ended the reading, this connection is done
+            if self._conn is conn:
+                self._conn = None
+            await conn.disconnect(nowait=True)  # nowait: never suspends, so never cut short
+
+    async def _read(self, conn: Any) -> None:
+        clock = self._loop.time
+        heard = subscribed = clock()
+        pinged = 0.0
+        while True:
+            if self._conn is not conn or not conn.is_connected:
+                raise redis.ConnectionError("the subscriber connection was closed")
+            try:
+                reply = await conn.read_response(timeout=READ_SLICE)  # None: nothing came
+            except redis.ResponseError as exc:  # e.g. NOPERM for one channel: that map's
+                log.error("syncmap subscriber: Redis refused a command: %s", exc)  # FeedError
+                continue
+            now = clock()
+            if reply is not None:
+                heard, pinged = now, 0.0
+                self._dispatch(reply)
+                continue
+            if pinged and now - pinged > PING_AFTER:
+                raise redis.ConnectionError(f"no answer to PING in {PING_AFTER} s")
+            if not pinged and now - heard > PING_AFTER:
+                self._send_soon("PING")
+                pinged = now
+            if now - subscribed > PING_AFTER:
+                self._resubscribe_unconfirmed()  # a SUBSCRIBE lost on a stalled link
+                subscribed = now
+
+    def _resubscribe_unconfirmed(self) -> None:
+        """Send SUBSCRIBE again for channels whose confirmation never came (idempotent)."""
+        for ch, handlers in self._handlers.items():
+            if any(not h.up for h in handlers):
+                self._send_soon("SUBSCRIBE", ch)
+
+    def _dispatch(self, reply: Any) -> None:
+        kind, channel = reply[0], reply[1]
+        handlers = list(self._handlers.get(channel, ()))  # a callback may detach
+        if kind == b"message":
+            for handler in handlers:
+                self._call(handler.on_message, reply[2])
+        elif kind == b"subscribe":
+            for handler in handlers:
+                if not handler.up:
+                    handler.up = True
+                    self._call(handler.on_up)
+
+    def _lost(self, exc: Exception, served: bool) -> None:
+        """``on_down`` to every handler that was told ``on_up``: once per drop, not once per
+        failed reconnect (a handler never confirmed has nothing to take back)."""
+        self._conn = None
+        if served:
+            log.warning("syncmap subscriber lost its connection (%r); reconnecting", exc)
+        else:
+            log.debug("syncmap subscriber: reconnect failed (%r)", exc)
+        for handler in [h for handlers in self._handlers.values() for h in handlers]:
+            if handler.up:
+                handler.up = False
+                self._call(handler.on_down)
+
+    @staticmethod
+    def _call(fn: Callable[..., None], *args: Any) -> None:
+        """Run one map's callback; its failure must not silence the other maps."""
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("syncmap subscriber: a map's handler failed")

@@ -1,0 +1,295 @@
+"""Every lock's round trips, written once as pure flows for both drivers.
+
+A flow yields :class:`~syncmap.flows.effects.Call` effects and gets the replies back (or the
+executor's error thrown in); ``syncmap.sync.run.run`` drives it on a thread, and
+``syncmap.aio.run.run`` on an event loop.  What stays in the drivers is only what cannot be
+shared: how to wait (a thread event or an asyncio one), how a hold is renewed (the watchdog
+thread or a task) and the bookkeeping of the lock object.
+
+The kinds (:class:`Mutex`, :class:`Reader`, :class:`Writer`) say which scripts a lock, and
+RWLock's two sides, acquire, renew and release with; the flows are the same for the three.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..errors import LockLost, StoreUnavailable, WriteOutcomeUnknown
+from ..flows.effects import Call, Flow
+from ..keys import LockLayout
+from ..store.executor import Command, evalsha
+from .lease import drift
+from .waiting import Attempt
+
+Clock = Callable[[], float]
+LATE = "nobody (the reply came after the lease had run out)"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """An acquisition Redis granted: its token, when the request was sent (None: re-entered
+    without asking Redis), and how many replicas confirmed it (None: not asked)."""
+
+    token: int
+    sent: float | None
+    acked: int | None = None
+
+
+def lease_ms(lease: float) -> int:
+    return max(1, round(lease * 1000))
+
+
+@dataclass(frozen=True, slots=True)
+class Mutex:
+    """``Lock``'s scripts: a hash {owner, re-entries, token} with the lease as its TTL."""
+
+    layout: LockLayout
+    owner: str
+    lease: float
+    what: str
+    #: Re-entry is counted here, not in Redis (RWLock's read side: one read hold per owner).
+    local_reentry: ClassVar[bool] = False
+
+    @property
+    def ms(self) -> int:
+        return lease_ms(self.lease)
+
+    def acquire(self) -> Command:
+        return evalsha("lock_acquire", (self.layout.hold, self.layout.fence), self.owner, self.ms)
+
+    def renew(self) -> Command:
+        return evalsha("lock_renew", (self.layout.hold,), self.owner, self.ms)
+
+    def release(self, *, every_level: bool, last: bool, token: int | None = None
+                ) -> Command | None:  # fmt: skip
+        """None: nothing to tell Redis at this level (it keeps no re-entry count).  ``token``
+        releases only that hold (a lost one given back late), not a newer one of this owner."""
+        return evalsha("lock_release", (self.layout.hold,), self.owner, self.layout.channel,
+                       "1" if every_level else "0", "" if token is None else token)  # fmt: skip
+
+    def released(self, reply: Any) -> str | None:
+        """None if the release reply says it was ours; else who holds it now ('' = nobody)."""
+        if int(reply[0]) == 1:
+            return None
+        return reply[1].decode(errors="replace") if reply[1] else ""
+
+    def still_ours(self) -> Command:
+        return ("HMGET", self.layout.hold, "o", "n", "t")
+
+    def ours(self, reply: Any, token: int) -> tuple[int, int] | None:
+        """From ``still_ours``'s reply: (token, re-entries) if Redis says this owner holds it."""
+        owner, count, held_token = reply
+        if owner is None or owner.decode() != self.owner:
+            return None
+        return int(held_token), int(count)
+
+
+@dataclass(frozen=True, slots=True)
+class Writer(Mutex):
+    """RWLock's write side: also waits for readers, and claims its turn so new readers wait."""
+
+    def acquire(self) -> Command:
+        lay = self.layout
+        claim_ms = self.ms + 1000  # outlives every wait between two attempts
+        return evalsha("rw_write", (lay.hold, lay.fence, lay.readers, lay.claims), self.owner,
+                       self.ms, claim_ms)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Reader(Mutex):
+    """RWLock's read side: a zset owner -> lease deadline; its fence is the writer's last."""
+
+    local_reentry: ClassVar[bool] = True
+
+    def acquire(self) -> Command:
+        lay = self.layout
+        return evalsha("rw_read", (lay.hold, lay.fence, lay.readers, lay.claims), self.owner,
+                       self.ms)  # fmt: skip
+
+    def renew(self) -> Command:
+        return evalsha("zset_renew", (self.layout.readers,), self.owner, self.ms)
+
+    def release(self, *, every_level: bool, last: bool, token: int | None = None
+                ) -> Command | None:  # fmt: skip
+        if not last:
+            return None
+        return evalsha("zset_release", (self.layout.readers,), self.owner, self.layout.channel)
+
+    def released(self, reply: Any) -> str | None:
+        return None if int(reply) == 1 else ""
+
+    def still_ours(self) -> Command:
+        return ("ZSCORE", self.layout.readers, self.owner)
+
+    def ours(self, reply: Any, token: int) -> tuple[int, int] | None:
+        return None if reply is None else (token, 1)
+
+
+Kind = Mutex
+
+
+# ---- Lock, RWLock's sides --------------------------------------------------------------------
+
+
+def attempt(k: Kind, *, count: int, token: int, wait: tuple[int, int] | None,
+            clock: Clock = time.monotonic) -> Flow[Attempt[Grant]]:  # fmt: skip
+    """One try to acquire (or re-enter: ``count`` levels are held now, under ``token``).
+
+    ``wait``: (replicas, timeout ms) to ``WAIT`` for after the acquire (``replicas=``)."""
+    if k.local_reentry and count:
+        return Attempt(Grant(token, None))
+    cmds: list[Command] = [k.acquire()]
+    if wait is not None:
+        cmds.append(("WAIT", *wait))
+    sent = clock()
+    try:
+        replies = yield Call(cmds, write=True)
+    except WriteOutcomeUnknown:
+        return (yield from _after_unknown(k, count, token, sent))
+    reply = replies[0]
+    if not reply[0]:
+        holder = reply[2].decode(errors="replace") if reply[2] else ""
+        return Attempt(None, int(reply[1]), holder)
+    granted = int(reply[1])
+    if count == 0 and clock() >= sent + k.lease - drift(k.lease):
+        # The reply came after the lease had run out (Redis or this process stalled): the
+        # hold may already be another's.  Give it back and try again; never return a fence
+        # whose lease is over before the caller sees it.
+        yield from abandon(k, granted)
+        return Attempt(None, 0, LATE)
+    return Attempt(Grant(granted, sent, None if wait is None else int(replies[1])))
+
+
+def _after_unknown(k: Kind, count: int, token: int, sent: float) -> Flow[Attempt[Grant]]:
+    """The acquire was sent but its reply lost: read whether it took effect."""
+    ours = k.ours((yield Call([k.still_ours()], write=False))[0], token)
+    if ours is None:
+        return Attempt(None, 1)  # it did not: try again
+    if ours[1] == count + 1:
+        return Attempt(Grant(ours[0], sent))
+    raise StoreUnavailable(
+        f"{k.what}: the acquire's reply was lost and its effect is ambiguous; "
+        "release() and acquire again"
+    )
+
+
+def renew(k: Kind) -> Flow[bool]:
+    """Extend the hold by a lease; False when it is no longer this owner's."""
+    return bool((yield Call([k.renew()], write=True))[0])
+
+
+def abandon(k: Kind, token: int) -> Flow[None]:
+    """Give back every level of the hold issued as ``token`` (a lost or late one)."""
+    cmd = k.release(every_level=True, last=True, token=token)
+    if cmd is not None:
+        yield Call([cmd], write=True)
+
+
+def release(k: Kind, *, last: bool, token: int) -> Flow[None]:
+    """Release one level; ``LockLost`` if Redis says it was no longer ours."""
+    cmd = k.release(every_level=False, last=last)
+    if cmd is None:
+        return
+    now_held_by = k.released((yield Call([cmd], write=True))[0])
+    if now_held_by is not None:
+        holder = f"; {now_held_by} holds it now" if now_held_by else ""
+        raise LockLost(
+            f"{k.what} was lost before release: its lease of {k.lease:g} s had run "
+            f"out{holder}. Another holder may have entered; writes fenced with token "
+            f"{token} are refused"
+        )
+
+
+def drop_claim(k: Kind) -> Flow[None]:
+    """A writer that gave up waiting withdraws its claim at once (or readers would wait for
+    the claim to run out)."""
+    yield Call([("ZREM", k.layout.claims, k.owner)], write=True)
+
+
+def locked(layout: LockLayout) -> Flow[bool]:
+    return bool((yield Call([("EXISTS", layout.hold)], write=False))[0])
+
+
+def replicas_message(what: str, acked: int, wanted: int, timeout: float) -> str | None:
+    """None when ``acked`` replicas are enough; else what a failover could do now."""
+    if acked >= wanted:
+        return None
+    return (
+        f"{what}: only {acked} of {wanted} replicas confirmed the acquisition within "
+        f"{timeout:g} s; a failover now could give the lock to a second holder"
+    )
+
+
+def eviction_check() -> Flow[tuple[Any, Any]]:
+    """The server's (maxmemory-policy, maxmemory) replies (``LockBase._warn_if_evicting``)."""
+    policy, limit = yield Call(
+        [("CONFIG", "GET", "maxmemory-policy"), ("CONFIG", "GET", "maxmemory")], write=False
+    )
+    return policy, limit
+
+
+# ---- Semaphore -------------------------------------------------------------------------------
+
+
+def sem_attempt(layout: LockLayout, permit: str, lease: float, permits: int,
+                clock: Clock = time.monotonic) -> Flow[Attempt[float]]:  # fmt: skip
+    """Take ``permit``; the value is when the request was sent (the hold's lease start)."""
+    sent = clock()
+    reply = (yield Call([evalsha("sem_acquire", (layout.permits, layout.limit), permit,
+                                 lease_ms(lease), permits)], write=True))[0]  # fmt: skip
+    if not reply[0]:
+        return Attempt(None, int(reply[1]), f"{permits} other permit holders")
+    if clock() >= sent + lease - drift(lease):
+        yield from sem_give_back(layout, permit)  # granted after its lease ran out: not usable
+        return Attempt(None, 0, LATE)
+    return Attempt(sent)
+
+
+def sem_renew(layout: LockLayout, permit: str, lease: float) -> Flow[bool]:
+    cmd = evalsha("zset_renew", (layout.permits,), permit, lease_ms(lease))
+    return bool((yield Call([cmd], write=True))[0])
+
+
+def sem_give_back(layout: LockLayout, permit: str) -> Flow[bool]:
+    cmd = evalsha("zset_release", (layout.permits,), permit, layout.channel)
+    return bool((yield Call([cmd], write=True))[0])
+
+
+def sem_release(what: str, layout: LockLayout, permit: str, lease: float) -> Flow[None]:
+    """Give back ``permit``; ``LockLost`` if it had run out before."""
+    if not (yield from sem_give_back(layout, permit)):
+        raise LockLost(
+            f"{what} permit {permit} had run out ({lease:g} s lease) "
+            "before release: more holders than permits may have overlapped"
+        )
+
+
+# ---- Redlock: one node's steps (the driver asks each node in turn) ----------------------------
+
+
+def node_set(key: str, owner: str, lease: float) -> Flow[bool]:
+    return bool((yield Call([("SET", key, owner, "NX", "PX", lease_ms(lease))], write=True))[0])
+
+
+def node_extend(key: str, owner: str, lease: float) -> Flow[bool]:
+    cmd = evalsha("redlock_extend", (key,), owner, lease_ms(lease))
+    return bool(int((yield Call([cmd], write=True))[0]))
+
+
+def node_release(key: str, owner: str) -> Flow[bool]:
+    return bool(int((yield Call([evalsha("redlock_release", (key,), owner)], write=True))[0]))
+
+
+def next_fence(layout: LockLayout) -> Flow[int]:
+    """A fencing token from the authority's counter."""
+    return int((yield Call([evalsha("fence_next", (layout.fence,))], write=True))[0])
+
+
+def redlock_validity(lease: float, started: float, granted: int, quorum: int,
+                     clock: Clock = time.monotonic) -> float | None:  # fmt: skip
+    """The validity left after asking every node, or None: not held (give it back)."""
+    validity = lease - (clock() - started) - drift(lease)
+    return validity if granted >= quorum and validity > 0 else None

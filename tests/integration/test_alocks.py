@@ -1,0 +1,353 @@
+"""syncmap.aio.lock against real redis-server processes: exclusion between tasks and with a
+sync holder, hand-off speed, fencing, lease loss, cancellation, RWLock, Semaphore, Redlock.
+
+Every test runs with asyncio debug mode and a 5 ms slow-callback threshold, and fails if any
+callback took longer (``loop_guard``; the one test that blocks the loop on purpose says so, and
+``test_the_guard_catches_a_blocking_call`` is the guard-off control)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+
+from syncmap import Lock as SyncLock
+from syncmap import LockError, LockLost, LockNotAcquired, LockNotOwned, StaleFence, SyncMap
+from syncmap.aio.lock import Lock, Redlock, RWLock, Semaphore, aclose_loop_resources
+from syncmap.embedded import EmbeddedRedis
+
+
+class SlowCallbacks(logging.Handler):
+    """Collects asyncio's "Executing <handle> took N seconds" warnings about steps that ran
+    syncmap code: a step of a syncmap task, or of a test's task (which calls into syncmap).
+    redis-py's own internal tasks are its business, not ours."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[str] = []
+        self.allowed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        ours = ("/syncmap/", "syncmap-", "test_alocks.py", "astandin.py")
+        if message.startswith("Executing") and any(mark in message for mark in ours):
+            self.records.append(message)
+
+
+@pytest.fixture(autouse=True)
+async def loop_guard() -> AsyncIterator[SlowCallbacks]:
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.005
+    guard = SlowCallbacks()
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(guard)
+    try:
+        yield guard
+        await aclose_loop_resources()
+    finally:
+        logger.removeHandler(guard)
+    if not guard.allowed:
+        assert not guard.records, f"the loop was blocked: {guard.records}"
+
+
+@pytest.fixture
+def admin_url(shared_redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(shared_redis_url)
+    yield client
+    client.close()
+
+
+# ---- Lock ------------------------------------------------------------------------------------
+
+
+async def test_tasks_exclude_each_other(shared_redis_url: str, admin_url: redis.Redis) -> None:
+    inside = 0
+    most = 0
+    fences: list[int] = []
+
+    async def worker(n: int) -> None:
+        nonlocal inside, most
+        for _ in range(5):
+            async with Lock("counter", shared_redis_url, lease=5) as fence:
+                inside += 1
+                most = max(most, inside)
+                fences.append(fence)
+                await asyncio.sleep(0.001)  # others run now, and must wait
+                inside -= 1
+
+    await asyncio.gather(*(worker(n) for n in range(6)))
+    assert most == 1
+    assert len(fences) == 30 and fences == sorted(set(fences))  # each one newer
+    assert not await asyncio.to_thread(admin_url.exists, "sm:{lock:counter}")
+
+
+async def test_a_handoff_between_two_tasks_takes_about_a_millisecond(shared_redis_url: str) -> None:
+    a, b = Lock("handoff", shared_redis_url), Lock("handoff", shared_redis_url)
+    gaps: list[float] = []
+    for _ in range(40):
+        await a.acquire()
+        waiter = asyncio.create_task(b.acquire(timeout=5))
+        await asyncio.sleep(0.01)  # b is waiting on the release message now
+        released = time.perf_counter()
+        await a.release()
+        await waiter
+        gaps.append(time.perf_counter() - released)
+        await b.release()
+    median = statistics.median(gaps)
+    print(f"\nasync lock hand-off between two tasks: median {median * 1000:.2f} ms, "
+          f"max {max(gaps) * 1000:.2f} ms over {len(gaps)}")  # fmt: skip
+    assert median < 0.020
+
+
+async def test_a_sync_and_an_async_holder_exclude_each_other(shared_redis_url: str) -> None:
+    sync_lock = SyncLock("shared", shared_redis_url)
+    alock = Lock("shared", shared_redis_url)
+    await asyncio.to_thread(sync_lock.acquire)
+    assert await alock.try_acquire() is None
+    waiter = asyncio.create_task(alock.acquire(timeout=5))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await asyncio.to_thread(sync_lock.release)  # its release message wakes the task
+    fence = await waiter
+    assert await asyncio.to_thread(sync_lock.try_acquire) is None
+    await alock.release()
+    assert await asyncio.to_thread(sync_lock.acquire, timeout=1) > fence
+    await asyncio.to_thread(sync_lock.release)
+
+
+async def test_a_stale_fence_is_refused(shared_redis_url: str) -> None:
+    first, second = Lock("acct", shared_redis_url), Lock("acct", shared_redis_url)
+    old = await first.acquire()
+    await first.release()
+    new = await second.acquire()
+    assert new > old and new.lock == "acct"
+
+    def write() -> None:
+        with SyncMap("fenced", shared_redis_url) as m:
+            m.set("k", 1, fence=new)
+            with pytest.raises(StaleFence):
+                m.set("k", 2, fence=old)
+            assert m["k"] == 1
+
+    await asyncio.to_thread(write)
+    await second.release()
+
+
+async def test_reentry_release_and_ownership_errors(shared_redis_url: str) -> None:
+    lock = Lock("re", shared_redis_url)
+    with pytest.raises(LockNotOwned):
+        await lock.release()
+    f1 = await lock.acquire()
+    assert await lock.acquire() == f1 and lock.held and lock.valid and lock.fence == f1
+
+    async def other_task() -> None:
+        await lock.acquire(timeout=0)
+
+    with pytest.raises(LockError, match="another task"):
+        await asyncio.create_task(other_task())
+    await lock.release()
+    assert lock.held and await lock.locked()
+    await lock.release()
+    assert not lock.held and not await lock.locked()
+
+
+async def test_a_deleted_hold_is_lost_told_and_raised(shared_redis_url: str,
+                                                      admin_url: redis.Redis) -> None:  # fmt: skip
+    told: list[LockLost] = []
+    lock = Lock("gone", shared_redis_url, lease=0.3, on_lost=told.append)
+    await lock.acquire()
+    # An operator (or eviction) removes it.
+    await asyncio.to_thread(admin_url.delete, "sm:{lock:gone}")
+    deadline = time.monotonic() + 3
+    while not told and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert told and "no longer held" in str(told[0])
+    assert not lock.valid
+    with pytest.raises(LockLost):
+        _ = lock.fence
+    with pytest.raises(LockLost):
+        await lock.release()
+    assert not lock.held
+
+
+async def test_a_blocked_loop_sees_its_lease_gone_at_once(
+    shared_redis_url: str, loop_guard: SlowCallbacks
+) -> None:
+    # Blocking the loop stands in for a SIGSTOP: the renewal task cannot run.
+    loop_guard.allowed = True
+    told: list[LockLost] = []
+    lock = Lock("paused", shared_redis_url, lease=0.2, on_lost=told.append)
+    other = Lock("paused", shared_redis_url)
+    await lock.acquire()
+    time.sleep(0.3)  # on purpose: the loop is stuck past the lease
+    assert not lock.valid
+    with pytest.raises(LockLost, match="ran out before it was renewed"):
+        _ = lock.fence
+    assert await other.acquire(timeout=2) > 0  # the lost hold was given back (or ran out)
+    deadline = time.monotonic() + 2
+    while not told and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert len(told) == 1
+    with pytest.raises(LockLost):
+        await lock.release()
+    await other.release()
+
+
+async def test_renewal_while_redis_is_paused_loses_the_lock(redis_server: EmbeddedRedis) -> None:
+    told: list[LockLost] = []
+    lock = Lock("stalled", redis_server.url, lease=0.3, socket_timeout=0.1,
+                on_lost=told.append)  # fmt: skip
+    await lock.acquire()
+    redis_server.pause()
+    try:
+        deadline = time.monotonic() + 3
+        while not told and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    finally:
+        redis_server.resume()
+    assert told and not lock.valid
+    with pytest.raises(LockLost):
+        await lock.release()
+
+
+async def test_the_lease_is_renewed_by_the_lock_task(shared_redis_url: str) -> None:
+    lock = Lock("long", shared_redis_url, lease=0.2)
+    await lock.acquire()
+    await asyncio.sleep(0.5)  # more than two leases: renewed by its task meanwhile
+    assert lock.valid
+    await lock.release()
+    renewals = [t for t in asyncio.all_tasks() if t.get_name().startswith("syncmap-renew")]
+    assert renewals == []  # cancelled on release
+
+
+async def test_a_cancelled_wait_leaves_nothing_held(shared_redis_url: str,
+                                                    admin_url: redis.Redis) -> None:  # fmt: skip
+    holder, waiter = Lock("cx", shared_redis_url), Lock("cx", shared_redis_url)
+    await holder.acquire()
+    task = asyncio.create_task(waiter.acquire(timeout=10))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await holder.release()
+    assert not waiter.held and not await asyncio.to_thread(admin_url.exists, "sm:{lock:cx}")
+    assert await Lock("cx", shared_redis_url).try_acquire() is not None
+
+
+async def test_cancelling_acquires_at_random_moments_leaves_nothing_held(
+    shared_redis_url: str, admin_url: redis.Redis
+) -> None:
+    # Cancelled at every point of the acquire (before, during and after the round trip): a
+    # hold the cancelled acquire may have taken must be given back.
+    for delay in [0, 0.00005, 0.0001, 0.0002, 0.0004, 0.0008, 0.0016] * 3:
+        lock = Lock("rc", shared_redis_url)
+        task = asyncio.create_task(lock.acquire())
+        await asyncio.sleep(delay)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            held = await asyncio.to_thread(admin_url.exists, "sm:{lock:rc}")
+            assert not held, f"held after a cancel at {delay}"
+        else:
+            await lock.release()
+
+
+# ---- RWLock, Semaphore -----------------------------------------------------------------------
+
+
+async def test_rwlock_readers_share_a_writer_excludes(shared_redis_url: str,
+                                                      admin_url: redis.Redis) -> None:  # fmt: skip
+    a, b, w = (RWLock("doc", shared_redis_url) for _ in range(3))
+    await a.read.acquire()
+    assert await b.read.try_acquire() is not None
+    assert await w.write.try_acquire() is None
+    writer = asyncio.create_task(w.write.acquire(timeout=5))
+    await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(admin_url.zcard, "sm:{lock:doc}:w") == 1 or not writer.done()
+    late = RWLock("doc", shared_redis_url)
+    assert await late.read.try_acquire() is None, "a new reader overtook the waiting writer"
+    await a.read.release()
+    await b.read.release()
+    fence = await writer
+    assert await a.read.try_acquire() is None
+    await w.write.release()
+    assert await a.read.acquire(timeout=1) == fence  # readers carry the writer's last token
+    await a.read.release()
+
+
+async def test_a_cancelled_writer_withdraws_its_claim(shared_redis_url: str) -> None:
+    reader, writer, late = (RWLock("claim", shared_redis_url) for _ in range(3))
+    await reader.read.acquire()
+    task = asyncio.create_task(writer.write.acquire())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await late.read.try_acquire() is not None  # no claim left in the way
+    await late.read.release()
+    await reader.read.release()
+
+
+async def test_semaphore_admits_n_and_wakes_a_waiter(shared_redis_url: str) -> None:
+    a, b, c = (Semaphore("pool", 2, shared_redis_url, lease=5) for _ in range(3))
+    await a.acquire()
+    await b.acquire()
+    assert not await c.try_acquire()
+    waiter = asyncio.create_task(c.acquire(timeout=5))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    started = time.perf_counter()
+    await a.release()
+    await waiter
+    assert time.perf_counter() - started < 0.5 and c.held == 1 and c.valid
+    with pytest.raises(LockNotAcquired):
+        await a.acquire(timeout=0.05)
+    await b.release()
+    async with a:
+        assert a.held == 1 and not await b.try_acquire()
+    await c.release()
+
+
+# ---- Redlock ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def three(redis_binary: str) -> Iterator[list[EmbeddedRedis]]:
+    servers = [EmbeddedRedis(binary=redis_binary).start() for _ in range(3)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+async def test_redlock_on_three_servers(three: list[EmbeddedRedis]) -> None:
+    urls = [s.url for s in three]
+    a = Redlock("job", urls, lease=2, retries=1, retry_delay=0.01)
+    b = Redlock("job", urls, lease=2, retries=1, retry_delay=0.01, authority=urls[0])
+    validity = await a.acquire()
+    assert 0 < validity < 2 and a.last_acquired_nodes == 3 and a.valid
+    with pytest.raises(LockNotAcquired):
+        await b.acquire()
+    await a.release()
+    async with b:
+        assert b.fence > 0 and b.last_acquired_nodes == 3
+    await asyncio.to_thread(three[0].stop)  # one node down: a majority still forms
+    assert await a.acquire() > 0 and a.last_acquired_nodes == 2
+    await a.release()
+
+
+# ---- the guard -------------------------------------------------------------------------------
+
+
+async def test_the_guard_catches_a_blocking_call(loop_guard: SlowCallbacks) -> None:
+    loop_guard.allowed = True  # guard-off control: this one must be seen
+    await asyncio.sleep(0)
+    time.sleep(0.02)  # the planted blocking call
+    await asyncio.sleep(0)
+    assert loop_guard.records and "took" in loop_guard.records[0]
