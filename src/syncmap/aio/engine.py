@@ -85,7 +85,8 @@ class AsyncEngine(FeedLogic):
         )
         self._subscription = await self.feed.subscribe(handler)
         try:
-            await asyncio.wait_for(self._feed_up.wait(), self_check_timeout)
+            async with asyncio.timeout(self_check_timeout):
+                await self._feed_up.wait()
         except TimeoutError:
             raise FeedError(
                 f"could not subscribe to {self.feed.topic} on {self.feed.describe()} within "
@@ -104,8 +105,9 @@ class AsyncEngine(FeedLogic):
         arrived = asyncio.Event()
         nonce, ping = self.ping_message(arrived.set)
         try:
-            await self.feed.publish(ping)
-            await asyncio.wait_for(arrived.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.feed.publish(ping)
+                await arrived.wait()
         except TimeoutError:
             raise FeedError(
                 f"a test change message published on {self.feed.topic} "
@@ -174,8 +176,7 @@ class AsyncEngine(FeedLogic):
         next_presence = loop.time() + self._presence_every
         while True:
             due = min(next_probe, next_presence) if self._presence else next_probe
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._probe_now.wait(), max(due - loop.time(), 0.0))
+            await _wait(self._probe_now, due - loop.time())
             woken = self._probe_now.is_set()
             self._probe_now.clear()
             if self._presence is not None and loop.time() >= next_presence:
@@ -198,5 +199,13 @@ class AsyncEngine(FeedLogic):
             with self.lock:
                 wake = self.core.tick(time.monotonic())
             delay = min(max(wake - time.monotonic(), 0.0), 60.0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._timer_wake.wait(), delay)
+            await _wait(self._timer_wake, delay)
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Until ``event`` is set or ``seconds`` passed.  ``asyncio.timeout``, not ``wait_for``:
+    Python 3.11's ``wait_for`` can swallow the task's own cancellation when the timeout and the
+    cancel meet, and ``aclose()`` would then wait for a loop that never ends."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(max(seconds, 0.0)):
+            await event.wait()

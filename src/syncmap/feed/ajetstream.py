@@ -441,8 +441,9 @@ class StreamSubscription(LiveSubscription):
         nc = self._feed._nc
         backoff = RETRY_MIN
         while not self._dispatch.closed:
-            try:
-                await asyncio.wait_for(self._wake.wait(), HEARTBEAT)
+            try:  # asyncio.timeout: 3.11's wait_for may swallow a cancel meeting the timeout
+                async with asyncio.timeout(HEARTBEAT):
+                    await self._wake.wait()
             except TimeoutError:
                 silent = not self._busy and loop.time() - self._seen > 3 * HEARTBEAT
                 if not (nc.is_connected and silent):
