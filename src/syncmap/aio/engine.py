@@ -28,6 +28,8 @@ from .events import AsyncFanout
 from .run import run
 
 log = logging.getLogger("syncmap")
+STOP_WAIT = 5.0
+"""``aclose()`` waits this long for a background task to finish its round trip, then cancels it."""
 
 
 class AsyncEngine(FeedLogic):
@@ -120,13 +122,20 @@ class AsyncEngine(FeedLogic):
     async def aclose(self) -> None:
         if self._closed:
             return
+        # Stop the loops by flag and wake-up, not by cancel: Python 3.11's asyncio.timeout and
+        # wait_for can lose a cancellation that meets their own timeout (the loop then runs on
+        # and aclose() would wait forever).  A task still busy after STOP_WAIT is cancelled.
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks = []
+        self._probe_now.set()
+        self._timer_wake.set()
+        tasks, self._tasks = self._tasks, []
+        if tasks:
+            _, busy = await asyncio.wait(tasks, timeout=STOP_WAIT)
+            for task in busy:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self._subscription is not None:
             await self._subscription.aclose()
             self._subscription = None
@@ -174,11 +183,13 @@ class AsyncEngine(FeedLogic):
         loop = asyncio.get_running_loop()
         next_probe = loop.time() + self.interval
         next_presence = loop.time() + self._presence_every
-        while True:
+        while not self._closed:
             due = min(next_probe, next_presence) if self._presence else next_probe
             await _wait(self._probe_now, due - loop.time())
             woken = self._probe_now.is_set()
             self._probe_now.clear()
+            if self._closed:
+                return
             if self._presence is not None and loop.time() >= next_presence:
                 next_presence = loop.time() + self._presence_every
                 await self._refresh_presence()
@@ -194,7 +205,7 @@ class AsyncEngine(FeedLogic):
                 self.error = exc
 
     async def _timer_loop(self) -> None:
-        while True:
+        while not self._closed:
             self._timer_wake.clear()  # a wake_timer() after this is not lost
             with self.lock:
                 wake = self.core.tick(time.monotonic())
@@ -203,9 +214,8 @@ class AsyncEngine(FeedLogic):
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:
-    """Until ``event`` is set or ``seconds`` passed.  ``asyncio.timeout``, not ``wait_for``:
-    Python 3.11's ``wait_for`` can swallow the task's own cancellation when the timeout and the
-    cancel meet, and ``aclose()`` would then wait for a loop that never ends."""
+    """Until ``event`` is set or ``seconds`` passed.  (A cancellation meeting the timeout may be
+    lost here on Python 3.11: the loops stop by ``_closed`` and a wake-up, see ``aclose``.)"""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(max(seconds, 0.0)):
             await event.wait()
