@@ -22,7 +22,13 @@ What differs, and why:
 * **Waking the reader.**  A Sentinel switch (told on the watcher thread; the listener hops onto
   the loop) or a failed send drops the connection at once: the reader's session runs inside an
   ``asyncio.timeout`` scope that is rescheduled to now, which ends whatever it awaits (connect,
-  read) as a lost connection: ``on_down``, reconnect on the master named now, ``on_up``.
+  read) as a lost connection: ``on_down``, reconnect on the master named now, ``on_up``.  The
+  reader also checks the connection is still current before every read, so even a wake that
+  is lost (below) takes effect within ``READ_SLICE``.
+* **Cancelling is repeated until the task ends** (:func:`stop_task`): Python 3.11's
+  ``asyncio.wait_for``, which ``redis.asyncio`` wraps around every send, swallows a cancellation
+  that arrives just as the send completes (CPython gh-86296, fixed in 3.12); the task then runs
+  on.  Seen here: a stream reader cancelled right after sending XREAD read on for ever.
 * **Resolving a Sentinel master** talks to the sentinels with blocking sockets: it runs in a
   worker thread (:func:`resolve`), never on the loop.
 """
@@ -49,6 +55,14 @@ log = logging.getLogger("syncmap.feed")
 READ_SLICE = 1.0  # seconds one read waits before the reader checks PING and re-SUBSCRIBE
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0
 RegistryKey = tuple[asyncio.AbstractEventLoop, tuple[Any, ...]]
+
+
+async def stop_task(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it to end, cancelling again while it runs on (module
+    docstring: a cancellation can be lost in Python 3.11's ``wait_for``)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=0.1)
 
 
 async def resolve(topology: Topology) -> Endpoint:
@@ -154,8 +168,7 @@ class AsyncSubscriber:
         self._stopped = True
         self._topology.remove_listener(self._master_changed)
         for task in (*self._sends, self._task):
-            task.cancel()
-        await asyncio.wait([self._task, *self._sends])
+            await stop_task(task)
 
     @staticmethod
     @forksafe.at_fork

@@ -29,7 +29,7 @@ import redis
 
 from ..store.topology import Topology
 from .abase import AsyncSubscription
-from .apubsub import Wake, resolve
+from .apubsub import Wake, resolve, stop_task
 from .aredis_base import AsyncRedisFeed
 from .base import BEGINNING, FeedHandler
 from .redis_stream import RedisStreamFeed
@@ -147,6 +147,7 @@ class _AsyncStreamSubscription(AsyncSubscription):
         self._up = False
         self._backoff = BACKOFF_MIN
         self._wake = Wake()
+        self._master_moved = False
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
 
@@ -158,17 +159,19 @@ class _AsyncStreamSubscription(AsyncSubscription):
         """On the Sentinel watcher's thread: end the reader's wait; it reconnects to the new
         master and checks for a gap (on_down, then on_up(resumed))."""
         with contextlib.suppress(RuntimeError):  # the loop is closed: nothing is left to move
-            self._loop.call_soon_threadsafe(self._wake.now)
+            self._loop.call_soon_threadsafe(self._moved)
+
+    def _moved(self) -> None:
+        self._master_moved = True  # read before every XREAD: a lost wake costs one BLOCK
+        self._wake.now()
 
     async def aclose(self) -> None:
         """Stop the reader (nothing is delivered once this is called) and close its connection;
         idempotent."""
         self._feed.topology.remove_listener(self._master_changed)
         self._feed._forget(self)
-        task = self._task
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
+        if self._task is not None:
+            await stop_task(self._task)
 
     # ---- the reader task ---------------------------------------------------------------------
 
@@ -195,6 +198,7 @@ class _AsyncStreamSubscription(AsyncSubscription):
         await self._read(conn)
 
     async def _reconnect(self) -> Conn:
+        self._master_moved = False  # connects to the master named from now on
         conn, run_id = await self._feed._connect_reader()
         self._conn = conn  # no await since it connected: a cancel cannot leave it open
         self._same_server = run_id == self._run_id
@@ -204,6 +208,8 @@ class _AsyncStreamSubscription(AsyncSubscription):
     async def _read(self, conn: Conn) -> None:
         stream = self._feed.stream
         while True:
+            if self._master_moved:
+                raise redis.ConnectionError("the master changed")
             reply = await _command(conn, *xread_command(stream, self._last))
             self._backoff = BACKOFF_MIN  # the connection serves reads: the next drop is new
             delivered = 0
