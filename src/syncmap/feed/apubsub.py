@@ -314,9 +314,9 @@ class AsyncSubscriber:
         failed reconnect (a handler never confirmed has nothing to take back)."""
         self._conn = None
         if served:
-            log.warning("syncmap subscriber lost its connection (%r); reconnecting", exc)
+            log.warning("syncmap subscriber lost its connection (%s); reconnecting", exc)
         else:
-            log.debug("syncmap subscriber: reconnect failed (%r)", exc)
+            log.debug("syncmap subscriber: reconnect failed (%s)", exc)
         for handler in [h for handlers in self._handlers.values() for h in handlers]:
             if handler.up:
                 handler.up = False

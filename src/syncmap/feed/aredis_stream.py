@@ -56,7 +56,7 @@ from .streamlog import (
     xread_command,
 )
 
-YIELD_EVERY = 64
+YIELD_EVERY = 16
 Conn = Any  # a redis.asyncio Connection (Endpoint.async_connection)
 
 
@@ -231,11 +231,11 @@ class _AsyncStreamSubscription(AsyncSubscription):
         await self._drop()
         if self._up:
             self._up = False
-            log.warning("syncmap stream reader of %s lost its connection (%r); reconnecting",
+            log.warning("syncmap stream reader of %s lost its connection (%s); reconnecting",
                         self._feed.stream, exc)  # fmt: skip
             self._call(self._handler.on_down)
         else:
-            log.debug("syncmap stream reader of %s: reconnect failed (%r)", self._feed.stream, exc)
+            log.debug("syncmap stream reader of %s: reconnect failed (%s)", self._feed.stream, exc)
         self._plan = None
         await asyncio.sleep(self._backoff)  # reconnect back-off, not a wait for data
         self._backoff = min(self._backoff * 2, BACKOFF_MAX)
