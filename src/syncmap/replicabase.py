@@ -8,47 +8,26 @@ concept (STYLE: ~400 lines).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Self
 
 from . import forksafe
-from .codec import encode_limited
 from .core.nearcache import Event
-from .core.replica import R_PING, ReplicaMessage, Slot
-from .errors import ConfigurationError, FeedError, MapClosed, NoSnapshotSource
+from .errors import FeedError, MapClosed
 from .feed.base import BEGINNING, FeedHandler, Subscription, feed_class
-from .keys import Key, encode_key, normal_key
-from .replicafeed import ReplicaFeed, _wall_ms, log
+from .keys import Key
+from .replicafeed import ReplicaFeed, log
+from .replicalogic import Refusing, ReplicaStatistics, Snapshot
 from .watch import Watch
 
-Snapshot = Mapping[Key, Any] | Callable[[], Mapping[Key, Any]] | str
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaStatistics:
-    """Counters of one replicated map on this server since it was opened."""
-
-    entries: int
-    applied: int
-    ignored: int
-    messages: int
-    corrupt_messages: int
-    syncs_requested: int
-    syncs_answered: int
-    feed_drops: int
-    unauthenticated: int = 0
-    sync_requests_dropped: int = 0
-    events_dropped: int = 0
+__all__ = ["ReplicaBase", "ReplicaStatistics", "Snapshot"]
 
 
 class ReplicaBase(ReplicaFeed):
     """The plumbing of :class:`~syncmap.ReplicatedMap` (its ``__init__`` sets these attributes)."""
 
     _opened_with: tuple[str, str, dict[str, Any]]
-    _slots: dict[Key, Slot]
     _closed: bool
     _forked: bool
     _worker: threading.Thread
@@ -88,50 +67,31 @@ class ReplicaBase(ReplicaFeed):
                 f"could not subscribe to {self._feed.topic} on {self._feed.describe()} within "
                 f"{self.config.self_check_timeout} s; check the broker and the permissions"
             )
-        self._ping(load_timeout if durable else self.config.self_check_timeout)
-        complete = durable and self._first_resumed is not False
-        if complete:
-            return
-        if snapshot is None:
-            why = (
-                "keeps no messages"
-                if not durable
-                else "no longer holds its whole history (it was trimmed)"
-            )
-            raise NoSnapshotSource(
-                f"replicated map {self.name!r}: the feed {self._feed.describe()} {why}, so a "
-                "server that starts now cannot learn what was written before. Pass snapshot="
-                "'peers' (ask the running servers), a mapping or a function returning one "
-                "(snapshot={} to start empty), or use a durable feed (nats+jetstream://, "
-                "kafka://, redis+stream://)"
-            )
-        if isinstance(snapshot, str):
-            if snapshot != "peers":
-                raise ConfigurationError(f"snapshot={snapshot!r}: use 'peers', or a mapping")
+        self._wait_for_ping(load_timeout if durable else self.config.self_check_timeout)
+        source = self._past_source(snapshot, durable, self._feed.describe())
+        if source == "peers":
             self._request_sync()
             if not self._synced.wait(peers):
                 log.info("syncmap %s: no peer answered within %s s; starting from what the feed "
                          "delivers", self.name, peers)  # fmt: skip
-            return
-        data = snapshot() if callable(snapshot) else snapshot
-        with self._lock:
-            for key, value in data.items():
-                field = encode_key(key, self.config.max_key_bytes)
-                payload = self._payload(value)
-                self._replica.load(normal_key(key), field, payload, self._cached(value, payload))
+        elif source == "snapshot":
+            assert snapshot is not None and not isinstance(snapshot, str)
+            self._load(snapshot if isinstance(snapshot, Mapping) else snapshot())
 
-    def _ping(self, timeout: float) -> None:
+    def _wait_for_ping(self, timeout: float) -> None:
         """Publish a ping and wait for it: the feed works, and (on a log) we have caught up."""
-        nonce = os.urandom(16)
-        arrived = self._pings[nonce] = threading.Event()
-        msg = ReplicaMessage(R_PING, 0, self.node_id, nonce)
-        self._feed.publish(self._seal(msg), key=b"\x00ping:" + self.node_id.encode())
-        if not arrived.wait(timeout):
-            raise FeedError(
-                f"a test message published on {self._feed.topic} ({self._feed.describe()}) did "
-                f"not come back within {timeout} s: this server would never see other writes"
-            )
-        del self._pings[nonce]
+        arrived = threading.Event()
+        nonce, ping = self._ping(arrived.set)
+        try:
+            self._send(ping)
+            if not arrived.wait(timeout):
+                raise FeedError(
+                    f"a test message published on {self._feed.topic} ({self._feed.describe()}) "
+                    f"did not come back within {timeout} s: this server would never see other "
+                    "writes"
+                )
+        finally:
+            self._pings.pop(nonce, None)
 
     # ---- events, statistics, life cycle ------------------------------------------------------
 
@@ -152,26 +112,15 @@ class ReplicaBase(ReplicaFeed):
         self._check_open()
         return Watch(self._fanout, self._fanout.watch_queue(maxsize))
 
-    def statistics(self) -> ReplicaStatistics:
-        now = _wall_ms()
-        with self._lock:  # the replica's own slots: statistics stay readable after close()
-            entries = sum(1 for s in self._replica.slots.values() if s.live(now))
-        return ReplicaStatistics(
-            entries=entries, applied=self._replica.applied, ignored=self._replica.ignored,
-            messages=self._messages, corrupt_messages=self._corrupt,
-            syncs_requested=self._syncs_requested, syncs_answered=self._syncs_answered,
-            feed_drops=self._drops, unauthenticated=self._unauthenticated,
-            sync_requests_dropped=self._sync_requests_dropped,
-            events_dropped=self._fanout.dropped,
-        )  # fmt: skip
-
     def close(self) -> None:
         """Stop the feed and the background threads; reads then raise ``MapClosed`` as
         ``SyncMap``'s do.  Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self._slots = _Closed(self.name)  # the read paths' next look raises MapClosed
+        self._slots = Refusing(  # the read paths' next look raises MapClosed
+            f"replicated map {self.name!r} is closed; open a new one"
+        )
         self._stopping.set()
         if self._sub is not None:
             self._sub.close()
@@ -197,14 +146,6 @@ class ReplicaBase(ReplicaFeed):
             raise MapClosed(f"replicated map {self.name!r} is closed; open a new one")
         if self._forked:
             self._reopen_in_child()
-
-    def _payload(self, value: Any) -> bytes:
-        return encode_limited(
-            self._codec,
-            value,
-            self.config.max_value_bytes,
-            " (and check the broker's message size limit)",
-        )
 
 
 _reopen_lock = threading.RLock()
@@ -236,24 +177,3 @@ class _ReopenOnUse(dict[Key, Any]):
 
     def items(self) -> Any:
         return self._real().items()
-
-
-class _Closed(dict[Key, Any]):
-    """A closed map's stand-in for its slots: every read raises ``MapClosed``, as on a closed
-    ``SyncMap`` (the hit path pays nothing for the check)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__()
-        self._name = name
-
-    def _refuse(self) -> MapClosed:
-        return MapClosed(f"replicated map {self._name!r} is closed; open a new one")
-
-    def get(self, key: Key, default: Any = None) -> Any:
-        raise self._refuse()
-
-    def values(self) -> Any:
-        raise self._refuse()
-
-    def items(self) -> Any:
-        raise self._refuse()

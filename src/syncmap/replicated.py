@@ -39,17 +39,16 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import forksafe
-from .codec import Codec, make_codec
+from .codec import Codec
 from .config import MapConfig
 from .core.nearcache import COPY
-from .core.replica import R_CLEAR, R_DEL, R_SET, Replica, ReplicaMessage, Slot
+from .core.replica import ReplicaMessage
 from .events import Fanout
 from .feed.base import Feed, Subscription, open_feed
-from .keys import Key, check_map_name, check_node_id, encode_key, normal_key
-from .ratelog import RateLimitedLog
+from .keys import Key
 from .replicabase import ReplicaBase, ReplicaStatistics, Snapshot
-from .replicafeed import _wall_ms, log
-from .signing import SigningKey, signing_keys
+from .replicalogic import _wall_ms, deadline_of
+from .signing import SigningKey
 from .storeonly import _MISSING, StoreOnly, needs_store, no_fence
 
 if TYPE_CHECKING:
@@ -80,35 +79,16 @@ class ReplicatedMap(StoreOnly, ReplicaBase):
             snapshot=snapshot, load_timeout=load_timeout, peers_timeout=peers_timeout,
             signing_key=signing_key,
         ))  # fmt: skip
-        self.name = check_map_name(name)
-        self.config = cfg = config or MapConfig()
-        self.node_id = check_node_id(node_id)
-        self._codec = make_codec(codec, value_type)
-        # One key or several: the first signs, all verify (rotation, signing.py).
-        self._keys = signing_keys(signing_key)
-        self._key = self._keys[0] if self._keys else None
-        self._unauthenticated = 0
-        self._replica = Replica()
-        self._slots = self._replica.slots  # the read path looks here directly
-        self._lock = threading.Lock()
+        self._init_logic(name, config, node_id, codec, value_type, signing_key)
+        cfg = self.config
         self._closed = False
         self._stopping = threading.Event()
-        self._messages = self._corrupt = self._syncs_requested = self._syncs_answered = 0
-        self._corrupt_log = RateLimitedLog(log)  # a flood of bad messages: one line a minute
-        # Peers with an answer queued: one pending answer (the whole state, sent when its turn
-        # comes) covers every request that peer makes meanwhile, so the work queue holds at most
-        # MAX_PENDING_ANSWERS answers however many requests arrive.
-        self._answers_due: set[str] = set()
-        self._sync_requests_dropped = 0
-        self._drops = 0
-        self._pings: dict[bytes, threading.Event] = {}
         self._synced = threading.Event()
         self._up = threading.Event()
-        self._first_resumed: bool | None = None
         # Events as SyncMap delivers them (events.py).  A forked child's re-open keeps the
         # parent's subscribers, as a store-mode map does.
         self._fanout: Fanout = self.__dict__.get("_fanout") or Fanout(f"{name}.replicated")
-        self._work: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._work = queue.Queue()
         self._worker = threading.Thread(target=self._work_loop, name="syncmap-replica",
                                         daemon=True)  # fmt: skip
         self._feed: Feed = open_feed(feed, type(self)._topic(feed, cfg.namespace, self.name),
@@ -171,17 +151,6 @@ class ReplicatedMap(StoreOnly, ReplicaBase):
             return self._live_slot(key) is not None  # type: ignore[arg-type]
         return True
 
-    def _live_slot(self, key: Key) -> Slot | None:
-        """The live slot of ``key`` looked up by its plain form, or None; a key store mode
-        would refuse is refused here too."""
-        encode_key(key, self.config.max_key_bytes)
-        slot = self._slots.get(normal_key(key))
-        return slot if slot is not None and slot.live(_wall_ms()) else None
-
-    def _value_of(self, slot: Slot) -> Any:
-        v = slot.value
-        return v if v is not COPY else self._codec.decode(slot.payload)  # type: ignore[arg-type]
-
     def get_with_meta(self, key: Key, *, consistent: bool = False) -> tuple[Any, int, str]:
         """(value or None, version or 0, ``"local"``): every read is from this server's memory.
 
@@ -199,29 +168,19 @@ class ReplicatedMap(StoreOnly, ReplicaBase):
         return None if slot is None else (self._value_of(slot), slot.version[0])
 
     def __len__(self) -> int:
-        now = _wall_ms()
-        with self._lock:
-            return sum(1 for s in self._slots.values() if s.live(now))
+        return len(self._live_keys())
 
     def __bool__(self) -> bool:
-        now = _wall_ms()
-        with self._lock:
-            return any(s.live(now) for s in self._slots.values())
+        return bool(self._live_keys())
 
     def __iter__(self) -> Iterator[Key]:
-        now = _wall_ms()
-        with self._lock:
-            keys = [k for k, s in self._slots.items() if s.live(now)]
-        return iter(keys)
+        return iter(self._live_keys())
 
     def copy(self, *, skip_corrupt: bool = False) -> dict[Key, Any]:
         """A plain dict of every live entry, from this server's memory (no I/O).
         ``skip_corrupt`` is accepted as ``SyncMap`` takes it: a replicated map holds no entry
         that does not decode (such a message is dropped on arrival)."""
-        now = _wall_ms()
-        with self._lock:
-            live = [(k, s.value, s.payload) for k, s in self._slots.items() if s.live(now)]
-        return {k: v if v is not COPY else self._codec.decode(p) for k, v, p in live}  # type: ignore[arg-type]
+        return self._live_copy()
 
     def _popitem_candidates(self) -> list[Key]:
         """Every live key, shuffled so servers draining the map at once mostly pick different
@@ -262,10 +221,7 @@ class ReplicatedMap(StoreOnly, ReplicaBase):
         if fence is not None:
             raise no_fence("set")
         self._check_open()
-        field = encode_key(key, self.config.max_key_bytes)
-        payload = self._payload(value)
-        msg = ReplicaMessage(R_SET, 0, self.node_id, field, payload, _deadline(ttl))
-        return self._write(msg, self._cached(value, payload))
+        return self._write(*self._set_draft(key, value, deadline_of(ttl)))
 
     def __delitem__(self, key: Key) -> None:
         if not self.delete(key):
@@ -277,8 +233,7 @@ class ReplicatedMap(StoreOnly, ReplicaBase):
             raise no_fence("delete")
         self._check_open()
         present = key in self
-        field = encode_key(key, self.config.max_key_bytes)
-        self._write(ReplicaMessage(R_DEL, 0, self.node_id, field))
+        self._write(self._delete_draft(key))
         return present
 
     def pop(self, key: Key, default: Any = _MISSING, *, fence: FenceArg | None = None) -> Any:
@@ -301,42 +256,21 @@ class ReplicatedMap(StoreOnly, ReplicaBase):
         and value is checked before the first is sent, as ``SyncMap.update`` does."""
         if fence is not None:
             raise no_fence("update")
-        pairs = other.items() if isinstance(other, Mapping) else other
-        deadline = _deadline(ttl)
-        limit = self.config.max_key_bytes
-        drafts = [(encode_key(k, limit), self._payload(v), v) for k, v in [*pairs, *kwargs.items()]]
+        drafts = self._update_drafts(other, kwargs, ttl)
         self._check_open()
-        for field, payload, value in drafts:
-            self._write(ReplicaMessage(R_SET, 0, self.node_id, field, payload, deadline),
-                        self._cached(value, payload))  # fmt: skip
+        for draft, value in drafts:
+            self._write(draft, value)
 
     def clear(self, *, fence: FenceArg | None = None) -> None:
         """Remove every entry written before this call, on every server."""
         if fence is not None:
             raise no_fence("clear")
         self._check_open()
-        self._write(ReplicaMessage(R_CLEAR, 0, self.node_id))
+        self._write(self._clear_draft())
 
     def _write(self, draft: ReplicaMessage, value: Any = None) -> int:
         # Order: take the version -> publish (confirmed) -> apply here.  The echo of our own
-        # message may be applied by the feed thread first; then the apply below is a no-op.
-        with self._lock:
-            hlc = self._replica.clock.tick(_wall_ms())
-        msg = ReplicaMessage(draft.op, hlc, draft.origin, draft.field, draft.payload,
-                             draft.deadline_ms)  # fmt: skip
-        self._feed.publish(self._seal(msg), key=msg.field or None)
-        with self._lock:
-            change = self._replica.apply(msg, value)
-        if change is not None:
-            self._emit(change, self.node_id)
-        return hlc
-
-
-def _deadline(ttl: float | None) -> int:
-    """The wall-clock expiry (ms) of a write with ``ttl`` seconds, 0 for none; ``ttl`` is
-    checked as ``SyncMap`` checks it."""
-    if ttl is None:
-        return 0
-    if not ttl > 0:
-        raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
-    return _wall_ms() + max(1, round(ttl * 1000))
+        # message may be applied by the feed thread first; then the apply is a no-op.
+        msg, outgoing = self._stamp(draft)
+        self._send(outgoing)
+        return self._applied_own(msg, value)

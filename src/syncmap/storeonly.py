@@ -71,3 +71,36 @@ class StoreOnly:
     def lock(self, key: Key, *, lease: float = 30.0, **options: Any) -> Lock:
         """Refused: locks (and the fencing that makes them safe) live in the store."""
         raise needs_store("a lock")
+
+
+class AsyncStoreOnly:
+    """The same refusals for ``syncmap.aio.ReplicatedMap``, with ``syncmap.aio.SyncMap``'s
+    signatures: coroutines, and ``lock()`` a plain method (it returns a lock to enter)."""
+
+    async def swap(self, key: Key, value: Any, default: Any = None, *, ttl: float | None = None,
+                   fence: Any = None) -> Any:  # fmt: skip
+        """Refused: a swap returns the value it replaced, which needs one authority."""
+        raise needs_store("swap")
+
+    async def setdefault(self, key: Key, default: Any = None, *, ttl: float | None = None,
+                         fence: Any = None) -> Any:  # fmt: skip
+        """Refused: load-or-store needs one authority to say which value won."""
+        raise needs_store("setdefault (load-or-store)")
+
+    async def compare_and_set(self, key: Key, expected: Any, new: Any, *,
+                              ttl: float | None = None, fence: Any = None) -> bool:  # fmt: skip
+        """Refused: compare-and-set needs one authority."""
+        raise needs_store("compare_and_set")
+
+    async def compare_and_delete(self, key: Key, expected: Any, *, fence: Any = None) -> bool:
+        """Refused: compare-and-delete needs one authority."""
+        raise needs_store("compare_and_delete")
+
+    async def transform(self, key: Key, fn: Callable[[Any], Any], default: Any = _MISSING, *,
+                        ttl: float | None = None, fence: Any = None) -> Any:  # fmt: skip
+        """Refused: an atomic read-modify-write needs one authority."""
+        raise needs_store("transform")
+
+    def lock(self, key: Key, *, lease: float = 30.0, **options: Any) -> Any:
+        """Refused: locks (and the fencing that makes them safe) live in the store."""
+        raise needs_store("a lock")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from syncmap import ReplicatedMap, replicafeed
+from syncmap import ReplicatedMap, replicalogic
 from syncmap.core.replica import R_SYNC, ReplicaMessage
 from syncmap.testing.wait import wait_until
 
@@ -19,7 +19,7 @@ def _requests(m: ReplicatedMap, peers: list[str]) -> list[bytes]:
 def test_sync_requests_are_coalesced_per_peer_and_bounded(
     redis_url: str, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(replicafeed, "MAX_PENDING_ANSWERS", 4)
+    monkeypatch.setattr(replicalogic, "MAX_PENDING_ANSWERS", 4)
     with ReplicatedMap("sync-bound", redis_url, snapshot={}) as m:
         topic = m._feed.topic
         pipe = admin.pipeline(transaction=False)

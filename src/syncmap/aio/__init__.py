@@ -8,6 +8,8 @@ every lock round trip is ``syncmap.lock.flows``'.
 from ..flows.reads import MISSING
 from .lock import Fence, Lock, Redlock, RWLock, Semaphore, aclose_loop_resources
 from .map import SyncMap
+from .opening import open_map
+from .replicated import ReplicatedMap
 
 __all__ = [
     "MISSING",
@@ -15,7 +17,9 @@ __all__ = [
     "Lock",
     "RWLock",
     "Redlock",
+    "ReplicatedMap",
     "Semaphore",
     "SyncMap",
     "aclose_loop_resources",
+    "open_map",
 ]
