@@ -109,9 +109,9 @@ class Handoffs:
     def pct(self, q: float) -> float:
         return pct(sorted(self.delays_ms), q)
 
-    def describe(self) -> str:
+    def describe(self, each: str = "process") -> str:
         turns = "/".join(str(self.per_process[w]) for w in sorted(self.per_process))
-        text = f"{len(self.delays_ms)} hand-offs (holds per process {turns}"
+        text = f"{len(self.delays_ms)} hand-offs (holds per {each} {turns}"
         if self.not_waiting:
             text += f"; {self.not_waiting} releases with no waiter yet, not counted"
         text += f"; max {max(self.delays_ms, default=float('nan')):.3g} ms)"
@@ -120,7 +120,13 @@ class Handoffs:
         return text
 
 
-def _segment(pool: Pool, last: Any, kind: str, n: int, seconds: float) -> dict[int, list[Hold]]:
+def start_pool(url: str, ns: str, n: int) -> tuple[Pool, Any]:
+    """``n`` contender processes and the shared integer they take turns through (``last``)."""
+    last = CTX.Value("i", -1, lock=False)
+    return Pool.start(_contender, n, (url, ns, last)), last
+
+
+def segment(pool: Pool, last: Any, kind: str, n: int, seconds: float) -> dict[int, list[Hold]]:
     """``n`` processes contend on one lock for ``seconds``; their holds."""
     last.value = -1
     start = time.monotonic_ns() + 150_000_000  # all start together, their locks made
@@ -133,13 +139,12 @@ def _segment(pool: Pool, last: Any, kind: str, n: int, seconds: float) -> dict[i
 def run(url: str, ns: str, plan: HandoffPlan) -> Report:
     configs = [(kind, n) for n in plan.contenders for kind in ("syncmap", "redis-py")]
     found = {cfg: Handoffs() for cfg in configs}
-    last = CTX.Value("i", -1, lock=False)
-    pool = Pool.start(_contender, max(plan.contenders), (url, ns, last))
+    pool, last = start_pool(url, ns, max(plan.contenders))
     try:
         for r in range(plan.rounds + 1):  # round 0: warm-up (connect, subscribe, load scripts)
             for kind, n in configs if r % 2 == 0 else configs[::-1]:
                 seconds = plan.seconds if kind == "syncmap" else plan.polling_seconds
-                logs = _segment(pool, last, kind, n, plan.warmup_seconds if r == 0 else seconds)
+                logs = segment(pool, last, kind, n, plan.warmup_seconds if r == 0 else seconds)
                 if r:
                     found[kind, n].add(logs)
     finally:

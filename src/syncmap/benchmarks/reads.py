@@ -84,7 +84,7 @@ def run(b: Bench, plan: ReadPlan) -> Section:
     return Section("reads", "Reads", rows, series, f.notes)
 
 
-def _warm(m: Any, keys: list[str]) -> None:
+def warm(m: Any, keys: list[str]) -> None:
     for _ in range(5):  # a fill in flight when a probe starts is not installed: read again
         for k in keys:
             if m.peek(k) is None:
@@ -96,7 +96,7 @@ def _local(b: Bench, f: Field, values: dict[Any, Any], plan: ReadPlan) -> None:
     keys, reps = f.keys, plan.hit_reps
     m = b.open("hits")
     m.update(values)
-    _warm(m, keys)
+    warm(m, keys)
     d, locked = dict(values), LockedDict(dict(values))
     f.add("syncmap hit", lambda: loop_getitem(m, keys, reps))
     f.add("dict", lambda: loop_getitem(d, keys, reps))
@@ -107,7 +107,7 @@ def _local(b: Bench, f: Field, values: dict[Any, Any], plan: ReadPlan) -> None:
     if _HAS_FAST_HITS:
         fast = b.open("hits-fast", fast_hits=True)
         fast.update(values)
-        _warm(fast, keys)
+        warm(fast, keys)
         f.add("syncmap hit (fast_hits)", lambda: loop_getitem(fast, keys, reps))
 
 

@@ -21,13 +21,25 @@ import redis
 
 from ..embedded import EmbeddedRedis
 from ..errors import SyncMapError
-from . import brokers, feedbench, locks, plots, propagation, reads, report, scaling, writes
+from . import (
+    aiobench,
+    brokers,
+    feedbench,
+    locks,
+    plots,
+    propagation,
+    reads,
+    report,
+    scaling,
+    writes,
+)
+from .aiohandoff import AsyncHandoffPlan
 from .context import Bench, environment, load_average
 from .handoff import HandoffPlan
 from .method import Section
 from .peers import Unavailable
 
-SECTIONS = ("reads", "writes", "propagation", "feeds", "locks", "scaling")
+SECTIONS = ("reads", "writes", "propagation", "feeds", "locks", "scaling", "asyncio")
 KiB, MiB = 1 << 10, 1 << 20
 VALUE_SIZES = (100, KiB, 10 * KiB, 100 * KiB, MiB)
 
@@ -40,6 +52,7 @@ class Plan:
     feeds: feedbench.FeedPlan
     locks: locks.LockPlan
     scaling: scaling.ScalePlan
+    aio: aiobench.AsyncPlan
 
 
 PLANS = {
@@ -54,6 +67,9 @@ PLANS = {
             rounds=1, seconds=0.3, polling_seconds=0.4, warmup_seconds=0.1, contenders=(2,))),
         scaling.ScalePlan(sizes=(100, 1000), rounds=1, reads=1000, value_sizes=(100, 10 * KiB),
                           value_bytes=50 * KiB, mem_n=1000),
+        aiobench.AsyncPlan(rounds=1, hit_reps=2, io_ops=10, tasks=100, task_reads=2,
+                           concurrent_rounds=1, handoff=AsyncHandoffPlan(
+                               rounds=1, seconds=0.2, warmup_seconds=0.1)),
     ),
     "quick": Plan(
         reads.ReadPlan(rounds=21, hit_reps=30, io_ops=150),
@@ -67,6 +83,9 @@ PLANS = {
             contenders=(2, 4, 8))),
         scaling.ScalePlan(sizes=(1000, 10_000, 100_000), rounds=5, reads=50_000,
                           value_sizes=VALUE_SIZES, value_bytes=2 * MiB, mem_n=100_000),
+        aiobench.AsyncPlan(rounds=9, hit_reps=30, io_ops=100, tasks=1000, task_reads=2,
+                           concurrent_rounds=3, handoff=AsyncHandoffPlan(
+                               rounds=2, seconds=0.4, warmup_seconds=0.2)),
     ),
     "full": Plan(
         reads.ReadPlan(rounds=31, hit_reps=100, io_ops=300),
@@ -80,6 +99,9 @@ PLANS = {
             contenders=(2, 4, 8))),
         scaling.ScalePlan(sizes=(1000, 10_000, 100_000, 1_000_000), rounds=11, reads=100_000,
                           value_sizes=VALUE_SIZES, value_bytes=8 * MiB, mem_n=1_000_000),
+        aiobench.AsyncPlan(rounds=21, hit_reps=100, io_ops=300, tasks=1000, task_reads=10,
+                           concurrent_rounds=7, handoff=AsyncHandoffPlan(
+                               rounds=3, seconds=1.5, warmup_seconds=0.4)),
     ),
 }  # fmt: skip
 
@@ -150,19 +172,20 @@ def _section(name: str, body: Callable[[], Section], outcome: Outcome,
 
 def _call(name: str, b: Bench, plan: Plan, opts: Options,
           stack: contextlib.ExitStack) -> Section:  # fmt: skip
-    if name == "reads":
-        return reads.run(b, plan.reads)
-    if name == "writes":
-        return writes.run(b, plan.writes)
+    plain: dict[str, Callable[[], Section]] = {
+        "reads": lambda: reads.run(b, plan.reads),
+        "writes": lambda: writes.run(b, plan.writes),
+        "feeds": lambda: feedbench.run(b, plan.feeds, opts.feeds),
+        "scaling": lambda: scaling.run(b, plan.scaling),
+        "asyncio": lambda: aiobench.run(b, plan.aio),
+    }
+    if name in plain:
+        return plain[name]()
     if name == "propagation":
         feeds = opts.feeds if opts.feeds is not None else propagation.default_feeds(b.url)
         return propagation.run(b, plan.propagation, brokers.resolve(feeds, b.url))
-    if name == "feeds":
-        return feedbench.run(b, plan.feeds, opts.feeds)
-    if name == "locks":
-        urls, why = _redlock_servers(opts, stack)
-        return locks.run(b, plan.locks, urls, why)
-    return scaling.run(b, plan.scaling)
+    urls, why = _redlock_servers(opts, stack)  # locks
+    return locks.run(b, plan.locks, urls, why)
 
 
 def _redlock_servers(opts: Options, stack: contextlib.ExitStack) -> tuple[list[str], str]:

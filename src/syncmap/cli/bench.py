@@ -27,7 +27,7 @@ from .torture import redact, unreachable, unreachable_message
 @click.option(
     "--only",
     metavar="SECTIONS",
-    help="Comma-separated: reads,writes,propagation,feeds,locks,scaling (default: all).",
+    help="Comma-separated: reads,writes,propagation,feeds,locks,scaling,asyncio (default: all).",
 )
 @click.option(
     "--out",
