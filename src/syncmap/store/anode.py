@@ -8,7 +8,9 @@ the topology's :class:`~syncmap.store.endpoint.Endpoint`).  One more case exists
   connection is dropped (its replies would be read by the next caller) and the cancellation
   goes on; the asyncio driver then treats a write as outcome-unknown (``aio/run.py``).
 
-Connections belong to the event loop that made them: an executor serves one loop.
+Connections belong to the event loop that made them: an executor serves one loop.  At most
+``max_connections`` are open at once (``MAX_CONNECTIONS``): a thousand coroutines missing at once
+queue for a connection instead of opening a thousand.
 """
 
 from __future__ import annotations
@@ -35,18 +37,22 @@ from .node import NET_ERRORS
 if TYPE_CHECKING:
     from .topology import Topology
 
+MAX_CONNECTIONS = 64
+
 
 class AsyncNodeExecutor:
     """Pipelined calls on a small free list of asyncio connections to ``topology``'s node."""
 
     def __init__(
-        self, topology: Topology, *, timeout: float | None = None, deadline: float | None = None
-    ) -> None:
+        self, topology: Topology, *, timeout: float | None = None, deadline: float | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:  # fmt: skip
         self.topology = topology
         self.where = topology.where
         self.timeout = timeout
         self.deadline = deadline
         self._idle: list[tuple[Any, int]] = []
+        self._slots = asyncio.Semaphore(max_connections)  # connections in use or idle, at most
 
     async def call(
         self, commands: Sequence[Command], *, write: bool, partial: bool = False
@@ -86,6 +92,12 @@ class AsyncNodeExecutor:
         raise AssertionError("unreachable")
 
     async def _once(
+        self, commands: Sequence[Command], *, write: bool, until: float | None
+    ) -> list[Any]:
+        async with self._slots:
+            return await self._exchange(commands, write=write, until=until)
+
+    async def _exchange(
         self, commands: Sequence[Command], *, write: bool, until: float | None
     ) -> list[Any]:
         payload = b"".join(hiredis.pack_command(c) for c in commands)  # before taking a conn
