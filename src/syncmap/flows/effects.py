@@ -12,16 +12,22 @@ from ..store.commands import Command, unwrap_relayed
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
 class Call:
     """Send ``commands`` as one batch; the driver sends back the replies, in order, or throws
     the executor's error into the flow (``StoreUnavailable``: nothing ran;
     ``WriteOutcomeUnknown``: a write may have run).  ``partial``: refusals come back in place
-    of their replies instead of being raised (the other commands did run)."""
+    of their replies instead of being raised (the other commands did run).
 
-    commands: Sequence[Command]
-    write: bool
-    partial: bool = False
+    A plain class with slots, not a frozen dataclass: every miss and write makes one, and a
+    frozen dataclass's ``__init__`` costs three times as much.  Treat it as immutable."""
+
+    __slots__ = ("commands", "partial", "write")
+
+    def __init__(self, commands: Sequence[Command], write: bool, partial: bool = False) -> None:
+        self.commands, self.write, self.partial = commands, write, partial
+
+    def __repr__(self) -> str:
+        return f"Call({len(self.commands)} commands, write={self.write}, partial={self.partial})"
 
 
 @dataclass(frozen=True, slots=True)
