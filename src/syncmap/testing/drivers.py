@@ -11,15 +11,18 @@ thread ever touches the map's state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..aio import SyncMap as AioMap
 from ..aio import aclose_loop_resources
+from ..config import MapConfig
 from ..core.nearcache import COPY
 from ..keys import Key, encode_key, normal_key
+from ..map import SyncMap
 from ..stats import Statistics
 from .loopguard import SLOW_CALLBACK, SlowCallbackLog, guard
 
@@ -182,4 +185,31 @@ class ThreadedAioMap:
         self._loop.run(self.map.aclose())
 
 
-__all__ = ["CALL_TIMEOUT", "LoopThread", "ThreadedAioMap", "cached_entry"]
+AnyMap = SyncMap | ThreadedAioMap
+
+
+@contextlib.contextmanager
+def mixed_maps(url: str, name: str, count: int, config: MapConfig,
+               drivers: Sequence[str] = ()) -> Iterator[list[AnyMap]]:  # fmt: skip
+    """``count`` servers of map ``name`` (node ids ``<name>-n<i>``), server ``i`` of driver
+    ``drivers[i % len(drivers)]`` (``"sync"`` or ``"async"``; empty: all sync).  The async ones
+    share one loop thread; everything is closed on exit."""
+    loop: LoopThread | None = None
+    maps: list[AnyMap] = []
+    try:
+        for i in range(count):
+            node = f"{name}-n{i}"
+            if drivers and drivers[i % len(drivers)] == "async":
+                loop = loop or LoopThread(f"syncmap-{name}-loop")
+                maps.append(ThreadedAioMap(loop, name, url, config=config, node_id=node))
+            else:
+                maps.append(SyncMap(name, url, config=config, node_id=node))
+        yield maps
+    finally:
+        for m in maps:
+            m.close()
+        if loop is not None:
+            loop.close()
+
+
+__all__ = ["CALL_TIMEOUT", "AnyMap", "LoopThread", "ThreadedAioMap", "cached_entry", "mixed_maps"]
