@@ -433,7 +433,12 @@ def torture(minutes: float, only: str | None, url: str | None, controls: bool, a
             guard = f", control: {opts}" if opts else ""
             click.echo(f"{r.id}  {r.name}  ({where}{guard})")
         return
-    wanted = [s.strip().upper() for s in only.split(",") if s.strip()] if only else None
+    ids = {sid.upper(): sid for sid in registry}  # s04 -> S04, s04a -> S04a
+    wanted = (
+        [ids.get(s.strip().upper(), s.strip()) for s in only.split(",") if s.strip()]
+        if only
+        else None
+    )
     unknown = [s for s in wanted or [] if s not in registry]
     if unknown:
         known = ", ".join(r.id for r in ordered(registry))

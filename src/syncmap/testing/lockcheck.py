@@ -44,6 +44,12 @@ class LockLoad:
     seed: int = 0
     quiet: bool = True
     """Silence the workers' ``syncmap.lock`` log (every lost lease is logged; they are counted)."""
+    drivers: tuple[str, ...] = ()
+    """Driver of each worker, cycled: ``"sync"`` (threads) or ``"async"`` (``syncmap.aio``'s
+    map and lock on an event loop); empty: every one sync."""
+
+    def driver(self, index: int) -> str:
+        return self.drivers[index % len(self.drivers)] if self.drivers else "sync"
 
 
 @dataclass(frozen=True, slots=True)

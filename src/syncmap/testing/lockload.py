@@ -43,6 +43,7 @@ The oracles (:class:`LockResult`):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import json
@@ -129,6 +130,19 @@ def _worker(
     if cfg.quiet:
         logging.getLogger("syncmap.lock").setLevel(logging.CRITICAL)
     owner = f"w{index}-{uuid.uuid4().hex[:8]}"
+    if cfg.driver(index) == "async":
+        from .alockload import aworker  # noqa: PLC0415 - the asyncio worker's modules
+
+        asyncio.run(aworker(cfg, index, owner, rng, log, (deadline, ready, go)))
+    else:
+        _sync_worker(cfg, index, owner, rng, log, (deadline, ready, go))
+    log(e="done", w=index, at=time.monotonic_ns())
+    os.close(fd)
+
+
+def _sync_worker(cfg: LockLoad, index: int, owner: str, rng: random.Random,
+                 log: Callable[..., None], shared: tuple[Any, Any, Any]) -> None:  # fmt: skip
+    deadline, ready, go = shared
     lock = Lock(cfg.lock, cfg.url, lease=cfg.lease, owner=owner, namespace=cfg.namespace)
     with SyncMap(cfg.map, cfg.url, node_id=f"lockload-{owner}") as m:
         m.get(cfg.key, consistent=True)  # connections open before the clock starts
@@ -140,8 +154,6 @@ def _worker(
         while time.monotonic_ns() < end_ns:
             n += 1
             _iteration(cfg, m, lock, rng, index, n, end_ns, log)
-    log(e="done", w=index, at=time.monotonic_ns())
-    os.close(fd)
 
 
 def _iteration(

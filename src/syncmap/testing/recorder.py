@@ -21,9 +21,11 @@ The history recorder follows TESTPLAN §2.4:
 
 Workers are threads of this process.  They share two :class:`SyncMap` instances (workers
 alternate between them), standing in for two servers with their own node ids, connections and
-feeds.  Sharing is safe: a map hands every concurrent call a connection of its own.  One map per
-thread would add a subscriber connection and three background threads per worker on a two-core
-machine, for nothing: reads go to Redis (``consistent=True``), so the near caches play no part.
+feeds.  Either may be a ``syncmap.aio`` map driven through ``testing.drivers.ThreadedAioMap``
+(S01a): its workers' calls then run as concurrent tasks on that map's event loop.  Sharing
+is safe: a map hands every concurrent call a connection of its own.  One map per thread would
+add a subscriber connection and three background threads per worker on a two-core machine,
+for nothing: reads go to Redis (``consistent=True``), so the near caches play no part.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StoreUnavailable, WriteOutcomeUnknown
-from ..map import SyncMap
+from .drivers import AnyMap
 from .history import Op
 
 #: Operation kinds and their default weights (TESTPLAN S01: get/set/cas/delete/put_if_absent,
@@ -212,7 +214,7 @@ class _Slot:
 @dataclass(slots=True)
 class _Worker:
     name: str
-    map: SyncMap
+    map: AnyMap
     rng: random.Random
     history: History = field(default_factory=History)
     incarnation: int = 0
@@ -236,7 +238,7 @@ class Recorder:
 
     def __init__(
         self,
-        maps: Sequence[SyncMap],
+        maps: Sequence[AnyMap],
         *,
         threads: int = 16,
         group_size: int = GROUP_SIZE,

@@ -239,11 +239,12 @@ def delete_map(url: str, name: str, namespace: str = "sm") -> int:
 
 
 @scenario("S04", "nearcache-staleness-load", faults_server=False)
-def s04(env: Env, seconds: float = 4.0) -> ScenarioResult:
+def s04(env: Env, seconds: float = 4.0, *, drivers: tuple[str, ...] = ()) -> ScenarioResult:
     """64 keys, Zipf reads 90 % / writes 10 % from 3 server processes; sweep C2, C4, C5, C6; C3.
 
     On ``env.url`` (a user's Redis) it uses a map of its own, ``<env.namespace>-s04-<random>``
     (in the default namespace: the workload's servers use it), and deletes its keys afterwards.
+    ``drivers``: each server's driver, cycled (``Workload.drivers``; S04a mixes in asyncio).
     """
     result, started = timed("S04", "nearcache-staleness-load")
     tally = _Tally()
@@ -252,7 +253,8 @@ def s04(env: Env, seconds: float = 4.0) -> ScenarioResult:
         for length in _rounds(seconds, 60.0, 1.0):
             name = _round_name(f"{env.namespace}-s04" if env.url else "s04")
             try:
-                tally.add(*_sweep_round(Workload(url, name=name, seconds=length)))
+                w = Workload(url, name=name, seconds=length, drivers=drivers)
+                tally.add(*_sweep_round(w))
             finally:
                 if env.url:
                     delete_map(url, name)
@@ -377,11 +379,17 @@ def _slow_subscriber(admin: redis.Redis, writer: Writer, counts: Counter[str]) -
 
 @scenario("S07", "lost-invalidation-disconnect")
 def s07(
-    env: Env, seconds: float = 4.0, *, guard: bool = True, variant: S07Variant | None = None
+    env: Env,
+    seconds: float = 4.0,
+    *,
+    guard: bool = True,
+    variant: S07Variant | None = None,
+    drivers: tuple[str, ...] = (),
 ) -> ScenarioResult:
     """Subscribers disconnected while keys change: ``kill`` (CLIENT KILL TYPE pubsub every 0.5 s)
-    and ``slow-subscriber`` (a SIGSTOPped server cut by the pubsub output buffer limit).
-    ``guard=False`` disables gap detection, probes and epoch checks.  No ``variant``: both."""
+    and ``slow-subscriber`` (a SIGSTOPped server cut by the pubsub output buffer limit: the
+    first server's).  ``guard=False`` disables gap detection, probes and epoch checks.  No
+    ``variant``: both.  ``drivers``: each server's driver, cycled (S07a mixes in asyncio)."""
     result, started = timed("S07", "lost-invalidation-disconnect")
     variants = S07_VARIANTS if variant is None else (variant,)
     guards = Guards() if guard else OFF
@@ -396,7 +404,8 @@ def s07(
             for length in _rounds(share, 30.0 if v == "kill" else 4.0, 3.0):
                 name = _round_name("s07")
                 with _writer(server.url, name) as writer:
-                    w = Workload(server.url, name=name, seconds=length, guards=guards)
+                    w = Workload(server.url, name=name, seconds=length, guards=guards,
+                                 drivers=drivers)  # fmt: skip
                     fault = (
                         _kill_subscribers(server, writer, length, counts)
                         if v == "kill"

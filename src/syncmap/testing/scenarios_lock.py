@@ -132,19 +132,25 @@ def s12(env: Env, seconds: float = 6.0) -> ScenarioResult:
 
 @scenario("S13", "lock-lease-pause-fenced")
 def s13(
-    env: Env, seconds: float = 6.0, *, guard: bool = True, variant: S13Variant | None = None
+    env: Env,
+    seconds: float = 6.0,
+    *,
+    guard: bool = True,
+    variant: S13Variant | None = None,
+    drivers: tuple[str, ...] = (),
 ) -> ScenarioResult:
     """Fenced writes; the holder stalls past its lease: ``sigstop`` (SIGSTOP), ``gil`` (a C call
     holding the GIL: its own watchdog cannot run), ``client-pause`` (CLIENT PAUSE WRITE: renewals
     wait in Redis; critical sections of 1.2-2 leases).  Stale writes must be refused (> 0) and
-    none accepted.  ``guard=False`` runs unfenced.  No ``variant``: all three."""
+    none accepted.  ``guard=False`` runs unfenced.  No ``variant``: all three.  ``drivers``:
+    each worker's driver, cycled (``LockLoad.drivers``; S13a mixes in asyncio)."""
     result, started = timed("S13", "lock-lease-pause-fenced")
     variants = S13_VARIANTS if variant is None else (variant,)
     runs: list[LockResult] = []
     for v in variants:
         extra = LONG_CS if v == "client-pause" else {}
         length = max(seconds / len(variants), 6.0)
-        r = _run(env, fenced=guard, fault=v, seconds=length, **extra)
+        r = _run(env, fenced=guard, fault=v, seconds=length, drivers=drivers, **extra)
         runs.append(r)
         result.require(r.faults_hit > 0, f"{v}: no fault landed on a holder")
         if v == "gil":
@@ -154,6 +160,13 @@ def s13(
         require_fenced_safe(result, r, v)
     lock_figures(result, runs)
     result.figures["variants"] = ",".join(variants)
+    if drivers:  # which kind of holder the faults stalled (S13a: the asyncio ones must be hit)
+        cfg = LockLoad("", drivers=drivers)
+        hits = [
+            cfg.driver(f.worker) for r in runs for f in r.faults if f.hit and f.worker is not None
+        ]
+        result.figures["faults_hit_async"] = hits.count("async")
+        result.figures["faults_hit_sync"] = hits.count("sync")
     return finish(result, started)
 
 

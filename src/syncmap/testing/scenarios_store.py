@@ -31,6 +31,7 @@ from ..embedded import EmbeddedRedis
 from ..errors import StoreUnavailable, WriteOutcomeUnknown
 from ..keys import Layout
 from ..map import SyncMap
+from .drivers import mixed_maps
 from .faults import client_kill, client_pause
 from .recorder import (
     _UNAVAILABLE_PAUSE_S,
@@ -185,12 +186,14 @@ def s01(
     seed: int | None = None,
     plant: bool = False,
     history_path: str | Path | None = None,
+    drivers: tuple[str, ...] = (),
     **_: Any,
 ) -> ScenarioResult:
     """Concurrent get/set/swap/cas/cad/delete/setdefault with the cache bypassed, no faults.
 
     With ``env.url`` it runs on that Redis under a map of its own and deletes every key it made.
     ``plant=True`` corrupts one read before checking (the oracle's negative control: must fail).
+    ``drivers``: the two servers' drivers (``("sync", "async")``: S01a, see testing/drivers.py).
     """
     result, started = timed("S01", "auth-linearizable-baseline")
     name = f"s01-{uuid.uuid4().hex[:10]}"
@@ -198,12 +201,9 @@ def s01(
     rec = Recorder([], threads=threads, ops_per_key=ops_per_key, max_keys=max_keys, seed=seed)
     with _redis_for(env) as (url, _server):
         try:  # on the user's Redis, every key the map made is deleted, whatever happens
-            rec.maps = maps = _open_maps(url, name, 2, config)
-            try:
+            with mixed_maps(url, name, 2, config, drivers) as maps:
+                rec.maps = list(maps)
                 history = rec.run(seconds)
-            finally:
-                for m in maps:
-                    m.close()
         finally:
             deleted = delete_map_keys(url, name, env.namespace, config.buckets)
     records = history.records

@@ -277,6 +277,15 @@ class SentinelSet:
         _poll(moved, start + timeout, f"a failover away from {old[0]}:{old[1]}")
         return found[0], time.monotonic() - start
 
+    def failover(self, timeout: float = 30.0) -> tuple[Addr, Addr]:
+        """``SENTINEL FAILOVER``: promote the replica now, no failure and no down-after wait;
+        (old, new) master addresses once the Sentinels name the new one and it is a master."""
+        old = self.master_addr()
+        with self.sentinels[0].client() as c:
+            c.execute_command("SENTINEL", "FAILOVER", self.service)
+        new, _ = self.wait_failover(old, timeout)
+        return old, new
+
     def set_min_replicas(self, n: int, max_lag: int = 10) -> None:
         """``min-replicas-to-write n`` and ``min-replicas-max-lag`` on every data node, so a
         master without ``n`` replicas in touch refuses writes (NOREPLICAS)."""

@@ -1,12 +1,15 @@
 """A multi-process workload for scenarios: several servers read and write one map.
 
 Each server is a separate OS process (so SIGSTOP or a killed connection hits only one) running
-:func:`serve`.  It records every operation with ``time.monotonic_ns()`` and, after the run and a
-quiet period of ``max_staleness``, what its near cache holds (for the convergence check, C3).
+:func:`serve`, or with ``drivers`` naming ``"async"`` for it, ``syncmap.testing.aworkload``'s
+asyncio server (a ``syncmap.aio`` map on the same map, in the same run).  It records every
+operation with ``time.monotonic_ns()`` and, after the run and a quiet period of
+``max_staleness``, what its near cache holds (for the convergence check, C3).
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 import os
 import random
@@ -32,6 +35,14 @@ class Workload:
     max_staleness: float = 1.0
     feed: str | None = None
     guards: Guards = field(default_factory=Guards)
+    drivers: tuple[str, ...] = ()
+    """Driver of each server, cycled (``"sync"`` or ``"async"``); empty: every one sync."""
+
+    def driver(self, index: int) -> str:
+        return self.drivers[index % len(self.drivers)] if self.drivers else "sync"
+
+    def config(self) -> MapConfig:
+        return MapConfig(max_staleness=self.max_staleness, guards=self.guards, socket_timeout=2.0)
 
 
 @dataclass(slots=True)
@@ -44,9 +55,15 @@ class ServerResult:
 
 
 def serve(w: Workload, process: str, seed: int, results: Any, ready: Any, go: Any) -> None:
-    """Body of one server process; puts a :class:`ServerResult` on ``results``."""
+    """Body of server process number ``seed`` (its index, also its seed); puts a
+    :class:`ServerResult` on ``results``."""
+    if w.driver(seed) == "async":
+        from .aworkload import aserve  # noqa: PLC0415 - the asyncio server's modules
+
+        asyncio.run(aserve(w, process, seed, results, ready, go))
+        return
     rng = random.Random(seed)
-    cfg = MapConfig(max_staleness=w.max_staleness, guards=w.guards, socket_timeout=2.0)
+    cfg = w.config()
     weights = [1 / (i + 1) for i in range(w.keys)]  # Zipf-like skew
     names = [f"k{i}" for i in range(w.keys)]
     ops: list[Op] = []

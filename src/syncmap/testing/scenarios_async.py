@@ -1,0 +1,71 @@
+"""TESTPLAN scenarios S01, S04, S07 and S13 with asyncio clients (issue 15 §5): S01a, S04a,
+S07a, S13a, registered for tests and ``syncmap torture``.
+
+Each is its scenario with a *mix* of drivers on one map in one run, same oracles, same
+guard-off control (``guard=False`` / ``plant=True``), same figures, plus ``drivers``:
+
+* S01a: of the two servers the recorder's threads share, the second is a ``syncmap.aio`` map
+  on a loop thread (``testing.drivers.ThreadedAioMap``): its workers' operations run as
+  concurrent tasks on that loop.  WGL and the version sweep judge both servers' operations.
+* S04a, S07a: servers 0 and 2 of the three processes are asyncio servers
+  (``testing.aworkload``: two client coroutines sharing one ``aio`` map), server 1 a thread
+  server; S07a's ``slow-subscriber`` SIGSTOPs server 0, an asyncio one.
+* S13a: workers 1-4 of the five are asyncio workers (``testing.alockload``: ``aio.Lock``
+  renewed by a task on the worker's loop, ``aio`` map writes fenced by its token), worker 0 a
+  thread worker, on one lock.  Four of five so that the faults, which strike whoever holds the
+  lock, stall an asyncio holder almost surely (``faults_hit_async`` says how often they did).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .scenario import Env, ScenarioResult, scenario
+from .scenarios_cache import S07Variant, s04, s07
+from .scenarios_lock import S13Variant, s13
+from .scenarios_store import s01
+
+#: Server i's driver is MIXED[i % 2].
+MIXED = ("async", "sync")
+S01_DRIVERS = ("sync", "async")
+S13_DRIVERS = ("sync", "async", "async", "async", "async")
+
+
+def _as(sid: str, drivers: tuple[str, ...], r: ScenarioResult) -> ScenarioResult:
+    r.id = sid
+    r.name += "-async"
+    r.figures["drivers"] = ",".join(drivers)
+    return r
+
+
+@scenario("S01a", "auth-linearizable-baseline-async", faults_server=False)
+def s01a(env: Env, seconds: float, *, plant: bool = False, **options: Any) -> ScenarioResult:
+    """S01 with one sync and one asyncio server (options: S01's)."""
+    return _as("S01a", S01_DRIVERS, s01(env, seconds, plant=plant, drivers=S01_DRIVERS,
+                                        **options))  # fmt: skip
+
+
+@scenario("S04a", "nearcache-staleness-load-async", faults_server=False)
+def s04a(env: Env, seconds: float = 4.0) -> ScenarioResult:
+    """S04 with asyncio and sync servers on one map."""
+    return _as("S04a", MIXED, s04(env, seconds, drivers=MIXED))
+
+
+@scenario("S07a", "lost-invalidation-disconnect-async")
+def s07a(
+    env: Env, seconds: float = 4.0, *, guard: bool = True, variant: S07Variant | None = None
+) -> ScenarioResult:
+    """S07 with asyncio and sync servers; the SIGSTOPped subscriber is an asyncio server's."""
+    return _as("S07a", MIXED, s07(env, seconds, guard=guard, variant=variant, drivers=MIXED))
+
+
+@scenario("S13a", "lock-lease-pause-fenced-async")
+def s13a(
+    env: Env, seconds: float = 6.0, *, guard: bool = True, variant: S13Variant | None = None
+) -> ScenarioResult:
+    """S13 with asyncio and thread workers on one lock."""
+    drivers = S13_DRIVERS
+    return _as("S13a", drivers, s13(env, seconds, guard=guard, variant=variant, drivers=drivers))
+
+
+__all__ = ["MIXED", "S01_DRIVERS", "S13_DRIVERS", "s01a", "s04a", "s07a", "s13a"]
