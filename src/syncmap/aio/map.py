@@ -20,6 +20,7 @@ from ..config import MapConfig
 from ..core.nearcache import COPY, Entry, Event, NearCache
 from ..core.wire import unpack_value
 from ..errors import ConfigurationError, MapClosed
+from ..feed.arouting import open_async_store_feed  # at import: not on the loop at open()
 from ..flows import admin, bulk, reads, writes
 from ..flows.effects import Flow
 from ..flows.reads import MISSING
@@ -86,8 +87,6 @@ class SyncMap:
         """Connect, agree on the map's settings, subscribe and take the baseline probe."""
         if self._engine is not None:
             return self
-        from ..feed.arouting import open_async_store_feed  # noqa: PLC0415 - brokers' clients
-
         cfg, (url, client, feed) = self.config, self._where
         self._topology: Topology = open_topology(url, client, timeout=cfg.socket_timeout)
         self._executor = self._topology.async_executor(deadline=cfg.call_timeout)
