@@ -2,7 +2,9 @@
 maps write and read through near caches, Sentinel fails over, the old master resumes.  Each
 variant on its own Sentinel set (~12-20 s each).  The control (maps pinned to the first master's
 address, no Sentinel) must fail.  ``pytest -s`` prints the figures; ``syncmap torture --only S10``
-runs the long form."""
+runs the long form, which adds the ``min-replicas`` variant (~20 s; left out here to keep the
+suite near ten minutes; doctor's durability check is tested on min-replicas-to-write in
+tests/integration/test_topology.py)."""
 
 from __future__ import annotations
 
@@ -32,16 +34,6 @@ def test_s10_plain_keeps_caches_convergent(env: Env) -> None:
     assert f["plain_acked_lost"] <= PLAIN_LOSS_BOUND
     assert f["plain_failover_s"] is not None and f["plain_detection_s"] is not None
     assert f["plain_refused_unavailable"] + f["plain_refused_unknown"] > 0  # the pause was felt
-    assert r.passed, r.failures
-
-
-def test_s10_min_replicas_loses_no_acknowledged_write(env: Env) -> None:
-    r = s10(env, 0.0, variants=("min-replicas",))
-    print(f"\n{r.summary()}")
-    f = r.figures
-    assert f["min_replicas_acked_lost"] == 0 and f["min_replicas_divergent"] == 0
-    # The new master has no replica in touch until the old one is demoted: it refuses writes.
-    assert f["min_replicas_refused_unavailable"] > 0
     assert r.passed, r.failures
 
 

@@ -179,8 +179,12 @@ class Endpoint:
         return aio_connection.Connection(**kwargs)
 
     def client(self, **overrides: Any) -> redis.Redis:
-        """A ``redis.Redis`` for this node, for tools (the CLI, tests); not used by maps."""
+        """A ``redis.Redis`` for this node, for tools (the CLI, tests); not used by maps.
+
+        No retries unless ``overrides`` asks for them: redis-py's default backs off three times
+        (about 3.5 s) before telling a CLI user that nothing listens there."""
         kwargs: dict[str, Any] = {
+            "retry": Retry(NoBackoff(), 0),
             "db": self.db, "username": self.username, "password": self.password,
             "socket_timeout": self.socket_timeout,
             "socket_connect_timeout": self.connect_timeout or self.socket_timeout,
