@@ -16,10 +16,11 @@ silently skipping every integration test.  The same holds for a server asked for
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import NoReturn
 
 import pytest
@@ -27,6 +28,7 @@ import redis
 
 from syncmap.embedded import ENV_VAR, KINDS, EmbeddedRedis, find_redis_server
 from syncmap.errors import RedisServerNotFound
+from syncmap.testing import loopguard
 from syncmap.testing.sentinelset import (
     SentinelModeUnavailable,
     SentinelSet,
@@ -170,3 +172,23 @@ def admin(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
 def raw(admin: redis.Redis) -> redis.Redis:
     """``admin`` by the name the message tests use: a plain client that publishes raw bytes."""
     return admin
+
+
+# ---- the loop guard of every asyncio test --------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _guard_async_tests(request: pytest.FixtureRequest) -> None:
+    """Every ``async def`` test runs under :func:`loop_guard`; sync tests are left alone."""
+    if inspect.iscoroutinefunction(getattr(request, "function", None)):
+        request.getfixturevalue("loop_guard")
+
+
+@pytest.fixture
+async def loop_guard() -> AsyncIterator[loopguard.SlowCallbackLog]:
+    """asyncio debug mode with ``loopguard.SLOW_CALLBACK`` as the slow-callback threshold; the
+    test fails if a callback of syncmap's own ran longer (``syncmap.testing.loopguard``, which
+    says why that threshold).  A test's own slow step does not count.  A test that blocks a
+    syncmap task on purpose (a control) checks ``loop_guard.syncmap()`` and then ``clear()``s."""
+    async with loopguard.guarding() as log:
+        yield log

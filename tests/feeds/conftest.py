@@ -9,15 +9,13 @@ skip would hide an untested feed and so fails instead.
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import pytest
 
 from syncmap.embedded import EmbeddedRedis
-from syncmap.testing import loopguard
 
 FEEDS = ["redis", "redis+stream", "amqp", "nats", "nats+jetstream", "kafka"]
 """Every feed scheme.  In store mode the ``redis`` case uses pub/sub on a *second* Redis, so the
@@ -124,18 +122,3 @@ def restartable_feed(request: pytest.FixtureRequest, kind: str) -> tuple[str, An
         proxied = url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}")
         return proxied.geturl(), proxy.reset_all
     raise AssertionError(kind)
-
-
-@pytest.fixture
-async def loop_guard() -> AsyncIterator[loopguard.SlowCallbackLog]:
-    """The asyncio feed tests: debug mode, a 5 ms slow-callback threshold, and a failure if any
-    warning names syncmap code (``syncmap.testing.loopguard``).  A test that blocks on purpose
-    (the guard's own control) clears ``records`` before it ends."""
-    loopguard.guard(asyncio.get_running_loop())
-    log = loopguard.SlowCallbackLog().install()
-    try:
-        yield log
-    finally:
-        log.remove()
-    slow = log.syncmap()
-    assert not slow, f"syncmap code blocked the event loop: {slow[:3]}"

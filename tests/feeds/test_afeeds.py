@@ -14,8 +14,6 @@ clients dial a proxy in front of Tansu whose connections are reset (the broker k
 from __future__ import annotations
 
 import asyncio
-import logging
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,99 +27,32 @@ from syncmap.feed.ajetstream import AsyncJetStreamFeed
 from syncmap.feed.akafka import AsyncKafkaFeed
 from syncmap.feed.anats import AsyncNatsFeed
 from syncmap.feed.arabbitmq import AsyncRabbitMQFeed
+from syncmap.feed.aregistry import async_feed_class
 from syncmap.feed.base import FeedHandler, FeedUnavailable, PublishOutcomeUnknown
 from syncmap.serverproc import free_port
+from syncmap.testing import loopguard, stopping
 from syncmap.testing.proxy import FaultProxy
 from syncmap.testing.rabbitmq import delete_exchanges, through
 
 KINDS = ["nats", "nats+jetstream", "amqp", "kafka"]
 TIMEOUT = 2.0
-SLOW = 0.005
 
 
-# ---- the slow-callback guard ---------------------------------------------------------------------
+# ---- the slow-callback guard (tests/conftest.py loop_guard, on every async test) -------------
 
 
-class SlowCallbacks(logging.Handler):
-    """Collects asyncio's debug-mode "Executing <handle> took N seconds" warnings."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.found: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
-        if text.startswith("Executing") and " took " in text:
-            self.found.append(text)
-
-
-@pytest.fixture
-async def guard() -> AsyncIterator[SlowCallbacks]:
-    loop = asyncio.get_running_loop()
-    loop.set_debug(True)
-    loop.slow_callback_duration = SLOW
-    catcher = SlowCallbacks()
-    logger = logging.getLogger("asyncio")
-    logger.addHandler(catcher)
-    # A callback's time is wall time, GIL waits included, and another busy Python thread (the
-    # FaultProxy's, a Kafka consumer's) may keep the GIL for a whole switch interval, 5 ms by
-    # default: the threshold itself.  A shorter interval keeps such waits well below it.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(SLOW / 10)
-    try:
-        yield catcher
-    finally:
-        sys.setswitchinterval(interval)
-        logger.removeHandler(catcher)
-
-
-def ours(found: list[str]) -> list[str]:
-    """The slow callbacks that syncmap's code ran or created (its path is in the handle's repr,
-    which debug mode gives with where it was created).  Others (nats-py's, aiormq's, this file's)
-    are the client libraries' business or the machine's load: reported, not failed on."""
-    return [text for text in found if "/syncmap/" in text or any(n in text for n in _NAMES)]
-
-
-def _syncmap_names() -> tuple[str, ...]:
-    """``Class.`` for every class of the feed modules: a plain handle's repr names its callback
-    by qualified name only (``InlineDispatch.submit(...)``), not by file."""
-    import inspect
-
-    from syncmap.feed import aioloop, akafka, anats, arabbitmq, natsbase
-    from syncmap.feed import ajetstream as ajs
-
-    modules = (aioloop, akafka, anats, arabbitmq, natsbase, ajs)
-    return tuple(
-        f"{name}."
-        for m in modules
-        for name, obj in vars(m).items()
-        if inspect.isclass(obj) and obj.__module__ == m.__name__
-    )
-
-
-_NAMES = _syncmap_names()
-
-
-@pytest.fixture(autouse=True)
-async def no_blocking(guard: SlowCallbacks) -> AsyncIterator[None]:
-    yield
-    mine = ours(guard.found)
-    for text in guard.found:
-        if text not in mine:
-            logging.getLogger(__name__).warning("slow callback outside syncmap: %s", text[:300])
-    assert not mine, "syncmap code blocked the loop:\n" + "\n".join(mine)
-
-
-async def test_the_guard_sees_a_callback_that_blocks(guard: SlowCallbacks) -> None:
-    """Control: the same guard does catch a callback that blocks (then forgets it)."""
+async def test_the_guard_sees_a_callback_that_blocks(
+    loop_guard: loopguard.SlowCallbackLog,
+) -> None:
+    """Control: the same guard does catch a callback of syncmap's that blocks (then forgets it)."""
     from syncmap.feed.natsbase import InlineDispatch
 
     blocking = InlineDispatch("control")  # syncmap code, running a callback that blocks
-    asyncio.get_running_loop().call_soon(blocking.submit, time.sleep, 4 * SLOW)
+    asyncio.get_running_loop().call_soon(blocking.submit, time.sleep, 4 * loopguard.SLOW_CALLBACK)
     await asyncio.sleep(0)
     await asyncio.sleep(0)
-    assert ours(guard.found), guard.found
-    guard.found.clear()
+    assert loop_guard.syncmap(), loop_guard.all()
+    loop_guard.clear()
 
 
 # ---- brokers and faults --------------------------------------------------------------------------
@@ -320,3 +251,30 @@ async def test_aclose_stops_delivery_and_leaves_no_task(kit: Kit) -> None:
     ):
         await asyncio.sleep(0.01)  # cancelled tasks of the client libraries wind down
     assert not left, f"tasks left after aclose: {left}"
+
+
+# ---- closing at any moment -----------------------------------------------------------------------
+
+STOP_CYCLES = {"nats": 40, "nats+jetstream": 30, "amqp": 30, "kafka": 4}
+"""Open/close cycles per feed (a Kafka subscription starts a consumer thread: slow, so few)."""
+
+
+async def test_a_feed_closes_at_any_moment(kit: Kit) -> None:
+    """Subscribe, publish, and close the subscription and the feed at a varying moment: each
+    ``aclose()`` returns within ``stopping.CLOSE_BOUND`` and no task is left
+    (``syncmap.aiotasks``)."""
+    topic = kit.topic()
+
+    async def open_feed() -> Callable[[], Awaitable[None]]:
+        feed = async_feed_class(kit.url)(kit.url, topic, timeout=0.5)
+        sub = await feed.subscribe(Collector().handler)
+        await feed.publish(b"x", confirm=False)
+
+        async def close() -> None:
+            await sub.aclose()
+            await feed.aclose()
+
+        return close
+
+    slowest = await stopping.cycle(open_feed, STOP_CYCLES[kit.kind], spread=0.05)
+    print(f"\nslowest {kit.kind} close: {slowest:.3f} s")

@@ -33,8 +33,6 @@ from syncmap.testing.afeedconformance import (
     subscribed,
 )
 
-pytestmark = pytest.mark.usefixtures("loop_guard")
-
 
 def stream_url(server: EmbeddedRedis, query: str = "") -> str:
     return server.url.replace("redis://", "redis+stream://", 1) + query

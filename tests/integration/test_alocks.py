@@ -1,14 +1,13 @@
 """syncmap.aio.lock against real redis-server processes: exclusion between tasks and with a
 sync holder, hand-off speed, fencing, lease loss, cancellation, RWLock, Semaphore, Redlock.
 
-Every test runs with asyncio debug mode and a 5 ms slow-callback threshold, and fails if any
-callback took longer (``loop_guard``; the one test that blocks the loop on purpose says so, and
-``test_the_guard_catches_a_blocking_call`` is the guard-off control)."""
+Every test runs under the loop guard of tests/conftest.py (``syncmap.testing.loopguard``): it
+fails if a callback of syncmap's own blocked the loop; ``test_the_guard_catches_a_blocking_call``
+is the guard-off control."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import statistics
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -20,40 +19,15 @@ from syncmap import Lock as SyncLock
 from syncmap import LockError, LockLost, LockNotAcquired, LockNotOwned, StaleFence, SyncMap
 from syncmap.aio.lock import Lock, Redlock, RWLock, Semaphore, aclose_loop_resources
 from syncmap.embedded import EmbeddedRedis
-
-
-class SlowCallbacks(logging.Handler):
-    """Collects asyncio's "Executing <handle> took N seconds" warnings about steps that ran
-    syncmap code: a step of a syncmap task, or of a test's task (which calls into syncmap).
-    redis-py's own internal tasks are its business, not ours."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[str] = []
-        self.allowed = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        ours = ("/syncmap/", "syncmap-", "test_alocks.py", "astandin.py")
-        if message.startswith("Executing") and any(mark in message for mark in ours):
-            self.records.append(message)
+from syncmap.testing import loopguard
 
 
 @pytest.fixture(autouse=True)
-async def loop_guard() -> AsyncIterator[SlowCallbacks]:
-    loop = asyncio.get_running_loop()
-    loop.set_debug(True)
-    loop.slow_callback_duration = 0.005
-    guard = SlowCallbacks()
-    logger = logging.getLogger("asyncio")
-    logger.addHandler(guard)
-    try:
-        yield guard
-        await aclose_loop_resources()
-    finally:
-        logger.removeHandler(guard)
-    if not guard.allowed:
-        assert not guard.records, f"the loop was blocked: {guard.records}"
+async def _aclose_loop_resources() -> AsyncIterator[None]:
+    """The loop's wakers and subscribers are closed before the loop (and before the guard's
+    check, which runs after this teardown)."""
+    yield
+    await aclose_loop_resources()
 
 
 @pytest.fixture
@@ -176,11 +150,9 @@ async def test_a_deleted_hold_is_lost_told_and_raised(shared_redis_url: str,
     assert not lock.held
 
 
-async def test_a_blocked_loop_sees_its_lease_gone_at_once(
-    shared_redis_url: str, loop_guard: SlowCallbacks
-) -> None:
-    # Blocking the loop stands in for a SIGSTOP: the renewal task cannot run.
-    loop_guard.allowed = True
+async def test_a_blocked_loop_sees_its_lease_gone_at_once(shared_redis_url: str) -> None:
+    # Blocking the loop (the test's own step, not syncmap's) stands in for a SIGSTOP: the
+    # renewal task cannot run.
     told: list[LockLost] = []
     lock = Lock("paused", shared_redis_url, lease=0.2, on_lost=told.append)
     other = Lock("paused", shared_redis_url)
@@ -345,9 +317,27 @@ async def test_redlock_on_three_servers(three: list[EmbeddedRedis]) -> None:
 # ---- the guard -------------------------------------------------------------------------------
 
 
-async def test_the_guard_catches_a_blocking_call(loop_guard: SlowCallbacks) -> None:
-    loop_guard.allowed = True  # guard-off control: this one must be seen
-    await asyncio.sleep(0)
-    time.sleep(0.02)  # the planted blocking call
-    await asyncio.sleep(0)
-    assert loop_guard.records and "took" in loop_guard.records[0]
+async def test_the_guard_catches_a_blocking_call(
+    shared_redis_url: str, loop_guard: loopguard.SlowCallbackLog
+) -> None:
+    """Guard-off control: a renewal task (syncmap's) whose renewal blocks is caught."""
+    lock = Lock("guarded", shared_redis_url, lease=0.3)
+    await lock.acquire()
+    hold = lock._hold
+    assert hold is not None
+    renew = hold._renew
+
+    async def blocking_renew() -> bool:
+        time.sleep(4 * loopguard.SLOW_CALLBACK)  # planted in the syncmap-renew task
+        return await renew()
+
+    hold._renew = blocking_renew
+    deadline = time.monotonic() + 2
+    while not loop_guard.syncmap() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert any("syncmap-renew" in text for text in loop_guard.syncmap()), loop_guard.all()
+    with pytest.raises(AssertionError, match="syncmap code blocked the event loop"):
+        loop_guard.check()
+    loop_guard.clear()
+    hold._renew = renew
+    await lock.release()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ..aiotasks import stop_tasks
 from ..changes import FeedLogic
 from ..errors import FeedError, SyncMapError
 from ..feed.abase import AsyncFeed, AsyncSubscription
@@ -124,18 +125,11 @@ class AsyncEngine(FeedLogic):
             return
         # Stop the loops by flag and wake-up, not by cancel: Python 3.11's asyncio.timeout and
         # wait_for can lose a cancellation that meets their own timeout (the loop then runs on
-        # and aclose() would wait forever).  A task still busy after STOP_WAIT is cancelled.
+        # and aclose() would wait forever).  A task still busy after STOP_WAIT is cancelled,
+        # repeatedly, and at worst left running with an error logged (``aiotasks``).
         self._closed = True
-        self._probe_now.set()
-        self._timer_wake.set()
         tasks, self._tasks = self._tasks, []
-        if tasks:
-            _, busy = await asyncio.wait(tasks, timeout=STOP_WAIT)
-            for task in busy:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await stop_tasks(tasks, wake=self._wake_loops, grace=STOP_WAIT)
         if self._subscription is not None:
             await self._subscription.aclose()
             self._subscription = None
@@ -146,6 +140,10 @@ class AsyncEngine(FeedLogic):
                 await self.executor.call(
                     [("HDEL", self.cmds.layout.presence, self.cmds.origin)], write=True
                 )
+
+    def _wake_loops(self) -> None:
+        self._probe_now.set()
+        self._timer_wake.set()
 
     def raise_background_error(self) -> None:
         if self.error is not None:

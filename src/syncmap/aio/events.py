@@ -14,6 +14,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 
+from ..aiotasks import stop_task
 from ..core.nearcache import Event
 from ..events import EVENT_QUEUE_LIMIT
 from ..ratelog import RateLimitedLog
@@ -105,10 +106,7 @@ class AsyncFanout:
             with contextlib.suppress(asyncio.QueueFull):
                 q.put_nowait(None)
         task, self._task, self._events = self._task, None, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)  # cancelled (it may be in a user's callback), repeatedly if need be
 
 
 class AsyncWatch:

@@ -45,7 +45,6 @@ the stream still holds its whole (compacted) history.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import functools
 import hashlib
@@ -77,6 +76,7 @@ from nats.js.errors import (
 )
 from nats.js.manager import JetStreamManager
 
+from ..aiotasks import stop_task
 from ..errors import ConfigurationError
 from . import natsbase
 from .anats import AsyncNatsFeedBase, DispatchFactory, LiveSubscription
@@ -488,10 +488,11 @@ class StreamSubscription(LiveSubscription):
     def overflowed(self) -> None:
         self._wake.set()  # the consumer sequence will skip; re-read from _last
 
-    async def _shutdown(self) -> None:
+    async def _stop_tasks(self) -> None:
         task, self._task = self._task, None
-        if task is not None:  # owned: cancelled and awaited, so aclose() leaves no task behind
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Owned: stopped and awaited, so aclose() leaves no task behind.  The dispatch is closed
+        # (the flag _supervise checks); _wake ends its wait.
+        await stop_task(task, wake=self._wake.set, grace=self._feed.timeout)
+
+    async def _shutdown(self) -> None:
         await self._detach(delete=True)

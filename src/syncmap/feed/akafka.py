@@ -32,6 +32,10 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+# The client library itself, first: kafka.py may be imported already, so only this import tells
+# a missing confluent-kafka apart (base.load_class: "pip install 'syncmap[kafka]'").
+import confluent_kafka  # noqa: F401
+
 from .abase import AsyncFeed, AsyncSubscription
 from .base import FeedHandler, FeedUnavailable, Subscription
 from .kafka import KafkaFeed, _settings

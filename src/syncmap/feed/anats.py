@@ -219,7 +219,8 @@ class AsyncNatsFeedBase(AsyncFeed):
     async def _close_connection(self) -> None:
         # close() writes out what is buffered (confirm=False publishes) before closing.
         try:
-            await asyncio.wait_for(self._nc.close(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self._nc.close()
         except Exception as exc:
             log.debug("syncmap: NATS close: %r", exc)
 
@@ -239,13 +240,19 @@ class LiveSubscription(AsyncSubscription):
         if self._closed:
             return
         self._closed = True
-        self._dispatch.close()
+        self._dispatch.close()  # the flag this subscription's own tasks stop on
         self._feed._forget(self)
+        await self._stop_tasks()  # outside the timeout below: a task is never left behind
         if not self._feed.closed:
-            try:
-                await asyncio.wait_for(self._shutdown(), self._feed.timeout)
+            try:  # asyncio.timeout, not wait_for: wait_for waits for a cancel that may be lost
+                async with asyncio.timeout(self._feed.timeout):
+                    await self._shutdown()
             except Exception as exc:  # best effort: the server drops a closed socket's interest
                 log.debug("syncmap: closing a subscription to %s: %r", self._feed.topic, exc)
+
+    async def _stop_tasks(self) -> None:
+        """Stop the tasks of this subscription's own (``aiotasks.stop_task``); the dispatch is
+        closed already."""
 
     @abstractmethod
     async def _shutdown(self) -> None: ...

@@ -25,7 +25,7 @@ What differs, and why:
   read) as a lost connection: ``on_down``, reconnect on the master named now, ``on_up``.  The
   reader also checks the connection is still current before every read, so even a wake that
   is lost (below) takes effect within ``READ_SLICE``.
-* **Cancelling is repeated until the task ends** (:func:`stop_task`): Python 3.11's
+* **Cancelling is repeated until the task ends** (``aiotasks.stop_task``): Python 3.11's
   ``asyncio.wait_for``, which ``redis.asyncio`` wraps around every send, swallows a cancellation
   that arrives just as the send completes (CPython gh-86296, fixed in 3.12); the task then runs
   on.  Seen here: a stream reader cancelled right after sending XREAD read on for ever.
@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 import redis
 
 from .. import forksafe
+from ..aiotasks import stop_tasks
 from ..store.endpoint import Endpoint
 from ..store.topology import Topology
 from .pubsub import PING_AFTER, Handler
@@ -55,14 +56,6 @@ log = logging.getLogger("syncmap.feed")
 READ_SLICE = 1.0  # seconds one read waits before the reader checks PING and re-SUBSCRIBE
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0
 RegistryKey = tuple[asyncio.AbstractEventLoop, tuple[Any, ...]]
-
-
-async def stop_task(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait for it to end, cancelling again while it runs on (module
-    docstring: a cancellation can be lost in Python 3.11's ``wait_for``)."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait([task], timeout=0.1)
 
 
 async def resolve(topology: Topology) -> Endpoint:
@@ -167,8 +160,7 @@ class AsyncSubscriber:
         self._unregister()
         self._stopped = True
         self._topology.remove_listener(self._master_changed)
-        for task in (*self._sends, self._task):
-            await stop_task(task)
+        await stop_tasks([*self._sends, self._task])
 
     @staticmethod
     @forksafe.at_fork

@@ -43,6 +43,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
 )
 
+from ..aiotasks import stop_task
 from ..errors import FeedError
 from .abase import AsyncFeed, AsyncSubscription
 from .base import FeedHandler, FeedUnavailable, PublishOutcomeUnknown, refuse_start
@@ -157,7 +158,8 @@ async def _close_quietly(conn: AbstractConnection | None, timeout: float) -> Non
     """Close a connection that may already be closed or broken; errors mean it is gone anyway."""
     if conn is not None and not conn.is_closed:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.close(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it waits out a lost cancel
+                await conn.close()
 
 
 # ---- publishing ---------------------------------------------------------------------------------
@@ -222,14 +224,12 @@ class _Publisher:
     async def aclose(self) -> None:
         """Send what is queued (one connection attempt at most), then end the task."""
         self._closing = True
+        await stop_task(self._task, wake=self._wake, grace=self.feed.timeout)
+
+    def _wake(self) -> None:
+        """The end marker, after what is queued (a full queue: the task is cancelled later)."""
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(None)
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), self.feed.timeout)
-        except TimeoutError:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def _run(self) -> None:
         try:
@@ -361,13 +361,8 @@ class _Consumer(AsyncSubscription):
         with contextlib.suppress(ValueError):
             self._feed._subs.remove(self)
         task, self._task = self._task, None
-        if task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(task), self._feed.timeout)
-            except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        # _stop is both the flag and the wake-up: the back-off and the session wait on it.
+        await stop_task(task, wake=self._stop.set, grace=self._feed.timeout)
 
     async def _run(self) -> None:
         delay, quiet = BACKOFF_MIN, False

@@ -27,9 +27,10 @@ from typing import Any
 
 import redis
 
+from ..aiotasks import stop_task
 from ..store.topology import Topology
 from .abase import AsyncSubscription
-from .apubsub import Wake, resolve, stop_task
+from .apubsub import Wake, resolve
 from .aredis_base import AsyncRedisFeed
 from .base import BEGINNING, FeedHandler
 from .redis_stream import RedisStreamFeed
@@ -170,8 +171,7 @@ class _AsyncStreamSubscription(AsyncSubscription):
         idempotent."""
         self._feed.topology.remove_listener(self._master_changed)
         self._feed._forget(self)
-        if self._task is not None:
-            await stop_task(self._task)
+        await stop_task(self._task)  # cancelled, repeatedly: see aiotasks
 
     # ---- the reader task ---------------------------------------------------------------------
 

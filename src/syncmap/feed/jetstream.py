@@ -4,6 +4,7 @@ event loop exactly as ``nats.py`` runs core NATS."""
 
 from __future__ import annotations
 
+import nats  # noqa: F401  (first; see nats.py: a missing nats-py names its extra)
 from nats.js.manager import JetStreamManager
 
 from ..errors import ConfigurationError

@@ -19,6 +19,11 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from typing import Any, ClassVar, TypeVar
 
+# The client library itself, first: the asyncio modules below may be imported already (by
+# syncmap.aio), so only this import tells a missing nats-py apart, and base.load_class turns its
+# ImportError into "pip install 'syncmap[nats]'".
+import nats  # noqa: F401
+
 from ..errors import ConfigurationError
 from . import aioloop, natsbase
 from .anats import AsyncNatsFeed, AsyncNatsFeedBase, LiveSubscription

@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from ...aiotasks import stop_task
 from ...errors import LockLost, SyncMapError
 from ...lock.lease import PAUSED, Lease
 
@@ -65,12 +66,9 @@ class AsyncHold(Lease):
         """The holder gives it up: stop renewing, then ``LockLost`` if it had been lost."""
         lost = self.lost
         self.released = True  # from here on no renewal reply counts as a loss
-        if lost is None:
-            self._task.cancel()
-        else:
-            self._wake.set()  # let the task finish telling the loss
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        # Not lost: cancel the renewal (no renewal may follow the release).  Lost: let the task
+        # finish telling the loss (it gives the lock back), cancelled only if that hangs.
+        await stop_task(self._task, wake=None if lost is None else self._wake.set)
         if lost is not None:
             raise lost
 
