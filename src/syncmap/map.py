@@ -279,9 +279,9 @@ class SyncMap(MapBase):
         """Store many entries in one round trip (each bucket's part is atomic)."""
         pairs = other.items() if isinstance(other, Mapping) else other
         fenced = self._fence_of(fence)
-        items = [(self._locate(k), self._payload(v)) for k, v in [*pairs, *kwargs.items()]]
+        self._check_open()
+        items = writes.items_of([*pairs, *kwargs.items()], self._state)
         if items:
-            self._check_open()
             replies = self._run(writes.update(self._state, items, ttl_ms=ttl_ms(ttl),
                                               fence=fenced))  # fmt: skip
             writes.raise_partial(replies, "update()")

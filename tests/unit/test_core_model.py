@@ -655,7 +655,7 @@ class CoreModel(RuleBasedStateMachine):
     def update(self, i: int, keys: list[str]) -> None:
         """``SyncMap.update``: the update flow (one MSET per bucket), run at once."""
         s = self.servers[i]
-        items = [(self.ref(k), writes.payload(s.state, self._new_value())) for k in keys]
+        items = writes.items_of([(k, self._new_value()) for k in keys], s.state)
         self.made = []
         self._run(s, writes.update(s.state, items, ttl_ms=0, fence=None))
         for key, order in self.made:

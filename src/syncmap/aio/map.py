@@ -299,7 +299,8 @@ class SyncMap:
     ) -> None:  # fmt: skip
         pairs = other.items() if isinstance(other, Mapping) else other
         fenced = fence_args(fence, self.config.namespace)
-        items = [(self._locate(k), self._payload(v)) for k, v in [*pairs, *kwargs.items()]]
+        self._check_open()
+        items = writes.items_of([*pairs, *kwargs.items()], self._state)
         if items:
             replies = await self._run(writes.update(self._state, items, ttl_ms=ttl_ms(ttl),
                                                     fence=fenced))  # fmt: skip

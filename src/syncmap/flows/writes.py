@@ -4,14 +4,14 @@ multi-bucket ones (update, clear), each bucket part atomic on its own."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from ..codec import encode_limited
 from ..core.nearcache import FillToken
 from ..core.wire import unpack_value_epoch
 from ..errors import ConflictError, WriteOutcomeUnknown
-from ..keys import Key, clip
+from ..keys import Key, bucket_of, clip, encode_key, normal_key
 from ..store.commands import Command
 from .effects import Apply, Flow, Pause, store_call
 from .reads import MISSING, abort, current, install, settle_read
@@ -142,20 +142,35 @@ def transform(s: MapState, ref: Ref, key: Key, fn: Callable[[Any], Any], default
     )
 
 
-def update(s: MapState, items: list[tuple[Ref, bytes]], *, ttl_ms: int, fence: Fenced
-           ) -> Flow[list[Any]]:  # fmt: skip
+Item = tuple[bytes, Key, int, bytes]
+"""One entry of a bulk write: (field, the cache's key, bucket, payload); plain tuples, since
+``update()`` of 100k entries makes 100k of them."""
+
+
+def items_of(pairs: Iterable[tuple[Key, Any]], s: MapState) -> list[Item]:
+    """Check and encode every (key, value) of a bulk write before anything is sent."""
+    max_key, buckets = s.config.max_key_bytes, s.cmds.layout.buckets
+    out: list[Item] = []
+    append = out.append
+    for key, value in pairs:
+        field = encode_key(key, max_key)
+        append((field, normal_key(key), bucket_of(field, buckets), payload(s, value)))
+    return out
+
+
+def update(s: MapState, items: list[Item], *, ttl_ms: int, fence: Fenced) -> Flow[list[Any]]:
     """Store many entries: one mset script per bucket (and per 1,000 keys), one round trip.
 
     Replies come back per part (refusals in place, see :func:`raise_partial`).  A batch whose
     outcome is unknown drops every key of it from the cache."""
-    per_bucket: dict[int, list[tuple[Ref, bytes]]] = {}
-    for ref, data in items:
-        per_bucket.setdefault(ref.bucket, []).append((ref, data))
+    per_bucket: dict[int, list[tuple[Key, bytes, bytes]]] = {}
+    for field, key, bucket, data in items:
+        per_bucket.setdefault(bucket, []).append((key, field, data))
     cmds, plan = [], []
-    for bucket, pairs in per_bucket.items():
-        for i in range(0, len(pairs), 1000):  # keep each script short for Redis
-            chunk = pairs[i : i + 1000]
-            args = [a for ref, data in chunk for a in (ref.field, data)]
+    for bucket, entries in per_bucket.items():
+        for i in range(0, len(entries), 1000):  # keep each script short for Redis
+            chunk = entries[i : i + 1000]
+            args = [a for _, field, data in chunk for a in (field, data)]
             cmds.append(s.cmds.script("mset", bucket, ttl_ms, *args, fence=fence))
             plan.append((bucket, chunk))
     if not cmds:
@@ -168,8 +183,8 @@ def update(s: MapState, items: list[tuple[Ref, bytes]], *, ttl_ms: int, fence: F
     except WriteOutcomeUnknown:
         with s.guard:
             for _, chunk in plan:
-                for ref, _ in chunk:
-                    s.core.drop(ref.key)
+                for key, _, _ in chunk:
+                    s.core.drop(key)
         raise
     with s.guard:
         now = s.clock()
@@ -178,8 +193,8 @@ def update(s: MapState, items: list[tuple[Ref, bytes]], *, ttl_ms: int, fence: F
                 continue
             first, epoch = int(reply[0]), int(reply[1])
             s.core.learn_epoch_if(bucket, epoch, first, now, before[bucket])
-            for i, (ref, _) in enumerate(chunk):
-                s.core.note_write(ref.key, first + i)
+            for i, (key, _, _) in enumerate(chunk):
+                s.core.note_write(key, first + i)
     return replies
 
 

@@ -180,7 +180,7 @@ def check_delete_modes(kit: StoreKit) -> None:
 
 def check_mset_clear(kit: StoreKit) -> None:
     ex, s = _map(kit, buckets=1)
-    items = [(_ref(s, k), writes.payload(s, k.upper())) for k in ("a", "b", "c")]
+    items = writes.items_of([(k, k.upper()) for k in ("a", "b", "c")], s)
     replies = run(writes.update(s, items, ttl_ms=0, fence=None), ex)
     assert [r[0] for r in replies] == [1], f"mset reply {replies!r}"
     assert [_read(s, ex, k) for k in "abc"] == ["A", "B", "C"]
