@@ -156,7 +156,10 @@ class AsyncNodeExecutor:
         return await self._connect(until), generation
 
     async def _connect(self, until: float | None) -> Any:
-        endpoint = self.topology.endpoint()
+        if self.topology.kind == "standalone":
+            endpoint = self.topology.endpoint()
+        else:  # may ask the sentinels (blocking sockets, up to sentinel_timeout each): off the loop
+            endpoint = await asyncio.to_thread(self.topology.endpoint)
         timeout = endpoint.socket_timeout if endpoint.socket_timeout is not None else self.timeout
         connect_timeout = None
         if self.deadline is not None:
