@@ -22,7 +22,7 @@ from syncmap.feed.pubsub import Handler
 from syncmap.store.topology import open_topology
 from syncmap.testing.stopping import cycle
 
-CYCLES = 200
+CYCLES = 60  # each close lands at another moment of the loops (raise it to hunt: 200 took ~40 s)
 Close = Callable[[], Awaitable[Any]]
 
 

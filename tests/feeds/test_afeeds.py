@@ -255,7 +255,7 @@ async def test_aclose_stops_delivery_and_leaves_no_task(kit: Kit) -> None:
 
 # ---- closing at any moment -----------------------------------------------------------------------
 
-STOP_CYCLES = {"nats": 40, "nats+jetstream": 30, "amqp": 30, "kafka": 4}
+STOP_CYCLES = {"nats": 15, "nats+jetstream": 10, "amqp": 10, "kafka": 3}
 """Open/close cycles per feed (a Kafka subscription starts a consumer thread: slow, so few)."""
 
 
