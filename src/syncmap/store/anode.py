@@ -24,14 +24,13 @@ import hiredis
 from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
-    NoScriptError,
     RedisError,
     ResponseError,
 )
 
 from ..errors import ConfigurationError, StoreUnavailable, WriteOutcomeUnknown
 from . import scripts
-from .executor import NOT_MASTER, Command, error_code, refused
+from .executor import Command, noscript, settle
 from .node import NET_ERRORS
 
 if TYPE_CHECKING:
@@ -60,21 +59,19 @@ class AsyncNodeExecutor:
         """As :meth:`NodeExecutor.call`, awaited."""
         until = None if self.deadline is None else time.monotonic() + self.deadline
         replies = await self._roundtrip(commands, write=write, until=until)
-        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        missing = noscript(replies)
         if missing:  # the script cache was flushed (restart, SCRIPT FLUSH): nothing ran
             load = [("SCRIPT", "LOAD", src) for src in scripts.ALL.values()]
             await self._roundtrip(load, write=False, until=until)
             again = await self._roundtrip([commands[i] for i in missing], write=write, until=until)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
-        for i, reply in enumerate(replies):
-            if isinstance(reply, Exception):
-                if error_code(reply)[0] in NOT_MASTER:
-                    self.topology.invalidate()
-                    await self.aclose()
-                if not partial:
-                    raise refused(reply, self.where)
-                replies[i] = refused(reply, self.where)
+        not_master, first = settle(replies, self.where, partial=partial)
+        if not_master:  # the node refused as a replica would: re-resolve the master
+            self.topology.invalidate()
+            await self.aclose()
+        if first is not None:
+            raise first
         return replies
 
     async def _roundtrip(

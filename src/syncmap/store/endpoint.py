@@ -59,6 +59,10 @@ URL_OPTIONS = (
 _CLASSES: dict[str, Any] = {
     "tcp": redis.Connection, "tls": redis.SSLConnection, "unix": redis.UnixDomainSocketConnection,
 }  # fmt: skip
+_ASYNC_CLASSES: dict[str, Any] = {
+    "tcp": aio_connection.Connection, "tls": aio_connection.SSLConnection,
+    "unix": aio_connection.UnixDomainSocketConnection,
+}  # fmt: skip
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -131,52 +135,43 @@ class Endpoint:
         connection connects only once; redis-py's silent reconnect (``send_command`` or
         ``can_read`` on a closed connection) then raises ``ConnectionError`` instead, which a
         subscriber needs: a fresh socket has none of its subscriptions."""
-        sock_timeout = self.socket_timeout if timeout is None else timeout
-        conn_timeout = connect_timeout
-        if conn_timeout is None:
-            conn_timeout = (
-                self.connect_timeout if self.connect_timeout is not None else sock_timeout
-            )
-        kwargs: dict[str, Any] = {
-            "db": self.db, "username": self.username, "password": self.password,
-            "socket_timeout": sock_timeout, "socket_connect_timeout": conn_timeout,
-            "retry": Retry(NoBackoff(), 0), "decode_responses": False, "protocol": 2,
-        }  # fmt: skip
-        if not self.path:
-            kwargs["socket_keepalive"] = True  # redis-py's default for TCP; Unix takes none
+        kwargs = self._kwargs(timeout, connect_timeout, Retry(NoBackoff(), 0))
         kwargs.update(self.options)
         if once:
             kwargs["redis_connect_func"] = _connect_once()
-        if self.path:
-            return _CLASSES["unix"](path=self.path, **kwargs)
-        kwargs.update(host=self.host, port=self.port)
-        if self.tls is not None:
-            return _CLASSES["tls"](**kwargs, **self.tls.kwargs())
-        return _CLASSES["tcp"](**kwargs)
+        return self._made(_CLASSES, kwargs)
 
     def async_connection(
         self, *, timeout: float | None = None, connect_timeout: float | None = None
     ) -> Any:
         """A new, unconnected ``redis.asyncio`` connection with the same settings as
         :meth:`connection` (RESP2, no retries, bytes), for the asyncio driver."""
+        kwargs = self._kwargs(timeout, connect_timeout, aio_retry.Retry(NoBackoff(), 0))
+        kwargs.update((k, v) for k, v in self.options if k in ASYNC_PASSED_ON)
+        return self._made(_ASYNC_CLASSES, kwargs)
+
+    def _kwargs(self, timeout: float | None, connect_timeout: float | None,
+                retry: Any) -> dict[str, Any]:  # fmt: skip
+        """What every connection of this endpoint is made with, in either driver."""
         sock_timeout = self.socket_timeout if timeout is None else timeout
-        conn_timeout = connect_timeout
-        if conn_timeout is None:
-            conn_timeout = (
+        if connect_timeout is None:
+            connect_timeout = (
                 self.connect_timeout if self.connect_timeout is not None else sock_timeout
             )
-        kwargs: dict[str, Any] = {
+        return {
             "db": self.db, "username": self.username, "password": self.password,
-            "socket_timeout": sock_timeout, "socket_connect_timeout": conn_timeout,
-            "retry": aio_retry.Retry(NoBackoff(), 0), "decode_responses": False, "protocol": 2,
+            "socket_timeout": sock_timeout, "socket_connect_timeout": connect_timeout,
+            "retry": retry, "decode_responses": False, "protocol": 2,
         }  # fmt: skip
-        kwargs.update((k, v) for k, v in self.options if k in ASYNC_PASSED_ON)
+
+    def _made(self, classes: dict[str, Any], kwargs: dict[str, Any]) -> Any:
         if self.path:
-            return aio_connection.UnixDomainSocketConnection(path=self.path, **kwargs)
-        kwargs.update(host=self.host, port=self.port, socket_keepalive=True)
+            return classes["unix"](path=self.path, **kwargs)
+        kwargs.update(host=self.host, port=self.port)
+        kwargs.setdefault("socket_keepalive", True)  # redis-py's default for TCP; Unix takes none
         if self.tls is not None:
-            return aio_connection.SSLConnection(**kwargs, **self.tls.kwargs())
-        return aio_connection.Connection(**kwargs)
+            return classes["tls"](**kwargs, **self.tls.kwargs())
+        return classes["tcp"](**kwargs)
 
     def client(self, **overrides: Any) -> redis.Redis:
         """A ``redis.Redis`` for this node, for tools (the CLI, tests); not used by maps.

@@ -29,7 +29,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from redis.exceptions import NoPermissionError
+from redis.exceptions import NoPermissionError, NoScriptError
 
 from ..errors import ConfigurationError, StaleFence, StoreError, StoreUnavailable
 from . import scripts
@@ -116,3 +116,25 @@ def refused(exc: Exception, where: str) -> Exception:
             "ran: retry later"
         )
     return StoreError(f"{where} answered an error: {text}")
+
+
+def noscript(replies: list[Any]) -> list[int]:
+    """Where Redis answered NOSCRIPT (the script cache was flushed): those did not run."""
+    return [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+
+
+def settle(replies: list[Any], where: str, *, partial: bool) -> tuple[bool, Exception | None]:
+    """Map every error reply to its SyncMapError (:func:`refused`), in place when ``partial``.
+
+    Returns (whether a refusal said the node is not the master, the first refusal to raise or
+    None).  Both executors take the same decisions here; only how they react differs."""
+    not_master, first = False, None
+    for i, reply in enumerate(replies):
+        if isinstance(reply, Exception):
+            not_master = not_master or error_code(reply)[0] in NOT_MASTER
+            mapped = refused(reply, where)
+            if partial:
+                replies[i] = mapped
+            elif first is None:
+                first = mapped
+    return not_master, first

@@ -30,7 +30,6 @@ import hiredis
 from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
-    NoScriptError,
     RedisError,
     ResponseError,
 )
@@ -40,7 +39,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .. import forksafe
 from ..errors import ConfigurationError, StoreUnavailable, WriteOutcomeUnknown
 from . import scripts
-from .executor import NOT_MASTER, Command, error_code, evalsha, refused
+from .executor import Command, evalsha, noscript, settle
 
 if TYPE_CHECKING:
     from .endpoint import Endpoint
@@ -83,20 +82,18 @@ class NodeExecutor:
         """
         until = None if self.deadline is None else time.monotonic() + self.deadline
         replies = self._roundtrip(commands, write=write, until=until)
-        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        missing = noscript(replies)
         if missing:  # the script cache was flushed (restart, SCRIPT FLUSH): nothing ran
             load = [("SCRIPT", "LOAD", src) for src in scripts.ALL.values()]
             self._roundtrip(load, write=False, until=until)
             again = self._roundtrip([commands[i] for i in missing], write=write, until=until)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
-        for i, reply in enumerate(replies):
-            if isinstance(reply, Exception):
-                if error_code(reply)[0] in NOT_MASTER:
-                    self._not_master()
-                if not partial:
-                    raise refused(reply, self.where)
-                replies[i] = refused(reply, self.where)
+        not_master, first = settle(replies, self.where, partial=partial)
+        if not_master:
+            self._not_master()
+        if first is not None:
+            raise first
         return replies
 
     def _not_master(self) -> None:

@@ -40,7 +40,6 @@ from redis.sentinel import SentinelConnectionPool
 
 from .. import forksafe
 from ..errors import StoreUnavailable
-from .anode import AsyncNodeExecutor
 from .endpoint import (
     URL_OPTIONS,
     Endpoint,
@@ -50,8 +49,7 @@ from .endpoint import (
     tls_from_query,
     url_query,
 )
-from .node import NodeExecutor
-from .topology import Listener, shared_executor
+from .topology import Listener, NodeExecutors
 
 log = logging.getLogger("syncmap")
 SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password", "sentinel_timeout")
@@ -61,7 +59,7 @@ PING_AFTER = 2.0
 DEFAULT_TIMEOUT = 5.0
 
 
-class SentinelTopology:
+class SentinelTopology(NodeExecutors):
     """A master found through Sentinel; get one with :func:`from_url` or :func:`from_client`."""
 
     kind: Literal["sentinel"] = "sentinel"
@@ -108,19 +106,6 @@ class SentinelTopology:
     def master(self) -> Endpoint | None:
         """The master resolved last (None before the first resolution)."""
         return self._master
-
-    def executor(self, *, timeout: float | None = None, deadline: float | None = None
-                 ) -> NodeExecutor:  # fmt: skip
-        return NodeExecutor(self, timeout=timeout, deadline=deadline)
-
-    def async_executor(self, *, timeout: float | None = None, deadline: float | None = None
-                       ) -> AsyncNodeExecutor:  # fmt: skip
-        # Resolving the master (endpoint()) still blocks, up to sentinel_timeout per sentinel:
-        # only after a failover or a connection failure, not on each call.
-        return AsyncNodeExecutor(self, timeout=timeout, deadline=deadline)
-
-    def shared_executor(self, timeout: float | None = None) -> NodeExecutor:
-        return shared_executor(self, timeout)
 
     def on_change(self, listener: Listener) -> None:
         with self._lock:

@@ -81,7 +81,23 @@ class Topology(Protocol):
     def remove_listener(self, listener: Listener) -> None: ...
 
 
-class Standalone:
+class NodeExecutors:
+    """The executors of a topology that names one node at a time (Standalone, Sentinel): they
+    ask it for the node's endpoint when they connect."""
+
+    def executor(self: Topology, *, timeout: float | None = None,
+                 deadline: float | None = None) -> NodeExecutor:  # fmt: skip
+        return NodeExecutor(self, timeout=timeout, deadline=deadline)
+
+    def async_executor(self: Topology, *, timeout: float | None = None,
+                       deadline: float | None = None) -> AsyncNodeExecutor:  # fmt: skip
+        return AsyncNodeExecutor(self, timeout=timeout, deadline=deadline)
+
+    def shared_executor(self: Topology, timeout: float | None = None) -> NodeExecutor:
+        return shared_executor(self, timeout)
+
+
+class Standalone(NodeExecutors):
     """One node, always the same: nothing to resolve, nothing ever changes."""
 
     kind: Literal["standalone"] = "standalone"
@@ -104,17 +120,6 @@ class Standalone:
 
     def invalidate(self) -> None:
         """Nothing to re-resolve: the next connection goes to the same address."""
-
-    def executor(self, *, timeout: float | None = None, deadline: float | None = None
-                 ) -> NodeExecutor:  # fmt: skip
-        return NodeExecutor(self, timeout=timeout, deadline=deadline)
-
-    def async_executor(self, *, timeout: float | None = None, deadline: float | None = None
-                       ) -> AsyncNodeExecutor:  # fmt: skip
-        return AsyncNodeExecutor(self, timeout=timeout, deadline=deadline)
-
-    def shared_executor(self, timeout: float | None = None) -> NodeExecutor:
-        return shared_executor(self, timeout)
 
     def on_change(self, listener: Listener) -> None:
         """A standalone node never changes: the listener is never called."""
