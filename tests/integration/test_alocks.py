@@ -20,6 +20,7 @@ from syncmap import LockError, LockLost, LockNotAcquired, LockNotOwned, StaleFen
 from syncmap.aio.lock import Lock, Redlock, RWLock, Semaphore, aclose_loop_resources
 from syncmap.embedded import EmbeddedRedis
 from syncmap.testing import loopguard
+from syncmap.testing.proxy import FaultProxy
 
 
 @pytest.fixture(autouse=True)
@@ -229,6 +230,32 @@ async def test_cancelling_acquires_at_random_moments_leaves_nothing_held(
             assert not held, f"held after a cancel at {delay}"
         else:
             await lock.release()
+
+
+async def test_an_acquire_cancelled_after_redis_applied_it_is_given_back(
+    redis_server: EmbeddedRedis, admin: redis.Redis
+) -> None:
+    # The window the loop above only sometimes hits (CI did, at 1.6 ms): Redis has applied the
+    # acquire and its reply is on the way when the task is cancelled.  Replies are stalled by a
+    # proxy, so the order is certain: applied -> cancelled -> replies flow -> given back.
+    # Before the fix the give-back named token 0, which matches no hold, and the lock stayed
+    # held for its whole lease: this test is that control.
+    with FaultProxy(redis_server.host, redis_server.port) as proxy:
+        url = proxy.url
+        assert await Lock("warm", url).try_acquire() is not None  # connections made first
+        await asyncio.to_thread(proxy.stall, "downstream")
+        lock = Lock("applied", url, socket_timeout=5)
+        task = asyncio.create_task(lock.acquire())
+        key = "sm:{lock:applied}"
+        while not await asyncio.to_thread(admin.exists, key):  # applied; the reply is stalled
+            await asyncio.sleep(0.001)
+        task.cancel()
+        await asyncio.to_thread(proxy.heal)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not lock.held
+        assert not await asyncio.to_thread(admin.exists, key), "the cancelled acquire kept it"
+        assert await Lock("applied", url).try_acquire() is not None
 
 
 # ---- RWLock, Semaphore -----------------------------------------------------------------------

@@ -181,8 +181,9 @@ def renew(k: Kind) -> Flow[bool]:
     return bool((yield Call([k.renew()], write=True))[0])
 
 
-def abandon(k: Kind, token: int) -> Flow[None]:
-    """Give back every level of the hold issued as ``token`` (a lost or late one)."""
+def abandon(k: Kind, token: int | None) -> Flow[None]:
+    """Give back every level of the hold issued as ``token`` (a lost or late one); ``None``:
+    whichever hold this owner has (an acquire cancelled in flight, whose token is unknown)."""
     cmd = k.release(every_level=True, last=True, token=token)
     if cmd is not None:
         yield Call([cmd], write=True)

@@ -130,9 +130,14 @@ class Lock(AsyncLockParts, LockIdentity):
         return Attempt(fence)
 
     async def _give_up(self) -> None:
-        """After a cancelled first acquire: give back whatever this owner may hold."""
+        """After a cancelled first acquire: give back whatever this owner may hold.
+
+        The acquire may have been applied with its reply unread, so its token is unknown: the
+        release names no token (``None``), not a made-up one that never matches.  An owner
+        string shared by several Lock objects loses its whole hold here; by default each
+        object is its own owner."""
         with contextlib.suppress(LockError, SyncMapError):
-            await run(flows.abandon(self._kind(), 0), self._executor())
+            await run(flows.abandon(self._kind(), None), self._executor())
 
     def _held(self, token: int, sent: float | None) -> Fence:
         self._token = token
