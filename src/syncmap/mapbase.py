@@ -36,7 +36,7 @@ from .lock import Fence, Lock
 from .stats import Presence, Statistics, statistics_of
 from .store.commands import MapCommands
 from .store.eviction import warn_if_evicting
-from .store.node import NodeExecutor
+from .store.executor import Executor
 from .store.topology import Topology
 from .sync.run import run
 from .views import SharedMapping
@@ -60,7 +60,7 @@ class MapBase(SharedMapping):
     config: MapConfig
     _codec: Codec
     _topology: Topology
-    _executor: NodeExecutor
+    _executor: Executor
     _cmds: MapCommands
     _state: MapState
     _engine: Engine

@@ -19,7 +19,7 @@ from .. import forksafe
 from ..errors import ConfigurationError, LockLost, SyncMapError
 from ..keys import LockLayout, check_lock_name
 from ..store.commands import config_value
-from ..store.node import NodeExecutor
+from ..store.executor import Executor
 from ..store.topology import Topology, open_topology
 from ..sync.run import run
 from . import flows
@@ -27,7 +27,7 @@ from .waiting import Waker
 
 OnLost = Callable[[LockLost], None]
 log = logging.getLogger("syncmap.lock")
-_policy_checked: weakref.WeakSet[NodeExecutor] = weakref.WeakSet()
+_policy_checked: weakref.WeakSet[Executor] = weakref.WeakSet()
 
 
 def lock_topology(url: str | None, client: redis.Redis | None, timeout: float) -> Topology:
@@ -35,7 +35,7 @@ def lock_topology(url: str | None, client: redis.Redis | None, timeout: float) -
     return open_topology(url, client, timeout=timeout)
 
 
-def shared_executor(url: str | None, client: redis.Redis | None, timeout: float) -> NodeExecutor:
+def shared_executor(url: str | None, client: redis.Redis | None, timeout: float) -> Executor:
     """The topology's shared executor: one small pool of connections per Redis and process.
 
     ``users.lock(key)`` makes a Lock per call; each must not open a connection of its own.

@@ -35,7 +35,7 @@ from ..errors import (
 )
 from ..flows.effects import Flow
 from ..keys import LockLayout, check_lock_name
-from ..store.node import NodeExecutor
+from ..store.executor import Executor
 from ..store.topology import Topology, open_topology
 from ..sync.run import run
 from . import flows
@@ -128,7 +128,7 @@ class Redlock(ReleasedOnExit, RedlockSettings):
 
     def _setup(self) -> None:
         self._nodes = [t.executor(timeout=self.node_timeout) for t in self._topologies]
-        self._authority: NodeExecutor | None = None
+        self._authority: Executor | None = None
         if self._authority_topology is not None:
             self._authority = self._authority_topology.shared_executor(5.0)
         self._hold: Hold | None = None

@@ -58,6 +58,19 @@ class AsyncNodeExecutor:
     ) -> list[Any]:
         """As :meth:`NodeExecutor.call`, awaited."""
         until = None if self.deadline is None else time.monotonic() + self.deadline
+        replies = await self.raw(commands, write=write, until=until)
+        not_master, first = settle(replies, self.where, partial=partial)
+        if not_master:  # the node refused as a replica would: re-resolve the master
+            self.topology.invalidate()
+            await self.aclose()
+        if first is not None:
+            raise first
+        return replies
+
+    async def raw(
+        self, commands: Sequence[Command], *, write: bool, until: float | None
+    ) -> list[Any]:
+        """As :meth:`NodeExecutor.raw`, awaited."""
         replies = await self._roundtrip(commands, write=write, until=until)
         missing = noscript(replies)
         if missing:  # the script cache was flushed (restart, SCRIPT FLUSH): nothing ran
@@ -66,12 +79,6 @@ class AsyncNodeExecutor:
             again = await self._roundtrip([commands[i] for i in missing], write=write, until=until)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
-        not_master, first = settle(replies, self.where, partial=partial)
-        if not_master:  # the node refused as a replica would: re-resolve the master
-            self.topology.invalidate()
-            await self.aclose()
-        if first is not None:
-            raise first
         return replies
 
     async def _roundtrip(

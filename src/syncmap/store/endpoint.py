@@ -329,6 +329,22 @@ def seconds_option(
     return value
 
 
+def host_port(url: str, text: str, default_port: int, what: str) -> tuple[str, int]:
+    """One address of a multi-node URL: ``host``, ``host:port`` or ``[v6]:port``."""
+    text = unquote(text.strip())
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
+    if not host:
+        raise bad_url(url, f"a {what} address is empty ({text!r}): list them as "
+                           f"h1:{default_port},h2")  # fmt: skip
+    if port and not port.isdigit():
+        raise bad_url(url, f"the port of {what} {text!r} is not a number")
+    return host, int(port or default_port)
+
+
 def db_number(url: str, text: str) -> int:
     if not text.isdigit():
         raise bad_url(url, f"the database must be a number >= 0, not {text!r}")

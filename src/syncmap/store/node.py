@@ -81,6 +81,18 @@ class NodeExecutor:
         raising the first: the other commands of the pipeline did run.
         """
         until = None if self.deadline is None else time.monotonic() + self.deadline
+        replies = self.raw(commands, write=write, until=until)
+        not_master, first = settle(replies, self.where, partial=partial)
+        if not_master:
+            self._not_master()
+        if first is not None:
+            raise first
+        return replies
+
+    def raw(self, commands: Sequence[Command], *, write: bool, until: float | None) -> list[Any]:
+        """The replies as Redis gave them (error replies in place, not yet mapped), NOSCRIPT
+        handled: what :meth:`call` settles, and what a Cluster executor routes (``cluster.py``).
+        """
         replies = self._roundtrip(commands, write=write, until=until)
         missing = noscript(replies)
         if missing:  # the script cache was flushed (restart, SCRIPT FLUSH): nothing ran
@@ -89,11 +101,6 @@ class NodeExecutor:
             again = self._roundtrip([commands[i] for i in missing], write=write, until=until)
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
-        not_master, first = settle(replies, self.where, partial=partial)
-        if not_master:
-            self._not_master()
-        if first is not None:
-            raise first
         return replies
 
     def _not_master(self) -> None:

@@ -45,6 +45,7 @@ from .endpoint import (
     Endpoint,
     bad_url,
     db_number,
+    host_port,
     seconds_option,
     tls_from_query,
     url_query,
@@ -410,20 +411,5 @@ def from_url(url: str, timeout: float | None) -> SentinelTopology:
     template = Endpoint(username=query.get("sentinel_username") or None,
                         password=query.get("sentinel_password") or None, tls=tls_settings,
                         socket_timeout=wait, connect_timeout=wait)  # fmt: skip
-    sentinels = [template.at(*_host_port(url, h)) for h in hosts.split(",")]
+    sentinels = [template.at(*host_port(url, h, 26379, "sentinel")) for h in hosts.split(",")]
     return _intern(SentinelTopology(sentinels, segments[0], master))
-
-
-def _host_port(url: str, text: str) -> tuple[str, int]:
-    """``host``, ``host:port`` or ``[v6]:port`` (default port 26379)."""
-    text = unquote(text.strip())
-    if text.startswith("["):
-        host, _, port = text[1:].partition("]")
-        port = port.removeprefix(":")
-    else:
-        host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
-    if not host:
-        raise bad_url(url, f"a sentinel address is empty ({text!r}): list them as h1:26379,h2")
-    if port and not port.isdigit():
-        raise bad_url(url, f"the port of sentinel {text!r} is not a number")
-    return host, int(port or 26379)

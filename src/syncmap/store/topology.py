@@ -1,4 +1,5 @@
-"""Which Redis node(s) a map talks to: ``Standalone`` or ``Sentinel``, from a URL or a client.
+"""Which Redis node(s) a map talks to: ``Standalone``, ``Sentinel`` or ``Cluster``, from a URL or
+a client.
 
 A :class:`Topology` names the node to connect to now (:meth:`~Topology.endpoint`), makes
 executors that follow it (:meth:`~Topology.executor`), and tells listeners when it changes
@@ -11,6 +12,8 @@ URLs (:func:`open_topology`; ``SYNCMAP_URL`` when neither a URL nor a client is 
     unix:///path/to/redis.sock[?db=N&options]                 one node, Unix socket
     redis+sentinel://[user:password@]h1:26379,h2:26379/<service>[/<db>][?options]
     rediss+sentinel://...                                     TLS to the master and sentinels
+    redis+cluster://[user:password@]h1:7000,h2:7001[?options]  a Redis Cluster (cluster.py)
+    rediss+cluster://...                                      TLS to every node
 
 Options of every form: ``socket_timeout``, ``socket_connect_timeout`` (seconds, for the data
 connections); TLS: ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``
@@ -41,6 +44,7 @@ from .. import forksafe
 from ..errors import ConfigurationError
 from .anode import AsyncNodeExecutor
 from .endpoint import Endpoint, bad_url
+from .executor import AsyncExecutor, Executor
 from .node import NodeExecutor
 
 Listener = Callable[[], None]
@@ -50,10 +54,10 @@ class Topology(Protocol):
     """Where a map's Redis is, now and after a failover."""
 
     @property
-    def kind(self) -> Literal["standalone", "sentinel"]: ...
+    def kind(self) -> Literal["standalone", "sentinel", "cluster"]: ...
 
     @property
-    def sharded(self) -> bool: ...  # False; a Cluster slot comes with the Cluster topology
+    def sharded(self) -> bool: ...  # Cluster: per-bucket channels, SSUBSCRIBE per node
 
     @property
     def where(self) -> str: ...  # for messages (never a password)
@@ -69,12 +73,12 @@ class Topology(Protocol):
     def invalidate(self) -> None: ...
 
     def executor(self, *, timeout: float | None = None, deadline: float | None = None
-                 ) -> NodeExecutor: ...  # fmt: skip
+                 ) -> Executor: ...  # fmt: skip
 
-    def shared_executor(self, timeout: float | None = None) -> NodeExecutor: ...
+    def shared_executor(self, timeout: float | None = None) -> Executor: ...
 
     def async_executor(self, *, timeout: float | None = None, deadline: float | None = None
-                       ) -> AsyncNodeExecutor: ...  # fmt: skip
+                       ) -> AsyncExecutor: ...  # fmt: skip
 
     def on_change(self, listener: Listener) -> None: ...
 
@@ -86,14 +90,14 @@ class NodeExecutors:
     ask it for the node's endpoint when they connect."""
 
     def executor(self: Topology, *, timeout: float | None = None,
-                 deadline: float | None = None) -> NodeExecutor:  # fmt: skip
+                 deadline: float | None = None) -> Executor:  # fmt: skip
         return NodeExecutor(self, timeout=timeout, deadline=deadline)
 
     def async_executor(self: Topology, *, timeout: float | None = None,
-                       deadline: float | None = None) -> AsyncNodeExecutor:  # fmt: skip
+                       deadline: float | None = None) -> AsyncExecutor:  # fmt: skip
         return AsyncNodeExecutor(self, timeout=timeout, deadline=deadline)
 
-    def shared_executor(self: Topology, timeout: float | None = None) -> NodeExecutor:
+    def shared_executor(self: Topology, timeout: float | None = None) -> Executor:
         return shared_executor(self, timeout)
 
 
@@ -133,7 +137,7 @@ class Standalone(NodeExecutors):
 
 # ---- shared executors ------------------------------------------------------------------------
 
-_shared: dict[tuple[Any, ...], NodeExecutor] = {}
+_shared: dict[tuple[Any, ...], Executor] = {}
 _shared_lock = threading.Lock()
 
 
@@ -143,7 +147,7 @@ def _fresh_shared_lock() -> None:
     _shared_lock = threading.Lock()  # a parent's thread may have held it at the fork
 
 
-def shared_executor(topology: Topology, timeout: float | None = None) -> NodeExecutor:
+def shared_executor(topology: Topology, timeout: float | None = None) -> Executor:
     """One executor (one small pool of connections) per topology and timeout in this process.
 
     ``users.lock(key)`` makes a Lock per call; each must not open a connection of its own."""
@@ -159,14 +163,16 @@ def shared_executor(topology: Topology, timeout: float | None = None) -> NodeExe
 
 
 def open_topology(
-    url: str | None = None, client: redis.Redis | None = None, *, timeout: float | None = 5.0
+    url: str | None = None, client: redis.Redis | Any | None = None, *, timeout: float | None = 5.0
 ) -> Topology:
     """The topology of ``client``, else of ``url``, else of ``$SYNCMAP_URL`` (module docstring).
 
     ``timeout`` is the data connections' socket timeout when the URL or client sets none."""
-    from . import sentinel  # noqa: PLC0415 - sentinel.py imports this module
+    from . import cluster, sentinel  # noqa: PLC0415 - they import this module
 
     if client is not None:
+        if cluster.is_cluster_client(client):
+            return cluster.from_client(client, timeout)
         if sentinel.is_sentinel_client(client):
             return sentinel.from_client(client, timeout)
         endpoint = Endpoint.from_client(client)
@@ -184,6 +190,9 @@ def open_topology(
     scheme = url.partition("://")[0].lower()
     if scheme in ("redis+sentinel", "rediss+sentinel"):
         return sentinel.from_url(url, timeout)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        return cluster.from_url(url, timeout)
     if "://" not in url:
-        raise bad_url(url, "use redis://host:6379/0 (or rediss://, unix://, redis+sentinel://)")
+        raise bad_url(url, "use redis://host:6379/0 (or rediss://, unix://, redis+sentinel://, "
+                           "redis+cluster://)")  # fmt: skip
     return Standalone(Endpoint.from_url(url, timeout))

@@ -10,13 +10,13 @@ from ...errors import LockError, SyncMapError
 from ...lock import flows
 from ...lock.base import warn_if_evicting
 from ...store import sentinel  # noqa: F401 - open_topology imports it lazily: not on the loop
-from ...store.anode import AsyncNodeExecutor
+from ...store.executor import AsyncExecutor
 from ...store.topology import Topology
 from ..run import run
 from .executors import shared_async_executor
 from .waiting import AsyncWaker
 
-_policy_checked: weakref.WeakSet[AsyncNodeExecutor] = weakref.WeakSet()
+_policy_checked: weakref.WeakSet[AsyncExecutor] = weakref.WeakSet()
 
 
 class AsyncLockParts:
@@ -25,7 +25,7 @@ class AsyncLockParts:
     _topology: Topology
     socket_timeout: float
 
-    def _executor(self) -> AsyncNodeExecutor:
+    def _executor(self) -> AsyncExecutor:
         return shared_async_executor(self._topology, self.socket_timeout)
 
     def _waker(self) -> AsyncWaker:

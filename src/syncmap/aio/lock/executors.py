@@ -11,15 +11,15 @@ import asyncio
 import weakref
 from typing import Any
 
-from ...store.anode import AsyncNodeExecutor
+from ...store.executor import AsyncExecutor
 from ...store.topology import Topology
 
 _shared: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[tuple[Any, ...], AsyncNodeExecutor]
+    asyncio.AbstractEventLoop, dict[tuple[Any, ...], AsyncExecutor]
 ] = weakref.WeakKeyDictionary()
 
 
-def shared_async_executor(topology: Topology, timeout: float | None) -> AsyncNodeExecutor:
+def shared_async_executor(topology: Topology, timeout: float | None) -> AsyncExecutor:
     """The running loop's executor for ``topology`` (made on first use)."""
     per_loop = _shared.setdefault(asyncio.get_running_loop(), {})
     key = (topology.key, timeout)

@@ -19,7 +19,7 @@ from ...lock import flows
 from ...lock.base import check_timeout, new_owner
 from ...lock.lease import Fence
 from ...lock.redlock import RedlockSettings
-from ...store.anode import AsyncNodeExecutor
+from ...store.executor import AsyncExecutor
 from ..run import run
 from .executors import shared_async_executor
 from .hold import AsyncHold
@@ -31,7 +31,7 @@ class Redlock(RedlockSettings):
     def _setup(self) -> None:
         self._hold: AsyncHold | None = None
 
-    def _nodes(self) -> list[AsyncNodeExecutor]:
+    def _nodes(self) -> list[AsyncExecutor]:
         return [shared_async_executor(t, self.node_timeout) for t in self._topologies]
 
     async def acquire(self, blocking: bool = True, timeout: float | None = None) -> float:
@@ -93,7 +93,7 @@ class Redlock(RedlockSettings):
     async def _each_node(self, step: Callable[..., Flow[bool]], *args: Any) -> list[bool]:
         """One node step on every node at once; a node that fails counts as a no."""
 
-        async def one(node: AsyncNodeExecutor) -> bool:
+        async def one(node: AsyncExecutor) -> bool:
             try:
                 return await run(step(self.key, self.owner, *args), node)
             except StoreError:

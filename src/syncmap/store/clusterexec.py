@@ -1,0 +1,266 @@
+"""The executors of a Redis Cluster: a batch split by owning master, redirects followed.
+
+The contract is ``executor.py``'s, kept across nodes.  One call goes like this:
+
+1. **Route** (:class:`Routing`, pure): each command goes to the master that owns its slot (its
+   first key's, ``commands.slot_of``); a keyless command goes with the command before it (or to
+   any master).  A trailing ``WAIT`` is not routed: it is sent afterwards to *every* master that
+   ran a write of the call, and its reply is the smallest count (each write must be confirmed).
+2. **Send** one pipeline per master (the per-node executors of ``node.py``/``anode.py``: their
+   connections, NOSCRIPT handling and failure meanings).  The asyncio executor sends them
+   concurrently; the thread executor one after the other.
+3. **Redirects**: ``MOVED`` (the slot has another owner) and ``ASK`` (a slot being migrated; the
+   key is already on the target) mean that command did *not* run: the topology learns the owner
+   (``MOVED``), and those commands alone are sent again (after ``ASKING`` for ``ASK``), at most
+   :data:`MAX_REDIRECTS` rounds.  ``TRYAGAIN`` (a multi-key command during a migration) did not
+   run either: sent again after a short pause, within the call's deadline.  ``CLUSTERDOWN`` is
+   ``StoreUnavailable``: nothing ran.
+4. **Failures across nodes.** A master that cannot be reached (``StoreUnavailable``: nothing
+   ran *there*): with ``partial=True`` its commands get that error in place (the other masters'
+   parts did run, as a multi-bucket write's parts may); otherwise it is raised, as
+   ``WriteOutcomeUnknown`` if a write of this call already ran on another master.  A
+   ``WriteOutcomeUnknown`` from any master is raised for the whole call: the flows then drop
+   every key of the batch, never believing a value the store may not hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
+
+from ..errors import StoreUnavailable, WriteOutcomeUnknown
+from .cluster import ClusterTopology, slot_for
+from .commands import slot_of
+from .executor import Command, settle
+from .node import NodeExecutor
+
+MAX_REDIRECTS = 5
+TRY_AGAIN_PAUSE = 0.02
+
+
+@dataclass(slots=True)
+class Group:
+    """The commands of one round for one master (``ASKING`` before each asked one)."""
+
+    address: str
+    indices: list[int]
+    commands: list[Command]
+    asking: bool = False
+
+
+@dataclass(slots=True)
+class Routing:
+    """One call's routing state, round after round (pure: the executors do the I/O)."""
+
+    topology: ClusterTopology
+    commands: Sequence[Command]
+    write: bool
+    partial: bool
+    replies: list[Any] = field(init=False)
+    todo: list[int] = field(init=False)
+    asked: dict[int, str] = field(default_factory=dict)  # index -> the ASK target
+    wait: Command | None = field(init=False)
+    ran_on: set[str] = field(default_factory=set)
+    rounds: int = 0
+    retry_pause: float = 0.0
+
+    def __post_init__(self) -> None:
+        cmds = list(self.commands)
+        self.wait = cmds.pop() if cmds and str(cmds[-1][0]).upper() == "WAIT" else None
+        self.commands = cmds
+        self.replies = [None] * len(cmds)
+        self.todo = list(range(len(cmds)))
+
+    def groups(self) -> list[Group]:
+        """This round's pipelines, one per master (two where some commands were asked)."""
+        self.rounds += 1
+        if self.rounds > MAX_REDIRECTS + 1:
+            raise StoreUnavailable(
+                f"{self.topology.where}: still redirected after {MAX_REDIRECTS} rounds (slots "
+                "are moving); the commands not yet answered did not run: retry later"
+            )
+        plain: dict[str, Group] = {}
+        asked: dict[str, Group] = {}
+        last: str | None = None
+        for i in self.todo:
+            target = self.asked.pop(i, None)
+            if target is not None:
+                group = asked.setdefault(target, Group(target, [], [], asking=True))
+                group.indices.append(i)
+                group.commands += [("ASKING",), self.commands[i]]
+                continue
+            key = slot_of(self.commands[i])
+            address = (self.topology.owner(slot_for(key)) if key is not None
+                       else last or self.topology.any_master())  # fmt: skip
+            last = address
+            group = plain.setdefault(address, Group(address, [], []))
+            group.indices.append(i)
+            group.commands.append(self.commands[i])
+        self.todo = []
+        return [*plain.values(), *asked.values()]
+
+    def absorb(self, group: Group, replies: list[Any]) -> None:
+        """A group's replies: answers kept, redirected commands queued for the next round."""
+        if group.asking:
+            replies = replies[1::2]  # drop the ASKING replies
+        for i, reply in zip(group.indices, replies, strict=True):
+            if isinstance(reply, MovedError):
+                self.topology.moved(reply.slot_id, f"{reply.host}:{reply.port}")
+                self.todo.append(i)
+            elif isinstance(reply, AskError):
+                self.asked[i] = f"{reply.host}:{reply.port}"
+                self.todo.append(i)
+            elif isinstance(reply, TryAgainError):
+                self.retry_pause = TRY_AGAIN_PAUSE
+                self.todo.append(i)
+            elif isinstance(reply, ClusterDownError):
+                self.replies[i] = StoreUnavailable(
+                    f"{group.address} says the cluster is down ({reply}); nothing ran: retry later"
+                )
+            else:
+                self.replies[i] = reply
+        self.ran_on.add(group.address)
+        self.todo.sort()  # a bucket's commands keep their order when sent again
+
+    def failed(self, group: Group, exc: StoreUnavailable) -> None:
+        """A master could not be reached: nothing ran there (see the module docstring)."""
+        if self.partial:
+            for i in group.indices:
+                self.replies[i] = exc
+            return
+        if self.write and self.ran_on:
+            raise WriteOutcomeUnknown(
+                f"{exc}; part of this call had already run on {', '.join(sorted(self.ran_on))}:"
+                " its outcome is partly unknown. Read the keys to find out"
+            ) from exc
+        raise exc
+
+    @property
+    def done(self) -> bool:
+        return not self.todo
+
+    def wait_groups(self) -> list[Group]:
+        """The trailing ``WAIT``, once per master that ran a write of this call."""
+        if self.wait is None or not self.write:
+            return []
+        return [Group(a, [], [self.wait]) for a in sorted(self.ran_on)]
+
+    def result(self, waited: list[Any], where: str) -> list[Any]:
+        """The replies in order (the ``WAIT`` reply the smallest count), settled."""
+        replies = list(self.replies)
+        if self.wait is not None:
+            counts = [r[0] for r in waited if isinstance(r[0], int)]
+            replies.append(min(counts) if counts else 0)
+        _, first = settle(replies, where, partial=self.partial)
+        if first is not None:
+            raise first
+        return replies
+
+
+class ClusterExecutor:
+    """The thread driver's executor for a Redis Cluster (module docstring)."""
+
+    def __init__(self, topology: ClusterTopology, *, timeout: float | None = None,
+                 deadline: float | None = None) -> None:  # fmt: skip
+        self.topology = topology
+        self.where = topology.where
+        self.timeout = timeout
+        self.deadline = deadline
+        self._nodes: dict[str, NodeExecutor] = {}
+
+    def _node(self, address: str) -> NodeExecutor:
+        node = self._nodes.get(address)
+        if node is None:
+            node = self._nodes[address] = NodeExecutor(
+                self.topology.node(address), timeout=self.timeout, deadline=self.deadline
+            )
+        return node
+
+    def call(self, commands: Sequence[Command], *, write: bool, partial: bool = False) -> list[Any]:
+        until = None if self.deadline is None else time.monotonic() + self.deadline
+        routing = Routing(self.topology, commands, write, partial)
+        while not routing.done:
+            if routing.retry_pause:
+                time.sleep(routing.retry_pause)  # TRYAGAIN: a migration step is under way
+                routing.retry_pause = 0.0
+            for group in routing.groups():
+                try:
+                    replies = self._node(group.address).raw(group.commands, write=write,
+                                                            until=until)  # fmt: skip
+                except StoreUnavailable as exc:
+                    routing.failed(group, exc)
+                    continue
+                routing.absorb(group, replies)
+        waited = [self._node(g.address).raw(g.commands, write=True, until=until)
+                  for g in routing.wait_groups()]  # fmt: skip
+        return routing.result(waited, self.where)
+
+    def close(self) -> None:
+        for node in list(self._nodes.values()):
+            node.close()
+
+
+class AsyncClusterExecutor:
+    """The asyncio twin of :class:`ClusterExecutor`: the masters' pipelines sent concurrently."""
+
+    def __init__(self, topology: ClusterTopology, *, timeout: float | None = None,
+                 deadline: float | None = None) -> None:  # fmt: skip
+        from .anode import AsyncNodeExecutor  # noqa: PLC0415
+
+        self._make = AsyncNodeExecutor
+        self.topology = topology
+        self.where = topology.where
+        self.timeout = timeout
+        self.deadline = deadline
+        self._nodes: dict[str, Any] = {}
+
+    def _node(self, address: str) -> Any:
+        node = self._nodes.get(address)
+        if node is None:
+            node = self._nodes[address] = self._make(
+                self.topology.node(address), timeout=self.timeout, deadline=self.deadline
+            )
+        return node
+
+    async def _groups(self, routing: Routing) -> list[Group]:
+        if not self.topology.stale:
+            return routing.groups()
+        # Reading the slot map is blocking I/O (a short-lived connection): off the loop.
+        return await asyncio.to_thread(routing.groups)
+
+    async def call(
+        self, commands: Sequence[Command], *, write: bool, partial: bool = False
+    ) -> list[Any]:
+        until = None if self.deadline is None else time.monotonic() + self.deadline
+        routing = Routing(self.topology, commands, write, partial)
+        while not routing.done:
+            if routing.retry_pause:
+                await asyncio.sleep(routing.retry_pause)
+                routing.retry_pause = 0.0
+            groups = await self._groups(routing)
+            results = await asyncio.gather(
+                *(self._node(g.address).raw(g.commands, write=write, until=until)
+                  for g in groups),
+                return_exceptions=True,
+            )  # fmt: skip
+            for group, result in zip(groups, results, strict=True):
+                if isinstance(result, StoreUnavailable):
+                    routing.failed(group, result)
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    routing.absorb(group, result)
+        waited = await asyncio.gather(
+            *(self._node(g.address).raw(g.commands, write=True, until=until)
+              for g in routing.wait_groups())
+        )  # fmt: skip
+        return routing.result(list(waited), self.where)
+
+    async def aclose(self) -> None:
+        for node in list(self._nodes.values()):
+            await node.aclose()
