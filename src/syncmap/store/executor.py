@@ -31,7 +31,13 @@ from typing import Any, Protocol
 
 from redis.exceptions import NoPermissionError, NoScriptError
 
-from ..errors import ConfigurationError, StaleFence, StoreError, StoreUnavailable
+from ..errors import (
+    ConfigurationError,
+    StaleFence,
+    StoreError,
+    StoreUnavailable,
+    SyncMapError,
+)
 from . import scripts
 
 Command = tuple[Any, ...]
@@ -130,11 +136,15 @@ def settle(replies: list[Any], where: str, *, partial: bool) -> tuple[bool, Exce
     None).  Both executors take the same decisions here; only how they react differs."""
     not_master, first = False, None
     for i, reply in enumerate(replies):
-        if isinstance(reply, Exception):
+        if isinstance(reply, SyncMapError):  # settled already (a Cluster master unreachable)
+            mapped: Exception = reply
+        elif isinstance(reply, Exception):
             not_master = not_master or error_code(reply)[0] in NOT_MASTER
             mapped = refused(reply, where)
-            if partial:
-                replies[i] = mapped
-            elif first is None:
-                first = mapped
+        else:
+            continue
+        if partial:
+            replies[i] = mapped
+        elif first is None:
+            first = mapped
     return not_master, first
