@@ -221,6 +221,23 @@ class ClusterTopology:
         if changed:
             self._notify()
 
+    def client(self, **overrides: Any) -> Any:
+        """A redis-py ``RedisCluster`` on this cluster, for the command line's inspections
+        (``syncmap doctor``, ``top``, ...): it routes each command by slot as our executors do.
+        Typed ``Any``: it offers the commands of ``redis.Redis`` that those use."""
+        from redis.cluster import ClusterNode, RedisCluster  # noqa: PLC0415
+
+        t = self._template
+        kwargs: dict[str, Any] = {
+            "username": t.username, "password": t.password, "socket_timeout": t.socket_timeout,
+            "socket_connect_timeout": t.connect_timeout,
+        }  # fmt: skip
+        if t.tls is not None:
+            kwargs.update(ssl=True, **t.tls.kwargs())
+        kwargs.update(overrides)
+        nodes = [ClusterNode(e.host, e.port) for e in self.startup]
+        return RedisCluster(startup_nodes=nodes, **kwargs)
+
     def describe(self) -> dict[str, Any]:
         """The masters, their slot ranges and replicas (``syncmap doctor``)."""
         self.refresh()
