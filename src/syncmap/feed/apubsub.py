@@ -31,6 +31,9 @@ What differs, and why:
   on.  Seen here: a stream reader cancelled right after sending XREAD read on for ever.
 * **Resolving a Sentinel master** talks to the sentinels with blocking sockets: it runs in a
   worker thread (:func:`resolve`), never on the loop.
+
+Sharded pub/sub reuses this reader per master as ``pubsub.py`` does (``asharded.py``): the same
+:class:`~syncmap.feed.pubsub.ReaderHooks`.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from .. import forksafe
 from ..aiotasks import stop_tasks
 from ..store.endpoint import Endpoint
 from ..store.topology import Topology
-from .pubsub import PING_AFTER, Handler
+from .pubsub import PING_AFTER, Handler, ReaderHooks
 
 __all__ = ["PING_AFTER", "AsyncSubscriber", "Handler", "Wake", "resolve"]
 
@@ -91,7 +94,7 @@ class Wake:
             scope.reschedule(asyncio.get_running_loop().time())
 
 
-class AsyncSubscriber:
+class AsyncSubscriber(ReaderHooks):
     """The subscriber of one event loop for one topology.  Get it with :meth:`attach_to`."""
 
     _registry: ClassVar[dict[RegistryKey, AsyncSubscriber]] = {}
@@ -123,7 +126,8 @@ class AsyncSubscriber:
         self._wake = Wake()
         self._sends: set[asyncio.Task[None]] = set()
         self._stopped = False
-        topology.on_change(self._master_changed)
+        if self.follows_topology:
+            topology.on_change(self._master_changed)
         self._task = self._loop.create_task(self._run(), name="syncmap-async-subscriber")
 
     @property
@@ -138,20 +142,26 @@ class AsyncSubscriber:
         ch = channel.encode()
         handler.up = False  # told on_up by this subscription's confirmation, not an older one
         self._handlers.setdefault(ch, []).append(handler)
-        self._send_soon("SUBSCRIBE", ch)  # Redis confirms again even if already subscribed
+        self._send_soon(self.dialect.subscribe, ch)  # Redis confirms again if already subscribed
 
     async def detach(self, channel: str, handler: Handler) -> None:
         """Stop delivering to ``handler``; the last detach stops the reader and its connection."""
+        if self.release(channel, handler):
+            await self.stop()
+
+    def release(self, channel: str, handler: Handler, *, unsubscribe: bool = True) -> bool:
+        """Stop delivering ``channel`` to ``handler``, and UNSUBSCRIBE after its last handler
+        (unless ``unsubscribe`` is false: Redis already dropped it).  True when no channel is
+        left: the caller then stops this subscriber (:meth:`detach` does)."""
         ch = channel.encode()
         handlers = self._handlers.get(ch, [])
         if handler in handlers:
             handlers.remove(handler)
         if not handlers:
             self._handlers.pop(ch, None)
-            if self._handlers:
-                self._send_soon("UNSUBSCRIBE", ch)
-        if not self._handlers:
-            await self.stop()
+            if self._handlers and unsubscribe:
+                self._send_soon(self.dialect.unsubscribe, ch)
+        return not self._handlers
 
     async def stop(self) -> None:
         """Cancel the reader and the sends, and wait for them (the connection is closed).
@@ -159,7 +169,7 @@ class AsyncSubscriber:
         Out of the registry first: an ``attach_to`` from now on makes a new subscriber."""
         self._unregister()
         self._stopped = True
-        self._topology.remove_listener(self._master_changed)
+        self._forget_topology()
         await stop_tasks([*self._sends, self._task])
 
     @staticmethod
@@ -221,8 +231,12 @@ class AsyncSubscriber:
                     backoff = min(backoff * 2, BACKOFF_MAX)
         finally:  # stopped, or cancelled by the loop shutting down
             self._conn = None
-            self._topology.remove_listener(self._master_changed)
+            self._forget_topology()
             self._unregister()
+
+    def _forget_topology(self) -> None:
+        if self.follows_topology:
+            self._topology.remove_listener(self._master_changed)
 
     def _unregister(self) -> None:
         with self._registry_lock:
@@ -240,7 +254,7 @@ class AsyncSubscriber:
             # Order: the channels are read and the connection published with no await between,
             # so a channel attached after this point is sent by its own attach().  One SUBSCRIBE
             # per channel: an ACL that refuses one channel refuses only that one.
-            packed = conn.pack_commands([("SUBSCRIBE", ch) for ch in self._handlers])
+            packed = conn.pack_commands([(self.dialect.subscribe, ch) for ch in self._handlers])
             self._conn = conn
             if packed:
                 await conn.send_packed_command(packed, check_health=False)
@@ -266,8 +280,8 @@ class AsyncSubscriber:
                 raise redis.ConnectionError("the subscriber connection was closed")
             try:
                 reply = await conn.read_response(timeout=READ_SLICE)  # None: nothing came
-            except redis.ResponseError as exc:  # e.g. NOPERM for one channel: that map's
-                log.error("syncmap subscriber: Redis refused a command: %s", exc)  # FeedError
+            except redis.ResponseError as exc:  # e.g. NOPERM for one channel
+                self._refused(exc)
                 continue
             now = clock()
             if reply is not None:
@@ -287,19 +301,21 @@ class AsyncSubscriber:
         """Send SUBSCRIBE again for channels whose confirmation never came (idempotent)."""
         for ch, handlers in self._handlers.items():
             if any(not h.up for h in handlers):
-                self._send_soon("SUBSCRIBE", ch)
+                self._send_soon(self.dialect.subscribe, ch)
 
     def _dispatch(self, reply: Any) -> None:
         kind, channel = reply[0], reply[1]
         handlers = list(self._handlers.get(channel, ()))  # a callback may detach
-        if kind == b"message":
+        if kind == self.dialect.message:
             for handler in handlers:
                 self._call(handler.on_message, reply[2])
-        elif kind == b"subscribe":
+        elif kind == self.dialect.subscribed:
             for handler in handlers:
                 if not handler.up:
                     handler.up = True
                     self._call(handler.on_up)
+        else:
+            self._unexpected(kind, channel)
 
     def _lost(self, exc: Exception, served: bool) -> None:
         """``on_down`` to every handler that was told ``on_up``: once per drop, not once per
@@ -313,6 +329,7 @@ class AsyncSubscriber:
             if handler.up:
                 handler.up = False
                 self._call(handler.on_down)
+        self._after_loss()
 
     @staticmethod
     def _call(fn: Callable[..., None], *args: Any) -> None:

@@ -23,6 +23,11 @@ How it stays alive and honest:
 * One map's failure stays its own: a handler that raises is logged and the others go on; an error
   reply (an ACL refusing one channel) is logged and the thread goes on; anything unexpected is
   handled as a lost connection, never as a dead thread.
+
+Sharded pub/sub (Redis Cluster) reuses this reader, one per master (``sharded.py``): a subclass
+sets :attr:`ReaderHooks.dialect` (SSUBSCRIBE, ``smessage``), does not follow the topology itself
+(its owner moves channels between nodes instead), and overrides the three hooks of
+:class:`ReaderHooks`.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 
@@ -50,6 +55,40 @@ _exiting = threading.Event()  # the interpreter is shutting down: a lost connect
 getattr(threading, "_register_atexit", atexit.register)(_exiting.set)
 
 
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """The commands and reply kinds of one flavour of pub/sub."""
+
+    subscribe: str
+    unsubscribe: str
+    message: bytes  # [kind, channel, data]
+    subscribed: bytes  # the confirmation: [kind, channel, count]
+
+
+PLAIN = Dialect("SUBSCRIBE", "UNSUBSCRIBE", b"message", b"subscribe")
+SHARDED = Dialect("SSUBSCRIBE", "SUNSUBSCRIBE", b"smessage", b"ssubscribe")  # Redis Cluster 7+
+
+
+class ReaderHooks:
+    """What a subclass of either reader (this one, ``apubsub.AsyncSubscriber``) may change.
+
+    The plain subscribers keep these defaults; the sharded per-node ones (``shards.NodeHooks``)
+    speak SSUBSCRIBE, leave following the topology to their owner and override the hooks."""
+
+    dialect: ClassVar[Dialect] = PLAIN
+    follows_topology: ClassVar[bool] = True  # reconnect when the topology names another master
+
+    def _after_loss(self) -> None:
+        """The connection was lost, or a reconnect failed (handlers were told ``on_down``)."""
+
+    def _unexpected(self, kind: bytes, channel: bytes) -> None:
+        """A reply that is neither a message nor a confirmation: an unsubscribe, a pong."""
+
+    def _refused(self, exc: redis.ResponseError) -> None:
+        """An error reply (e.g. NOPERM for one channel: that map's FeedError)."""
+        log.error("syncmap subscriber: Redis refused a command: %s", exc)
+
+
 @dataclass(slots=True, eq=False)
 class Handler:
     """One map's callbacks.  Several maps (even of the same name) may share a channel."""
@@ -60,7 +99,7 @@ class Handler:
     up: bool = False  # told on_up since the last (re)subscription
 
 
-class Subscriber:
+class Subscriber(ReaderHooks):
     """The process's subscriber for one topology.  Get it with :meth:`attach_to`."""
 
     _registry: dict[tuple[Any, ...], Subscriber] = {}
@@ -87,7 +126,8 @@ class Subscriber:
         self._lock = threading.Lock()
         self._conn: Any = None
         self._stop = threading.Event()
-        topology.on_change(self._master_changed)
+        if self.follows_topology:
+            topology.on_change(self._master_changed)
         self._thread = threading.Thread(target=self._run, name="syncmap-subscriber", daemon=True)
         self._thread.start()
 
@@ -102,11 +142,22 @@ class Subscriber:
         ch = channel.encode()
         with self._lock:
             self._handlers.setdefault(ch, []).append(handler)
-            self._send("SUBSCRIBE", ch)  # Redis confirms again even if already subscribed
+            self._send(self.dialect.subscribe, ch)  # Redis confirms again if already subscribed
 
     def detach(self, channel: str, handler: Handler) -> None:
+        with self._registry_lock:
+            empty = self.release(channel, handler)
+            if empty and self._registry.get(self._key) is self:
+                del self._registry[self._key]
+        if empty:
+            self.stop()
+
+    def release(self, channel: str, handler: Handler, *, unsubscribe: bool = True) -> bool:
+        """Stop delivering ``channel`` to ``handler``, and UNSUBSCRIBE after its last handler
+        (unless ``unsubscribe`` is false: Redis already dropped it).  True when no channel is
+        left: the caller then stops this subscriber (:meth:`detach` does)."""
         ch = channel.encode()
-        with self._registry_lock, self._lock:
+        with self._lock:
             handlers = self._handlers.get(ch, [])
             if handler in handlers:
                 handlers.remove(handler)
@@ -114,12 +165,9 @@ class Subscriber:
             if last_on_channel:
                 self._handlers.pop(ch, None)
             empty = not self._handlers
-            if last_on_channel and not empty:
-                self._send("UNSUBSCRIBE", ch)
-            if empty and self._registry.get(self._key) is self:
-                del self._registry[self._key]
-        if empty:
-            self.stop()
+            if last_on_channel and not empty and unsubscribe:
+                self._send(self.dialect.unsubscribe, ch)
+            return empty
 
     @staticmethod
     @forksafe.at_fork
@@ -129,11 +177,13 @@ class Subscriber:
         Subscriber._registry = {}
         Subscriber._registry_lock = threading.Lock()
 
-    def stop(self) -> None:
+    def stop(self, *, wait: bool = True) -> None:
+        """Close the connection and end the reader (``wait``: until it has ended)."""
         self._stop.set()
-        self._topology.remove_listener(self._master_changed)
+        if self.follows_topology:
+            self._topology.remove_listener(self._master_changed)
         self._close_conn()  # wakes the reader at once
-        if threading.current_thread() is not self._thread:
+        if wait and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
 
     def _send(self, *command: Any) -> None:
@@ -166,6 +216,7 @@ class Subscriber:
                 for handler in self._snapshot():
                     handler.up = False
                     self._call(handler.on_down)
+                self._after_loss()
                 self._stop.wait(backoff)  # reconnect back-off, not a wait for data
                 backoff = min(backoff * 2, 1.0)
         self._close_conn()
@@ -179,7 +230,7 @@ class Subscriber:
         with self._lock:
             # One SUBSCRIBE per channel: an ACL that refuses one channel refuses only that one.
             for ch in self._handlers:
-                conn.send_command("SUBSCRIBE", ch)
+                conn.send_command(self.dialect.subscribe, ch)
             self._conn = conn
         return conn
 
@@ -210,8 +261,8 @@ class Subscriber:
                 continue
             try:
                 reply = conn.read_response()
-            except redis.ResponseError as exc:  # e.g. NOPERM for one channel: that map's
-                log.error("syncmap subscriber: Redis refused a command: %s", exc)  # FeedError
+            except redis.ResponseError as exc:  # e.g. NOPERM for one channel
+                self._refused(exc)
                 continue
             heard, pinged = time.monotonic(), 0.0
             self._dispatch(reply)
@@ -221,20 +272,22 @@ class Subscriber:
         with self._lock:
             for ch, handlers in self._handlers.items():
                 if any(not h.up for h in handlers):
-                    self._send("SUBSCRIBE", ch)
+                    self._send(self.dialect.subscribe, ch)
 
     def _dispatch(self, reply: Any) -> None:
         kind, channel = reply[0], reply[1]
         with self._lock:
             handlers = list(self._handlers.get(channel, ()))
-        if kind == b"message":
+        if kind == self.dialect.message:
             for handler in handlers:
                 self._call(handler.on_message, reply[2])
-        elif kind == b"subscribe":
+        elif kind == self.dialect.subscribed:
             for handler in handlers:
                 if not handler.up:
                     handler.up = True
                     self._call(handler.on_up)
+        else:
+            self._unexpected(kind, channel)
 
     @staticmethod
     def _call(fn: Callable[..., None], *args: Any) -> None:

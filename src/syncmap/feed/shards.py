@@ -1,0 +1,349 @@
+"""Which master's connection carries each sharded channel, and what a change of owner does to it:
+the logic the thread and the asyncio sharded subscribers share (``sharded.py``, ``asharded.py``).
+
+A Redis Cluster delivers an ``SPUBLISH`` only to ``SSUBSCRIBE`` connections of the shard that
+owns the channel's hash slot.  So a process keeps one connection per master that owns a
+subscribed channel's slot (a per-node reader of ``pubsub.py``/``apubsub.py`` speaking
+SSUBSCRIBE, :class:`NodeHooks`), shared by every map and lock of the process, and moves a
+channel when its slot's owner changes.  A channel is *placed* on one node: an **inner** handler,
+fresh for each placement, is attached to that node's reader, and only the current placement's
+callbacks reach the maps' handlers (a late confirmation of an old placement must not say
+``on_up`` for a new one that is not confirmed yet).
+
+The **mover** (a thread, or a task on the loop) places channels: it reads the slot map (blocking
+I/O: never on the loop, never on a caller's thread), then, under the lock, takes each channel
+whose slot has another owner off its node and puts it on the owner's.  Order of events:
+
+* **Attach** a new channel: unplaced; the mover reads its slot's owner and places it there
+  (SSUBSCRIBE); the confirmation says ``on_up``.  A handler added to a channel whose placement
+  is confirmed is told ``on_up`` at once: the subscription is live.
+* **The owner changes** (a), learnt in one of three ways: the topology's ``on_change`` (a
+  refresh after a failover, an executor's MOVED); a MOVED answer to our SSUBSCRIBE (its target
+  is used for that slot in the next round, over a slot map that may come from a node that has
+  not heard yet); Redis's own ``sunsubscribe`` push (Redis 7 drops a node's sharded subscribers
+  of a slot it gives away, and of every slot when it becomes a replica).  Then: the handlers are
+  told ``on_down`` (messages may be lost from now on) -> the mover reads the slot map -> the
+  channel leaves the old node (SUNSUBSCRIBE, unless Redis dropped it already) -> SSUBSCRIBE on
+  the owner's node -> ``on_up`` once that is confirmed.
+* **A node's connection is lost** (b): that node's reader tells *its* channels ``on_down``
+  (other nodes' channels are untouched), then asks the mover to read the slot map again.  If a
+  replica took over, the channels move to it; otherwise the reader reconnects to the same node,
+  subscribes again and says ``on_up``.  Each failed reconnect asks again, so a promotion is
+  seen within the reader's back-off (at most 1 s) of the slot map naming it.
+* **A node left without channels** (c): its connection is closed at the end of the round (or of
+  the detach) that took its last channel.
+
+Telling the maps: every ``on_up``, ``on_down`` and message is decided under the lock (is this
+placement still current? was the handler up?), queued in that order, and run outside the lock
+by one thread at a time (:meth:`ShardedCore._drain`).  Without the queue, two threads could tell
+a handler in the wrong order: node A's reader decides ``on_up`` for a placement the mover is
+replacing, the mover says ``on_down``, A's ``on_up`` runs last, and the map believes in a
+subscription that is not confirmed.  No callback runs under the lock, so a map may attach or
+detach from a callback, and a map that holds its own lock while it detaches cannot deadlock
+against a callback waiting for ours.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import redis
+from redis.exceptions import ClusterDownError, MovedError, TryAgainError
+
+from ..errors import StoreUnavailable
+from ..store.cluster import ClusterTopology, slot_for
+from .pubsub import SHARDED, Handler, ReaderHooks, Subscriber
+
+log = logging.getLogger("syncmap.feed")
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0  # the mover's retries while a slot has no known owner
+
+
+class NodeLink(Protocol):
+    """A per-node reader as the core uses it (``NodeSubscriber``, ``AsyncNodeSubscriber``)."""
+
+    def attach(self, channel: str, handler: Handler) -> None: ...
+
+    def release(self, channel: str, handler: Handler, *, unsubscribe: bool = True) -> bool: ...
+
+
+N = TypeVar("N", bound=NodeLink)
+
+
+@dataclass(slots=True, eq=False)
+class Channel:
+    name: str
+    slot: int
+    handlers: list[Handler] = field(default_factory=list)
+    address: str | None = None  # the master whose connection carries it; None: not placed
+    inner: Handler | None = None  # attached there; a fresh one for each placement
+
+
+@dataclass(slots=True)
+class Pending:
+    """What the mover's next round starts from."""
+
+    invalidate: bool = False  # read the slot map again, not the one known
+    hints: dict[int, str] = field(default_factory=dict)  # slot -> owner a MOVED named
+
+
+def read_owners(
+    topology: ClusterTopology, pending: Pending, slots: Iterable[int]
+) -> dict[int, str | None]:
+    """The owner of each slot, None where none is known now.  Blocking I/O: the mover only."""
+    if pending.invalidate:
+        topology.invalidate()
+    try:
+        if topology.stale:
+            topology.refresh()  # once here, rather than once per slot below
+    except StoreUnavailable as exc:
+        log.warning("syncmap sharded subscriber: %s", exc)
+        return dict.fromkeys(slots)
+    owners: dict[int, str | None] = {}
+    for slot in slots:
+        try:
+            owners[slot] = pending.hints.get(slot) or topology.owner(slot)
+        except StoreUnavailable:  # no master serves it (a failover under way): retried
+            owners[slot] = None
+    return owners
+
+
+class NodeHooks(ReaderHooks):
+    """What sharded mode adds to a per-node reader: SSUBSCRIBE, no following of the topology
+    (the core moves channels instead), and the hooks, forwarded to the core that owns it."""
+
+    dialect = SHARDED
+    follows_topology = False
+    shards: ShardedCore[Any]
+    address: str
+
+    def _after_loss(self) -> None:
+        self.shards.node_lost(self.address)
+
+    def _unexpected(self, kind: bytes, channel: bytes) -> None:
+        if kind == b"sunsubscribe":
+            self.shards.node_unsubscribed(self.address, channel)
+
+    def _refused(self, exc: redis.ResponseError) -> None:
+        self.shards.node_refused(self.address, exc)
+
+
+class ShardedCore(Generic[N]):
+    """The channels, their placements and the callback queue (module docstring).  A driver
+    supplies the lock (none on a loop), :meth:`_open_node`, :meth:`_wake` and the mover."""
+
+    def __init__(self, topology: ClusterTopology, lock: AbstractContextManager[Any]) -> None:
+        self._topology = topology
+        self._lock = lock
+        self._channels: dict[str, Channel] = {}
+        self._nodes: dict[str, N] = {}
+        self._pending = Pending()
+        self._queue: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._draining = False
+        self._closed = False  # stopped: no node is opened any more
+
+    def _open_node(self, address: str) -> N:
+        raise NotImplementedError
+
+    def _wake(self) -> None:
+        """Ask the mover for a round (callable from any thread of the driver's)."""
+        raise NotImplementedError
+
+    @property
+    def nodes(self) -> dict[str, list[str]]:
+        """Each node's address and the channels placed on it (tests, ``repr``)."""
+        with self._lock:
+            placed: dict[str, list[str]] = {}
+            for chan in self._channels.values():
+                if chan.address is not None:
+                    placed.setdefault(chan.address, []).append(chan.name)
+            return placed
+
+    # ---- attach and detach -------------------------------------------------------------------
+
+    def _add(self, name: str, handler: Handler) -> None:
+        with self._lock:
+            chan = self._channels.get(name)
+            new = chan is None
+            if chan is None:
+                chan = self._channels[name] = Channel(name, slot_for(name))
+            handler.up = False
+            chan.handlers.append(handler)
+            if chan.inner is not None and chan.inner.up:  # confirmed and not lost since
+                handler.up = True
+                self._queue.append((handler.on_up, ()))
+        self._drain()
+        if new:
+            self._wake()
+
+    def _remove(self, name: str, handler: Handler) -> tuple[list[N], bool]:
+        """Take ``handler`` off ``name``: the nodes left idle (the caller closes them outside
+        the lock) and whether no channel is left at all."""
+        with self._lock:
+            chan = self._channels.get(name)
+            if chan is not None and handler in chan.handlers:
+                chan.handlers.remove(handler)
+                if not chan.handlers:
+                    del self._channels[name]
+                    self._take_off(chan, unsubscribe=True)
+            return self._idle_nodes(), not self._channels
+
+    # ---- placing (the lock held) -------------------------------------------------------------
+
+    def _take_off(self, chan: Channel, *, unsubscribe: bool) -> None:
+        """Off its node; its handlers that were up are told ``on_down``."""
+        node = self._nodes.get(chan.address) if chan.address is not None else None
+        if node is not None and chan.inner is not None:
+            node.release(chan.name, chan.inner, unsubscribe=unsubscribe)
+        chan.address = chan.inner = None
+        for handler in chan.handlers:
+            if handler.up:
+                handler.up = False
+                self._queue.append((handler.on_down, ()))
+
+    def _put_on(self, chan: Channel, address: str) -> None:
+        node = self._nodes.get(address)
+        if node is None:
+            node = self._nodes[address] = self._open_node(address)
+        chan.address, chan.inner = address, self._inner(chan)
+        node.attach(chan.name, chan.inner)  # SSUBSCRIBE now, or when the reader connects
+
+    def _idle_nodes(self) -> list[N]:
+        """Out of the table, so nothing is placed on them again: the caller closes them."""
+        used = {chan.address for chan in self._channels.values()}
+        return [self._nodes.pop(a) for a in [a for a in self._nodes if a not in used]]
+
+    def _inner(self, chan: Channel) -> Handler:
+        """The handler of one placement: it speaks for ``chan`` while it is the current one."""
+
+        def on_message(data: bytes) -> None:
+            with self._lock:
+                if chan.inner is inner:
+                    self._queue.extend((h.on_message, (data,)) for h in chan.handlers)
+            self._drain()
+
+        def on_up() -> None:
+            with self._lock:
+                if chan.inner is inner:
+                    for handler in chan.handlers:
+                        if not handler.up:
+                            handler.up = True
+                            self._queue.append((handler.on_up, ()))
+            self._drain()
+
+        def on_down() -> None:  # (b): only this node's channels
+            with self._lock:
+                if chan.inner is inner:
+                    for handler in chan.handlers:
+                        if handler.up:
+                            handler.up = False
+                            self._queue.append((handler.on_down, ()))
+            self._drain()
+
+        inner = Handler(on_message, on_up, on_down)
+        return inner
+
+    def _drain(self) -> None:
+        """Run the queued callbacks in their order, one thread at a time: a thread that finds
+        another one draining leaves its callbacks to it (module docstring)."""
+        with self._lock:
+            if self._draining:
+                return
+            self._draining = True
+        try:
+            while True:
+                with self._lock:
+                    batch, self._queue = self._queue, []
+                    if not batch:
+                        self._draining = False
+                        return
+                for fn, args in batch:
+                    Subscriber._call(fn, *args)  # logs a failing callback; the others go on
+        except BaseException:
+            with self._lock:
+                self._draining = False
+            raise
+
+    # ---- the mover's round -------------------------------------------------------------------
+
+    def _take_pending(self) -> tuple[Pending, list[int]]:
+        with self._lock:
+            pending, self._pending = self._pending, Pending()
+            return pending, sorted({chan.slot for chan in self._channels.values()})
+
+    def _rehome(self, owners: dict[int, str | None]) -> tuple[list[N], bool]:
+        """Place every channel on its slot's owner (a), in order: ``on_down``, off the old
+        node, onto the owner's.  The nodes left idle (to close), and whether every slot read
+        had an owner (else the driver retries: ``_retry_later``)."""
+        complete = True
+        with self._lock:
+            if self._closed:
+                return [], True
+            for chan in self._channels.values():
+                if chan.slot not in owners:
+                    continue  # attached during the read: its attach asked for another round
+                owner = owners[chan.slot]
+                if owner is None:
+                    complete = False  # kept where it is: its node may come back
+                elif chan.address != owner:
+                    self._take_off(chan, unsubscribe=True)
+                    self._put_on(chan, owner)
+            idle = self._idle_nodes()
+        self._drain()
+        return idle, complete
+
+    def _close_all(self) -> list[N]:
+        """Stopping: every node, for the caller to close; none is opened from now on."""
+        with self._lock:
+            self._closed = True
+            nodes, self._nodes = list(self._nodes.values()), {}
+            return nodes
+
+    def _retry_later(self) -> None:
+        with self._lock:
+            self._pending.invalidate = True
+
+    # ---- what the node readers tell (their hooks) ----------------------------------------
+
+    def node_lost(self, address: str) -> None:
+        """(b) ``address``'s connection was lost (its channels were told ``on_down``), or a
+        reconnect to it failed: its slots may have another owner now."""
+        with self._lock:
+            self._pending.invalidate = True
+        self._wake()
+
+    def node_unsubscribed(self, address: str, channel: bytes) -> None:
+        """A ``sunsubscribe`` on ``address``.  Redis dropped the channel (a) when its placement
+        there is current and confirmed; otherwise it answers our own SUNSUBSCRIBE, sent when a
+        placement ended (its replacement on the same node is confirmed only after this)."""
+        with self._lock:
+            chan = self._channels.get(channel.decode(errors="replace"))
+            if chan is None or chan.address != address or chan.inner is None:
+                return
+            if not chan.inner.up:
+                return
+            log.info("syncmap sharded subscriber: %s dropped %r; moving it", address, chan.name)
+            self._take_off(chan, unsubscribe=False)  # Redis has dropped it already
+            self._pending.invalidate = True
+        self._drain()
+        self._wake()
+
+    def node_refused(self, address: str, exc: redis.ResponseError) -> None:
+        """An error reply on ``address``: MOVED (an SSUBSCRIBE of a slot it no longer owns),
+        a cluster that is down or busy (read the slot map again), or another (logged)."""
+        if isinstance(exc, MovedError):
+            log.info("syncmap sharded subscriber: %s: MOVED %s %s:%s", address, exc.slot_id,
+                     exc.host, exc.port)  # fmt: skip
+            with self._lock:
+                self._pending.hints[exc.slot_id] = f"{exc.host}:{exc.port}"
+        elif isinstance(exc, ClusterDownError | TryAgainError):
+            log.warning("syncmap sharded subscriber: %s: %s", address, exc)
+            with self._lock:
+                self._pending.invalidate = True
+        else:
+            log.error("syncmap subscriber: Redis refused a command on %s: %s", address, exc)
+            return
+        self._wake()
