@@ -235,7 +235,7 @@ class ClusterTopology:
         if t.tls is not None:
             kwargs.update(ssl=True, **t.tls.kwargs())
         kwargs.update(overrides)
-        nodes = [ClusterNode(e.host, e.port) for e in self.startup]
+        nodes = [ClusterNode(e.host, e.port) for e in self.startup]  # type: ignore[no-untyped-call]
         return RedisCluster(startup_nodes=nodes, **kwargs)
 
     def describe(self) -> dict[str, Any]:

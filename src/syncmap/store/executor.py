@@ -29,7 +29,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from redis.exceptions import NoPermissionError, NoScriptError
+from redis.exceptions import ClusterCrossSlotError, NoPermissionError, NoScriptError
 
 from ..errors import (
     ConfigurationError,
@@ -116,6 +116,8 @@ def refused(exc: Exception, where: str) -> Exception:
             "+@scripting +@pubsub on the map's keys and channel (see docs/protocol.md)"
         )
     code, text = error_code(exc)
+    if isinstance(exc, ClusterCrossSlotError):  # redis-py strips the code: say it
+        text = f"CROSSSLOT {text} (a command's keys must share one hash slot); nothing ran"
     if code in _NOTHING_RAN:
         return StoreUnavailable(
             f"{where} refused it ({code} {text.removeprefix(code).strip()}); nothing "
