@@ -34,7 +34,8 @@ def main() -> None:
     "--chaos",
     is_flag=True,
     help="Now and then kill the pub/sub connections or pause a server; watch it heal.  With "
-    "--sentinel: pause the master once; watch Sentinel fail over.",
+    "--sentinel: pause the master once; watch Sentinel fail over.  With --cluster: kill one "
+    "master first; watch its replica take over its shard.",
 )
 @click.option(
     "--sentinel",
@@ -42,13 +43,21 @@ def main() -> None:
     help="Start a master, a replica and three Sentinels instead of one Redis; the maps find the "
     "master through the Sentinels (redis+sentinel:// URL).",
 )
-def demo(url: str | None, nodes: int, seconds: float, chaos: bool, sentinel: bool) -> None:
+@click.option(
+    "--cluster",
+    is_flag=True,
+    help="Start a Redis Cluster (3 masters, a replica each) instead of one Redis; the map "
+    "spreads over its masters (redis+cluster:// URL).",
+)
+def demo(url: str | None, nodes: int, seconds: float, chaos: bool, sentinel: bool,
+         cluster: bool) -> None:  # fmt: skip
     """Servers in separate processes share one map; ends with a convergence verdict.
 
     A live table on a terminal (needs the ``cli`` extra: rich), plain periodic lines otherwise.
     """
     try:
-        ok = run_demo(url, nodes, seconds, click.echo, chaos=chaos, sentinel=sentinel)
+        ok = run_demo(url, nodes, seconds, click.echo, chaos=chaos, sentinel=sentinel,
+                      cluster=cluster)  # fmt: skip
     except SyncMapError as exc:
         click.echo(f"syncmap demo: {exc}", err=True)
         sys.exit(2)

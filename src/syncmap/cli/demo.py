@@ -15,7 +15,9 @@ would serve, and the demo checks that every such entry equals the store: the con
 
 This module runs it: the processes, the chaos and the loop that collects the reports.  The
 servers are in ``demo_server.py``, the convergence check in ``demo_check.py``, the views in
-``demo_view.py``, the ``--sentinel`` failover in ``demo_sentinel.py``.
+``demo_view.py``, the ``--sentinel`` failover in ``demo_sentinel.py``, the ``--cluster`` shard
+failover in ``demo_cluster.py``.  On a Redis Cluster (``--cluster``, or a ``redis+cluster://``
+``--url``) the pub/sub kill goes to every master and the store line sums every master's INFO.
 """
 
 from __future__ import annotations
@@ -30,21 +32,35 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import ExitStack
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, Protocol
 
 from ..embedded import EmbeddedRedis
 from ..errors import ConfigurationError
 from ..map import SyncMap
 from ..store.endpoint import Endpoint
 from ..store.topology import open_topology
+from ..testing.clusterset import ClusterSet
 from ..testing.sentinelset import SentinelSet
 from .demo_check import Node, _verdict
+from .demo_cluster import ShardFailoverChaos, kill_subscribers
+from .demo_cluster import topology as cluster_topology
 from .demo_sentinel import FailoverChaos
 from .demo_server import LOCK_SHARE, MAP, Report, _hot_keys, probe_writer, server
 from .demo_view import ChaosEvent, DemoView, _start_live, rich_available
 from .options import redis_client
 
 PAUSE_FOR = 1.5
+
+
+class OneFailover(Protocol):
+    """A failover the demo's chaos makes once (``demo_sentinel.py``, ``demo_cluster.py``)."""
+
+    paused_at: float  # when the fault was injected
+    done: bool
+
+    def tick(self, up_at: float | None, run_end: float, say: Callable[[str], None]) -> Any: ...
+
+    def resume(self) -> None: ...
 
 
 class Demo(DemoView):
@@ -60,7 +76,8 @@ class Demo(DemoView):
         self._admin_at: Endpoint | None = None
         self.admin = redis_client(url, 5)
         self.truth = SyncMap(MAP, url, node_id="demo-check")
-        self.failover: FailoverChaos | None = None  # --sentinel --chaos
+        self.failover: OneFailover | None = None  # --sentinel or --cluster, with --chaos
+        self.failover_only = False  # --sentinel: the failover is all the chaos
         self.max_staleness = self.truth.config.max_staleness
         self.store: dict[str, Any] = {}
         self.entries_in_store = 0
@@ -99,7 +116,9 @@ class Demo(DemoView):
                 if all(a is not None for a in firsts):
                     event.healed_at = max(a for a in firsts if a is not None)
                     say(self._stamp(f"chaos: healed: {self._heal_text(event)}"))
-        if self.chaos and self.failover is not None:  # --sentinel: one failover, nothing else
+        # --sentinel: one failover, nothing else; --cluster: the failover first, then the rest
+        failover = self.failover
+        if self.chaos and failover is not None and (self.failover_only or not failover.done):
             self._failover_tick(say)
             return
         end = self.run_end
@@ -111,9 +130,11 @@ class Demo(DemoView):
             return
         self.chaos_turn += 1
         if self.chaos_turn % 2 == 1:
-            killed = self.admin.client_kill_filter(_type="pubsub")
-            event = ChaosEvent(now, f"CLIENT KILL TYPE pubsub ({killed} subscriber connections)",
-                               heal_from=now)  # fmt: skip
+            cluster = self._topology.kind == "cluster"
+            killed = kill_subscribers(self.admin, cluster)
+            where = " on every master" if cluster else ""
+            event = ChaosEvent(now, f"CLIENT KILL TYPE pubsub{where} ({killed} subscriber "
+                               "connections)", heal_from=now)  # fmt: skip
             self.next_chaos = now + 1.0 + random.random() / 2
         else:
             name = random.choice([n for n, p in procs.items() if p.is_alive()])
@@ -146,7 +167,9 @@ class Demo(DemoView):
     def _heal_text(self, event: ChaosEvent) -> str:
         assert event.healed_at is not None
         took = max(event.healed_at - event.heal_from, 0.0)
-        after = "the kill" if event.what.startswith("CLIENT") else "SIGCONT"
+        after = ("the kill" if event.what.startswith("CLIENT")
+                 else "the promotion" if event.what.startswith("shard failover")
+                 else "SIGCONT")  # fmt: skip
         return f"every server receives changes again {took:.2f} s after {after}"
 
 
@@ -154,10 +177,12 @@ class Demo(DemoView):
 
 
 def run(url: str, nodes: int, seconds: float, say: Callable[[str], None], *,
-        chaos: bool = False, live: bool = False, sentinels: SentinelSet | None = None
-        ) -> bool:  # fmt: skip
+        chaos: bool = False, live: bool = False, sentinels: SentinelSet | None = None,
+        cluster: ClusterSet | None = None) -> bool:  # fmt: skip
     """Run the demo against ``url``; returns the convergence verdict.  ``sentinels``: the set
-    ``url`` names (``--sentinel``), whose master ``chaos`` pauses once instead of the usual."""
+    ``url`` names (``--sentinel``), whose master ``chaos`` pauses once instead of the usual.
+    ``cluster``: the ClusterSet ``url`` names (``--cluster``), one of whose masters ``chaos``
+    kills once (a shard failover) before the usual."""
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     names = [f"server-{i + 1}" for i in range(nodes)]
@@ -175,7 +200,9 @@ def run(url: str, nodes: int, seconds: float, say: Callable[[str], None], *,
     readers = {r: n for n, (r, _) in pipes.items()}
     state = Demo(url, names, seconds, chaos)
     if sentinels is not None:
-        state.failover = FailoverChaos(sentinels)
+        state.failover, state.failover_only = FailoverChaos(sentinels), True
+    elif cluster is not None:
+        state.failover = ShardFailoverChaos(cluster)
     finals: dict[str, dict[str, tuple[Any, int]]] = {}
     try:
         _watch(state, readers, procs, stop, finals, say, live)
@@ -252,23 +279,33 @@ def _receive(state: Demo, readers: dict[Connection, str],
 
 
 def demo(url: str | None, nodes: int, seconds: float, say: Callable[[str], None], *,
-         chaos: bool = False, live: bool | None = None, sentinel: bool = False
-         ) -> bool:  # fmt: skip
+         chaos: bool = False, live: bool | None = None, sentinel: bool = False,
+         cluster: bool = False) -> bool:  # fmt: skip
     """Start an embedded Redis unless ``url`` is given, then :func:`run`.
 
     ``live=None``: a rich live view when stdout is a terminal and rich is installed.
     ``sentinel``: start a master, a replica and three Sentinels instead (demo_sentinel.py).
+    ``cluster``: start a 3-master Redis Cluster with a replica each instead (demo_cluster.py).
     """
     if live is None:
         live = sys.stdout.isatty() and rich_available()
-    if sentinel and url is not None:
-        raise ConfigurationError("--sentinel starts servers of its own: leave out --url")
+    if sentinel and cluster:
+        raise ConfigurationError("--sentinel and --cluster each start servers: choose one")
+    if (sentinel or cluster) and url is not None:
+        flag = "--sentinel" if sentinel else "--cluster"
+        raise ConfigurationError(f"{flag} starts servers of its own: leave out --url")
     with ExitStack() as stack:
-        sentinels = None
+        sentinels = cluster_set = None
         if sentinel:
             sentinels = stack.enter_context(SentinelSet())
             url = sentinels.url
             say(f"started an embedded {sentinels.topology()}")
+            say(f"maps open {url}")
+        elif cluster:
+            cluster_set = stack.enter_context(ClusterSet(masters=3, replicas=1))
+            url = cluster_set.url
+            say(f"started an embedded {cluster_topology(cluster_set)} "
+                f"in {cluster_set.startup_seconds:.1f} s")  # fmt: skip
             say(f"maps open {url}")
         elif url is None:
             embedded = stack.enter_context(EmbeddedRedis())
@@ -285,6 +322,9 @@ def demo(url: str | None, nodes: int, seconds: float, say: Callable[[str], None]
                 + (
                     "the master paused once: a failover"
                     if sentinel
+                    else "a master killed once: a shard failover; then pub/sub kills on every "
+                    "master, paused servers"
+                    if cluster
                     else "pub/sub kills, paused servers"
                 )
                 + ")"
@@ -292,5 +332,6 @@ def demo(url: str | None, nodes: int, seconds: float, say: Callable[[str], None]
                 else ""
             )
         )
-        return run(url, nodes, seconds, say, chaos=chaos, live=live, sentinels=sentinels)
+        return run(url, nodes, seconds, say, chaos=chaos, live=live, sentinels=sentinels,
+                   cluster=cluster_set)  # fmt: skip
     raise AssertionError("unreachable")

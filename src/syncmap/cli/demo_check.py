@@ -20,6 +20,7 @@ from ..errors import StoreError
 from ..map import SyncMap
 from ..store.endpoint import Endpoint
 from ..store.topology import Topology
+from .demo_cluster import cluster_info
 from .demo_server import Report
 
 
@@ -108,6 +109,8 @@ class ConvergenceCheck:
         node.check = (equal, in_flight, late)
 
     def _admin(self) -> redis_lib.Redis:
+        if self._topology.kind == "cluster":  # a RedisCluster: it follows the slots itself
+            return self.admin
         endpoint = self._topology.endpoint()
         if endpoint != self._admin_at:
             self.admin.close()
@@ -117,14 +120,17 @@ class ConvergenceCheck:
     def poll_store(self) -> None:
         try:
             self.entries_in_store = len(self.truth)
-            info = self._admin().info()
+            if self._topology.kind == "cluster":
+                self.store = cluster_info(self._admin())
+            else:
+                info = self._admin().info()
+                self.store = {
+                    "memory": info.get("used_memory_human", "?"),
+                    "clients": info.get("connected_clients", 0),
+                    "ops": info.get("instantaneous_ops_per_sec", 0),
+                }
         except (StoreError, redis_lib.RedisError):  # failing over: the last figures stay
             return
-        self.store = {
-            "memory": info.get("used_memory_human", "?"),
-            "clients": info.get("connected_clients", 0),
-            "ops": info.get("instantaneous_ops_per_sec", 0),
-        }
         self._check_convergence()
 
     def _check_convergence(self) -> None:

@@ -72,8 +72,9 @@ class DemoView(ConvergenceCheck):
 
     def store_line(self) -> str:
         s = self.store
+        where = f" ({s['masters']} masters)" if "masters" in s else ""
         return (
-            f"store: {self.entries_in_store} entries in Redis, {s.get('memory', '?')} used, "
+            f"store{where}: {self.entries_in_store} entries in Redis, {s.get('memory', '?')} used, "
             f"{s.get('clients', 0)} clients, {s.get('ops', 0)} ops/s"
         )
 
