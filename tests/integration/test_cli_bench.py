@@ -14,7 +14,7 @@ import pytest
 
 from syncmap.embedded import free_port
 
-SECTIONS = ["reads", "writes", "propagation", "feeds", "locks", "scaling", "asyncio"]
+SECTIONS = ["reads", "writes", "propagation", "feeds", "locks", "scaling", "asyncio", "cluster"]
 PLOTS = ["reads", "propagation", "feeds", "hit-vs-size", "write-vs-value-size", "lock-handoff"]
 REDIS_FEEDS = ["redis pub/sub", "redis+stream"]
 BROKER_FEEDS = ["amqp", "nats", "nats+jetstream", "kafka"]
@@ -52,7 +52,7 @@ def test_markdown_has_every_section_the_headline_and_the_machine(smoke: Path) ->
     assert text.startswith("# syncmap benchmarks (smoke run)")
     assert "`syncmap bench --smoke --out " in text  # the command that made it
     for heading in ("## Headline", "## Reads", "## Writes", "## Propagation", "## Feeds",
-                    "## Locks", "## Scaling", "## asyncio", "## Plots",
+                    "## Locks", "## Scaling", "## asyncio", "## Redis Cluster", "## Plots",
                     "## Machine and versions"):  # fmt: skip
         assert heading in text, heading
     for row in (

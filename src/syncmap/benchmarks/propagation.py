@@ -31,6 +31,7 @@ import redis
 
 from .. import Event, MapConfig, SyncMap, SyncMapError
 from ..feed.base import FeedHandler, open_feed
+from ..store.topology import open_topology
 from .brokers import drop_streams, label, reachable, stream_on
 from .context import Bench
 from .method import Row, Section, pct
@@ -66,6 +67,8 @@ class _Listener:
         self._close: Callable[[], None]
         if cmd[1] == "raw":
             self._raw(url, cmd[2])
+        elif cmd[1] == "sraw":  # a Redis Cluster's sharded channel (the cluster section)
+            self._sharded_raw(url, cmd[2])
         elif cmd[1] == "feed":  # the feed's own client, no map: ("open", "feed", url, topic)
             feed = open_feed(cmd[2], cmd[3])
             feed.subscribe(FeedHandler(self._on_payload))
@@ -96,6 +99,26 @@ class _Listener:
         pubsub.subscribe(**{channel: on_message})
         pubsub.get_message(timeout=5)  # the confirmation: from now on PUBLISH reaches us
         thread = pubsub.run_in_thread(sleep_time=1.0, daemon=True)
+
+        def close() -> None:
+            thread.stop()
+            thread.join(5)
+            pubsub.close()
+            client.close()
+
+        self._close = close
+
+    def _sharded_raw(self, url: str, channel: str) -> None:
+        # ClusterTopology.client: a redis-py RedisCluster (ClusterPubSub) on the cluster ``url``.
+        client = open_topology(url, timeout=None).client()  # type: ignore[attr-defined]
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+
+        def on_message(msg: dict[str, Any]) -> None:
+            self.got.append((int(msg["data"]), time.monotonic_ns()))
+
+        pubsub.ssubscribe(**{channel: on_message})
+        pubsub.get_sharded_message(timeout=5)  # the confirmation: from now on SPUBLISH reaches us
+        thread = pubsub.run_in_thread(sleep_time=1.0, daemon=True, sharded_pubsub=True)
 
         def close() -> None:
             thread.stop()

@@ -24,6 +24,7 @@ from ..errors import SyncMapError
 from . import (
     aiobench,
     brokers,
+    clusterbench,
     feedbench,
     locks,
     plots,
@@ -34,12 +35,13 @@ from . import (
     writes,
 )
 from .aiohandoff import AsyncHandoffPlan
+from .clusterbulk import BulkPlan
 from .context import Bench, environment, load_average
 from .handoff import HandoffPlan
 from .method import Section
 from .peers import Unavailable
 
-SECTIONS = ("reads", "writes", "propagation", "feeds", "locks", "scaling", "asyncio")
+SECTIONS = ("reads", "writes", "propagation", "feeds", "locks", "scaling", "asyncio", "cluster")
 KiB, MiB = 1 << 10, 1 << 20
 VALUE_SIZES = (100, KiB, 10 * KiB, 100 * KiB, MiB)
 
@@ -53,6 +55,7 @@ class Plan:
     locks: locks.LockPlan
     scaling: scaling.ScalePlan
     aio: aiobench.AsyncPlan
+    cluster: clusterbench.ClusterPlan
 
 
 PLANS = {
@@ -70,6 +73,11 @@ PLANS = {
         aiobench.AsyncPlan(rounds=1, hit_reps=2, io_ops=10, tasks=100, task_reads=2,
                            concurrent_rounds=1, handoff=AsyncHandoffPlan(
                                rounds=1, seconds=0.2, warmup_seconds=0.1)),
+        clusterbench.ClusterPlan(rounds=1, hit_reps=2, io_ops=10,
+                                 propagation=propagation.PropagationPlan(
+                                     rounds=1, writes=10, gap=0.002, receivers=(1,)),
+                                 bulk=BulkPlan(writers=(1, 2, 4), writer_seconds=0.1,
+                                               writer_rounds=1, n=1000, rounds=1)),
     ),
     "quick": Plan(
         reads.ReadPlan(rounds=21, hit_reps=30, io_ops=150),
@@ -86,6 +94,11 @@ PLANS = {
         aiobench.AsyncPlan(rounds=9, hit_reps=30, io_ops=100, tasks=1000, task_reads=2,
                            concurrent_rounds=3, handoff=AsyncHandoffPlan(
                                rounds=2, seconds=0.4, warmup_seconds=0.2)),
+        clusterbench.ClusterPlan(rounds=9, hit_reps=30, io_ops=150,
+                                 propagation=propagation.PropagationPlan(
+                                     rounds=3, writes=100, gap=0.003, receivers=(1, 4)),
+                                 bulk=BulkPlan(writers=(1, 2, 4), writer_seconds=0.5,
+                                               writer_rounds=3, n=100_000, rounds=3)),
     ),
     "full": Plan(
         reads.ReadPlan(rounds=31, hit_reps=100, io_ops=300),
@@ -102,6 +115,11 @@ PLANS = {
         aiobench.AsyncPlan(rounds=21, hit_reps=100, io_ops=300, tasks=1000, task_reads=10,
                            concurrent_rounds=7, handoff=AsyncHandoffPlan(
                                rounds=3, seconds=1.5, warmup_seconds=0.4)),
+        clusterbench.ClusterPlan(rounds=21, hit_reps=100, io_ops=300,
+                                 propagation=propagation.PropagationPlan(
+                                     rounds=5, writes=200, gap=0.003, receivers=(1, 4, 8)),
+                                 bulk=BulkPlan(writers=(1, 2, 4), writer_seconds=1.5,
+                                               writer_rounds=5, n=1_000_000, rounds=2)),
     ),
 }  # fmt: skip
 
@@ -178,6 +196,7 @@ def _call(name: str, b: Bench, plan: Plan, opts: Options,
         "feeds": lambda: feedbench.run(b, plan.feeds, opts.feeds),
         "scaling": lambda: scaling.run(b, plan.scaling),
         "asyncio": lambda: aiobench.run(b, plan.aio),
+        "cluster": lambda: clusterbench.run(b, plan.cluster),
     }
     if name in plain:
         return plain[name]()

@@ -27,7 +27,8 @@ from .torture import redact, unreachable, unreachable_message
 @click.option(
     "--only",
     metavar="SECTIONS",
-    help="Comma-separated: reads,writes,propagation,feeds,locks,scaling,asyncio (default: all).",
+    help="Comma-separated: reads,writes,propagation,feeds,locks,scaling,asyncio,cluster "
+    "(default: all).",
 )
 @click.option(
     "--out",
