@@ -8,6 +8,7 @@ import pytest
 
 from syncmap.errors import ConfigurationError, StoreUnavailable, WriteOutcomeUnknown
 from syncmap.store.cluster import ClusterTopology, slot_for
+from syncmap.store.node import NodeExecutor
 from syncmap.store.topology import open_topology
 from syncmap.testing.clusterset import ClusterSet
 
@@ -100,3 +101,43 @@ def test_an_unreachable_master_fails_only_its_own_commands(redis_cluster: Cluste
     with pytest.raises(WriteOutcomeUnknown, match="had already run"):
         ex.call([("INCR", k) for k in others + theirs], write=True)
     ex.close()
+
+
+# A pipeline that keeps its master busy for 0.3 s, then reads the server's clock; and one that
+# reads it at once.  Every node of the fixture runs on this host's clock.
+BUSY = """local t = redis.call('TIME'); local t0 = t[1] * 1e6 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - t0 >= 300000
+return t"""
+NOW = "return redis.call('TIME')"
+
+
+def _micros(reply: list[bytes]) -> int:
+    return int(reply[0]) * 1_000_000 + int(reply[1])
+
+
+def test_every_masters_pipeline_is_sent_before_any_reply_is_read(
+    shared_cluster: ClusterSet,
+) -> None:
+    """Write all, then read all: master B runs its pipeline while master A is still busy with
+    A's, so B's clock reading comes before A's.  Control: the same two pipelines sent one after
+    the other (the thread executor before issue 14's benchmarks) read B's clock after A's."""
+    topology = _topology(shared_cluster)
+    by_master = {shared_cluster.master_for_slot(slot_for(k)).port: k for k in KEYS}
+    key_a, key_b = list(by_master.values())[:2]
+    cmds = [("EVAL", BUSY, 1, key_a), ("EVAL", NOW, 1, key_b)]  # A's group is sent first
+    ex = topology.executor(timeout=5.0)
+    try:
+        a_done, b_now = (_micros(r) for r in ex.call(cmds, write=False))
+        assert b_now < a_done, "B ran only after A's reply was read: sent one by one"
+    finally:
+        ex.close()
+    # Control: one by one, each master's replies read before the next pipeline is sent.
+    nodes = [NodeExecutor(topology.node(topology.owner(slot_for(k))), timeout=5.0)
+             for k in (key_a, key_b)]  # fmt: skip
+    try:
+        first, then = (n.raw([c], write=False, until=None)[0]
+                       for n, c in zip(nodes, cmds, strict=True))  # fmt: skip
+        assert _micros(then) > _micros(first)
+    finally:
+        for n in nodes:
+            n.close()

@@ -8,7 +8,9 @@ The contract is ``executor.py``'s, kept across nodes.  One call goes like this:
    ran a write of the call, and its reply is the smallest count (each write must be confirmed).
 2. **Send** one pipeline per master (the per-node executors of ``node.py``/``anode.py``: their
    connections, NOSCRIPT handling and failure meanings).  The asyncio executor sends them
-   concurrently; the thread executor one after the other.
+   concurrently; the thread executor writes every master's pipeline before it reads any reply
+   (write all, then read all), so the masters work at the same time: a whole-map read of a
+   3-master cluster then takes about as long as its largest part, not the sum of the three.
 3. **Redirects**: ``MOVED`` (the slot has another owner) and ``ASK`` (a slot being migrated; the
    key is already on the target) mean that command did *not* run: the topology learns the owner
    (``MOVED``), and those commands alone are sent again (after ``ASKING`` for ``ASK``), at most
@@ -37,7 +39,7 @@ from ..errors import StoreUnavailable, WriteOutcomeUnknown
 from .cluster import ClusterTopology, slot_for
 from .commands import slot_of
 from .executor import Command, settle
-from .node import NodeExecutor
+from .node import NodeExecutor, Sent
 
 MAX_REDIRECTS = 5
 TRY_AGAIN_PAUSE = 0.02
@@ -192,17 +194,56 @@ class ClusterExecutor:
             if routing.retry_pause:
                 time.sleep(routing.retry_pause)  # TRYAGAIN: a migration step is under way
                 routing.retry_pause = 0.0
-            for group in routing.groups():
-                try:
-                    replies = self._node(group.address).raw(group.commands, write=write,
-                                                            until=until)  # fmt: skip
-                except StoreUnavailable as exc:
-                    routing.failed(group, exc)
-                    continue
-                routing.absorb(group, replies)
-        waited = [self._node(g.address).raw(g.commands, write=True, until=until)
-                  for g in routing.wait_groups()]  # fmt: skip
+            groups = routing.groups()
+            unreachable = []
+            for group, replies in zip(groups, self._exchange(groups, write, until), strict=True):
+                if isinstance(replies, StoreUnavailable):
+                    unreachable.append((group, replies))
+                else:
+                    routing.absorb(group, replies)
+            # After every answer is absorbed: a write that ran on another master makes an
+            # unreachable one's failure an unknown outcome (Routing.failed), wherever it was.
+            for group, exc in unreachable:
+                routing.failed(group, exc)
+        waited = self._exchange(routing.wait_groups(), True, until)
+        for replies in waited:
+            if isinstance(replies, StoreUnavailable):
+                raise replies
         return routing.result(waited, self.where)
+
+    def _exchange(self, groups: Sequence[Group], write: bool,
+                  until: float | None) -> list[list[Any] | StoreUnavailable]:  # fmt: skip
+        """Every group's pipeline written before any reply is read; then each group's replies,
+        or the ``StoreUnavailable`` its master gave (nothing ran there).
+
+        Any other failure (``WriteOutcomeUnknown``, ``ConfigurationError``) is raised, but only
+        once every pipeline already sent has been read: no connection is left with replies in
+        flight, and nothing more is sent after it (as when the pipelines went one by one)."""
+        sent: list[tuple[NodeExecutor, Sent] | StoreUnavailable] = []
+        error: Exception | None = None
+        for group in groups:
+            node = self._node(group.address)
+            try:
+                sent.append((node, node.send(group.commands, write=write, until=until)))
+            except StoreUnavailable as exc:
+                sent.append(exc)
+            except Exception as exc:
+                error = exc
+                break
+        out: list[list[Any] | StoreUnavailable] = []
+        for item in sent:
+            if isinstance(item, StoreUnavailable):
+                out.append(item)
+                continue
+            try:
+                out.append(item[0].finish(item[1], write=write, until=until))
+            except StoreUnavailable as exc:
+                out.append(exc)
+            except Exception as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return out
 
     def close(self) -> None:
         for node in list(self._nodes.values()):

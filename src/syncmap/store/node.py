@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import hiredis
 from redis.exceptions import (
@@ -46,6 +47,16 @@ if TYPE_CHECKING:
     from .topology import Topology
 
 NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@dataclass(slots=True)
+class Sent:
+    """A pipeline :meth:`NodeExecutor.send` sent, whose replies are still to be read."""
+
+    commands: Sequence[Command]
+    retries: int  # a read may be sent once more if it fails
+    conn: Any = None
+    generation: int = 0
 
 
 class NodeExecutor:
@@ -94,6 +105,38 @@ class NodeExecutor:
         handled: what :meth:`call` settles, and what a Cluster executor routes (``cluster.py``).
         """
         replies = self._roundtrip(commands, write=write, until=until)
+        return self._scripts_loaded(commands, replies, write=write, until=until)
+
+    def send(self, commands: Sequence[Command], *, write: bool, until: float | None) -> Sent:
+        """The first half of :meth:`raw`: ``commands`` sent as one pipeline, no reply read yet,
+        so a Cluster executor can send every master's pipeline before it waits for any.
+        ``StoreUnavailable``: nothing was sent (a read tries twice, as :meth:`raw` does)."""
+        sent = Sent(commands, retries=0 if write else 1)
+        while True:
+            try:
+                sent.conn, sent.generation = self._send(commands, write=write, until=until)
+                return sent
+            except StoreUnavailable:
+                if not sent.retries or (until is not None and time.monotonic() >= until):
+                    raise
+                sent.retries -= 1
+
+    def finish(self, sent: Sent, *, write: bool, until: float | None) -> list[Any]:
+        """The second half of :meth:`raw`: the replies of :meth:`send`'s pipeline, NOSCRIPT
+        handled; a read that fails now is sent again if it has a try left."""
+        try:
+            replies = self._receive(sent.conn, sent.generation, len(sent.commands), write=write,
+                                    until=until)  # fmt: skip
+        except WriteOutcomeUnknown:
+            raise
+        except StoreUnavailable:
+            if not sent.retries or (until is not None and time.monotonic() >= until):
+                raise
+            replies = self._once(sent.commands, write=write, until=until)
+        return self._scripts_loaded(sent.commands, replies, write=write, until=until)
+
+    def _scripts_loaded(self, commands: Sequence[Command], replies: list[Any], *, write: bool,
+                        until: float | None) -> list[Any]:  # fmt: skip
         missing = noscript(replies)
         if missing:  # the script cache was flushed (restart, SCRIPT FLUSH): nothing ran
             load = [("SCRIPT", "LOAD", src) for src in scripts.ALL.values()]
@@ -123,33 +166,53 @@ class NodeExecutor:
         raise AssertionError("unreachable")
 
     def _once(self, commands: Sequence[Command], *, write: bool, until: float | None) -> list[Any]:
+        conn, generation = self._send(commands, write=write, until=until)
+        return self._receive(conn, generation, len(commands), write=write, until=until)
+
+    def _send(self, commands: Sequence[Command], *, write: bool,
+              until: float | None) -> tuple[Any, int]:  # fmt: skip
+        """Check out a connection and send ``commands`` on it; (connection, generation)."""
         payload = b"".join(hiredis.pack_command(c) for c in commands)  # before taking a conn
         conn, generation = self._checkout(until)
-        replies: list[Any] = []
         try:
             if until is not None:
                 self._check_deadline(until)
             conn.send_packed_command([payload], check_health=False)
+        except StoreUnavailable:
+            self._idle.append((conn, generation))  # nothing sent: in step, may serve the next
+            raise
+        except BaseException as exc:
+            self._failed(conn, exc, write=write)
+        return conn, generation
+
+    def _receive(self, conn: Any, generation: int, count: int, *, write: bool,
+                 until: float | None) -> list[Any]:  # fmt: skip
+        """Read ``count`` replies (error replies in place); the connection goes back idle."""
+        replies: list[Any] = []
+        try:
             if until is None:
-                for _ in commands:
+                for _ in range(count):
                     try:
                         replies.append(conn.read_response())
                     except ResponseError as exc:
                         replies.append(exc)
             else:
-                self._read_until(conn, len(commands), until, replies)
-        except StoreUnavailable:
-            self._idle.append((conn, generation))  # nothing sent: in step, may serve the next
-            raise
-        except BusyLoadingError as exc:
+                self._read_until(conn, count, until, replies)
+        except BaseException as exc:
+            self._failed(conn, exc, write=write)
+        self._idle.append((conn, generation))
+        return replies
+
+    def _failed(self, conn: Any, exc: BaseException, *, write: bool) -> NoReturn:
+        """A connection failed while sending or reading: what that means (module docstring)."""
+        conn.disconnect()
+        if isinstance(exc, BusyLoadingError):
             # A -LOADING reply (redis-py raises it as a ConnectionError and drops the socket):
             # Redis refused the command while loading its data set, so nothing ran.
-            conn.disconnect()
             raise StoreUnavailable(
                 f"{self.where} is loading its data set ({exc}); nothing ran: retry in a moment"
             ) from exc
-        except (*NET_ERRORS, RedisError) as exc:  # RedisError: a garbled reply, say
-            conn.disconnect()
+        if isinstance(exc, (*NET_ERRORS, RedisError)):  # RedisError: a garbled reply, say
             self.topology.invalidate()
             if write:
                 raise WriteOutcomeUnknown(
@@ -157,11 +220,7 @@ class NodeExecutor:
                     "it may or may not have been applied. Read the key to find out"
                 ) from exc
             raise StoreUnavailable(f"{self.where} failed during a read ({exc}); retry") from exc
-        except BaseException:
-            conn.disconnect()
-            raise
-        self._idle.append((conn, generation))
-        return replies
+        raise exc
 
     @staticmethod
     def _read_until(conn: Any, count: int, until: float, replies: list[Any]) -> None:
