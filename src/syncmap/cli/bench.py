@@ -23,7 +23,7 @@ from .torture import redact, unreachable, unreachable_message
 @click.command("bench")
 @click.option("--url", envvar="SYNCMAP_URL", help="Redis to use (default: start an embedded one). "
               "Keys go under a per-run namespace and are deleted afterwards.")  # fmt: skip
-@click.option("--full", is_flag=True, help="More rounds, 16 receivers, 1M-entry maps (~12 min).")
+@click.option("--full", is_flag=True, help="More rounds, 16 receivers, 1M-entry maps (~16 min).")
 @click.option(
     "--only",
     metavar="SECTIONS",
