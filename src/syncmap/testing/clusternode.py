@@ -1,0 +1,211 @@
+"""One node of a Redis Cluster on a loopback port, and what a node says about its cluster.
+
+A node is a real ``redis-server`` (or ``valkey-server``) run with ``--cluster-enabled yes`` in a
+temp dir of its own, where it keeps ``nodes.conf``: the dir survives :meth:`kill`, so a restarted
+node comes back with the same node id and rejoins (as a replica, when its slots were taken over
+meanwhile).  Nothing is persisted but that file (``--save "" --appendonly no``).
+
+Every node listens on two ports: clients on ``port``, the cluster bus on ``port + 10000`` (the
+default; Redis 6.2 has no ``cluster-port`` to put it elsewhere), so both must be free.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import socket
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from ..embedded import EmbeddedRedis, find_redis_server
+from ..errors import ConfigurationError, RedisServerNotFound
+from ..serverproc import HOST, free_port
+
+SLOTS = 16384
+BUS_OFFSET = 10000
+Addr = tuple[str, int]
+SlotRange = tuple[int, int]
+PROBE: dict[str, Any] = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5, "retry": None}
+
+
+class ClusterModeUnavailable(RedisServerNotFound):
+    """The server binary cannot run in cluster mode (``--cluster-enabled yes``): use one that
+    can."""
+
+
+@functools.cache
+def server_major(binary: str) -> int:
+    """The major version ``binary --version`` names (``Valkey server v=8.1.8``: 8); 0 if none."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], check=False, capture_output=True, text=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    match = re.search(r"\bv=(\d+)\.", out)
+    return int(match.group(1)) if match else 0
+
+
+def free_cluster_port(attempts: int = 200) -> int:
+    """A free port whose cluster bus port (``+ 10000``) was free a moment ago too."""
+    for _ in range(attempts):
+        port = free_port()
+        if port + BUS_OFFSET <= 65535 and _bindable(port + BUS_OFFSET):
+            return port
+    raise ConfigurationError(f"no free port p with p + {BUS_OFFSET} free in {attempts} tries")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+class ClusterNodeProcess(EmbeddedRedis):
+    """A ``redis-server --cluster-enabled yes`` child process; ``node_timeout_ms`` is its
+    ``cluster-node-timeout``: how long a peer may be silent before it is suspected (PFAIL)."""
+
+    _dir_prefix = "syncmap-cluster-"
+
+    def __init__(
+        self,
+        *,
+        binary: str | None = None,
+        node_timeout_ms: int = 1000,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        resolved = find_redis_server(binary)
+        args = [
+            *("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+            *("--cluster-node-timeout", str(node_timeout_ms)),
+            # A replica elected after a long partition or pause may lag: the fixture wants the
+            # failover to happen every time (the default factor 10 refuses it past ~10 timeouts).
+            *("--cluster-replica-validity-factor", "0"),
+            # A full sync otherwise waits 5 s for more replicas to share the transfer.
+            *("--repl-diskless-sync-delay", "0"),
+        ]
+        if server_major(resolved) >= 7:  # DEBUG is off by default from 7.0, unknown before
+            args += ["--enable-debug-command", "yes"]
+        super().__init__(binary=resolved, extra_args=[*args, *extra_args])
+        self._node_id = ""
+
+    @property
+    def addr(self) -> Addr:
+        return (self.host, self.port)
+
+    @property
+    def node_id(self) -> str:
+        """The node's id (``CLUSTER MYID``): kept in nodes.conf, so the same after a restart."""
+        if not self._node_id:
+            with self.client(**PROBE) as c:
+                self._node_id = text(c.execute_command("CLUSTER", "MYID"))
+        return self._node_id
+
+    def _pick_port(self) -> int:
+        return free_cluster_port()
+
+    def _describe(self) -> str:
+        return f"{self.host}:{self.port} {self._node_id[:8] or '?'}"
+
+
+@functools.cache
+def cluster_mode_available(binary: str) -> str | None:
+    """None if ``binary`` runs as a cluster node; else why not."""
+    try:
+        with ClusterNodeProcess(binary=binary) as node, node.client(**PROBE) as c:
+            # INFO server's mode field is redis_mode on Redis, server_mode on Valkey 8.
+            if int(c.info("cluster").get("cluster_enabled", 0)) != 1:
+                return f"{node.label} started but not in cluster mode"
+            c.execute_command("CLUSTER", "INFO")
+            return None
+    except (ConfigurationError, redis.RedisError) as exc:
+        return str(exc)
+
+
+# ---- what a node says ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One line of ``CLUSTER NODES`` as one node sees it, plus the pid where the set knows it."""
+
+    node_id: str
+    host: str
+    port: int
+    role: str  # "master" or "replica"
+    master_id: str | None  # a replica's master
+    slots: tuple[SlotRange, ...]  # the ranges it serves (a master's)
+    flags: frozenset[str]  # as CLUSTER NODES says: "myself", "fail?", "fail", "handshake", ...
+    pid: int | None = None
+
+    @property
+    def addr(self) -> Addr:
+        return (self.host, self.port)
+
+    @property
+    def failed(self) -> bool:
+        return "fail" in self.flags
+
+
+def parse_cluster_nodes(reply: Any) -> list[NodeInfo]:
+    """``CLUSTER NODES``: ``<id> <ip:port@bus[,hostname]> <flags> <master|-> <ping> <pong>
+    <epoch> <link> <slot>...``, where a slot is ``n``, ``a-b``, or a migration mark ``[n->-id]``
+    / ``[n-<-id]`` (only in the migrating or importing node's own view: left out here)."""
+    nodes = []
+    for line in text(reply).splitlines():
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        host, _, port = fields[1].split("@")[0].rpartition(":")
+        flags = frozenset(fields[2].split(","))
+        slots = []
+        for item in fields[8:]:
+            if not item.startswith("["):
+                lo, _, hi = item.partition("-")
+                slots.append((int(lo), int(hi or lo)))
+        nodes.append(
+            NodeInfo(
+                node_id=fields[0],
+                host=host,
+                port=int(port),
+                role="replica" if "slave" in flags else "master",
+                master_id=None if fields[3] == "-" else fields[3],
+                slots=tuple(sorted(slots)),
+                flags=flags,
+            )
+        )
+    return nodes
+
+
+# (start, end, master id, replica ids): one entry of CLUSTER SLOTS, the map clients read.
+SlotEntry = tuple[int, int, str, frozenset[str]]
+
+
+def parse_cluster_slots(reply: Any) -> tuple[SlotEntry, ...]:
+    """``CLUSTER SLOTS``: ``[[start, end, [ip, port, id, ...], [replica...]...], ...]``, by node
+    id (the ip a node gives for itself may differ from the one its peers give)."""
+    entries = []
+    for item in reply:
+        start, end, master, *replicas = item
+        entries.append(
+            (int(start), int(end), text(master[2]), frozenset(text(r[2]) for r in replicas))
+        )
+    return tuple(sorted(entries))
+
+
+def even_ranges(masters: int) -> list[SlotRange]:
+    """The 16384 slots cut into ``masters`` contiguous ranges, as ``redis-cli --cluster create``
+    does (3 masters: 0-5460, 5461-10922, 10923-16383)."""
+    bounds = [round(i * SLOTS / masters) for i in range(masters + 1)]
+    return [(bounds[i], bounds[i + 1] - 1) for i in range(masters)]
+
+
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
