@@ -59,6 +59,7 @@ from ..store.cluster import ClusterTopology, slot_for
 from .pubsub import SHARDED, Handler, ReaderHooks, Subscriber
 
 log = logging.getLogger("syncmap.feed")
+Calls = list[tuple[Callable[..., None], tuple[Any, ...]]]  # callbacks to run, in order
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0  # the mover's retries while a slot has no known owner
 
 
@@ -141,7 +142,7 @@ class ShardedCore(Generic[N]):
         self._channels: dict[str, Channel] = {}
         self._nodes: dict[str, N] = {}
         self._pending = Pending()
-        self._queue: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._queue: Calls = []
         self._draining = False
         self._closed = False  # stopped: no node is opened any more
 
@@ -219,15 +220,21 @@ class ShardedCore(Generic[N]):
     def _inner(self, chan: Channel) -> Handler:
         """The handler of one placement: it speaks for ``chan`` while it is the current one."""
 
-        def on_message(data: bytes) -> None:
+        def on_message(data: bytes) -> None:  # the hot path: through the queue only if busy
             with self._lock:
-                if chan.inner is inner:
-                    self._queue.extend((h.on_message, (data,)) for h in chan.handlers)
-            self._drain()
+                if not self._speaks(chan, inner):
+                    return
+                batch = [(h.on_message, (data,)) for h in chan.handlers]
+                busy = self._draining or bool(self._queue)
+                if busy:
+                    self._queue += batch  # after what is queued, as the others wait
+                else:
+                    self._draining = True  # claimed: run at once, no queue round trip
+            self._drain(None if busy else batch)
 
         def on_up() -> None:
             with self._lock:
-                if chan.inner is inner:
+                if self._speaks(chan, inner):
                     for handler in chan.handlers:
                         if not handler.up:
                             handler.up = True
@@ -236,7 +243,7 @@ class ShardedCore(Generic[N]):
 
         def on_down() -> None:  # (b): only this node's channels
             with self._lock:
-                if chan.inner is inner:
+                if self._speaks(chan, inner):
                     for handler in chan.handlers:
                         if handler.up:
                             handler.up = False
@@ -246,22 +253,34 @@ class ShardedCore(Generic[N]):
         inner = Handler(on_message, on_up, on_down)
         return inner
 
-    def _drain(self) -> None:
+    @staticmethod
+    def _speaks(chan: Channel, inner: Handler) -> bool:
+        """``inner`` is ``chan``'s current placement (the lock held).  Order this prevents:
+        SSUBSCRIBE on A -> the mover moves the channel to B -> A's confirmation arrives; told
+        on_up then, a map would believe in B's subscription before B confirmed it."""
+        return chan.inner is inner
+
+    def _drain(
+        self, batch: list[tuple[Callable[..., None], tuple[Any, ...]]] | None = None
+    ) -> None:
         """Run the queued callbacks in their order, one thread at a time: a thread that finds
-        another one draining leaves its callbacks to it (module docstring)."""
-        with self._lock:
-            if self._draining:
-                return
-            self._draining = True
+        another one draining leaves its callbacks to it (module docstring).  ``batch``: the
+        caller has claimed the draining already and runs these first."""
+        if batch is None:
+            with self._lock:
+                if self._draining or not self._queue:
+                    return
+                self._draining = True
+                batch, self._queue = self._queue, []
         try:
             while True:
+                for fn, args in batch:
+                    Subscriber._call(fn, *args)  # logs a failing callback; the others go on
                 with self._lock:
                     batch, self._queue = self._queue, []
                     if not batch:
                         self._draining = False
                         return
-                for fn, args in batch:
-                    Subscriber._call(fn, *args)  # logs a failing callback; the others go on
         except BaseException:
             with self._lock:
                 self._draining = False
@@ -321,15 +340,22 @@ class ShardedCore(Generic[N]):
         placement ended (its replacement on the same node is confirmed only after this)."""
         with self._lock:
             chan = self._channels.get(channel.decode(errors="replace"))
-            if chan is None or chan.address != address or chan.inner is None:
-                return
-            if not chan.inner.up:
+            if chan is None or not self._dropped_by_redis(chan, address):
                 return
             log.info("syncmap sharded subscriber: %s dropped %r; moving it", address, chan.name)
             self._take_off(chan, unsubscribe=False)  # Redis has dropped it already
             self._pending.invalidate = True
         self._drain()
         self._wake()
+
+    @staticmethod
+    def _dropped_by_redis(chan: Channel, address: str) -> bool:
+        """A ``sunsubscribe`` on ``address`` is Redis's own, not the answer to ours (the lock
+        held).  We send SUNSUBSCRIBE only when a placement ends; if the channel is then placed
+        on the same node again, the order on that connection is: SUNSUBSCRIBE, SSUBSCRIBE ->
+        the answer ``sunsubscribe`` -> the confirmation.  So while the current placement there
+        is unconfirmed a ``sunsubscribe`` is our answer; once it is confirmed, it is Redis's."""
+        return chan.address == address and chan.inner is not None and chan.inner.up
 
     def node_refused(self, address: str, exc: redis.ResponseError) -> None:
         """An error reply on ``address``: MOVED (an SSUBSCRIBE of a slot it no longer owns),
