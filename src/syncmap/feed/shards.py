@@ -24,7 +24,9 @@ whose slot has another owner off its node and puts it on the owner's.  Order of 
   of a slot it gives away, and of every slot when it becomes a replica).  Then: the handlers are
   told ``on_down`` (messages may be lost from now on) -> the mover reads the slot map -> the
   channel leaves the old node (SUNSUBSCRIBE, unless Redis dropped it already) -> SSUBSCRIBE on
-  the owner's node -> ``on_up`` once that is confirmed.
+  the owner's node -> ``on_up`` once that is confirmed.  A slot map that still names the node
+  which dropped the channel is older than that node's word: the mover reads again
+  (``ShardedCore._doubted``).
 * **A node's connection is lost** (b): that node's reader tells *its* channels ``on_down``
   (other nodes' channels are untouched), then asks the mover to read the slot map again.  If a
   replica took over, the channels move to it; otherwise the reader reconnects to the same node,
@@ -59,6 +61,8 @@ from ..store.cluster import ClusterTopology, slot_for
 from .pubsub import SHARDED, Handler, ReaderHooks, Subscriber
 
 log = logging.getLogger("syncmap.feed")
+MAX_DOUBTS = 8  # rounds (about 4.5 s of back-off) a slot map naming the node that dropped a
+# channel is taken for an old one; then it is believed (the node may own the slot again)
 Calls = list[tuple[Callable[..., None], tuple[Any, ...]]]  # callbacks to run, in order
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0  # the mover's retries while a slot has no known owner
 
@@ -81,6 +85,8 @@ class Channel:
     handlers: list[Handler] = field(default_factory=list)
     address: str | None = None  # the master whose connection carries it; None: not placed
     inner: Handler | None = None  # attached there; a fresh one for each placement
+    dropped_by: str | None = None  # the node that last pushed ``sunsubscribe`` for it
+    doubts: int = 0  # rounds whose slot map still named that node
 
 
 @dataclass(slots=True)
@@ -210,6 +216,7 @@ class ShardedCore(Generic[N]):
         if node is None:
             node = self._nodes[address] = self._open_node(address)
         chan.address, chan.inner = address, self._inner(chan)
+        chan.dropped_by, chan.doubts = None, 0
         node.attach(chan.name, chan.inner)  # SSUBSCRIBE now, or when the reader connects
 
     def _idle_nodes(self) -> list[N]:
@@ -305,7 +312,7 @@ class ShardedCore(Generic[N]):
                 if chan.slot not in owners:
                     continue  # attached during the read: its attach asked for another round
                 owner = owners[chan.slot]
-                if owner is None:
+                if owner is None or self._doubted(chan, owner):
                     complete = False  # kept where it is: its node may come back
                 elif chan.address != owner:
                     self._take_off(chan, unsubscribe=True)
@@ -320,6 +327,18 @@ class ShardedCore(Generic[N]):
             self._closed = True
             nodes, self._nodes = list(self._nodes.values()), {}
             return nodes
+
+    @staticmethod
+    def _doubted(chan: Channel, owner: str) -> bool:
+        """The slot map names the node that has just dropped ``chan``: it comes from a node
+        that has not heard of the change yet.  Order this prevents: CLUSTER FAILOVER -> the old
+        master, now a replica, pushes ``sunsubscribe`` -> the slot map, read from a third node,
+        still names it -> SSUBSCRIBE there is accepted (a replica serves its shard's channels)
+        -> on_up, and no event ever moves the channel to the new master."""
+        if owner != chan.dropped_by or chan.doubts >= MAX_DOUBTS:
+            return False
+        chan.doubts += 1
+        return True
 
     def _retry_later(self) -> None:
         with self._lock:
@@ -344,6 +363,7 @@ class ShardedCore(Generic[N]):
                 return
             log.info("syncmap sharded subscriber: %s dropped %r; moving it", address, chan.name)
             self._take_off(chan, unsubscribe=False)  # Redis has dropped it already
+            chan.dropped_by = address
             self._pending.invalidate = True
         self._drain()
         self._wake()
