@@ -85,9 +85,18 @@ def test_one_connection_per_master_carries_its_slots_channels(
     a = attached(shared)
     assert a.sub.nodes == {address(m): [ch] for m, ch in zip(a.masters, a.chans, strict=True)}
     assert [pubsub_clients(m) for m in a.masters] == [1, 1, 1]
-    second = Events()  # a second map on a channel that is confirmed: on_up at once, same socket
+    second, third = Events(), Events()
+    told_up = second.handler.on_up
+
+    def attach_another() -> None:  # a callback may attach: it runs outside every lock
+        told_up()
+        ShardedSubscriber.attach_to(a.topology, a.chans[1], third.handler)
+
+    second.handler.on_up = attach_another
+    # A second map on a channel already confirmed: told on_up at once, on the same connection.
     ShardedSubscriber.attach_to(a.topology, a.chans[0], second.handler)
     second.wait(lambda e: e.log == ["up"], "on_up for a handler joining a live channel")
+    third.wait(lambda e: e.log == ["up"], "on_up for the handler attached by that on_up")
     assert pubsub_clients(a.masters[0]) == 1
     for ch in a.chans:
         assert spublish(shared, ch, ch.encode()) == 1, "one subscriber per channel: ours"
@@ -95,6 +104,7 @@ def test_one_connection_per_master_carries_its_slots_channels(
         e.wait(lambda e, ch=ch: e.messages == [ch.encode()], f"the message on {ch}")  # type: ignore[misc]
     second.wait(lambda e: e.messages == [a.chans[0].encode()], "the second handler's copy")
     a.sub.detach(a.chans[0], second.handler)
+    a.sub.detach(a.chans[1], third.handler)
 
 
 def test_a_killed_connection_downs_only_that_nodes_channels(

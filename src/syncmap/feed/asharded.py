@@ -57,7 +57,7 @@ class AsyncShardedSubscriber(ShardedCore[AsyncNodeSubscriber]):
         if new); ``handler.on_up`` runs once the SSUBSCRIBE is confirmed."""
         key = (asyncio.get_running_loop(), topology.key)
         sub = cls._registry.entry(key, lambda: cls(topology, key))
-        sub._add(channel, handler)
+        sub._added(sub._add(channel, handler))
         return sub
 
     def __init__(self, topology: ClusterTopology, key: RegistryKey) -> None:

@@ -57,10 +57,12 @@ import redis
 from redis.exceptions import ClusterDownError, MovedError, TryAgainError
 
 from ..errors import StoreUnavailable
+from ..ratelog import RateLimitedLog
 from ..store.cluster import ClusterTopology, slot_for
 from .pubsub import SHARDED, Handler, ReaderHooks, Subscriber
 
 log = logging.getLogger("syncmap.feed")
+_no_slot_map = RateLimitedLog(log, every=10.0)  # the mover retries each second while it lasts
 MAX_DOUBTS = 8  # rounds (about 4.5 s of back-off) a slot map naming the node that dropped a
 # channel is taken for an old one; then it is believed (the node may own the slot again)
 Calls = list[tuple[Callable[..., None], tuple[Any, ...]]]  # callbacks to run, in order
@@ -107,7 +109,7 @@ def read_owners(
         if topology.stale:
             topology.refresh()  # once here, rather than once per slot below
     except StoreUnavailable as exc:
-        log.warning("syncmap sharded subscriber: %s", exc)
+        _no_slot_map("syncmap sharded subscriber: %s", exc)
         return dict.fromkeys(slots)
     owners: dict[int, str | None] = {}
     for slot in slots:
@@ -171,7 +173,9 @@ class ShardedCore(Generic[N]):
 
     # ---- attach and detach -------------------------------------------------------------------
 
-    def _add(self, name: str, handler: Handler) -> None:
+    def _add(self, name: str, handler: Handler) -> bool:
+        """Put ``handler`` on ``name``; True if the channel is new.  The caller then calls
+        :meth:`_added` outside its own locks (an ``on_up`` may run there, and it may attach)."""
         with self._lock:
             chan = self._channels.get(name)
             new = chan is None
@@ -182,6 +186,9 @@ class ShardedCore(Generic[N]):
             if chan.inner is not None and chan.inner.up:  # confirmed and not lost since
                 handler.up = True
                 self._queue.append((handler.on_up, ()))
+        return new
+
+    def _added(self, new: bool) -> None:
         self._drain()
         if new:
             self._wake()
