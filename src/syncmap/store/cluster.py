@@ -47,6 +47,7 @@ from .executor import AsyncExecutor, Executor
 from .topology import Listener, NodeExecutors, shared_executor
 
 SLOTS = 16384
+REFRESH_TIMEOUT = 1.0  # seconds one node may take to tell the slot map
 
 
 def slot_for(key: str | bytes) -> int:
@@ -305,7 +306,9 @@ class ClusterTopology:
 
 
 def _read_slot_map(endpoint: Endpoint) -> tuple[list[str | None], dict[str, list[str]]]:
-    client = endpoint.client()
+    # A short timeout: a paused node must not hold the refresh (and every call routed after it)
+    # for the data connections' socket timeout while another node could answer.
+    client = endpoint.client(socket_timeout=REFRESH_TIMEOUT, socket_connect_timeout=REFRESH_TIMEOUT)
     try:
         try:
             shards = client.execute_command("CLUSTER", "SHARDS")  # type: ignore[no-untyped-call]
