@@ -14,6 +14,10 @@ script touches one Redis Cluster slot), in key layout 2 (docs/protocol.md):
     <ns>:{users:b}:x   zset    field -> expiry deadline in Redis server milliseconds
 
 plus ``<ns>:{users}:meta`` (bucket count, codec) and the change channel ``<ns>:{users}:ch``.
+On a sharded topology (Redis Cluster: layout 2s, docs/protocol.md) each bucket has its own
+change channel ``<ns>:{users:b}:ch`` in its slot, published with ``SPUBLISH``, and a lock made
+by ``map.lock(key)`` lives under its key's bucket tag (``LockLayout.tag``), so a fenced write
+reads its fence counter in the write's own slot.
 The bookkeeping lives in the data hash so that it lives and dies with the data: a data hash
 evicted by ``maxmemory`` takes its epoch with it, which every server's probe notices.  (Layout 1
 kept epoch and seq in a separate hash ``:m``; evicting one without the other went unnoticed.)
@@ -142,6 +146,18 @@ class Layout:
     def channel(self) -> str:
         return f"{self.namespace}:{{{self.name}}}:ch"
 
+    def bucket_channel(self, bucket: int) -> str:
+        """Layout 2s (sharded topologies): the change channel of one bucket, in its slot, so
+        the bucket's write scripts ``SPUBLISH`` it on the master that owns the bucket."""
+        return f"{self.namespace}:{{{self.name}:{bucket}}}:ch"
+
+    def bucket_channels(self) -> list[str]:
+        return [self.bucket_channel(b) for b in range(self.buckets)]
+
+    def bucket_tag(self, bucket: int) -> str:
+        """The hash tag (without braces) every key of ``bucket`` carries."""
+        return f"{self.name}:{bucket}"
+
     @property
     def stream(self) -> str:
         """The change log of the ``redis+stream://`` feed (a Redis Stream)."""
@@ -184,6 +200,12 @@ def clip(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}..."
 
 
+def key_lock(layout: Layout, field: bytes, bucket: int, sharded: bool) -> tuple[str, str | None]:
+    """(lock name, hash tag) of ``map.lock(key)``: on a sharded topology the lock lives in the
+    key's bucket's slot, so a write fenced by it checks the fence in its own slot."""
+    return key_lock_name(layout.name, field), layout.bucket_tag(bucket) if sharded else None
+
+
 def key_lock_name(map_name: str, field: bytes) -> str:
     """The lock name of ``SyncMap.lock(key)``: readable for plain text keys, hex otherwise, and
     ``<map>:h:<SHA-256 of the field>`` when that would be over the 512 bytes a lock name may
@@ -201,13 +223,18 @@ def key_lock_name(map_name: str, field: bytes) -> str:
 
 @dataclass(frozen=True, slots=True)
 class LockLayout:
-    """Every Redis name of one lock, all under the hash tag ``{lock:<name>}``."""
+    """Every Redis name of one lock, all under the hash tag ``{lock:<name>}``, or under ``tag``
+    when one is given (``{<tag>}:lock:<name>``: a map's bucket on a Cluster, so that a write
+    of that bucket can check the lock's fence in its own slot)."""
 
     namespace: str
     name: str
+    tag: str | None = None
 
     @property
     def _tag(self) -> str:
+        if self.tag is not None:
+            return f"{self.namespace}:{{{self.tag}}}:lock:{self.name}"
         return f"{self.namespace}:{{lock:{self.name}}}"
 
     @property

@@ -29,7 +29,7 @@ from .keys import (
     check_lock_name,
     check_node_id,
     encode_key,
-    key_lock_name,
+    key_lock,
     normal_key,
 )
 from .lock import Fence, Lock
@@ -146,12 +146,13 @@ class MapBase(SharedMapping):
         ``with users.lock("alice") as fence: users.set("alice", v, fence=fence)``.  Each call
         makes a new owner; ``options`` are Lock's (``replicas``, ``on_lost``, ...).
         """
-        field, _, _ = self._locate(key)
+        field, _, bucket = self._locate(key)
+        name, tag = key_lock(self._cmds.layout, field, bucket, self._topology.sharded)
         # The map's call_timeout bounds its locks' round trips too (each socket operation).
         cfg = self.config
         options.setdefault("socket_timeout", cfg.call_timeout or cfg.socket_timeout)
-        return Lock(key_lock_name(self.name, field), lease=lease, namespace=cfg.namespace,
-                    topology=self._topology, **options)  # fmt: skip
+        return Lock(name, lease=lease, namespace=cfg.namespace, topology=self._topology,
+                    hash_tag=tag, **options)  # fmt: skip
 
     def _fence_of(self, fence: FenceArg | None) -> tuple[str, str, int] | None:
         return fence_args(fence, self.config.namespace)

@@ -10,6 +10,7 @@ from pathlib import Path
 import redis
 
 from syncmap.embedded import EmbeddedRedis
+from syncmap.testing.sentinelset import SentinelSet
 
 
 def syncmap(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -69,3 +70,14 @@ def test_verify_against_a_closed_port_exits_2_and_says_why() -> None:
     assert "cannot reach Redis at redis://:***@127.0.0.1:1/0" in result.stderr
     assert "Check that the server is running" in result.stderr
     assert "hunter2" not in result.stderr + result.stdout
+
+
+def test_verify_runs_on_a_sentinel_url(sentinel_set: SentinelSet) -> None:
+    """``verify --url redis+sentinel://...``: S01 and S04 used to crash at their cleanup
+    (``redis.Redis.from_url`` refuses the scheme); they now find the master as a map does."""
+    result = syncmap("verify", "--url", sentinel_set.url, "--seconds", "0.5", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["passed"] is True and {s["id"] for s in doc["scenarios"]} == {"S01", "S04"}, doc
+    with sentinel_set.client() as master:
+        assert master.dbsize() == 0, "verify must delete every key it made"

@@ -1,9 +1,11 @@
 """One set of behaviours, two drivers (issue 15 §5): every case below runs against the thread
 driver (``syncmap.SyncMap``) and the asyncio driver (``syncmap.aio.SyncMap``), so the two cannot
-drift.  A test calls ``h.call(name, *args)`` on a handle of either kind: the sync handle calls
-the method, the async handle runs the coroutine on a loop thread (``testing/drivers.py``) in
-asyncio's debug mode, and the test fails if any syncmap callback blocked that loop (> 5 ms) or
-if a task was still running after every map and lock was closed.
+drift, and each on two topologies: one standalone ``redis-server`` and a Sentinel set (a master,
+a replica and three Sentinels, reached by ``redis+sentinel://``; one set for the module).  A test
+calls ``h.call(name, *args)`` on a handle of either kind: the sync handle calls the method, the
+async handle runs the coroutine on a loop thread (``testing/drivers.py``) in asyncio's debug
+mode, and the test fails if any syncmap callback blocked that loop (> 5 ms) or if a task was
+still running after every map and lock was closed.
 
 Where the drivers legitimately differ (and only there), the handles hide it:
 
@@ -25,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -50,12 +54,14 @@ from syncmap.embedded import EmbeddedRedis, free_port
 from syncmap.keys import bucket_of, encode_key
 from syncmap.testing.drivers import LoopThread
 from syncmap.testing.proxy import FaultProxy
+from syncmap.testing.sentinelset import SentinelSet
 from syncmap.testing.wait import wait_until
 
 # aio.SyncMap.open() imports syncmap.feed.arouting (and its feeds) on first use, on the loop:
 # 4-7 ms, once per process, which the 5 ms guard reports as a blocked loop.  Imported here,
 # before any loop runs, so the guard watches the steady state (reported to the lead).
 KINDS = ("sync", "async")
+TOPOLOGIES = ("standalone", "sentinel")
 # The loop guard's threshold here: 20 ms, not tests/aio's 5.  This file runs a sync map's threads,
 # the caller's thread and a proxy's loop in the process of the async map, on 2 shared cores: the
 # library's own tasks (subscriber, probe) were measured taking 5-11 ms a step now and then while
@@ -180,12 +186,42 @@ def other(kind: str) -> str:
     return "async" if kind == "sync" else "sync"
 
 
+@dataclass(frozen=True, slots=True)
+class Store:
+    """Where a case's maps connect (``url``), and a client of the node that takes the writes
+    (the master the Sentinels name), for what a case plants behind the maps' backs."""
+
+    topology: str
+    url: str
+    admin: Callable[[], redis.Redis]
+
+
+@pytest.fixture(scope="module")
+def sentinels(sentinel_binary: str) -> Iterator[SentinelSet]:
+    """One Sentinel set for the whole module (~3.5 s to start and stop: one per case would add
+    a minute); each case empties its master first (``store``).  Nothing here fails it over."""
+    with SentinelSet(binary=sentinel_binary) as s:
+        yield s
+
+
+@pytest.fixture(params=TOPOLOGIES)
+def store(request: pytest.FixtureRequest) -> Store:
+    """The store of a case, on each topology; emptied (FLUSHALL on its own private server)."""
+    if request.param == "standalone":
+        url = request.getfixturevalue("shared_redis_url")  # flushed by the fixture
+        return Store("standalone", url, lambda: redis.Redis.from_url(url))
+    s: SentinelSet = request.getfixturevalue("sentinels")
+    with s.client() as admin:
+        admin.flushall()  # the module's private master (never the shared 6379)
+    return Store("sentinel", s.url, s.client)
+
+
 # ---- the table ---------------------------------------------------------------------------------
 
 
 def test_every_write_returns_what_it_promises(drivers: Drivers, kind: str,
-                                              shared_redis_url: str) -> None:  # fmt: skip
-    h = drivers.open(kind, "ops", shared_redis_url)
+                                              store: Store) -> None:  # fmt: skip
+    h = drivers.open(kind, "ops", store.url)
     v1 = h.call("set", "a", 1)
     assert isinstance(v1, int) and v1 > 0
     assert h.call("set", "a", 2) > v1  # versions grow
@@ -212,8 +248,8 @@ def test_every_write_returns_what_it_promises(drivers: Drivers, kind: str,
 
 
 def test_read_your_writes_and_the_hit_path(drivers: Drivers, kind: str,
-                                           shared_redis_url: str) -> None:  # fmt: skip
-    h = drivers.open(kind, "ryw", shared_redis_url)
+                                           store: Store) -> None:  # fmt: skip
+    h = drivers.open(kind, "ryw", store.url)
     for i in range(30):
         h.call("set", f"k{i % 5}", i)
         assert h.call("get", f"k{i % 5}") == i  # the own write, at once
@@ -222,9 +258,9 @@ def test_read_your_writes_and_the_hit_path(drivers: Drivers, kind: str,
     assert h.call("get", "k0") == 25 and h.call("statistics").hits == hits + 1
 
 
-def test_a_ttl_expires(drivers: Drivers, kind: str, shared_redis_url: str) -> None:
-    h = drivers.open(kind, "ttl", shared_redis_url)
-    peer = drivers.open(other(kind), "ttl", shared_redis_url)
+def test_a_ttl_expires(drivers: Drivers, kind: str, store: Store) -> None:
+    h = drivers.open(kind, "ttl", store.url)
+    peer = drivers.open(other(kind), "ttl", store.url)
     h.call("set", "k", "v", ttl=0.3)
     h.call("set", "keep", "v")
     assert h.call("get", "k") == "v" and peer.call("get", "k") == "v"
@@ -234,9 +270,9 @@ def test_a_ttl_expires(drivers: Drivers, kind: str, shared_redis_url: str) -> No
     assert h.call("keys") == ["keep"] and h.call("len") == 1
 
 
-def test_a_stale_fence_is_refused(drivers: Drivers, kind: str, shared_redis_url: str) -> None:
+def test_a_stale_fence_is_refused(drivers: Drivers, kind: str, store: Store) -> None:
     """The lock of the same driver: its second holder's token supersedes the first's."""
-    h = drivers.open(kind, "fence", shared_redis_url)
+    h = drivers.open(kind, "fence", store.url)
     first, release = h.acquire("k")
     h.call("set", "k", "first", fence=first)
     release()
@@ -252,15 +288,15 @@ def test_a_stale_fence_is_refused(drivers: Drivers, kind: str, shared_redis_url:
 
 
 def test_bad_input_is_refused_before_sending(drivers: Drivers, kind: str,
-                                             shared_redis_url: str) -> None:  # fmt: skip
+                                             store: Store) -> None:  # fmt: skip
     small = MapConfig(max_value_bytes=1000, presence=False)
-    h = drivers.open(kind, "bad", shared_redis_url, config=small)
+    h = drivers.open(kind, "bad", store.url, config=small)
     for key in (1.5, None, ("t",)):
         with pytest.raises(KeyTypeError, match=type(key).__name__):
             h.call("set", key, 1)
-    for key in (["l"], {"d": 1}):  # unhashable: refused on reads too
+    for unhashable in (["l"], {"d": 1}):  # refused on reads too
         with pytest.raises(KeyTypeError):
-            h.call("get", key)
+            h.call("get", unhashable)
     with pytest.raises(InvalidKey, match="UTF-8"):
         h.call("set", "\ud800", 1)
     with pytest.raises(ValueTooLarge, match="max_value_bytes=1000"):
@@ -268,11 +304,11 @@ def test_bad_input_is_refused_before_sending(drivers: Drivers, kind: str,
     assert h.call("len") == 0
 
 
-def test_a_corrupt_entry_is_named(drivers: Drivers, kind: str, shared_redis_url: str) -> None:
-    h = drivers.open(kind, "rot", shared_redis_url)
+def test_a_corrupt_entry_is_named(drivers: Drivers, kind: str, store: Store) -> None:
+    h = drivers.open(kind, "rot", store.url)
     h.call("update", {"good": 1, "bad": 2})
     field = encode_key("bad", CFG.max_key_bytes)
-    raw = redis.Redis.from_url(shared_redis_url)
+    raw = store.admin()
     # A valid header around bytes that are never valid MessagePack (0xc1).
     raw.hset(f"sm:{{rot:{bucket_of(field, CFG.buckets)}}}:d", field, pack_value(99, 0, b"\xc1", 1))
     raw.close()
@@ -284,16 +320,46 @@ def test_a_corrupt_entry_is_named(drivers: Drivers, kind: str, shared_redis_url:
 
 
 def test_a_change_from_the_other_driver_arrives_within_max_staleness(
-    drivers: Drivers, kind: str, shared_redis_url: str
+    drivers: Drivers, kind: str, store: Store
 ) -> None:
-    reader = drivers.open(kind, "x", shared_redis_url)
-    writer = drivers.open(other(kind), "x", shared_redis_url)
+    reader = drivers.open(kind, "x", store.url)
+    writer = drivers.open(other(kind), "x", store.url)
     writer.call("set", "k", 0)
     for i in range(1, 6):
         assert reader.call("get", "k") == i - 1 and reader.cached("k")  # cached, then changed
         writer.call("set", "k", i)
-        took = wait_until(lambda n=i: reader.call("get", "k") == n, 5, "the other's write")
+
+        def seen(n: int = i) -> bool:
+            return bool(reader.call("get", "k") == n)
+
+        took = wait_until(seen, 5, "the other's write")
         assert took <= CFG.max_staleness, f"{kind} saw the change after {took:.3f} s"
+
+
+def test_an_unreachable_store_is_store_unavailable(drivers: Drivers, kind: str,
+                                                  store: Store) -> None:  # fmt: skip
+    """Opening on nothing that answers: the error names where it looked and says nothing ran."""
+    dead = f"127.0.0.1:{free_port()}"
+    at = re.escape(dead)
+    if store.topology == "standalone":
+        unreachable = {f"redis://{dead}/0": rf"cannot reach redis {at}/0"}
+    else:
+        service = store.url.split("/")[3]
+        unreachable = {
+            f"redis+sentinel://{dead}/{service}/0": rf"no sentinel named .*\({at}: .*nothing ran",
+            store.url.replace(f"/{service}/", "/nosuch/"): r"does not know 'nosuch'.*nothing ran",
+        }
+    for url, message in unreachable.items():
+        with pytest.raises(StoreUnavailable, match=message):
+            drivers.open(kind, "m", url)
+
+
+# ---- standalone only ---------------------------------------------------------------------------
+# These two put a fault on the one node the maps talk to: a FaultProxy in front of it, or a
+# kill.  On Sentinel the maps find the master through the Sentinels, which name the real node,
+# not a proxy (a Sentinel form would need a proxy the Sentinels announce), and a killed master
+# is a failover, which scenario S10 covers (tests/scenarios/test_sentinel_scenario.py); killing
+# the module's shared set here would also make every later case wait for that failover.
 
 
 def test_a_lost_reply_is_outcome_unknown_and_drops_the_key(
@@ -312,10 +378,8 @@ def test_a_lost_reply_is_outcome_unknown_and_drops_the_key(
         assert h.call("get", "k", consistent=True) == "new"  # it did apply
 
 
-def test_a_dead_server_is_store_unavailable(drivers: Drivers, kind: str,
-                                            redis_server: EmbeddedRedis) -> None:  # fmt: skip
-    with pytest.raises(StoreUnavailable, match=r"cannot reach redis 127\.0\.0\.1:\d+/0"):
-        drivers.open(kind, "m", f"redis://127.0.0.1:{free_port()}/0")
+def test_a_killed_server_is_store_unavailable(drivers: Drivers, kind: str,
+                                              redis_server: EmbeddedRedis) -> None:  # fmt: skip
     h = drivers.open(kind, "m", redis_server.url)
     h.call("set", "cached", 1)
     redis_server.kill()

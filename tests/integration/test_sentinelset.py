@@ -11,6 +11,7 @@ import pytest
 from syncmap import serverproc
 from syncmap.errors import ConfigurationError
 from syncmap.map import SyncMap
+from syncmap.testing.faults import kill_subscribers, subscribers
 from syncmap.testing.sentinelset import SentinelSet, parse_sentinel_url, sentinel_master_client
 from syncmap.testing.wait import wait_until
 
@@ -41,6 +42,15 @@ def test_the_set_is_ready_and_its_url_names_every_sentinel(sentinel_set: Sentine
     finally:
         client.close()
     assert s.node_at(master).client().get("k") == b"v"
+    # client() is the master's (what a scenario faults); among its pub/sub clients a map's feed
+    # is told apart from the Sentinels' own hello links (control: CLIENT LIST counts them all).
+    with SyncMap("feeds", s.url) as m, s.client() as admin:
+        m["a"] = 1
+        assert admin.get("k") == b"v"
+        everyone = [c for c in admin.client_list() if "P" in c["flags"]]
+        assert len(everyone) == 1 + len(s.sentinels), everyone
+        assert len(subscribers(admin)) == 1 and kill_subscribers(admin) == 1
+        assert len(subscribers(admin)) <= 1  # the map's feed may be back already
 
 
 def test_min_replicas_makes_a_lone_master_refuse_writes(sentinel_set: SentinelSet) -> None:

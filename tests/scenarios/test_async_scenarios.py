@@ -1,15 +1,29 @@
 """TESTPLAN S01, S04, S07 and S13 with asyncio clients mixed with sync ones on one map (issue 15
 §5): short forms of S01a, S04a, S07a, S13a (``syncmap.testing.scenarios_async``; ``syncmap
 torture`` runs the long ones).  Each guarded one also runs with its guard off and must fail.
-``pytest -s`` prints the figures."""
+``pytest -s`` prints the figures.
+
+On Sentinel, S04a and S07a run here (each starts its own Sentinel set, ~3.5 s, on top of the
+run); S01a-sentinel and S13a-sentinel run in ``syncmap torture`` only: with their controls they
+would add about 10 and 20 s to the suite, and their oracles judge the store and the locks,
+which the drivers table (tests/integration/test_drivers.py) already runs on Sentinel."""
 
 from __future__ import annotations
 
 import pytest
 
+from syncmap.errors import ConfigurationError
 from syncmap.testing.scenario import ANOMALIES, OPS, Env, ScenarioResult
 from syncmap.testing.scenarios import load_all
-from syncmap.testing.scenarios_async import s01a, s04a, s07a, s13a
+from syncmap.testing.scenarios_async import (
+    s01a,
+    s04a,
+    s04a_sentinel,
+    s07a,
+    s07a_sentinel,
+    s13a,
+)
+from syncmap.testing.scenarios_cache import s05
 
 pytestmark = pytest.mark.scenario
 
@@ -24,10 +38,25 @@ def show(r: ScenarioResult) -> ScenarioResult:
     return r
 
 
+@pytest.fixture
+def sentinel_env(sentinel_binary: str) -> Env:
+    """The variants on Sentinel start their own set (skipped where the binary has no Sentinel
+    mode, failed under CI=true)."""
+    return Env(redis_binary=sentinel_binary)
+
+
 def test_the_async_variants_are_registered_for_torture() -> None:
     registry = load_all()
-    assert {"S01a", "S04a", "S07a", "S13a"} <= set(registry)
+    ids = ("S01a", "S04a", "S07a", "S13a")
+    assert set(ids) <= set(registry)
     assert registry["S07a"].faults_server and not registry["S04a"].faults_server
+    for sid in ids:  # always on a private Sentinel set, also under torture --url
+        assert registry[f"{sid}-sentinel"].faults_server
+
+
+def test_a_scenario_that_needs_one_node_refuses_a_sentinel_env() -> None:
+    with pytest.raises(ConfigurationError, match="one redis-server only"):
+        s05(Env(topology="sentinel"), 1.0)  # a proxy in front of its one node
 
 
 def test_s01a_linearizable_with_a_sync_and_an_async_server(env: Env) -> None:
@@ -73,3 +102,23 @@ def test_s13a_a_stalled_async_or_sync_holder(env: Env, guard: bool) -> None:
     else:
         assert r.figures["stale_fenced_accepted"] > 0 or r.figures["acked_writes_lost"] > 0
         assert not r.passed
+
+
+# ---- on Sentinel: sync and asyncio servers sharing one map through redis+sentinel:// -----------
+
+
+def test_s04a_on_sentinel(sentinel_env: Env) -> None:
+    r = show(s04a_sentinel(sentinel_env, 3))
+    assert (r.id, r.figures["topology"], r.figures["drivers"]) == ("S04a-sentinel", "sentinel",
+                                                                   "async,sync")  # fmt: skip
+    assert r.figures["reads"] > 600 and r.figures["hit_ratio"] > 0.5, "exercise the caches"
+    assert r.passed, r.failures
+
+
+def test_s07a_on_sentinel(sentinel_env: Env) -> None:
+    """The feeds the faults cut are the maps' subscribers on the master (the Sentinels' own
+    hello links are left alone and not counted)."""
+    r = show(s07a_sentinel(sentinel_env, 4, variant="kill"))
+    assert r.id == "S07a-sentinel" and r.figures["topology"] == "sentinel"
+    assert r.figures["disconnects"] > 0
+    assert r.passed, r.failures

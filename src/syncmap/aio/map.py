@@ -33,7 +33,7 @@ from ..keys import (
     check_map_name,
     check_node_id,
     encode_key,
-    key_lock_name,
+    key_lock,
     normal_key,
 )
 from ..mapbase import fence_args
@@ -344,11 +344,12 @@ class SyncMap:
     def lock(self, key: Key, *, lease: float = 30.0, **options: Any) -> Lock:
         """A new asyncio :class:`~syncmap.aio.Lock` for ``key`` of this map, on this map's
         Redis: ``async with m.lock(k) as fence: await m.set(k, v, fence=fence)``."""
-        field = self._locate(key).field
+        ref = self._locate(key)
+        name, tag = key_lock(self._cmds.layout, ref.field, ref.bucket, self._topology.sharded)
         cfg = self.config
         options.setdefault("socket_timeout", cfg.call_timeout or cfg.socket_timeout)
-        return Lock(key_lock_name(self.name, field), lease=lease, namespace=cfg.namespace,
-                    topology=self._topology, **options)  # fmt: skip
+        return Lock(name, lease=lease, namespace=cfg.namespace, topology=self._topology,
+                    hash_tag=tag, **options)  # fmt: skip
 
     # ---- events, statistics ------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ import statistics
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import click
@@ -57,7 +58,7 @@ def _config(client: redis.Redis, name: str) -> str | None:
     return ""
 
 
-def _server(client: redis.Redis) -> list[Check]:
+def _server(client: redis.Redis, *, cluster_url: bool = False) -> list[Check]:
     try:
         info = client.info("server")
     except redis.exceptions.NoPermissionError:
@@ -75,11 +76,11 @@ def _server(client: redis.Redis) -> list[Check]:
             "this is a Sentinel, not a data server: ask it for the master "
             "(SENTINEL get-master-addr-by-name) and point syncmap there"
         )
-    elif mode == "cluster":
-        status = "WARN"
+    elif mode == "cluster" and not cluster_url:
+        status = "FAIL"
         hint = (
-            "syncmap's keys are Cluster-safe (one slot per script) but the Python client talks to "
-            "one endpoint: use a node that owns the map's slots, or a standalone Redis"
+            "this node is part of a Redis Cluster: name the cluster's nodes with "
+            "redis+cluster://host:port,host:port so every bucket goes to the master that owns it"
         )
     major = version.split(".")[0]
     if status == "OK" and major.isdigit() and int(major) < 6:
@@ -89,13 +90,17 @@ def _server(client: redis.Redis) -> list[Check]:
 
 
 def _topology(url: str) -> Check:
-    """What the URL names: one node, or a Sentinel service (its master, replicas, sentinels)."""
+    """What the URL names: one node, a Sentinel service (its master, replicas, sentinels), or a
+    Cluster (its masters, their slots and replicas, and how a 16-bucket map spreads)."""
     from ..errors import SyncMapError  # noqa: PLC0415 - keep the CLI light
+    from ..store.cluster import ClusterTopology  # noqa: PLC0415
     from ..store.sentinel import SentinelTopology  # noqa: PLC0415
     from ..store.topology import open_topology  # noqa: PLC0415
 
     try:
         topology = open_topology(url, timeout=5.0)
+        if isinstance(topology, ClusterTopology):
+            return _cluster_topology(topology)
         if not isinstance(topology, SentinelTopology):
             return Check("topology", "OK", f"standalone {topology.where}")
         seen = topology.describe()
@@ -108,9 +113,33 @@ def _topology(url: str) -> Check:
     ))  # fmt: skip
 
 
-def _resp3(url: str) -> Check:
+def _cluster_topology(topology: Any) -> Check:
+    """Masters with their slot ranges and replicas, and the buckets of a 16-bucket map each."""
+    from ..keys import Layout  # noqa: PLC0415
+    from ..store.cluster import slot_for  # noqa: PLC0415
+
+    seen = topology.describe()
+    layout = Layout(NAMESPACE, "any", 16)
+    spread: dict[str, int] = {}
+    for bucket in range(16):
+        owner = topology.owner(slot_for(layout.data(bucket)))
+        spread[owner] = spread.get(owner, 0) + 1
+    parts = []
+    for address, info in seen.items():
+        ranges = ",".join(f"{a}-{b}" for a, b in info["slots"])
+        replicas = ", ".join(info["replicas"]) or "no replica"
+        parts.append(f"{address} (slots {ranges}; {replicas}; {spread.get(address, 0)} of 16 "
+                     "buckets)")  # fmt: skip
+    status, hint = "OK", ""
+    if any(not info["replicas"] for info in seen.values()):
+        status = "WARN"
+        hint = "a master without a replica loses its buckets when it fails: add replicas"
+    return Check("topology", status, f"cluster of {len(seen)} masters: " + "; ".join(parts), hint)
+
+
+def _resp3(url: str, node: Any = None) -> Check:
     try:
-        client = redis_client(url, 5)
+        client: redis.Redis = node.client() if node is not None else redis_client(url, 5)
         try:
             client.execute_command("HELLO", 3)  # type: ignore[no-untyped-call]
         finally:
@@ -308,22 +337,58 @@ def run_checks(url: str) -> tuple[list[Check], bool]:
                 )
             ], False
         checks = [Check("connect", "OK", f"connected to {redact(url)}"), _topology(url)]
-        for step in (
-            _server,
-            lambda c: [_resp3(url)],
-            lambda c: [_memory(c)],
-            lambda c: [_persistence(c)],
-            lambda c: [_durability(c)],
-            lambda c: [_rtt(c)],
-        ):
+        for where, node, node_client in _data_nodes(url, client):
             try:
-                checks.extend(step(client))
-            except redis.RedisError as exc:
-                checks.append(Check("error", "FAIL", f"{type(exc).__name__}: {exc}"))
+                checks.extend(_node_checks(url, where, node, node_client))
+            finally:
+                if node_client is not client:
+                    node_client.close()
         checks.append(_invalidation(url))
         return checks, True
     finally:
         client.close()
+
+
+def _node_checks(url: str, where: str, node: Any, client: Any) -> list[Check]:
+    """The checks of one data node (``node``: its endpoint on a Cluster, else None)."""
+    checks: list[Check] = []
+    steps: list[Callable[[Any], list[Check]]] = [
+        lambda c: _server(c, cluster_url=node is not None),
+        lambda c: [_resp3(url, node)],
+        lambda c: [_memory(c)],
+        lambda c: [_persistence(c)],
+        lambda c: [_durability(c)],
+        lambda c: [_rtt(c)],
+    ]
+    for step in steps:
+        try:
+            checks.extend(_at(where, step(client)))
+        except redis.RedisError as exc:
+            checks.append(Check("error", "FAIL", f"{where}{type(exc).__name__}: {exc}"))
+    return checks
+
+
+def _data_nodes(url: str, client: Any) -> list[tuple[str, Any, Any]]:
+    """(label, endpoint or None, client) of each data node to examine: the one node, or on a
+    Cluster every master (each has its own memory, persistence and eviction settings)."""
+    from ..store.cluster import ClusterTopology  # noqa: PLC0415
+    from ..store.topology import open_topology  # noqa: PLC0415
+
+    topology = open_topology(url, timeout=5.0)
+    if not isinstance(topology, ClusterTopology):
+        return [("", None, client)]
+    nodes = []
+    for address in topology.masters():
+        endpoint = topology.node(address).endpoint()
+        nodes.append((f"{address}: ", endpoint, endpoint.client(socket_timeout=10)))
+    return nodes
+
+
+def _at(where: str, checks: list[Check]) -> list[Check]:
+    """The checks of one Cluster master, their details prefixed with its address."""
+    if not where:
+        return checks
+    return [replace(c, detail=where + c.detail) for c in checks]
 
 
 @click.command("doctor")

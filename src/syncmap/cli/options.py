@@ -36,7 +36,8 @@ def url_option(what: str) -> Callable[[F], F]:
 
 def redis_client(url: str, timeout: float = 5.0, **overrides: Any) -> redis.Redis:
     """A ``redis.Redis`` on the node ``url`` names now (every URL form: ``redis://``,
-    ``rediss://``, ``unix://``, ``redis+sentinel://``: the master the sentinels name).
+    ``rediss://``, ``unix://``, ``redis+sentinel://``: the master the sentinels name), or for
+    ``redis+cluster://`` a ``RedisCluster`` (the same commands, each routed by its slot).
 
     A bad URL raises ``ValueError`` and a master no sentinel names ``redis.ConnectionError``,
     as ``redis.Redis.from_url`` and its first command would: the commands handle those."""
@@ -44,6 +45,11 @@ def redis_client(url: str, timeout: float = 5.0, **overrides: Any) -> redis.Redi
         topology = open_topology(url, timeout=timeout)
     except ConfigurationError as exc:
         raise ValueError(str(exc)) from exc
+    if topology.kind == "cluster":  # a RedisCluster: every command routed by its slot
+        try:
+            return topology.client(**overrides)  # type: ignore[attr-defined, no-any-return]
+        except redis.RedisError as exc:
+            raise redis.ConnectionError(str(exc)) from exc
     try:
         endpoint = topology.endpoint()
     except StoreUnavailable as exc:

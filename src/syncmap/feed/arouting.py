@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ..errors import StoreError, SyncMapError
 from ..keys import Layout
-from ..store.commands import stream_target
+from ..store.commands import SHARDED_TARGET, stream_target
 from ..store.topology import Topology
 from .abase import AsyncFeed
 from .aredis_pubsub import AsyncRedisPubSubFeed
@@ -25,13 +25,25 @@ async def open_async_store_feed(
     url: str | None, topology: Topology, layout: Layout, timeout: float
 ) -> tuple[AsyncFeed, str]:
     """Open the feed ``url`` names for a store-mode map; returns it and the scripts' target."""
+    if url is None and topology.sharded:  # a Cluster: per-bucket channels, SPUBLISH in-script
+        from ..store.cluster import ClusterTopology  # noqa: PLC0415 - Cluster only
+        from .aredis_sharded import AsyncRedisShardedFeed  # noqa: PLC0415
+
+        assert isinstance(topology, ClusterTopology)  # the one sharded topology
+
+        feed: AsyncFeed = AsyncRedisShardedFeed("redis (the store)", layout.channel,
+                                                layout.bucket_channels(), timeout=timeout,
+                                                topology=topology)  # fmt: skip
+        return feed, SHARDED_TARGET
     if url is None:
-        feed: AsyncFeed = AsyncRedisPubSubFeed("redis (the store)", layout.channel,
+        feed = AsyncRedisPubSubFeed("redis (the store)", layout.channel,
                                                timeout=timeout, topology=topology)  # fmt: skip
         return feed, layout.channel
     cls = async_feed_class(url)
     feed = cls(url, cls.topic_for(layout.namespace, layout.name), timeout=timeout)
     feed_topology: Topology | None = getattr(feed, "topology", None)
+    if topology.sharded:  # a script of one bucket's slot cannot reach a map-wide channel/stream
+        return feed, ""
     if feed_topology is None or not await _same_server(feed_topology, topology, feed, timeout):
         return feed, ""
     if isinstance(feed, AsyncRedisPubSubFeed):

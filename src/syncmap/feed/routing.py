@@ -2,7 +2,8 @@
 
 Three routes, from the strongest to the weakest (docs/feeds.md):
 
-* **in-script PUBLISH**: the feed is Redis pub/sub on the store's own server (the default).  The
+* **in-script PUBLISH**: the feed is Redis pub/sub on the store's own server (the default; on a
+  Redis Cluster each bucket's channel, with ``SPUBLISH``: ``redis_sharded.py``).  The
   write script publishes in the same atomic step as the write: no message can be lost between
   them; only the subscriber can miss it (the probe catches that).
 * **in-script XADD**: the feed is a Redis Stream on the store's own server.  Same atomic step, and
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from ..errors import StoreError, SyncMapError
 from ..keys import Layout
-from ..store.commands import stream_target
+from ..store.commands import SHARDED_TARGET, stream_target
 from ..store.topology import Topology
 from .base import Feed, FeedUnavailable, feed_class
 from .redis_pubsub import RedisPubSubFeed
@@ -32,13 +33,25 @@ def open_store_feed(
     url: str | None, topology: Topology, layout: Layout, timeout: float
 ) -> tuple[Feed, str]:
     """Open the feed ``url`` names for a store-mode map; returns it and the scripts' target."""
+    if url is None and topology.sharded:  # a Cluster: per-bucket channels, SPUBLISH in-script
+        from ..store.cluster import ClusterTopology  # noqa: PLC0415 - Cluster only
+        from .redis_sharded import RedisShardedFeed  # noqa: PLC0415
+
+        assert isinstance(topology, ClusterTopology)  # the one sharded topology
+
+        feed: Feed = RedisShardedFeed("redis (the store)", layout.channel,
+                                      layout.bucket_channels(), timeout=timeout,
+                                      topology=topology)  # fmt: skip
+        return feed, SHARDED_TARGET
     if url is None:
-        feed: Feed = RedisPubSubFeed("redis (the store)", layout.channel, timeout=timeout,
+        feed = RedisPubSubFeed("redis (the store)", layout.channel, timeout=timeout,
                                      topology=topology)  # fmt: skip
         return feed, layout.channel
     cls = feed_class(url)
     feed = cls(url, cls.topic_for(layout.namespace, layout.name), timeout=timeout)
     feed_topology: Topology | None = getattr(feed, "topology", None)
+    if topology.sharded:  # a script of one bucket's slot cannot reach a map-wide channel/stream
+        return feed, ""
     if feed_topology is None or not _same_server(feed_topology, topology, feed, timeout):
         return feed, ""
     if isinstance(feed, RedisPubSubFeed):

@@ -110,6 +110,7 @@ class LockIdentity:
         namespace: str,
         socket_timeout: float,
         topology: Topology | None = None,
+        hash_tag: str | None = None,
     ) -> None:
         self.name = check_lock_name(name)
         self.lease = check_seconds("lease", lease, 0.05, 86_400)
@@ -120,7 +121,7 @@ class LockIdentity:
         if not isinstance(self.owner, str) or not 1 <= len(self.owner.encode()) <= 512:
             raise ConfigurationError(f"owner={owner!r}: use a str of 1-512 bytes")
         self.on_lost = on_lost
-        self.layout = LockLayout(namespace, self.name)
+        self.layout = LockLayout(namespace, self.name, hash_tag)
         self._topology = topology or lock_topology(url, redis, socket_timeout)
 
     @property
@@ -146,10 +147,11 @@ class LockBase(LockIdentity):
         namespace: str,
         socket_timeout: float,
         topology: Topology | None = None,
+        hash_tag: str | None = None,
     ) -> None:
         super().__init__(name, url, redis=redis, lease=lease, owner=owner, on_lost=on_lost,
                          namespace=namespace, socket_timeout=socket_timeout,
-                         topology=topology)  # fmt: skip
+                         topology=topology, hash_tag=hash_tag)  # fmt: skip
         self._executor = self._topology.shared_executor(socket_timeout)
         self._state = threading.Lock()
         forksafe.register(self)

@@ -55,10 +55,11 @@ class Lock(ReleasedOnExit, LockBase):
         namespace: str = "sm",
         socket_timeout: float = 5.0,
         topology: Topology | None = None,
+        hash_tag: str | None = None,
     ) -> None:
         super().__init__(name, url, redis=redis, lease=lease, owner=owner, on_lost=on_lost,
                          namespace=namespace, socket_timeout=socket_timeout,
-                         topology=topology)  # fmt: skip
+                         topology=topology, hash_tag=hash_tag)  # fmt: skip
         if replicas not in ("none", "check", "require"):
             raise ConfigurationError(f"replicas={replicas!r}: use 'none', 'check' or 'require'")
         self.replicas = replicas

@@ -47,6 +47,7 @@ from .executor import AsyncExecutor, Executor
 from .topology import Listener, NodeExecutors, shared_executor
 
 SLOTS = 16384
+REFRESH_TIMEOUT = 1.0  # seconds one node may take to tell the slot map
 
 
 def slot_for(key: str | bytes) -> int:
@@ -221,6 +222,23 @@ class ClusterTopology:
         if changed:
             self._notify()
 
+    def client(self, **overrides: Any) -> Any:
+        """A redis-py ``RedisCluster`` on this cluster, for the command line's inspections
+        (``syncmap doctor``, ``top``, ...): it routes each command by slot as our executors do.
+        Typed ``Any``: it offers the commands of ``redis.Redis`` that those use."""
+        from redis.cluster import ClusterNode, RedisCluster  # noqa: PLC0415
+
+        t = self._template
+        kwargs: dict[str, Any] = {
+            "username": t.username, "password": t.password, "socket_timeout": t.socket_timeout,
+            "socket_connect_timeout": t.connect_timeout,
+        }  # fmt: skip
+        if t.tls is not None:
+            kwargs.update(ssl=True, **t.tls.kwargs())
+        kwargs.update(overrides)
+        nodes = [ClusterNode(e.host, e.port) for e in self.startup]  # type: ignore[no-untyped-call]
+        return RedisCluster(startup_nodes=nodes, **kwargs)
+
     def describe(self) -> dict[str, Any]:
         """The masters, their slot ranges and replicas (``syncmap doctor``)."""
         self.refresh()
@@ -288,7 +306,9 @@ class ClusterTopology:
 
 
 def _read_slot_map(endpoint: Endpoint) -> tuple[list[str | None], dict[str, list[str]]]:
-    client = endpoint.client()
+    # A short timeout: a paused node must not hold the refresh (and every call routed after it)
+    # for the data connections' socket timeout while another node could answer.
+    client = endpoint.client(socket_timeout=REFRESH_TIMEOUT, socket_connect_timeout=REFRESH_TIMEOUT)
     try:
         try:
             shards = client.execute_command("CLUSTER", "SHARDS")  # type: ignore[no-untyped-call]

@@ -95,8 +95,12 @@ class Routing:
                 group.commands += [("ASKING",), self.commands[i]]
                 continue
             key = slot_of(self.commands[i])
-            address = (self.topology.owner(slot_for(key)) if key is not None
-                       else last or self.topology.any_master())  # fmt: skip
+            try:
+                address = (self.topology.owner(slot_for(key)) if key is not None
+                           else last or self.topology.any_master())  # fmt: skip
+            except StoreUnavailable as exc:  # no master serves its slot now: nothing ran
+                self.failed(Group("", [i], []), exc)
+                continue
             last = address
             group = plain.setdefault(address, Group(address, [], []))
             group.indices.append(i)

@@ -55,6 +55,11 @@ def parse_stamp(stamp: bytes | str) -> tuple[int, str] | None:
     return int(count), codec
 
 
+SHARDED_TARGET = "!s"
+"""The ``target`` that makes the write scripts SPUBLISH on each bucket's own channel (layout 2s,
+a Redis Cluster: ``Layout.bucket_channel``)."""
+
+
 def stream_target(stream: str, maxlen: int) -> str:
     """The ``target`` that makes the write scripts XADD to ``stream`` (trimmed to ~``maxlen``)."""
     return f"!x:{int(maxlen)}:{stream}"
@@ -100,6 +105,8 @@ class MapCommands:
         lock, token = "", 0
         if fence is not None:
             lock, counter, token = fence
+            if self.target == SHARDED_TARGET:
+                check_fence_slot(self.layout, bucket, lock, counter)
             keys = (*keys, counter)
         epoch = _epochs.getrandbits(52) or 1
         return ("EVALSHA", scripts.SHAS[name], len(keys), *keys, self.target, bucket, epoch,
@@ -121,6 +128,20 @@ class MapCommands:
 
     def stamps(self, buckets: int) -> list[Command]:
         return [("HGET", self.layout.data(b), "#c") for b in range(buckets)]
+
+
+def check_fence_slot(layout: Layout, bucket: int, lock: str, counter: str) -> None:
+    """On a Cluster a script reads only its own slot: a fence whose counter is elsewhere cannot
+    be checked, so the write is refused here, before anything is sent."""
+    from .cluster import slot_for  # noqa: PLC0415 - redis.crc, only on sharded maps
+
+    if slot_for(counter) != slot_for(layout.data(bucket)):
+        raise ConfigurationError(
+            f"lock {lock!r} cannot fence a write of map {layout.name!r} on a Redis Cluster: its "
+            "fence lives in another hash slot than the key's bucket. Take the lock with "
+            "map.lock(key) (placed in the key's slot) and pass its Fence, not Lock(name) or a "
+            "(name, token) pair"
+        )
 
 
 def load_scripts() -> list[Command]:

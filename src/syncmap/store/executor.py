@@ -29,9 +29,15 @@ import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from redis.exceptions import NoPermissionError, NoScriptError
+from redis.exceptions import ClusterCrossSlotError, NoPermissionError, NoScriptError
 
-from ..errors import ConfigurationError, StaleFence, StoreError, StoreUnavailable
+from ..errors import (
+    ConfigurationError,
+    StaleFence,
+    StoreError,
+    StoreUnavailable,
+    SyncMapError,
+)
 from . import scripts
 
 Command = tuple[Any, ...]
@@ -110,6 +116,8 @@ def refused(exc: Exception, where: str) -> Exception:
             "+@scripting +@pubsub on the map's keys and channel (see docs/protocol.md)"
         )
     code, text = error_code(exc)
+    if isinstance(exc, ClusterCrossSlotError):  # redis-py strips the code: say it
+        text = f"CROSSSLOT {text} (a command's keys must share one hash slot); nothing ran"
     if code in _NOTHING_RAN:
         return StoreUnavailable(
             f"{where} refused it ({code} {text.removeprefix(code).strip()}); nothing "
@@ -130,11 +138,15 @@ def settle(replies: list[Any], where: str, *, partial: bool) -> tuple[bool, Exce
     None).  Both executors take the same decisions here; only how they react differs."""
     not_master, first = False, None
     for i, reply in enumerate(replies):
-        if isinstance(reply, Exception):
+        if isinstance(reply, SyncMapError):  # settled already (a Cluster master unreachable)
+            mapped: Exception = reply
+        elif isinstance(reply, Exception):
             not_master = not_master or error_code(reply)[0] in NOT_MASTER
             mapped = refused(reply, where)
-            if partial:
-                replies[i] = mapped
-            elif first is None:
-                first = mapped
+        else:
+            continue
+        if partial:
+            replies[i] = mapped
+        elif first is None:
+            first = mapped
     return not_master, first

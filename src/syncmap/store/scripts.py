@@ -134,6 +134,8 @@ end
 --   '<channel>'              PUBLISH on that channel (redis:// feed on this server; the default);
 --   '!x:<maxlen>:<stream>'   XADD to that stream, trimmed to about maxlen (0 = never) (a
 --                            redis+stream:// feed on this server);
+--   '!s'                     SPUBLISH on the bucket's own channel <tag>:ch, in the bucket's slot
+--                            (layout 2s: a Redis Cluster; the map's sharded feed);
 --   ''                       keep it in `out`: the script replies {reply, out} and the client
 --                            publishes `out` on the map's feed after the write (any other feed).
 -- The first two happen in the same atomic step as the write; the third can be lost between the
@@ -179,6 +181,8 @@ local function publish(op, seq, ep, fields)
   local target = ARGV[1]
   if target == '' then
     out[#out + 1] = msg
+  elseif target == '!s' then
+    redis.call('SPUBLISH', string.sub(KEYS[1], 1, -2) .. 'ch', msg)  -- <tag>:d -> <tag>:ch
   elseif string.sub(target, 1, 1) == '!' then
     local maxlen, stream = string.match(target, '^!x:(%d+):(.+)$')
     if maxlen == '0' then

@@ -6,9 +6,38 @@ make Redis itself drop clients, stop serving writes, or overflow a subscriber's 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import redis
+
+from ..store.topology import open_topology
+
+SENTINEL_LINK = "sentinel-"
+"""Prefix of the names a Sentinel gives its connections to a data node (``sentinel-<id>-cmd``,
+``sentinel-<id>-pubsub``: the latter subscribes to ``__sentinel__:hello``)."""
+
+
+def admin_client(url: str, timeout: float = 10.0, **kw: Any) -> redis.Redis:
+    """A client of the node ``url`` names now, for setting up, faulting and cleaning up: any
+    URL form a map takes (``redis+sentinel://``: the master the Sentinels name, found as a map
+    finds it; ``redis.Redis.from_url`` refuses that scheme).  The caller closes it."""
+    return open_topology(url, timeout=timeout).endpoint().client(**kw)
+
+
+def subscribers(admin: redis.Redis) -> list[dict[str, Any]]:
+    """The pub/sub clients of ``admin``'s node (``CLIENT LIST``), but a Sentinel's own hello
+    link: it is not a map's feed, and a scenario counting or cutting feeds must leave it out."""
+    return [
+        c
+        for c in admin.client_list()
+        if "P" in c.get("flags", "") and not str(c.get("name", "")).startswith(SENTINEL_LINK)
+    ]
+
+
+def kill_subscribers(admin: redis.Redis) -> int:
+    """Disconnect every pub/sub client of :func:`subscribers` (on a standalone server: every
+    one, as ``client_kill(admin, "pubsub")``); returns how many were killed."""
+    return sum(int(admin.client_kill_filter(_id=c["id"])) for c in subscribers(admin))
 
 
 def client_kill(admin: redis.Redis, type: Literal["normal", "pubsub"], skip_me: bool = True) -> int:
@@ -37,4 +66,13 @@ def flushall(admin: redis.Redis) -> None:
     admin.flushall()
 
 
-__all__ = ["client_kill", "client_pause", "flushall", "set_pubsub_output_limit"]
+__all__ = [
+    "SENTINEL_LINK",
+    "admin_client",
+    "client_kill",
+    "client_pause",
+    "flushall",
+    "kill_subscribers",
+    "set_pubsub_output_limit",
+    "subscribers",
+]

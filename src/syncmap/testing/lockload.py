@@ -76,6 +76,7 @@ from ..keys import LockLayout
 from ..lock import Lock
 from ..map import SyncMap
 from ..store.endpoint import Endpoint
+from .faults import admin_client
 from .lockcheck import (
     Evictions,
     FaultEvent,
@@ -251,7 +252,7 @@ def run(cfg: LockLoad) -> LockResult:
         )
         for i in range(cfg.workers)
     ]
-    admin = redis.Redis.from_url(cfg.url, socket_timeout=10, socket_connect_timeout=10)
+    admin = admin_client(cfg.url)
     layout = LockLayout(cfg.namespace, cfg.lock)
     evictions = Evictions()
     try:

@@ -21,9 +21,13 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Protocol
+
+import redis
 
 from ..embedded import EmbeddedRedis, find_redis_server
+from ..errors import ConfigurationError
+from .sentinelset import SentinelSet
 
 #: Standard figure names (the torture table's columns).  Use them when they apply.
 OPS = "ops"  # operations checked
@@ -62,18 +66,58 @@ class ScenarioResult:
         return f"{self.id} {self.name} ({self.seconds:.1f} s): {figs} -> {verdict}"
 
 
+Topology = Literal["standalone", "sentinel"]
+
+
+class Store(Protocol):
+    """A private store a scenario may fault (``EmbeddedRedis``, ``SentinelSet``): ``url`` for
+    its maps, ``client()`` a client of the node that takes the writes now, for its faults."""
+
+    @property
+    def url(self) -> str: ...
+
+    def client(self, **kw: Any) -> redis.Redis: ...
+
+
 @dataclass(slots=True)
 class Env:
     """Where a scenario runs.  ``redis_binary`` for private servers; ``url`` for a user's Redis
-    (only scenarios that inject no server fault may use it; they must clean up their keys)."""
+    (only scenarios that inject no server fault may use it; they must clean up their keys).
+
+    ``topology``: what :meth:`store` starts, one ``redis-server`` or a Sentinel set (a master,
+    a replica and three Sentinels; the maps open ``redis+sentinel://``).  Only the scenarios
+    that take their store from :meth:`store` run on Sentinel (S01, S04, S07, S13 and their
+    asyncio variants); the others need one node to kill, restart or put a proxy in front of,
+    and :meth:`server` refuses a Sentinel ``Env`` rather than quietly run them standalone."""
 
     redis_binary: str | None = None
     url: str | None = None
     namespace: str = "sm"
+    topology: Topology = "standalone"
 
     @contextlib.contextmanager
-    def server(self, **kwargs: Any) -> Iterator[EmbeddedRedis]:
+    def store(self, *, down_after_ms: int = 1000) -> Iterator[Store]:
+        """A private store of :attr:`topology`, stopped afterwards.  ``down_after_ms``: the
+        Sentinels' down-after (Sentinel only): the maps' data sockets time out at half of it
+        whatever their ``socket_timeout`` (``store/sentinel.py``)."""
+        if self.topology == "sentinel":
+            with SentinelSet(binary=self.redis_binary, down_after_ms=down_after_ms) as sentinels:
+                yield sentinels
+        else:
+            with self._server() as server:
+                yield server
+
+    def server(self, **kwargs: Any) -> contextlib.AbstractContextManager[EmbeddedRedis]:
         """A private redis-server, stopped afterwards (kwargs: EmbeddedRedis's)."""
+        if self.topology != "standalone":
+            raise ConfigurationError(
+                f"this scenario runs on one redis-server only, not on Env(topology="
+                f"{self.topology!r}): run it with Env(topology='standalone')"
+            )
+        return self._server(**kwargs)
+
+    @contextlib.contextmanager
+    def _server(self, **kwargs: Any) -> Iterator[EmbeddedRedis]:
         binary = self.redis_binary or find_redis_server()
         server = EmbeddedRedis(binary=binary, **kwargs)
         server.start()

@@ -14,10 +14,16 @@ guard-off control (``guard=False`` / ``plant=True``), same figures, plus ``drive
   renewed by a task on the worker's loop, ``aio`` map writes fenced by its token), worker 0 a
   thread worker, on one lock.  Four of five so that the faults, which strike whoever holds the
   lock, stall an asyncio holder almost surely (``faults_hit_async`` says how often they did).
+
+Each also runs on Sentinel: S01a-sentinel, S04a-sentinel, S07a-sentinel, S13a-sentinel are the
+same runs on a private Sentinel set (``Env(topology="sentinel")``: a master, a replica, three
+Sentinels; every map, lock and checker opens ``redis+sentinel://``, the faults strike the
+master), always private (also under ``syncmap torture --url``), with the figure ``topology``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from .scenario import Env, ScenarioResult, scenario
@@ -68,4 +74,59 @@ def s13a(
     return _as("S13a", drivers, s13(env, seconds, guard=guard, variant=variant, drivers=drivers))
 
 
-__all__ = ["MIXED", "S01_DRIVERS", "S13_DRIVERS", "s01a", "s04a", "s07a", "s13a"]
+# ---- on Sentinel -------------------------------------------------------------------------------
+
+
+def _sentinel(env: Env) -> Env:
+    return dataclasses.replace(env, url=None, topology="sentinel")
+
+
+def _on_sentinel(r: ScenarioResult) -> ScenarioResult:
+    r.id += "-sentinel"
+    r.name += "-sentinel"
+    r.figures["topology"] = "sentinel"
+    return r
+
+
+@scenario("S01a-sentinel", "auth-linearizable-baseline-async-sentinel")
+def s01a_sentinel(env: Env, seconds: float, *, plant: bool = False,
+                  **options: Any) -> ScenarioResult:  # fmt: skip
+    """S01a on a Sentinel set."""
+    return _on_sentinel(s01a(_sentinel(env), seconds, plant=plant, **options))
+
+
+@scenario("S04a-sentinel", "nearcache-staleness-load-async-sentinel")
+def s04a_sentinel(env: Env, seconds: float = 4.0) -> ScenarioResult:
+    """S04a on a Sentinel set."""
+    return _on_sentinel(s04a(_sentinel(env), seconds))
+
+
+@scenario("S07a-sentinel", "lost-invalidation-disconnect-async-sentinel")
+def s07a_sentinel(
+    env: Env, seconds: float = 4.0, *, guard: bool = True, variant: S07Variant | None = None
+) -> ScenarioResult:
+    """S07a on a Sentinel set (the subscribers the faults cut are on the master)."""
+    return _on_sentinel(s07a(_sentinel(env), seconds, guard=guard, variant=variant))
+
+
+@scenario("S13a-sentinel", "lock-lease-pause-fenced-async-sentinel")
+def s13a_sentinel(
+    env: Env, seconds: float = 6.0, *, guard: bool = True, variant: S13Variant | None = None
+) -> ScenarioResult:
+    """S13a on a Sentinel set (``client-pause`` pauses the master)."""
+    return _on_sentinel(s13a(_sentinel(env), seconds, guard=guard, variant=variant))
+
+
+__all__ = [
+    "MIXED",
+    "S01_DRIVERS",
+    "S13_DRIVERS",
+    "s01a",
+    "s01a_sentinel",
+    "s04a",
+    "s04a_sentinel",
+    "s07a",
+    "s07a_sentinel",
+    "s13a",
+    "s13a_sentinel",
+]

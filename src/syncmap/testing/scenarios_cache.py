@@ -38,7 +38,13 @@ from ..core.wire import pack_value
 from ..embedded import EmbeddedRedis
 from ..keys import Layout, bucket_of, encode_key
 from ..map import SyncMap
-from .faults import client_kill, flushall, set_pubsub_output_limit
+from .faults import (
+    admin_client,
+    flushall,
+    kill_subscribers,
+    set_pubsub_output_limit,
+    subscribers,
+)
 from .history import Op, SweepReport, sweep
 from .proxy import FaultProxy
 from .scenario import (
@@ -49,6 +55,7 @@ from .scenario import (
     STALE_P99,
     Env,
     ScenarioResult,
+    Store,
     finish,
     scenario,
     timed,
@@ -228,7 +235,7 @@ def _scan_delete(client: redis.Redis, patterns: list[str]) -> int:
 
 def delete_map(url: str, name: str, namespace: str = "sm") -> int:
     """Remove every Redis key of map ``name`` (meta and buckets); returns how many."""
-    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
+    client = admin_client(url)
     try:
         return _scan_delete(client, [f"{namespace}:{{{name}}}*", f"{namespace}:{{{name}:*"])
     finally:
@@ -249,7 +256,7 @@ def s04(env: Env, seconds: float = 4.0, *, drivers: tuple[str, ...] = ()) -> Sce
     result, started = timed("S04", "nearcache-staleness-load")
     tally = _Tally()
     with contextlib.ExitStack() as stack:
-        url = env.url or stack.enter_context(env.server()).url
+        url = env.url or stack.enter_context(env.store()).url
         for length in _rounds(seconds, 60.0, 1.0):
             name = _round_name(f"{env.namespace}-s04" if env.url else "s04")
             try:
@@ -335,18 +342,17 @@ def s05(
 # ---- S07 --------------------------------------------------------------------------------------
 
 
-def _kill_subscribers(
-    server: EmbeddedRedis, writer: Writer, seconds: float, counts: Counter[str]
-) -> Fault:
-    """Every 0.5 s: CLIENT KILL TYPE pubsub, then rewrite every key while they reconnect."""
+def _kill_subscribers(store: Store, writer: Writer, seconds: float, counts: Counter[str]) -> Fault:
+    """Every 0.5 s: kill every subscriber (``faults.kill_subscribers``: on Sentinel, not the
+    Sentinels' own links), then rewrite every key while they reconnect."""
 
     def fault(cluster: Cluster) -> None:
-        admin = server.client()
+        admin = store.client()
         end = cluster.started + seconds - 1.0
         kills = 0
         while time.monotonic() < end:
             time.sleep(0.5)  # the fault schedule, not a wait for anything
-            kills += client_kill(admin, "pubsub")
+            kills += kill_subscribers(admin)
             for i in range(64):
                 writer.write(f"k{i}")
         admin.close()
@@ -356,7 +362,7 @@ def _kill_subscribers(
 
 
 def _pubsub_clients(admin: redis.Redis) -> int:
-    return sum(1 for c in admin.client_list() if "P" in c.get("flags", ""))
+    return len(subscribers(admin))
 
 
 def _slow_subscriber(admin: redis.Redis, writer: Writer, counts: Counter[str]) -> Fault:
@@ -386,28 +392,29 @@ def s07(
     variant: S07Variant | None = None,
     drivers: tuple[str, ...] = (),
 ) -> ScenarioResult:
-    """Subscribers disconnected while keys change: ``kill`` (CLIENT KILL TYPE pubsub every 0.5 s)
+    """Subscribers disconnected while keys change: ``kill`` (every subscriber killed every 0.5 s)
     and ``slow-subscriber`` (a SIGSTOPped server cut by the pubsub output buffer limit: the
     first server's).  ``guard=False`` disables gap detection, probes and epoch checks.  No
-    ``variant``: both.  ``drivers``: each server's driver, cycled (S07a mixes in asyncio)."""
+    ``variant``: both.  ``drivers``: each server's driver, cycled (S07a mixes in asyncio).
+    On ``env.topology``'s store: the faults strike the master, where the feeds subscribe."""
     result, started = timed("S07", "lost-invalidation-disconnect")
     variants = S07_VARIANTS if variant is None else (variant,)
     guards = Guards() if guard else OFF
     tally = _Tally()
     counts: Counter[str] = Counter()
-    with env.server() as server:
-        admin = server.client()
+    with env.store() as store:
+        admin = store.client()
         for v in variants:
             share = seconds / len(variants)
             if v == "slow-subscriber":
                 set_pubsub_output_limit(admin, 65536, 32768, 1)
             for length in _rounds(share, 30.0 if v == "kill" else 4.0, 3.0):
                 name = _round_name("s07")
-                with _writer(server.url, name) as writer:
-                    w = Workload(server.url, name=name, seconds=length, guards=guards,
+                with _writer(store.url, name) as writer:
+                    w = Workload(store.url, name=name, seconds=length, guards=guards,
                                  drivers=drivers)  # fmt: skip
                     fault = (
-                        _kill_subscribers(server, writer, length, counts)
+                        _kill_subscribers(store, writer, length, counts)
                         if v == "kill"
                         else _slow_subscriber(admin, writer, counts)
                     )

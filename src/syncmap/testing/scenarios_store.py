@@ -32,7 +32,7 @@ from ..errors import StoreUnavailable, WriteOutcomeUnknown
 from ..keys import Layout
 from ..map import SyncMap
 from .drivers import mixed_maps
-from .faults import client_kill, client_pause
+from .faults import admin_client, client_kill, client_pause
 from .recorder import (
     _UNAVAILABLE_PAUSE_S,
     MUTATIONS,
@@ -55,13 +55,13 @@ from .storecheck import Checked, LostReport, acked_writes_lost, check_records, p
 
 
 @contextlib.contextmanager
-def _redis_for(env: Env, **server: Any) -> Iterator[tuple[str, EmbeddedRedis | None]]:
-    """The user's Redis (``env.url``) or a private server."""
+def _redis_for(env: Env) -> Iterator[str]:
+    """The user's Redis (``env.url``), else a private store of ``env.topology``."""
     if env.url:
-        yield env.url, None
+        yield env.url
     else:
-        with env.server(**server) as srv:
-            yield srv.url, srv
+        with env.store() as store:
+            yield store.url
 
 
 def _open_maps(url: str, name: str, count: int, config: MapConfig) -> list[SyncMap]:
@@ -80,7 +80,7 @@ def delete_map_keys(url: str, name: str, namespace: str, buckets: int) -> int:
     """Delete every Redis key of map ``name`` (its meta hash and each bucket's three keys)."""
     layout = Layout(namespace, name, buckets)
     names = [layout.meta, *(k for b in range(buckets) for k in layout.bucket_keys(b))]
-    client = redis.Redis.from_url(url)
+    client = admin_client(url)
     try:
         stray = [k.decode() for k in client.scan_iter(match=f"{namespace}:{{{name}*", count=1000)]
         return int(client.delete(*{*names, *stray}))
@@ -191,7 +191,8 @@ def s01(
 ) -> ScenarioResult:
     """Concurrent get/set/swap/cas/cad/delete/setdefault with the cache bypassed, no faults.
 
-    With ``env.url`` it runs on that Redis under a map of its own and deletes every key it made.
+    With ``env.url`` it runs on that Redis under a map of its own and deletes every key it made;
+    else on a private store of ``env.topology``.
     ``plant=True`` corrupts one read before checking (the oracle's negative control: must fail).
     ``drivers``: the two servers' drivers (``("sync", "async")``: S01a, see testing/drivers.py).
     """
@@ -199,7 +200,7 @@ def s01(
     name = f"s01-{uuid.uuid4().hex[:10]}"
     config = MapConfig(namespace=env.namespace)
     rec = Recorder([], threads=threads, ops_per_key=ops_per_key, max_keys=max_keys, seed=seed)
-    with _redis_for(env) as (url, _server):
+    with _redis_for(env) as url:
         try:  # on the user's Redis, every key the map made is deleted, whatever happens
             with mixed_maps(url, name, 2, config, drivers) as maps:
                 rec.maps = list(maps)

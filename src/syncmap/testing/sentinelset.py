@@ -230,6 +230,12 @@ class SentinelSet:
         except redis.RedisError:
             return "down"
 
+    def client(self, **kw: Any) -> redis.Redis:
+        """A client of the node the Sentinels name as master now, as ``EmbeddedRedis.client``
+        (so a scenario can fault either the same way); it stays on that node after a failover,
+        unlike :meth:`master_client`.  The caller closes it."""
+        return self.node_at(self.master_addr()).client(**kw)
+
     def master_client(self, **kw: Any) -> redis.Redis:
         """A client that finds the master through the Sentinels on every new connection
         (redis-py's ``Sentinel.master_for``); closed by :meth:`close`.  ``kw``: its options,

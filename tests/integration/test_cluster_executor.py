@@ -1,0 +1,102 @@
+"""The Cluster topology and executors against a real Redis Cluster (issue 14 item 1): a batch
+split per owning master with its order kept, MOVED and ASK followed, a trailing WAIT asked of
+every master that wrote, and an unreachable master told apart from the others."""
+
+from __future__ import annotations
+
+import pytest
+
+from syncmap.errors import ConfigurationError, StoreUnavailable, WriteOutcomeUnknown
+from syncmap.store.cluster import ClusterTopology, slot_for
+from syncmap.store.topology import open_topology
+from syncmap.testing.clusterset import ClusterSet
+
+KEYS = [f"key:{i}" for i in range(60)]
+
+
+def _topology(cluster: ClusterSet) -> ClusterTopology:
+    topology = open_topology(cluster.url, timeout=5.0)
+    assert isinstance(topology, ClusterTopology)
+    return topology
+
+
+def test_urls_parse_and_bad_ones_say_why() -> None:
+    t = open_topology("redis+cluster://u:p@10.0.0.1:7000,10.0.0.2,[::1]:7002", timeout=1.0)
+    assert isinstance(t, ClusterTopology) and t.sharded and t.kind == "cluster"
+    assert [e.address for e in t.startup] == ["10.0.0.1:7000", "10.0.0.2:6379", "::1:7002"]
+    assert t.startup[0].username == "u" and t.startup[0].password == "p"
+    for bad, why in [("redis+cluster://h:7000/3", "one database"),
+                     ("redis+cluster://h:7000?ssl_ca_certs=x", "rediss"),
+                     ("redis+cluster://h:x", "not a number")]:  # fmt: skip
+        with pytest.raises(ConfigurationError, match=why):
+            open_topology(bad)
+
+
+def test_a_batch_over_every_master_keeps_its_order(shared_cluster: ClusterSet) -> None:
+    ex = _topology(shared_cluster).executor(timeout=5.0)
+    try:
+        cmds = [c for k in KEYS for c in (("SET", k, k.upper()), ("GET", k))]
+        replies = ex.call(cmds, write=True)
+        assert replies[1::2] == [k.upper().encode() for k in KEYS]
+        assert len({shared_cluster.master_for_slot(slot_for(k)).port for k in KEYS}) == 3
+    finally:
+        ex.close()
+
+
+async def test_the_async_executor_sends_each_masters_pipeline(shared_cluster: ClusterSet) -> None:
+    ex = _topology(shared_cluster).async_executor(timeout=5.0)
+    try:
+        await ex.call([("SET", k, "v") for k in KEYS], write=True)
+        assert await ex.call([("GET", k) for k in KEYS], write=False) == [b"v"] * len(KEYS)
+    finally:
+        await ex.aclose()
+
+
+def test_moved_and_ask_are_followed_and_nothing_runs_twice(redis_cluster: ClusterSet) -> None:
+    topology = _topology(redis_cluster)
+    ex = topology.executor(timeout=5.0)
+    key = "moving"
+    slot = slot_for(key)
+    ex.call([("SET", key, 0)], write=True)
+    source = redis_cluster.master_for_slot(slot)
+    target = next(m for m in redis_cluster.masters() if m is not source)
+    seen: list[object] = []
+
+    def mid_migration(step: str) -> None:
+        if step == "moved":  # the key is on the target, the slot still the source's: ASK
+            seen.append(ex.call([("INCR", key)], write=True)[0])
+
+    generation = topology.generation
+    redis_cluster.migrate_slot(slot, target, hook=mid_migration)
+    seen.append(ex.call([("INCR", key)], write=True)[0])  # the source now answers MOVED
+    assert seen == [1, 2]  # each INCR ran exactly once
+    assert topology.generation > generation
+    assert topology.owner(slot) == f"{target.host}:{target.port}"
+    ex.close()
+
+
+def test_wait_is_asked_of_every_master_that_wrote(shared_cluster: ClusterSet) -> None:
+    ex = _topology(shared_cluster).executor(timeout=5.0)
+    try:
+        replies = ex.call([*(("SET", k, 1) for k in KEYS), ("WAIT", 1, 2000)], write=True)
+        assert replies[-1] == 1  # the smallest count: every master's replica confirmed
+    finally:
+        ex.close()
+
+
+def test_an_unreachable_master_fails_only_its_own_commands(redis_cluster: ClusterSet) -> None:
+    topology = _topology(redis_cluster)
+    ex = topology.executor(timeout=2.0)
+    ex.call([("SET", k, 1) for k in KEYS], write=True)  # connections to every master
+    victim = redis_cluster.master_for_slot(slot_for(KEYS[0]))
+    theirs = [k for k in KEYS if redis_cluster.master_for_slot(slot_for(k)) is victim]
+    others = [k for k in KEYS if k not in theirs]
+    victim.kill()  # refused from now on, before its replica takes over
+    replies = ex.call([("INCR", k) for k in KEYS], write=True, partial=True)
+    failed = [k for k, r in zip(KEYS, replies, strict=True) if isinstance(r, StoreUnavailable)]
+    assert failed == theirs
+    assert all(r == 2 for r in replies if not isinstance(r, Exception))
+    # Without partial: the other masters ran their part first, so the outcome is partly unknown.
+    with pytest.raises(WriteOutcomeUnknown, match="had already run"):
+        ex.call([("INCR", k) for k in others + theirs], write=True)
+    ex.close()

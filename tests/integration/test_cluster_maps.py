@@ -1,0 +1,225 @@
+"""Maps, locks and fenced writes on a real Redis Cluster (3 masters + 3 replicas; issue 14).
+
+* every script touches one slot: each map and lock operation runs on the cluster, and the
+  control shows such a run would catch a script reaching into another slot (``CROSSSLOT``);
+* a map's buckets spread over every master, and servers' near caches agree through per-bucket
+  sharded channels (layout 2s), on both drivers;
+* a master killed (its replica promoted) and a slot migrated while servers write: every cache
+  converges on the store, and changes made on the new owner keep arriving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from syncmap import ConfigurationError, Lock, MapConfig, RWLock, Semaphore, SyncMap, aio
+from syncmap.errors import StoreError, StoreUnavailable, WriteOutcomeUnknown
+from syncmap.keys import Layout, bucket_of, encode_key
+from syncmap.store import commands
+from syncmap.store.cluster import slot_for
+from syncmap.testing.clusterset import ClusterSet
+from syncmap.testing.wait import wait_until
+
+KEYS = [f"k{i}" for i in range(64)]  # every one of 16 buckets, several times
+
+
+def _cached(m: SyncMap, key: str) -> Any:
+    got = m.peek(key)
+    return None if got is None else got[0]
+
+
+def _bucket_of(key: str, buckets: int = 16) -> int:
+    return bucket_of(encode_key(key, 1024), buckets)
+
+
+def _write_until_done(m: SyncMap, key: str, value: Any, timeout: float = 30.0) -> None:
+    """Retry a write through a failover: refused (nothing ran) or unknown (read it back)."""
+    until = time.monotonic() + timeout
+    while True:
+        try:
+            m[key] = value
+            return
+        except (StoreUnavailable, WriteOutcomeUnknown):
+            if time.monotonic() > until:
+                raise
+            time.sleep(0.05)  # the cluster is electing a new master: back off, then retry
+
+
+# ---- one slot per script -----------------------------------------------------------------------
+
+
+def test_every_map_and_lock_script_runs_in_one_slot(shared_cluster: ClusterSet) -> None:
+    url = shared_cluster.url
+    with SyncMap("scripts", url) as m:
+        m["a"] = 1
+        m.set("b", 2, ttl=60)
+        assert m.swap("a", 3) == 1
+        m.setdefault("c", 4)
+        assert m.compare_and_set("a", 3, 5)
+        assert m.compare_and_delete("c", 4)
+        del m["b"]
+        m.update({k: i for i, k in enumerate(KEYS)})
+        assert m.transform("a", lambda v: v + 1) == 6
+        assert len(m) == len(KEYS) + 1
+        assert dict(m.items())["k7"] == 7
+        with m.lock("a") as fence:
+            m.set("a", 9, fence=fence)
+            m.delete("a", fence=fence)
+        m.clear()
+        assert len(m) == 0
+    with Lock("plain", url, lease=5):
+        pass
+    rw = RWLock("rw", url, lease=5)
+    with rw.read:
+        pass
+    with rw.write:
+        pass
+    with Semaphore("sem", 2, url, lease=5):
+        pass
+    # The map's 16 buckets live on every master: one Redis does not hold it.
+    owners = {shared_cluster.master_for_slot(slot_for(Layout("sm", "scripts", 16).data(b))).port
+              for b in range(16)}  # fmt: skip
+    assert len(owners) == 3
+
+
+def test_a_fence_from_another_slot_is_refused_before_sending(shared_cluster: ClusterSet) -> None:
+    with SyncMap("fenced", shared_cluster.url) as m, Lock("elsewhere", shared_cluster.url) as fence:
+        with pytest.raises(ConfigurationError, match=r"map\.lock\(key\)"):
+            m.set("a", 1, fence=fence)
+        assert m.get("a") is None
+
+
+def test_control_without_the_check_redis_refuses_the_script_crossslot(
+    shared_cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Guard off: the write reaches Redis with its fence counter in another slot.  Redis refuses
+    # it (nothing ran), which is what the test above would see for any script that left its slot.
+    monkeypatch.setattr(commands, "check_fence_slot", lambda *args: None)
+    with SyncMap("fenced", shared_cluster.url) as m, Lock("elsewhere", shared_cluster.url) as fence:
+        with pytest.raises(StoreError, match="CROSSSLOT"):
+            m.set("a", 1, fence=fence)
+
+
+# ---- coherence -------------------------------------------------------------------------------
+
+
+def _agree(url: str) -> None:
+    """a writes every key once; b, which cached them all, hears each write as a message on its
+    bucket's channel (not only through a probe): its message count grows by one per write."""
+    with SyncMap("agree", url) as a, SyncMap("agree", url) as b:
+        a.update({k: 0 for k in KEYS})
+        assert all(b[k] == 0 for k in KEYS)  # b caches every key
+        heard = b.statistics().messages
+        for k in KEYS:
+            a[k] = 1
+        wait_until(lambda: b.statistics().messages >= heard + len(KEYS), 2.0,
+                   "b hearing every write on the buckets' sharded channels")  # fmt: skip
+        assert all(b[k] == 1 for k in KEYS)
+
+
+def test_servers_agree_through_every_masters_sharded_channels(shared_cluster: ClusterSet) -> None:
+    _agree(shared_cluster.url)
+
+
+def test_control_scripts_publishing_where_nobody_listens_are_not_heard(
+    shared_cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Guard off: the write scripts PUBLISH on the map-wide channel of layout 2 while the servers
+    # SSUBSCRIBE the bucket channels, the mismatch a client mixing the layouts would make.
+    from syncmap.feed import routing
+
+    opened = routing.open_store_feed
+
+    def mismatched(*args: Any) -> Any:
+        feed, _ = opened(*args)
+        return feed, args[2].channel
+
+    monkeypatch.setattr(routing, "open_store_feed", mismatched)
+    monkeypatch.setattr("syncmap.map.open_store_feed", mismatched)
+    with pytest.raises(AssertionError, match="sharded channels"):
+        _agree(shared_cluster.url)
+
+
+async def test_an_async_and_a_sync_server_agree_on_a_cluster(shared_cluster: ClusterSet) -> None:
+    url = shared_cluster.url
+    sync_map = await asyncio.to_thread(SyncMap, "mixed", url)
+    try:
+        async with aio.SyncMap("mixed", url) as am:
+            await am.update({k: 0 for k in KEYS})
+            assert [await am.get(k) for k in KEYS] == [0] * len(KEYS)
+            await asyncio.to_thread(sync_map.update, {k: 2 for k in KEYS})
+            deadline = time.monotonic() + 2.0
+            while any(am.get_cached(k) == 0 for k in KEYS):
+                assert time.monotonic() < deadline, "the async map kept a stale value"
+                await asyncio.sleep(0.005)
+            assert [await am.get(k) for k in KEYS] == [2] * len(KEYS)
+    finally:
+        await asyncio.to_thread(sync_map.close)
+
+
+# ---- topology changes --------------------------------------------------------------------------
+
+
+def test_a_killed_master_is_replaced_and_caches_converge(redis_cluster: ClusterSet) -> None:
+    url = redis_cluster.url
+    cfg = MapConfig(wait_replicas=1, wait_timeout=2.0)  # acknowledged = on a replica too
+    with SyncMap("failover", url, config=cfg) as a, SyncMap("failover", url) as b:
+        a.update({k: 0 for k in KEYS})
+        assert all(b[k] == 0 for k in KEYS)
+        victim = redis_cluster.master_for_slot(slot_for(Layout("sm", "failover", 16).data(0)))
+        done = redis_cluster.kill_master(victim)
+        redis_cluster.restart(done.old)  # back as the new master's replica: WAIT 1 can succeed
+        for k in KEYS:
+            _write_until_done(a, k, 1)
+        # Every write after the failover, including those of the dead master's buckets, now
+        # applied on its replica, reaches b: by its message on the new master's channel or by
+        # the probe after b re-subscribed there.
+        wait_until(lambda: all(b[k] == 1 for k in KEYS), 5.0, "b converging after the failover")
+        assert done.seconds < 30
+
+
+def test_a_slot_migrated_under_writes_keeps_every_cache_coherent(redis_cluster: ClusterSet) -> None:
+    url = redis_cluster.url
+    layout = Layout("sm", "moving", 16)
+    slot = slot_for(layout.data(5))
+    source = redis_cluster.master_for_slot(slot)
+    target = next(m for m in redis_cluster.masters() if m is not source)
+    mine = [k for k in KEYS if _bucket_of(k) == 5]
+    with SyncMap("moving", url) as a, SyncMap("moving", url) as b:
+        a.update({k: 0 for k in KEYS})
+        assert all(b[k] == 0 for k in KEYS)
+        stop = threading.Event()
+
+        def writer() -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                for k in mine:
+                    with contextlib.suppress(StoreUnavailable, WriteOutcomeUnknown):
+                        a[k] = n
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            assert redis_cluster.migrate_slot(slot, target) >= 1
+        finally:
+            stop.set()
+            t.join()
+        # a dropped every key whose write's outcome was unknown, so a[k] is the store's value.
+        wait_until(lambda: all(b[k] == a[k] for k in mine), 3.0,
+                   "b converging on what was written during the move")  # fmt: skip
+        # After the move: written on the new owner, and heard as messages on its channel (not
+        # only found by a probe): b's message count grows by one per write.
+        heard = b.statistics().messages
+        for k in mine:
+            a[k] = -1
+        wait_until(lambda: b.statistics().messages >= heard + len(mine), 3.0,
+                   "b hearing the writes on the slot's new owner")  # fmt: skip
+        assert all(b[k] == -1 for k in mine)
+        assert all(b[k] == 0 for k in KEYS if k not in mine)
