@@ -230,6 +230,7 @@ class LockLayout:
     namespace: str
     name: str
     tag: str | None = None
+    sharded: bool = False  # on a Redis Cluster: release messages on a sharded channel
 
     @property
     def _tag(self) -> str:
@@ -251,6 +252,12 @@ class LockLayout:
     def channel(self) -> str:
         """Release messages wake waiters here."""
         return f"{self._tag}:ch"
+
+    @property
+    def notify(self) -> str:
+        """What the release scripts get as their channel: the channel, or on a Cluster
+        ``!s:<channel>`` (``SPUBLISH``: one node in the lock's own slot, not a broadcast)."""
+        return f"!s:{self.channel}" if self.sharded else self.channel
 
     @property
     def readers(self) -> str:

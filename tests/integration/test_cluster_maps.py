@@ -18,9 +18,17 @@ from typing import Any
 
 import pytest
 
-from syncmap import ConfigurationError, Lock, MapConfig, RWLock, Semaphore, SyncMap, aio
+from syncmap import (
+    ConfigurationError,
+    Lock,
+    MapConfig,
+    RWLock,
+    Semaphore,
+    SyncMap,
+    aio,
+)
 from syncmap.errors import StoreError, StoreUnavailable, WriteOutcomeUnknown
-from syncmap.keys import Layout, bucket_of, encode_key
+from syncmap.keys import Layout, LockLayout, bucket_of, encode_key
 from syncmap.store import commands
 from syncmap.store.cluster import slot_for
 from syncmap.testing.clusterset import ClusterSet
@@ -223,3 +231,44 @@ def test_a_slot_migrated_under_writes_keeps_every_cache_coherent(redis_cluster: 
                    "b hearing the writes on the slot's new owner")  # fmt: skip
         assert all(b[k] == -1 for k in mine)
         assert all(b[k] == 0 for k in KEYS if k not in mine)
+
+
+# ---- lock waiters ------------------------------------------------------------------------------
+
+
+def _handed_over(cluster: ClusterSet, timeout: float) -> float:
+    """Seconds from the holder's release until a waiter blocked behind its 30 s lease has the
+    lock (the waiter gives up after ``timeout``: then its last try at the deadline takes it)."""
+    url = cluster.url
+    holder, waiter = Lock("handoff", url, lease=30), Lock("handoff", url, lease=30)
+    holder.acquire()
+    acquired: list[float] = []
+
+    def wait() -> None:
+        waiter.acquire(timeout=timeout)
+        acquired.append(time.monotonic())
+
+    t = threading.Thread(target=wait)
+    t.start()
+    channel = holder.layout.channel
+    node = cluster.node_client(cluster.master_for_slot(slot_for(channel)))
+    wait_until(lambda: node.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] >= 1, 5.0,
+               "the waiter subscribing the lock's sharded channel")  # fmt: skip
+    released = time.monotonic()
+    holder.release()
+    t.join()
+    waiter.release()
+    return acquired[0] - released
+
+
+def test_a_lock_waiter_is_woken_by_the_sharded_release_message(shared_cluster: ClusterSet) -> None:
+    assert _handed_over(shared_cluster, timeout=3.0) < 1.0  # woken, not at its deadline
+
+
+def test_control_a_release_published_unsharded_wakes_nobody(
+    shared_cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Guard off: the release goes out with plain PUBLISH while waiters SSUBSCRIBE: the waiter
+    # sleeps until its own deadline.
+    monkeypatch.setattr(LockLayout, "notify", property(lambda self: self.channel))
+    assert _handed_over(shared_cluster, timeout=3.0) > 2.0
