@@ -32,6 +32,8 @@ from syncmap.keys import Layout, LockLayout, bucket_of, encode_key
 from syncmap.store import commands
 from syncmap.store.cluster import slot_for
 from syncmap.testing.clusterset import ClusterSet
+from syncmap.testing.lockcheck import LockLoad
+from syncmap.testing.lockload import placed
 from syncmap.testing.wait import wait_until
 
 KEYS = [f"k{i}" for i in range(64)]  # every one of 16 buckets, several times
@@ -112,6 +114,24 @@ def test_control_without_the_check_redis_refuses_the_script_crossslot(
     with SyncMap("fenced", shared_cluster.url) as m, Lock("elsewhere", shared_cluster.url) as fence:
         with pytest.raises(StoreError, match="CROSSSLOT"):
             m.set("a", 1, fence=fence)
+
+
+def test_the_lock_workload_places_its_lock_where_it_can_fence_the_map(
+    shared_cluster: ClusterSet,
+) -> None:
+    """S13 on a Cluster (``lockload.placed``): its lock goes to the slot of its key's bucket, as
+    ``map.lock(key)`` would put it, so its fence is checked in the write's slot.  Control: the
+    lock by its name alone is refused there.  Elsewhere the workload is left as it is."""
+    cfg = placed(LockLoad(shared_cluster.url))
+    with SyncMap(cfg.map, cfg.url) as m:
+        assert cfg.hash_tag is not None and cfg.hash_tag == m.lock(cfg.key).layout.tag
+        with Lock(cfg.lock, cfg.url, lease=5, hash_tag=cfg.hash_tag) as fence:
+            m.set(cfg.key, ["w0-1"], fence=fence)
+        with Lock(cfg.lock, cfg.url, lease=5) as fence:
+            with pytest.raises(ConfigurationError, match=r"map\.lock\(key\)"):
+                m.set(cfg.key, ["w0-2"], fence=fence)
+        assert m.get(cfg.key) == ["w0-1"]
+    assert placed(LockLoad("redis://127.0.0.1:1/0")).hash_tag is None  # no I/O: not sharded
 
 
 # ---- coherence -------------------------------------------------------------------------------
