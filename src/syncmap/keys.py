@@ -34,11 +34,19 @@ import re
 import socket
 import uuid
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigurationError, CorruptData, InvalidKey, KeyTypeError
 
 Key = str | bytes | int
+Entries = (
+    Mapping[str, Any] | Mapping[bytes, Any] | Mapping[int, Any] | Mapping[Key, Any]
+    | Iterable[tuple[Key, Any]]
+)  # fmt: skip
+"""What ``update()`` takes.  Mapping is invariant in its key type, so a ``dict[str, int]`` is not
+a ``Mapping[Key, Any]``: each key type is named, so a typed caller's dict passes mypy --strict."""
 
 RESERVED = frozenset({b"#e", b"#s", b"#c"})
 """The bookkeeping fields of a bucket's data hash.  Key fields start with ``s``, ``b`` or ``i``,

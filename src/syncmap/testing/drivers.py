@@ -14,14 +14,14 @@ import asyncio
 import contextlib
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ..aio import SyncMap as AioMap
 from ..aio import aclose_loop_resources
 from ..config import MapConfig
 from ..core.nearcache import COPY
-from ..keys import Key, encode_key, normal_key
+from ..keys import Entries, Key, encode_key, normal_key
 from ..map import SyncMap
 from ..stats import Statistics
 from .loopguard import SLOW_CALLBACK, SlowCallbackLog, guard, start_measuring, stop_measuring
@@ -167,7 +167,7 @@ class ThreadedAioMap:
     def transform(self, key: Key, fn: Callable[[Any], Any], *default: Any, **kw: Any) -> Any:
         return self._loop.run(self.map.transform(key, fn, *default, **kw))
 
-    def update(self, other: Mapping[Key, Any] | Iterable[tuple[Key, Any]] = (), /,
+    def update(self, other: Entries = (), /,
                **kw: Any) -> None:  # fmt: skip
         self._loop.run(self.map.update(other, **kw))
 
