@@ -35,11 +35,13 @@ from redis.crc import key_slot
 from .. import forksafe
 from ..errors import ConfigurationError, StoreUnavailable
 from .endpoint import (
+    TLS_ADVICE,
     URL_OPTIONS,
     Endpoint,
     bad_url,
     host_port,
     seconds_option,
+    tls_failed,
     tls_from_query,
     url_query,
 )
@@ -263,19 +265,26 @@ class ClusterTopology:
             candidates = list(dict.fromkeys(
                 [a for a in self._owners if a is not None] + [e.address for e in self.startup]
             ))  # fmt: skip
-            errors = []
+            errors: list[tuple[str, Exception]] = []
             for address in candidates:
                 try:
                     owners, replicas = _read_slot_map(self.node(address).endpoint())
                 except (redis.RedisError, OSError, ValueError) as exc:
-                    errors.append(f"{address}: {exc}")
+                    errors.append((address, exc))
                     continue
                 self._install(owners, replicas)
                 return
-            raise StoreUnavailable(
-                f"{self.where}: no node told the slot map ({'; '.join(errors)[:400]}); nothing "
-                "ran. Check that the cluster runs and the URL names its nodes"
-            )
+            raise self._no_slot_map(errors)
+
+    def _no_slot_map(self, errors: list[tuple[str, Exception]]) -> StoreUnavailable:
+        # The advice first: the nodes' errors are cut at 400 characters.
+        advice = "Check that the cluster runs and the URL names its nodes"
+        if any(tls_failed(exc) for _, exc in errors):
+            advice = TLS_ADVICE
+        details = "; ".join(f"{address}: {exc}" for address, exc in errors)[:400]
+        return StoreUnavailable(
+            f"{self.where}: no node told the slot map; nothing ran. {advice}. ({details})"
+        )
 
     def _install(self, owners: list[str | None], replicas: dict[str, list[str]]) -> None:
         with self._lock:
