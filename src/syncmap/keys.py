@@ -34,11 +34,19 @@ import re
 import socket
 import uuid
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigurationError, CorruptData, InvalidKey, KeyTypeError
 
 Key = str | bytes | int
+Entries = (
+    Mapping[str, Any] | Mapping[bytes, Any] | Mapping[int, Any] | Mapping[Key, Any]
+    | Iterable[tuple[Key, Any]]
+)  # fmt: skip
+"""What ``update()`` takes.  Mapping is invariant in its key type, so a ``dict[str, int]`` is not
+a ``Mapping[Key, Any]``: each key type is named, so a typed caller's dict passes mypy --strict."""
 
 RESERVED = frozenset({b"#e", b"#s", b"#c"})
 """The bookkeeping fields of a bucket's data hash.  Key fields start with ``s``, ``b`` or ``i``,
@@ -230,6 +238,7 @@ class LockLayout:
     namespace: str
     name: str
     tag: str | None = None
+    sharded: bool = False  # on a Redis Cluster: release messages on a sharded channel
 
     @property
     def _tag(self) -> str:
@@ -251,6 +260,12 @@ class LockLayout:
     def channel(self) -> str:
         """Release messages wake waiters here."""
         return f"{self._tag}:ch"
+
+    @property
+    def notify(self) -> str:
+        """What the release scripts get as their channel: the channel, or on a Cluster
+        ``!s:<channel>`` (``SPUBLISH``: one node in the lock's own slot, not a broadcast)."""
+        return f"!s:{self.channel}" if self.sharded else self.channel
 
     @property
     def readers(self) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import redis as redis_lib
@@ -28,6 +28,7 @@ from .flows.reads import MISSING
 from .flows.state import MapState
 from .flows.writes import ttl_ms
 from .keys import (
+    Entries,
     Key,
     check_map_name,
     check_node_id,
@@ -273,7 +274,7 @@ class SyncMap(MapBase):
         return self._run(flow)
 
     def update(  # type: ignore[override]
-        self, other: Mapping[Key, Any] | Iterable[tuple[Key, Any]] = (), /, *,
+        self, other: Entries = (), /, *,
         ttl: float | None = None, fence: FenceArg | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         """Store many entries in one round trip (each bucket's part is atomic)."""

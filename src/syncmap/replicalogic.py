@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,7 +40,7 @@ from .core.replica import (
     encode,
 )
 from .errors import ConfigurationError, CorruptData, MapClosed, NoSnapshotSource, SyncMapError
-from .keys import Key, check_map_name, check_node_id, encode_key, normal_key
+from .keys import Entries, Key, check_map_name, check_node_id, encode_key, normal_key
 from .ratelog import RateLimitedLog
 from .signing import SigningKey, signing_keys
 
@@ -322,7 +322,7 @@ class ReplicaLogic:
         draft = ReplicaMessage(R_SET, 0, self.node_id, field, payload, deadline_ms)
         return draft, self._cached(value, payload)
 
-    def _update_drafts(self, other: Mapping[Key, Any] | Iterable[tuple[Key, Any]],
+    def _update_drafts(self, other: Entries,
                        kwargs: Mapping[str, Any], ttl: float | None
                        ) -> list[tuple[ReplicaMessage, Any]]:  # fmt: skip
         """One draft per entry, every key and value checked before the first is sent."""

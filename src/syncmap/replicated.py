@@ -35,7 +35,7 @@ from __future__ import annotations
 import queue
 import random
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import forksafe
@@ -45,7 +45,7 @@ from .core.nearcache import COPY
 from .core.replica import ReplicaMessage
 from .events import Fanout
 from .feed.base import Feed, Subscription, open_feed
-from .keys import Key
+from .keys import Entries, Key
 from .replicabase import ReplicaBase, ReplicaStatistics, Snapshot
 from .replicalogic import _wall_ms, deadline_of
 from .signing import SigningKey
@@ -249,7 +249,7 @@ class ReplicatedMap(StoreOnly, ReplicaBase):
         return value
 
     def update(  # type: ignore[override]
-        self, other: Mapping[Key, Any] | Iterable[tuple[Key, Any]] = (), /, *,
+        self, other: Entries = (), /, *,
         ttl: float | None = None, fence: FenceArg | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         """One message per entry (a replicated map has no multi-key atomic step).  Every key

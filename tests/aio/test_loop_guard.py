@@ -7,7 +7,12 @@ it, then ``clear()``s so the test itself passes."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
+import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -62,3 +67,69 @@ async def test_the_tests_own_blocking_step_does_not_count(
 
 def test_a_sync_test_runs_without_the_guard(request: pytest.FixtureRequest) -> None:
     assert "loop_guard" not in request.fixturenames
+
+
+# ---- GC passes and GIL waits: another thread's collection is excused, nothing else -----------
+
+
+def _ballast() -> tuple[list[list[object]], float]:
+    """Objects that make a full collection take 2x the threshold at least (its references are
+    what a pass traverses: ~7 ms per million here), and how long one took."""
+    shared: list[object] = []
+    ballast: list[list[object]] = []
+    took = 0.0
+    while took < 2 * loopguard.SLOW_CALLBACK and len(ballast) < 200_000:
+        ballast += [[shared] * 1000 for _ in range(5000)]
+        started = time.perf_counter()
+        gc.collect()
+        took = time.perf_counter() - started
+    assert took >= 2 * loopguard.SLOW_CALLBACK, f"a full collection took only {took:.3f} s"
+    return ballast, took
+
+
+async def _step_while_another_thread(runs: Callable[[], object]) -> None:
+    """A syncmap task whose one step lasts exactly as long as ``runs`` on another thread: the
+    step spins (wanting the GIL) until that thread is done."""
+    started, done = threading.Event(), threading.Event()
+
+    def other() -> None:
+        started.wait(10)
+        try:
+            runs()
+        finally:
+            done.set()
+
+    async def spin() -> None:
+        started.set()
+        while not done.is_set():  # holds the loop, runnable whenever it has the GIL
+            pass
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    await asyncio.get_running_loop().create_task(spin(), name="syncmap-control")
+    thread.join(10)
+
+
+async def test_another_threads_gc_pass_is_not_blocking(
+    loop_guard: loopguard.SlowCallbackLog,
+) -> None:
+    """A full collection on another thread (a sync map's, the caller's) holds the GIL all
+    through; the loop's thread waits, not runnable, but blocked nothing: not counted.  Failed
+    before the guard timed GC passes (test_drivers.py's Cluster cases, one run in two)."""
+    ballast, took = _ballast()
+    await _step_while_another_thread(gc.collect)
+    del ballast
+    assert any("syncmap-control" in t for t in loop_guard.all()), (took, loop_guard.all())
+    assert not loop_guard.syncmap(), loop_guard.syncmap()
+
+
+async def test_control_another_thread_holding_the_gil_otherwise_still_counts(
+    loop_guard: loopguard.SlowCallbackLog,
+) -> None:
+    """Only GC passes are excused: a C call that holds the GIL as long (libc ``usleep``
+    through a PyDLL) still blocks the loop's step and is reported."""
+    usleep: Any = ctypes.PyDLL(None).usleep
+    usleep.argtypes = [ctypes.c_uint]
+    await _step_while_another_thread(lambda: usleep(round(BLOCK * 1e6)))
+    assert any("syncmap-control" in t for t in loop_guard.syncmap()), loop_guard.all()
+    loop_guard.clear()

@@ -18,44 +18,11 @@ from syncmap.feed.apubsub import AsyncSubscriber, Handler
 from syncmap.feed.aredis_pubsub import AsyncRedisPubSubFeed
 from syncmap.store.topology import open_topology
 from syncmap.testing import loopguard
+from syncmap.testing.handlerlog import AsyncHandlerLog as Events
 from syncmap.testing.sentinelset import SentinelSet
 
 pytestmark = pytest.mark.usefixtures("loop_guard")
 WAIT = 10.0
-
-
-class Events:
-    """A Handler that records what the subscriber tells it, on the loop."""
-
-    def __init__(self) -> None:
-        self.log: list[str] = []
-        self.messages: list[bytes] = []
-        self._changed = asyncio.Event()
-        self.handler = Handler(self._message, self._up, self._down)
-
-    def _message(self, data: bytes) -> None:
-        self.messages.append(data)
-        self._note("msg")
-
-    def _up(self) -> None:
-        self._note("up")
-
-    def _down(self) -> None:
-        self._note("down")
-
-    def _note(self, what: str) -> None:
-        if what != "msg":
-            self.log.append(what)
-        self._changed.set()
-
-    async def wait(self, predicate: Callable[[Events], bool], what: str) -> None:
-        try:
-            async with asyncio.timeout(WAIT):
-                while not predicate(self):
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            raise AssertionError(f"{what} within {WAIT} s: {self.log}") from None
 
 
 async def off_loop(server: EmbeddedRedis, *command: object) -> object:

@@ -18,12 +18,22 @@ from typing import Any
 
 import pytest
 
-from syncmap import ConfigurationError, Lock, MapConfig, RWLock, Semaphore, SyncMap, aio
+from syncmap import (
+    ConfigurationError,
+    Lock,
+    MapConfig,
+    RWLock,
+    Semaphore,
+    SyncMap,
+    aio,
+)
 from syncmap.errors import StoreError, StoreUnavailable, WriteOutcomeUnknown
-from syncmap.keys import Layout, bucket_of, encode_key
+from syncmap.keys import Layout, LockLayout, bucket_of, encode_key
 from syncmap.store import commands
 from syncmap.store.cluster import slot_for
 from syncmap.testing.clusterset import ClusterSet
+from syncmap.testing.lockcheck import LockLoad
+from syncmap.testing.lockload import placed
 from syncmap.testing.wait import wait_until
 
 KEYS = [f"k{i}" for i in range(64)]  # every one of 16 buckets, several times
@@ -106,6 +116,24 @@ def test_control_without_the_check_redis_refuses_the_script_crossslot(
             m.set("a", 1, fence=fence)
 
 
+def test_the_lock_workload_places_its_lock_where_it_can_fence_the_map(
+    shared_cluster: ClusterSet,
+) -> None:
+    """S13 on a Cluster (``lockload.placed``): its lock goes to the slot of its key's bucket, as
+    ``map.lock(key)`` would put it, so its fence is checked in the write's slot.  Control: the
+    lock by its name alone is refused there.  Elsewhere the workload is left as it is."""
+    cfg = placed(LockLoad(shared_cluster.url))
+    with SyncMap(cfg.map, cfg.url) as m:
+        assert cfg.hash_tag is not None and cfg.hash_tag == m.lock(cfg.key).layout.tag
+        with Lock(cfg.lock, cfg.url, lease=5, hash_tag=cfg.hash_tag) as fence:
+            m.set(cfg.key, ["w0-1"], fence=fence)
+        with Lock(cfg.lock, cfg.url, lease=5) as fence:
+            with pytest.raises(ConfigurationError, match=r"map\.lock\(key\)"):
+                m.set(cfg.key, ["w0-2"], fence=fence)
+        assert m.get(cfg.key) == ["w0-1"]
+    assert placed(LockLoad("redis://127.0.0.1:1/0")).hash_tag is None  # no I/O: not sharded
+
+
 # ---- coherence -------------------------------------------------------------------------------
 
 
@@ -181,7 +209,10 @@ def test_a_killed_master_is_replaced_and_caches_converge(redis_cluster: ClusterS
         # applied on its replica, reaches b: by its message on the new master's channel or by
         # the probe after b re-subscribed there.
         wait_until(lambda: all(b[k] == 1 for k in KEYS), 5.0, "b converging after the failover")
-        assert done.seconds < 30
+    # Locks of the failed-over shard: taken, released and handed over on the new master.
+    name = next(n for n in (f"lock{i}" for i in range(1000))
+                if redis_cluster.master_for_slot(slot_for(f"lock:{n}")) is done.new)  # fmt: skip
+    assert _handed_over(redis_cluster, timeout=3.0, name=name) < 1.0
 
 
 def test_a_slot_migrated_under_writes_keeps_every_cache_coherent(redis_cluster: ClusterSet) -> None:
@@ -223,3 +254,44 @@ def test_a_slot_migrated_under_writes_keeps_every_cache_coherent(redis_cluster: 
                    "b hearing the writes on the slot's new owner")  # fmt: skip
         assert all(b[k] == -1 for k in mine)
         assert all(b[k] == 0 for k in KEYS if k not in mine)
+
+
+# ---- lock waiters ------------------------------------------------------------------------------
+
+
+def _handed_over(cluster: ClusterSet, timeout: float, name: str = "handoff") -> float:
+    """Seconds from the holder's release until a waiter blocked behind its 30 s lease has the
+    lock (the waiter gives up after ``timeout``: then its last try at the deadline takes it)."""
+    url = cluster.url
+    holder, waiter = Lock(name, url, lease=30), Lock(name, url, lease=30)
+    holder.acquire()
+    acquired: list[float] = []
+
+    def wait() -> None:
+        waiter.acquire(timeout=timeout)
+        acquired.append(time.monotonic())
+
+    t = threading.Thread(target=wait)
+    t.start()
+    channel = holder.layout.channel
+    node = cluster.node_client(cluster.master_for_slot(slot_for(channel)))
+    wait_until(lambda: node.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] >= 1, 5.0,
+               "the waiter subscribing the lock's sharded channel")  # fmt: skip
+    released = time.monotonic()
+    holder.release()
+    t.join()
+    waiter.release()
+    return acquired[0] - released
+
+
+def test_a_lock_waiter_is_woken_by_the_sharded_release_message(shared_cluster: ClusterSet) -> None:
+    assert _handed_over(shared_cluster, timeout=3.0) < 1.0  # woken, not at its deadline
+
+
+def test_control_a_release_published_unsharded_wakes_nobody(
+    shared_cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Guard off: the release goes out with plain PUBLISH while waiters SSUBSCRIBE: the waiter
+    # sleeps until its own deadline.
+    monkeypatch.setattr(LockLayout, "notify", property(lambda self: self.channel))
+    assert _handed_over(shared_cluster, timeout=3.0) > 2.0

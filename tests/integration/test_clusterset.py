@@ -2,7 +2,8 @@
 serves keys through redis-py's RedisCluster, fails over with acknowledged writes kept, moves a
 slot (MOVED and ASK followed by a client), carries sharded pub/sub (Redis 7.0+), and leaves no
 process or temp dir behind.  Each claim is checked by asking the nodes directly, not through the
-fixture's own waiting code."""
+fixture's own waiting code.  Last, the scenarios' faults and cleanup (``testing.faults``) reach
+every master of a cluster."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 import redis
 from redis.exceptions import AskError, MovedError
 
-from syncmap import serverproc
+from syncmap import SyncMap, serverproc
 from syncmap.errors import ConfigurationError
+from syncmap.keys import Layout
 from syncmap.testing.clusternode import (
     SLOTS,
     even_ranges,
@@ -22,6 +24,9 @@ from syncmap.testing.clusternode import (
     server_major,
 )
 from syncmap.testing.clusterset import ClusterSet, MigrationStep
+from syncmap.testing.faults import admin_client, kill_subscribers, master_clients, subscribers
+from syncmap.testing.scenarios_cache import delete_map
+from syncmap.testing.scenarios_store import delete_map_keys
 from syncmap.testing.wait import wait_until
 
 
@@ -254,3 +259,52 @@ def test_parse_cluster_nodes_reads_slots_roles_and_skips_migration_marks() -> No
     assert b.failed and b.slots == ((11, 11), (13, 16383))
     assert (cc.role, cc.master_id, cc.host) == ("replica", "aaa", "")
     assert even_ranges(3) == [(0, 5460), (5461, 10922), (10923, 16383)]
+
+
+# ---- the scenarios' faults and cleanup on a cluster (syncmap.testing.faults) -----------------
+
+
+def _port(client: redis.Redis) -> int:
+    return int(client.connection_pool.connection_kwargs["port"])
+
+
+def test_the_scenario_faults_reach_every_master(shared_cluster: ClusterSet) -> None:
+    """``master_clients``: every master, where a map's buckets and their subscribers live; a
+    one-node fault (control: the first master alone) leaves the others' subscribers alone."""
+    c = shared_cluster
+    masters = master_clients(c.url)
+    try:
+        assert sorted(_port(a) for a in masters) == sorted(m.port for m in c.masters())
+        before = [len(subscribers(a)) for a in masters]
+        with SyncMap("faults", c.url) as m:
+            m.update((f"k{i}", i) for i in range(64))
+            # one SSUBSCRIBE connection per master: the map has buckets on each
+            now = [len(subscribers(a)) for a in masters]
+            assert [n - b for n, b in zip(now, before, strict=True)] == [1, 1, 1]
+            assert kill_subscribers(masters[0]) == 1 + before[0]
+            assert [len(subscribers(a)) for a in masters[1:]] == [n + 1 for n in before[1:]]
+            assert sum(kill_subscribers(a) for a in masters[1:]) == 2 + sum(before[1:])
+    finally:
+        for a in masters:
+            a.close()
+
+
+def test_admin_client_is_a_keys_master_and_cleanup_deletes_over_every_master(
+    shared_cluster: ClusterSet,
+) -> None:
+    """``admin_client(key=)``: the master of the key's slot (none without a key); the scenarios'
+    cleanup deletes a map spread over every master, one DEL per key (a DEL of keys in two slots
+    is refused, CROSSSLOT: ``syncmap verify --url redis+cluster://`` crashed at its cleanup)."""
+    c = shared_cluster
+    with pytest.raises(ConfigurationError, match="pass key="):
+        admin_client(c.url)
+    for name in ("gone", "gone-too"):
+        with SyncMap(name, c.url) as m:
+            m.update((f"k{i}", i) for i in range(64))
+    data = Layout("sm", "gone", 16).data(5)
+    with admin_client(c.url, key=data) as admin:
+        assert _port(admin) == c.master_for_slot(c.slot_of(data)).port
+        assert admin.hlen(data) > 0  # served there: no MOVED
+    assert delete_map_keys(c.url, "gone", "sm") == 17  # its meta hash and 16 buckets
+    assert delete_map(c.url, "gone-too") == 17
+    assert c.client().dbsize() == 0

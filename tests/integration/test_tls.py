@@ -1,6 +1,7 @@
 """``rediss://`` with a CA file and a client certificate, as docs/deploying.md shows, against a
-redis-server with ``--tls-port`` that requires client certificates.  Certificates are made here
-with the openssl command; the test skips when openssl is missing or redis-server lacks TLS."""
+redis-server with ``--tls-port`` that requires client certificates.  Certificates are made with
+the openssl command (``syncmap.testing.certs``); the test skips when openssl is missing or
+redis-server lacks TLS."""
 
 from __future__ import annotations
 
@@ -17,24 +18,9 @@ import redis
 
 from syncmap import StoreUnavailable, SyncMap
 from syncmap.embedded import EmbeddedRedis
+from syncmap.testing.certs import make_certs
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "deploying.md"
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def make_certs(d: Path) -> None:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, both signed by it."""
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
-             "ca.crt", "-days", "1", "-subj", "/CN=syncmap-test-ca", cwd=d)  # fmt: skip
-    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for who, extra in (("server", ["-extfile", "san.cnf"]), ("client", [])):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{who}.key", "-out",
-                 f"{who}.csr", "-subj", f"/CN={who}", cwd=d)  # fmt: skip
-        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{who}.crt", "-days", "1", *extra, cwd=d)  # fmt: skip
 
 
 def _free_port() -> int:

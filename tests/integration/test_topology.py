@@ -14,7 +14,6 @@ import pytest
 import redis
 import redis.sentinel
 from sentinels import SentinelSet, poll, sentinel_set
-from test_tls import make_certs
 
 from syncmap import Lock, SyncMap
 from syncmap.cli.doctor import run_checks
@@ -27,6 +26,7 @@ from syncmap.store.endpoint import Endpoint, Tls
 from syncmap.store.executor import evalsha
 from syncmap.store.sentinel import SentinelTopology
 from syncmap.store.topology import Standalone, open_topology
+from syncmap.testing.certs import make_certs
 
 # ---- endpoints ---------------------------------------------------------------------------------
 

@@ -6,20 +6,24 @@ torture`` runs the long ones).  Each guarded one also runs with its guard off an
 On Sentinel, S04a and S07a run here (each starts its own Sentinel set, ~3.5 s, on top of the
 run); S01a-sentinel and S13a-sentinel run in ``syncmap torture`` only: with their controls they
 would add about 10 and 20 s to the suite, and their oracles judge the store and the locks,
-which the drivers table (tests/integration/test_drivers.py) already runs on Sentinel."""
+which the drivers table (tests/integration/test_drivers.py) already runs on Sentinel.  Likewise
+on a Redis Cluster (each run starts its own 3 + 3 cluster, ~2.5 s): S04a-cluster and S07a-cluster
+here, S01a-cluster and S13a-cluster in ``syncmap torture``."""
 
 from __future__ import annotations
 
 import pytest
 
 from syncmap.errors import ConfigurationError
-from syncmap.testing.scenario import ANOMALIES, OPS, Env, ScenarioResult
+from syncmap.testing.scenario import ANOMALIES, OPS, Env, ScenarioResult, Topology
 from syncmap.testing.scenarios import load_all
 from syncmap.testing.scenarios_async import (
     s01a,
     s04a,
+    s04a_cluster,
     s04a_sentinel,
     s07a,
+    s07a_cluster,
     s07a_sentinel,
     s13a,
 )
@@ -45,18 +49,27 @@ def sentinel_env(sentinel_binary: str) -> Env:
     return Env(redis_binary=sentinel_binary)
 
 
+@pytest.fixture
+def cluster_env(cluster_binary: str) -> Env:
+    """The variants on a Cluster start their own 3 + 3 cluster (skipped where the binary has no
+    cluster mode, failed under CI=true)."""
+    return Env(redis_binary=cluster_binary)
+
+
 def test_the_async_variants_are_registered_for_torture() -> None:
     registry = load_all()
     ids = ("S01a", "S04a", "S07a", "S13a")
     assert set(ids) <= set(registry)
     assert registry["S07a"].faults_server and not registry["S04a"].faults_server
-    for sid in ids:  # always on a private Sentinel set, also under torture --url
+    for sid in ids:  # always on a private Sentinel set or cluster, also under torture --url
         assert registry[f"{sid}-sentinel"].faults_server
+        assert registry[f"{sid}-cluster"].faults_server
 
 
-def test_a_scenario_that_needs_one_node_refuses_a_sentinel_env() -> None:
+@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+def test_a_scenario_that_needs_one_node_refuses_another_topology(topology: Topology) -> None:
     with pytest.raises(ConfigurationError, match="one redis-server only"):
-        s05(Env(topology="sentinel"), 1.0)  # a proxy in front of its one node
+        s05(Env(topology=topology), 1.0)  # a proxy in front of its one node
 
 
 def test_s01a_linearizable_with_a_sync_and_an_async_server(env: Env) -> None:
@@ -121,4 +134,25 @@ def test_s07a_on_sentinel(sentinel_env: Env) -> None:
     r = show(s07a_sentinel(sentinel_env, 4, variant="kill"))
     assert r.id == "S07a-sentinel" and r.figures["topology"] == "sentinel"
     assert r.figures["disconnects"] > 0
+    assert r.passed, r.failures
+
+
+# ---- on a Redis Cluster: the map's buckets over three masters, sharded channels ----------------
+
+
+def test_s04a_on_a_cluster(cluster_env: Env) -> None:
+    r = show(s04a_cluster(cluster_env, 3))
+    assert (r.id, r.figures["topology"], r.figures["drivers"]) == ("S04a-cluster", "cluster",
+                                                                   "async,sync")  # fmt: skip
+    assert r.figures["reads"] > 600 and r.figures["hit_ratio"] > 0.5, "exercise the caches"
+    assert r.passed, r.failures
+
+
+def test_s07a_on_a_cluster(cluster_env: Env) -> None:
+    """The faults cut the maps' SSUBSCRIBE connections on every master (each holds some of the
+    map's buckets); a run that cut none would fail by itself."""
+    r = show(s07a_cluster(cluster_env, 4, variant="kill"))
+    assert r.id == "S07a-cluster" and r.figures["topology"] == "cluster"
+    assert r.figures["masters"] == 3 and r.figures["disconnects"] > 0
+    assert r.figures["lost_detected"] > 0, "the cut subscribers must notice what they missed"
     assert r.passed, r.failures

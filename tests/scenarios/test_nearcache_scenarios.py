@@ -8,11 +8,13 @@ green run means something.  ``pytest -s`` prints each scenario's figures.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from syncmap.embedded import EmbeddedRedis
 from syncmap.testing.scenario import Env, ScenarioResult
-from syncmap.testing.scenarios_cache import s04, s05, s07, s08, s09
+from syncmap.testing.scenarios_cache import require_injected, s04, s05, s07, s08, s09
 
 pytestmark = pytest.mark.scenario
 
@@ -30,7 +32,7 @@ def show(r: ScenarioResult) -> ScenarioResult:
 
 def went_stale(r: ScenarioResult) -> bool:
     """The oracle caught the planted bug: reads stale beyond Δ, or caches diverged after Δ."""
-    return r.figures["stale_beyond_delta"] > 0 or r.figures["divergent_entries"] > 0
+    return bool(r.figures["stale_beyond_delta"] > 0 or r.figures["divergent_entries"] > 0)
 
 
 # ---- S04 -----------------------------------------------------------------------------------
@@ -75,6 +77,18 @@ def test_s07_without_gap_and_probe_guards_goes_stale(env: Env) -> None:
     r = show(s07(env, 4, guard=False, variant="kill"))
     assert went_stale(r), "S07's oracle must catch lost invalidations"
     assert not r.passed
+
+
+def test_s07_fails_a_run_whose_fault_cut_no_subscriber() -> None:
+    """The control of S07's own check: a variant that cut nothing (a fault that found no master
+    or no subscriber on the node it looked at, as a one-node fault does on a Cluster's other
+    masters) fails the run, whatever its oracles say; one that cut some passes it."""
+    cut_nothing = ScenarioResult("S07", "control")
+    require_injected(cut_nothing, ["kill", "slow-subscriber"], Counter({"slow-subscriber": 1}))
+    assert cut_nothing.failures == ["kill: no subscriber was cut (the fault injected nothing)"]
+    cut_some = ScenarioResult("S07", "control")
+    require_injected(cut_some, ["kill"], Counter({"kill": 3}))
+    assert cut_some.passed
 
 
 def test_s07_slow_subscriber_output_buffer_disconnect(env: Env) -> None:

@@ -10,7 +10,7 @@ everything that may reach Redis, and :meth:`get_cached` for the hit path without
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from typing import Any, Self, TypeVar
 
 import redis as redis_lib
@@ -27,6 +27,7 @@ from ..flows.reads import MISSING
 from ..flows.state import MapState
 from ..flows.writes import Ref, ttl_ms
 from ..keys import (
+    Entries,
     Key,
     Layout,
     bucket_of,
@@ -294,7 +295,7 @@ class SyncMap:
         return await self._run(flow)
 
     async def update(
-        self, other: Mapping[Key, Any] | Iterable[tuple[Key, Any]] = (), /, *,
+        self, other: Entries = (), /, *,
         ttl: float | None = None, fence: Any = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         pairs = other.items() if isinstance(other, Mapping) else other

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from typing import Any, Self
 
 from ..codec import Codec
@@ -36,7 +36,7 @@ from ..feed.abase import AsyncFeed, AsyncSubscription
 from ..feed.aregistry import async_feed_class
 from ..feed.base import BEGINNING, FeedHandler, redact
 from ..flows.reads import MISSING
-from ..keys import Key
+from ..keys import Entries, Key
 from ..replicafeed import SYNC_ATTEMPTS
 from ..replicalogic import (
     Outgoing,
@@ -309,7 +309,7 @@ class ReplicatedMap(AsyncStoreOnly, ReplicaLogic):
         return value
 
     async def update(
-        self, other: Mapping[Key, Any] | Iterable[tuple[Key, Any]] = (), /, *,
+        self, other: Entries = (), /, *,
         ttl: float | None = None, fence: Any = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         """One message per entry; every key and value is checked before the first is sent."""

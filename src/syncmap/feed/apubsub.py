@@ -42,8 +42,8 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, ClassVar, Generic, TypeVar
 
 import redis
 
@@ -59,6 +59,42 @@ log = logging.getLogger("syncmap.feed")
 READ_SLICE = 1.0  # seconds one read waits before the reader checks PING and re-SUBSCRIBE
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0
 RegistryKey = tuple[asyncio.AbstractEventLoop, tuple[Any, ...]]
+S = TypeVar("S")
+
+
+class LoopRegistry(Generic[S]):
+    """One object per (event loop, topology key).  Loops on several threads share it: its lock
+    is held for a few dict operations, never across an await.  Emptied in a forked child (the
+    parent's loops, sockets and tasks are not the child's)."""
+
+    def __init__(self) -> None:
+        self._after_fork_in_child()
+        forksafe.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._entries: dict[RegistryKey, S] = {}
+        self._lock = threading.Lock()
+
+    def entry(self, key: RegistryKey, make: Callable[[], S]) -> S:
+        """The entry of ``key``, made if new; entries of closed loops are dropped first (a loop
+        closed straight after ``run_until_complete`` never ends its tasks)."""
+        with self._lock:
+            for stale in [k for k in self._entries if k[0].is_closed()]:
+                del self._entries[stale]
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = make()
+            return entry
+
+    def remove(self, key: RegistryKey, entry: S) -> None:
+        """Forget ``entry`` (if it is still the one of ``key``)."""
+        with self._lock:
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+
+    def __iter__(self) -> Iterator[RegistryKey]:
+        with self._lock:
+            return iter(list(self._entries))
 
 
 async def resolve(topology: Topology) -> Endpoint:
@@ -97,23 +133,14 @@ class Wake:
 class AsyncSubscriber(ReaderHooks):
     """The subscriber of one event loop for one topology.  Get it with :meth:`attach_to`."""
 
-    _registry: ClassVar[dict[RegistryKey, AsyncSubscriber]] = {}
-    # Loops on several threads share the registry; held for a few dict operations, never across
-    # an await, so it never blocks a loop for longer than that.
-    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+    _registry: ClassVar[LoopRegistry[AsyncSubscriber]] = LoopRegistry()
 
     @classmethod
     def attach_to(cls, topology: Topology, channel: str, handler: Handler) -> AsyncSubscriber:
         """Attach ``handler`` to the running loop's subscriber for ``topology`` (made if new);
         ``handler.on_up`` runs once the subscription is confirmed."""
-        loop = asyncio.get_running_loop()
-        key = (loop, topology.key)
-        with cls._registry_lock:
-            for stale in [k for k in cls._registry if k[0].is_closed()]:
-                del cls._registry[stale]
-            sub = cls._registry.get(key)
-            if sub is None:
-                sub = cls._registry[key] = cls(topology, key)
+        key = (asyncio.get_running_loop(), topology.key)
+        sub = cls._registry.entry(key, lambda: cls(topology, key))
         sub.attach(channel, handler)
         return sub
 
@@ -171,13 +198,6 @@ class AsyncSubscriber(ReaderHooks):
         self._stopped = True
         self._forget_topology()
         await stop_tasks([*self._sends, self._task])
-
-    @staticmethod
-    @forksafe.at_fork
-    def _forget_all() -> None:
-        """In a forked child the parent's loops, sockets and tasks are not this process's."""
-        AsyncSubscriber._registry = {}
-        AsyncSubscriber._registry_lock = threading.Lock()
 
     # ---- the connection, from callbacks on the loop ----------------------------------------
 
@@ -239,9 +259,7 @@ class AsyncSubscriber(ReaderHooks):
             self._topology.remove_listener(self._master_changed)
 
     def _unregister(self) -> None:
-        with self._registry_lock:
-            if self._registry.get(self._key) is self:
-                del self._registry[self._key]
+        self._registry.remove(self._key, self)
 
     async def _connect(self) -> Any:
         generation = self._topology.generation

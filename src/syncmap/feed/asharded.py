@@ -21,20 +21,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from .. import forksafe
 from ..aiotasks import stop_tasks
 from ..store.cluster import ClusterTopology, NodeTopology
-from .apubsub import AsyncSubscriber
+from .apubsub import AsyncSubscriber, LoopRegistry, RegistryKey
 from .pubsub import Handler
 from .shards import BACKOFF_MAX, BACKOFF_MIN, NodeHooks, ShardedCore, read_owners
 
 __all__ = ["AsyncNodeSubscriber", "AsyncShardedSubscriber", "Handler"]
 
 log = logging.getLogger("syncmap.feed")
-RegistryKey = tuple[asyncio.AbstractEventLoop, tuple[Any, ...]]
 
 
 class AsyncNodeSubscriber(NodeHooks, AsyncSubscriber):
@@ -50,9 +47,7 @@ class AsyncShardedSubscriber(ShardedCore[AsyncNodeSubscriber]):
     """The sharded subscriber of one event loop for one cluster.  Get it with
     :meth:`attach_to`."""
 
-    _registry: ClassVar[dict[RegistryKey, AsyncShardedSubscriber]] = {}
-    # Loops on several threads share it; held for a few dict operations, never across an await.
-    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+    _registry: ClassVar[LoopRegistry[AsyncShardedSubscriber]] = LoopRegistry()
 
     @classmethod
     def attach_to(
@@ -60,15 +55,9 @@ class AsyncShardedSubscriber(ShardedCore[AsyncNodeSubscriber]):
     ) -> AsyncShardedSubscriber:
         """Attach ``handler`` to the running loop's sharded subscriber for ``topology`` (made
         if new); ``handler.on_up`` runs once the SSUBSCRIBE is confirmed."""
-        loop = asyncio.get_running_loop()
-        key = (loop, topology.key)
-        with cls._registry_lock:
-            for stale in [k for k in cls._registry if k[0].is_closed()]:
-                del cls._registry[stale]
-            sub = cls._registry.get(key)
-            if sub is None:
-                sub = cls._registry[key] = cls(topology, key)
-        sub._add(channel, handler)
+        key = (asyncio.get_running_loop(), topology.key)
+        sub = cls._registry.entry(key, lambda: cls(topology, key))
+        sub._added(sub._add(channel, handler))
         return sub
 
     def __init__(self, topology: ClusterTopology, key: RegistryKey) -> None:
@@ -102,17 +91,8 @@ class AsyncShardedSubscriber(ShardedCore[AsyncNodeSubscriber]):
         await stop_tasks([self._task])
         await self._close(nodes)
 
-    @staticmethod
-    @forksafe.at_fork
-    def _forget_all() -> None:
-        """In a forked child the parent's loops, sockets and tasks are not this process's."""
-        AsyncShardedSubscriber._registry = {}
-        AsyncShardedSubscriber._registry_lock = threading.Lock()
-
     def _unregister(self) -> None:
-        with self._registry_lock:
-            if self._registry.get(self._key) is self:
-                del self._registry[self._key]
+        self._registry.remove(self._key, self)
 
     def _open_node(self, address: str) -> AsyncNodeSubscriber:
         return AsyncNodeSubscriber(self._topology.node(address), self, self._loop)

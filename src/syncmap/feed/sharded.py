@@ -57,8 +57,9 @@ class ShardedSubscriber(ShardedCore[NodeSubscriber]):
             sub = cls._registry.get(topology.key)
             if sub is None:
                 sub = cls._registry[topology.key] = cls(topology)
-            sub._add(channel, handler)
-            return sub
+            new = sub._add(channel, handler)
+        sub._added(new)
+        return sub
 
     def __init__(self, topology: ClusterTopology) -> None:
         super().__init__(topology, threading.Lock())

@@ -24,7 +24,9 @@ whose slot has another owner off its node and puts it on the owner's.  Order of 
   of a slot it gives away, and of every slot when it becomes a replica).  Then: the handlers are
   told ``on_down`` (messages may be lost from now on) -> the mover reads the slot map -> the
   channel leaves the old node (SUNSUBSCRIBE, unless Redis dropped it already) -> SSUBSCRIBE on
-  the owner's node -> ``on_up`` once that is confirmed.
+  the owner's node -> ``on_up`` once that is confirmed.  A slot map that still names the node
+  which dropped the channel is older than that node's word: the mover reads again
+  (``ShardedCore._doubted``).
 * **A node's connection is lost** (b): that node's reader tells *its* channels ``on_down``
   (other nodes' channels are untouched), then asks the mover to read the slot map again.  If a
   replica took over, the channels move to it; otherwise the reader reconnects to the same node,
@@ -55,10 +57,15 @@ import redis
 from redis.exceptions import ClusterDownError, MovedError, TryAgainError
 
 from ..errors import StoreUnavailable
+from ..ratelog import RateLimitedLog
 from ..store.cluster import ClusterTopology, slot_for
 from .pubsub import SHARDED, Handler, ReaderHooks, Subscriber
 
 log = logging.getLogger("syncmap.feed")
+_no_slot_map = RateLimitedLog(log, every=10.0)  # the mover retries each second while it lasts
+MAX_DOUBTS = 8  # rounds (about 4.5 s of back-off) a slot map naming the node that dropped a
+# channel is taken for an old one; then it is believed (the node may own the slot again)
+Calls = list[tuple[Callable[..., None], tuple[Any, ...]]]  # callbacks to run, in order
 BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0  # the mover's retries while a slot has no known owner
 
 
@@ -80,6 +87,8 @@ class Channel:
     handlers: list[Handler] = field(default_factory=list)
     address: str | None = None  # the master whose connection carries it; None: not placed
     inner: Handler | None = None  # attached there; a fresh one for each placement
+    dropped_by: str | None = None  # the node that last pushed ``sunsubscribe`` for it
+    doubts: int = 0  # rounds whose slot map still named that node
 
 
 @dataclass(slots=True)
@@ -100,7 +109,7 @@ def read_owners(
         if topology.stale:
             topology.refresh()  # once here, rather than once per slot below
     except StoreUnavailable as exc:
-        log.warning("syncmap sharded subscriber: %s", exc)
+        _no_slot_map("syncmap sharded subscriber: %s", exc)
         return dict.fromkeys(slots)
     owners: dict[int, str | None] = {}
     for slot in slots:
@@ -141,7 +150,7 @@ class ShardedCore(Generic[N]):
         self._channels: dict[str, Channel] = {}
         self._nodes: dict[str, N] = {}
         self._pending = Pending()
-        self._queue: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._queue: Calls = []
         self._draining = False
         self._closed = False  # stopped: no node is opened any more
 
@@ -164,7 +173,9 @@ class ShardedCore(Generic[N]):
 
     # ---- attach and detach -------------------------------------------------------------------
 
-    def _add(self, name: str, handler: Handler) -> None:
+    def _add(self, name: str, handler: Handler) -> bool:
+        """Put ``handler`` on ``name``; True if the channel is new.  The caller then calls
+        :meth:`_added` outside its own locks (an ``on_up`` may run there, and it may attach)."""
         with self._lock:
             chan = self._channels.get(name)
             new = chan is None
@@ -175,6 +186,9 @@ class ShardedCore(Generic[N]):
             if chan.inner is not None and chan.inner.up:  # confirmed and not lost since
                 handler.up = True
                 self._queue.append((handler.on_up, ()))
+        return new
+
+    def _added(self, new: bool) -> None:
         self._drain()
         if new:
             self._wake()
@@ -209,6 +223,7 @@ class ShardedCore(Generic[N]):
         if node is None:
             node = self._nodes[address] = self._open_node(address)
         chan.address, chan.inner = address, self._inner(chan)
+        chan.dropped_by, chan.doubts = None, 0
         node.attach(chan.name, chan.inner)  # SSUBSCRIBE now, or when the reader connects
 
     def _idle_nodes(self) -> list[N]:
@@ -219,15 +234,21 @@ class ShardedCore(Generic[N]):
     def _inner(self, chan: Channel) -> Handler:
         """The handler of one placement: it speaks for ``chan`` while it is the current one."""
 
-        def on_message(data: bytes) -> None:
+        def on_message(data: bytes) -> None:  # the hot path: through the queue only if busy
             with self._lock:
-                if chan.inner is inner:
-                    self._queue.extend((h.on_message, (data,)) for h in chan.handlers)
-            self._drain()
+                if not self._speaks(chan, inner):
+                    return
+                batch = [(h.on_message, (data,)) for h in chan.handlers]
+                busy = self._draining or bool(self._queue)
+                if busy:
+                    self._queue += batch  # after what is queued, as the others wait
+                else:
+                    self._draining = True  # claimed: run at once, no queue round trip
+            self._drain(None if busy else batch)
 
         def on_up() -> None:
             with self._lock:
-                if chan.inner is inner:
+                if self._speaks(chan, inner):
                     for handler in chan.handlers:
                         if not handler.up:
                             handler.up = True
@@ -236,7 +257,7 @@ class ShardedCore(Generic[N]):
 
         def on_down() -> None:  # (b): only this node's channels
             with self._lock:
-                if chan.inner is inner:
+                if self._speaks(chan, inner):
                     for handler in chan.handlers:
                         if handler.up:
                             handler.up = False
@@ -246,22 +267,34 @@ class ShardedCore(Generic[N]):
         inner = Handler(on_message, on_up, on_down)
         return inner
 
-    def _drain(self) -> None:
+    @staticmethod
+    def _speaks(chan: Channel, inner: Handler) -> bool:
+        """``inner`` is ``chan``'s current placement (the lock held).  Order this prevents:
+        SSUBSCRIBE on A -> the mover moves the channel to B -> A's confirmation arrives; told
+        on_up then, a map would believe in B's subscription before B confirmed it."""
+        return chan.inner is inner
+
+    def _drain(
+        self, batch: list[tuple[Callable[..., None], tuple[Any, ...]]] | None = None
+    ) -> None:
         """Run the queued callbacks in their order, one thread at a time: a thread that finds
-        another one draining leaves its callbacks to it (module docstring)."""
-        with self._lock:
-            if self._draining:
-                return
-            self._draining = True
+        another one draining leaves its callbacks to it (module docstring).  ``batch``: the
+        caller has claimed the draining already and runs these first."""
+        if batch is None:
+            with self._lock:
+                if self._draining or not self._queue:
+                    return
+                self._draining = True
+                batch, self._queue = self._queue, []
         try:
             while True:
+                for fn, args in batch:
+                    Subscriber._call(fn, *args)  # logs a failing callback; the others go on
                 with self._lock:
                     batch, self._queue = self._queue, []
                     if not batch:
                         self._draining = False
                         return
-                for fn, args in batch:
-                    Subscriber._call(fn, *args)  # logs a failing callback; the others go on
         except BaseException:
             with self._lock:
                 self._draining = False
@@ -286,7 +319,7 @@ class ShardedCore(Generic[N]):
                 if chan.slot not in owners:
                     continue  # attached during the read: its attach asked for another round
                 owner = owners[chan.slot]
-                if owner is None:
+                if owner is None or self._doubted(chan, owner):
                     complete = False  # kept where it is: its node may come back
                 elif chan.address != owner:
                     self._take_off(chan, unsubscribe=True)
@@ -301,6 +334,18 @@ class ShardedCore(Generic[N]):
             self._closed = True
             nodes, self._nodes = list(self._nodes.values()), {}
             return nodes
+
+    @staticmethod
+    def _doubted(chan: Channel, owner: str) -> bool:
+        """The slot map names the node that has just dropped ``chan``: it comes from a node
+        that has not heard of the change yet.  Order this prevents: CLUSTER FAILOVER -> the old
+        master, now a replica, pushes ``sunsubscribe`` -> the slot map, read from a third node,
+        still names it -> SSUBSCRIBE there is accepted (a replica serves its shard's channels)
+        -> on_up, and no event ever moves the channel to the new master."""
+        if owner != chan.dropped_by or chan.doubts >= MAX_DOUBTS:
+            return False
+        chan.doubts += 1
+        return True
 
     def _retry_later(self) -> None:
         with self._lock:
@@ -321,15 +366,23 @@ class ShardedCore(Generic[N]):
         placement ended (its replacement on the same node is confirmed only after this)."""
         with self._lock:
             chan = self._channels.get(channel.decode(errors="replace"))
-            if chan is None or chan.address != address or chan.inner is None:
-                return
-            if not chan.inner.up:
+            if chan is None or not self._dropped_by_redis(chan, address):
                 return
             log.info("syncmap sharded subscriber: %s dropped %r; moving it", address, chan.name)
             self._take_off(chan, unsubscribe=False)  # Redis has dropped it already
+            chan.dropped_by = address
             self._pending.invalidate = True
         self._drain()
         self._wake()
+
+    @staticmethod
+    def _dropped_by_redis(chan: Channel, address: str) -> bool:
+        """A ``sunsubscribe`` on ``address`` is Redis's own, not the answer to ours (the lock
+        held).  We send SUNSUBSCRIBE only when a placement ends; if the channel is then placed
+        on the same node again, the order on that connection is: SUNSUBSCRIBE, SSUBSCRIBE ->
+        the answer ``sunsubscribe`` -> the confirmation.  So while the current placement there
+        is unconfirmed a ``sunsubscribe`` is our answer; once it is confirmed, it is Redis's."""
+        return chan.address == address and chan.inner is not None and chan.inner.up
 
     def node_refused(self, address: str, exc: redis.ResponseError) -> None:
         """An error reply on ``address``: MOVED (an SSUBSCRIBE of a slot it no longer owns),

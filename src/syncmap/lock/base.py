@@ -121,8 +121,8 @@ class LockIdentity:
         if not isinstance(self.owner, str) or not 1 <= len(self.owner.encode()) <= 512:
             raise ConfigurationError(f"owner={owner!r}: use a str of 1-512 bytes")
         self.on_lost = on_lost
-        self.layout = LockLayout(namespace, self.name, hash_tag)
         self._topology = topology or lock_topology(url, redis, socket_timeout)
+        self.layout = LockLayout(namespace, self.name, hash_tag, self._topology.sharded)
 
     @property
     def what(self) -> str:

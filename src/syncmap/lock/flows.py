@@ -67,7 +67,7 @@ class Mutex:
                 ) -> Command | None:  # fmt: skip
         """None: nothing to tell Redis at this level (it keeps no re-entry count).  ``token``
         releases only that hold (a lost one given back late), not a newer one of this owner."""
-        return evalsha("lock_release", (self.layout.hold,), self.owner, self.layout.channel,
+        return evalsha("lock_release", (self.layout.hold,), self.owner, self.layout.notify,
                        "1" if every_level else "0", "" if token is None else token)  # fmt: skip
 
     def released(self, reply: Any) -> str | None:
@@ -116,7 +116,7 @@ class Reader(Mutex):
                 ) -> Command | None:  # fmt: skip
         if not last:
             return None
-        return evalsha("zset_release", (self.layout.readers,), self.owner, self.layout.channel)
+        return evalsha("zset_release", (self.layout.readers,), self.owner, self.layout.notify)
 
     def released(self, reply: Any) -> str | None:
         return None if int(reply) == 1 else ""
@@ -255,7 +255,7 @@ def sem_renew(layout: LockLayout, permit: str, lease: float) -> Flow[bool]:
 
 
 def sem_give_back(layout: LockLayout, permit: str) -> Flow[bool]:
-    cmd = evalsha("zset_release", (layout.permits,), permit, layout.channel)
+    cmd = evalsha("zset_release", (layout.permits,), permit, layout.notify)
     return bool((yield Call([cmd], write=True))[0])
 
 

@@ -30,6 +30,8 @@ from typing import Any, Generic, TypeVar
 from .. import forksafe, instruments
 from ..errors import LockNotAcquired
 from ..feed.pubsub import Handler, Subscriber
+from ..feed.sharded import ShardedSubscriber
+from ..store.cluster import ClusterTopology
 from ..store.topology import Topology
 
 T = TypeVar("T")
@@ -51,7 +53,16 @@ class _Channel:
     handler: Handler
     confirmed: threading.Event = field(default_factory=threading.Event)
     waiters: set[threading.Event] = field(default_factory=set)
-    subscriber: Subscriber | None = None
+    subscriber: Subscriber | ShardedSubscriber | None = None
+
+
+def attach(topology: Topology, channel: str, handler: Handler) -> Subscriber | ShardedSubscriber:
+    """The process's subscriber for ``channel``: on a Redis Cluster the sharded one (a lock's
+    release is ``SPUBLISH``ed in its own slot, ``LockLayout.notify``), else the plain one."""
+    if topology.sharded:
+        assert isinstance(topology, ClusterTopology)  # the one sharded topology
+        return ShardedSubscriber.attach_to(topology, channel, handler)
+    return Subscriber.attach_to(topology, channel, handler)
 
 
 class Waker:
@@ -115,7 +126,7 @@ class Waker:
 
         chan = _Channel(Handler(on_message=lambda _payload: wake(), on_up=up, on_down=down))
         self._channels[channel] = chan
-        chan.subscriber = Subscriber.attach_to(self._topology, channel, chan.handler)
+        chan.subscriber = attach(self._topology, channel, chan.handler)
         return chan
 
     def _evict_idle(self) -> None:

@@ -24,6 +24,7 @@ cluster's map stale, so the next call routes by a fresh one.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -35,18 +36,19 @@ from redis.crc import key_slot
 from .. import forksafe
 from ..errors import ConfigurationError, StoreUnavailable
 from .endpoint import (
+    TLS_ADVICE,
     URL_OPTIONS,
     Endpoint,
     bad_url,
     host_port,
     seconds_option,
+    tls_failed,
     tls_from_query,
     url_query,
 )
 from .executor import AsyncExecutor, Executor
+from .slotmap import SLOTS, read_slot_map
 from .topology import Listener, NodeExecutors, shared_executor
-
-SLOTS = 16384
 
 
 def slot_for(key: str | bytes) -> int:
@@ -262,19 +264,26 @@ class ClusterTopology:
             candidates = list(dict.fromkeys(
                 [a for a in self._owners if a is not None] + [e.address for e in self.startup]
             ))  # fmt: skip
-            errors = []
+            errors: list[tuple[str, Exception]] = []
             for address in candidates:
                 try:
-                    owners, replicas = _read_slot_map(self.node(address).endpoint())
+                    owners, replicas = read_slot_map(self.node(address).endpoint())
                 except (redis.RedisError, OSError, ValueError) as exc:
-                    errors.append(f"{address}: {exc}")
+                    errors.append((address, exc))
                     continue
                 self._install(owners, replicas)
                 return
-            raise StoreUnavailable(
-                f"{self.where}: no node told the slot map ({'; '.join(errors)[:400]}); nothing "
-                "ran. Check that the cluster runs and the URL names its nodes"
-            )
+            raise self._no_slot_map(errors)
+
+    def _no_slot_map(self, errors: list[tuple[str, Exception]]) -> StoreUnavailable:
+        # The advice first: the nodes' errors are cut at 400 characters.
+        advice = "Check that the cluster runs and the URL names its nodes"
+        if any(tls_failed(exc) for _, exc in errors):
+            advice = TLS_ADVICE
+        details = "; ".join(f"{address}: {exc}" for address, exc in errors)[:400]
+        return StoreUnavailable(
+            f"{self.where}: no node told the slot map; nothing ran. {advice}. ({details})"
+        )
 
     def _install(self, owners: list[str | None], replicas: dict[str, list[str]]) -> None:
         with self._lock:
@@ -296,89 +305,10 @@ class ClusterTopology:
             try:
                 listener()
             except Exception:  # one listener's failure is its own
-                import logging  # noqa: PLC0415
-
                 logging.getLogger("syncmap").exception("syncmap: a topology listener failed")
 
     def __repr__(self) -> str:
         return f"<ClusterTopology {self.where}>"
-
-
-def _read_slot_map(endpoint: Endpoint) -> tuple[list[str | None], dict[str, list[str]]]:
-    client = endpoint.client()
-    try:
-        try:
-            shards = client.execute_command("CLUSTER", "SHARDS")  # type: ignore[no-untyped-call]
-        except redis.ResponseError:  # Redis < 7: no SHARDS
-            slots = client.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
-            return _from_slots(slots, endpoint)
-        return _from_shards(shards, endpoint)
-    finally:
-        client.close()
-
-
-def _fields(value: Any) -> dict[str, Any]:
-    """A RESP3 map or a RESP2 flat list of name, value pairs, with str names."""
-    if isinstance(value, dict):
-        items = list(value.items())
-    else:
-        it = iter(value)
-        items = list(zip(it, it, strict=True))
-    return {(k.decode() if isinstance(k, bytes) else str(k)): v for k, v in items}
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _host(node: dict[str, Any], endpoint: Endpoint) -> str:
-    # "endpoint" is what clients should use (it may be a hostname); "?" or "" means unknown:
-    # then the address we reached the cluster by is the best guess (a one-node test cluster).
-    for name in ("endpoint", "ip", "hostname"):
-        text = _text(node.get(name, b""))
-        if text and text != "?":
-            return text
-    return endpoint.host
-
-
-def _from_shards(shards: Any, endpoint: Endpoint) -> tuple[list[str | None], dict[str, list[str]]]:
-    owners: list[str | None] = [None] * SLOTS
-    replicas: dict[str, list[str]] = {}
-    for raw in shards:
-        shard = _fields(raw)
-        master, others = None, []
-        for raw_node in shard.get("nodes", []):
-            node = _fields(raw_node)
-            if _text(node.get("health", b"online")) != "online":
-                continue
-            port = node.get("tls-port") if endpoint.tls is not None else None
-            port = port or node.get("port") or 0
-            address = f"{_host(node, endpoint)}:{int(port)}"
-            if _text(node.get("role", b"")) == "master":
-                master = address
-            else:
-                others.append(address)
-        if master is None:
-            continue
-        replicas[master] = others
-        bounds = [int(x) for x in shard.get("slots", [])]
-        for start, end in zip(bounds[::2], bounds[1::2], strict=True):
-            for slot in range(start, end + 1):
-                owners[slot] = master
-    return owners, replicas
-
-
-def _from_slots(ranges: Any, endpoint: Endpoint) -> tuple[list[str | None], dict[str, list[str]]]:
-    owners: list[str | None] = [None] * SLOTS
-    replicas: dict[str, list[str]] = {}
-    for entry in ranges:
-        start, end, master_info, *others = entry
-        host = _text(master_info[0]) or endpoint.host
-        master = f"{host}:{int(master_info[1])}"
-        replicas[master] = [f"{_text(o[0]) or endpoint.host}:{int(o[1])}" for o in others]
-        for slot in range(int(start), int(end) + 1):
-            owners[slot] = master
-    return owners, replicas
 
 
 # ---- opening --------------------------------------------------------------------------------

@@ -64,6 +64,14 @@ _ASYNC_CLASSES: dict[str, Any] = {
     "unix": aio_connection.UnixDomainSocketConnection,
 }  # fmt: skip
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+# What to check when a TLS handshake failed.  The server's refusal of a missing client
+# certificate is no clear error on TLS 1.3: the client's handshake is over before the server
+# checks, so the client sees the alert, or only an EOF, on its first write or read.
+TLS_ADVICE = (
+    "A TLS handshake failed: check that ssl_ca_certs names the CA that signed the server's "
+    "certificate, that ssl_certfile and ssl_keyfile give a client certificate where the server "
+    "requires one (tls-auth-clients), and that the port is the server's tls-port"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +258,19 @@ class Endpoint:
             password=kw.get("password"), tls=tls, socket_timeout=kw.get("socket_timeout"),
             connect_timeout=kw.get("socket_connect_timeout"), options=options,
         )  # fmt: skip
+
+
+def tls_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised from a TLS error (redis-py wraps ``ssl.SSLError`` in its
+    ``ConnectionError``): a certificate refused by either side, or a handshake cut short."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _connect_once() -> Callable[[Any], None]:

@@ -426,7 +426,9 @@ local n = 0
 if ARGV[3] ~= '1' then n = redis.call('HINCRBY', KEYS[1], 'n', -1) end
 if n > 0 then return {1, n} end
 redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[2], 'r')
+-- '!s:<channel>': a Redis Cluster's sharded channel in the lock's own slot (LockLayout.notify).
+if string.sub(ARGV[2], 1, 3) == '!s:' then redis.call('SPUBLISH', string.sub(ARGV[2], 4), 'r')
+else redis.call('PUBLISH', ARGV[2], 'r') end
 return {1, 0}
 """
 
@@ -509,7 +511,8 @@ ZSET_RELEASE = r"""
 -- ARGV[1] member  [2] release channel.  Reply: 1 released (waiters told), 0 it had lapsed.
 if #KEYS > 1 then redis.call('ZREM', KEYS[2], ARGV[1]) end
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('PUBLISH', ARGV[2], 'r')
+if string.sub(ARGV[2], 1, 3) == '!s:' then redis.call('SPUBLISH', string.sub(ARGV[2], 4), 'r')
+else redis.call('PUBLISH', ARGV[2], 'r') end
 return 1
 """
 

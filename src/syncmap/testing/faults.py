@@ -2,14 +2,21 @@
 
 These complement :class:`~syncmap.testing.proxy.FaultProxy`: the proxy breaks the network, these
 make Redis itself drop clients, stop serving writes, or overflow a subscriber's output buffer.
+
+On a Redis Cluster there is no one node to fault: :func:`master_clients` gives every master
+(each holds some buckets of every map, and the subscribers of those buckets' channels), and
+:func:`admin_client` the master of one key's slot.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import redis
 
+from ..errors import ConfigurationError
+from ..store.cluster import ClusterTopology, slot_for
 from ..store.topology import open_topology
 
 SENTINEL_LINK = "sentinel-"
@@ -17,11 +24,50 @@ SENTINEL_LINK = "sentinel-"
 ``sentinel-<id>-pubsub``: the latter subscribes to ``__sentinel__:hello``)."""
 
 
-def admin_client(url: str, timeout: float = 10.0, **kw: Any) -> redis.Redis:
+def admin_client(url: str, timeout: float = 10.0, *, key: str | None = None,
+                 **kw: Any) -> redis.Redis:  # fmt: skip
     """A client of the node ``url`` names now, for setting up, faulting and cleaning up: any
     URL form a map takes (``redis+sentinel://``: the master the Sentinels name, found as a map
-    finds it; ``redis.Redis.from_url`` refuses that scheme).  The caller closes it."""
-    return open_topology(url, timeout=timeout).endpoint().client(**kw)
+    finds it; ``redis.Redis.from_url`` refuses that scheme).  On a Redis Cluster, the master
+    that owns ``key``'s slot now (required there: any other node answers MOVED).  The caller
+    closes it."""
+    topology = open_topology(url, timeout=timeout)
+    if not isinstance(topology, ClusterTopology):
+        return topology.endpoint().client(**kw)
+    if key is None:
+        raise ConfigurationError(
+            f"{topology.where} has no one node to administer: pass key= (its slot's master) "
+            "or use master_clients(url) (every master)"
+        )
+    topology.invalidate()  # the owner now, not as this process last saw it
+    return topology.node(topology.owner(slot_for(key))).endpoint().client(**kw)
+
+
+def master_clients(url: str, timeout: float = 10.0, **kw: Any) -> list[redis.Redis]:
+    """A client of every master that takes writes now: the one node of a standalone or
+    Sentinel URL, every master that owns slots on a Redis Cluster.  The caller closes them."""
+    topology = open_topology(url, timeout=timeout)
+    if not isinstance(topology, ClusterTopology):
+        return [topology.endpoint().client(**kw)]
+    topology.invalidate()
+    return [topology.node(a).endpoint().client(**kw) for a in topology.masters()]
+
+
+def delete_matching(url: str, patterns: Iterable[str]) -> int:
+    """Delete every key that matches one of ``patterns`` (SCAN on every master); returns how
+    many.  One ``DEL`` per key, pipelined: a Cluster refuses a ``DEL`` of keys in two slots
+    (``CROSSSLOT``), even on the master that holds both."""
+    deleted = 0
+    for client in master_clients(url):
+        try:
+            keys = {k for p in patterns for k in client.scan_iter(match=p, count=1000)}
+            pipe = client.pipeline(transaction=False)
+            for k in keys:
+                pipe.delete(k)
+            deleted += sum(int(n) for n in pipe.execute())
+        finally:
+            client.close()
+    return deleted
 
 
 def subscribers(admin: redis.Redis) -> list[dict[str, Any]]:
@@ -71,8 +117,10 @@ __all__ = [
     "admin_client",
     "client_kill",
     "client_pause",
+    "delete_matching",
     "flushall",
     "kill_subscribers",
+    "master_clients",
     "set_pubsub_output_limit",
     "subscribers",
 ]

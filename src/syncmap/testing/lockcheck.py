@@ -47,6 +47,10 @@ class LockLoad:
     drivers: tuple[str, ...] = ()
     """Driver of each worker, cycled: ``"sync"`` (threads) or ``"async"`` (``syncmap.aio``'s
     map and lock on an event loop); empty: every one sync."""
+    hash_tag: str | None = None
+    """The lock's hash tag (``Lock(hash_tag=)``).  ``lockload.run`` sets it on a Redis Cluster
+    to the tag of ``key``'s bucket, where ``map.lock(key)`` puts a lock, so that a fenced write
+    finds the fence in its own slot (a lock elsewhere cannot fence it there)."""
 
     def driver(self, index: int) -> str:
         return self.drivers[index % len(self.drivers)] if self.drivers else "sync"

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import json
 import logging
 import multiprocessing as mp
@@ -65,6 +66,7 @@ from typing import Any
 
 import redis
 
+from ..config import MapConfig
 from ..errors import (
     LockLost,
     LockNotAcquired,
@@ -72,10 +74,11 @@ from ..errors import (
     SyncMapError,
     WriteOutcomeUnknown,
 )
-from ..keys import LockLayout
+from ..keys import Layout, LockLayout, bucket_of, encode_key
 from ..lock import Lock
 from ..map import SyncMap
 from ..store.endpoint import Endpoint
+from ..store.topology import open_topology
 from .faults import admin_client
 from .lockcheck import (
     Evictions,
@@ -144,7 +147,8 @@ def _worker(
 def _sync_worker(cfg: LockLoad, index: int, owner: str, rng: random.Random,
                  log: Callable[..., None], shared: tuple[Any, Any, Any]) -> None:  # fmt: skip
     deadline, ready, go = shared
-    lock = Lock(cfg.lock, cfg.url, lease=cfg.lease, owner=owner, namespace=cfg.namespace)
+    lock = Lock(cfg.lock, cfg.url, lease=cfg.lease, owner=owner, namespace=cfg.namespace,
+                hash_tag=cfg.hash_tag)  # fmt: skip
     with SyncMap(cfg.map, cfg.url, node_id=f"lockload-{owner}") as m:
         m.get(cfg.key, consistent=True)  # connections open before the clock starts
         ready.put((index, os.getpid(), owner))
@@ -232,10 +236,22 @@ def configure_eviction(admin: redis.Redis, headroom: int, policy: str = "volatil
     return used + headroom
 
 
+def placed(cfg: LockLoad) -> LockLoad:
+    """``cfg`` with its lock in the slot of ``key``'s bucket on a Redis Cluster (``hash_tag``,
+    as ``map.lock(key)`` places one); as it is elsewhere."""
+    if cfg.hash_tag is not None or not open_topology(cfg.url).sharded:
+        return cfg
+    defaults = MapConfig()
+    layout = Layout("sm", cfg.map, defaults.buckets)  # the workers' maps: default namespace
+    bucket = bucket_of(encode_key(cfg.key, defaults.max_key_bytes), defaults.buckets)
+    return dataclasses.replace(cfg, hash_tag=layout.bucket_tag(bucket))
+
+
 def run(cfg: LockLoad) -> LockResult:
     """Run the workload with its fault; the figures after every worker has stopped."""
     if cfg.workers < 2:
         raise ValueError("a lock workload needs at least 2 workers")
+    cfg = placed(cfg)
     ctx = mp.get_context("spawn")
     logdir = Path(tempfile.mkdtemp(prefix="syncmap-lockload-"))
     deadline: Any = ctx.RawValue("q", 0)
@@ -252,8 +268,10 @@ def run(cfg: LockLoad) -> LockResult:
         )
         for i in range(cfg.workers)
     ]
-    admin = admin_client(cfg.url)
-    layout = LockLayout(cfg.namespace, cfg.lock)
+    layout = LockLayout(cfg.namespace, cfg.lock, cfg.hash_tag)
+    # The lock's own node (on a Cluster the master of its slot): the nemesis reads the holder
+    # there, and client-pause holds that node's writes, the renewals and fenced writes alike.
+    admin = admin_client(cfg.url, key=layout.hold)
     evictions = Evictions()
     try:
         with SyncMap(cfg.map, cfg.url, node_id="lockload-controller") as m:

@@ -23,10 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import redis
-
 from ..embedded import EmbeddedRedis, find_redis_server
 from ..errors import ConfigurationError
+from .clusterset import ClusterSet
 from .sentinelset import SentinelSet
 
 #: Standard figure names (the torture table's columns).  Use them when they apply.
@@ -66,17 +65,16 @@ class ScenarioResult:
         return f"{self.id} {self.name} ({self.seconds:.1f} s): {figs} -> {verdict}"
 
 
-Topology = Literal["standalone", "sentinel"]
+Topology = Literal["standalone", "sentinel", "cluster"]
 
 
 class Store(Protocol):
-    """A private store a scenario may fault (``EmbeddedRedis``, ``SentinelSet``): ``url`` for
-    its maps, ``client()`` a client of the node that takes the writes now, for its faults."""
+    """A private store a scenario may fault (``EmbeddedRedis``, ``SentinelSet``,
+    ``ClusterSet``): ``url`` for its maps, its checkers and its faults (``faults.master_clients``
+    reaches every master that takes writes now, ``faults.admin_client`` one key's)."""
 
     @property
     def url(self) -> str: ...
-
-    def client(self, **kw: Any) -> redis.Redis: ...
 
 
 @dataclass(slots=True)
@@ -84,11 +82,12 @@ class Env:
     """Where a scenario runs.  ``redis_binary`` for private servers; ``url`` for a user's Redis
     (only scenarios that inject no server fault may use it; they must clean up their keys).
 
-    ``topology``: what :meth:`store` starts, one ``redis-server`` or a Sentinel set (a master,
-    a replica and three Sentinels; the maps open ``redis+sentinel://``).  Only the scenarios
-    that take their store from :meth:`store` run on Sentinel (S01, S04, S07, S13 and their
-    asyncio variants); the others need one node to kill, restart or put a proxy in front of,
-    and :meth:`server` refuses a Sentinel ``Env`` rather than quietly run them standalone."""
+    ``topology``: what :meth:`store` starts, one ``redis-server``, a Sentinel set (a master,
+    a replica and three Sentinels; the maps open ``redis+sentinel://``) or a Redis Cluster (3
+    masters + 3 replicas; ``redis+cluster://``).  Only the scenarios that take their store
+    from :meth:`store` run on Sentinel or Cluster (S01, S04, S07, S13 and their asyncio
+    variants); the others need one node to kill, restart or put a proxy in front of, and
+    :meth:`server` refuses such an ``Env`` rather than quietly run them standalone."""
 
     redis_binary: str | None = None
     url: str | None = None
@@ -103,6 +102,9 @@ class Env:
         if self.topology == "sentinel":
             with SentinelSet(binary=self.redis_binary, down_after_ms=down_after_ms) as sentinels:
                 yield sentinels
+        elif self.topology == "cluster":
+            with ClusterSet(binary=self.redis_binary) as cluster:
+                yield cluster
         else:
             with self._server() as server:
                 yield server

@@ -19,6 +19,11 @@ Each also runs on Sentinel: S01a-sentinel, S04a-sentinel, S07a-sentinel, S13a-se
 same runs on a private Sentinel set (``Env(topology="sentinel")``: a master, a replica, three
 Sentinels; every map, lock and checker opens ``redis+sentinel://``, the faults strike the
 master), always private (also under ``syncmap torture --url``), with the figure ``topology``.
+And on a Redis Cluster: S01a-cluster, S04a-cluster, S07a-cluster, S13a-cluster on a private
+3 + 3 cluster (``Env(topology="cluster")``, ``redis+cluster://``; a map's buckets spread over
+the three masters): S07's faults cut the sharded subscribers on every master, S13's lock lives
+in its key's bucket slot (as ``map.lock(key)`` places one) and ``client-pause`` pauses that
+slot's master.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .scenario import Env, ScenarioResult, scenario
+from .scenario import Env, ScenarioResult, Topology, scenario
 from .scenarios_cache import S07Variant, s04, s07
 from .scenarios_lock import S13Variant, s13
 from .scenarios_store import s01
@@ -74,17 +79,17 @@ def s13a(
     return _as("S13a", drivers, s13(env, seconds, guard=guard, variant=variant, drivers=drivers))
 
 
-# ---- on Sentinel -------------------------------------------------------------------------------
+# ---- on Sentinel and on a Cluster --------------------------------------------------------------
 
 
-def _sentinel(env: Env) -> Env:
-    return dataclasses.replace(env, url=None, topology="sentinel")
+def _on(env: Env, topology: Topology) -> Env:
+    return dataclasses.replace(env, url=None, topology=topology)
 
 
-def _on_sentinel(r: ScenarioResult) -> ScenarioResult:
-    r.id += "-sentinel"
-    r.name += "-sentinel"
-    r.figures["topology"] = "sentinel"
+def _tagged(topology: Topology, r: ScenarioResult) -> ScenarioResult:
+    r.id += f"-{topology}"
+    r.name += f"-{topology}"
+    r.figures["topology"] = topology
     return r
 
 
@@ -92,13 +97,13 @@ def _on_sentinel(r: ScenarioResult) -> ScenarioResult:
 def s01a_sentinel(env: Env, seconds: float, *, plant: bool = False,
                   **options: Any) -> ScenarioResult:  # fmt: skip
     """S01a on a Sentinel set."""
-    return _on_sentinel(s01a(_sentinel(env), seconds, plant=plant, **options))
+    return _tagged("sentinel", s01a(_on(env, "sentinel"), seconds, plant=plant, **options))
 
 
 @scenario("S04a-sentinel", "nearcache-staleness-load-async-sentinel")
 def s04a_sentinel(env: Env, seconds: float = 4.0) -> ScenarioResult:
     """S04a on a Sentinel set."""
-    return _on_sentinel(s04a(_sentinel(env), seconds))
+    return _tagged("sentinel", s04a(_on(env, "sentinel"), seconds))
 
 
 @scenario("S07a-sentinel", "lost-invalidation-disconnect-async-sentinel")
@@ -106,7 +111,7 @@ def s07a_sentinel(
     env: Env, seconds: float = 4.0, *, guard: bool = True, variant: S07Variant | None = None
 ) -> ScenarioResult:
     """S07a on a Sentinel set (the subscribers the faults cut are on the master)."""
-    return _on_sentinel(s07a(_sentinel(env), seconds, guard=guard, variant=variant))
+    return _tagged("sentinel", s07a(_on(env, "sentinel"), seconds, guard=guard, variant=variant))
 
 
 @scenario("S13a-sentinel", "lock-lease-pause-fenced-async-sentinel")
@@ -114,7 +119,37 @@ def s13a_sentinel(
     env: Env, seconds: float = 6.0, *, guard: bool = True, variant: S13Variant | None = None
 ) -> ScenarioResult:
     """S13a on a Sentinel set (``client-pause`` pauses the master)."""
-    return _on_sentinel(s13a(_sentinel(env), seconds, guard=guard, variant=variant))
+    return _tagged("sentinel", s13a(_on(env, "sentinel"), seconds, guard=guard, variant=variant))
+
+
+@scenario("S01a-cluster", "auth-linearizable-baseline-async-cluster")
+def s01a_cluster(env: Env, seconds: float, *, plant: bool = False,
+                 **options: Any) -> ScenarioResult:  # fmt: skip
+    """S01a on a Redis Cluster (each key's operations on the master of its bucket's slot)."""
+    return _tagged("cluster", s01a(_on(env, "cluster"), seconds, plant=plant, **options))
+
+
+@scenario("S04a-cluster", "nearcache-staleness-load-async-cluster")
+def s04a_cluster(env: Env, seconds: float = 4.0) -> ScenarioResult:
+    """S04a on a Redis Cluster (the changes travel on the buckets' sharded channels)."""
+    return _tagged("cluster", s04a(_on(env, "cluster"), seconds))
+
+
+@scenario("S07a-cluster", "lost-invalidation-disconnect-async-cluster")
+def s07a_cluster(
+    env: Env, seconds: float = 4.0, *, guard: bool = True, variant: S07Variant | None = None
+) -> ScenarioResult:
+    """S07a on a Redis Cluster (the faults cut the sharded subscribers on every master)."""
+    return _tagged("cluster", s07a(_on(env, "cluster"), seconds, guard=guard, variant=variant))
+
+
+@scenario("S13a-cluster", "lock-lease-pause-fenced-async-cluster")
+def s13a_cluster(
+    env: Env, seconds: float = 6.0, *, guard: bool = True, variant: S13Variant | None = None
+) -> ScenarioResult:
+    """S13a on a Redis Cluster (the lock in its key's slot; ``client-pause`` pauses the master
+    of that slot)."""
+    return _tagged("cluster", s13a(_on(env, "cluster"), seconds, guard=guard, variant=variant))
 
 
 __all__ = [
@@ -122,11 +157,15 @@ __all__ = [
     "S01_DRIVERS",
     "S13_DRIVERS",
     "s01a",
+    "s01a_cluster",
     "s01a_sentinel",
     "s04a",
+    "s04a_cluster",
     "s04a_sentinel",
     "s07a",
+    "s07a_cluster",
     "s07a_sentinel",
     "s13a",
+    "s13a_cluster",
     "s13a_sentinel",
 ]

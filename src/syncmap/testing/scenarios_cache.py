@@ -27,8 +27,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal
 
 import redis
 
@@ -39,9 +39,10 @@ from ..embedded import EmbeddedRedis
 from ..keys import Layout, bucket_of, encode_key
 from ..map import SyncMap
 from .faults import (
-    admin_client,
+    delete_matching,
     flushall,
     kill_subscribers,
+    master_clients,
     set_pubsub_output_limit,
     subscribers,
 )
@@ -55,7 +56,6 @@ from .scenario import (
     STALE_P99,
     Env,
     ScenarioResult,
-    Store,
     finish,
     scenario,
     timed,
@@ -218,28 +218,9 @@ def _sweep_round(
     return sweep(ops, DELTA), divergent(results, w.url, w.name), results
 
 
-def _scan_delete(client: redis.Redis, patterns: list[str]) -> int:
-    """Delete every key matching one of ``patterns``; returns how many were deleted."""
-    deleted = 0
-    for pattern in patterns:
-        batch: list[Any] = []
-        for key in client.scan_iter(match=pattern, count=500):
-            batch.append(key)
-            if len(batch) >= 500:
-                deleted += int(client.delete(*batch))
-                batch = []
-        if batch:
-            deleted += int(client.delete(*batch))
-    return deleted
-
-
 def delete_map(url: str, name: str, namespace: str = "sm") -> int:
-    """Remove every Redis key of map ``name`` (meta and buckets); returns how many."""
-    client = admin_client(url)
-    try:
-        return _scan_delete(client, [f"{namespace}:{{{name}}}*", f"{namespace}:{{{name}:*"])
-    finally:
-        client.close()
+    """Remove every Redis key of map ``name`` (meta and buckets, on every master); how many."""
+    return delete_matching(url, [f"{namespace}:{{{name}}}*", f"{namespace}:{{{name}:*"])
 
 
 # ---- S04 --------------------------------------------------------------------------------------
@@ -342,43 +323,48 @@ def s05(
 # ---- S07 --------------------------------------------------------------------------------------
 
 
-def _kill_subscribers(store: Store, writer: Writer, seconds: float, counts: Counter[str]) -> Fault:
-    """Every 0.5 s: kill every subscriber (``faults.kill_subscribers``: on Sentinel, not the
-    Sentinels' own links), then rewrite every key while they reconnect."""
+def _kill_subscribers(url: str, writer: Writer, seconds: float, counts: Counter[str]) -> Fault:
+    """Every 0.5 s: kill every subscriber on every master (``faults.kill_subscribers``: on
+    Sentinel, not the Sentinels' own links; on a Cluster, each master's SSUBSCRIBE
+    connections), then rewrite every key while they reconnect."""
 
     def fault(cluster: Cluster) -> None:
-        admin = store.client()
+        masters = master_clients(url)
         end = cluster.started + seconds - 1.0
         kills = 0
-        while time.monotonic() < end:
-            time.sleep(0.5)  # the fault schedule, not a wait for anything
-            kills += kill_subscribers(admin)
-            for i in range(64):
-                writer.write(f"k{i}")
-        admin.close()
-        counts["disconnects"] += kills
+        try:
+            while time.monotonic() < end:
+                time.sleep(0.5)  # the fault schedule, not a wait for anything
+                kills += sum(kill_subscribers(admin) for admin in masters)
+                for i in range(64):
+                    writer.write(f"k{i}")
+        finally:
+            for admin in masters:
+                admin.close()
+            counts["kill"] += kills
 
     return fault
 
 
-def _pubsub_clients(admin: redis.Redis) -> int:
-    return len(subscribers(admin))
+def _pubsub_clients(masters: list[redis.Redis]) -> int:
+    return sum(len(subscribers(admin)) for admin in masters)
 
 
-def _slow_subscriber(admin: redis.Redis, writer: Writer, counts: Counter[str]) -> Fault:
-    """SIGSTOP one server; write until Redis drops its subscriber (output buffer limit)."""
+def _slow_subscriber(masters: list[redis.Redis], writer: Writer, counts: Counter[str]) -> Fault:
+    """SIGSTOP one server; write until Redis drops one of its subscribers (the output buffer
+    limit, set on every master: on a Cluster it subscribes to each master's channels)."""
 
     def fault(cluster: Cluster) -> None:
         victim = cluster.pids[0]
-        before = _pubsub_clients(admin)
+        before = _pubsub_clients(masters)
         os.kill(victim, signal.SIGSTOP)
         try:
-            while _pubsub_clients(admin) >= before:  # until Redis drops the paused subscriber
+            while _pubsub_clients(masters) >= before:  # until Redis drops a paused subscriber
                 for i in range(64):
                     writer.write(f"k{i}")
         finally:
             os.kill(victim, signal.SIGCONT)
-        counts["disconnects"] += 1
+        counts["slow-subscriber"] += 1
 
     return fault
 
@@ -396,35 +382,50 @@ def s07(
     and ``slow-subscriber`` (a SIGSTOPped server cut by the pubsub output buffer limit: the
     first server's).  ``guard=False`` disables gap detection, probes and epoch checks.  No
     ``variant``: both.  ``drivers``: each server's driver, cycled (S07a mixes in asyncio).
-    On ``env.topology``'s store: the faults strike the master, where the feeds subscribe."""
+    On ``env.topology``'s store: the faults strike every master, where the feeds subscribe
+    (on a Cluster, each master holds some buckets' channels).  A variant that cut no
+    subscriber fails: a run that injected nothing proves nothing."""
     result, started = timed("S07", "lost-invalidation-disconnect")
     variants = S07_VARIANTS if variant is None else (variant,)
     guards = Guards() if guard else OFF
     tally = _Tally()
     counts: Counter[str] = Counter()
     with env.store() as store:
-        admin = store.client()
-        for v in variants:
-            share = seconds / len(variants)
-            if v == "slow-subscriber":
-                set_pubsub_output_limit(admin, 65536, 32768, 1)
-            for length in _rounds(share, 30.0 if v == "kill" else 4.0, 3.0):
-                name = _round_name("s07")
-                with _writer(store.url, name) as writer:
-                    w = Workload(store.url, name=name, seconds=length, guards=guards,
-                                 drivers=drivers)  # fmt: skip
-                    fault = (
-                        _kill_subscribers(store, writer, length, counts)
-                        if v == "kill"
-                        else _slow_subscriber(admin, writer, counts)
-                    )
-                    tally.add(*_sweep_round(w, fault, writer))
-        admin.close()
+        masters = master_clients(store.url)
+        try:
+            for v in variants:
+                share = seconds / len(variants)
+                if v == "slow-subscriber":
+                    for admin in masters:
+                        set_pubsub_output_limit(admin, 65536, 32768, 1)
+                for length in _rounds(share, 30.0 if v == "kill" else 4.0, 3.0):
+                    name = _round_name("s07")
+                    with _writer(store.url, name) as writer:
+                        w = Workload(store.url, name=name, seconds=length, guards=guards,
+                                     drivers=drivers)  # fmt: skip
+                        fault = (
+                            _kill_subscribers(store.url, writer, length, counts)
+                            if v == "kill"
+                            else _slow_subscriber(masters, writer, counts)
+                        )
+                        tally.add(*_sweep_round(w, fault, writer))
+        finally:
+            for admin in masters:
+                admin.close()
     tally.figures(result)
-    result.figures["disconnects"] = counts["disconnects"]
+    result.figures["disconnects"] = sum(counts.values())
+    result.figures["masters"] = len(masters)
     result.figures["variants"] = ",".join(variants)
+    require_injected(result, variants, counts)
     tally.require_clean(result)
     return finish(result, started)
+
+
+def require_injected(result: ScenarioResult, variants: Iterable[str], counts: Counter[str]) -> None:
+    """Each variant must have cut some subscriber: a chaos run whose fault found nothing to
+    strike (no master, no subscriber on the node it looked at) proves nothing and fails."""
+    for v in variants:
+        result.require(counts[v] > 0, f"{v}: no subscriber was cut (the fault injected nothing)")
 
 
 # ---- S08 --------------------------------------------------------------------------------------
@@ -596,6 +597,7 @@ __all__ = [
     "delete_map",
     "divergent",
     "pre_reset_reads",
+    "require_injected",
     "run_cluster",
     "s04",
     "s05",

@@ -29,10 +29,9 @@ import redis
 from ..config import MapConfig
 from ..embedded import EmbeddedRedis
 from ..errors import StoreUnavailable, WriteOutcomeUnknown
-from ..keys import Layout
 from ..map import SyncMap
 from .drivers import mixed_maps
-from .faults import admin_client, client_kill, client_pause
+from .faults import client_kill, client_pause, delete_matching
 from .recorder import (
     _UNAVAILABLE_PAUSE_S,
     MUTATIONS,
@@ -76,16 +75,11 @@ def _open_maps(url: str, name: str, count: int, config: MapConfig) -> list[SyncM
     return maps
 
 
-def delete_map_keys(url: str, name: str, namespace: str, buckets: int) -> int:
-    """Delete every Redis key of map ``name`` (its meta hash and each bucket's three keys)."""
-    layout = Layout(namespace, name, buckets)
-    names = [layout.meta, *(k for b in range(buckets) for k in layout.bucket_keys(b))]
-    client = admin_client(url)
-    try:
-        stray = [k.decode() for k in client.scan_iter(match=f"{namespace}:{{{name}*", count=1000)]
-        return int(client.delete(*{*names, *stray}))
-    finally:
-        client.close()
+def delete_map_keys(url: str, name: str, namespace: str) -> int:
+    """Delete every Redis key of map ``name``: its meta hash and each bucket's keys (``Layout``:
+    all under ``{<name>}`` or ``{<name>:<bucket>}``, as are the locks of ``map.lock`` on a
+    Cluster), found by SCAN on every master (a Cluster spreads them)."""
+    return delete_matching(url, [f"{namespace}:{{{name}}}*", f"{namespace}:{{{name}:*"])
 
 
 def _items(m: SyncMap, timeout: float = 10.0) -> list[tuple[Any, Any]]:
@@ -206,7 +200,7 @@ def s01(
                 rec.maps = list(maps)
                 history = rec.run(seconds)
         finally:
-            deleted = delete_map_keys(url, name, env.namespace, config.buckets)
+            deleted = delete_map_keys(url, name, env.namespace)
     records = history.records
     if history_path is not None:
         save_records(records, history_path)

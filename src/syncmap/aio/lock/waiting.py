@@ -25,7 +25,9 @@ from typing import Any, TypeVar
 from ... import instruments
 from ...errors import LockNotAcquired
 from ...feed.apubsub import AsyncSubscriber, Handler
+from ...feed.asharded import AsyncShardedSubscriber
 from ...lock.waiting import CONFIRM_WAIT, IDLE_CHANNELS, Attempt, not_acquired
+from ...store.cluster import ClusterTopology
 from ...store.topology import Topology
 
 T = TypeVar("T")
@@ -39,7 +41,7 @@ class _Channel:
         self.waiters: set[asyncio.Event] = set()
         self.handler = Handler(on_message=self.on_message, on_up=self.on_up,
                                on_down=self.on_down)  # fmt: skip
-        self.subscriber: AsyncSubscriber | None = None
+        self.subscriber: AsyncSubscriber | AsyncShardedSubscriber | None = None
 
     def _wake(self) -> None:
         for event in self.waiters:
@@ -55,6 +57,15 @@ class _Channel:
     def on_down(self) -> None:
         self.confirmed.clear()
         self._wake()  # messages may be lost from now on: every waiter tries again
+
+
+def _attach(topology: Topology, channel: str,
+            handler: Handler) -> AsyncSubscriber | AsyncShardedSubscriber:  # fmt: skip
+    """The loop's subscriber for ``channel``: the sharded one on a Redis Cluster."""
+    if topology.sharded:
+        assert isinstance(topology, ClusterTopology)  # the one sharded topology
+        return AsyncShardedSubscriber.attach_to(topology, channel, handler)
+    return AsyncSubscriber.attach_to(topology, channel, handler)
 
 
 class AsyncWaker:
@@ -84,7 +95,7 @@ class AsyncWaker:
         chan = self._channels.get(channel)
         if chan is None:
             chan = self._channels[channel] = _Channel()
-            chan.subscriber = AsyncSubscriber.attach_to(self._topology, channel, chan.handler)
+            chan.subscriber = _attach(self._topology, channel, chan.handler)
         self._channels.move_to_end(channel)
         chan.waiters.add(event)
         try:
