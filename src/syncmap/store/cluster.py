@@ -280,6 +280,8 @@ class ClusterTopology:
         advice = "Check that the cluster runs and the URL names its nodes"
         if any(tls_failed(exc) for _, exc in errors):
             advice = TLS_ADVICE
+        elif errors and all("cluster support disabled" in str(exc) for _, exc in errors):
+            advice = "These servers are not in cluster mode: for one Redis use redis://host:port"
         details = "; ".join(f"{address}: {exc}" for address, exc in errors)[:400]
         return StoreUnavailable(
             f"{self.where}: no node told the slot map; nothing ran. {advice}. ({details})"
