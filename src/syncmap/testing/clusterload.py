@@ -1,0 +1,278 @@
+"""Pieces the Cluster scenarios share (``scenarios_cluster``: S24, S25, S28).
+
+* :func:`bucket_owners`: which master serves each bucket of a map now, and the workload keys
+  of a set of buckets;
+* :class:`Observer`: an in-process server of the scenario's map that reads every workload key
+  through its near cache and logs each bucket flush, so a scenario can tell *which* buckets a
+  fault cost (the workload's server processes only report totals);
+* :class:`Writer`: the scenario's own writer, recording its writes for the sweep like a server;
+* :class:`StoreLoad`: S01's workload (cache bypassed, WGL per key) on the same map, with an
+  acknowledged-writes-lost count (C7) from a final snapshot;
+* :func:`redirects`: the ``MOVED``/``ASK``/``TRYAGAIN`` replies every master has sent so far.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import MapConfig
+from ..core.nearcache import Guards
+from ..errors import StoreError, StoreUnavailable, WriteOutcomeUnknown
+from ..keys import Layout, bucket_of, encode_key
+from ..map import SyncMap
+from ..store.cluster import slot_for
+from .clusternode import Addr
+from .clusterset import ClusterSet
+from .history import Op
+from .recorder import History, Recorder, Record
+from .scenarios_store import _scan_records, _short, _snapshot
+from .storecheck import Checked, LostReport, acked_writes_lost, check_records
+from .workload import ServerResult
+
+DELTA = 1.0  # max_staleness of every map (the workload's default)
+BUCKETS = MapConfig().buckets
+KEYS = [f"k{i}" for i in range(64)]  # the workload's keys (testing/workload.py)
+_ns = time.monotonic_ns
+
+
+def bucket_of_key(key: str) -> int:
+    return bucket_of(encode_key(key, MapConfig().max_key_bytes), BUCKETS)
+
+
+def bucket_owners(cs: ClusterSet, name: str) -> dict[int, Addr]:
+    """Bucket -> address of the master that serves its slot now (map ``name``, namespace sm)."""
+    layout = Layout("sm", name, BUCKETS)
+    return {b: cs.master_for_slot(slot_for(layout.data(b))).addr for b in range(BUCKETS)}
+
+
+def keys_in(buckets: Iterable[int]) -> list[str]:
+    chosen = set(buckets)
+    return [k for k in KEYS if bucket_of_key(k) in chosen]
+
+
+def redirects(cs: ClusterSet) -> dict[str, int]:
+    """Error replies ``MOVED``, ``ASK`` and ``TRYAGAIN`` sent so far, summed over the masters
+    (``INFO errorstats``, Redis 6.2+): every one is a command a client had to send again."""
+    out = {"MOVED": 0, "ASK": 0, "TRYAGAIN": 0}
+    for master in cs.masters():
+        client = cs.node_client(master, socket_timeout=2.0)
+        try:
+            stats = client.info("errorstats")
+        finally:
+            client.close()
+        for name in out:
+            entry = stats.get(f"errorstat_{name}", {})
+            out[name] += int(entry.get("count", 0)) if isinstance(entry, dict) else 0
+    return out
+
+
+# ---- the observer ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    at_ns: int
+    bucket: int
+    resync: bool  # a restart (lost messages, an epoch or regression); False: a lease lapsed
+
+
+class Observer:
+    """A server of map ``name`` in this process (node id ``observer``): a thread reads every
+    workload key through the near cache, and each bucket flush is logged (:class:`Flush`).
+
+    The log wraps the core's ``_flush``, through which every flush passes: a restart after lost
+    messages, a gap or an epoch change (``count=True``: a resync) and a lapsed lease (``False``).
+    It is test instrumentation of this one map, in this process only."""
+
+    def __init__(self, url: str, name: str, guards: Guards) -> None:
+        config = MapConfig(max_staleness=DELTA, guards=guards, socket_timeout=2.0)
+        self.map = SyncMap(name, url, config=config, node_id="observer")
+        self.flushes: list[Flush] = []  # list.append is atomic: the map's threads append
+        self.ops: list[Op] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="observer", daemon=True)
+        core = self.map._core
+        flush = core._flush
+
+        def logged(bucket: int, count: bool = True) -> None:
+            self.flushes.append(Flush(_ns(), bucket, count))
+            flush(bucket, count)
+
+        core._flush = logged  # type: ignore[method-assign]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _read(self) -> None:
+        while not self._stop.wait(0.005):  # pacing: a pass over the keys every ~5 ms
+            for key in KEYS:
+                call = _ns()
+                try:
+                    value, version, source = self.map.get_with_meta(key)
+                except StoreError:
+                    continue
+                self.ops.append(Op("observer", "read", key, value, version, call, _ns(), source))
+
+    def result(self) -> ServerResult:
+        """What it holds now (call it ``max_staleness`` after the last write), as a workload
+        server reports it, for the sweep and the convergence check (C3)."""
+        cached = {k: got for k in KEYS if (got := self.map.peek(k)) is not None}
+        stats = {"resyncs": self.map.statistics().resyncs}
+        return ServerResult("observer", os.getpid(), self.ops, cached, stats)
+
+    def flushed(self, since_ns: int, until_ns: int | None = None) -> list[Flush]:
+        end = until_ns if until_ns is not None else 2**63
+        return [f for f in self.flushes if since_ns <= f.at_ns < end]
+
+    def close(self) -> None:
+        self.stop()
+        self.map.close()
+
+
+@contextlib.contextmanager
+def observing(url: str, name: str, guards: Guards) -> Iterator[Observer]:
+    obs = Observer(url, name, guards)
+    try:
+        yield obs
+    finally:
+        obs.close()
+
+
+# ---- the scenario's own writer ------------------------------------------------------------------
+
+
+class Writer:
+    """Writes unique values and records them as a workload server does (``workload._one``):
+    acknowledged -> "write", outcome unknown -> "info", refused (nothing ran) -> dropped."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.map = SyncMap(name, url, config=MapConfig(socket_timeout=2.0), node_id="writer")
+        self.ops: list[Op] = []
+        self.refused = 0
+        self.n = 0
+
+    def write(self, key: str) -> bool:
+        """True if acknowledged."""
+        self.n += 1
+        value, call = f"writer-{self.n}", _ns()
+        try:
+            version = self.map.set(key, value)
+        except WriteOutcomeUnknown:
+            self.ops.append(Op("writer", "info", key, value, -1, call, _ns()))
+            return False
+        except StoreUnavailable:
+            self.refused += 1
+            return False
+        self.ops.append(Op("writer", "write", key, value, version, call, _ns()))
+        return True
+
+    def close(self) -> None:
+        self.map.close()
+
+
+# ---- S01's workload on the same map -------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class StoreLoad:
+    """S01's recorder (cache bypassed) on map ``name`` with ``config``, its keys prefixed with
+    ``variant`` so several loads share the map, on a thread of its own."""
+
+    url: str
+    name: str
+    variant: str
+    config: MapConfig
+    threads: int = 8
+    maps: list[SyncMap] = field(default_factory=list)
+    recorder: Recorder | None = None
+    history: History | None = None
+    _thread: threading.Thread | None = None
+
+    def start(self, seconds: float) -> None:
+        self.maps = [SyncMap(self.name, self.url, config=self.config, node_id=f"{self.variant}{i}")
+                     for i in range(2)]  # fmt: skip
+        self.recorder = Recorder(self.maps, threads=self.threads, key_prefix=f"{self.variant}-")
+        self._thread = threading.Thread(target=self._run, args=(seconds,), daemon=True)
+        self._thread.start()
+
+    def _run(self, seconds: float) -> None:
+        assert self.recorder is not None
+        self.history = self.recorder.run(seconds)
+
+    def finish(self, budget_s: float) -> StoreVerdict:
+        """Join, snapshot every key (C7), close the maps, check the history (WGL + sweep)."""
+        assert self._thread is not None and self.recorder is not None
+        self._thread.join(120)
+        history = self.history or History()
+        try:
+            snap = _snapshot(self.maps[0], history.keys)
+        finally:
+            for m in self.maps:
+                m.close()
+        records = list(history.records)
+        lost = acked_writes_lost(records, *snap)
+        records += _scan_records(*snap, "scan-final")
+        records.sort(key=lambda r: r.call_ns)
+        return StoreVerdict(self.variant, history, records, lost,
+                            check_records(records, budget_s=budget_s, workers=1))  # fmt: skip
+
+
+@dataclass(slots=True)
+class StoreVerdict:
+    variant: str
+    history: History
+    records: list[Record]
+    lost: LostReport
+    checked: Checked
+
+    def first_ack_after(self, t_ns: int, keys_of: set[int]) -> int | None:
+        """Return time of the first acknowledged mutation that changed a key (so a
+        ``wait_replicas`` write was confirmed) called after ``t_ns``, on the buckets
+        ``keys_of`` (or None)."""
+        rets = [r.ret_ns for r in self.records
+                if r.source == "redis" and r.effective and r.ret_ns is not None
+                and r.call_ns > t_ns and bucket_of_key(r.key) in keys_of]  # fmt: skip
+        return min(rets, default=None)
+
+    def keys_on(self, buckets: set[int]) -> int:
+        return sum(1 for k in self.history.keys if bucket_of_key(k) in buckets)
+
+    def figures(self) -> dict[str, Any]:
+        h, c = self.history, self.checked
+        return {
+            "ops": c.ops, "ops_info": h.info, "ops_refused": h.failed, "keys": c.keys,
+            "keys_nonlinearizable": c.keys_failed, "keys_unknown": c.keys_unknown,
+            "sweep_anomalies": c.sweep.anomalies, "acked_lost": self.lost.lost,
+            "checker_s": round(c.seconds, 2),
+        }  # fmt: skip
+
+    def witness(self) -> str:
+        return _short(self.checked.witness)
+
+
+__all__ = [
+    "BUCKETS",
+    "DELTA",
+    "KEYS",
+    "Flush",
+    "Observer",
+    "StoreLoad",
+    "StoreVerdict",
+    "Writer",
+    "bucket_of_key",
+    "bucket_owners",
+    "keys_in",
+    "observing",
+    "redirects",
+]
