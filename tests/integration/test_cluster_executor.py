@@ -141,3 +141,39 @@ def test_every_masters_pipeline_is_sent_before_any_reply_is_read(
     finally:
         for n in nodes:
             n.close()
+
+
+def test_commands_still_redirected_fail_like_an_unreachable_masters(
+    redis_cluster: ClusterSet,
+) -> None:
+    # A two-key script in a migrating slot whose second key does not exist is refused with
+    # TRYAGAIN until the slot is handed over (Redis cannot run it on either side).  When the
+    # executor gives up on it, the other master's command of the same call has already run:
+    # with partial=True only the refused command carries the error; without, the write's
+    # outcome is partly unknown, never "nothing ran" (StoreUnavailable).
+    topology = _topology(redis_cluster)
+    ex = topology.executor(timeout=2.0)
+    moving, other = "{mig}a", "elsewhere"  # slots 13513 and 6140: two masters
+    ex.call([("SET", moving, 1), ("SET", other, 0)], write=True)
+    source = redis_cluster.master_for_slot(slot_for(moving))
+    target = next(m for m in redis_cluster.masters() if m is not source)
+    assert redis_cluster.master_for_slot(slot_for(other)) is not source, "pick another key"
+    script = ("EVAL", "return redis.call('INCR', KEYS[1])", 2, moving, "{mig}absent")
+    seen: list[object] = []
+
+    def mid_migration(step: str) -> None:
+        if step == "moved":  # both sides marked, the key on the target: TRYAGAIN
+            seen.append(ex.call([("INCR", other), script], write=True, partial=True))
+            with pytest.raises(WriteOutcomeUnknown, match="had already run"):
+                ex.call([("INCR", other), script], write=True)
+            with pytest.raises(StoreUnavailable, match="still redirected") as alone:
+                ex.call([script], write=True)  # refused at every try: nothing ran anywhere
+            assert not isinstance(alone.value, WriteOutcomeUnknown)
+
+    try:
+        redis_cluster.migrate_slot(slot_for(moving), target, hook=mid_migration)
+        (replies,) = seen
+        assert replies[0] == 1 and isinstance(replies[1], StoreUnavailable)
+        assert ex.call([("GET", other), ("GET", moving)], write=False) == [b"2", b"1"]  # INCR x2
+    finally:
+        ex.close()

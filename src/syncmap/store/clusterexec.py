@@ -82,10 +82,16 @@ class Routing:
         """This round's pipelines, one per master (two where some commands were asked)."""
         self.rounds += 1
         if self.rounds > MAX_REDIRECTS + 1:
-            raise StoreUnavailable(
+            # Those commands did not run, but others of this call may have (an earlier round,
+            # another master): fail them as an unreachable master's (a write part of which ran
+            # is of unknown outcome; with ``partial`` the error goes in their places).
+            pending, self.todo = self.todo, []
+            self.asked.clear()
+            self.failed(Group("", pending, []), StoreUnavailable(
                 f"{self.topology.where}: still redirected after {MAX_REDIRECTS} rounds (slots "
                 "are moving); the commands not yet answered did not run: retry later"
-            )
+            ))  # fmt: skip
+            return []
         plain: dict[str, Group] = {}
         asked: dict[str, Group] = {}
         last: str | None = None
@@ -114,6 +120,7 @@ class Routing:
         """A group's replies: answers kept, redirected commands queued for the next round."""
         if group.asking:
             replies = replies[1::2]  # drop the ASKING replies
+        ran = False  # whether any of them ran there (a redirected one did not)
         for i, reply in zip(group.indices, replies, strict=True):
             if isinstance(reply, MovedError):
                 self.topology.moved(reply.slot_id, f"{reply.host}:{reply.port}")
@@ -130,7 +137,9 @@ class Routing:
                 )
             else:
                 self.replies[i] = reply
-        self.ran_on.add(group.address)
+                ran = True
+        if ran:
+            self.ran_on.add(group.address)
         self.todo.sort()  # a bucket's commands keep their order when sent again
 
     def failed(self, group: Group, exc: StoreUnavailable) -> None:
