@@ -109,6 +109,7 @@ class BucketState:
     digest: str | None = None  # the digest chain at ``seq`` (wire.next_digest); None: unknown
     # (a gap, or an epoch learned from a reply): the next probe at ``seq`` restarts the bucket
     confirmed_at: float = -INF  # send time of the probe that gave ``lease_until``
+    replied_at: float = -INF  # send time of the newest probe that read this bucket
     stale_until: float = -INF  # lapsed in an outage: entries servable stale until then
 
 
@@ -197,7 +198,6 @@ class NearCache:
         self.entries: dict[Key, Entry] = {}
         self.max_stale_age = max_stale_age
         """0: strict (a lapsed lease flushes its bucket).  More: serve_stale mode, see above."""
-        self._replied = -INF  # send time of the newest probe that came back
         self.ordered = ordered
         """``True``: messages of a bucket arrive in version order, so a jump means a loss and the
         bucket is flushed at once.  ``False`` (relayed feeds): a jump may be a reordering; the
@@ -572,11 +572,13 @@ class NearCache:
         return [b.top for b in self.buckets]
 
     def on_probe(
-        self, states: Sequence[ProbeState], sent_at: float, now: float,
+        self, states: Sequence[ProbeState | None], sent_at: float, now: float,
         tops: Sequence[int] | None = None,
     ) -> None:  # fmt: skip
         """Apply the ``(epoch, seq[, digest])`` of every bucket, read by a probe sent at
-        ``sent_at``.
+        ``sent_at``.  ``None``: that bucket's probe did not run (on a Cluster, its master is
+        down or its slot moving): it is left as it is, so its lease runs out (:meth:`tick`)
+        while the buckets that answered are renewed.
 
         The digest (the store's digest chain) closes the hole a lost message leaves open to a
         forger.  Order it prevents: a writer dies between its write (version N of key k) and the
@@ -592,13 +594,15 @@ class NearCache:
         both read (no epoch, seq 0), so without ``tops`` the probe would confirm k@1 forever.
         """
         repair = self._repair_from is not None and sent_at >= self._repair_from
-        if repair:
+        if repair and None not in states:  # else a bucket left out still needs its repair
             self._repair_from = None
-        self._replied = max(self._replied, sent_at)
         for i, state in enumerate(states):
+            if state is None:
+                continue
             epoch, seq = state[0], state[1]
             digest = state[2] if len(state) == 3 else None
             b = self.buckets[i]
+            b.replied_at = max(b.replied_at, sent_at)
             # A message heard after this probe left knows better than the probe: the probe read
             # (no epoch, 0), then the bucket's first write's message taught us epoch E; the
             # reply must not undo that.  A restart after that message shows up in the next
@@ -731,15 +735,16 @@ class NearCache:
     def _keeps_stale(self, b: BucketState) -> bool:
         """Whether a bucket whose lease just lapsed may be served stale (serve_stale mode).
 
-        Only when no probe sent after the one that last confirmed it has come back: the store
-        is unreachable or hung.  Order it tells apart: a message is lost; the next probe comes
-        back with a sequence we never reach, so the lease is not renewed and lapses.  That
-        probe came back (``_replied`` > ``confirmed_at``): the store is up and the bucket is
-        known to be behind, so it is flushed as in strict mode, never served stale.
+        Only when no probe sent after the one that last confirmed it has read it: its store
+        (on a Cluster, its master) is unreachable or hung.  Order it tells apart: a message is
+        lost; the next probe comes back with a sequence we never reach, so the lease is not
+        renewed and lapses.  That probe read the bucket (``replied_at`` > ``confirmed_at``):
+        the store is up and the bucket is known to be behind, so it is flushed as in strict
+        mode, never served stale.
         """
         if self.max_stale_age <= 0 or b.top <= 0:
             return False
-        return self._replied <= b.confirmed_at or not self.guards.stale_bound
+        return b.replied_at <= b.confirmed_at or not self.guards.stale_bound
 
     def cached(self, key: Key, now: float) -> tuple[Entry, bool] | None:
         """The entry a read of ``key`` may serve at ``now`` without I/O, and whether it is

@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import forksafe
 from ..core.nearcache import ProbeState
-from ..errors import ConfigurationError, StoreError, SyncMapError
+from ..errors import ConfigurationError, StoreError, StoreUnavailable, SyncMapError
 from ..keys import Layout, is_key_field
 from . import scripts
 
@@ -178,7 +178,7 @@ def slot_of(command: Command) -> str | None:
 class ProbeResult:
     """A probe's replies, parsed: what the near cache needs and what to report."""
 
-    states: list[ProbeState]
+    states: list[ProbeState | None]  # None: that bucket's probe did not run (parse_probe)
     server_ms: int
     live: int
     damaged: list[tuple[int, str]]
@@ -189,21 +189,28 @@ def parse_probe(layout: Layout, replies: list[Any]) -> ProbeResult:
     """Parse :meth:`MapCommands.probe`'s replies (sent with ``partial=True`` when damage is
     isolated).  A bucket whose probe was refused for its own keys' sake (wrong type, bookkeeping
     not numeric, another map's settings) gets an epoch no real bucket has (a new negative number
-    each probe), so the near cache flushes just that bucket; Redis-wide refusals raise."""
+    each probe), so the near cache flushes just that bucket.  A bucket whose probe did not run
+    (``StoreUnavailable`` in its place: on a Cluster, its master is unreachable or its slot is
+    moving) gets ``None``: no answer, so its lease runs out while the others are renewed.
+    Redis-wide refusals raise, and so does a probe no bucket answered."""
     n = layout.buckets
-    states: list[ProbeState] = []
+    states: list[ProbeState | None] = []
     damaged: list[tuple[int, str]] = []
+    unanswered: StoreUnavailable | None = None
     server_ms, live = None, 0
     for bucket, reply in enumerate(replies[:n]):
+        state: ProbeState | None
         try:
             if isinstance(reply, Exception):
                 raise reply
             epoch = int(reply[0]) if reply[0] else None
-            state: ProbeState = (epoch, int(reply[1]), _text(reply[4]))
+            state = (epoch, int(reply[1]), _text(reply[4]))
             server_ms, live = int(reply[2]), live + int(reply[3])
+        except StoreUnavailable as exc:  # this bucket's probe did not run
+            unanswered, state = unanswered or exc, None
         except SyncMapError as exc:
             if not bucket_damage(exc):
-                raise  # unreachable, OOM, the ACL refuses the probe: every bucket alike
+                raise  # OOM, the ACL refuses the probe: every bucket alike
             damaged.append((bucket, str(exc)))
             state = (-next(_damaged_epochs), 0, None)
         except (TypeError, ValueError, IndexError) as exc:
@@ -211,6 +218,8 @@ def parse_probe(layout: Layout, replies: list[Any]) -> ProbeResult:
             state = (-next(_damaged_epochs), 0, None)
         states.append(state)
     if server_ms is None:
+        if unanswered is not None:
+            raise unanswered
         raise StoreError(f"map {layout.name!r}: every bucket is damaged (first: bucket "
                          f"{damaged[0][0]}, {damaged[0][1][:200]})")  # fmt: skip
     meta_recreated = any(r == 1 for r in replies[n:])

@@ -48,7 +48,7 @@ class RawStore:
                 self.relay(messages)
         return replies
 
-    def probe(self) -> tuple[list[ProbeState], int, int]:
+    def probe(self) -> tuple[list[ProbeState | None], int, int]:
         result = parse_probe(self.layout, self.call(self.cmds.probe(), write=True, partial=True))
         return result.states, result.server_ms, result.live
 
