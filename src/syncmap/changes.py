@@ -196,8 +196,12 @@ class FeedLogic(ABC):
         delivered, so nothing was lost and there is nothing to repair."""
         if resumed and self.is_up():
             return
+        self.on_buckets_up(None)
+
+    def on_buckets_up(self, buckets: list[int] | None) -> None:
+        """Subscribed again; only ``buckets`` may have lost messages (None: any bucket)."""
         with self.lock:
-            self.core.on_feed_up(time.monotonic())
+            self.core.on_feed_up(time.monotonic(), buckets)
         self.signal_up()
         self.wake_probe()
 

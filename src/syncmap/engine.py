@@ -96,7 +96,10 @@ class Engine(FeedLogic):
         message.
         """
         handler = FeedHandler(
-            lambda data, _position: self.on_feed_message(data), self.on_feed_up, self.on_feed_down
+            lambda data, _position: self.on_feed_message(data),
+            self.on_feed_up,
+            self.on_feed_down,
+            self.on_buckets_up,
         )
         self._subscription = self.feed.subscribe(handler)
         if not self._feed_up.wait(self_check_timeout):

@@ -70,3 +70,39 @@ def test_parse_probe_marks_unanswered_buckets_and_raises_when_none_answered() ->
     assert result.states[1][:2] == (E, 3) and not result.damaged
     with pytest.raises(StoreUnavailable, match="refused"):
         parse_probe(layout, [down, down])
+
+
+# ---- a repair scoped to the buckets whose channel was lost (sharded feeds) ----------------------
+
+
+def test_a_repair_after_one_channel_was_lost_restarts_only_its_buckets() -> None:
+    """Order: bucket 1's channel is lost and comes back (its messages may be lost); meanwhile
+    bucket 0's k is written and its message is still on the way when the repair probe reads
+    the sequences.  Bucket 0's channel never went down: its message will come, nothing was
+    lost there, so the repair must not flush it (bucket 1 moved unseen: flushed)."""
+    core = warm()
+    core.on_feed_down()
+    core.on_feed_up(0.5, buckets=[1])
+    core.on_probe([(E, 2), (E, 2)], 0.6, 0.6, core.tops())
+    assert "b" not in core.entries and core.counters.lost_detected == 1
+    assert "a" in core.entries  # waiting for its message (or the grace period), not flushed
+
+
+def test_channel_set_reports_the_buckets_whose_channel_went_down() -> None:
+    from syncmap.feed.base import FeedHandler
+    from syncmap.feed.redis_sharded import ChannelSet
+
+    told: list[object] = []
+    handler = FeedHandler(lambda data, position: None, lambda resumed: told.append("all"),
+                          on_buckets_up=lambda buckets: told.append(sorted(buckets)))  # fmt: skip
+    channels = ChannelSet(["c0", "c1", "c2"], handler)
+    ups = {name: h.on_up for name, h in channels.handlers()}
+    downs = {name: h.on_down for name, h in channels.handlers()}
+    for name in ("c0", "c1", "c2"):
+        ups[name]()
+    assert told == [[0, 1, 2]]  # the first confirmation: every channel was down
+    downs["c2"]()
+    downs["c0"]()
+    ups["c2"]()
+    ups["c0"]()
+    assert told == [[0, 1, 2], [0, 2]]

@@ -84,7 +84,10 @@ class AsyncEngine(FeedLogic):
         the tasks.  A write acknowledged before the probe is accounted for by the probe; one
         after it, by its message."""
         handler = FeedHandler(
-            lambda data, _position: self.on_feed_message(data), self.on_feed_up, self.on_feed_down
+            lambda data, _position: self.on_feed_message(data),
+            self.on_feed_up,
+            self.on_feed_down,
+            self.on_buckets_up,
         )
         self._subscription = await self.feed.subscribe(handler)
         try:

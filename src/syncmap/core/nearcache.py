@@ -40,7 +40,7 @@ Without the note, B would cache k@4 after having processed k@5, stale until the 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +110,7 @@ class BucketState:
     # (a gap, or an epoch learned from a reply): the next probe at ``seq`` restarts the bucket
     confirmed_at: float = -INF  # send time of the probe that gave ``lease_until``
     replied_at: float = -INF  # send time of the newest probe that read this bucket
+    repair_from: float | None = None  # a probe sent at or after this time repairs the bucket
     stale_until: float = -INF  # lapsed in an outage: entries servable stale until then
 
 
@@ -215,7 +216,6 @@ class NearCache:
         self._ttl: list[tuple[float, int, Key]] = []
         self._feed_gen = 0
         self._probes = 0
-        self._repair_from: float | None = None  # a probe sent at or after this time repairs
         self._writes = 0  # this server's own acknowledged writes (a bulk fill checks none came)
         self.valid_until = -INF
         """Every cached entry may be served until then (earliest lease or TTL deadline, less
@@ -537,11 +537,17 @@ class NearCache:
         """The subscription dropped: messages may be lost until it is back."""
         self._feed_gen += 1
 
-    def on_feed_up(self, now: float = -INF) -> None:
+    def on_feed_up(self, now: float = -INF, buckets: Iterable[int] | None = None) -> None:
         """Re-subscribed and confirmed at ``now``: the first probe *sent* after that repairs
         (flushes every bucket that moved at once).  A probe sent before it cannot: the messages it
-        would have to account for were published after it read the sequences."""
-        self._repair_from = now
+        would have to account for were published after it read the sequences.
+
+        ``buckets``: only those may have lost messages (a feed with a channel per bucket lost
+        some channels, the others stayed subscribed); None: every bucket.  Order it spares: a
+        bucket whose channel stayed up is written, the probe reads its new sequence while the
+        message is still on the way; the message will come, and flushing it would cost hits."""
+        for i in range(len(self.buckets)) if buckets is None else buckets:
+            self.buckets[i].repair_from = now
 
     def epoch_snapshot(self, bucket: int) -> tuple[int | None, int, int]:
         """What a multi-key write (update, clear) records before sending, see learn_epoch_if."""
@@ -593,16 +599,16 @@ class NearCache:
         it; Redis dies before k@1's message reaches anyone and restarts empty; bucket and store
         both read (no epoch, seq 0), so without ``tops`` the probe would confirm k@1 forever.
         """
-        repair = self._repair_from is not None and sent_at >= self._repair_from
-        if repair and None not in states:  # else a bucket left out still needs its repair
-            self._repair_from = None
         for i, state in enumerate(states):
-            if state is None:
+            if state is None:  # a bucket left out keeps its repair for the next probe
                 continue
             epoch, seq = state[0], state[1]
             digest = state[2] if len(state) == 3 else None
             b = self.buckets[i]
             b.replied_at = max(b.replied_at, sent_at)
+            repair = b.repair_from is not None and sent_at >= b.repair_from
+            if repair:
+                b.repair_from = None
             # A message heard after this probe left knows better than the probe: the probe read
             # (no epoch, 0), then the bucket's first write's message taught us epoch E; the
             # reply must not undo that.  A restart after that message shows up in the next

@@ -55,6 +55,10 @@ class FeedHandler:
     on_message: Callable[[bytes, str | None], None]
     on_up: Callable[[bool], None] = lambda resumed: None
     on_down: Callable[[], None] = lambda: None
+    on_buckets_up: Callable[[list[int]], None] | None = None
+    """A feed with one channel per bucket (``redis_sharded.ChannelSet``) calls this instead of
+    ``on_up(False)``, with the buckets whose channel was down since the last time: only their
+    messages may have been lost."""
 
 
 class Subscription(ABC):

@@ -8,9 +8,12 @@ sharded subscriber (``sharded.py``: one ``SSUBSCRIBE`` connection per master) de
 The map sees one feed (:class:`ChannelSet`): **down** as soon as any of its channels is down
 (a master's connection lost, a slot moving: messages of that bucket may be lost), **up** again
 once every channel is confirmed, which makes the map probe; the probe then flushes only the
-buckets whose sequence moved unseen (``NearCache.on_feed_up``).  Order on a channel's move:
-on_down -> re-subscribed on the new owner -> confirmed -> on_up (when it was the last one down)
--> the map probes -> a write applied on the new owner before the confirmation is seen there.
+buckets whose sequence moved unseen among those whose channel was down meanwhile
+(``FeedHandler.on_buckets_up``, ``NearCache.on_feed_up``): a bucket whose channel stayed up
+lost nothing, though its newest message may still be on the way when the probe reads it.
+Order on a channel's move: on_down -> re-subscribed on the new owner -> confirmed -> on_up
+(when it was the last one down) -> the map probes -> a write applied on the new owner before
+the confirmation is seen there.
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ class ChannelSet:
     callbacks may come from several subscriber threads at once, hence the lock."""
 
     def __init__(self, channels: Sequence[str], handler: FeedHandler) -> None:
-        self.channels = list(channels)
+        self.channels = list(channels)  # channel i carries bucket i's messages
         self.handler = handler
         self._down = set(self.channels)  # not yet confirmed
+        self._lost = set(range(len(self.channels)))  # down since the last time all were up
         self._lock = threading.Lock()
 
     def handlers(self) -> list[tuple[str, Handler]]:
@@ -48,15 +52,23 @@ class ChannelSet:
                 was_down = bool(self._down)
                 self._down.discard(channel)
                 all_up = was_down and not self._down
-            if all_up:
+                lost, self._lost = (sorted(self._lost), set()) if all_up else ([], self._lost)
+            if not all_up:
+                return
+            if self.handler.on_buckets_up is not None:
+                self.handler.on_buckets_up(lost)
+            else:
                 self.handler.on_up(False)
 
         return up
 
     def _downer(self, channel: str) -> Callable[[], None]:
+        index = self.channels.index(channel)
+
         def down() -> None:
             with self._lock:
                 self._down.add(channel)
+                self._lost.add(index)
             self.handler.on_down()
 
         return down
