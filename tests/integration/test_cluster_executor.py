@@ -4,6 +4,8 @@ every master that wrote, and an unreachable master told apart from the others.""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from syncmap.errors import ConfigurationError, StoreUnavailable, WriteOutcomeUnknown
@@ -177,3 +179,39 @@ def test_commands_still_redirected_fail_like_an_unreachable_masters(
         assert ex.call([("GET", other), ("GET", moving)], write=False) == [b"2", b"1"]  # INCR x2
     finally:
         ex.close()
+
+
+def test_a_slot_left_without_a_master_is_looked_up_again_on_the_next_call(
+    redis_cluster: ClusterSet,
+) -> None:
+    # During a failover the slot map names no master for the dead one's slots (CLUSTER SHARDS
+    # marks it failed).  Once the replica has taken over, the very next call must find it: a
+    # slot without a master is read again, not trusted until something else reads the map.
+    topology = _topology(redis_cluster)
+    ex = topology.executor(timeout=2.0)
+    key = KEYS[0]
+    ex.call([("SET", key, 1)], write=True)
+    victim = redis_cluster.master_for_slot(slot_for(key))
+    seen: list[str] = []
+    done = threading.Event()
+
+    def write_until_done() -> None:
+        while not done.is_set():
+            try:
+                ex.call([("INCR", key)], write=True)
+            except StoreUnavailable as exc:
+                seen.append(str(exc))
+            except WriteOutcomeUnknown:
+                pass  # the connection the kill cut
+            done.wait(0.01)  # pacing, as a retrying client would
+
+    writer = threading.Thread(target=write_until_done)
+    writer.start()
+    try:
+        redis_cluster.kill_master(victim)
+    finally:
+        done.set()
+        writer.join()
+    assert any("no master serves" in s for s in seen), seen[-3:]
+    assert ex.call([("INCR", key)], write=True)[0] >= 2  # on the promoted replica, at once
+    ex.close()

@@ -181,9 +181,15 @@ class ClusterTopology:
             self.refresh()
         address = self._owners[slot]
         if address is None:
+            # A slot without a master (its master failed, a replica not yet promoted) says
+            # nothing lasting: read the map again now, and on every call until one is named.
+            # Without this the map, not stale, stayed so until some other call lost a
+            # connection or met a MOVED: a promoted replica went unseen (0.6-0.8 s in S24).
+            self.invalidate()
             self.refresh()
             address = self._owners[slot]
             if address is None:
+                self.invalidate()
                 raise StoreUnavailable(
                     f"{self.where}: no master serves hash slot {slot} (the cluster is "
                     "reconfiguring or down); nothing ran: retry later"
