@@ -8,7 +8,9 @@
 * :class:`Writer`: the scenario's own writer, recording its writes for the sweep like a server;
 * :class:`StoreLoad`: S01's workload (cache bypassed, WGL per key) on the same map, with an
   acknowledged-writes-lost count (C7) from a final snapshot;
-* :func:`redirects`: the ``MOVED``/``ASK``/``TRYAGAIN`` replies every master has sent so far.
+* :func:`redirects`: the ``MOVED``/``ASK``/``TRYAGAIN`` replies every master has sent so far;
+* :class:`Run`, :func:`cluster_run`, :func:`run_load`: one scenario run on a private cluster,
+  every load at once with a fault injected meanwhile (``clusterfaults``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,10 +33,12 @@ from ..store.cluster import slot_for
 from .clusternode import Addr
 from .clusterset import ClusterSet
 from .history import Op
-from .recorder import History, Recorder, Record
+from .recorder import History, Record, Recorder
+from .scenario import Env
+from .scenarios_cache import OFF, run_cluster
 from .scenarios_store import _scan_records, _short, _snapshot
 from .storecheck import Checked, LostReport, acked_writes_lost, check_records
-from .workload import ServerResult
+from .workload import Cluster, ServerResult, Workload
 
 DELTA = 1.0  # max_staleness of every map (the workload's default)
 BUCKETS = MapConfig().buckets
@@ -47,13 +52,22 @@ def bucket_of_key(key: str) -> int:
 
 def bucket_owners(cs: ClusterSet, name: str) -> dict[int, Addr]:
     """Bucket -> address of the master that serves its slot now (map ``name``, namespace sm)."""
-    layout = Layout("sm", name, BUCKETS)
-    return {b: cs.master_for_slot(slot_for(layout.data(b))).addr for b in range(BUCKETS)}
+    return {b: cs.master_for_slot(bucket_slot(name, b)).addr for b in range(BUCKETS)}
 
 
 def keys_in(buckets: Iterable[int]) -> list[str]:
     chosen = set(buckets)
     return [k for k in KEYS if bucket_of_key(k) in chosen]
+
+
+def key_in(bucket: int, prefix: str) -> str:
+    """The first key ``<prefix><n>`` that falls into ``bucket``."""
+    return next(k for n in range(10_000) if bucket_of_key(k := f"{prefix}{n}") == bucket)
+
+
+def bucket_slot(name: str, bucket: int) -> int:
+    """The hash slot of every key of ``bucket`` of map ``name`` (namespace sm)."""
+    return slot_for(Layout("sm", name, BUCKETS).data(bucket))
 
 
 def redirects(cs: ClusterSet) -> dict[str, int]:
@@ -261,18 +275,78 @@ class StoreVerdict:
         return _short(self.checked.witness)
 
 
+# ---- one run ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Run:
+    """One scenario run on one cluster: the map, the loads, what the fault recorded."""
+
+    cs: ClusterSet
+    name: str
+    guard: bool
+    observer: Observer
+    writer: Writer
+    stores: list[StoreLoad] = field(default_factory=list)
+    marks: dict[str, int] = field(default_factory=dict)  # event -> monotonic ns
+    notes: dict[str, Any] = field(default_factory=dict)  # the fault's own figures
+
+    @property
+    def url(self) -> str:
+        return self.cs.url
+
+
+@contextlib.contextmanager
+def cluster_run(env: Env, prefix: str, guard: bool, extra_args: tuple[str, ...] = ()
+                ) -> Iterator[Run]:  # fmt: skip
+    """A private 3 + 3 cluster (``extra_args`` on every node's command line), a fresh map
+    ``<prefix>-<random>``, its observer and the scenario's writer; ``guard=False``: the
+    observer (and the cache load, see :func:`run_load`) with the cache guards off."""
+    with ClusterSet(binary=env.redis_binary, extra_args=extra_args) as cs:
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        with observing(cs.url, name, Guards() if guard else OFF) as obs:
+            writer = Writer(cs.url, name)
+            try:
+                yield Run(cs, name, guard, obs, writer)
+            finally:
+                writer.close()
+
+
+def run_load(run: Run, seconds: float, fault: Callable[[Run], None]) -> list[ServerResult]:
+    """The cache load for ``seconds`` (and the store loads, and the observer) with ``fault``
+    injected meanwhile; the servers' results, the observer's last.  When this returns, every
+    server waited out Δ after its last operation (workload.serve), so C3 may be checked."""
+    w = Workload(run.url, name=run.name, seconds=seconds, guards=run.observer.map.config.guards)
+
+    def inject(_: Cluster) -> None:
+        run.observer.start()
+        for load in run.stores:
+            load.start(seconds)
+        run.marks["start"] = _ns()
+        fault(run)
+
+    results = run_cluster(w, inject)
+    run.observer.stop()
+    return [*results, run.observer.result()]
+
+
 __all__ = [
     "BUCKETS",
     "DELTA",
     "KEYS",
     "Flush",
     "Observer",
+    "Run",
     "StoreLoad",
     "StoreVerdict",
     "Writer",
     "bucket_of_key",
     "bucket_owners",
+    "bucket_slot",
+    "cluster_run",
+    "key_in",
     "keys_in",
     "observing",
     "redirects",
+    "run_load",
 ]
