@@ -215,3 +215,54 @@ def test_a_slot_left_without_a_master_is_looked_up_again_on_the_next_call(
     assert any("no master serves" in s for s in seen), seen[-3:]
     assert ex.call([("INCR", key)], write=True)[0] >= 2  # on the promoted replica, at once
     ex.close()
+
+
+def test_a_master_lost_between_the_write_and_its_wait_is_not_replicated(
+    redis_cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The WAIT of a call goes to each master that wrote after the writes' replies came back.
+    # The master dies in between (the fault is injected there, just before the WAIT): the
+    # write ran, so the call reports it unconfirmed (a count of 0: the map raises
+    # NotReplicated), never "nothing ran" (StoreUnavailable).
+    topology = _topology(redis_cluster)
+    ex = topology.executor(timeout=2.0)
+    key = KEYS[0]
+    victim = redis_cluster.master_for_slot(slot_for(key))
+    send = NodeExecutor.send
+
+    def kill_before_wait(self: NodeExecutor, commands: list[tuple[object, ...]], **kw: object
+                         ) -> object:  # fmt: skip
+        if commands and commands[0][0] == "WAIT" and victim.running:
+            victim.kill()
+        return send(self, commands, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(NodeExecutor, "send", kill_before_wait)
+    try:
+        replies = ex.call([("SET", key, "ran"), ("WAIT", 1, 500)], write=True)
+        assert replies == [b"OK", 0]
+        assert not victim.running
+    finally:
+        ex.close()
+
+
+async def test_the_async_executor_too_reports_a_lost_wait_as_unconfirmed(
+    redis_cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from syncmap.store.anode import AsyncNodeExecutor
+
+    ex = _topology(redis_cluster).async_executor(timeout=2.0)
+    key = KEYS[0]
+    victim = redis_cluster.master_for_slot(slot_for(key))
+    raw = AsyncNodeExecutor.raw
+
+    async def kill_before_wait(self: AsyncNodeExecutor, commands: list[tuple[object, ...]],
+                               **kw: object) -> list[object]:  # fmt: skip
+        if commands and commands[0][0] == "WAIT" and victim.running:
+            victim.kill()
+        return await raw(self, commands, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AsyncNodeExecutor, "raw", kill_before_wait)
+    try:
+        assert await ex.call([("SET", key, "ran"), ("WAIT", 1, 500)], write=True) == [b"OK", 0]
+    finally:
+        await ex.aclose()

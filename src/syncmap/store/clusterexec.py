@@ -21,6 +21,7 @@ The contract is ``executor.py``'s, kept across nodes.  One call goes like this:
    ran *there*): with ``partial=True`` its commands get that error in place (the other masters'
    parts did run, as a multi-bucket write's parts may); otherwise it is raised, as
    ``WriteOutcomeUnknown`` if a write of this call already ran on another master.  A
+   master lost between its writes and its ``WAIT`` counts as confirmed by no replica.  A
    ``WriteOutcomeUnknown`` from any master is raised for the whole call: the flows then drop
    every key of the batch, never believing a value the store may not hold.
 """
@@ -43,6 +44,7 @@ from .node import NodeExecutor, Sent
 
 MAX_REDIRECTS = 5
 TRY_AGAIN_PAUSE = 0.02
+UNCONFIRMED: list[Any] = [0]  # a WAIT's replies when it could not be asked: no replica
 
 
 @dataclass(slots=True)
@@ -166,7 +168,10 @@ class Routing:
         return [Group(a, [], [self.wait]) for a in sorted(self.ran_on)]
 
     def result(self, waited: list[Any], where: str) -> list[Any]:
-        """The replies in order (the ``WAIT`` reply the smallest count), settled."""
+        """The replies in order (the ``WAIT`` reply the smallest count), settled.  A master
+        whose ``WAIT`` could not be asked (lost after its writes answered) counts 0: its writes
+        ran, confirmed by no replica (the flows raise ``NotReplicated``), which is not
+        "nothing ran" (``StoreUnavailable``)."""
         replies = list(self.replies)
         if self.wait is not None:
             counts = [r[0] for r in waited if isinstance(r[0], int)]
@@ -214,11 +219,14 @@ class ClusterExecutor:
             # unreachable one's failure an unknown outcome (Routing.failed), wherever it was.
             for group, exc in unreachable:
                 routing.failed(group, exc)
-        waited = self._exchange(routing.wait_groups(), True, until)
-        for replies in waited:
-            if isinstance(replies, StoreUnavailable):
-                raise replies
-        return routing.result(waited, self.where)
+        try:
+            waited = self._exchange(routing.wait_groups(), True, until)
+        except WriteOutcomeUnknown:  # a WAIT cut short: the writes ran, unconfirmed
+            waited = [UNCONFIRMED]
+        # A master lost since its writes answered: they ran there (see Routing.result).
+        return routing.result(
+            [UNCONFIRMED if isinstance(r, StoreUnavailable) else r for r in waited], self.where
+        )
 
     def _exchange(self, groups: Sequence[Group], write: bool,
                   until: float | None) -> list[list[Any] | StoreUnavailable]:  # fmt: skip
@@ -311,9 +319,17 @@ class AsyncClusterExecutor:
                     routing.absorb(group, result)
         waited = await asyncio.gather(
             *(self._node(g.address).raw(g.commands, write=True, until=until)
-              for g in routing.wait_groups())
+              for g in routing.wait_groups()),
+            return_exceptions=True,
         )  # fmt: skip
-        return routing.result(list(waited), self.where)
+        for reply in waited:
+            if isinstance(reply, BaseException) and not isinstance(
+                reply, StoreUnavailable | WriteOutcomeUnknown
+            ):
+                raise reply
+        return routing.result(
+            [UNCONFIRMED if isinstance(r, BaseException) else r for r in waited], self.where
+        )
 
     async def aclose(self) -> None:
         for node in list(self._nodes.values()):
