@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 
+from syncmap.cli.torture import control_options
 from syncmap.testing.scenario import Env, ScenarioResult
+from syncmap.testing.scenarios import load_all
 from syncmap.testing.scenarios_cluster import PLAIN_LOSS_BOUND, s24, s25, s28
 
 pytestmark = pytest.mark.scenario
@@ -29,6 +31,13 @@ def show(r: ScenarioResult) -> ScenarioResult:
 
 def went_stale(r: ScenarioResult) -> bool:
     return r.figures["stale_beyond_delta"] > 0 or r.figures["divergent_entries"] > 0
+
+
+def test_torture_runs_them_on_private_clusters_with_their_controls() -> None:
+    registry = load_all()
+    for sid, fn in (("S24", s24), ("S25", s25), ("S28", s28)):
+        assert registry[sid].run is fn and registry[sid].faults_server  # never on --url
+        assert control_options(fn) == {"guard": False}
 
 
 def test_s24_a_killed_shard_master_loses_nothing_acknowledged_and_no_cache_diverges(
