@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from redis.exceptions import TryAgainError
 
 from syncmap.errors import ConfigurationError, StoreUnavailable, WriteOutcomeUnknown
 from syncmap.store.cluster import ClusterTopology, slot_for
@@ -266,3 +267,61 @@ async def test_the_async_executor_too_reports_a_lost_wait_as_unconfirmed(
         assert await ex.call([("SET", key, "ran"), ("WAIT", 1, 500)], write=True) == [b"OK", 0]
     finally:
         await ex.aclose()
+
+
+def _write_during_a_migration(cluster: ClusterSet) -> object:
+    """A two-key script in a slot being handed over, sent while the hand-over goes on: the
+    reply, or the error the executor gave up with."""
+    topology = _topology(cluster)
+    ex = topology.executor(timeout=2.0)
+    moving = "{mig}a"
+    ex.call([("SET", moving, 1)], write=True)
+    source = cluster.master_for_slot(slot_for(moving))
+    target = next(m for m in cluster.masters() if m is not source)
+    script = ("EVAL", "return redis.call('INCR', KEYS[1])", 2, moving, "{mig}absent")
+    got: list[object] = []
+    refused = threading.Event()
+
+    def write() -> None:
+        try:
+            got.append(ex.call([script], write=True)[0])
+        except StoreUnavailable as exc:
+            got.append(exc)
+
+    def mid_migration(step: str) -> None:
+        if step == "moved":  # TRYAGAIN from here until the slot is handed over
+            # The source answers ASK (the key left), the target TRYAGAIN (one key of two).
+            probe = NodeExecutor(topology.node(f"{target.host}:{target.port}"), timeout=2.0)
+            if isinstance(probe.raw([("ASKING",), script], write=True, until=None)[1],
+                          TryAgainError):  # fmt: skip
+                refused.set()
+            probe.close()
+            t = threading.Thread(target=write)
+            t.start()
+            threads.append(t)
+            t.join(0.2)  # the write meets TRYAGAIN for a while, then the hand-over goes on
+
+    threads: list[threading.Thread] = []
+    try:
+        cluster.migrate_slot(slot_for(moving), target, hook=mid_migration)
+        for t in threads:
+            t.join()
+    finally:
+        ex.close()
+    assert refused.is_set(), "the slot never answered TRYAGAIN: the test tested nothing"
+    return got[0]
+
+
+def test_a_write_meeting_tryagain_is_sent_again_until_the_migration_ends(
+    redis_cluster: ClusterSet,
+) -> None:
+    assert _write_during_a_migration(redis_cluster) == 2
+
+
+def test_control_giving_up_at_the_first_tryagain_refuses_the_write(
+    redis_cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from syncmap.store import clusterexec
+
+    monkeypatch.setattr(clusterexec, "TRY_AGAIN_ROUNDS", 1)
+    assert isinstance(_write_during_a_migration(redis_cluster), StoreUnavailable)

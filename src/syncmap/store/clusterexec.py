@@ -14,8 +14,11 @@ The contract is ``executor.py``'s, kept across nodes.  One call goes like this:
 3. **Redirects**: ``MOVED`` (the slot has another owner) and ``ASK`` (a slot being migrated; the
    key is already on the target) mean that command did *not* run: the topology learns the owner
    (``MOVED``), and those commands alone are sent again (after ``ASKING`` for ``ASK``), at most
-   :data:`MAX_REDIRECTS` rounds.  ``TRYAGAIN`` (a multi-key command during a migration) did not
-   run either: sent again after a short pause, within the call's deadline.  ``CLUSTERDOWN`` is
+   :data:`MAX_REDIRECTS` rounds.  ``TRYAGAIN`` (a multi-key command during a migration: a
+   bucket's script names its data hash and its expiry zset, and while a slot moves Redis answers
+   it so until both are on one side) did not run either: sent again every
+   :data:`TRY_AGAIN_PAUSE`, for at most :data:`TRY_AGAIN_ROUNDS` rounds (about a second, which
+   outlasts the migration of one slot of a map) or the call's deadline.  ``CLUSTERDOWN`` is
    ``StoreUnavailable``: nothing ran.
 4. **Failures across nodes.** A master that cannot be reached (``StoreUnavailable``: nothing
    ran *there*): with ``partial=True`` its commands get that error in place (the other masters'
@@ -44,6 +47,7 @@ from .node import NodeExecutor, Sent
 
 MAX_REDIRECTS = 5
 TRY_AGAIN_PAUSE = 0.02
+TRY_AGAIN_ROUNDS = 50
 UNCONFIRMED: list[Any] = [0]  # a WAIT's replies when it could not be asked: no replica
 
 
@@ -70,8 +74,11 @@ class Routing:
     asked: dict[int, str] = field(default_factory=dict)  # index -> the ASK target
     wait: Command | None = field(init=False)
     ran_on: set[str] = field(default_factory=set)
-    rounds: int = 0
+    redirects: int = 0  # rounds that met a MOVED or ASK
+    tries: int = 0  # rounds that met a TRYAGAIN
     retry_pause: float = 0.0
+    _redirected: bool = False
+    _retried: bool = False
 
     def __post_init__(self) -> None:
         cmds = list(self.commands)
@@ -82,16 +89,19 @@ class Routing:
 
     def groups(self) -> list[Group]:
         """This round's pipelines, one per master (two where some commands were asked)."""
-        self.rounds += 1
-        if self.rounds > MAX_REDIRECTS + 1:
+        self.redirects += self._redirected
+        self.tries += self._retried
+        self._redirected = self._retried = False
+        if self.redirects > MAX_REDIRECTS or self.tries > TRY_AGAIN_ROUNDS:
             # Those commands did not run, but others of this call may have (an earlier round,
             # another master): fail them as an unreachable master's (a write part of which ran
             # is of unknown outcome; with ``partial`` the error goes in their places).
             pending, self.todo = self.todo, []
             self.asked.clear()
             self.failed(Group("", pending, []), StoreUnavailable(
-                f"{self.topology.where}: still redirected after {MAX_REDIRECTS} rounds (slots "
-                "are moving); the commands not yet answered did not run: retry later"
+                f"{self.topology.where}: still redirected after {self.redirects} rounds and "
+                f"{self.tries} TRYAGAIN replies (slots are moving); the commands not yet answered "
+                "did not run: retry later"
             ))  # fmt: skip
             return []
         plain: dict[str, Group] = {}
@@ -127,12 +137,17 @@ class Routing:
             if isinstance(reply, MovedError):
                 self.topology.moved(reply.slot_id, f"{reply.host}:{reply.port}")
                 self.todo.append(i)
+                self._redirected = True
             elif isinstance(reply, AskError):
                 self.asked[i] = f"{reply.host}:{reply.port}"
                 self.todo.append(i)
+                self._redirected = True
             elif isinstance(reply, TryAgainError):
                 self.retry_pause = TRY_AGAIN_PAUSE
                 self.todo.append(i)
+                self._retried = True
+                if group.asking:  # try the ASK target again (the source would only ASK again)
+                    self.asked[i] = group.address
             elif isinstance(reply, ClusterDownError):
                 self.replies[i] = StoreUnavailable(
                     f"{group.address} says the cluster is down ({reply}); nothing ran: retry later"
