@@ -295,3 +295,12 @@ def test_control_a_release_published_unsharded_wakes_nobody(
     # sleeps until its own deadline.
     monkeypatch.setattr(LockLayout, "notify", property(lambda self: self.channel))
     assert _handed_over(shared_cluster, timeout=3.0) > 2.0
+
+
+def test_a_users_redis_cluster_client_opens_a_cluster_map(shared_cluster: ClusterSet) -> None:
+    client = shared_cluster.client()
+    with SyncMap("byclient", redis=client) as a, SyncMap("byclient", shared_cluster.url) as b:
+        assert a._topology.kind == "cluster"
+        a.update({k: 1 for k in KEYS})
+        assert all(b[k] == 1 for k in KEYS)
+    client.close()
