@@ -43,7 +43,8 @@ def test_a_garbage_flood_costs_few_probes_and_few_log_lines(
         before, started = evalsha_calls(raw), time.monotonic()
         flood(raw, CHANNEL, [b"garbage %d" % i for i in range(n)])
         wait_until(lambda: m.statistics().corrupt_messages == n, 20, "every message counted")
-        wait_until(lambda: m._core._repair_from is None, 5, "a probe repairing after them")
+        wait_until(lambda: all(b.repair_from is None for b in m._core.buckets), 5,
+                   "a probe repairing after them")  # fmt: skip
         elapsed = time.monotonic() - started
         probes = (evalsha_calls(raw) - before) / cfg.buckets
     # At most one repair probe per half probe interval, and the regular ones.

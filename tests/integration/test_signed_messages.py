@@ -56,7 +56,8 @@ def run(store: RawStore, name: str, bucket: int, *args: object) -> list[bytes]:
     return made
 
 
-@pytest.mark.parametrize("key", [KEY[:16], KEY, os.urandom(64), os.urandom(100)])
+@pytest.mark.parametrize("key", [KEY[:16], KEY, os.urandom(64), os.urandom(100)],
+                         ids=["16-bytes", "key", "random-64", "random-100"])  # fmt: skip
 def test_lua_hmac_equals_python_hmac(raw: redis.Redis, key: bytes) -> None:
     store = relay_store(raw, key)
     writes = [(b"sa", b"\x01", 0, "set", ""), (b"s" + bytes(300), b"x", 0, "set", "")]

@@ -18,7 +18,11 @@ The contract is ``executor.py``'s, kept across nodes.  One call goes like this:
    bucket's script names its data hash and its expiry zset, and while a slot moves Redis answers
    it so until both are on one side) did not run either: sent again every
    :data:`TRY_AGAIN_PAUSE`, for at most :data:`TRY_AGAIN_ROUNDS` rounds (about a second, which
-   outlasts the migration of one slot of a map) or the call's deadline.  ``CLUSTERDOWN`` is
+   outlasts the migration of one slot of a map) or the call's deadline.  A ``partial`` call
+   (a probe, ``update``, ``clear``: one part per bucket) waits only
+   :data:`PARTIAL_TRY_AGAIN_ROUNDS` rounds: its other parts must not wait for one moving slot
+   (a probe that waited a second would let every bucket's lease lapse); the refused part gets
+   ``StoreUnavailable`` in its place.  ``CLUSTERDOWN`` is
    ``StoreUnavailable``: nothing ran.
 4. **Failures across nodes.** A master that cannot be reached (``StoreUnavailable``: nothing
    ran *there*): with ``partial=True`` its commands get that error in place (the other masters'
@@ -48,6 +52,7 @@ from .node import NodeExecutor, Sent
 MAX_REDIRECTS = 5
 TRY_AGAIN_PAUSE = 0.02
 TRY_AGAIN_ROUNDS = 50
+PARTIAL_TRY_AGAIN_ROUNDS = 5
 UNCONFIRMED: list[Any] = [0]  # a WAIT's replies when it could not be asked: no replica
 
 
@@ -92,7 +97,8 @@ class Routing:
         self.redirects += self._redirected
         self.tries += self._retried
         self._redirected = self._retried = False
-        if self.redirects > MAX_REDIRECTS or self.tries > TRY_AGAIN_ROUNDS:
+        tries = PARTIAL_TRY_AGAIN_ROUNDS if self.partial else TRY_AGAIN_ROUNDS
+        if self.redirects > MAX_REDIRECTS or self.tries > tries:
             # Those commands did not run, but others of this call may have (an earlier round,
             # another master): fail them as an unreachable master's (a write part of which ran
             # is of unknown outcome; with ``partial`` the error goes in their places).
