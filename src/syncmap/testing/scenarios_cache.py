@@ -20,6 +20,7 @@ Only S04 may run on a user's Redis (``env.url``): it writes one map of its own, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -27,7 +28,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Literal
 
 import redis
@@ -518,9 +519,16 @@ def _reset_store(server: EmbeddedRedis, how: str, seconds: float, marks: list[tu
     return fault
 
 
-def pre_reset_reads(ops: list[Op], reset_call: int, reset_ret: int) -> list[str]:
-    """Reads invoked more than DELTA after the reset must not return a value from before it."""
-    before = {(o.key, o.value) for o in ops if o.f in ("write", "info") and o.ret_ns < reset_call}
+def pre_reset_reads(
+    ops: list[Op], reset_call: int, reset_ret: int, keys: Collection[str] | None = None
+) -> list[str]:
+    """Reads invoked more than DELTA after the reset must not return a value from before it.
+    ``keys``: only these keys were reset (a Cluster's master flushed alone); ``None``: all."""
+    before = {
+        (o.key, o.value)
+        for o in ops
+        if o.f in ("write", "info") and o.ret_ns < reset_call and (keys is None or o.key in keys)
+    }
     late = reset_ret + int(DELTA * 1e9)
     return [
         f"{o.process} read pre-reset {o.key}={o.value} {(o.call_ns - reset_ret) / 1e6:.0f} ms after"
@@ -590,6 +598,120 @@ def s09(
     return finish(result, started)
 
 
+# ---- S09 on a Redis Cluster --------------------------------------------------------------------
+
+S09ClusterVariant = Literal["flushall", "flushall-one"]
+S09_CLUSTER_VARIANTS: tuple[S09ClusterVariant, ...] = ("flushall", "flushall-one")
+
+
+def _reset_keys(admin: redis.Redis, w: Workload) -> set[str]:
+    """The workload's keys whose bucket's data hash is on ``admin``'s master now: the keys a
+    FLUSHALL there resets (a bucket with no data hash yet holds no value to go stale)."""
+    layout = Layout("sm", w.name, MapConfig().buckets)
+    held = {k.decode() if isinstance(k, bytes) else k for k in admin.keys(f"sm:{{{w.name}:*}}:d")}
+    limit = MapConfig().max_key_bytes
+    names = [f"k{i}" for i in range(w.keys)]  # the workload's key names (workload.py)
+    return {
+        k for k in names if layout.data(bucket_of(encode_key(k, limit), layout.buckets)) in held
+    }
+
+
+Reset = tuple[int, int, set[str]]  # (call_ns, ret_ns, the keys it reset)
+
+
+def _flush_masters(w: Workload, one: bool, resets: list[Reset], flushed: list[int]) -> Fault:
+    """FLUSHALL 1.5 s in, then every 3 s while 2 s remain: on every master, or (``one``) on the
+    first master that holds some of the map's buckets then, so only that shard's buckets lose
+    their data and epochs.  ``flushed`` counts the keys each reset deleted (DBSIZE just before):
+    0 means it hit nothing.  Order: the victims' keys are listed, then each is flushed, one
+    master after the other (no atomic reset across a Cluster)."""
+
+    def fault(cluster: Cluster) -> None:
+        at = 1.5
+        while at + 2.0 <= w.seconds:
+            time.sleep(max(0.0, cluster.started + at - time.monotonic()))  # fault schedule
+            masters = master_clients(w.url)
+            try:
+                keys = [_reset_keys(admin, w) for admin in masters]
+                victims = [i for i, k in enumerate(keys) if k][:1] if one else range(len(keys))
+                reset: set[str] = set()
+                deleted = 0
+                call = time.monotonic_ns()
+                for i in victims:
+                    deleted += int(masters[i].dbsize())
+                    flushall(masters[i])
+                    reset |= keys[i]
+                resets.append((call, time.monotonic_ns(), reset))
+                flushed.append(deleted)
+            finally:
+                for admin in masters:
+                    admin.close()
+            at += 3.0
+
+    return fault
+
+
+@scenario("S09-cluster", "store-reset-epoch-cluster")
+def s09_cluster(
+    env: Env,
+    seconds: float = 4.0,
+    *,
+    guard: bool = True,
+    variant: S09ClusterVariant | None = None,
+) -> ScenarioResult:
+    """S09's store reset on a Redis Cluster (``env.topology`` is ignored: it runs on a private
+    one): ``flushall`` FLUSHALLs every master, ``flushall-one`` one master only (its shard's
+    buckets reset, the others' caches stay right).  No read more than Δ after a reset may return
+    a value from before it; C3 after each round.  ``guard=False`` disables gap detection, probes
+    and epoch checks.  No ``variant``: both.  A reset that deleted no key fails the run.  S09's
+    ``gap`` variant (ghost writes forged in the standalone key layout) and ``restart`` (a
+    cluster node restarted without persistence) are not run here."""
+    result, started = timed("S09-cluster", "store-reset-epoch-cluster")
+    variants = S09_CLUSTER_VARIANTS if variant is None else (variant,)
+    guards = Guards() if guard else OFF
+    resets = _Tally()
+    marks: list[Reset] = []
+    flushed: list[int] = []
+    late_reads: list[str] = []
+    reset_ops = 0
+    with dataclasses.replace(env, url=None, topology="cluster").store() as store:
+        for v in variants:
+            for length in _rounds(seconds / len(variants), 30.0, 3.5):
+                name = _round_name("s09c")
+                w = Workload(store.url, name=name, seconds=length, guards=guards)
+                round_marks: list[Reset] = []
+                results = run_cluster(
+                    w, _flush_masters(w, v == "flushall-one", round_marks, flushed)
+                )
+                ops = [op for r in results for op in r.ops]
+                reset_ops += len(ops)
+                for call, ret, keys in round_marks:
+                    late_reads += pre_reset_reads(ops, call, ret, keys)
+                marks += round_marks
+                resets.add(None, divergent(results, w.url, name), results)
+    f = result.figures
+    f[OPS] = reset_ops
+    f[ANOMALIES] = len(late_reads) + len(resets.diverged)
+    f["resets"] = len(marks)
+    f["keys_flushed"] = sum(flushed)
+    f["epoch_changes"] = resets.counters.get("epoch_changes", 0)
+    f["pre_reset_reads"] = len(late_reads)
+    f["divergent_entries"] = len(resets.diverged)
+    f["variants"] = ",".join(variants)
+    f["topology"] = "cluster"
+    result.require(
+        bool(flushed) and all(n > 0 for n in flushed),
+        f"a reset deleted no key (keys deleted per reset: {flushed}): it injected nothing",
+    )
+    result.require(
+        not late_reads,
+        f"{len(late_reads)} reads returned a value from before a store reset more than Δ "
+        f"after it; e.g. {late_reads[:3]}",
+    )
+    resets.require_clean(result, swept=False)
+    return finish(result, started)
+
+
 __all__ = [
     "DELTA",
     "OFF",
@@ -604,4 +726,5 @@ __all__ = [
     "s07",
     "s08",
     "s09",
+    "s09_cluster",
 ]
