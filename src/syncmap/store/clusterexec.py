@@ -52,7 +52,7 @@ from .node import NodeExecutor, Sent
 MAX_REDIRECTS = 5
 TRY_AGAIN_PAUSE = 0.02
 TRY_AGAIN_ROUNDS = 50
-PARTIAL_TRY_AGAIN_ROUNDS = 5
+PARTIAL_TRY_AGAIN_ROUNDS = 1
 UNCONFIRMED: list[Any] = [0]  # a WAIT's replies when it could not be asked: no replica
 
 
