@@ -48,7 +48,7 @@ from .endpoint import (
 )
 from .executor import AsyncExecutor, Executor
 from .slotmap import SLOTS, read_slot_map
-from .topology import Listener, NodeExecutors, shared_executor
+from .topology import Interned, Listener, NodeExecutors, shared_executor
 
 
 def slot_for(key: str | bytes) -> int:
@@ -321,21 +321,12 @@ class ClusterTopology:
 
 # ---- opening --------------------------------------------------------------------------------
 
-_registry: dict[tuple[Any, ...], ClusterTopology] = {}
-_registry_lock = threading.Lock()
-
-
-@forksafe.at_fork
-def _fresh_registry() -> None:
-    global _registry_lock
-    _registry.clear()
-    _registry_lock = threading.Lock()
+_registry: Interned[ClusterTopology] = Interned()
 
 
 def _intern(topology: ClusterTopology) -> ClusterTopology:
     # One topology (one slot map, one set of listeners) per cluster and settings per process.
-    with _registry_lock:
-        return _registry.setdefault(topology.key, topology)
+    return _registry.intern(topology, topology.key)
 
 
 def is_cluster_client(client: object) -> bool:

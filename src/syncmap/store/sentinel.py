@@ -50,7 +50,7 @@ from .endpoint import (
     tls_from_query,
     url_query,
 )
-from .topology import Listener, NodeExecutors
+from .topology import Interned, Listener, NodeExecutors
 
 log = logging.getLogger("syncmap")
 SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password", "sentinel_timeout")
@@ -348,26 +348,15 @@ def _down_after(info: object) -> float | None:
 
 # ---- construction (interned: one topology, one watcher per key and process) -------------------
 
-_registry: dict[tuple[Any, ...], SentinelTopology] = {}
-_registry_lock = threading.Lock()
-
-
-@forksafe.at_fork
-def _fresh_registry() -> None:
-    global _registry_lock
-    _registry.clear()
-    _registry_lock = threading.Lock()
+_registry: Interned[SentinelTopology] = Interned()
 
 
 def _intern(topology: SentinelTopology) -> SentinelTopology:
-    with _registry_lock:
-        return _registry.setdefault(topology.key, topology)
+    return _registry.intern(topology, topology.key)
 
 
 def _forget(topology: SentinelTopology) -> None:
-    with _registry_lock:
-        if _registry.get(topology.key) is topology:
-            del _registry[topology.key]
+    _registry.forget(topology, topology.key)
 
 
 def is_sentinel_client(client: redis.Redis) -> bool:

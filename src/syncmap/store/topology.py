@@ -36,7 +36,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import redis
 
@@ -48,6 +48,7 @@ from .executor import AsyncExecutor, Executor
 from .node import NodeExecutor
 
 Listener = Callable[[], None]
+T = TypeVar("T")
 
 
 class Topology(Protocol):
@@ -157,6 +158,32 @@ def shared_executor(topology: Topology, timeout: float | None = None) -> Executo
         if executor is None:
             executor = _shared[key] = topology.executor(timeout=timeout)
         return executor
+
+
+# ---- one topology per key and process ---------------------------------------------------------
+
+
+class Interned(Generic[T]):
+    """A per-process registry of topologies by ``key`` (Sentinel, Cluster): one slot map or one
+    watcher, one set of listeners, whoever opens it.  Emptied in a forked child."""
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[Any, ...], T] = {}
+        self._lock = threading.Lock()
+        forksafe.register(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._items = {}
+        self._lock = threading.Lock()  # a parent's thread may have held it at the fork
+
+    def intern(self, topology: T, key: tuple[Any, ...]) -> T:
+        with self._lock:
+            return self._items.setdefault(key, topology)
+
+    def forget(self, topology: T, key: tuple[Any, ...]) -> None:
+        with self._lock:
+            if self._items.get(key) is topology:
+                del self._items[key]
 
 
 # ---- opening ---------------------------------------------------------------------------------
