@@ -423,8 +423,15 @@ def test_the_harness_catches_a_blocked_loop_and_a_leaked_task() -> None:
         time.sleep(0.05)  # blocks the loop: what the guard exists to catch
         await asyncio.Event().wait()
 
+    # Held here: the loop keeps only weak references to its tasks, so a task parked on an
+    # Event nobody else holds is garbage, and a GC pass before close() would take it out of
+    # the loop's view (it did once in CI: "Task was destroyed but it is pending").
+    held: list[asyncio.Task[None]] = []
+
     async def start() -> None:
-        asyncio.get_running_loop().create_task(block_then_linger(), name="syncmap-blocker")
+        held.append(
+            asyncio.get_running_loop().create_task(block_then_linger(), name="syncmap-blocker")
+        )
         await asyncio.sleep(0.1)
 
     loop.run(start())
