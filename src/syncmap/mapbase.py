@@ -193,7 +193,7 @@ class MapBase(SharedMapping):
         if not self._engine.closed:
             self._engine.close()
             with self._state.guard:
-                self._entries.clear()
+                self._core.forget_all()
             self._executor.close()
 
     def __enter__(self) -> Self:

@@ -849,6 +849,10 @@ class CoreModel(RuleBasedStateMachine):
             return
         for s in self.servers:
             assert len(s.core.entries) <= s.core.capacity, f"{s.name} exceeds its capacity"
+            by_bucket = {b: s.core.held(b) for b in range(len(s.core.buckets))}
+            assert {k: e.bucket for k, e in s.core.entries.items()} == {
+                k: b for b, keys in by_bucket.items() for k in keys
+            }, f"{s.name}: the per-bucket index disagrees with the entries"
             servable = self.now < s.core.valid_until  # what the hit path checks
             for key, e in s.core.entries.items():
                 w = self._check_value(key, e.value, e.version, f"{s.name} cache")

@@ -155,7 +155,7 @@ class SyncMap:
         if engine is not None:
             await engine.aclose()
             with self._state.guard:
-                self._entries.clear()
+                self._core.forget_all()
             self._core, self._entries = _NOT_OPEN, {}
             await self._executor.aclose()
 

@@ -197,6 +197,11 @@ class NearCache:
         max_stale_age: float = 0.0,
     ) -> None:
         self.entries: dict[Key, Entry] = {}
+        self._held: list[set[Key]] = [set() for _ in range(buckets)]
+        """The keys of ``entries`` per bucket, so a bucket's flush or clear touches that
+        bucket's entries only (not the whole cache: at a million entries a resync of every
+        bucket scanned it once per bucket).  Kept by the two installs, :meth:`_remove` and
+        :meth:`_evict`, the only places ``entries`` changes."""
         self.max_stale_age = max_stale_age
         """0: strict (a lapsed lease flushes its bucket).  More: serve_stale mode, see above."""
         self.ordered = ordered
@@ -276,6 +281,7 @@ class NearCache:
             self.valid_until = min(self.valid_until, deadline - self.margin)
         entry = Entry(value, raw, version, token.bucket, token.key.__class__, deadline)
         self.entries[token.key] = entry
+        self._held[token.bucket].add(token.key)
         b.top = max(b.top, version)
         if len(self.entries) > self.capacity:
             self._evict()
@@ -312,6 +318,7 @@ class NearCache:
             return 0
         installed, top, held, want = 0, b.top, self.entries, b.epoch
         room = self.capacity - len(held)
+        index = self._held[bucket].add
         for key, version, epoch, value, raw, deadline in entries:
             if installed >= room:
                 break
@@ -327,6 +334,7 @@ class NearCache:
                 heapq.heappush(self._ttl, (deadline, version, key))
                 self.valid_until = min(self.valid_until, deadline - self.margin)
             held[key] = Entry(value, raw, version, bucket, key.__class__, deadline)
+            index(key)
             top = version if version > top else top
             installed += 1
         b.top = top
@@ -527,9 +535,10 @@ class NearCache:
                 token.max_seen = max(token.max_seen, version)
 
     def _clear_bucket(self, bucket: int, version: int) -> None:
-        doomed = [k for k, e in self.entries.items() if e.bucket == bucket and e.version < version]
+        entries = self.entries
+        doomed = [k for k in self._held[bucket] if entries[k].version < version]
         for k in doomed:
-            self._remove(k, self.entries[k])
+            self._remove(k, entries[k])
         self.counters.invalidations += len(doomed)
         self.buckets[bucket].gen += 1
 
@@ -770,9 +779,11 @@ class NearCache:
     # ---- housekeeping ------------------------------------------------------------------------
 
     def _flush(self, bucket: int, count: bool = True) -> None:
-        doomed = [k for k, e in self.entries.items() if e.bucket == bucket]
-        for k in doomed:
-            self._remove(k, self.entries[k])
+        entries, retired = self.entries, 0
+        for k in self._held[bucket]:
+            retired += entries.pop(k).hits
+        self._held[bucket] = set()
+        self.counters.hits_retired += retired
         self.buckets[bucket].gen += 1
         self.buckets[bucket].top = 0
         self.buckets[bucket].stale_until = -INF
@@ -781,6 +792,7 @@ class NearCache:
 
     def _remove(self, key: Key, e: Entry) -> None:
         del self.entries[key]
+        self._held[e.bucket].discard(key)
         self.counters.hits_retired += e.hits
 
     def _evict(self) -> None:
@@ -793,8 +805,19 @@ class NearCache:
                 e.seen = e.hits
                 entries[key] = e  # second chance: back of the queue
             else:
+                self._held[e.bucket].discard(key)
                 self.counters.hits_retired += e.hits
                 self.counters.evictions += 1
+
+    def forget_all(self) -> None:
+        """Drop every entry (the map is closing)."""
+        self.entries.clear()
+        for keys in self._held:
+            keys.clear()
+
+    def held(self, bucket: int) -> set[Key]:
+        """The keys cached in ``bucket`` (for checks; do not change it)."""
+        return self._held[bucket]
 
     def hits(self) -> int:
         # list() copies in one step under the GIL: other threads may change the dict meanwhile.
