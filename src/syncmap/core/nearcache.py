@@ -319,11 +319,14 @@ class NearCache:
         installed, top, held, want = 0, b.top, self.entries, b.epoch
         room = self.capacity - len(held)
         index = self._held[bucket].add
+        # Nothing of this bucket cached: a str key (the common case) has nothing to be compared
+        # with, since it lives in its own bucket only.  Not so for other keys: 1, 1.0 and True
+        # are one dict key but three stored fields, maybe in three buckets.
+        fresh = not self._held[bucket]
         for key, version, epoch, value, raw, deadline in entries:
             if installed >= room:
                 break
-            old = held.get(key)
-            if old is not None:
+            if not (fresh and key.__class__ is str) and (old := held.get(key)) is not None:
                 if old.version >= version:
                     continue
                 self._remove(key, old)
