@@ -93,6 +93,10 @@ class Env:
     url: str | None = None
     namespace: str = "sm"
     topology: Topology = "standalone"
+    cluster: ClusterSet | None = None
+    """A running cluster that :meth:`store` yields (``topology="cluster"``) instead of starting
+    one: a test module shares one across scenarios that inject no node fault and put back what
+    they change (S12-, S14-, S16-cluster).  ``None``: a private cluster per store."""
 
     @contextlib.contextmanager
     def store(self, *, down_after_ms: int = 1000) -> Iterator[Store]:
@@ -102,6 +106,8 @@ class Env:
         if self.topology == "sentinel":
             with SentinelSet(binary=self.redis_binary, down_after_ms=down_after_ms) as sentinels:
                 yield sentinels
+        elif self.topology == "cluster" and self.cluster is not None:
+            yield self.cluster
         elif self.topology == "cluster":
             with ClusterSet(binary=self.redis_binary) as cluster:
                 yield cluster
