@@ -85,9 +85,10 @@ class Env:
     ``topology``: what :meth:`store` starts, one ``redis-server``, a Sentinel set (a master,
     a replica and three Sentinels; the maps open ``redis+sentinel://``) or a Redis Cluster (3
     masters + 3 replicas; ``redis+cluster://``).  Only the scenarios that take their store
-    from :meth:`store` run on Sentinel or Cluster (S01, S04, S07, S13 and their asyncio
-    variants); the others need one node to kill, restart or put a proxy in front of, and
-    :meth:`server` refuses such an ``Env`` rather than quietly run them standalone."""
+    from :meth:`store` run on Sentinel or Cluster (S01, S04, S07, S12, S13, S14 and the
+    asyncio variants; S16-cluster has a module of its own); the others need one node to
+    kill, restart or put a proxy in front of, and :meth:`server` refuses such an ``Env``
+    rather than quietly run them standalone."""
 
     redis_binary: str | None = None
     url: str | None = None

@@ -14,6 +14,11 @@ S12 is the control: the same workload *unfenced*, which passes when the oracle s
 critical sections and the damage they do (its figures carry ``control``).  S13 and S14 take
 ``guard=False`` to run unfenced; they must then report failures.
 
+S12-cluster and S14-cluster are S12 and S14 on a Redis Cluster (a private 3 + 3 one, or the one
+``Env.cluster`` shares): ``lockload.run`` puts the lock under its key's bucket tag, where
+``map.lock(key)`` puts one, so the fence counter is in the fenced write's slot, and the nemesis
+reads the holder (and cuts its TTL) on that slot's master.
+
 A lock run scales with ``seconds`` by itself (faults repeat until the end); variants split it,
 each getting at least the length its test form uses.
 """
