@@ -85,14 +85,19 @@ class Env:
     ``topology``: what :meth:`store` starts, one ``redis-server``, a Sentinel set (a master,
     a replica and three Sentinels; the maps open ``redis+sentinel://``) or a Redis Cluster (3
     masters + 3 replicas; ``redis+cluster://``).  Only the scenarios that take their store
-    from :meth:`store` run on Sentinel or Cluster (S01, S04, S07, S13 and their asyncio
-    variants); the others need one node to kill, restart or put a proxy in front of, and
-    :meth:`server` refuses such an ``Env`` rather than quietly run them standalone."""
+    from :meth:`store` run on Sentinel or Cluster (S01, S04, S07, S12, S13, S14 and the
+    asyncio variants; S16-cluster has a module of its own); the others need one node to
+    kill, restart or put a proxy in front of, and :meth:`server` refuses such an ``Env``
+    rather than quietly run them standalone."""
 
     redis_binary: str | None = None
     url: str | None = None
     namespace: str = "sm"
     topology: Topology = "standalone"
+    cluster: ClusterSet | None = None
+    """A running cluster that :meth:`store` yields (``topology="cluster"``) instead of starting
+    one: a test module shares one across scenarios that inject no node fault and put back what
+    they change (S12-, S14-, S16-cluster).  ``None``: a private cluster per store."""
 
     @contextlib.contextmanager
     def store(self, *, down_after_ms: int = 1000) -> Iterator[Store]:
@@ -102,6 +107,8 @@ class Env:
         if self.topology == "sentinel":
             with SentinelSet(binary=self.redis_binary, down_after_ms=down_after_ms) as sentinels:
                 yield sentinels
+        elif self.topology == "cluster" and self.cluster is not None:
+            yield self.cluster
         elif self.topology == "cluster":
             with ClusterSet(binary=self.redis_binary) as cluster:
                 yield cluster

@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ from ..core.wire import unpack_value
 from ..errors import StaleFence, SyncMapError, WriteOutcomeUnknown
 from ..keys import Layout, bucket_of, encode_key
 from ..lock import Lock
+from ..lock.lease import Fence
 from ..map import SyncMap
 from .lockload import configure_eviction
 from .scenario import (
@@ -91,6 +93,7 @@ class _Log:
 
     evicted: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
+    crashed: list[str] = field(default_factory=list)  # "<thread>: <exception>" (must stay empty)
     ops: Counter[str] = field(default_factory=Counter)
     fenced: list[tuple[str, str]] = field(default_factory=list)  # (outcome, detail)
     # transform: (key, id, predecessor id or None, invoked, acked)
@@ -106,18 +109,21 @@ class _Log:
     )
 
 
+_ENDINGS = (
+    (":fence", "fence"),
+    (":meta", "meta"),
+    (":d", "data"),
+    (":m", "bookkeeping"),  # layout 1's separate hash (guard-off runs only)
+)
+
+
 def _kind(key: str) -> str:
     if key.startswith("junk:"):
         return "filler"
-    if key.endswith(":fence"):
-        return "fence"
-    if key.endswith(":meta"):
-        return "meta"
-    if key.endswith(":d"):
-        return "data"
-    if key.endswith(":m"):
-        return "bookkeeping"  # layout 1's separate hash (guard-off runs only)
-    return "other"
+    kind = next((k for end, k in _ENDINGS if key.endswith(end)), "other")
+    if kind == "other" and ("{lock:" in key or ":lock:" in key):
+        return "hold"  # a lock's hold (it has a TTL: the lease); on a Cluster {<bucket>}:lock:
+    return kind
 
 
 def _names(prefix: str, count: int, buckets: int, *, inside: bool) -> list[str]:
@@ -138,13 +144,16 @@ class _Stopped(Exception):
 
 
 class _Run:
-    """One run's threads; each records into ``self.log``."""
+    """One run's threads; each records into ``self.log``.  The hooks :meth:`fill_targets` and
+    :meth:`look_targets` say where the filler writes and the checker reads (one server here;
+    every master on a Redis Cluster: ``scenarios_eviction_cluster``)."""
 
-    def __init__(self, url: str, policy: str, guards: Guards, headroom: int = HEADROOM) -> None:
-        self.url, self.policy, self.headroom = url, policy, headroom
+    def __init__(self, url: str, policy: str, guards: Guards, headroom: int = HEADROOM,
+                 name: str = NAME) -> None:  # fmt: skip
+        self.url, self.policy, self.headroom, self.name = url, policy, headroom, name
         self.cfg = MapConfig(buckets=4, max_staleness=MAX_STALENESS, presence=False,
                              guards=guards, transform_retries=64)  # fmt: skip
-        self.layout = Layout("sm", NAME, self.cfg.buckets)
+        self.layout = Layout("sm", name, self.cfg.buckets)
         self.log = _Log()
         self.stop = threading.Event()
         self.tkeys = _names("t", _TKEYS, self.cfg.buckets, inside=True)
@@ -155,7 +164,7 @@ class _Run:
 
     def open(self) -> None:
         for i in range(4):
-            self.maps.append(SyncMap(NAME, self.url, config=self.cfg, node_id=f"s16-n{i}"))
+            self.maps.append(SyncMap(self.name, self.url, config=self.cfg, node_id=f"s16-n{i}"))
         writer = self.maps[0]
         for key in self.wkeys:
             writer.set(key, "x" * 64)
@@ -184,32 +193,43 @@ class _Run:
 
         return run
 
+    def fill_targets(self) -> list[tuple[redis.Redis, str, int]]:
+        """(client, key prefix, keys per round) of each server the filler writes to."""
+        return [(redis.Redis.from_url(self.url), "junk:", 8)]
+
     def filler(self) -> None:
-        client = redis.Redis.from_url(self.url)
+        targets = self.fill_targets()
         blob, n = b"\0" * 16384, 0
         while not self.stop.is_set():
-            pipe = client.pipeline(transaction=False)
-            for _ in range(8):
-                pipe.set(f"junk:{n}", blob, ex=60)
-                n += 1
-            try:
-                pipe.execute()
-            except redis.ResponseError:
-                self.log.errors["filler_oom"] += 1
-            time.sleep(0.01)  # load shape: ~800 keys (13 MB) a second
-        client.close()
+            for client, prefix, per_round in targets:
+                pipe = client.pipeline(transaction=False)
+                for _ in range(per_round):
+                    pipe.set(f"{prefix}{n}", blob, ex=60)
+                    n += 1
+                try:
+                    pipe.execute()
+                except redis.ResponseError:
+                    self.log.errors["filler_oom"] += 1
+            time.sleep(0.01)  # load shape: ~800 keys (13 MB) a second on one server
+        for client, _, _ in targets:
+            client.close()
+
+    def make_lock(self, i: int) -> Lock:
+        return Lock(f"s16-L{i}", self.url, lease=5)
 
     def locks(self) -> None:
         writer, log = self.maps[0], self.log
-        tokens: dict[int, list[int]] = defaultdict(list)
-        held = [Lock(f"s16-L{i}", self.url, lease=5) for i in range(_LOCKS)]
+        # Each lock's tokens as acquire() returned them: a Fence names its counter's key, which
+        # a fenced write reads (on a Cluster, in the write's own bucket slot).
+        tokens: dict[int, list[Fence]] = defaultdict(list)
+        held = [self.make_lock(i) for i in range(_LOCKS)]
         i = 0
         while not self.stop.is_set():
             i = (i + 1) % _LOCKS
             lock, past = held[i], tokens[i]
             if len(past) >= 2:  # stale: the token of two visits ago, one newer issued since
                 try:
-                    writer.set(self.fkeys[i], uuid.uuid4().hex, fence=(lock.name, past[-2]))
+                    writer.set(self.fkeys[i], uuid.uuid4().hex, fence=past[-2])
                     log.fenced.append(("accepted", f"{lock.name} token {past[-2]} < {past[-1]}"))
                 except StaleFence as exc:
                     log.fenced.append(("lost" if "lost" in str(exc) else "refused", ""))
@@ -217,8 +237,8 @@ class _Run:
                     log.errors[type(exc).__name__] += 1
             try:
                 fence = lock.acquire(timeout=1)
-                if not past or int(fence) > past[-1]:  # a failed release (OOM) re-enters
-                    past.append(int(fence))
+                if not past or fence > past[-1]:  # a failed release (OOM) re-enters
+                    past.append(fence)
                 lock.release()
             except SyncMapError as exc:
                 log.errors[type(exc).__name__] += 1
@@ -300,38 +320,65 @@ class _Run:
 
         return run
 
+    def look_targets(self, looked: list[tuple[str, bytes, str]]
+                     ) -> list[tuple[redis.Redis, list[tuple[str, bytes, str]]]]:  # fmt: skip
+        """(client, the (key, field, data hash) it reads) for the checker: one server here."""
+        return [(redis.Redis.from_url(self.url), looked)]
+
     def checker(self) -> None:
-        client = redis.Redis.from_url(self.url)
         codec = self.maps[0]._codec
-        fields = [(k, encode_key(k, 1000)) for k in self.rkeys]
-        names = [self.layout.data(bucket_of(f, self.cfg.buckets)) for _, f in fields]
+        looked = [(k, f, self.layout.data(bucket_of(f, self.cfg.buckets)))
+                  for k, f in ((k, encode_key(k, 1000)) for k in self.rkeys)]  # fmt: skip
+        targets = self.look_targets(looked)
         while not self.stop.is_set():
-            pipe = client.pipeline(transaction=False)
-            for (_, f), name in zip(fields, names, strict=True):
-                pipe.hget(name, f)
+            # One pipeline per server, one after the other: a look spans [sent, got], and each
+            # value it saw was in Redis at some moment of that span (all the oracle assumes).
             sent = time.monotonic()
             try:
-                replies = pipe.execute()
+                seen = [
+                    (look[0], raw)
+                    for client, group in targets
+                    for look, raw in zip(group, _hgets(client, group), strict=True)
+                ]
             except redis.RedisError:
                 continue
             got = time.monotonic()
-            for (key, _), raw in zip(fields, replies, strict=True):
+            for key, raw in seen:
                 value = codec.decode(unpack_value(raw)[2]) if raw else None
                 self.log.looks[key].append((sent, got, value))
             time.sleep(0.02)  # sampling period
-        client.close()
+        for client, _ in targets:
+            client.close()
+
+    def guarded(self, target: Callable[[], None]) -> Callable[[], None]:
+        """``target``, its death by an error it does not expect recorded (a thread that died
+        early would leave its oracle quietly starved)."""
+
+        def run() -> None:
+            try:
+                target()
+            except Exception as exc:
+                self.log.crashed.append(f"{threading.current_thread().name}: {exc!r}"[:300])
+
+        return run
 
     def run(self, admin: redis.Redis, seconds: float) -> dict[str, Any]:
-        admin.config_set("notify-keyspace-events", "Ee")
+        return self.run_on([admin], seconds)
+
+    def run_on(self, admins: list[redis.Redis], seconds: float) -> dict[str, Any]:
+        """The run, every server of ``admins`` limited (each master on a Cluster)."""
+        for admin in admins:
+            admin.config_set("notify-keyspace-events", "Ee")
         started = time.monotonic()
         try:
             self.open()
             # The maps' keys exist before the limit is set, so the filler has them to push out.
-            configure_eviction(admin, headroom=self.headroom, policy=self.policy)
-            targets = [self.notifications(admin), self.filler, self.locks, self.rewriter,
-                       self.reader(0), self.reader(1), self.checker,
+            for admin in admins:
+                configure_eviction(admin, headroom=self.headroom, policy=self.policy)
+            targets = [*(self.notifications(a) for a in admins), self.filler, self.locks,
+                       self.rewriter, self.reader(0), self.reader(1), self.checker,
                        *(self.transformer(n) for n in range(len(_PAUSES)))]  # fmt: skip
-            threads = [threading.Thread(target=t, name=f"s16-{i}", daemon=True)
+            threads = [threading.Thread(target=self.guarded(t), name=f"s16-{i}", daemon=True)
                        for i, t in enumerate(targets)]  # fmt: skip
             for t in threads:
                 t.start()
@@ -347,6 +394,13 @@ class _Run:
         figures["seconds"] = round(time.monotonic() - started, 1)
         figures["maxmemory_policy"] = self.policy
         return figures
+
+
+def _hgets(client: redis.Redis, group: list[tuple[str, bytes, str]]) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for _, f, name in group:
+        pipe.hget(name, f)
+    return pipe.execute()
 
 
 def eviction_run(
@@ -369,9 +423,10 @@ def _judge(log: _Log, final: dict[str, Any], delta: float) -> dict[str, Any]:
     f[OPS] = len(log.fenced) + f["transforms"] + f["cached_reads"] + log.ops["writes"]
     f[ANOMALIES] = (f[FENCED_ACCEPTED] + f[DUPLICATES] + f[ACKED_LOST] + f[SERVED_EVICTED]
                     + f[STALE])  # fmt: skip
-    for kind in ("fence", "data", "meta", "bookkeeping", "filler"):
+    for kind in ("fence", "hold", "data", "meta", "bookkeeping", "filler"):
         f[f"evicted_{kind}"] = log.evicted[kind]
     f["errors"] = dict(log.errors)
+    f["crashed"] = sorted(log.crashed)
     return f
 
 
@@ -431,21 +486,37 @@ def s16(env: Env, seconds: float = 10.0, *, policies: tuple[str, ...] = POLICIES
     ``guard=False`` runs all three.  A control *fails* when its oracle caught the planted bug,
     which is what it is for (``syncmap torture --controls``)."""
     result, started = timed("S16", "eviction")
+
+    def one(policy: str, each: float, guards: Guards | None, headroom: int) -> dict[str, Any]:
+        return _one(env, policy, each, guards, headroom)
+
+    judge(result, one, seconds, policies, control, guard, shortest=(3.0, 2.0))
+    return finish(result, started)
+
+
+Runner = Callable[[str, float, "Guards | None", int], dict[str, Any]]
+"""One run: (policy, seconds, guards or None, headroom) -> its figures (:func:`eviction_run`)."""
+
+
+def judge(result: ScenarioResult, one: Runner, seconds: float, policies: tuple[str, ...],
+          control: str | None, guard: bool, shortest: tuple[float, float]) -> None:  # fmt: skip
+    """S16's runs and musts, whatever runs them (``one``): the guard-off controls when asked
+    for (each at least ``shortest[0]`` s), else every policy (each at least ``shortest[1]``)."""
     if not guard or control is not None:
         chosen = sorted(CONTROLS) if control is None else [control]
-        each = max(seconds / len(chosen), 3.0)
+        each = max(seconds / len(chosen), shortest[0])
         caught = 0
         for name in chosen:
             guards, figure, headroom = CONTROLS[name]
-            r = _one(env, "allkeys-random", each, guards, headroom)
+            r = one("allkeys-random", each, guards, headroom)
             result.figures[f"control_{name}"] = {k: r[k] for k in _SUMMED}
             result.require(r[figure] == 0, f"control {name!r} (guard off): {figure} = {r[figure]}")
             caught += r[figure] > 0
         result.figures["controls_caught"] = f"{caught}/{len(chosen)}"
         result.figures["control"] = ",".join(chosen)
-        return finish(result, started)
-    each = max(seconds / len(policies), 2.0)
-    runs = [_one(env, policy, each, None, HEADROOM) for policy in policies]
+        return
+    each = max(seconds / len(policies), shortest[1])
+    runs = [one(policy, each, None, HEADROOM) for policy in policies]
     f = result.figures
     for name in _SUMMED:
         f[name] = sum(r[name] for r in runs)
@@ -462,12 +533,12 @@ def s16(env: Env, seconds: float = 10.0, *, policies: tuple[str, ...] = POLICIES
             result.require(ours == 0, f"{policy}: evicted {ours} syncmap keys (none have a TTL)")
         ran = r["cached_reads"] > 0 and (r["transforms"] > 0 or policy == "noeviction")
         result.require(ran, f"{policy}: the workload must have run")  # (noeviction: OOM soon)
-    return finish(result, started)
+        result.require(not r["crashed"], f"{policy}: threads died of {r['crashed']}")
 
 
 _SUMMED = (OPS, FENCED_ACCEPTED, FENCED_REJECTED, DUPLICATES, ACKED_LOST, SERVED_EVICTED, STALE,
            ANOMALIES, "fence_state_lost_refusals", "writes_removed_by_eviction", "evicted_fence",
-           "evicted_data", "evicted_meta", "evicted_bookkeeping")  # fmt: skip
+           "evicted_data", "evicted_meta", "evicted_bookkeeping", "evicted_hold")  # fmt: skip
 
 
 def _one(env: Env, policy: str, seconds: float, guards: Guards | None, headroom: int
@@ -480,4 +551,4 @@ def _one(env: Env, policy: str, seconds: float, guards: Guards | None, headroom:
             admin.close()
 
 
-__all__ = ["CONTROLS", "POLICIES", "eviction_run", "s16"]
+__all__ = ["CONTROLS", "HEADROOM", "POLICIES", "Runner", "eviction_run", "judge", "s16"]

@@ -14,12 +14,18 @@ S12 is the control: the same workload *unfenced*, which passes when the oracle s
 critical sections and the damage they do (its figures carry ``control``).  S13 and S14 take
 ``guard=False`` to run unfenced; they must then report failures.
 
+S12-cluster and S14-cluster are S12 and S14 on a Redis Cluster (a private 3 + 3 one, or the one
+``Env.cluster`` shares): ``lockload.run`` puts the lock under its key's bucket tag, where
+``map.lock(key)`` puts one, so the fence counter is in the fenced write's slot, and the nemesis
+reads the holder (and cuts its TTL) on that slot's master.
+
 A lock run scales with ``seconds`` by itself (faults repeat until the end); variants split it,
 each getting at least the length its test form uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -101,13 +107,10 @@ def require_fenced_safe(result: ScenarioResult, r: LockResult, label: str = "") 
         result.require(count == 0, f"{at}{count} {what}")
 
 
-def _run(env: Env, **kwargs: Any) -> LockResult:
-    with env.server() as server:
-        return run(LockLoad(server.url, **kwargs))
-
-
 def _run_on_store(env: Env, **kwargs: Any) -> LockResult:
-    """As :func:`_run`, on a private store of ``env.topology`` (S13 runs on Sentinel too).
+    """The lock workload on a private store of ``env.topology`` (or the shared cluster of
+    ``env.cluster``): one ``redis-server``, a Sentinel set or a Redis Cluster, where
+    ``lockload.run`` puts the lock in its key's bucket slot, as ``map.lock(key)`` does.
 
     On Sentinel with a down-after of 5 s: the data sockets time out at half of it, 2.5 s, longer
     than the longest stall (3 leases, 1.5 s), as on one server (5 s).  With the usual test set's
@@ -127,7 +130,7 @@ def s12(env: Env, seconds: float = 6.0) -> ScenarioResult:
     """The control: unfenced writes, holders SIGSTOPped past their lease.  Passes when the oracle
     sees overlapping critical sections, stale writes accepted and appends lost."""
     result, started = timed("S12", "lock-lease-pause-unfenced")
-    r = _run(env, fenced=False, fault="sigstop", seconds=max(seconds, 4.0))
+    r = _run_on_store(env, fenced=False, fault="sigstop", seconds=max(seconds, 4.0))
     lock_figures(result, [r])
     result.figures[CONTROL] = "unfenced: overlaps and lost appends expected"
     result.require(r.faults_hit > 0, "no SIGSTOP landed on a holder")
@@ -197,13 +200,45 @@ def s14(env: Env, seconds: float = 5.0, *, guard: bool = True) -> ScenarioResult
     ``guard=False`` runs unfenced: second holders and accepted stale writes must show up as
     failures."""
     result, started = timed("S14", "lock-clock-jump")
-    r = _run(env, fenced=guard, fault="ttl", seconds=max(seconds, 4.0), **LONG_CS)
+    r = _run_on_store(env, fenced=guard, fault="ttl", seconds=max(seconds, 4.0), **LONG_CS)
     lock_figures(result, [r])
     result.figures["second_holders"] = r.overlaps
     result.require(r.faults_hit > 0, "no TTL cut landed on a holder")
     result.require(r.stale_rejected > 0, "a superseded holder's write must be refused")
     require_fenced_safe(result, r)
     return finish(result, started)
+
+
+# ---- S12 and S14 on a Redis Cluster -------------------------------------------------------------
+
+
+def on_cluster(env: Env) -> Env:
+    """``env`` on a Redis Cluster: the one ``env.cluster`` shares, else a private 3 + 3 one
+    (always private under ``syncmap torture``, also with ``--url``)."""
+    return dataclasses.replace(env, url=None, topology="cluster")
+
+
+def as_cluster(r: ScenarioResult) -> ScenarioResult:
+    r.id += "-cluster"
+    r.name += "-cluster"
+    r.figures["topology"] = "cluster"
+    return r
+
+
+@scenario("S12-cluster", "lock-lease-pause-unfenced-cluster")
+def s12_cluster(env: Env, seconds: float = 6.0) -> ScenarioResult:
+    """S12 on a Redis Cluster: the lock lives in the slot of its key's bucket (as
+    ``map.lock(key)`` places one), the nemesis reads its holder on that slot's master; the
+    writes are not fenced, so the oracle must see the overlaps and their damage."""
+    return as_cluster(s12(on_cluster(env), seconds))
+
+
+@scenario("S14-cluster", "lock-clock-jump-cluster")
+def s14_cluster(env: Env, seconds: float = 5.0, *, guard: bool = True) -> ScenarioResult:
+    """S14 on a Redis Cluster: ``PEXPIRE <hold> 1`` on the master of the lock's slot (the
+    key's bucket slot, so the fence counter is in the fenced write's slot).  ``guard=False``
+    runs unfenced and must fail."""
+    return as_cluster(s14(on_cluster(env), seconds, guard=guard))
 
 
 # ---- S16 --------------------------------------------------------------------------------------
@@ -252,10 +287,14 @@ __all__ = [
     "CONTROL",
     "LONG_CS",
     "anomalies",
+    "as_cluster",
     "lock_figures",
+    "on_cluster",
     "require_fenced_safe",
     "s12",
+    "s12_cluster",
     "s13",
     "s14",
+    "s14_cluster",
     "s16",
 ]
