@@ -11,7 +11,7 @@ import pytest
 from syncmap.cli.torture import control_options
 from syncmap.testing.scenario import Env, ScenarioResult
 from syncmap.testing.scenarios import load_all
-from syncmap.testing.scenarios_cache import s09_cluster
+from syncmap.testing.scenarios_cluster_feed import s09_cluster
 
 pytestmark = pytest.mark.scenario
 
