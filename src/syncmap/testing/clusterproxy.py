@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import ConfigurationError
+from ..store.cluster import invalidate_all
 from .clusternode import ClusterNodeProcess, parse_cluster_nodes, text
 from .clusterset import ClusterSet, Target
 from .proxy import FaultProxy
@@ -71,6 +72,10 @@ def announce(cs: ClusterSet, target: Target, port: int, timeout: float = 15.0) -
     real = node.cluster_port if port == 0 else port
     cs._until(lambda: _announced_everywhere(cs, node, real), begun + timeout,
               f"{node!r} announcing port {real}")  # fmt: skip
+    # This process's topologies of the cluster (one per URL and settings, shared by the maps
+    # opened here) keep the node's old address until a call to it fails: without this, a map
+    # opened next would bypass a fresh proxy, or fail its first call against a closed one.
+    invalidate_all()
     return time.monotonic() - begun
 
 
