@@ -164,3 +164,54 @@ def test_upstream_down_closes_client_connections(redis_binary: str) -> None:
         srv.kill()
         with pytest.raises(redis.ConnectionError):
             _client(prx.url).ping()
+
+
+def _subscribed(proxy: FaultProxy, command: str) -> redis.client.PubSub:
+    sub = _client(proxy.url, socket_timeout=5).pubsub()
+    getattr(sub, command)("chan")
+    assert sub.get_message(timeout=5)["type"] == command  # confirmed: the proxy saw it
+    return sub
+
+
+@pytest.mark.parametrize("command", ["subscribe", "ssubscribe"])
+def test_a_subscriber_stall_silences_subscribers_and_spares_the_data_path(
+    proxy: FaultProxy, server: EmbeddedRedis, command: str
+) -> None:
+    sub = _subscribed(proxy, command)
+    data = _client(proxy.url, socket_timeout=2)
+    data.set("k", "v")  # a data connection open before the stall
+    # A value holding the word does not make its connection a subscriber.
+    data.set("trap", "*2\r\n$10\r\nSSUBSCRIBE\r\n")
+    assert proxy.subscribers == 1 and proxy.connections == 2
+    proxy.stall(only="subscribers")
+    publish = server.client()
+    publish.execute_command("SPUBLISH" if command == "ssubscribe" else "PUBLISH", "chan", "m1")
+    assert data.get("k") == b"v"  # the data path still answers
+    assert _client(proxy.url, socket_timeout=2).get("k") == b"v"  # and so does a new one
+    assert sub.get_message(timeout=0.5) is None  # the subscriber hears nothing, no error
+    late = _client(proxy.url, socket_timeout=5).pubsub()
+    getattr(late, command)("chan")  # a new subscriber's subscription itself is held
+    assert late.get_message(timeout=0.3) is None
+    proxy.heal()
+    assert sub.get_message(timeout=5)["data"] == b"m1"  # held, not lost
+    assert late.get_message(timeout=5)["type"] == command
+    for closable in (sub, late, data, publish):
+        closable.close()
+
+
+def test_latency_for_others_spares_subscribers(proxy: FaultProxy, server: EmbeddedRedis) -> None:
+    sub = _subscribed(proxy, "subscribe")
+    data = _client(proxy.url, socket_timeout=5)
+    data.ping()
+    proxy.latency(300, "downstream", only="others")
+    publish = server.client()
+    begun = time.monotonic()
+    publish.publish("chan", "m1")
+    assert sub.get_message(timeout=5)["data"] == b"m1"
+    pushed = time.monotonic() - begun
+    begun = time.monotonic()
+    data.ping()
+    replied = time.monotonic() - begun
+    assert replied >= 0.3 > pushed, (replied, pushed)
+    for closable in (sub, data, publish):
+        closable.close()

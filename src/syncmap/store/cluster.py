@@ -329,6 +329,14 @@ def _intern(topology: ClusterTopology) -> ClusterTopology:
     return _registry.intern(topology, topology.key)
 
 
+def invalidate_all() -> None:
+    """Read the slot map again before the next routing, in every Cluster topology of this
+    process: a node now announces another address (``testing.clusterproxy``), which a topology
+    would otherwise learn from its first call to the old one failing."""
+    for topology in _registry.all():
+        topology.invalidate()
+
+
 def is_cluster_client(client: object) -> bool:
     return isinstance(client, redis.cluster.RedisCluster)
 

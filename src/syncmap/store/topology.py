@@ -180,6 +180,10 @@ class Interned(Generic[T]):
         with self._lock:
             return self._items.setdefault(key, topology)
 
+    def all(self) -> list[T]:
+        with self._lock:
+            return list(self._items.values())
+
     def forget(self, topology: T, key: tuple[Any, ...]) -> None:
         with self._lock:
             if self._items.get(key) is topology:

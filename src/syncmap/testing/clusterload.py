@@ -302,14 +302,28 @@ def cluster_run(env: Env, prefix: str, guard: bool, extra_args: tuple[str, ...] 
     """A private 3 + 3 cluster (``extra_args`` on every node's command line), a fresh map
     ``<prefix>-<random>``, its observer and the scenario's writer; ``guard=False``: the
     observer (and the cache load, see :func:`run_load`) with the cache guards off."""
-    with ClusterSet(binary=env.redis_binary, extra_args=extra_args) as cs:
-        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        with observing(cs.url, name, Guards() if guard else OFF) as obs:
-            writer = Writer(cs.url, name)
-            try:
-                yield Run(cs, name, guard, obs, writer)
-            finally:
-                writer.close()
+    with (
+        ClusterSet(binary=env.redis_binary, extra_args=extra_args) as cs,
+        map_run(cs, map_name(prefix), guard, Guards() if guard else OFF) as run,
+    ):
+        yield run
+
+
+def map_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.contextmanager
+def map_run(cs: ClusterSet, name: str, guard: bool, guards: Guards) -> Iterator[Run]:
+    """A run of map ``name`` on the cluster ``cs`` (private or shared): its observer and the
+    scenario's writer, both opened now (so they read the slot map as it is now), the observer
+    and the cache load with ``guards``; ``guard`` says whether this is the control."""
+    with observing(cs.url, name, guards) as obs:
+        writer = Writer(cs.url, name)
+        try:
+            yield Run(cs, name, guard, obs, writer)
+        finally:
+            writer.close()
 
 
 def run_load(run: Run, seconds: float, fault: Callable[[Run], None]) -> list[ServerResult]:
@@ -346,6 +360,8 @@ __all__ = [
     "cluster_run",
     "key_in",
     "keys_in",
+    "map_name",
+    "map_run",
     "observing",
     "redirects",
     "run_load",

@@ -6,12 +6,24 @@ apply to every open and future connection until :meth:`FaultProxy.heal`.
 
 Directions: ``"upstream"`` is client to server (commands), ``"downstream"`` is server to client
 (replies and pub/sub pushes).
+
+Scopes: a toxic may strike only some connections (``only=``): ``"subscribers"``, the connections
+that have sent a subscribe command (``SUBSCRIBE``, ``PSUBSCRIBE``, ``SSUBSCRIBE``), or
+``"others"``, every other one (data paths, replication).  The proxy tells them apart by the
+command that starts a chunk a client sends: a client sends its subscribe command after its
+handshake's replies came back, so the command starts a fresh chunk, and a chunk that merely
+carries the word inside a value does not count.  A connection turns into a subscriber at the
+chunk holding its first subscribe command, before that chunk is forwarded: a subscriber stall
+holds a new subscriber's very subscription (it connects, does its handshake, and hears nothing).
+On a Redis Cluster whose master announces the proxy's port (``cluster-announce-port``) this
+stalls one master's sharded subscriber connections alone, or slows its data path alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 import struct
 import threading
@@ -21,12 +33,15 @@ from typing import Any, Literal, Self, TypeAlias, TypeVar
 
 Direction = Literal["upstream", "downstream"]
 Which = Literal["upstream", "downstream", "both"]
+Scope = Literal["all", "subscribers", "others"]
 _DIRECTIONS: tuple[Direction, Direction] = ("upstream", "downstream")
 _CHUNK = 64 * 1024
 _CONTROL_TIMEOUT = 10.0
 _CLOSE_TIMEOUT = 2.0
 _LINGER_RST = struct.pack("ii", 1, 0)
 _T = TypeVar("_T")
+# A RESP array whose first element names a subscribe command: "*<n>\r\n$<len>\r\n<name>".
+_SUBSCRIBE = re.compile(rb"\*\d+\r\n\$\d+\r\n(?:P|S)?SUBSCRIBE\r\n", re.IGNORECASE)
 # Chunks stamped with the loop time they may be delivered at; None marks end of stream.
 _Queue: TypeAlias = "asyncio.Queue[tuple[float, bytes] | None]"
 
@@ -41,16 +56,28 @@ def _pick(which: Which) -> tuple[Direction, ...]:
 
 @dataclass
 class _Toxics:
-    """The faults in force for one direction, shared by all connections."""
+    """The faults in force for one direction, shared by the connections in ``scope``."""
 
     delay: float = 0.0
     blackhole: bool = False
     limit: int | None = None
+    scope: Scope = "all"
     # Set while data may flow; cleared by stall().  Both pumps of a direction wait on it.
     flowing: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.flowing.set()  # safe before the loop runs: an Event binds to a loop on first wait
+
+    def strikes(self, conn: _Conn) -> bool:
+        """Whether this direction's toxics apply to ``conn`` (as it is known now)."""
+        if self.scope == "all":
+            return True
+        return conn.subscriber == (self.scope == "subscribers")
+
+    async def flowing_for(self, conn: _Conn) -> None:
+        """Return once data of ``conn`` may flow: at once for a connection out of scope."""
+        while self.strikes(conn) and not self.flowing.is_set():
+            await self.flowing.wait()
 
 
 @dataclass(eq=False)  # identity hashing: connections live in a set
@@ -60,6 +87,12 @@ class _Conn:
     budget: dict[Direction, int | None]
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closed: bool = False
+    subscriber: bool = False  # it has sent a subscribe command (module docstring: Scopes)
+
+    def note(self, chunk: bytes) -> None:
+        """Look at a chunk the client sent: does it start with a subscribe command?"""
+        if not self.subscriber and _SUBSCRIBE.match(chunk):
+            self.subscriber = True
 
     def close(self, *, reset: bool = False) -> None:
         """FIN both sides (after flushing), or RST them when *reset*."""
@@ -157,17 +190,26 @@ class FaultProxy:
             loop.close()
             self._loop = self._thread = None
 
-    def latency(self, ms: float, direction: Which = "downstream") -> None:
-        """Delay each chunk by *ms*, keeping order (later data never overtakes earlier data)."""
-        self._set(direction, lambda t: setattr(t, "delay", ms / 1000.0))
+    def latency(self, ms: float, direction: Which = "downstream", *, only: Scope = "all") -> None:
+        """Delay each chunk by *ms*, keeping order (later data never overtakes earlier data).
+        ``only``: the connections it strikes (module docstring: Scopes), for every toxic of
+        ``direction`` until :meth:`heal`."""
+        self._set(direction, lambda t: setattr(t, "delay", ms / 1000.0), only)
 
-    def stall(self, direction: Which = "both") -> None:
-        """Stop reading: TCP back-pressure builds and the peer sees neither data nor FIN/RST."""
-        self._set(direction, lambda t: t.flowing.clear())
+    def stall(self, direction: Which = "both", *, only: Scope = "all") -> None:
+        """Stop reading: TCP back-pressure builds and the peer sees neither data nor FIN/RST.
+        ``only``: as for :meth:`latency` (``"subscribers"``: a silent feed, a live data path)."""
+        self._set(direction, lambda t: t.flowing.clear(), only)
 
-    def blackhole(self, direction: Which = "both") -> None:
-        """Read and discard: the sender's writes succeed, nothing arrives."""
-        self._set(direction, lambda t: setattr(t, "blackhole", True))
+    @property
+    def subscribers(self) -> int:
+        """Open connections that have sent a subscribe command."""
+        return sum(1 for conn in self._conns if conn.subscriber)
+
+    def blackhole(self, direction: Which = "both", *, only: Scope = "all") -> None:
+        """Read and discard: the sender's writes succeed, nothing arrives.  ``only``: as for
+        :meth:`latency`."""
+        self._set(direction, lambda t: setattr(t, "blackhole", True), only)
 
     def limit_data(
         self, n_bytes: int, direction: Which = "downstream", *, future: bool = True
@@ -222,11 +264,14 @@ class FaultProxy:
 
         self._call(run)
 
-    def _set(self, which: Which, change: Callable[[_Toxics], object]) -> None:
+    def _set(self, which: Which, change: Callable[[_Toxics], object], only: Scope = "all") -> None:
         directions = _pick(which)  # validate here, so the caller gets the ValueError
+        if only not in ("all", "subscribers", "others"):
+            raise ValueError(f"only must be all, subscribers or others, not {only!r}")
 
         def apply() -> None:
             for d in directions:
+                self._toxics[d].scope = only
                 change(self._toxics[d])
 
         self._on_loop(apply)
@@ -242,7 +287,7 @@ class FaultProxy:
 
     def _heal(self) -> None:
         for toxics in self._toxics.values():
-            toxics.delay, toxics.blackhole = 0.0, False
+            toxics.delay, toxics.blackhole, toxics.scope = 0.0, False, "all"
             toxics.flowing.set()
         self._set_limit(_DIRECTIONS, None)
         self._refusing = False
@@ -297,20 +342,29 @@ class FaultProxy:
     def _pump(self, conn: _Conn, direction: Direction, reader: asyncio.StreamReader) -> None:
         """A reader and a writer task per direction, so latency delays without reordering."""
         queue: _Queue = asyncio.Queue()
-        conn.tasks.append(asyncio.create_task(self._read(reader, self._toxics[direction], queue)))
+        task = self._read(conn, reader, self._toxics[direction], queue, direction == "upstream")
+        conn.tasks.append(asyncio.create_task(task))
         conn.tasks.append(asyncio.create_task(self._write(conn, direction, queue)))
 
     @staticmethod
-    async def _read(reader: asyncio.StreamReader, toxics: _Toxics, queue: _Queue) -> None:
-        """Read one direction, stamping each chunk with the time it may be delivered."""
+    async def _read(
+        conn: _Conn, reader: asyncio.StreamReader, toxics: _Toxics, queue: _Queue, client: bool
+    ) -> None:
+        """Read one direction, stamping each chunk with the time it may be delivered.  A chunk
+        from the client is looked at first: the one that makes its connection a subscriber is
+        held by a subscriber stall (a second ``flowing_for``) rather than forwarded."""
         loop = asyncio.get_running_loop()
         with contextlib.suppress(OSError):
             while True:
-                await toxics.flowing.wait()
+                await toxics.flowing_for(conn)
                 if not (data := await reader.read(_CHUNK)):
                     break
-                if not toxics.blackhole:
-                    queue.put_nowait((loop.time() + toxics.delay, data))
+                if client:
+                    conn.note(data)
+                    await toxics.flowing_for(conn)
+                if not (toxics.blackhole and toxics.strikes(conn)):
+                    delay = toxics.delay if toxics.strikes(conn) else 0.0
+                    queue.put_nowait((loop.time() + delay, data))
         queue.put_nowait(None)  # end of stream: the writer flushes what is queued, then closes
 
     async def _write(self, conn: _Conn, direction: Direction, queue: _Queue) -> None:
@@ -323,7 +377,7 @@ class FaultProxy:
                 due, data = item
                 if (wait := due - loop.time()) > 0:
                     await asyncio.sleep(wait)
-                await toxics.flowing.wait()
+                await toxics.flowing_for(conn)
                 if (left := budget[direction]) is not None:
                     data = data[:left]
                     budget[direction] = left - len(data)

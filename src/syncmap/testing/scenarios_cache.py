@@ -20,7 +20,6 @@ Only S04 may run on a user's Redis (``env.url``): it writes one map of its own, 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import signal
@@ -29,7 +28,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import redis
 
@@ -473,24 +472,29 @@ def s08(env: Env, seconds: float = 5.0, *, guard: bool = True) -> ScenarioResult
 # ---- S09 --------------------------------------------------------------------------------------
 
 
+def forge_ghost(admin: Any, m: SyncMap, key: str, value: str) -> Op:
+    """A write of ``key`` whose change message is lost: the bucket's next version is taken and
+    the value stored under it (bookkeeping too: ``#s``, ``#e``, keys.py), nothing is published.
+    ``admin``: a client that reaches the bucket's data hash (a ``RedisCluster`` routes it)."""
+    cfg = m.config
+    field = encode_key(key, cfg.max_key_bytes)
+    d = Layout(cfg.namespace, m.name, cfg.buckets).data(bucket_of(field, cfg.buckets))
+    call = time.monotonic_ns()
+    version = int(admin.hincrby(d, "#s", 1))
+    epoch = int(admin.hget(d, "#e") or 0)
+    admin.hset(d, field, pack_value(version, 0, m._codec.encode(value), epoch))
+    return Op("ghost", "write", key, value, version, call, time.monotonic_ns())
+
+
 def _ghost_writes(server: EmbeddedRedis, writer: Writer, name: str, count: int) -> Fault:
     """Writes whose change message is lost: the version is taken, nothing is published."""
 
     def fault(cluster: Cluster) -> None:
         admin = server.client()
-        layout = Layout("sm", name, 16)
         for n in range(count):
             time.sleep(0.25)  # fault schedule
             key = f"k{32 + n % 32}"  # cold keys: nobody rewrites them soon
-            field = encode_key(key, 1000)
-            d = layout.data(bucket_of(field, 16))  # its bookkeeping too: #s, #e (keys.py)
-            value = f"ghost-{n}"
-            call = time.monotonic_ns()
-            version = int(admin.hincrby(d, "#s", 1))
-            epoch = int(admin.hget(d, "#e") or 0)
-            payload = writer.map._codec.encode(value)
-            admin.hset(d, field, pack_value(version, 0, payload, epoch))
-            writer.ops.append(Op("ghost", "write", key, value, version, call, time.monotonic_ns()))
+            writer.ops.append(forge_ghost(admin, writer.map, key, f"ghost-{n}"))
             writer.write(f"k{n % 4}")  # a later real write in some bucket (gap there)
         admin.close()
 
@@ -598,126 +602,13 @@ def s09(
     return finish(result, started)
 
 
-# ---- S09 on a Redis Cluster --------------------------------------------------------------------
-
-S09ClusterVariant = Literal["flushall", "flushall-one"]
-S09_CLUSTER_VARIANTS: tuple[S09ClusterVariant, ...] = ("flushall", "flushall-one")
-
-
-def _reset_keys(admin: redis.Redis, w: Workload) -> set[str]:
-    """The workload's keys whose bucket's data hash is on ``admin``'s master now: the keys a
-    FLUSHALL there resets (a bucket with no data hash yet holds no value to go stale)."""
-    layout = Layout("sm", w.name, MapConfig().buckets)
-    held = {k.decode() if isinstance(k, bytes) else k for k in admin.keys(f"sm:{{{w.name}:*}}:d")}
-    limit = MapConfig().max_key_bytes
-    names = [f"k{i}" for i in range(w.keys)]  # the workload's key names (workload.py)
-    return {
-        k for k in names if layout.data(bucket_of(encode_key(k, limit), layout.buckets)) in held
-    }
-
-
-Reset = tuple[int, int, set[str]]  # (call_ns, ret_ns, the keys it reset)
-
-
-def _flush_masters(w: Workload, one: bool, resets: list[Reset], flushed: list[int]) -> Fault:
-    """FLUSHALL 1.5 s in, then every 3 s while 2 s remain: on every master, or (``one``) on the
-    first master that holds some of the map's buckets then, so only that shard's buckets lose
-    their data and epochs.  ``flushed`` counts the keys each reset deleted (DBSIZE just before):
-    0 means it hit nothing.  Order: the victims' keys are listed, then each is flushed, one
-    master after the other (no atomic reset across a Cluster)."""
-
-    def fault(cluster: Cluster) -> None:
-        at = 1.5
-        while at + 2.0 <= w.seconds:
-            time.sleep(max(0.0, cluster.started + at - time.monotonic()))  # fault schedule
-            masters = master_clients(w.url)
-            try:
-                keys = [_reset_keys(admin, w) for admin in masters]
-                victims = [i for i, k in enumerate(keys) if k][:1] if one else range(len(keys))
-                reset: set[str] = set()
-                deleted = 0
-                call = time.monotonic_ns()
-                for i in victims:
-                    deleted += int(masters[i].dbsize())
-                    flushall(masters[i])
-                    reset |= keys[i]
-                resets.append((call, time.monotonic_ns(), reset))
-                flushed.append(deleted)
-            finally:
-                for admin in masters:
-                    admin.close()
-            at += 3.0
-
-    return fault
-
-
-@scenario("S09-cluster", "store-reset-epoch-cluster")
-def s09_cluster(
-    env: Env,
-    seconds: float = 4.0,
-    *,
-    guard: bool = True,
-    variant: S09ClusterVariant | None = None,
-) -> ScenarioResult:
-    """S09's store reset on a Redis Cluster (``env.topology`` is ignored: it runs on a private
-    one): ``flushall`` FLUSHALLs every master, ``flushall-one`` one master only (its shard's
-    buckets reset, the others' caches stay right).  No read more than Δ after a reset may return
-    a value from before it; C3 after each round.  ``guard=False`` disables gap detection, probes
-    and epoch checks.  No ``variant``: both.  A reset that deleted no key fails the run.  S09's
-    ``gap`` variant (ghost writes forged in the standalone key layout) and ``restart`` (a
-    cluster node restarted without persistence) are not run here."""
-    result, started = timed("S09-cluster", "store-reset-epoch-cluster")
-    variants = S09_CLUSTER_VARIANTS if variant is None else (variant,)
-    guards = Guards() if guard else OFF
-    resets = _Tally()
-    marks: list[Reset] = []
-    flushed: list[int] = []
-    late_reads: list[str] = []
-    reset_ops = 0
-    with dataclasses.replace(env, url=None, topology="cluster").store() as store:
-        for v in variants:
-            for length in _rounds(seconds / len(variants), 30.0, 3.5):
-                name = _round_name("s09c")
-                w = Workload(store.url, name=name, seconds=length, guards=guards)
-                round_marks: list[Reset] = []
-                results = run_cluster(
-                    w, _flush_masters(w, v == "flushall-one", round_marks, flushed)
-                )
-                ops = [op for r in results for op in r.ops]
-                reset_ops += len(ops)
-                for call, ret, keys in round_marks:
-                    late_reads += pre_reset_reads(ops, call, ret, keys)
-                marks += round_marks
-                resets.add(None, divergent(results, w.url, name), results)
-    f = result.figures
-    f[OPS] = reset_ops
-    f[ANOMALIES] = len(late_reads) + len(resets.diverged)
-    f["resets"] = len(marks)
-    f["keys_flushed"] = sum(flushed)
-    f["epoch_changes"] = resets.counters.get("epoch_changes", 0)
-    f["pre_reset_reads"] = len(late_reads)
-    f["divergent_entries"] = len(resets.diverged)
-    f["variants"] = ",".join(variants)
-    f["topology"] = "cluster"
-    result.require(
-        bool(flushed) and all(n > 0 for n in flushed),
-        f"a reset deleted no key (keys deleted per reset: {flushed}): it injected nothing",
-    )
-    result.require(
-        not late_reads,
-        f"{len(late_reads)} reads returned a value from before a store reset more than Δ "
-        f"after it; e.g. {late_reads[:3]}",
-    )
-    resets.require_clean(result, swept=False)
-    return finish(result, started)
-
-
 __all__ = [
     "DELTA",
     "OFF",
     "Writer",
     "delete_map",
     "divergent",
+    "forge_ghost",
     "pre_reset_reads",
     "require_injected",
     "run_cluster",
@@ -726,5 +617,4 @@ __all__ = [
     "s07",
     "s08",
     "s09",
-    "s09_cluster",
 ]
