@@ -12,7 +12,8 @@ takes, over ``window`` seconds:
 
 * Redis ``INFO commandstats`` deltas: calls/s and µs/s per command (EVALSHA, HSET, PEXPIRE, ...).
   This section's own ``INFO`` calls are left out.  Redis counts a command a script runs as well as
-  the EVALSHA that ran it, so the total counts both;
+  the EVALSHA that ran it, so the total counts both; the requests clients sent are those counts
+  times the share of each command that MONITOR saw come from a client, after the window;
 * Redis ``INFO cpu`` deltas: ``used_cpu_sys + used_cpu_user`` per second = the fraction of one
   core, and the same for the main thread where the server reports it;
 * ``connected_clients`` at the end (less this section's own client);
@@ -123,40 +124,53 @@ def _snapshot(client: redis.Redis) -> tuple[float, dict[str, Any], dict[str, Any
     return time.monotonic(), stats, cpu, int(clients["connected_clients"])
 
 
-def client_requests(client: redis.Redis, seconds: float) -> dict[str, float]:
-    """Commands/s that clients sent, by command, from ``seconds`` of MONITOR (server clock).
+def sent_shares(client: redis.Redis, seconds: float) -> dict[str, float]:
+    """Per command, the share of its calls that clients sent (the rest: scripts' own), from
+    ``seconds`` of MONITOR (a script's lines say ``[db lua]``).
 
-    ``INFO commandstats`` counts a script's own commands too; MONITOR tells them apart (a
-    script's lines say ``[db lua]``).  It runs after the measured window, not in it: feeding a
-    monitor costs Redis CPU.  Lines are read until one is stamped past the end, so a reader that
-    falls behind still counts exactly the commands of those ``seconds``.
+    ``INFO commandstats`` counts a script's own commands as well as the EVALSHA that ran it; this
+    share splits the window's counts.  MONITOR runs after the window, not in it, and only a share
+    is taken from it, not a rate: feeding a monitor and parsing its lines cost CPU on the same
+    cores as the fleet, which then probes less often.  Lines are read until one is stamped past
+    the end (a reader that falls behind still sees exactly those ``seconds``).
     """
-    found: dict[str, int] = {}
+    sent: dict[str, int] = {}
+    run: dict[str, int] = {}
     where = client.connection_pool.connection_kwargs
-    watcher = redis.Redis(host=where["host"], port=where["port"], socket_timeout=0.5)
+    watcher = redis.Redis(host=where["host"], port=where["port"], socket_timeout=10)
     try:
         with watcher.monitor() as mon:  # type: ignore[no-untyped-call]
             # The server stamps lines with its wall clock: this host's, as time.time() reads it.
             start = time.time()
             end = start + seconds
             while time.time() < end + 30:  # a reader 30 s behind gives up
-                try:
-                    line = mon.connection.read_response()
-                except redis.TimeoutError:
+                # can_read, not a socket timeout: redis-py drops a connection whose read timed out.
+                if not mon.connection.can_read(timeout=0.2):
                     if time.time() > end + 0.5:  # no command after the end: an idle server
                         break
                     continue
+                line = mon.connection.read_response()
                 text = line.decode() if isinstance(line, bytes) else str(line)
                 stamp, rest = text.split(" ", 1)  # 1733580000.123456 [0 127.0.0.1:41234] "EVALSHA"
                 if float(stamp) >= end:
                     break
                 who, _, command = rest.partition('] "')
-                if float(stamp) >= start and not who.endswith(" lua"):
+                if float(stamp) >= start:
                     name = command.split('"', 1)[0].upper()
-                    found[name] = found.get(name, 0) + 1
+                    run[name] = run.get(name, 0) + 1
+                    if not who.endswith(" lua"):
+                        sent[name] = sent.get(name, 0) + 1
     finally:
         watcher.close()
-    return {name: n / seconds for name, n in sorted(found.items(), key=lambda kv: -kv[1])}
+    return {name: sent.get(name, 0) / n for name, n in run.items()}
+
+
+def _requests(calls: dict[str, float], shares: dict[str, float]) -> dict[str, float]:
+    """The window's calls/s that clients sent.  A command MONITOR did not see (a rare one, such
+    as the subscriber's PING every 2 s, in a short MONITOR) counts as sent: syncmap's scripts run
+    data commands, which every probe runs."""
+    found = {name: rate * shares.get(name, 1.0) for name, rate in calls.items()}
+    return {name: rate for name, rate in sorted(found.items(), key=lambda kv: -kv[1]) if rate}
 
 
 def _cpu(info: dict[str, Any], suffix: str = "") -> float | None:
@@ -175,7 +189,7 @@ def measure(client: redis.Redis, pool: Pool, plan: FleetPlan, m: int) -> Window:
         t0, stats0, cpu0, _ = _snapshot(client)
         time.sleep(plan.window)
         t1, stats1, cpu1, clients = _snapshot(client)
-        requests = client_requests(client, plan.monitor)
+        shares = sent_shares(client, plan.monitor)
         looks = pool.ask(wids, ("look",), 30)
     finally:
         pool.ask(wids, ("close",), 60 + 5 * m)
@@ -189,7 +203,8 @@ def measure(client: redis.Redis, pool: Pool, plan: FleetPlan, m: int) -> Window:
             usec[name] = (after["usec"] - before.get("usec", 0)) / dt
     main0, main1 = _cpu(cpu0, "_main_thread"), _cpu(cpu1, "_main_thread")
     return Window(
-        m, plan.processes, dt, dict(sorted(calls.items(), key=lambda kv: -kv[1])), requests, usec,
+        m, plan.processes, dt, dict(sorted(calls.items(), key=lambda kv: -kv[1])),
+        _requests(calls, shares), usec,
         ((_cpu(cpu1) or 0.0) - (_cpu(cpu0) or 0.0)) / dt,
         None if main0 is None or main1 is None else (main1 - main0) / dt,
         clients - 1,  # this section's client

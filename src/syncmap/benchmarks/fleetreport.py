@@ -42,7 +42,7 @@ class Window:
     processes: int
     seconds: float
     calls: dict[str, float]  # per command, calls/s Redis ran (commandstats; scripts' own too)
-    requests: dict[str, float]  # per command, calls/s clients sent (MONITOR)
+    requests: dict[str, float]  # per command, calls/s clients sent (calls x MONITOR's share)
     usec: dict[str, float]  # per command, µs of Redis time per second
     cpu: float  # cores (used_cpu_sys + used_cpu_user per second)
     cpu_main: float | None  # the main thread's, where the server reports it
@@ -78,10 +78,11 @@ def section(windows: list[Window], plan: FleetPlan, server: str) -> Section:
         "The maps of a window open together, so work on a period longer than the window (the "
         "presence record, every 2 s) is counted whole only in a window that is a multiple of "
         "that period.",
-        "Requests: the commands clients sent, counted with MONITOR for "
-        f"{plan.monitor:g} s after each window (feeding a monitor costs Redis CPU, so not in "
-        "it). Commands run: `INFO commandstats` deltas, which count a script's own commands as "
-        "well as the EVALSHA that ran it. This section's own INFO calls are left out.",
+        "Commands run: `INFO commandstats` deltas, which count a script's own commands as well "
+        "as the EVALSHA that ran it (this section's own INFO calls left out). Requests: the "
+        "share of each command's calls that clients sent, seen by MONITOR in "
+        f"{plan.monitor:g} s after the window (not in it: feeding and reading a monitor costs "
+        "CPU), times the window's calls.",
         f"The {AT_PROCESSES:,} {TIMES} {AT_MAPS} rows are linear: the server's fixed cost "
         f"(M = 0), plus {AT_PROCESSES:,} / N {TIMES} the cost of N processes at {AT_MAPS} maps "
         "fitted over the M ≥ 1 windows.",
