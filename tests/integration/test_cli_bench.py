@@ -14,7 +14,17 @@ import pytest
 
 from syncmap.embedded import free_port
 
-SECTIONS = ["reads", "writes", "propagation", "feeds", "locks", "scaling", "asyncio", "cluster"]
+SECTIONS = [
+    "reads",
+    "writes",
+    "propagation",
+    "feeds",
+    "locks",
+    "scaling",
+    "asyncio",
+    "cluster",
+    "fleet",
+]
 PLOTS = ["reads", "propagation", "feeds", "hit-vs-size", "write-vs-value-size", "lock-handoff"]
 REDIS_FEEDS = ["redis pub/sub", "redis+stream"]
 BROKER_FEEDS = ["amqp", "nats", "nats+jetstream", "kafka"]

@@ -11,6 +11,8 @@ B A, ...), and reported as a median and a paired ratio; see docs/benchmarks.md. 
 * :mod:`.locks` and :mod:`.handoff`: vs redis-py ``Lock``, python-redis-lock and pottery;
 * :mod:`.scaling`: hit latency vs map size, write throughput vs value size, loading a near cache,
   memory per cached entry.
+* :mod:`.fleet`: what idle maps in N processes cost a private Redis (commands/s, CPU,
+  connections, threads), extrapolated to 1,000 processes x 10 maps.
 
 The peers are the ``bench`` extra (``pip install 'syncmap[bench]'``); a peer that is missing or
 cannot run on the server is reported as such in the table, not skipped silently.

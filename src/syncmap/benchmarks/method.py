@@ -34,7 +34,8 @@ class Row:
     """One line of a table.  ``ratio`` is syncmap's cost over the baseline's (> 1: slower).
 
     ``unit``: "ns", "us", "ms" (times), "B" (bytes; smaller is better), "/s" or "B/s" (rates;
-    larger is better).  ``absent`` says why a value is missing (a peer that cannot run here).
+    larger is better); any other unit ("%", "ms/s", "conn", "threads") is shown as it is.
+    ``absent`` says why a value is missing (a peer that cannot run here).
     """
 
     metric: str
@@ -116,7 +117,7 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value / 1000:,.0f}k/s" if value >= 10_000 else f"{value:,.0f}/s"
     if unit == "B/s":
         return f"{_sig(value / 1e6)} MB/s"
-    return f"{value:,.0f} {unit}"
+    return f"{_sig(value)} {unit}"  # counts (B, conn, threads), %, ms/s: 3 digits below 100
 
 
 def _fmt_seconds(seconds: float) -> str:

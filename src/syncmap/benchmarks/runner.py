@@ -8,6 +8,7 @@ Brokers the ``feeds`` section starts (NATS, Tansu) are stopped when that section
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import time
@@ -26,6 +27,7 @@ from . import (
     brokers,
     clusterbench,
     feedbench,
+    fleet,
     locks,
     plots,
     propagation,
@@ -41,7 +43,17 @@ from .handoff import HandoffPlan
 from .method import Section
 from .peers import Unavailable
 
-SECTIONS = ("reads", "writes", "propagation", "feeds", "locks", "scaling", "asyncio", "cluster")
+SECTIONS = (
+    "reads",
+    "writes",
+    "propagation",
+    "feeds",
+    "locks",
+    "scaling",
+    "asyncio",
+    "cluster",
+    "fleet",
+)
 KiB, MiB = 1 << 10, 1 << 20
 VALUE_SIZES = (100, KiB, 10 * KiB, 100 * KiB, MiB)
 
@@ -56,6 +68,7 @@ class Plan:
     scaling: scaling.ScalePlan
     aio: aiobench.AsyncPlan
     cluster: clusterbench.ClusterPlan
+    fleet: fleet.FleetPlan
 
 
 PLANS = {
@@ -78,6 +91,8 @@ PLANS = {
                                      rounds=1, writes=10, gap=0.002, receivers=(1,)),
                                  bulk=BulkPlan(writers=(1, 2, 4), writer_seconds=0.1,
                                                writer_rounds=1, n=1000, rounds=1)),
+        fleet.FleetPlan(processes=2, maps=(1, 2), window=1.0, settle=0.3,
+                        monitor=0.5),
     ),
     "quick": Plan(
         reads.ReadPlan(rounds=21, hit_reps=30, io_ops=150),
@@ -99,6 +114,8 @@ PLANS = {
                                      rounds=3, writes=100, gap=0.003, receivers=(1, 4)),
                                  bulk=BulkPlan(writers=(1, 2, 4), writer_seconds=0.5,
                                                writer_rounds=3, n=100_000, rounds=3)),
+        fleet.FleetPlan(processes=10, maps=(0, 1, 5, 10), window=6.0, settle=1.0,
+                        monitor=2.0),
     ),
     "full": Plan(
         reads.ReadPlan(rounds=31, hit_reps=100, io_ops=300),
@@ -120,8 +137,27 @@ PLANS = {
                                      rounds=5, writes=200, gap=0.003, receivers=(1, 4, 8)),
                                  bulk=BulkPlan(writers=(1, 2, 4), writer_seconds=1.5,
                                                writer_rounds=5, n=1_000_000, rounds=2)),
+        fleet.FleetPlan(processes=20, maps=(0, 1, 5, 10), window=10.0, settle=2.0,
+                        monitor=2.0),
     ),
 }  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSize:
+    """``--fleet-processes``, ``--fleet-maps``, ``--fleet-window``: the plan's unless given."""
+
+    processes: int | None = None
+    maps: tuple[int, ...] | None = None
+    window: float | None = None
+
+    def apply(self, plan: fleet.FleetPlan) -> fleet.FleetPlan:
+        return dataclasses.replace(
+            plan,
+            processes=plan.processes if self.processes is None else self.processes,
+            maps=plan.maps if self.maps is None else self.maps,
+            window=plan.window if self.window is None else self.window,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +173,7 @@ class Options:
     redlock_urls: tuple[str, ...] = ()
     name: str = ""  # base name of the result files; default: the mode
     command: str = "syncmap bench"
+    fleet: FleetSize = FleetSize()
 
 
 @dataclass(slots=True)
@@ -197,6 +234,7 @@ def _call(name: str, b: Bench, plan: Plan, opts: Options,
         "scaling": lambda: scaling.run(b, plan.scaling),
         "asyncio": lambda: aiobench.run(b, plan.aio),
         "cluster": lambda: clusterbench.run(b, plan.cluster),
+        "fleet": lambda: fleet.run(b, opts.fleet.apply(plan.fleet)),
     }
     if name in plain:
         return plain[name]()
@@ -252,3 +290,21 @@ def parse_feeds(text: str | None) -> tuple[str | None, ...] | None:
         return None
     items: Sequence[str] = [s.strip() for s in text.split(",") if s.strip()]
     return tuple(None if s in ("redis", "default") else s for s in items)
+
+
+def parse_fleet(processes: int | None, maps: str | None, window: float | None) -> FleetSize:
+    """``--fleet-processes 10 --fleet-maps 0,1,5,10 --fleet-window 5``; ValueError says what is
+    wrong."""
+    if processes is not None and processes < 1:
+        raise ValueError(f"--fleet-processes {processes}: use 1 or more")
+    if window is not None and not window > 0:
+        raise ValueError(f"--fleet-window {window}: use more than 0 seconds")
+    counts = None
+    if maps is not None:
+        try:
+            counts = tuple(int(s) for s in maps.split(",") if s.strip())
+        except ValueError:
+            raise ValueError(f"--fleet-maps {maps!r}: use map counts such as 0,1,5,10") from None
+        if not counts or min(counts) < 0 or not any(counts):
+            raise ValueError(f"--fleet-maps {maps!r}: use map counts ≥ 0, at least one ≥ 1")
+    return FleetSize(processes, counts, window)

@@ -27,7 +27,7 @@ from .torture import redact, unreachable, unreachable_message
 @click.option(
     "--only",
     metavar="SECTIONS",
-    help="Comma-separated: reads,writes,propagation,feeds,locks,scaling,asyncio,cluster "
+    help="Comma-separated: reads,writes,propagation,feeds,locks,scaling,asyncio,cluster,fleet "
     "(default: all).",
 )
 @click.option(
@@ -48,13 +48,25 @@ from .torture import redact, unreachable, unreachable_message
     metavar="URLS",
     help="Independent Redis masters for the Redlock row (default: start 3).",
 )
+@click.option("--fleet-processes", type=int, metavar="N", help="fleet: idle server processes "
+              "(default 10; 2 with --smoke, 20 with --full).")  # fmt: skip
+@click.option("--fleet-maps", metavar="COUNTS", help="fleet: maps open per process, one window "
+              "each, e.g. 0,1,5,10 (the default; 0: the processes with no map).")  # fmt: skip
+@click.option(
+    "--fleet-window",
+    type=float,
+    metavar="SECONDS",
+    help="fleet: seconds measured per map count (default 5; 10 with --full).",
+)
 @click.option("--name", default="", help="Base name of the result files (default: the mode).")
 @click.option("--smoke", is_flag=True, hidden=True, help="Tiny plan: proves the command works.")
 def bench(url: str | None, full: bool, only: str | None, out: Path, no_plots: bool,
-          feeds: str | None, redlock_urls: str | None, name: str, smoke: bool) -> None:  # fmt: skip
+          feeds: str | None, redlock_urls: str | None, fleet_processes: int | None,
+          fleet_maps: str | None, fleet_window: float | None, name: str,
+          smoke: bool) -> None:  # fmt: skip
     """Benchmark syncmap against dicts, raw redis-py and its caches, cashews, pottery, lock
     libraries and each feed's own broker client; medians and in-run ratios, Markdown + JSON + PNG
-    plots.  Quick by default."""
+    plots; and what idle maps in N processes cost a private Redis (fleet).  Quick by default."""
     try:
         opts = runner.Options(
             url=url, mode="smoke" if smoke else "full" if full else "quick",
@@ -62,6 +74,7 @@ def bench(url: str | None, full: bool, only: str | None, out: Path, no_plots: bo
             feeds=runner.parse_feeds(feeds),
             redlock_urls=tuple(u for u in (redlock_urls or "").split(",") if u),
             name=name, command=_command(),
+            fleet=runner.parse_fleet(fleet_processes, fleet_maps, fleet_window),
         )  # fmt: skip
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
