@@ -9,11 +9,16 @@ import threading
 import pytest
 from redis.exceptions import TryAgainError
 
+from syncmap import SyncMap
+from syncmap.config import MapConfig
 from syncmap.errors import ConfigurationError, StoreUnavailable, WriteOutcomeUnknown
+from syncmap.keys import Layout, bucket_of, encode_key
 from syncmap.store.cluster import ClusterTopology, slot_for
 from syncmap.store.node import NodeExecutor
 from syncmap.store.topology import open_topology
+from syncmap.testing.clusterproxy import announce
 from syncmap.testing.clusterset import ClusterSet
+from syncmap.testing.proxy import FaultProxy
 
 KEYS = [f"key:{i}" for i in range(60)]
 
@@ -325,3 +330,37 @@ def test_control_giving_up_at_the_first_tryagain_refuses_the_write(
 
     monkeypatch.setattr(clusterexec, "TRY_AGAIN_ROUNDS", 1)
     assert isinstance(_write_during_a_migration(redis_cluster), StoreUnavailable)
+
+
+def test_a_master_that_moved_to_another_address_is_found_by_the_very_next_call(
+    redis_cluster: ClusterSet,
+) -> None:
+    """A master that comes back on another address (a restarted pod announcing a new IP or
+    port): a call that finds its old address dead reads the slot map again and sends its
+    commands to the new one, instead of failing with StoreUnavailable although the cluster is
+    healthy; a map opened at that moment opens.  Here the master first announces a proxy's
+    port, then its own again, and the proxy is closed: this process's topology still names the
+    proxy's port, as nobody told it."""
+    cs = redis_cluster
+    node = cs.masters()[0]
+    cfg = MapConfig()
+    layout = Layout("sm", "moved-addr", cfg.buckets)
+
+    def owner(key: str) -> object:
+        bucket = bucket_of(encode_key(key, cfg.max_key_bytes), cfg.buckets)
+        return cs.master_for_slot(ClusterSet.slot_of(layout.data(bucket)))
+
+    mine = [k for k in (f"k{i}" for i in range(400)) if owner(k) == node][:5]
+    assert mine, "no key of the map on the first master"
+    with SyncMap("moved-addr", cs.url, config=cfg) as m:
+        with FaultProxy(node.host, node.port) as proxy:
+            announce(cs, node, proxy.port)  # this process's topology told: through the proxy
+            m[mine[0]] = 1
+            assert proxy.connections > 0, "the map's writes did not go through the proxy"
+            announce(cs, node, 0, tell_topologies=False)
+        # The proxy is gone; the topology still names its port.
+        m[mine[1]] = 2  # a single write
+        m.update({k: 3 for k in mine[2:]})  # a partial call over buckets
+        assert len(m) == len(mine)
+        with SyncMap("moved-addr", cs.url, config=cfg) as other:  # opens (probe, self-check)
+            assert other.get(mine[0]) == 1

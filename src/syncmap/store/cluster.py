@@ -83,9 +83,10 @@ class NodeTopology(NodeExecutors):
         return self._endpoint
 
     def invalidate(self) -> None:
-        """A connection to this node failed: drop its idle connections, re-read the slot map."""
+        """A connection to this node failed: drop its idle connections, re-read the slot map
+        (asking this node last: it may be gone, and a silent one costs a connect timeout)."""
         self._generation += 1
-        self.cluster.invalidate()
+        self.cluster.invalidate(suspect=self._endpoint.address)
 
     def on_change(self, listener: Listener) -> None:
         self.cluster.on_change(listener)
@@ -115,6 +116,7 @@ class ClusterTopology:
         self._nodes: dict[str, NodeTopology] = {}
         self._replicas: dict[str, list[str]] = {}  # master address -> its replicas' addresses
         self._stale = True
+        self._suspects: set[str] = set()  # nodes a connection to failed since the last read
         self._generation = 0
         self._listeners: list[Listener] = []
 
@@ -145,10 +147,13 @@ class ClusterTopology:
         plain pub/sub, which a Cluster broadcasts to every node)."""
         return self.node(self.any_master()).endpoint()
 
-    def invalidate(self) -> None:
-        """Read the slot map again before the next routing."""
+    def invalidate(self, suspect: str | None = None) -> None:
+        """Read the slot map again before the next routing (``suspect``: a node a connection
+        to just failed, asked last)."""
         with self._lock:
             self._stale = True
+            if suspect is not None:
+                self._suspects.add(suspect)
 
     def executor(self, *, timeout: float | None = None,
                  deadline: float | None = None) -> Executor:  # fmt: skip
@@ -267,9 +272,12 @@ class ClusterTopology:
         with self._refreshing:
             if not self._stale and self._nodes:
                 return  # another thread just read it
-            candidates = list(dict.fromkeys(
+            known = list(dict.fromkeys(
                 [a for a in self._owners if a is not None] + [e.address for e in self.startup]
             ))  # fmt: skip
+            with self._lock:
+                suspects = set(self._suspects)
+            candidates = sorted(known, key=lambda a: a in suspects)  # stable: suspects last
             errors: list[tuple[str, Exception]] = []
             for address in candidates:
                 try:
@@ -278,6 +286,8 @@ class ClusterTopology:
                     errors.append((address, exc))
                     continue
                 self._install(owners, replicas)
+                with self._lock:
+                    self._suspects -= suspects
                 return
             raise self._no_slot_map(errors)
 

@@ -25,7 +25,11 @@ The contract is ``executor.py``'s, kept across nodes.  One call goes like this:
    ``StoreUnavailable`` in its place.  ``CLUSTERDOWN`` is
    ``StoreUnavailable``: nothing ran.
 4. **Failures across nodes.** A master that cannot be reached (``StoreUnavailable``: nothing
-   ran *there*): with ``partial=True`` its commands get that error in place (the other masters'
+   ran *there*) first makes the call read the slot map again, once: a master that came back
+   on another address (a restarted pod announcing a new IP or port), or whose replica already
+   took over, gets its commands sent where the map now says (they did not run, so sending them
+   is no retry of a write that may have run; that address is not tried again in this call).
+   Still unreachable: with ``partial=True`` its commands get that error in place (the other masters'
    parts did run, as a multi-bucket write's parts may); otherwise it is raised, as
    ``WriteOutcomeUnknown`` if a write of this call already ran on another master.  A
    master lost between its writes and its ``WAIT`` counts as confirmed by no replica.  A
@@ -84,6 +88,8 @@ class Routing:
     retry_pause: float = 0.0
     _redirected: bool = False
     _retried: bool = False
+    _reread: bool = False  # the slot map was read again for an unreachable master (once a call)
+    dead: dict[str, StoreUnavailable] = field(default_factory=dict)  # unreachable this call
 
     def __post_init__(self) -> None:
         cmds = list(self.commands)
@@ -128,6 +134,9 @@ class Routing:
                 self.failed(Group("", [i], []), exc)
                 continue
             last = address
+            if address in self.dead:  # the map, read again, still names it: give up on those
+                self.failed(Group("", [i], []), self.dead[address])
+                continue
             group = plain.setdefault(address, Group(address, [], []))
             group.indices.append(i)
             group.commands.append(self.commands[i])
@@ -164,6 +173,21 @@ class Routing:
         if ran:
             self.ran_on.add(group.address)
         self.todo.sort()  # a bucket's commands keep their order when sent again
+
+    def unreachable(self, group: Group, exc: StoreUnavailable) -> None:
+        """``group``'s master could not be reached, so nothing of it ran there: the first time
+        in a call, its commands wait for the next round, routed by the slot map read again
+        (module docstring, 4); else :meth:`failed`.  Order: the node executor that failed has
+        already marked the map stale; the next :meth:`groups` reads it (the asyncio driver off
+        its loop) before anything is sent."""
+        if self._reread or group.asking:
+            self.failed(group, exc)
+            return
+        self._reread = True
+        self.dead[group.address] = exc
+        self.topology.invalidate()
+        self.todo = sorted([*self.todo, *group.indices])
+        self._redirected = True
 
     def failed(self, group: Group, exc: StoreUnavailable) -> None:
         """A master could not be reached: nothing ran there (see the module docstring)."""
@@ -239,7 +263,7 @@ class ClusterExecutor:
             # After every answer is absorbed: a write that ran on another master makes an
             # unreachable one's failure an unknown outcome (Routing.failed), wherever it was.
             for group, exc in unreachable:
-                routing.failed(group, exc)
+                routing.unreachable(group, exc)
         try:
             waited = self._exchange(routing.wait_groups(), True, until)
         except WriteOutcomeUnknown:  # a WAIT cut short: the writes ran, unconfirmed
@@ -333,7 +357,7 @@ class AsyncClusterExecutor:
             )  # fmt: skip
             for group, result in zip(groups, results, strict=True):
                 if isinstance(result, StoreUnavailable):
-                    routing.failed(group, result)
+                    routing.unreachable(group, result)
                 elif isinstance(result, BaseException):
                     raise result
                 else:

@@ -63,9 +63,12 @@ def _announced_everywhere(cs: ClusterSet, node: ClusterNodeProcess, port: int) -
     return cs._settled()
 
 
-def announce(cs: ClusterSet, target: Target, port: int, timeout: float = 15.0) -> float:
+def announce(cs: ClusterSet, target: Target, port: int, timeout: float = 15.0, *,
+             tell_topologies: bool = True) -> float:  # fmt: skip
     """Make ``target`` announce ``port`` (0: its own again) and wait until the cluster follows
-    (every node's view, every replica's link, the cluster settled); the seconds it took."""
+    (every node's view, every replica's link, the cluster settled); the seconds it took.
+    ``tell_topologies=False``: this process's topologies are left to find out by themselves,
+    as a client of a real cluster whose master moved would (test_cluster_executor.py)."""
     node = cs.server(target)
     begun = time.monotonic()
     cs._run(node, "CONFIG", "SET", _setting(node), port)
@@ -75,7 +78,8 @@ def announce(cs: ClusterSet, target: Target, port: int, timeout: float = 15.0) -
     # This process's topologies of the cluster (one per URL and settings, shared by the maps
     # opened here) keep the node's old address until a call to it fails: without this, a map
     # opened next would bypass a fresh proxy, or fail its first call against a closed one.
-    invalidate_all()
+    if tell_topologies:
+        invalidate_all()
     return time.monotonic() - begun
 
 
