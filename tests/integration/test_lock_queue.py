@@ -145,7 +145,7 @@ def _dead_head(server: EmbeddedRedis, admin: redis.Redis, entry_lease: float) ->
 
     def take() -> None:
         with contextlib.suppress(LockNotAcquired):  # the control: None returned
-            result.append(live.acquire(timeout=6))
+            result.append(live.acquire(timeout=4))
 
     thread = threading.Thread(target=take, daemon=True)
     thread.start()
@@ -177,7 +177,7 @@ def test_control_a_dead_waiter_whose_entry_never_runs_out_blocks_the_queue(
     server: EmbeddedRedis, admin: redis.Redis
 ) -> None:
     # Guard off: the killed waiter's entry lasts an hour, so nothing skips it: the live waiter
-    # times out (6 s).  This is what the test above would see without entry leases.
+    # times out (4 s).  This is what the test above would see without entry leases.
     assert _dead_head(server, admin, entry_lease=3600.0) is None
 
 
