@@ -268,6 +268,16 @@ class LockLayout:
         return f"!s:{self.channel}" if self.sharded else self.channel
 
     @property
+    def queue(self) -> str:
+        """Lock: zset of waiters, owner -> arrival (server µs); the head's turn is next."""
+        return f"{self._tag}:q"
+
+    @property
+    def queue_leases(self) -> str:
+        """Lock: zset owner -> deadline (server ms) of each waiter's place in ``queue``."""
+        return f"{self._tag}:qd"
+
+    @property
     def readers(self) -> str:
         """RWLock: zset owner -> read lease deadline (server ms)."""
         return f"{self._tag}:r"

@@ -258,6 +258,65 @@ async def test_an_acquire_cancelled_after_redis_applied_it_is_given_back(
         assert await Lock("applied", url).try_acquire() is not None
 
 
+async def _queued(admin: redis.Redis, key: str, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while await asyncio.to_thread(admin.zcard, key) != n:
+        assert time.monotonic() < deadline, f"{n} waiters not queued within 10 s"
+        await asyncio.sleep(0.001)
+
+
+async def test_tasks_take_turns_in_order_and_a_cancelled_one_drops_out(
+    shared_redis_url: str, admin_url: redis.Redis
+) -> None:
+    holder = Lock("turns", shared_redis_url)
+    await holder.acquire()
+    queue, order = holder.layout.queue, []
+    tasks = []
+
+    async def take(i: int, lock: Lock) -> None:
+        await lock.acquire(timeout=30)
+        order.append(i)
+        await lock.release()
+
+    for i in range(5):
+        tasks.append(asyncio.create_task(take(i, Lock("turns", shared_redis_url))))
+        await _queued(admin_url, queue, i + 1)
+    tasks[2].cancel()  # its place is given up at once
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[2]
+    await _queued(admin_url, queue, 4)
+    await holder.release()
+    await asyncio.gather(*tasks[:2], *tasks[3:])
+    assert order == [0, 1, 3, 4]
+    assert not await asyncio.to_thread(admin_url.exists, queue)
+
+
+async def test_a_head_cancelled_as_its_turn_comes_passes_it_on_at_once(
+    shared_redis_url: str, admin_url: redis.Redis
+) -> None:
+    # Order: A (head) and B queue; the holder releases, naming A; A is cancelled before it
+    # runs again (no await between the release and the cancel), so A never takes its turn.
+    # A's leave names B: B has the lock well before its own refresh (1.67 s) would find out.
+    holder, a, b = (Lock("cancel-head", shared_redis_url) for _ in range(3))
+    await holder.acquire()
+    queue = holder.layout.queue
+    task_a = asyncio.create_task(a.acquire(timeout=30))
+    await _queued(admin_url, queue, 1)
+    task_b = asyncio.create_task(b.acquire(timeout=30))
+    await _queued(admin_url, queue, 2)
+    await holder.release()
+    task_a.cancel()
+    left = time.monotonic()
+    with pytest.raises(asyncio.CancelledError):
+        await task_a
+    await task_b
+    took = time.monotonic() - left
+    assert b.held and not a.held
+    assert took < 1.0, f"{took:.2f} s: B learnt its turn from its refresh, not from A's leave"
+    await b.release()
+    assert not await asyncio.to_thread(admin_url.exists, "sm:{lock:cancel-head}")
+
+
 # ---- RWLock, Semaphore -----------------------------------------------------------------------
 
 

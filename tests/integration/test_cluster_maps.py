@@ -277,6 +277,9 @@ def _handed_over(cluster: ClusterSet, timeout: float, name: str = "handoff") -> 
     node = cluster.node_client(cluster.master_for_slot(slot_for(channel)))
     wait_until(lambda: node.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1] >= 1, 5.0,
                "the waiter subscribing the lock's sharded channel")  # fmt: skip
+    # ... and queued (its try after subscribing): the release below must be what it waits for.
+    assert slot_for(holder.layout.queue) == slot_for(channel) == slot_for(holder.layout.hold)
+    wait_until(lambda: node.zcard(holder.layout.queue) == 1, 5.0, "the waiter queued")
     released = time.monotonic()
     holder.release()
     t.join()
@@ -292,9 +295,39 @@ def test_control_a_release_published_unsharded_wakes_nobody(
     shared_cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Guard off: the release goes out with plain PUBLISH while waiters SSUBSCRIBE: the waiter
-    # sleeps until its own deadline.
+    # sleeps until it next refreshes its place in the queue (a third of 5 s with a 30 s lease).
     monkeypatch.setattr(LockLayout, "notify", property(lambda self: self.channel))
-    assert _handed_over(shared_cluster, timeout=3.0) > 2.0
+    assert _handed_over(shared_cluster, timeout=3.0) > 1.0
+
+
+def test_lock_waiters_take_turns_in_order_on_a_cluster(shared_cluster: ClusterSet) -> None:
+    # The queue lives in the lock's slot and the release names the next waiter on the sharded
+    # channel: 12 waiters, queued one after another, get the lock in that order, at one
+    # release and one acquire per hand-off on the lock's master.
+    url, name = shared_cluster.url, "queue"
+    holder = Lock(name, url, lease=30)
+    node = shared_cluster.node_client(shared_cluster.master_for_slot(slot_for(holder.layout.hold)))
+    holder.acquire()
+    order: list[int] = []
+    threads = []
+    for i in range(12):
+        lock = Lock(name, url, lease=30)
+
+        def take(i: int = i, lock: Lock = lock) -> None:
+            lock.acquire(timeout=60)
+            order.append(i)
+            lock.release()
+
+        threads.append(threading.Thread(target=take, daemon=True))
+        threads[-1].start()
+        wait_until(lambda i=i: node.zcard(holder.layout.queue) == i + 1, 10, f"waiter {i} queued")
+    before = int(node.info("commandstats")["cmdstat_evalsha"]["calls"])
+    holder.release()
+    for t in threads:
+        t.join(30)
+    calls = int(node.info("commandstats")["cmdstat_evalsha"]["calls"]) - before
+    assert order == list(range(12))
+    assert calls <= 2 * 12 + 1, f"{calls} EVALSHA for 12 hand-offs"
 
 
 def test_a_users_redis_cluster_client_opens_a_cluster_map(shared_cluster: ClusterSet) -> None:

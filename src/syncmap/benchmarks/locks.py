@@ -4,7 +4,7 @@ redis-py's ``Lock``, python-redis-lock and pottery's ``Redlock``, interleaved in
 Round trips per pair: syncmap 2 (two EVALSHA), redis-py 2 (SET NX PX, EVALSHA),
 python-redis-lock 3 (GET, SET NX EX, EVALSHA; with renewal it also starts and joins a thread),
 pottery sends its commands from a new thread pool on every call.  The contended hand-off is in
-:mod:`.handoff`.
+:mod:`.handoff`, with 8 to 200 waiters in :mod:`.herd`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from ..lock import Lock, Redlock
-from . import handoff
+from . import handoff, herd
 from .context import Bench, delete_matching
 from .method import Contender, Row, Section, interleave, median, versus
 from .peers import Unavailable, optional
@@ -34,6 +34,7 @@ class LockPlan:
     ops: int  # acquire + release pairs per timed block, single node
     redlock_ops: int  # the same over 3 nodes
     handoff: handoff.HandoffPlan
+    herd: herd.HerdPlan
 
 
 def _pairs(acquire: Callable[[], Any], release: Callable[[], Any], ops: int) -> float:
@@ -151,4 +152,6 @@ def run(b: Bench, plan: LockPlan, redlock_urls: Sequence[str], redlock_absent: s
         rows.append(Row("uncontended acquire+release on 3 masters: `Redlock` vs pottery", "ns",
                         None, None, key="locks.redlock", absent=redlock_absent))  # fmt: skip
     handoff_rows, series, notes = handoff.run(b.url, b.ns, plan.handoff)
-    return Section("locks", "Locks", rows + handoff_rows, series, notes)
+    herd_rows, herd_series, herd_notes = herd.run(b.url, b.ns, plan.herd)
+    return Section("locks", "Locks", rows + handoff_rows + herd_rows, {**series, **herd_series},
+                   notes + herd_notes)  # fmt: skip

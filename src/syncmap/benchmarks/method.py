@@ -117,6 +117,8 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value / 1000:,.0f}k/s" if value >= 10_000 else f"{value:,.0f}/s"
     if unit == "B/s":
         return f"{_sig(value / 1e6)} MB/s"
+    if unit == "calls":
+        return f"{value:,.2f} calls"
     return f"{_sig(value)} {unit}"  # counts (B, conn, threads), %, ms/s: 3 digits below 100
 
 

@@ -40,6 +40,7 @@ from .aiohandoff import AsyncHandoffPlan
 from .clusterbulk import BulkPlan
 from .context import Bench, environment, load_average
 from .handoff import HandoffPlan
+from .herd import HerdPlan
 from .method import Section
 from .peers import Unavailable
 
@@ -80,7 +81,9 @@ PLANS = {
                                                        receivers=(1,)),
                            write_rounds=1, store_ops=10, replica_ops=5),
         locks.LockPlan(rounds=1, ops=5, redlock_ops=5, handoff=HandoffPlan(
-            rounds=1, seconds=0.3, polling_seconds=0.4, warmup_seconds=0.1, contenders=(2,))),
+            rounds=1, seconds=0.3, polling_seconds=0.4, warmup_seconds=0.1, contenders=(2,)),
+            herd=HerdPlan(rounds=1, seconds=0.3, polling_seconds=0.4, warmup_seconds=0.1,
+                          waiters=(2,))),
         scaling.ScalePlan(sizes=(100, 1000), rounds=1, reads=1000, value_sizes=(100, 10 * KiB),
                           value_bytes=50 * KiB, mem_n=1000),
         aiobench.AsyncPlan(rounds=1, hit_reps=2, io_ops=10, tasks=100, task_reads=2,
@@ -103,7 +106,8 @@ PLANS = {
                            write_rounds=5, store_ops=100, replica_ops=50),
         locks.LockPlan(rounds=7, ops=100, redlock_ops=50, handoff=HandoffPlan(
             rounds=1, seconds=1.0, polling_seconds=2.5, warmup_seconds=0.3,
-            contenders=(2, 4, 8))),
+            contenders=(2, 4, 8)),
+            herd=HerdPlan(rounds=1, seconds=1.5, polling_seconds=2.5, warmup_seconds=0.5)),
         scaling.ScalePlan(sizes=(1000, 10_000, 100_000), rounds=5, reads=50_000,
                           value_sizes=VALUE_SIZES, value_bytes=2 * MiB, mem_n=100_000),
         aiobench.AsyncPlan(rounds=9, hit_reps=30, io_ops=100, tasks=1000, task_reads=2,
@@ -126,7 +130,8 @@ PLANS = {
                            write_rounds=11, store_ops=200, replica_ops=100),
         locks.LockPlan(rounds=21, ops=200, redlock_ops=100, handoff=HandoffPlan(
             rounds=3, seconds=1.5, polling_seconds=4.0, warmup_seconds=0.4,
-            contenders=(2, 4, 8))),
+            contenders=(2, 4, 8)),
+            herd=HerdPlan(rounds=3, seconds=2.0, polling_seconds=4.0, warmup_seconds=0.5)),
         scaling.ScalePlan(sizes=(1000, 10_000, 100_000, 1_000_000), rounds=11, reads=100_000,
                           value_sizes=VALUE_SIZES, value_bytes=8 * MiB, mem_n=1_000_000),
         aiobench.AsyncPlan(rounds=21, hit_reps=100, io_ops=300, tasks=1000, task_reads=10,

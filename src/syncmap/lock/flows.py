@@ -42,6 +42,19 @@ def lease_ms(lease: float) -> int:
     return max(1, round(lease * 1000))
 
 
+def queue_lease(lease: float) -> float:
+    """How long a waiter's place in a Lock's queue lasts unless it tries again: the lock's
+    lease, kept within 1-5 s.  A dead waiter at the head holds the queue up this long at most
+    (as a dead holder does for its lease); every waiter refreshes its place at a third of it,
+    so 200 waiters of a 30 s lock cost 120 calls a second whatever the rate of hand-offs."""
+    return min(max(lease, 1.0), 5.0)
+
+
+def refresh_ms(lease: float) -> int:
+    """The longest a queued waiter waits between two tries (refreshing its place)."""
+    return max(1, round(queue_lease(lease) * 1000 / 3))
+
+
 @dataclass(frozen=True, slots=True)
 class Mutex:
     """``Lock``'s scripts: a hash {owner, re-entries, token} with the lease as its TTL."""
@@ -52,13 +65,19 @@ class Mutex:
     what: str
     #: Re-entry is counted here, not in Redis (RWLock's read side: one read hold per owner).
     local_reentry: ClassVar[bool] = False
+    #: Waiters queue, and a release wakes only the next one (RWLock's sides: every waiter).
+    queued: ClassVar[bool] = True
 
     @property
     def ms(self) -> int:
         return lease_ms(self.lease)
 
-    def acquire(self) -> Command:
-        return evalsha("lock_acquire", (self.layout.hold, self.layout.fence), self.owner, self.ms)
+    def acquire(self, queue: bool = False) -> Command:
+        """``queue``: when refused, join the queue (or keep this owner's place in it)."""
+        lay = self.layout
+        entry_ms = lease_ms(queue_lease(self.lease)) if queue else 0
+        return evalsha("lock_acquire", (lay.hold, lay.fence, lay.queue, lay.queue_leases),
+                       self.owner, self.ms, entry_ms, lay.notify)  # fmt: skip
 
     def renew(self) -> Command:
         return evalsha("lock_renew", (self.layout.hold,), self.owner, self.ms)
@@ -67,8 +86,38 @@ class Mutex:
                 ) -> Command | None:  # fmt: skip
         """None: nothing to tell Redis at this level (it keeps no re-entry count).  ``token``
         releases only that hold (a lost one given back late), not a newer one of this owner."""
-        return evalsha("lock_release", (self.layout.hold,), self.owner, self.layout.notify,
-                       "1" if every_level else "0", "" if token is None else token)  # fmt: skip
+        lay = self.layout
+        return evalsha("lock_release", (lay.hold, lay.queue, lay.queue_leases), self.owner,
+                       lay.notify, "1" if every_level else "0",
+                       "" if token is None else token)  # fmt: skip
+
+    def leave(self) -> Command | None:
+        """Leave the queue (a waiter that gives up); None: this kind does not queue."""
+        if not self.queued:
+            return None
+        lay = self.layout
+        return evalsha("lock_leave", (lay.hold, lay.queue, lay.queue_leases), self.owner,
+                       lay.notify)  # fmt: skip
+
+    def refused(self, reply: Any) -> Attempt[Grant]:
+        """A refused acquire's reply: how long to wait at most and who is in the way.
+
+        Only the head of the queue waits for the holder's lease (a crashed holder never
+        publishes); every queued waiter tries again at least every ``refresh_ms``, which keeps
+        its place and bounds what a lost release message costs.  Waiters behind the head
+        expect a message naming them, not the end of the lease: when a holder dies, only the
+        head tries again at the end of its lease, not all of them."""
+        wait, who = int(reply[1]), reply[2].decode(errors="replace") if reply[2] else ""
+        place = int(reply[3]) if len(reply) > 3 else -1
+        if len(reply) > 4 and int(reply[4]):
+            why = f"it is free, but it is the turn of {who}, the first waiter (for {wait} ms more)"
+        else:
+            why = f"held by {who or 'another owner'} for up to {max(wait, 0)} ms more"
+        if place > 0:
+            why += f"; {place} waiting ahead of this one"
+        if place >= 0:
+            wait = min(wait, refresh_ms(self.lease)) if place == 0 else refresh_ms(self.lease)
+        return Attempt(None, wait, who, why)
 
     def released(self, reply: Any) -> str | None:
         """None if the release reply says it was ours; else who holds it now ('' = nobody)."""
@@ -91,7 +140,9 @@ class Mutex:
 class Writer(Mutex):
     """RWLock's write side: also waits for readers, and claims its turn so new readers wait."""
 
-    def acquire(self) -> Command:
+    queued: ClassVar[bool] = False
+
+    def acquire(self, queue: bool = False) -> Command:
         lay = self.layout
         claim_ms = self.ms + 1000  # outlives every wait between two attempts
         return evalsha("rw_write", (lay.hold, lay.fence, lay.readers, lay.claims), self.owner,
@@ -103,8 +154,9 @@ class Reader(Mutex):
     """RWLock's read side: a zset owner -> lease deadline; its fence is the writer's last."""
 
     local_reentry: ClassVar[bool] = True
+    queued: ClassVar[bool] = False
 
-    def acquire(self) -> Command:
+    def acquire(self, queue: bool = False) -> Command:
         lay = self.layout
         return evalsha("rw_read", (lay.hold, lay.fence, lay.readers, lay.claims), self.owner,
                        self.ms)  # fmt: skip
@@ -135,13 +187,15 @@ Kind = Mutex
 
 
 def attempt(k: Kind, *, count: int, token: int, wait: tuple[int, int] | None,
+            queue: bool = False,
             clock: Clock = time.monotonic) -> Flow[Attempt[Grant]]:  # fmt: skip
     """One try to acquire (or re-enter: ``count`` levels are held now, under ``token``).
 
-    ``wait``: (replicas, timeout ms) to ``WAIT`` for after the acquire (``replicas=``)."""
+    ``wait``: (replicas, timeout ms) to ``WAIT`` for after the acquire (``replicas=``).
+    ``queue``: when refused, join the lock's queue (a waiter; a single try does not)."""
     if k.local_reentry and count:
         return Attempt(Grant(token, None))
-    cmds: list[Command] = [k.acquire()]
+    cmds: list[Command] = [k.acquire(queue)]
     if wait is not None:
         cmds.append(("WAIT", *wait))
     sent = clock()
@@ -151,8 +205,7 @@ def attempt(k: Kind, *, count: int, token: int, wait: tuple[int, int] | None,
         return (yield from _after_unknown(k, count, token, sent))
     reply = replies[0]
     if not reply[0]:
-        holder = reply[2].decode(errors="replace") if reply[2] else ""
-        return Attempt(None, int(reply[1]), holder)
+        return k.refused(reply)
     granted = int(reply[1])
     if count == 0 and clock() >= sent + k.lease - drift(k.lease):
         # The reply came after the lease had run out (Redis or this process stalled): the
@@ -202,6 +255,14 @@ def release(k: Kind, *, last: bool, token: int) -> Flow[None]:
             f"out{holder}. Another holder may have entered; writes fenced with token "
             f"{token} are refused"
         )
+
+
+def leave(k: Kind) -> Flow[None]:
+    """A waiter that gives up (timed out, cancelled, failed) leaves the queue at once, passing
+    its turn on if it had come: the next waiter need not wait for this entry's lease."""
+    cmd = k.leave()
+    if cmd is not None:
+        yield Call([cmd], write=True)
 
 
 def drop_claim(k: Kind) -> Flow[None]:

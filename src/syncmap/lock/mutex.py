@@ -14,7 +14,7 @@ from ..sync.run import run
 from . import flows
 from .base import LockBase, OnLost, check_count, check_seconds, check_timeout
 from .lease import Fence, Hold, ReleasedOnExit, Watchdog
-from .waiting import Attempt, wait_for
+from .waiting import Attempt, Queue, wait_for
 
 log = logging.getLogger("syncmap.lock")
 Replicas = Literal["none", "check", "require"]
@@ -85,8 +85,11 @@ class Lock(ReleasedOnExit, LockBase):
         if self._hold is not None:
             self._hold.check()  # a lost hold (or one whose lease ran out): release() it first
         self._warn_if_evicting()
+        kind = self._kind()
+        queue = Queue(self.owner, lambda: run(flows.leave(kind), self._executor))
         fence = wait_for(self._attempt, waker=self._waker, channel=self.layout.channel,
-                         timeout=timeout if blocking else 0, what=self.what)  # fmt: skip
+                         timeout=timeout if blocking else 0, what=self.what,
+                         queue=queue if kind.queued else None)  # fmt: skip
         return fence
 
     def try_acquire(self) -> Fence | None:
@@ -105,12 +108,13 @@ class Lock(ReleasedOnExit, LockBase):
             return None
         return self.min_replicas, max(1, round(self.replica_timeout * 1000))
 
-    def _attempt(self) -> Attempt[Fence]:
+    def _attempt(self, queue: bool) -> Attempt[Fence]:
         got = run(flows.attempt(self._kind(), count=self._count, token=self._token,
-                                wait=self._wait_replicas()), self._executor)  # fmt: skip
+                                wait=self._wait_replicas(), queue=queue),
+                  self._executor)  # fmt: skip
         grant = got.value
         if grant is None:
-            return Attempt(None, got.wait_ms, got.holder)
+            return Attempt(None, got.wait_ms, got.holder, got.why)
         fence = self._held(grant.token, grant.sent)
         if grant.acked is not None:
             self._check_replicas(grant.acked)

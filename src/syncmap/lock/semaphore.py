@@ -57,7 +57,8 @@ class Semaphore(ReleasedOnExit, LockBase):
         timeout = check_timeout(timeout)
         permit = f"{self.owner}:{uuid.uuid4().hex[:8]}"
         self._warn_if_evicting()
-        wait_for(lambda: self._attempt(permit), waker=self._waker, channel=self.layout.channel,
+        wait_for(lambda _queue: self._attempt(permit), waker=self._waker,
+                 channel=self.layout.channel,
                  timeout=timeout if blocking else 0, what=self.what)  # fmt: skip
 
     def try_acquire(self) -> bool:
@@ -71,7 +72,7 @@ class Semaphore(ReleasedOnExit, LockBase):
         got = run(flows.sem_attempt(self.layout, permit, self.lease, self.permits),
                   self._executor)  # fmt: skip
         if got.value is None:
-            return Attempt(None, got.wait_ms, got.holder)
+            return Attempt(None, got.wait_ms, got.holder, got.why)
         sent = got.value
         hold = Hold(f"{self.what} permit {permit}", self.lease, sent,
                     lambda: self._renew(permit), lambda: self._give_back(permit),

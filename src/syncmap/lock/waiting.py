@@ -4,21 +4,34 @@ Every release script PUBLISHes on the lock's channel.  A process that waits atta
 per lock channel to its shared subscriber (the same connection the maps use), so a hand-off costs
 one message and one acquire round trip, not a polling interval (redis-py's ``Lock`` sleeps 100 ms).
 
+``Lock``'s waiters queue in Redis (``store/scripts.py``, "Lock's queue"): a release names the
+next waiter (``h<owner>``) and this process wakes only that waiter; the others stay asleep and
+cost Redis nothing, so a hand-off is one release and one acquire whatever the number of waiters.
+A message ``r`` (no queue: RWLock, Semaphore, or an older client) wakes every waiter, and so do
+a (re)subscription and a lost connection (messages may have been missed).
+
 Order of events in :func:`wait_for`, chosen so that no release can slip by unseen:
 
-1. try once (the uncontended path never subscribes);
+1. try once, without queueing (the uncontended path never subscribes; ``try_acquire`` leaves no
+   entry behind);
 2. subscribe and wait for Redis's confirmation (bounded: a subscriber that is down does not hold
    the waiter up, the fallback bound below still applies);
-3. loop: clear the event -> try -> wait for the event, at most until the holder's lease ends.
-   A release between "try" and "wait" has already set the event, so the wait returns at once.
-The lease's remaining time bounds every wait, so a lost message (or a holder that crashed and
-never released) costs at most one lease, never a hang.  Channels stay subscribed after the wait
-(the next hand-off is then one message away); the least recently used idle ones beyond
-``IDLE_CHANNELS`` are unsubscribed.
+3. loop: clear the event -> try (and queue) -> wait for the event, at most ``Attempt.wait_ms``.
+   A release between "try" and "wait" has already set the event, so the wait returns at once;
+   a release before the try is seen by the try itself (the queue and the hold change together).
+``wait_ms`` bounds every wait: the holder's remaining lease (a holder that crashed never
+publishes), and for a queued waiter at most a third of its place's lease, so a lost message
+costs at most that and the place stays the waiter's (``flows.Mutex.refused``).
+4. giving up (timeout, an error, an interrupt) leaves the queue: when the lock had just been
+   handed to this waiter, leaving names the next one (``lock_leave``).  A leave that fails
+   costs the others at most the entry's lease (it is then skipped as a dead waiter's).
+Channels stay subscribed after the wait (the next hand-off is then one message away); the least
+recently used idle ones beyond ``IDLE_CHANNELS`` are unsubscribed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -28,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from .. import forksafe, instruments
-from ..errors import LockNotAcquired
+from ..errors import LockNotAcquired, SyncMapError
 from ..feed.pubsub import Handler, Subscriber
 from ..feed.sharded import ShardedSubscriber
 from ..store.cluster import ClusterTopology
@@ -46,13 +59,49 @@ class Attempt(Generic[T]):
     value: T | None
     wait_ms: int = 0
     holder: str = ""
+    why: str = ""  # what is in the way, when more than "held by <holder>" (a Lock's queue)
+
+
+def named(payload: bytes) -> str | None:
+    """Whose turn a release message gives: ``h<owner>`` names one waiter; anything else (``r``)
+    is None, everyone's (both drivers decide with this)."""
+    if payload[:1] == b"h":
+        return payload[1:].decode(errors="replace")
+    return None
+
+
+E = TypeVar("E")
+
+
+def joined(waiters: dict[str | None, frozenset[E]], owner: str | None, event: E
+           ) -> dict[str | None, frozenset[E]]:  # fmt: skip
+    """``waiters`` with ``event`` added under ``owner``: a new dict (copy on write, so the
+    subscriber's callback reads a consistent one without a lock)."""
+    return {**waiters, owner: waiters.get(owner, frozenset()) | {event}}
+
+
+def parted(waiters: dict[str | None, frozenset[E]], owner: str | None, event: E
+           ) -> dict[str | None, frozenset[E]]:  # fmt: skip
+    """``waiters`` without ``event`` (a new dict; an owner with no event left is dropped)."""
+    rest = {k: v for k, v in waiters.items() if k != owner}
+    left = waiters.get(owner, frozenset()) - {event}
+    return {**rest, owner: left} if left else rest
+
+
+def to_wake(waiters: dict[str | None, frozenset[E]], payload: bytes | None) -> list[E]:
+    """The events a message wakes (None: a (re)subscription or a lost connection: all).  Keyed
+    by owner; waiters that do not queue are under None and wake on every message."""
+    who = None if payload is None else named(payload)
+    if who is None:
+        return [event for events in waiters.values() for event in events]
+    return [*waiters.get(who, ()), *waiters.get(None, ())]
 
 
 @dataclass(slots=True, eq=False)
 class _Channel:
     handler: Handler
     confirmed: threading.Event = field(default_factory=threading.Event)
-    waiters: set[threading.Event] = field(default_factory=set)
+    waiters: dict[str | None, frozenset[threading.Event]] = field(default_factory=dict)
     subscriber: Subscriber | ShardedSubscriber | None = None
 
 
@@ -94,37 +143,38 @@ class Waker:
         self._channels: OrderedDict[str, _Channel] = OrderedDict()
 
     @contextmanager
-    def waiting(self, channel: str) -> Iterator[threading.Event]:
-        """An event set whenever ``channel`` may have seen a release (or the feed dropped)."""
+    def waiting(self, channel: str, owner: str | None = None) -> Iterator[threading.Event]:
+        """An event set whenever ``channel`` may have seen a release (or the feed dropped);
+        with ``owner`` (a queued waiter), only by releases that name it or name nobody."""
         event = threading.Event()
         with self._lock:
             chan = self._channels.get(channel)
             if chan is None:
                 chan = self._attach(channel)
             self._channels.move_to_end(channel)
-            chan.waiters.add(event)
+            chan.waiters = joined(chan.waiters, owner, event)
         chan.confirmed.wait(CONFIRM_WAIT)
         try:
             yield event
         finally:
             with self._lock:
-                chan.waiters.discard(event)
+                chan.waiters = parted(chan.waiters, owner, event)
                 self._evict_idle()
 
     def _attach(self, channel: str) -> _Channel:
-        def wake() -> None:
-            for event in list(chan.waiters):
+        def wake(payload: bytes | None) -> None:
+            for event in to_wake(chan.waiters, payload):  # one consistent dict (copy on write)
                 event.set()
 
         def up() -> None:
             chan.confirmed.set()
-            wake()  # a release may have come while we were not subscribed
+            wake(None)  # a release may have come while we were not subscribed
 
         def down() -> None:
             chan.confirmed.clear()
-            wake()  # messages may be lost from now on: every waiter tries again
+            wake(None)  # messages may be lost from now on: every waiter tries again
 
-        chan = _Channel(Handler(on_message=lambda _payload: wake(), on_up=up, on_down=down))
+        chan = _Channel(Handler(on_message=wake, on_up=up, on_down=down))
         self._channels[channel] = chan
         chan.subscriber = attach(self._topology, channel, chan.handler)
         return chan
@@ -137,19 +187,28 @@ class Waker:
                 chan.subscriber.detach(name, chan.handler)
 
 
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """A waiter's place in a lock's queue: whose turn messages wake it, and how it leaves."""
+
+    owner: str
+    leave: Callable[[], object]
+
+
 def wait_for(
-    attempt: Callable[[], Attempt[T]],
+    attempt: Callable[[bool], Attempt[T]],
     *,
     waker: Callable[[], Waker],
     channel: str,
     timeout: float | None,
     what: str,
+    queue: Queue | None = None,
 ) -> T:
-    """Acquire by ``attempt`` within ``timeout`` seconds (None: forever; 0: one try).  Counted
-    by result, with the time it took (:mod:`syncmap.instruments`)."""
+    """Acquire by ``attempt(queue?)`` within ``timeout`` seconds (None: forever; 0: one try).
+    Counted by result, with the time it took (:mod:`syncmap.instruments`)."""
     started = time.monotonic()
     try:
-        value = _wait(attempt, waker, channel, timeout, what)
+        value = _wait(attempt, waker, channel, timeout, what, queue)
     except LockNotAcquired:
         instruments.lock_attempt(what, "timeout", time.monotonic() - started)
         raise
@@ -160,30 +219,39 @@ def wait_for(
     return value
 
 
-def _wait(attempt: Callable[[], Attempt[T]], waker: Callable[[], Waker], channel: str,
-          timeout: float | None, what: str) -> T:  # fmt: skip
-    first = attempt()
+def _wait(attempt: Callable[[bool], Attempt[T]], waker: Callable[[], Waker], channel: str,
+          timeout: float | None, what: str, queue: Queue | None) -> T:  # fmt: skip
+    first = attempt(False)
     if first.value is not None:
         return first.value
     if timeout is not None and timeout <= 0:
         raise not_acquired(what, first, timeout)
     deadline = float("inf") if timeout is None else time.monotonic() + timeout
-    with waker().waiting(channel) as released:
-        while True:
-            released.clear()
-            got = attempt()
-            if got.value is not None:
-                return got.value
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise not_acquired(what, got, timeout)
-            # At most until the holder's lease ends (a crashed holder never publishes).
-            released.wait(min(left, max(got.wait_ms, 1) / 1000))
+    with waker().waiting(channel, queue.owner if queue else None) as released:
+        try:
+            while True:
+                released.clear()
+                got = attempt(True)
+                if got.value is not None:
+                    return got.value
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise not_acquired(what, got, timeout)
+                # At most until the holder's lease ends (a crashed holder never publishes), or
+                # until a queued waiter's place is due for a refresh.
+                released.wait(min(left, max(got.wait_ms, 1) / 1000))
+        except BaseException:
+            if queue is not None:
+                with contextlib.suppress(SyncMapError):  # else skipped once its lease ends
+                    queue.leave()
+            raise
 
 
 def not_acquired(what: str, got: Attempt[Any], timeout: float | None) -> LockNotAcquired:
     within = "at once" if not timeout else f"within {timeout:g} s"
+    why = got.why or (
+        f"held by {got.holder or 'another owner'} for up to {max(got.wait_ms, 0)} ms more"
+    )
     return LockNotAcquired(
-        f"{what} was not acquired {within}: held by {got.holder or 'another owner'} for up to "
-        f"{max(got.wait_ms, 0)} ms more. Wait longer, or find out why it is held so long"
+        f"{what} was not acquired {within}: {why}. Wait longer, or find out why it is held so long"
     )

@@ -392,32 +392,97 @@ local function keep_for(key, ms)
 end
 """
 
+# Lock's queue (issue 16): waiters take turns in arrival order, and a release wakes only the
+# next one.  Two zsets in the lock's slot: the queue (owner -> arrival, server µs) and the
+# entries' leases (owner -> deadline, server ms).  A waiter keeps its place by trying again at
+# least every third of its entry's lease; an entry whose lease ran out (a dead or paused waiter)
+# is skipped when it reaches the head, so a dead waiter holds the queue up for one entry lease
+# at most.  Release messages: 'r' = anyone may try (no queue, or another lock kind), 'h' ..
+# owner = only that waiter's turn (its process wakes only that waiter).
+_QUEUE = r"""
+-- The first live waiter of queue KEYS[q] (leases in KEYS[qd]), removing the dead ones ahead
+-- of it (bounded per call: the next call goes on).  Returns head or false, and whether the
+-- head changed (a dead one was skipped).
+local function queue_head(q, qd, now)
+  local skipped = false
+  for _ = 1, 100 do
+    local first = redis.call('ZRANGE', q, 0, 0)[1]
+    if not first then return false, skipped end
+    local dl = redis.call('ZSCORE', qd, first)
+    if dl and tonumber(dl) > now then return first, skipped end
+    redis.call('ZREM', q, first)
+    redis.call('ZREM', qd, first)
+    skipped = true
+  end
+  return redis.call('ZRANGE', q, 0, 0)[1] or false, skipped
+end
+
+-- Tell waiters the lock is free: the head's process wakes only the head; 'r' wakes everyone.
+-- '!s:<channel>': a Redis Cluster's sharded channel in the lock's own slot (LockLayout.notify).
+local function notify(channel, head)
+  local msg = 'r'
+  if head then msg = 'h' .. head end
+  if string.sub(channel, 1, 3) == '!s:' then redis.call('SPUBLISH', string.sub(channel, 4), msg)
+  else redis.call('PUBLISH', channel, msg) end
+end
+"""
+
 LOCK_ACQUIRE = (
     _LOCK_PRELUDE
+    + _QUEUE
     + r"""
--- KEYS[1] hold hash  [2] fence counter.  ARGV[1] owner  [2] lease ms
+-- KEYS[1] hold hash  [2] fence counter  [3] queue  [4] queue entry leases.
+-- ARGV[1] owner  [2] lease ms  [3] queue entry lease ms: when refused, join the queue (or keep
+-- this owner's place in it) for that long; '0' = try once, do not queue  [4] release channel
+-- (told when this call skipped a dead head and the lock is free: the new head's turn).
 -- Reply: {1, token, count} held (count > 1: re-entered by the same owner, same token);
---        {0, ms left on the holder's lease, holder}.
+--        {0, ms left on the holder's lease, holder, place, 0}, or, free but another waiter's
+--        turn, {0, ms left on that waiter's entry, waiter, place, 1}; place: this owner's rank
+--        in the queue (0 = head), -1 not queued.
 local owner = redis.call('HGET', KEYS[1], 'o')
 if owner == ARGV[1] then
   local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {1, tonumber(redis.call('HGET', KEYS[1], 't')), n}
 end
-if owner then return {0, redis.call('PTTL', KEYS[1]), owner} end
-local tok = next_token(KEYS[2])
-redis.call('HSET', KEYS[1], 'o', ARGV[1], 'n', 1, 't', tok)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {1, tok, 1}
+local now = server_ms()
+local head, skipped = queue_head(KEYS[3], KEYS[4], now)
+if not owner and (not head or head == ARGV[1]) then
+  if head then
+    redis.call('ZREM', KEYS[3], ARGV[1])
+    redis.call('ZREM', KEYS[4], ARGV[1])
+  end
+  local tok = next_token(KEYS[2])
+  redis.call('HSET', KEYS[1], 'o', ARGV[1], 'n', 1, 't', tok)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, tok, 1}
+end
+local place = -1
+local qms = tonumber(ARGV[3])
+if qms > 0 then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[3], 'NX', tonumber(t[1]) * 1000000 + tonumber(t[2]), ARGV[1])
+  redis.call('ZADD', KEYS[4], now + qms, ARGV[1])
+  keep_for(KEYS[3], qms)
+  keep_for(KEYS[4], qms)
+  place = redis.call('ZRANK', KEYS[3], ARGV[1])
+end
+if owner then return {0, redis.call('PTTL', KEYS[1]), owner, place, 0} end
+if skipped then notify(ARGV[4], head) end
+return {0, tonumber(redis.call('ZSCORE', KEYS[4], head)) - now, head, place, 1}
 """
 )
 
-LOCK_RELEASE = r"""
--- KEYS[1] hold hash.  ARGV[1] owner  [2] release channel  [3] '1' = every re-entry at once
--- [4] token of the hold to release, or '' for whichever hold this owner has.  (Giving back a
--- hold that was declared lost names its token: by then the same owner may hold a newer one.)
--- Reply: {1, re-entries left} (0: released, waiters told); {0, false} no hold (the lease ran out);
---        {-1, holder} held by another owner (or by a newer hold of this one).
+LOCK_RELEASE = (
+    _LOCK_PRELUDE
+    + _QUEUE
+    + r"""
+-- KEYS[1] hold hash  [2] queue  [3] queue entry leases.  ARGV[1] owner  [2] release channel
+-- [3] '1' = every re-entry at once  [4] token of the hold to release, or '' for whichever
+-- hold this owner has.  (Giving back a hold that was declared lost names its token: by then
+-- the same owner may hold a newer one.)
+-- Reply: {1, re-entries left} (0: released, the next waiter told); {0, false} no hold (the
+-- lease ran out); {-1, holder} held by another owner (or by a newer hold of this one).
 local owner = redis.call('HGET', KEYS[1], 'o')
 if not owner then return {0, false} end
 if owner ~= ARGV[1] then return {-1, owner} end
@@ -426,11 +491,29 @@ local n = 0
 if ARGV[3] ~= '1' then n = redis.call('HINCRBY', KEYS[1], 'n', -1) end
 if n > 0 then return {1, n} end
 redis.call('DEL', KEYS[1])
--- '!s:<channel>': a Redis Cluster's sharded channel in the lock's own slot (LockLayout.notify).
-if string.sub(ARGV[2], 1, 3) == '!s:' then redis.call('SPUBLISH', string.sub(ARGV[2], 4), 'r')
-else redis.call('PUBLISH', ARGV[2], 'r') end
+notify(ARGV[2], (queue_head(KEYS[2], KEYS[3], server_ms())))
 return {1, 0}
 """
+)
+
+LOCK_LEAVE = (
+    _LOCK_PRELUDE
+    + _QUEUE
+    + r"""
+-- A waiter gives up (timed out, cancelled).  KEYS[1] hold hash  [2] queue  [3] queue entry
+-- leases.  ARGV[1] owner  [2] release channel.  When it was the head and the lock is free (the
+-- holder released and named it a moment ago), the next head is told: its turn now, not when
+-- it next refreshes its place.  Reply: 1 left the queue, 0 was not in it.
+local was_head = redis.call('ZRANK', KEYS[2], ARGV[1]) == 0
+redis.call('ZREM', KEYS[3], ARGV[1])
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+if was_head and redis.call('EXISTS', KEYS[1]) == 0 then
+  local head = queue_head(KEYS[2], KEYS[3], server_ms())
+  if head then notify(ARGV[2], head) end
+end
+return 1
+"""
+)
 
 LOCK_RENEW = r"""
 -- KEYS[1] hold hash.  ARGV[1] owner  [2] lease ms.  Reply: 1 renewed, 0 not held by this owner.
@@ -576,6 +659,7 @@ return 0
 ALL = {
     "set": SET, "delete": DELETE, "mset": MSET, "clear": CLEAR, "probe": PROBE,
     "lock_acquire": LOCK_ACQUIRE, "lock_release": LOCK_RELEASE, "lock_renew": LOCK_RENEW,
+    "lock_leave": LOCK_LEAVE,
     "rw_read": RW_READ, "rw_write": RW_WRITE, "zset_release": ZSET_RELEASE,
     "zset_renew": ZSET_RENEW, "sem_acquire": SEM_ACQUIRE, "fence_next": FENCE_NEXT,
     "redlock_release": REDLOCK_RELEASE, "redlock_extend": REDLOCK_EXTEND,

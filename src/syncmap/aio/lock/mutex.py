@@ -32,7 +32,7 @@ from ...store.topology import Topology
 from ..run import run
 from .base import AsyncLockParts
 from .hold import AsyncHold
-from .waiting import wait_for
+from .waiting import AsyncQueue, wait_for
 
 log = logging.getLogger("syncmap.lock")
 
@@ -93,10 +93,12 @@ class Lock(AsyncLockParts, LockIdentity):
         if self._hold is not None:
             self._hold.check()  # a lost hold (or one whose lease ran out): release() it first
         await self._warn_if_evicting()
+        kind = self._kind()
+        queue = AsyncQueue(self.owner, lambda: run(flows.leave(kind), self._executor()))
         fence: Fence = await wait_for(self._attempt, waker=self._waker,
                                       channel=self.layout.channel,
-                                      timeout=timeout if blocking else 0,
-                                      what=self.what)  # fmt: skip
+                                      timeout=timeout if blocking else 0, what=self.what,
+                                      queue=queue if kind.queued else None)  # fmt: skip
         self._task = task
         return fence
 
@@ -112,10 +114,10 @@ class Lock(AsyncLockParts, LockIdentity):
             return None
         return self.min_replicas, max(1, round(self.replica_timeout * 1000))
 
-    async def _attempt(self) -> Attempt[Fence]:
+    async def _attempt(self, queue: bool) -> Attempt[Fence]:
         count = self._count
         flow = flows.attempt(self._kind(), count=count, token=self._token,
-                             wait=self._wait_replicas())  # fmt: skip
+                             wait=self._wait_replicas(), queue=queue)  # fmt: skip
         try:
             got = await run(flow, self._executor())
         except asyncio.CancelledError:
@@ -124,7 +126,7 @@ class Lock(AsyncLockParts, LockIdentity):
             raise
         grant = got.value
         if grant is None:
-            return Attempt(None, got.wait_ms, got.holder)
+            return Attempt(None, got.wait_ms, got.holder, got.why)
         fence = self._held(grant.token, grant.sent)
         if grant.acked is not None:
             await self._check_replicas(grant.acked)

@@ -54,7 +54,7 @@ class Semaphore(AsyncLockParts, LockIdentity):
         timeout = check_timeout(timeout)
         permit = f"{self.owner}:{uuid.uuid4().hex[:8]}"
         await self._warn_if_evicting()
-        await wait_for(lambda: self._attempt(permit), waker=self._waker,
+        await wait_for(lambda _queue: self._attempt(permit), waker=self._waker,
                        channel=self.layout.channel, timeout=timeout if blocking else 0,
                        what=self.what)  # fmt: skip
 
@@ -74,7 +74,7 @@ class Semaphore(AsyncLockParts, LockIdentity):
                 await self._give_back(permit)
             raise
         if got.value is None:
-            return Attempt(None, got.wait_ms, got.holder)
+            return Attempt(None, got.wait_ms, got.holder, got.why)
         hold = AsyncHold(f"{self.what} permit {permit}", self.lease, got.value,
                          lambda: run(flows.sem_renew(self.layout, permit, self.lease),
                                      self._executor()),
