@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .clusterload import Run, bucket_owners, bucket_slot, key_in, keys_in, redirects
+from .clusternode import Addr
 from .clusterset import AtomicStep
 from .faults import kill_subscribers, subscribers
 
@@ -83,6 +84,18 @@ def kill_master(warm: float) -> Fault:
 ASK_HOLD = 0.2  # s each migration holds its ASK window open (keys moved, slot still the source's)
 
 
+def _buckets_to_migrate(run: Run, warm: float) -> tuple[list[Addr], list[int]]:
+    """The masters, and one bucket per master (the lowest it owns), the first two given a key
+    with a TTL (so their expiry set exists; see :func:`migrate`); after ``warm`` s of load."""
+    masters = [m.addr for m in run.cs.masters()]
+    owners = bucket_owners(run.cs, run.name)
+    chosen = [min(b for b, a in owners.items() if a == m) for m in masters]
+    for bucket in chosen[:2]:
+        run.writer.map.set(key_in(bucket, "ttl-"), "expiry set", ttl=3600)
+    time.sleep(warm)  # the load before the fault: a schedule, not a synchronisation
+    return masters, chosen
+
+
 def migrate(warm: float, until: float) -> Fault:
     """From ``warm`` s to ``until`` s into the load: migrate the slot of one bucket after
     another (the lowest bucket of each master, in turn) to the next master, the classic way
@@ -95,12 +108,7 @@ def migrate(warm: float, until: float) -> Fault:
     the whole migration: both paths are taken."""
 
     def fault(run: Run) -> None:
-        masters = [m.addr for m in run.cs.masters()]
-        owners = bucket_owners(run.cs, run.name)
-        chosen = [min(b for b, a in owners.items() if a == m) for m in masters]
-        for bucket in chosen[:2]:
-            run.writer.map.set(key_in(bucket, "ttl-"), "expiry set", ttl=3600)
-        time.sleep(warm)  # the load before the fault: a schedule, not a synchronisation
+        masters, chosen = _buckets_to_migrate(run, warm)
         before, moved, keys, n = redirects(run.cs), set(), 0, 0
         end = run.marks["start"] + int(until * 1e9)
         run.marks["fault"] = _ns()
@@ -163,12 +171,7 @@ def migrate_atomic(warm: float, until: float) -> Fault:
     owner early, as any client refreshing its slot map from the target may."""
 
     def fault(run: Run) -> None:
-        masters = [m.addr for m in run.cs.masters()]
-        owners = bucket_owners(run.cs, run.name)
-        chosen = [min(b for b, a in owners.items() if a == m) for m in masters]
-        for bucket in chosen[:2]:
-            run.writer.map.set(key_in(bucket, "ttl-"), "expiry set", ttl=3600)
-        time.sleep(warm)  # the load before the fault: a schedule, not a synchronisation
+        masters, chosen = _buckets_to_migrate(run, warm)
         before, moved, keys, n, early = redirects(run.cs), set(), 0, 0, 0
         handovers: list[float] = []
         durations: list[float] = []
