@@ -87,16 +87,34 @@ def _ballast() -> tuple[list[list[object]], float]:
     return ballast, took
 
 
-async def _step_while_another_thread(runs: Callable[[], object]) -> None:
+def _run_queue_wait() -> float:
+    """Seconds the calling thread has waited on the run queue (Linux; 0.0 elsewhere)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+PREEMPTED = 0.005  # more run-queue wait than this during ``runs``: the attempt says nothing
+ATTEMPTS = 5
+
+
+async def _step_while_another_thread(runs: Callable[[], object]) -> float:
     """A syncmap task whose one step lasts exactly as long as ``runs`` on another thread: the
-    step spins (wanting the GIL) until that thread is done."""
+    step spins (wanting the GIL) until that thread is done.  Returns how long that thread
+    waited on the run queue meanwhile: a GIL holder the machine's load took off the CPU holds
+    the GIL without using CPU, which the guard cannot tell from blocking (loopguard.py)."""
     started, done = threading.Event(), threading.Event()
+    waited = [0.0]
 
     def other() -> None:
         started.wait(10)
+        before = _run_queue_wait()
         try:
             runs()
         finally:
+            waited[0] = _run_queue_wait() - before
             done.set()
 
     async def spin() -> None:
@@ -108,6 +126,22 @@ async def _step_while_another_thread(runs: Callable[[], object]) -> None:
     thread.start()
     await asyncio.get_running_loop().create_task(spin(), name="syncmap-control")
     thread.join(10)
+    return waited[0]
+
+
+async def _excused(loop_guard: loopguard.SlowCallbackLog, runs: Callable[[], object]) -> None:
+    """``runs`` on another thread is not reported, in an attempt where that thread was not
+    taken off the CPU (at most :data:`ATTEMPTS`; none such fails the test: the machine is too
+    loaded to check this)."""
+    waits = []
+    for _ in range(ATTEMPTS):
+        loop_guard.clear()
+        waits.append(await _step_while_another_thread(runs))
+        if waits[-1] <= PREEMPTED:
+            assert any("syncmap-control" in t for t in loop_guard.all()), loop_guard.all()
+            assert not loop_guard.syncmap(), loop_guard.syncmap()
+            return
+    pytest.fail(f"the other thread was preempted in every attempt (run-queue waits {waits})")
 
 
 async def test_another_threads_gc_pass_is_not_blocking(
@@ -116,11 +150,9 @@ async def test_another_threads_gc_pass_is_not_blocking(
     """A full collection on another thread (a sync map's, the caller's) holds the GIL all
     through; the loop's thread waits, not runnable, but blocked nothing: not counted.  Failed
     before the guard timed GC passes (test_drivers.py's Cluster cases, one run in two)."""
-    ballast, took = _ballast()
-    await _step_while_another_thread(gc.collect)
+    ballast, _took = _ballast()
+    await _excused(loop_guard, gc.collect)
     del ballast
-    assert any("syncmap-control" in t for t in loop_guard.all()), (took, loop_guard.all())
-    assert not loop_guard.syncmap(), loop_guard.syncmap()
 
 
 async def test_another_threads_long_c_step_is_not_blocking(
@@ -136,9 +168,7 @@ async def test_another_threads_long_c_step_is_not_blocking(
         if time.perf_counter() - started >= 2 * loopguard.SLOW_CALLBACK:
             break
         n *= 2
-    await _step_while_another_thread(lambda: sum(range(n)))
-    assert any("syncmap-control" in t for t in loop_guard.all()), loop_guard.all()
-    assert not loop_guard.syncmap(), loop_guard.syncmap()
+    await _excused(loop_guard, lambda: sum(range(n)))
 
 
 async def test_control_another_thread_holding_the_gil_otherwise_still_counts(
