@@ -115,6 +115,7 @@ def migrate(warm: float, until: float) -> Fault:
                 thread.join(5.0)
             moved.add(bucket)
             n += 1
+        run.marks["fault_end"] = _ns()
         after = redirects(run.cs)
         run.notes.update(
             migrations=n,
@@ -198,6 +199,7 @@ def migrate_atomic(warm: float, until: float) -> Fault:
             durations.append(done.seconds)
             moved.add(bucket)
             n += 1
+        run.marks["fault_end"] = _ns()
         after = redirects(run.cs)
         run.notes.update(
             migrations=n,
