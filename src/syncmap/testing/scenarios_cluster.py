@@ -86,7 +86,7 @@ def _flush_figures(observer: Observer, since_ns: int, affected: set[int],
     """Which buckets the observer flushed from ``since_ns`` to ``until_ns``: the ``affected``
     ones, and the others by cause.  A restart of another bucket for a probe's sequence not
     reached within grace, whose skipped messages all arrived within Δ after all, is counted
-    apart (``other_flushes_late``, :meth:`Observer.late`): the message was late (this process
+    apart (``other_flushes_late``, :meth:`FlushLog.late`): the message was late (this process
     or the machine stalled), not lost, and the restart cost hits only."""
     log = observer.log
     flushes = log.flushed(since_ns, until_ns)
