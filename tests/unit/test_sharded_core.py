@@ -5,6 +5,7 @@ Cluster are tests/integration/test_sharded_subscriber.py).  Each guard has its c
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -190,3 +191,84 @@ def test_a_slot_map_naming_the_node_that_dropped_a_channel_is_doubted(
     rounds = [core._rehome({chan.slot: "b:2"})[1] for _ in range(shards.MAX_DOUBTS + 1)]
     assert rounds == [False] * shards.MAX_DOUBTS + [True], "believed in the end: it may own it"
     assert chan.address == "b:2"
+
+
+@GUARDED
+def test_a_reader_runs_its_own_messages_instead_of_leaving_them_to_another_nodes_reader(
+    guarded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Node A's reader is running a map's callback (its message, on the process's busy
+    queue) when node B's reader hands the core a message.  B's reader must wait for its turn
+    and run its message itself: left to A's reader, it is run there, and on a busy process A's
+    reader goes on running B's and C's messages, batch after batch, without reading its own
+    socket (S25-atomic: a node's messages late by 300-500 ms, its buckets restarted though
+    nothing was lost).  Control: B's reader leaves its message to A's (the old ``_drain``)."""
+    if not guarded:
+        monkeypatch.setattr(ShardedCore, "_take_turn", lambda self: self._drain())
+    core = Core()
+    ran: list[tuple[bytes, str]] = []  # (message, the thread that ran its callback), in order
+    entered, release = threading.Event(), threading.Event()
+
+    def message(data: bytes) -> None:
+        if data == b"a1":
+            entered.set()
+            release.wait(5)  # a map's callback that takes a while
+        ran.append((data, threading.current_thread().name))
+
+    def quiet() -> None:
+        pass
+
+    chans = {}
+    for name, address in (("a", "a:1"), ("b", "b:2")):
+        core._add(name, Handler(message, quiet, quiet))
+        chans[name] = core.place(name, address)
+        core.confirm(chans[name])
+    a_inner, b_inner = chans["a"].inner, chans["b"].inner
+    assert a_inner is not None and b_inner is not None
+    reader_a = threading.Thread(target=a_inner.on_message, args=(b"a1",), name="reader-a")
+    reader_b = threading.Thread(target=b_inner.on_message, args=(b"b1",), name="reader-b")
+    reader_a.start()
+    assert entered.wait(5)
+    reader_b.start()
+    if guarded:  # B's reader waits for A's batch (a condition with a deadline, no sleep)
+        deadline = time.monotonic() + 5
+        while core._waiting == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert core._waiting == 1
+    else:
+        reader_b.join(5)
+        assert not reader_b.is_alive(), "control: B's reader left its message and returned"
+    release.set()
+    reader_a.join(5)
+    reader_b.join(5)
+    assert not reader_a.is_alive() and not reader_b.is_alive()
+    if guarded:
+        assert ran == [(b"a1", "reader-a"), (b"b1", "reader-b")]
+    else:
+        assert ran == [(b"a1", "reader-a"), (b"b1", "reader-a")], "control: A's reader ran it"
+    assert not core._draining and core._waiting == 0
+
+
+def test_callbacks_queued_from_a_callback_run_after_it_on_the_same_thread() -> None:
+    """A map that attaches from a callback queues an ``on_up`` while this thread is draining:
+    it must not wait for itself (a deadlock), and the ``on_up`` runs right after."""
+    core = Core()
+    log: list[str] = []
+    late = HandlerLog()
+
+    def message(data: bytes) -> None:
+        log.append("message")
+        core._added(core._add("a", late.handler))  # "a" is confirmed: on_up at once, queued
+
+    def quiet() -> None:
+        pass
+
+    core._add("a", Handler(message, quiet, quiet))
+    chan = core.place("a", "a:1")
+    core.confirm(chan)
+    assert chan.inner is not None
+    late.handler.on_up = lambda: log.append("up")
+    core._queue.append((lambda: log.append("queued"), ()))  # another reader's, not yet run
+    chan.inner.on_message(b"m")  # busy (a queue): this reader takes its turn, runs it all
+    assert log == ["queued", "message", "up"]
+    assert not core._draining and not core._queue

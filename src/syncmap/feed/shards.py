@@ -48,6 +48,7 @@ against a callback waiting for ours.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -66,7 +67,8 @@ _no_slot_map = RateLimitedLog(log, every=10.0)  # the mover retries each second 
 MAX_DOUBTS = 8  # rounds (about 4.5 s of back-off) a slot map naming the node that dropped a
 # channel is taken for an old one; then it is believed (the node may own the slot again)
 Calls = list[tuple[Callable[..., None], tuple[Any, ...]]]  # callbacks to run, in order
-BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0  # the mover's retries while a slot has no known owner
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0
+LOCK = type(threading.Lock())  # the mover's retries while a slot has no known owner
 
 
 class NodeLink(Protocol):
@@ -152,6 +154,12 @@ class ShardedCore(Generic[N]):
         self._pending = Pending()
         self._queue: Calls = []
         self._draining = False
+        self._drainer: int | None = None  # the thread running callbacks (``_draining``)
+        self._taken = 0  # callbacks ever taken off the queue to run (a position in it)
+        self._waiting = 0  # node readers waiting for their turn (:meth:`_take_turn`)
+        # A thread driver's lock is a real one: readers then take turns; on a loop there is
+        # one thread, so a call made while draining is always made from a callback.
+        self._turn = threading.Condition(lock) if isinstance(lock, LOCK) else None
         self._closed = False  # stopped: no node is opened any more
 
     def _open_node(self, address: str) -> N:
@@ -244,7 +252,11 @@ class ShardedCore(Generic[N]):
                     self._queue += batch  # after what is queued, as the others wait
                 else:
                     self._draining = True  # claimed: run at once, no queue round trip
-            self._drain(None if busy else batch)
+                    self._drainer = threading.get_ident()
+            if busy:
+                self._take_turn()
+            else:
+                self._drain(batch)
 
         def on_up() -> None:
             with self._lock:
@@ -284,21 +296,71 @@ class ShardedCore(Generic[N]):
             with self._lock:
                 if self._draining or not self._queue:
                     return
-                self._draining = True
-                batch, self._queue = self._queue, []
+                batch = self._claim()
+        self._run_batches(batch)
+
+    def _take_turn(self) -> None:
+        """A node reader's :meth:`_drain` for what it has just queued: it waits until another
+        thread has taken its callbacks (then they run in their order, and it goes back to its
+        socket) or no thread is draining (then it runs them itself).
+
+        Why a reader waits instead of leaving them to the thread draining: that thread, often
+        another node's reader, would run them, and everything else queued meanwhile, for as
+        long as the other readers keep queueing, without reading its own socket.  Order of
+        events this prevents, on a busy process: node A's reader claims the draining -> the
+        readers of B and C queue their messages and go back to read more -> A's reader runs
+        them, batch after batch, for hundreds of milliseconds -> A's messages wait in its
+        socket the while, so a probe reads A's buckets at sequences their messages reach only
+        after ``grace`` -> those buckets are restarted, though nothing was lost.  Now a reader
+        that finds the core draining waits for at most the batch being run, and the thread
+        draining hands over to the waiting readers after each batch.
+
+        Only node readers wait: they hold no other lock when they call.  Other callers (an
+        attach, the mover) may hold a map's lock that a callback needs, so they never wait."""
+        with self._lock:
+            mine = self._taken + len(self._queue)  # our callbacks are before this position
+            while self._taken < mine and self._draining:
+                if self._turn is None or self._drainer == threading.get_ident():
+                    return  # from a callback: the loop running it runs ours after it
+                self._waiting += 1
+                try:
+                    self._turn.wait()
+                finally:
+                    self._waiting -= 1
+            if self._taken >= mine:
+                return  # taken by another thread: they run in their order
+            batch = self._claim()
+        self._run_batches(batch)
+
+    def _claim(self) -> Calls:
+        """Become the thread draining and take the queue (the lock held)."""
+        self._draining, self._drainer = True, threading.get_ident()
+        batch, self._queue = self._queue, []
+        self._taken += len(batch)
+        return batch
+
+    def _run_batches(self, batch: Calls) -> None:
+        """Run ``batch``, then what was queued meanwhile, until the queue is empty or a node
+        reader waits for its turn (:meth:`_take_turn`): the waiting reader takes the rest."""
         try:
             while True:
                 for fn, args in batch:
                     Subscriber._call(fn, *args)  # logs a failing callback; the others go on
                 with self._lock:
-                    batch, self._queue = self._queue, []
-                    if not batch:
-                        self._draining = False
+                    if not self._queue or self._waiting:
+                        self._release()
                         return
+                    batch = self._claim()
         except BaseException:
             with self._lock:
-                self._draining = False
+                self._release()
             raise
+
+    def _release(self) -> None:
+        """Stop draining (the lock held); a waiting reader takes its turn."""
+        self._draining, self._drainer = False, None
+        if self._turn is not None:
+            self._turn.notify_all()
 
     # ---- the mover's round -------------------------------------------------------------------
 

@@ -123,6 +123,7 @@ def migrate(warm: float, until: float) -> Fault:
                 thread.join(5.0)
             moved.add(bucket)
             n += 1
+        run.marks["fault_end"] = _ns()
         after = redirects(run.cs)
         run.notes.update(
             migrations=n,
@@ -201,6 +202,7 @@ def migrate_atomic(warm: float, until: float) -> Fault:
             durations.append(done.seconds)
             moved.add(bucket)
             n += 1
+        run.marks["fault_end"] = _ns()
         after = redirects(run.cs)
         run.notes.update(
             migrations=n,

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import MapConfig
-from ..core.nearcache import Guards
+from ..core.nearcache import INF, Event, Guards, NearCache
+from ..core.wire import ChangeMessage
 from ..errors import StoreError, StoreUnavailable, WriteOutcomeUnknown
 from ..keys import Layout, bucket_of, encode_key
 from ..map import SyncMap
@@ -94,31 +95,107 @@ class Flush:
     at_ns: int
     bucket: int
     resync: bool  # a restart (lost messages, an epoch or regression); False: a lease lapsed
+    cause: str = "other"  # lapse, gap, epoch, lost (a probe's sequence not reached), digest
+    missing: tuple[int, int] | None = None  # cause "lost": the versions (from, to] not heard
+
+
+CAUSES = (("gaps", "gap"), ("gap_overflows", "gap"), ("epoch_changes", "epoch"),
+          ("lost_detected", "lost"), ("digest_mismatches", "digest"))  # fmt: skip
+"""Core counters each incremented just before the flush it causes (``NearCache``), and the
+cause a flush is logged with when one of them moved since the previous flush."""
+
+
+class FlushLog:
+    """Every flush of one near cache, with its cause, and what a scenario needs to judge it:
+    which buckets re-subscriptions repaired, and every change message heard.  It wraps the
+    core's ``_flush`` (every flush passes there: a restart after lost messages, a gap or an
+    epoch change, ``count=True``: a resync; a lapsed lease, ``False``), ``_restart_bucket``
+    (the versions a restart skips), ``on_feed_up`` and ``on_message``.  All of them run under
+    the map's guard, so the counters read at a flush are that flush's own.  Test
+    instrumentation of one map, in this process only."""
+
+    def __init__(self, core: NearCache) -> None:
+        self.flushes: list[Flush] = []  # list.append is atomic: the map's threads append
+        self.repairs: list[tuple[int, list[int] | None]] = []  # (at_ns, buckets; None: all)
+        self.heard: list[tuple[int, int, int, int]] = []  # (at_ns, bucket, seq, last_seq)
+        flush, restart, feed_up, message = (core._flush, core._restart_bucket, core.on_feed_up,
+                                            core.on_message)  # fmt: skip
+        counts = {name: 0 for name, _ in CAUSES}
+        skipped: list[tuple[int, int] | None] = [None]
+
+        def logged(bucket: int, count: bool = True) -> None:
+            cause = "lapse" if not count else "other"
+            for name, why in CAUSES:
+                now = getattr(core.counters, name)
+                if now != counts[name]:
+                    counts[name], cause = now, why
+            missing = skipped[0] if cause == "lost" else None
+            self.flushes.append(Flush(_ns(), bucket, count, cause, missing))
+            flush(bucket, count)
+
+        def restarted(i: int, epoch: int | None, seq: int, sent_at: float,
+                      digest: str | None = None) -> None:  # fmt: skip
+            skipped[0] = (core.buckets[i].seq, seq)
+            restart(i, epoch, seq, sent_at, digest)
+            skipped[0] = None
+
+        def repaired(now: float = -INF, buckets: Iterable[int] | None = None) -> None:
+            listed = None if buckets is None else list(buckets)
+            self.repairs.append((_ns(), listed))
+            feed_up(now, listed)
+
+        def heard(msg: ChangeMessage, now: float, want_events: bool = False) -> list[Event]:
+            self.heard.append((_ns(), msg.bucket, msg.seq, msg.last_seq))
+            return message(msg, now, want_events)
+
+        core._flush = logged  # type: ignore[method-assign]
+        core._restart_bucket = restarted  # type: ignore[method-assign]
+        core.on_feed_up = repaired  # type: ignore[method-assign]
+        core.on_message = heard  # type: ignore[method-assign]
+
+    def flushed(self, since_ns: int, until_ns: int | None = None) -> list[Flush]:
+        end = until_ns if until_ns is not None else 2**63
+        return [f for f in self.flushes if since_ns <= f.at_ns < end]
+
+    def repaired(self, since_ns: int, until_ns: int | None = None) -> set[int] | None:
+        """The buckets re-subscriptions repaired (None: every bucket, after a bad message)."""
+        end = until_ns if until_ns is not None else 2**63
+        out: set[int] = set()
+        for at, buckets in self.repairs:
+            if since_ns <= at < end:
+                if buckets is None:
+                    return None
+                out |= set(buckets)
+        return out
+
+    def late(self, flush: Flush, within_ns: int) -> bool:
+        """Whether a restart for a probe's sequence not reached (cause ``lost``) was a false
+        alarm: every version it skipped arrived after it, within ``within_ns``.  Order of
+        events: a probe sent at T reads s; the message of s is delayed (this process or its
+        machine stalled) past T + grace (max_staleness / 4); the next probe restarts the
+        bucket; the message arrives after all.  Nothing was lost: the restart cost hits only."""
+        if flush.cause != "lost" or flush.missing is None:
+            return False
+        low, high = flush.missing
+        need = set(range(low + 1, high + 1))
+        for at, bucket, seq, last in self.heard:
+            if bucket == flush.bucket and flush.at_ns <= at <= flush.at_ns + within_ns:
+                need.difference_update(range(seq, last + 1))
+        return not need
 
 
 class Observer:
     """A server of map ``name`` in this process (node id ``observer``): a thread reads every
-    workload key through the near cache, and each bucket flush is logged (:class:`Flush`).
-
-    The log wraps the core's ``_flush``, through which every flush passes: a restart after lost
-    messages, a gap or an epoch change (``count=True``: a resync) and a lapsed lease (``False``).
-    It is test instrumentation of this one map, in this process only."""
+    workload key through the near cache, and each bucket flush is logged (:class:`FlushLog`),
+    so a scenario can tell which buckets a fault cost, and why."""
 
     def __init__(self, url: str, name: str, guards: Guards) -> None:
         config = MapConfig(max_staleness=DELTA, guards=guards, socket_timeout=2.0)
         self.map = SyncMap(name, url, config=config, node_id="observer")
-        self.flushes: list[Flush] = []  # list.append is atomic: the map's threads append
+        self.log = FlushLog(self.map._core)
         self.ops: list[Op] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read, name="observer", daemon=True)
-        core = self.map._core
-        flush = core._flush
-
-        def logged(bucket: int, count: bool = True) -> None:
-            self.flushes.append(Flush(_ns(), bucket, count))
-            flush(bucket, count)
-
-        core._flush = logged  # type: ignore[method-assign]
 
     def start(self) -> None:
         self._thread.start()
@@ -146,8 +223,7 @@ class Observer:
         return ServerResult("observer", os.getpid(), self.ops, cached, stats)
 
     def flushed(self, since_ns: int, until_ns: int | None = None) -> list[Flush]:
-        end = until_ns if until_ns is not None else 2**63
-        return [f for f in self.flushes if since_ns <= f.at_ns < end]
+        return self.log.flushed(since_ns, until_ns)
 
     def close(self) -> None:
         self.stop()
@@ -349,6 +425,7 @@ __all__ = [
     "DELTA",
     "KEYS",
     "Flush",
+    "FlushLog",
     "Observer",
     "Run",
     "StoreLoad",
