@@ -67,8 +67,8 @@ _no_slot_map = RateLimitedLog(log, every=10.0)  # the mover retries each second 
 MAX_DOUBTS = 8  # rounds (about 4.5 s of back-off) a slot map naming the node that dropped a
 # channel is taken for an old one; then it is believed (the node may own the slot again)
 Calls = list[tuple[Callable[..., None], tuple[Any, ...]]]  # callbacks to run, in order
-BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0
-LOCK = type(threading.Lock())  # the mover's retries while a slot has no known owner
+BACKOFF_MIN, BACKOFF_MAX = 0.05, 1.0  # the mover's retries while a slot has no known owner
+LOCK = type(threading.Lock())  # a thread driver's lock (the asyncio driver has none)
 
 
 class NodeLink(Protocol):

@@ -225,9 +225,9 @@ _gc_seconds = [0.0]  # every thread's GC passes so far, while measuring (written
 
 def start_measuring() -> None:
     """Make every callback record the time it is excused (``SlowCallbackLog.emit`` reads it):
-    its thread's CPU and run-queue time, other threads' CPU time or GC passes.  Counted: a guard that
-    starts while another measures (a LoopThread inside an async test) shares the one patch,
-    and :func:`stop_measuring` undoes it when the last one stops."""
+    its thread's CPU and run-queue time, other threads' CPU time or GC passes.  Counted: a
+    guard that starts while another measures (a LoopThread inside an async test) shares the
+    one patch, and :func:`stop_measuring` undoes it when the last one stops."""
     global _measuring
     with _measuring_lock:
         _measuring += 1
