@@ -414,7 +414,7 @@ class _S09:
         results = run_load(run, length, _ghost_writes(count, ghosts))
         ops = [op for r in results for op in r.ops] + run.writer.ops
         self.gaps.add(sweep(ops, DELTA), divergent(results, run.url, run.name), results)
-        late, flushes = int(DELTA * 1e9), run.observer.flushes
+        late, flushes = int(DELTA * 1e9), run.observer.log.flushes
         self.repaired += sum(
             any(f.bucket == g.bucket and g.call_ns <= f.at_ns <= g.ret_ns + late for f in flushes)
             for g in ghosts
