@@ -176,11 +176,14 @@ def test_a_loop_that_ends_leaves_nothing_behind(redis_server: EmbeddedRedis) -> 
 async def test_the_guard_catches_a_blocking_callback(
     redis_server: EmbeddedRedis, loop_guard: loopguard.SlowCallbackLog
 ) -> None:
-    """The loop guard's control: a handler that blocks for 20 ms on the subscriber's task is
-    reported as syncmap code blocking the loop."""
+    """The loop guard's control: a handler that blocks for 4x the threshold on the subscriber's
+    task is reported as syncmap code blocking the loop.  (It blocked for the threshold itself,
+    20 ms, until the guard excused other threads' CPU time too: then another thread's few ms
+    during the sleep took it under, and a CI run failed.)"""
     topology = open_topology(redis_server.url)
     e = Events()
-    blocking = Handler(lambda data: time.sleep(0.02), lambda: None, lambda: None)
+    block = 4 * loopguard.SLOW_CALLBACK
+    blocking = Handler(lambda data: time.sleep(block), lambda: None, lambda: None)
     sub = AsyncSubscriber.attach_to(topology, "g", blocking)
     AsyncSubscriber.attach_to(topology, "g", e.handler)
     await e.wait(lambda e: e.log == ["up"], "on_up")
