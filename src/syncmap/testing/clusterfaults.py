@@ -96,6 +96,14 @@ def _buckets_to_migrate(run: Run, warm: float) -> tuple[list[Addr], list[int]]:
     return masters, chosen
 
 
+def _next_move(run: Run, masters: list[Addr], chosen: list[int], n: int) -> tuple[int, Addr]:
+    """The ``n``-th migration's bucket (the chosen ones in turn) and the master after its
+    owner now."""
+    bucket = chosen[n % len(chosen)]
+    owner = bucket_owners(run.cs, run.name)[bucket]
+    return bucket, masters[(masters.index(owner) + 1) % len(masters)]
+
+
 def migrate(warm: float, until: float) -> Fault:
     """From ``warm`` s to ``until`` s into the load: migrate the slot of one bucket after
     another (the lowest bucket of each master, in turn) to the next master, the classic way
@@ -113,9 +121,7 @@ def migrate(warm: float, until: float) -> Fault:
         end = run.marks["start"] + int(until * 1e9)
         run.marks["fault"] = _ns()
         while _ns() < end:
-            bucket = chosen[n % len(chosen)]
-            owner = bucket_owners(run.cs, run.name)[bucket]
-            target = masters[(masters.index(owner) + 1) % len(masters)]
+            bucket, target = _next_move(run, masters, chosen, n)
             hammers: list[threading.Thread] = []
             hook = ask_window(run, bucket, hammers)
             keys += run.cs.migrate_slot(bucket_slot(run.name, bucket), target, hook=hook)
@@ -179,9 +185,7 @@ def migrate_atomic(warm: float, until: float) -> Fault:
         end = run.marks["start"] + int(until * 1e9)
         run.marks["fault"] = _ns()
         while _ns() < end:
-            bucket = chosen[n % len(chosen)]
-            owner = bucket_owners(run.cs, run.name)[bucket]
-            target = masters[(masters.index(owner) + 1) % len(masters)]
+            bucket, target = _next_move(run, masters, chosen, n)
             hammers: list[threading.Thread] = []
 
             slot = bucket_slot(run.name, bucket)
