@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -433,3 +434,20 @@ def test_preload_fills_the_near_cache_and_stays_coherent(shared_redis_url: str) 
             assert reader.statistics().misses == before, "preloaded keys are hits"
             writer[cached[0]] = "new"
             wait_until(lambda: reader.get(cached[0]) == "new", 5, "a later write still arrives")
+
+
+@pytest.mark.parametrize("collector_on", [True, False], ids=["gc-on", "gc-off"])
+def test_preload_leaves_the_garbage_collector_as_it_found_it(
+    shared_redis_url: str, collector_on: bool
+) -> None:
+    """preload() pauses the cyclic collector while it installs a chunk (flows/bulk.py): on
+    again afterwards, or still off when the caller had turned it off."""
+    with SyncMap("pre-gc", shared_redis_url) as m:
+        m.update({f"k{i}": i for i in range(100)})
+        was = gc.isenabled()
+        try:
+            (gc.enable if collector_on else gc.disable)()
+            assert m.preload() == 100
+            assert gc.isenabled() is collector_on
+        finally:
+            (gc.enable if was else gc.disable)()
