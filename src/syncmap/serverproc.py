@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -21,8 +22,9 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 from pathlib import Path
-from typing import IO, ClassVar, Self
+from typing import IO, Any, ClassVar, Self, cast
 
 from .errors import ConfigurationError
 
@@ -51,6 +53,50 @@ def die_with_parent(command: list[str]) -> list[str]:
     and execs the server, which keeps it.  Unchanged where setpriv is missing."""
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "TERM", "--", *command] if setpriv else command
+
+
+class _Spawner:
+    """Starts every server process from one daemon thread (per process), so that
+    :func:`die_with_parent` means "with this process".
+
+    ``setpriv --pdeathsig`` sets Linux's PR_SET_PDEATHSIG, which fires when the *thread* that
+    forked the child exits, not its process.  The order of events this prevents: a scenario's
+    fault thread kills a server and restarts it (the new process's parent is that thread) -> the
+    fault is done and the thread returns -> Linux sends the server SIGTERM -> the server shuts
+    down while the scenario still reads from it (found by S02-cluster: its restarted master
+    gone after the run, its final snapshot refused).  The daemon thread lives until the
+    interpreter exits, after ``atexit`` stopped every server anyway."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._pid = 0
+
+    def popen(self, command: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._pid != os.getpid():  # first use, or a forked child (threads do not follow)
+                self._queue = queue.SimpleQueue()
+                thread = threading.Thread(target=self._serve, args=(self._queue,),
+                                          name="syncmap-spawner", daemon=True)  # fmt: skip
+                thread.start()
+                self._pid = os.getpid()
+            jobs = self._queue
+        done: Future[subprocess.Popen[bytes]] = Future()
+        jobs.put((command, kw, done))
+        return done.result()
+
+    @staticmethod
+    def _serve(jobs: queue.SimpleQueue[_Job]) -> None:
+        while True:
+            command, kw, done = jobs.get()
+            try:
+                done.set_result(cast("subprocess.Popen[bytes]", subprocess.Popen(command, **kw)))
+            except BaseException as exc:  # handed to the caller, which raises it
+                done.set_exception(exc)
+
+
+_Job = tuple[list[str], dict[str, Any], "Future[subprocess.Popen[bytes]]"]
+_SPAWNER = _Spawner()
 
 
 # Servers still running, stopped at interpreter exit so that none outlives Python.
@@ -252,7 +298,7 @@ class ServerProcess(ABC):
 
     def _spawn(self, binary: str) -> None:
         self._log = (self.dir / (self._output_name or self._log_name)).open("ab")
-        self._proc = subprocess.Popen(
+        self._proc = _SPAWNER.popen(
             die_with_parent(self._command(binary)),
             stdin=subprocess.DEVNULL,
             stdout=self._log,

@@ -5,12 +5,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import redis
 
+from syncmap import serverproc
 from syncmap.embedded import ENV_VAR, EmbeddedRedis, find_redis_server
 from syncmap.errors import ConfigurationError, RedisServerNotFound
 
@@ -76,6 +79,29 @@ def test_restart_while_running_is_graceful(redis_binary: str) -> None:
         assert server.pid != old_pid
         assert client.get("k") == b"v"
         client.close()
+
+
+@pytest.mark.parametrize("spawner", [True, False], ids=["spawner", "control-calling-thread"])
+def test_a_server_restarted_by_a_thread_outlives_the_thread(
+    redis_binary: str, monkeypatch: pytest.MonkeyPatch, spawner: bool
+) -> None:
+    """``setpriv --pdeathsig`` fires when the *thread* that forked the server exits: servers are
+    spawned from one long-lived thread (``serverproc._Spawner``), so a server a short-lived
+    thread restarted keeps running.  The control spawns in the calling thread, as before the
+    fix: the thread returns, the server gets SIGTERM and exits (Redis acts on it within its
+    next cron tick, 100 ms)."""
+    assert shutil.which("setpriv"), "the control needs setpriv (util-linux), as die_with_parent"
+    if not spawner:
+        monkeypatch.setattr(serverproc._SPAWNER, "popen", subprocess.Popen)
+    with EmbeddedRedis(binary=redis_binary) as server:
+        thread = threading.Thread(target=server.restart)
+        thread.start()
+        thread.join()
+        exited = server.wait(timeout=0.5)  # bounded: an exit after the thread's end, or none
+        if spawner:
+            assert exited is None and server.client(retry=None).ping()
+        else:
+            assert exited is not None, "the control's server outlived its thread"
 
 
 def test_pause_blocks_and_resume_answers(redis_server: EmbeddedRedis) -> None:

@@ -3,7 +3,8 @@
 A node is a real ``redis-server`` (or ``valkey-server``) run with ``--cluster-enabled yes`` in a
 temp dir of its own, where it keeps ``nodes.conf``: the dir survives :meth:`kill`, so a restarted
 node comes back with the same node id and rejoins (as a replica, when its slots were taken over
-meanwhile).  Nothing is persisted but that file (``--save "" --appendonly no``).
+meanwhile).  Nothing is persisted but that file (``--save "" --appendonly no``), unless
+:meth:`ClusterNodeProcess.persist` turns an AOF on (its file in that dir too).
 
 Every node listens on two ports: clients on ``port``, the cluster bus on ``port + 10000`` (the
 default; Redis 6.2 has no ``cluster-port`` to put it elsewhere), so both must be free.
@@ -107,6 +108,11 @@ class ClusterNodeProcess(EmbeddedRedis):
             *("--cluster-replica-validity-factor", "0"),
             # A full sync otherwise waits 5 s for more replicas to share the transfer.
             *("--repl-diskless-sync-delay", "0"),
+            # CLUSTER SLOTS leaves out (Redis 7.0+) a replica whose replication offset is 0, as
+            # after a full sync from a master restarted with no write since: its offset moves
+            # with the master's next write or its PING to its replicas (every 10 s by default),
+            # so a restart with no load running would take 10 s to settle (ClusterSet.restart).
+            *("--repl-ping-replica-period", "1"),
         ]
         if server_major(resolved) >= 7:  # DEBUG is off by default from 7.0, unknown before
             args += ["--enable-debug-command", "yes"]
@@ -119,6 +125,13 @@ class ClusterNodeProcess(EmbeddedRedis):
     @property
     def addr(self) -> Addr:
         return (self.host, self.port)
+
+    def persist(self, appendfsync: str | None) -> None:
+        """The persistence of this node's next start (``ClusterSet.set_persistence`` sets the
+        running node's): an AOF fsynced ``appendfsync`` (``"always"``, ``"everysec"``, ``"no"``),
+        or none (``None``).  An ``--appendonly`` among ``extra_args`` still wins."""
+        self._appendonly = appendfsync is not None
+        self._appendfsync = appendfsync or "always"
 
     @property
     def tls_port(self) -> int:
@@ -238,6 +251,13 @@ class NodeInfo:
     @property
     def addr(self) -> Addr:
         return (self.host, self.port)
+
+    def persist(self, appendfsync: str | None) -> None:
+        """The persistence of this node's next start (``ClusterSet.set_persistence`` sets the
+        running node's): an AOF fsynced ``appendfsync`` (``"always"``, ``"everysec"``, ``"no"``),
+        or none (``None``).  An ``--appendonly`` among ``extra_args`` still wins."""
+        self._appendonly = appendfsync is not None
+        self._appendfsync = appendfsync or "always"
 
     @property
     def failed(self) -> bool:

@@ -353,16 +353,58 @@ class ClusterSet:
             raise ConfigurationError(f"CLUSTER FAILOVER on {new!r} promoted {done.new!r}")
         return done
 
-    def restart(self, target: Target, timeout: float = 30.0) -> float:
-        """Start a killed (or stopped) node again on its port and dir: it rejoins with its id, as
-        the replica of whoever took its slots.  The seconds until the cluster settled."""
-        node = self.server(target)
+    def restart(self, *targets: Target, timeout: float = 30.0) -> float:
+        """Start killed (or stopped) nodes again on their ports and dirs, one after another, then
+        wait once until the cluster settled: each rejoins with its id, as the replica of whoever
+        took its slots, or as the master of its slots if nobody did (with the data its
+        persistence kept: :meth:`set_persistence`).  Several at once: when every master was
+        killed, none settles before the others are back.  The seconds until settled."""
+        nodes = [self.server(target) for target in targets]
         begun = time.monotonic()
-        node.restart()
-        if (probe := self._probes.pop(node.port, None)) is not None:
-            probe.close()  # its connection died with the old process
-        self._until(self._settled, begun + timeout, f"{node!r} rejoining")
+        for node in nodes:
+            node.restart()  # returns once the node has loaded its AOF, if it has one
+            if (probe := self._probes.pop(node.port, None)) is not None:
+                probe.close()  # its connection died with the old process
+        self._until(self._settled, begun + timeout, f"{nodes!r} rejoining")
         return time.monotonic() - begun
+
+    def set_persistence(self, target: Target, appendfsync: str | None,
+                        timeout: float = 30.0) -> None:  # fmt: skip
+        """A node's persistence from now on, and after a :meth:`restart`: an AOF fsynced
+        ``"always"`` or ``"everysec"`` (``"no"``: left to the kernel), or none (``None``: the
+        node's default, ``--appendonly no`` with ``--save ""``; a node killed then restarts
+        empty).  Turning the AOF on rewrites it from the data set (a fork); this returns once
+        that rewrite is over, for until then a crash would lose what the node held before."""
+        node = self.server(target)
+        if appendfsync is not None:
+            self._run(node, "CONFIG", "SET", "appendfsync", appendfsync)
+        self._run(node, "CONFIG", "SET", "appendonly", "no" if appendfsync is None else "yes")
+        node.persist(appendfsync)
+
+        def rewritten() -> str | None:
+            info = self._probe(node).info("persistence")
+            if int(info["aof_rewrite_in_progress"]) or int(info["aof_rewrite_scheduled"]):
+                return f"{node!r} still rewriting its AOF"
+            if appendfsync is not None and info.get("aof_last_bgrewrite_status") != "ok":
+                return f"{node!r}'s AOF rewrite: {info.get('aof_last_bgrewrite_status')}"
+            return None
+
+        self._until(rewritten, time.monotonic() + timeout, f"{node!r} turning its AOF on")
+
+    @contextlib.contextmanager
+    def no_failover(self, target: Target) -> Iterator[list[ClusterNodeProcess]]:
+        """For the ``with`` block, the replicas of master ``target`` never take over
+        (``cluster-replica-no-failover yes``): a master killed and restarted meanwhile comes back
+        as the master of its slots, however long it was away, with what its own persistence
+        kept.  Yields those replicas; they are told ``no`` again afterwards."""
+        replicas = self.replicas_of(target)
+        for replica in replicas:
+            self._run(replica, "CONFIG", "SET", "cluster-replica-no-failover", "yes")
+        try:
+            yield replicas
+        finally:
+            for replica in replicas:
+                self._run(replica, "CONFIG", "SET", "cluster-replica-no-failover", "no")
 
     def pause(self, target: Target, seconds: float | None = None) -> ClusterNodeProcess:
         """SIGSTOP a node; with ``seconds``, a timer sends SIGCONT then (this call returns at

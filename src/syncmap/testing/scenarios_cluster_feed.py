@@ -344,10 +344,7 @@ def _restart_master(resets: list[Reset], flushed: list[int], notes: dict[str, ob
     def fault(run: Run) -> None:
         cs = run.cs
         node = cs.server(bucket_owners(cs, run.name)[0])
-        replicas = cs.replicas_of(node)
-        for replica in replicas:
-            cs._run(replica, "CONFIG", "SET", "cluster-replica-no-failover", "yes")
-        try:
+        with cs.no_failover(node):
             time.sleep(1.5)  # fault schedule: the caches warm first
             admin = cs.node_client(node, socket_timeout=5.0)
             try:
@@ -360,9 +357,6 @@ def _restart_master(resets: list[Reset], flushed: list[int], notes: dict[str, ob
             resets.append((call, _ns(), keys))
             flushed.append(deleted)
             notes["failed_over"] = cs.master_for_slot(bucket_slot(run.name, 0)) is not node
-        finally:
-            for replica in replicas:
-                cs._run(replica, "CONFIG", "SET", "cluster-replica-no-failover", "no")
 
     return fault
 

@@ -58,13 +58,14 @@ def _tag_on(slots: list[tuple[int, int, str]], master: str) -> str:
     )
 
 
-def spread_name(cluster: ClusterSet, buckets: int) -> str:
-    """A fresh map name whose ``buckets`` bucket tags fall on every master (the filler fills
-    all of them, so every master must hold some of the map)."""
+def spread_name(cluster: ClusterSet, buckets: int, prefix: str = NAME) -> str:
+    """A fresh map name ``<prefix>-<random>`` whose ``buckets`` bucket tags fall on every
+    master (S16-cluster's filler fills all of them, so every master must hold some of the
+    map; S02- and S03-cluster fault each master)."""
     slots = _slots(cluster)
     masters = {m for _, _, m in slots}
     while True:
-        name = f"{NAME}-{uuid.uuid4().hex[:6]}"
+        name = f"{prefix}-{uuid.uuid4().hex[:6]}"
         owners = {_owner_of(slots, ClusterSet.slot_of(f"{{{name}:{b}}}")) for b in range(buckets)}
         if owners == masters:
             return name

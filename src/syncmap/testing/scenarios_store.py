@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,11 +233,16 @@ def s01(
 
 
 @dataclass(slots=True)
-class _Nemesis:
+class Nemesis:
     """S02's faults, on a thread: CLIENT KILL TYPE normal every ``kill_every`` s, one CLIENT PAUSE
-    WRITE at 30 % of the run, one kill -9 + restart at 55 %, then a snapshot of every key."""
+    WRITE at 30 % of the run, one kill -9 + restart at 55 %, then a snapshot of every key.
 
-    server: EmbeddedRedis
+    ``admins``: clients of every master that takes writes (one server; each master of a
+    Cluster), opened by :meth:`run` and closed by it; the kills and the pause go to each.
+    ``crash``: the kill -9 and the restart, returning once the store serves again."""
+
+    admins: Callable[[], list[redis.Redis]]
+    crash: Callable[[], None]
     recorder: Recorder
     snap_map: SyncMap
     seconds: float
@@ -256,13 +261,14 @@ class _Nemesis:
         start = time.monotonic()
         pause_at, crash_at = start + 0.30 * self.seconds, start + 0.55 * self.seconds
         end = start + self.seconds
-        admin = self.server.client(socket_timeout=2.0, socket_connect_timeout=2.0)
+        admins = self.admins()
         try:
             while not self.recorder.stop.is_set() and time.monotonic() < end:
                 now = time.monotonic()
                 try:
                     if self.pauses == 0 and now >= pause_at:
-                        client_pause(admin, self.pause_ms, "WRITE")
+                        for admin in admins:
+                            client_pause(admin, self.pause_ms, "WRITE")
                         self.pauses += 1
                         # No CLIENT KILL until the pause is over: it would turn every paused
                         # write into an indeterminate one and hide the pause itself.
@@ -270,19 +276,19 @@ class _Nemesis:
                     elif self.restarts == 0 and now >= crash_at:
                         self._crash()
                     else:
-                        self.clients_killed += client_kill(admin, "normal")
+                        self.clients_killed += sum(client_kill(a, "normal") for a in admins)
                         self.kills += 1
                 except Exception as exc:  # counted and reported; the run goes on
                     self.errors[type(exc).__name__] += 1
                 time.sleep(self.kill_every)
         finally:
-            admin.close()
+            for admin in admins:
+                admin.close()
             self.done.set()
 
     def _crash(self) -> None:
         down = time.monotonic()
-        self.server.kill()
-        self.server.restart()
+        self.crash()
         self.restarts += 1
         self.downtime_ms = (time.monotonic() - down) * 1000
         with self.recorder._keys_lock:
@@ -290,7 +296,60 @@ class _Nemesis:
         self.snapshot = _snapshot(self.snap_map, keys)
 
 
-def _judge_s02(result: ScenarioResult, history: History, checked: Checked, nemesis: _Nemesis,
+@dataclass(slots=True)
+class S02Run:
+    """What one S02 run recorded: the history, the nemesis, the final snapshot, the seed."""
+
+    history: History
+    nemesis: Nemesis
+    final: tuple[dict[str, str | None], int, int]
+    seed: int
+
+
+def run_s02(url: str, name: str, config: MapConfig, seconds: float, *,
+            admins: Callable[[], list[redis.Redis]], crash: Callable[[], None], threads: int,
+            ops_per_key: int, seed: int | None, kill_every: float, pause_ms: int
+            ) -> S02Run:  # fmt: skip
+    """S01's workload on map ``name`` (two servers, a third for the snapshots) under the
+    :class:`Nemesis` (``admins``, ``crash``: what it faults), then a final snapshot."""
+    maps = _open_maps(url, name, 3, config)
+    try:
+        rec = Recorder(maps[:2], threads=threads, ops_per_key=ops_per_key, seed=seed)
+        nemesis = Nemesis(admins, crash, rec, maps[2], seconds, kill_every=kill_every,
+                          pause_ms=pause_ms)  # fmt: skip
+        nt = threading.Thread(target=nemesis.run, name="s02-nemesis", daemon=True)
+        nt.start()
+        try:
+            history = rec.run(seconds)
+        finally:
+            rec.stop.set()
+            nt.join()
+        return S02Run(history, nemesis, _snapshot(maps[2], history.keys), rec.seed)
+    finally:
+        for m in maps:
+            m.close()
+
+
+def judge_s02_run(result: ScenarioResult, run: S02Run, *, budget_s: float, workers: int,
+                  history_path: str | Path | None) -> None:  # fmt: skip
+    """S02's oracles over ``run``: C7 at the restart and at the end (the snapshots), then WGL
+    and the sweep over the history with the snapshot reads; figures and musts."""
+    records = list(run.history.records)
+    lost_mid = LostReport()
+    if run.nemesis.snapshot is not None:
+        lost_mid = acked_writes_lost(records, *run.nemesis.snapshot)
+        records += _scan_records(*run.nemesis.snapshot, "scan-restart")
+    lost_end = acked_writes_lost(records, *run.final)
+    records += _scan_records(*run.final, "scan-final")
+    records.sort(key=lambda r: r.call_ns)
+    if history_path is not None:  # with the snapshot reads (source "scan"), for re-checking
+        save_records(records, history_path)
+    checked = check_records(records, budget_s=budget_s, workers=workers)
+    _judge_s02(result, run.history, checked, run.nemesis, lost_mid, lost_end)
+    result.figures["seed"] = run.seed
+
+
+def _judge_s02(result: ScenarioResult, history: History, checked: Checked, nemesis: Nemesis,
                lost_mid: LostReport, lost_end: LostReport) -> None:  # fmt: skip
     fig = result.figures
     fig.update(_history_figures(history))
@@ -363,35 +422,17 @@ def s02(
     config = MapConfig(namespace=env.namespace, socket_timeout=socket_timeout)
     persistence: dict[str, Any] = {"appendonly": True, "appendfsync": "always"} if guard else {}
     with env.server(**persistence) as server:
-        maps = _open_maps(server.url, name, 3, config)
-        try:
-            rec = Recorder(maps[:2], threads=threads, ops_per_key=ops_per_key, seed=seed)
-            nemesis = _Nemesis(server, rec, maps[2], seconds, kill_every=kill_every,
-                               pause_ms=pause_ms)  # fmt: skip
-            nt = threading.Thread(target=nemesis.run, name="s02-nemesis", daemon=True)
-            nt.start()
-            try:
-                history = rec.run(seconds)
-            finally:
-                rec.stop.set()
-                nt.join()
-            final = _snapshot(maps[2], history.keys)
-        finally:
-            for m in maps:
-                m.close()
-    records = list(history.records)
-    lost_mid = LostReport()
-    if nemesis.snapshot is not None:
-        lost_mid = acked_writes_lost(records, *nemesis.snapshot)
-        records += _scan_records(*nemesis.snapshot, "scan-restart")
-    lost_end = acked_writes_lost(records, *final)
-    records += _scan_records(*final, "scan-final")
-    records.sort(key=lambda r: r.call_ns)
-    if history_path is not None:  # with the snapshot reads (source "scan"), for re-checking
-        save_records(records, history_path)
-    checked = check_records(records, budget_s=budget_s, workers=workers)
-    _judge_s02(result, history, checked, nemesis, lost_mid, lost_end)
-    result.figures["seed"] = rec.seed
+
+        def crash() -> None:
+            server.kill()
+            server.restart()  # returns once the AOF is loaded
+
+        run = run_s02(server.url, name, config, seconds, crash=crash, threads=threads,
+                      admins=lambda: [server.client(socket_timeout=2.0,
+                                                    socket_connect_timeout=2.0)],
+                      ops_per_key=ops_per_key, seed=seed, kill_every=kill_every,
+                      pause_ms=pause_ms)  # fmt: skip
+    judge_s02_run(result, run, budget_s=budget_s, workers=workers, history_path=history_path)
     result.figures["aof"] = "always" if guard else "off"
     return finish(result, started)
 
@@ -416,56 +457,90 @@ class Durability:
     downtime_ms: float = 0.0
 
 
+@dataclass(slots=True)
+class SteadyWriters:
+    """``writers`` threads writing on ``m`` until :meth:`stop`, each to keys of its own: key =
+    value = ``<prefix>w<i>-<n>``, one key per write, so nothing overwrites it and a scan tells
+    exactly which acknowledged writes survived."""
+
+    m: SyncMap
+    writers: int = 4
+    prefix: str = ""
+    acked: list[list[str]] = field(default_factory=list)
+    unknown: list[list[str]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.acked = [[] for _ in range(self.writers)]
+        self.unknown = [[] for _ in range(self.writers)]
+        self._threads = [threading.Thread(target=self._write, args=(i,), daemon=True)
+                         for i in range(self.writers)]  # fmt: skip
+        for t in self._threads:
+            t.start()
+
+    def _write(self, i: int) -> None:
+        seq = 0
+        while not self._stop.is_set():
+            seq += 1
+            value = f"{self.prefix}w{i}-{seq}"
+            try:
+                self.m.set(value, value)
+            except WriteOutcomeUnknown:  # NotReplicated too: it ran, it may not survive
+                self.unknown[i].append(value)
+            except StoreUnavailable:
+                time.sleep(_UNAVAILABLE_PAUSE_S)
+            else:
+                self.acked[i].append(value)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def tally(self, mode: str, have: dict[str, Any],
+              counted: Callable[[str], bool] = lambda _: True) -> Durability:  # fmt: skip
+        """Acknowledged writes missing from ``have`` (a scan of the map after the restart), and
+        writes of unknown outcome it holds, over the keys ``counted`` keeps."""
+        out = Durability(mode)
+        for values in self.acked:
+            kept = [v for v in values if counted(v)]
+            out.acked += len(kept)
+            out.lost += sum(1 for v in kept if have.get(v) != v)
+        for values in self.unknown:
+            kept = [v for v in values if counted(v)]
+            out.unknown += len(kept)
+            out.unknown_applied += sum(1 for v in kept if have.get(v) == v)
+        return out
+
+
+def scan(url: str, name: str, config: MapConfig) -> dict[str, Any]:
+    """Every entry of map ``name``, read by a server of its own (retried while loading)."""
+    with SyncMap(name, url, config=config, node_id=f"{name}-scan") as m:
+        return {str(k): v for k, v in _items(m)}
+
+
 def durability_run(env: Env, mode: str, seconds: float, *, writers: int = 4) -> Durability:
     """Steady writes (each to a key of its own) for ``seconds``, kill -9 while they run, restart,
     then compare a scan of the map with every acknowledged write."""
     name = f"s03-{mode}-{uuid.uuid4().hex[:8]}"
     config = MapConfig(namespace=env.namespace, socket_timeout=2.0)
-    out = Durability(mode)
-    acked: list[list[str]] = [[] for _ in range(writers)]
-    unknown: list[list[str]] = [[] for _ in range(writers)]
-    stop = threading.Event()
-
-    def write(i: int, m: SyncMap) -> None:
-        seq = 0
-        while not stop.is_set():
-            seq += 1
-            value = f"w{i}-{seq}"  # key = value: one key per write, so nothing overwrites it
-            try:
-                m.set(value, value)
-            except WriteOutcomeUnknown:
-                unknown[i].append(value)
-            except StoreUnavailable:
-                time.sleep(_UNAVAILABLE_PAUSE_S)
-            else:
-                acked[i].append(value)
-
     with env.server(**DURABILITY_MODES[mode]) as server:
         m = SyncMap(name, server.url, config=config, node_id=f"{name}-w")
         try:
-            threads = [threading.Thread(target=write, args=(i, m), daemon=True)
-                       for i in range(writers)]  # fmt: skip
-            for t in threads:
-                t.start()
+            load = SteadyWriters(m, writers)
+            load.start()
             time.sleep(seconds)
             server.kill()  # while the writers run: some writes are in flight
-            stop.set()
-            for t in threads:
-                t.join()
+            load.stop()
             down = time.monotonic()
             server.restart()
             _wait_loaded(server)
-            out.downtime_ms = (time.monotonic() - down) * 1000
+            downtime_ms = (time.monotonic() - down) * 1000
         finally:
             m.close()
-        with SyncMap(name, server.url, config=config, node_id=f"{name}-scan") as scan:
-            have = {str(k): v for k, v in _items(scan)}
-    for values in acked:
-        out.acked += len(values)
-        out.lost += sum(1 for v in values if have.get(v) != v)
-    for values in unknown:
-        out.unknown += len(values)
-        out.unknown_applied += sum(1 for v in values if have.get(v) == v)
+        out = load.tally(mode, scan(server.url, name, config))
+    out.downtime_ms = downtime_ms
     return out
 
 
@@ -500,10 +575,17 @@ def s03(
 
 
 __all__ = [
+    "DURABILITY_MODES",
     "Durability",
+    "Nemesis",
+    "S02Run",
+    "SteadyWriters",
     "delete_map_keys",
     "durability_run",
+    "judge_s02_run",
+    "run_s02",
     "s01",
     "s02",
     "s03",
+    "scan",
 ]
