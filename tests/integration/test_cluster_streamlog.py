@@ -22,6 +22,7 @@ import pytest
 from syncmap import ConfigurationError, MapConfig, SyncMap, aio
 from syncmap.core.nearcache import Guards
 from syncmap.core.wire import decode_message
+from syncmap.feed.sharded import ShardedSubscriber
 from syncmap.keys import Layout, bucket_of, encode_key
 from syncmap.stats import Statistics
 from syncmap.store.cluster import slot_for
@@ -109,14 +110,20 @@ def stream_node_size(shared_cluster: ClusterSet) -> Iterator[Callable[[int], Non
 def _cut_and_write(cs: ClusterSet, writer: SyncMap, victim: Any, keys: list[str], rounds: int
                    ) -> None:  # fmt: skip
     """S28's fault: every subscriber connection of ``victim`` cut, then ``keys`` written
-    ``rounds`` times at once (the subscribers take tens of ms to subscribe again)."""
+    ``rounds`` times before any subscriber of this process can subscribe again: the process's
+    sharded subscriber is held (its lock) from before the cut until the writes are done, so a
+    node reader that finds its connection lost waits to report it, and every message of those
+    writes is certainly lost to the maps (S28 relies on the tens of ms a re-subscription takes;
+    a test must not)."""
+    sub = ShardedSubscriber._registry[writer._topology.key]
     admin = cs.node_client(victim.addr, socket_timeout=2.0)
     try:
         connected = len(subscribers(admin))
-        assert kill_subscribers(admin) > 0
-        for n in range(rounds):
-            for k in keys:
-                writer[k] = 100 + n
+        with sub._lock:
+            assert kill_subscribers(admin) > 0
+            for n in range(rounds):
+                for k in keys:
+                    writer[k] = 100 + n
         wait_until(lambda: len(subscribers(admin)) >= connected, 5.0,
                    "the victim's subscriber connections back")  # fmt: skip
     finally:
@@ -193,18 +200,28 @@ async def test_an_async_map_replays_the_log_after_a_cut(shared_cluster: ClusterS
     written = [next(k for k in KEYS if _bucket(k) == b) for b in buckets]
     kept = [k for k in KEYS if _bucket(k) in buckets and k not in written]
     cfg = MapConfig(max_staleness=SLOW_PROBE)
-    async with aio.SyncMap("acut", cs.url, feed=STREAM, config=cfg) as reader, \
-            aio.SyncMap("acut", cs.url, feed=STREAM) as writer:  # fmt: skip
-        await writer.update({k: 0 for k in KEYS})
+    writer = await asyncio.to_thread(SyncMap, "acut", cs.url, feed=STREAM)
+    try:
+        await _async_cut(cs, writer, cfg, victim, buckets, written, kept)
+    finally:
+        await asyncio.to_thread(writer.close)
+
+
+async def _async_cut(cs: ClusterSet, writer: SyncMap, cfg: MapConfig, victim: Any,
+                     buckets: list[int], written: list[str], kept: list[str]) -> None:  # fmt: skip
+    async with aio.SyncMap("acut", cs.url, feed=STREAM, config=cfg) as reader:
+        await asyncio.to_thread(writer.update, {k: 0 for k in KEYS})
         assert [await reader.get(k) for k in KEYS] == [0] * len(KEYS)
         before = reader.statistics()
         admin = cs.node_client(victim.addr, socket_timeout=2.0)
         try:
             connected = len(subscribers(admin))
             assert kill_subscribers(admin) > 0  # the loop's subscriber connections to it
-            for n in range(3):  # the loop notices the cut only while these wait for replies
+            # Written by a thread map, blocking the loop on purpose: its subscriber cannot see
+            # the cut, let alone subscribe again, before every write is done (all missed).
+            for n in range(3):
                 for k in written:
-                    await writer.set(k, 100 + n)
+                    writer[k] = 100 + n
             await _poll(lambda: len(subscribers(admin)) >= connected, "subscribers back")
         finally:
             admin.close()

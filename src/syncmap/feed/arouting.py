@@ -2,7 +2,8 @@
 routes as ``routing.py`` (read it for why each exists), with asyncio feeds.
 
 * no feed URL: Redis pub/sub on the store itself, published by the write scripts (in-script
-  PUBLISH);
+  PUBLISH; on a Cluster, SPUBLISH on each bucket's channel, and with a host-less
+  ``redis+stream://`` an XADD to each bucket's log as well: ``bucketlog.py``);
 * a ``redis://`` or ``redis+stream://`` feed on the store's own server (same ``run_id``): in-script
   PUBLISH or XADD;
 * anything else: relay (``""``), the feed class from the asyncio registry (``aregistry.py``).

@@ -7,7 +7,10 @@ Three routes, from the strongest to the weakest (docs/feeds.md):
   write script publishes in the same atomic step as the write: no message can be lost between
   them; only the subscriber can miss it (the probe catches that).
 * **in-script XADD**: the feed is a Redis Stream on the store's own server.  Same atomic step, and
-  the log keeps the message, so a reconnecting server resumes with nothing lost.
+  the log keeps the message, so a reconnecting server resumes with nothing lost.  On a Redis
+  Cluster, ``redis+stream://`` without a host: the sharded channels, and each bucket's script
+  also XADDs to the bucket's own log in its slot (``!S``), which a server replays when a
+  channel comes back after a loss instead of flushing the bucket (``bucketlog.py``).
 * **relay**: any other feed (RabbitMQ, NATS, JetStream, Kafka, or Redis on another server).  The
   script hands the message back with its reply and the writer publishes it after the write.  A
   crash or a broker outage in between loses the message; every other server's sequence probe then
