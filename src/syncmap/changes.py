@@ -209,6 +209,25 @@ class FeedLogic(ABC):
         with self.lock:
             self.core.on_feed_down()
 
+    def bucket_position(self, bucket: int) -> tuple[int | None, int] | None:
+        """Where this server stands in ``bucket`` (epoch, seq), for a feed replaying its log
+        (``feed/bucketlog.py``); None: not tracked (nothing cached to keep), or replay is off."""
+        if not self.core.guards.log_replay:
+            return None
+        with self.lock:
+            b = self.core.buckets[bucket]
+            return (b.epoch, b.seq) if b.known else None
+
+    def bucket_replayed(self, bucket: int, covered: bool, messages: int) -> None:
+        """A replay of ``bucket``'s log was applied: counted (``Counters.log_replays``...)."""
+        with self.lock:
+            c = self.core.counters
+            c.log_replayed_messages += messages
+            if covered:
+                c.log_replays += 1
+            else:
+                c.log_replay_fallbacks += 1
+
     def publish_failed(self, exc: Exception) -> None:
         """A relayed message could not be published.  Not the write's failure: the store holds
         the change, and the other servers' probes see the bucket's sequence move without its

@@ -100,6 +100,8 @@ class Engine(FeedLogic):
             self.on_feed_up,
             self.on_feed_down,
             self.on_buckets_up,
+            self.bucket_position,
+            self.bucket_replayed,
         )
         self._subscription = self.feed.subscribe(handler)
         if not self._feed_up.wait(self_check_timeout):

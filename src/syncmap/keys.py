@@ -162,6 +162,11 @@ class Layout:
     def bucket_channels(self) -> list[str]:
         return [self.bucket_channel(b) for b in range(self.buckets)]
 
+    def bucket_log(self, bucket: int) -> str:
+        """Layout 2s with a ``redis+stream://`` feed (target ``!S``): the change log of one
+        bucket, a Redis Stream in its slot, XADDed by its write scripts next to the SPUBLISH."""
+        return f"{self.namespace}:{{{self.name}:{bucket}}}:log"
+
     def bucket_tag(self, bucket: int) -> str:
         """The hash tag (without braces) every key of ``bucket`` carries."""
         return f"{self.name}:{bucket}"

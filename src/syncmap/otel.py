@@ -181,6 +181,14 @@ class Instrumentation:
         counter("syncmap.feed.digest_mismatches", "{bucket}",
                 "Buckets whose digest chain differed from the store's (a forged or lost message)",
                 "digest_mismatches")  # fmt: skip
+        self._counter(
+            "syncmap.feed.log_replays", "{bucket}",
+            "Buckets whose sharded channel came back after a loss, by outcome: replayed from "
+            "the bucket's log (Cluster stream route) or flushed because the log could not cover",
+            lambda e: [({"syncmap.replay.outcome": "replayed"}, e.core.counters.log_replays),
+                       ({"syncmap.replay.outcome": "flushed"},
+                        e.core.counters.log_replay_fallbacks)],
+        )  # fmt: skip
         counter("syncmap.store.epoch_changes", "{bucket}",
                 "Buckets found with a new epoch: Redis lost their data (restart, flush, eviction)",
                 "epoch_changes")  # fmt: skip

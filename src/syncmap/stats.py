@@ -42,6 +42,13 @@ class Statistics:
     """Buckets restarted because the store's digest chain differed from the messages applied."""
     stale_reads: int = 0
     """Reads served stale while Redis was unreachable (``on_store_down="serve_stale"``)."""
+    log_replays: int = 0
+    """Buckets repaired by replaying their log (the stream route on a Redis Cluster) instead of
+    being flushed, after their sharded channel was lost and came back."""
+    log_replayed_messages: int = 0
+    """Log entries those replays applied."""
+    log_replay_fallbacks: int = 0
+    """Buckets whose log could not cover the gap (trimmed, missing, another epoch): flushed."""
 
     @property
     def hit_ratio(self) -> float:
@@ -92,5 +99,7 @@ def statistics_of(core: NearCache, events_dropped: int) -> Statistics:
         corrupt_messages=c.corrupt_messages, events_dropped=events_dropped,
         gap_overflows=c.gap_overflows, corrupt_entries=c.corrupt_entries,
         forged_messages=c.forged_messages, digest_mismatches=c.digest_mismatches,
-        stale_reads=c.stale_reads,
+        stale_reads=c.stale_reads, log_replays=c.log_replays,
+        log_replayed_messages=c.log_replayed_messages,
+        log_replay_fallbacks=c.log_replay_fallbacks,
     )  # fmt: skip

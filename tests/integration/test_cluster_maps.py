@@ -64,9 +64,8 @@ def _write_until_done(m: SyncMap, key: str, value: Any, timeout: float = 30.0) -
 # ---- one slot per script -----------------------------------------------------------------------
 
 
-def test_every_map_and_lock_script_runs_in_one_slot(shared_cluster: ClusterSet) -> None:
-    url = shared_cluster.url
-    with SyncMap("scripts", url) as m:
+def _every_map_script(url: str, feed: str | None) -> None:
+    with SyncMap("scripts", url, feed=feed) as m:
         m["a"] = 1
         m.set("b", 2, ttl=60)
         assert m.swap("a", 3) == 1
@@ -83,6 +82,13 @@ def test_every_map_and_lock_script_runs_in_one_slot(shared_cluster: ClusterSet) 
             m.delete("a", fence=fence)
         m.clear()
         assert len(m) == 0
+
+
+def test_every_map_and_lock_script_runs_in_one_slot(shared_cluster: ClusterSet) -> None:
+    url = shared_cluster.url
+    for feed in (None, "redis+stream://?maxlen=100"):  # targets '!s' and '!S:100' (bucket logs)
+        _every_map_script(url, feed)
+    assert shared_cluster.client().xlen(Layout("sm", "scripts", 16).bucket_log(_bucket_of("a"))) > 0
     with Lock("plain", url, lease=5):
         pass
     rw = RWLock("rw", url, lease=5)

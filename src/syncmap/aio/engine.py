@@ -88,6 +88,8 @@ class AsyncEngine(FeedLogic):
             self.on_feed_up,
             self.on_feed_down,
             self.on_buckets_up,
+            self.bucket_position,
+            self.bucket_replayed,
         )
         self._subscription = await self.feed.subscribe(handler)
         try:

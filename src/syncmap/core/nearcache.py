@@ -147,6 +147,9 @@ class Guards:
     # Outages (serve_stale mode): stale entries only while no probe came back, and only until
     # ``max_stale_age`` after the bucket's last confirmation.  Off: any lapse keeps them, unbounded.
     stale_bound: bool = True
+    # Cluster stream route (target '!S'): a bucket whose sharded channel came back replays its
+    # log instead of being flushed (feed/bucketlog.py).  Off: it is flushed, as without a log.
+    log_replay: bool = True
 
     def script_flags(self) -> str:
         """The letters of the store-side protections switched off (ARGV[8] of the scripts)."""
@@ -179,6 +182,13 @@ class Counters:
     digest_mismatches: int = 0  # a probe's digest at our sequence differed: flushed, restarted
     forged_messages: int = 0  # unsigned or badly signed messages dropped (the driver counts)
     stale_reads: int = 0  # reads served stale during an outage (serve_stale mode, :meth:`cached`)
+    # Buckets whose sharded channel came back after a loss, on a map with bucket logs (the
+    # stream route on a Cluster): repaired by replaying the log (not flushed), the log entries
+    # applied doing so, and those the log could not cover (left to the flush).  The feed
+    # driver counts them (changes.py ``bucket_replayed``).
+    log_replays: int = 0
+    log_replayed_messages: int = 0
+    log_replay_fallbacks: int = 0
 
 
 class NearCache:

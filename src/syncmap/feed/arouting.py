@@ -2,7 +2,8 @@
 routes as ``routing.py`` (read it for why each exists), with asyncio feeds.
 
 * no feed URL: Redis pub/sub on the store itself, published by the write scripts (in-script
-  PUBLISH);
+  PUBLISH; on a Cluster, SPUBLISH on each bucket's channel, and with a host-less
+  ``redis+stream://`` an XADD to each bucket's log as well: ``bucketlog.py``);
 * a ``redis://`` or ``redis+stream://`` feed on the store's own server (same ``run_id``): in-script
   PUBLISH or XADD;
 * anything else: relay (``""``), the feed class from the asyncio registry (``aregistry.py``).
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 from ..errors import StoreError, SyncMapError
 from ..keys import Layout
-from ..store.commands import SHARDED_TARGET, stream_target
+from ..store.commands import SHARDED_TARGET, logged_target, stream_target
 from ..store.topology import Topology
 from .abase import AsyncFeed
 from .aredis_pubsub import AsyncRedisPubSubFeed
 from .aregistry import async_feed_class
 from .base import FeedUnavailable
+from .bucketlog import cluster_stream_maxlen, nodes_of
 from .streamlog import run_id_of
 
 
@@ -25,30 +27,43 @@ async def open_async_store_feed(
     url: str | None, topology: Topology, layout: Layout, timeout: float
 ) -> tuple[AsyncFeed, str]:
     """Open the feed ``url`` names for a store-mode map; returns it and the scripts' target."""
-    if url is None and topology.sharded:  # a Cluster: per-bucket channels, SPUBLISH in-script
-        from ..store.cluster import ClusterTopology  # noqa: PLC0415 - Cluster only
-        from .aredis_sharded import AsyncRedisShardedFeed  # noqa: PLC0415
-
-        assert isinstance(topology, ClusterTopology)  # the one sharded topology
-
-        feed: AsyncFeed = AsyncRedisShardedFeed("redis (the store)", layout.channel,
-                                                layout.bucket_channels(), timeout=timeout,
-                                                topology=topology)  # fmt: skip
-        return feed, SHARDED_TARGET
+    if topology.sharded:  # a Cluster: per-bucket channels, SPUBLISH in-script
+        routed = _sharded_route(url, topology, layout, timeout)
+        if routed is not None:
+            return routed
     if url is None:
-        feed = AsyncRedisPubSubFeed("redis (the store)", layout.channel,
+        feed: AsyncFeed = AsyncRedisPubSubFeed("redis (the store)", layout.channel,
                                                timeout=timeout, topology=topology)  # fmt: skip
         return feed, layout.channel
     cls = async_feed_class(url)
     feed = cls(url, cls.topic_for(layout.namespace, layout.name), timeout=timeout)
     feed_topology: Topology | None = getattr(feed, "topology", None)
     if topology.sharded:  # a script of one bucket's slot cannot reach a map-wide channel/stream
-        return feed, ""
+        return feed, ""  # on another Redis: relayed
     if feed_topology is None or not await _same_server(feed_topology, topology, feed, timeout):
         return feed, ""
     if isinstance(feed, AsyncRedisPubSubFeed):
         return feed, feed.topic
     return feed, stream_target(feed.topic, int(getattr(feed, "maxlen", 0)))
+
+
+def _sharded_route(
+    url: str | None, topology: Topology, layout: Layout, timeout: float
+) -> tuple[AsyncFeed, str] | None:
+    """On a Cluster (layout 2s): no feed URL -> each bucket's channel, SPUBLISH in-script
+    (``!s``); a host-less ``redis+stream://`` -> the same, and a log per bucket XADDed in-script
+    (``!S:<maxlen>``, ``bucketlog.py``); None: another feed (relayed)."""
+    from ..store.cluster import ClusterTopology  # noqa: PLC0415 - Cluster only
+    from .aredis_sharded import AsyncRedisShardedFeed  # noqa: PLC0415
+
+    assert isinstance(topology, ClusterTopology)  # the one sharded topology
+    maxlen = None if url is None else cluster_stream_maxlen(url, lambda: nodes_of(topology))
+    if url is not None and maxlen is None:
+        return None
+    feed = AsyncRedisShardedFeed("redis (the store)", layout.channel, layout.bucket_channels(),
+                        timeout=timeout, topology=topology,
+                        log=None if maxlen is None else layout)  # fmt: skip
+    return feed, SHARDED_TARGET if maxlen is None else logged_target(maxlen)
 
 
 async def _same_server(a: Topology, b: Topology, feed: AsyncFeed, timeout: float) -> bool:

@@ -59,6 +59,13 @@ class FeedHandler:
     """A feed with one channel per bucket (``redis_sharded.ChannelSet``) calls this instead of
     ``on_up(False)``, with the buckets whose channel was down since the last time: only their
     messages may have been lost."""
+    position_of: Callable[[int], tuple[int | None, int] | None] | None = None
+    """A feed that can replay a bucket's log (the stream route on a Redis Cluster,
+    ``bucketlog.py``) asks where the subscriber stands in a bucket whose channel came back:
+    (epoch, seq); None: nothing to replay to (the bucket is not tracked, or replay is off)."""
+    on_replayed: Callable[[int, bool, int], None] | None = None
+    """Then it tells (bucket, whether the log covered the gap, messages applied): a covered
+    bucket is not among the ``on_buckets_up`` buckets, so it is not flushed."""
 
 
 class Subscription(ABC):

@@ -7,7 +7,10 @@ Three routes, from the strongest to the weakest (docs/feeds.md):
   write script publishes in the same atomic step as the write: no message can be lost between
   them; only the subscriber can miss it (the probe catches that).
 * **in-script XADD**: the feed is a Redis Stream on the store's own server.  Same atomic step, and
-  the log keeps the message, so a reconnecting server resumes with nothing lost.
+  the log keeps the message, so a reconnecting server resumes with nothing lost.  On a Redis
+  Cluster, ``redis+stream://`` without a host: the sharded channels, and each bucket's script
+  also XADDs to the bucket's own log in its slot (``!S``), which a server replays when a
+  channel comes back after a loss instead of flushing the bucket (``bucketlog.py``).
 * **relay**: any other feed (RabbitMQ, NATS, JetStream, Kafka, or Redis on another server).  The
   script hands the message back with its reply and the writer publishes it after the write.  A
   crash or a broker outage in between loses the message; every other server's sequence probe then
@@ -23,9 +26,10 @@ from __future__ import annotations
 
 from ..errors import StoreError, SyncMapError
 from ..keys import Layout
-from ..store.commands import SHARDED_TARGET, stream_target
+from ..store.commands import SHARDED_TARGET, logged_target, stream_target
 from ..store.topology import Topology
 from .base import Feed, FeedUnavailable, feed_class
+from .bucketlog import cluster_stream_maxlen, nodes_of
 from .redis_pubsub import RedisPubSubFeed
 
 
@@ -33,30 +37,43 @@ def open_store_feed(
     url: str | None, topology: Topology, layout: Layout, timeout: float
 ) -> tuple[Feed, str]:
     """Open the feed ``url`` names for a store-mode map; returns it and the scripts' target."""
-    if url is None and topology.sharded:  # a Cluster: per-bucket channels, SPUBLISH in-script
-        from ..store.cluster import ClusterTopology  # noqa: PLC0415 - Cluster only
-        from .redis_sharded import RedisShardedFeed  # noqa: PLC0415
-
-        assert isinstance(topology, ClusterTopology)  # the one sharded topology
-
-        feed: Feed = RedisShardedFeed("redis (the store)", layout.channel,
-                                      layout.bucket_channels(), timeout=timeout,
-                                      topology=topology)  # fmt: skip
-        return feed, SHARDED_TARGET
+    if topology.sharded:  # a Cluster: per-bucket channels, SPUBLISH in-script
+        routed = _sharded_route(url, topology, layout, timeout)
+        if routed is not None:
+            return routed
     if url is None:
-        feed = RedisPubSubFeed("redis (the store)", layout.channel, timeout=timeout,
+        feed: Feed = RedisPubSubFeed("redis (the store)", layout.channel, timeout=timeout,
                                      topology=topology)  # fmt: skip
         return feed, layout.channel
     cls = feed_class(url)
     feed = cls(url, cls.topic_for(layout.namespace, layout.name), timeout=timeout)
     feed_topology: Topology | None = getattr(feed, "topology", None)
     if topology.sharded:  # a script of one bucket's slot cannot reach a map-wide channel/stream
-        return feed, ""
+        return feed, ""  # on another Redis: relayed
     if feed_topology is None or not _same_server(feed_topology, topology, feed, timeout):
         return feed, ""
     if isinstance(feed, RedisPubSubFeed):
         return feed, feed.topic
     return feed, stream_target(feed.topic, int(getattr(feed, "maxlen", 0)))
+
+
+def _sharded_route(
+    url: str | None, topology: Topology, layout: Layout, timeout: float
+) -> tuple[Feed, str] | None:
+    """On a Cluster (layout 2s): no feed URL -> each bucket's channel, SPUBLISH in-script
+    (``!s``); a host-less ``redis+stream://`` -> the same, and a log per bucket XADDed in-script
+    (``!S:<maxlen>``, ``bucketlog.py``); None: another feed (relayed)."""
+    from ..store.cluster import ClusterTopology  # noqa: PLC0415 - Cluster only
+    from .redis_sharded import RedisShardedFeed  # noqa: PLC0415
+
+    assert isinstance(topology, ClusterTopology)  # the one sharded topology
+    maxlen = None if url is None else cluster_stream_maxlen(url, lambda: nodes_of(topology))
+    if url is not None and maxlen is None:
+        return None
+    feed = RedisShardedFeed("redis (the store)", layout.channel, layout.bucket_channels(),
+                        timeout=timeout, topology=topology,
+                        log=None if maxlen is None else layout)  # fmt: skip
+    return feed, SHARDED_TARGET if maxlen is None else logged_target(maxlen)
 
 
 def _same_server(a: Topology, b: Topology, feed: Feed, timeout: float) -> bool:

@@ -60,6 +60,26 @@ SHARDED_TARGET = "!s"
 a Redis Cluster: ``Layout.bucket_channel``)."""
 
 
+LOGGED_PREFIX = "!S:"
+"""``!S:<maxlen>``: what :data:`SHARDED_TARGET` does, and in the same atomic step an ``XADD`` to
+the bucket's own change log ``<tag>:log`` (``Layout.bucket_log``), trimmed to about ``maxlen``
+entries (0 = never): a ``redis+stream://`` feed on the store's Redis Cluster.  The log lets a
+server whose sharded subscriber was cut replay what it missed instead of flushing the bucket
+(``feed/bucketlog.py``)."""
+
+
+def logged_target(maxlen: int) -> str:
+    """The ``target`` of the per-bucket stream route on a Redis Cluster (:data:`LOGGED_PREFIX`)."""
+    if maxlen < 0:
+        raise ValueError(f"maxlen must be >= 0, not {maxlen}")
+    return f"{LOGGED_PREFIX}{int(maxlen)}"
+
+
+def is_sharded_target(target: str | None) -> bool:
+    """Whether ``target`` is one of layout 2s (a script reaching only its bucket's slot)."""
+    return target == SHARDED_TARGET or (target or "").startswith(LOGGED_PREFIX)
+
+
 def stream_target(stream: str, maxlen: int) -> str:
     """The ``target`` that makes the write scripts XADD to ``stream`` (trimmed to ~``maxlen``)."""
     return f"!x:{int(maxlen)}:{stream}"
@@ -105,7 +125,7 @@ class MapCommands:
         lock, token = "", 0
         if fence is not None:
             lock, counter, token = fence
-            if self.target == SHARDED_TARGET:
+            if is_sharded_target(self.target):
                 check_fence_slot(self.layout, bucket, lock, counter)
             keys = (*keys, counter)
         epoch = _epochs.getrandbits(52) or 1

@@ -146,7 +146,11 @@ class ScriptRun:
         if target == b"":
             self.out.append(msg)
         elif target.startswith(b"!"):
-            raise Refusal("ERR the memory store does not model Redis Streams (a '!x:' target)")
+            raise Refusal(
+                "ERR the memory store models neither Redis Streams nor a Cluster's sharded "
+                f"channels (target {target[:3].decode(errors='replace')!r}): test those "
+                "routes against a real Redis"
+            )
         else:
             self.db.publish(target, msg)
 

@@ -136,6 +136,9 @@ end
 --                            redis+stream:// feed on this server);
 --   '!s'                     SPUBLISH on the bucket's own channel <tag>:ch, in the bucket's slot
 --                            (layout 2s: a Redis Cluster; the map's sharded feed);
+--   '!S:<maxlen>'            as '!s', and XADD to the bucket's own log <tag>:log, trimmed to
+--                            about maxlen (0 = never), in the same slot (layout 2s with a
+--                            redis+stream:// feed: a cut subscriber replays the log);
 --   ''                       keep it in `out`: the script replies {reply, out} and the client
 --                            publishes `out` on the map's feed after the write (any other feed).
 -- The first two happen in the same atomic step as the write; the third can be lost between the
@@ -183,6 +186,15 @@ local function publish(op, seq, ep, fields)
     out[#out + 1] = msg
   elseif target == '!s' then
     redis.call('SPUBLISH', string.sub(KEYS[1], 1, -2) .. 'ch', msg)  -- <tag>:d -> <tag>:ch
+  elseif string.sub(target, 1, 3) == '!S:' then
+    local tag = string.sub(KEYS[1], 1, -2)  -- <tag>:d -> <tag>:
+    redis.call('SPUBLISH', tag .. 'ch', msg)
+    local maxlen = string.sub(target, 4)
+    if maxlen == '0' then
+      redis.call('XADD', tag .. 'log', '*', 'm', msg)
+    else
+      redis.call('XADD', tag .. 'log', 'MAXLEN', '~', maxlen, '*', 'm', msg)
+    end
   elseif string.sub(target, 1, 1) == '!' then
     local maxlen, stream = string.match(target, '^!x:(%d+):(.+)$')
     if maxlen == '0' then
