@@ -1,8 +1,9 @@
 """A map's probe on a Redis Cluster when one shard cannot answer it (issue 14 item 3: only the
 affected buckets lapse).  The probe reads every bucket; a bucket whose master is down, or
 whose slot is being migrated, gets no answer.  Its lease runs out and it is held (unserved) or
-flushed, while the buckets of the masters that answered are renewed and keep serving hits.  Before, one shard's
-failure failed the whole probe, and every bucket of the map lapsed together."""
+flushed, while the buckets of the masters that answered are renewed and keep serving hits.
+Before, one shard's failure failed the whole probe, and every bucket of the map lapsed
+together."""
 
 from __future__ import annotations
 

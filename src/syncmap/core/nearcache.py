@@ -71,6 +71,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from ..keys import Key, decode_key
@@ -91,6 +92,10 @@ HOLD_LEASES = 10
 ``max(HOLD_LEASES * max_staleness, max_stale_age)``: its store is unreachable for that long, and
 memory it holds for a revalidation that may never come goes back to the entries that are served
 (held entries count against ``capacity`` and are evicted like any other)."""
+HITS_SAMPLE = 4096
+"""Above this many entries, periodic callers (the presence record, metrics) get the hits of live
+entries *estimated* from this many of them (:meth:`NearCache.hits_estimate`): summing a
+million counters took 11-16 ms, a read stall every presence interval."""
 COPY = object()
 """Marks an entry whose value is mutable: the hit path decodes ``raw`` afresh for every caller."""
 
@@ -265,6 +270,7 @@ class NearCache:
         self._feed_gen = 0
         self._probes = 0
         self._writes = 0  # this server's own acknowledged writes (a bulk fill checks none came)
+        self._hits_shown = 0  # the largest hits_estimate() returned (it never goes back)
         self.valid_until = -INF
         """Every cached entry may be served until then (earliest lease or TTL deadline, less
         ``margin``).  The hit path compares the clock with this one number, so a process resumed
@@ -885,8 +891,28 @@ class NearCache:
         return self._held[bucket]
 
     def hits(self) -> int:
+        """Every hit so far, exact: a sum over every entry (O(entries)), for a user's
+        ``statistics()``.  Periodic callers use :meth:`hits_estimate`."""
         # list() copies in one step under the GIL: other threads may change the dict meanwhile.
         return self.counters.hits_retired + sum(e.hits for e in list(self.entries.values()))
+
+    def hits_estimate(self) -> int:
+        """:meth:`hits` at O(1) cost (at most :data:`HITS_SAMPLE` entries read), for what runs
+        periodically.  Exact up to that many entries; above, the hits of entries already gone
+        (exact) plus the live entries' hits scaled from the first ``HITS_SAMPLE`` in the
+        cache's order.  Never below a value it returned before (OpenTelemetry counters must not
+        go backwards), so it may run ahead of :meth:`hits` by the sampling error."""
+        n = len(self.entries)
+        if n <= HITS_SAMPLE:
+            got = self.hits()
+        else:
+            # list(islice(...)) runs in C without releasing the GIL: one consistent step even
+            # while another thread adds or removes entries.
+            sample = list(islice(self.entries.values(), HITS_SAMPLE))
+            live = sum(e.hits for e in sample) * n // max(len(sample), 1)
+            got = self.counters.hits_retired + live
+        self._hits_shown = max(self._hits_shown, got)
+        return self._hits_shown
 
     def serving(self, bucket: int, now: float) -> bool:
         return now < self.buckets[bucket].lease_until - self.margin
