@@ -109,7 +109,7 @@ class MapBase(SharedMapping):
         # Relayed messages (target "") from two writers of one bucket may arrive in either order.
         return NearCache(self._buckets, capacity=cfg.capacity, max_staleness=cfg.max_staleness,
                          guards=cfg.guards, ordered=not self._cmds.relayed,
-                         max_stale_age=cfg.stale_age)  # fmt: skip
+                         max_stale_age=cfg.stale_age, holds=not cfg.fast_hits)  # fmt: skip
 
     def _run(self, flow: Flow[T]) -> T:
         return run(flow, self._executor, self._engine.relay if hasattr(self, "_engine") else _no)

@@ -150,3 +150,13 @@ def test_a_bucket_held_past_the_limit_is_flushed() -> None:
     core.tick(2 * DELTA + core.hold_limit)
     assert not core.entries and core.counters.held_expired == NB
     assert core.valid_until == INF - core.margin  # nothing held, nothing leased
+
+
+def test_a_core_that_may_not_hold_flushes_at_the_lapse() -> None:
+    """``MapConfig(fast_hits=True)`` reads no clock on a hit: only a removed entry is safe."""
+    core = NearCache(NB, max_staleness=DELTA, holds=False)
+    core.on_feed_up()
+    core.on_probe(Store().probe(), 0.0, 0.0, core.tops())
+    assert core.complete_fill(core.begin_fill("k0", 0), 0.0, 0, "k0", None)
+    pause(core, 2 * DELTA)
+    assert not core.entries

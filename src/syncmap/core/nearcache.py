@@ -241,8 +241,13 @@ class NearCache:
         guards: Guards | None = None,
         ordered: bool = True,
         max_stale_age: float = 0.0,
+        holds: bool = True,
     ) -> None:
         self.entries: dict[Key, Entry] = {}
+        self.holds = holds
+        """Whether a lapsed bucket may be *held* (kept unserved for a probe to revalidate).
+        False for ``MapConfig(fast_hits=True)``: its hit path reads no clock, so only an entry
+        that is gone is not served, and a lapse must flush."""
         self._held: list[set[Key]] = [set() for _ in range(buckets)]
         """The keys of ``entries`` per bucket, so a bucket's flush or clear touches that
         bucket's entries only (not the whole cache: at a million entries a resync of every
@@ -812,7 +817,7 @@ class NearCache:
         revalidate (see the module docstring), or flush it (nothing held, or the guard off)."""
         b = self.buckets[i]
         b.stale_until = -INF
-        if self.guards.revalidate and self._held[i]:
+        if self.guards.revalidate and self.holds and self._held[i]:
             b.held_since = now
         else:
             self._flush(i, count=False)
