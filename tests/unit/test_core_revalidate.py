@@ -160,3 +160,21 @@ def test_a_core_that_may_not_hold_flushes_at_the_lapse() -> None:
     assert core.complete_fill(core.begin_fill("k0", 0), 0.0, 0, "k0", None)
     pause(core, 2 * DELTA)
     assert not core.entries
+
+
+def test_a_bucket_whose_store_alone_stopped_answering_is_flushed_not_held() -> None:
+    """A Cluster master down: its bucket lapses while the probes read the others.  Holding it
+    would keep every read of the map on the slow path; it is flushed, as before."""
+    core, store = warm()
+    states: list[tuple[int | None, int, str | None] | None] = list(store.probe())
+    states[0] = None
+    core.on_probe(states, 0.5, 0.5, core.tops())
+    core.tick(DELTA)
+    assert not core.held(0) and all(core.held(i) or core.serving(i, DELTA) for i in range(1, NB))
+    assert core.valid_until > DELTA  # the other buckets are hits again
+    pause(core, 1.6)  # and a held bucket whose store then stops answering is flushed too
+    assert core.buckets[1].held_since != -INF
+    states = list(store.probe())
+    states[1] = None
+    core.on_probe(states, 1.7, 1.7, core.tops())
+    assert not core.held(1) and core.valid_until > 1.7

@@ -40,6 +40,9 @@ Why a cached entry is never stale beyond ``max_staleness`` (the contract, DESIGN
     restarts that bucket only.
   - epoch changed, ``seq`` went back, or ``tops`` above the store's sequence: restart (flush).
 
+  Only a bucket whose store answered the newest probe that answered at all is held: one whose
+  own store stopped answering while others still do (a Cluster master down, a slot moving) is
+  flushed as before, since holding any bucket sends every read of the map down the slow path.
   Memory stays bounded: held entries count against ``capacity`` and are evicted like others,
   and a bucket no probe decided within ``hold_limit`` (``max(10 * max_staleness,
   max_stale_age)``: its store is unreachable for that long) is flushed (``held_expired``).
@@ -276,6 +279,7 @@ class NearCache:
         self._probes = 0
         self._writes = 0  # this server's own acknowledged writes (a bulk fill checks none came)
         self._hits_shown = 0  # the largest hits_estimate() returned (it never goes back)
+        self._answered = -INF  # send time of the newest probe that read any bucket
         self.valid_until = -INF
         """Every cached entry may be served until then (earliest lease or TTL deadline, less
         ``margin``).  The hit path compares the clock with this one number, so a process resumed
@@ -665,8 +669,11 @@ class NearCache:
         it; Redis dies before k@1's message reaches anyone and restarts empty; bucket and store
         both read (no epoch, seq 0), so without ``tops`` the probe would confirm k@1 forever.
         """
+        answered = any(state is not None for state in states)
+        self._answered = max(self._answered, sent_at) if answered else self._answered
         for i, state in enumerate(states):
             if state is None:  # a bucket left out keeps its repair for the next probe
+                self._unanswered(i, sent_at)
                 continue
             epoch, seq = state[0], state[1]
             digest = state[2] if len(state) == 3 else None
@@ -712,6 +719,12 @@ class NearCache:
                 self._renew(b, sent_at)
                 b.targets.clear()
         self._revalidate()
+
+    def _unanswered(self, i: int, sent_at: float) -> None:
+        """A probe sent at ``sent_at`` read other buckets but not ``i`` (its Cluster master is
+        down or its slot moving): a held bucket ``i`` is flushed (see :meth:`_hold`)."""
+        if self.buckets[i].held_since != -INF and self._answered >= sent_at:
+            self._flush(i, count=False)
 
     def _renew(self, b: BucketState, sent_at: float) -> None:
         """A probe sent at ``sent_at`` vouches for the bucket: its lease runs to ``sent_at + Δ``
@@ -817,7 +830,11 @@ class NearCache:
         revalidate (see the module docstring), or flush it (nothing held, or the guard off)."""
         b = self.buckets[i]
         b.stale_until = -INF
-        if self.guards.revalidate and self.holds and self._held[i]:
+        # Not when a probe read other buckets after this one's last answer: its own store (a
+        # Cluster master) is down or its slot moving while the others answer.  Holding it would
+        # send every read of the map down the slow path (valid_until) for as long as that lasts.
+        lone = b.replied_at < self._answered
+        if self.guards.revalidate and self.holds and self._held[i] and not lone:
             b.held_since = now
         else:
             self._flush(i, count=False)
