@@ -122,8 +122,11 @@ def pausable_map(url: str, name: str, n: int, *, delta: float = 0.5, revalidate:
                        daemon=True)  # fmt: skip
     proc.start()
     try:
-        if not mine.poll(60.0):
-            raise AssertionError("the pausable map's process did not start within 60 s")
+        deadline = time.monotonic() + 120.0  # 1M entries to load on a busy machine
+        while not mine.poll(0.2):
+            if not proc.is_alive() or time.monotonic() > deadline:
+                raise AssertionError(f"the pausable map's process did not start (exit code "
+                                     f"{proc.exitcode})")  # fmt: skip
         yield PausableMap(proc, mine, mine.recv())
         mine.send(None)
         proc.join(10.0)
