@@ -19,6 +19,7 @@ the quick run, 1,000,000 with ``--full``):
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from .context import Bench, settle
 from .method import Row
 
 INF_NEG = float("-inf")
+GC_PASS = [0.0]  # the longest full GC pass during the last _longest_gap (s)
 IDLE_STALL_MS = 1.0  # targets, issue 16 goal 2
 RESYNC_STALL_MS = 50.0
 PAUSE_WRITES = 10
@@ -55,11 +57,13 @@ def rows(b: Bench, n: int, idle_seconds: float) -> list[Row]:
     # scheduler, other processes on the cores), which no cache can do better than.
     floor = _longest_gap(lambda: plain[hot], lambda: time.sleep(idle_seconds))
     idle = _longest_gap(lambda: m[hot], lambda: time.sleep(idle_seconds))
+    idle_gc = GC_PASS[0]
     resync, restarted = _resync(b, m, n)
     b.release(m)
     survivors = _pause(b, n)
     note = (f"{cached:,} of {n:,} entries cached; a reader for {idle_seconds:g} s; baseline: "
-            f"the same reader on a dict (the machine's own scheduling gaps)")  # fmt: skip
+            f"the same reader on a dict (the machine's own gaps); longest full GC pass during "
+            f"the map's window: {idle_gc * 1e3:.1f} ms (it scans every cached entry)")  # fmt: skip
     return [
         Row(f"longest read stall while idle, {n:,} entries cached, vs a dict reader", "ms",
             idle * 1e3, floor * 1e3, key="cachesize.idle_stall", at_most=IDLE_STALL_MS,
@@ -74,8 +78,19 @@ def rows(b: Bench, n: int, idle_seconds: float) -> list[Row]:
 
 
 def _longest_gap(read: Callable[[], object], meanwhile: Callable[[], None]) -> float:
-    """The longest time (s) between two reads of a reader thread while ``meanwhile()`` runs."""
+    """The longest time (s) between two reads of a reader thread while ``meanwhile()`` runs;
+    the longest full garbage-collector pass meanwhile goes to ``GC_PASS[0]``."""
     stop, worst = threading.Event(), [0.0]
+    started = [0.0]
+    GC_PASS[0] = 0.0
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            GC_PASS[0] = max(GC_PASS[0], time.perf_counter() - started[0])
 
     def reader() -> None:
         clock, last, gap = time.perf_counter, time.perf_counter(), 0.0
@@ -87,6 +102,7 @@ def _longest_gap(read: Callable[[], object], meanwhile: Callable[[], None]) -> f
         worst[0] = gap
 
     t = threading.Thread(target=reader, name="cachesize-reader", daemon=True)
+    gc.callbacks.append(timed)
     t.start()
     time.sleep(0.05)  # the reader is in its loop
     try:
@@ -94,6 +110,7 @@ def _longest_gap(read: Callable[[], object], meanwhile: Callable[[], None]) -> f
     finally:
         stop.set()
         t.join()
+        gc.callbacks.remove(timed)
     return worst[0]
 
 
