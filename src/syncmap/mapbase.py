@@ -91,7 +91,11 @@ class MapBase(SharedMapping):
         if cfg.presence:
             presence = Presence(self.node_id, cfg.presence_interval)
             self._engine.enable_presence(
-                lambda: presence.record(self.statistics(), int(self._state.server_now_ms())),
+                # Periodic: the O(1) estimate of hits, not a sum over every entry (issue 16).
+                lambda: presence.record(
+                    statistics_of(self._core, self._engine.events_dropped, exact=False),
+                    int(self._state.server_now_ms()),
+                ),
                 cfg.presence_interval,
             )
         try:
@@ -105,7 +109,7 @@ class MapBase(SharedMapping):
         # Relayed messages (target "") from two writers of one bucket may arrive in either order.
         return NearCache(self._buckets, capacity=cfg.capacity, max_staleness=cfg.max_staleness,
                          guards=cfg.guards, ordered=not self._cmds.relayed,
-                         max_stale_age=cfg.stale_age)  # fmt: skip
+                         max_stale_age=cfg.stale_age, holds=not cfg.fast_hits)  # fmt: skip
 
     def _run(self, flow: Flow[T]) -> T:
         return run(flow, self._executor, self._engine.relay if hasattr(self, "_engine") else _no)

@@ -140,7 +140,7 @@ class Instrumentation:
             "syncmap.cache.requests", "{request}",
             "Cached reads: served from this server's near cache (hit) or read through to Redis "
             "(miss); consistent=True reads are not counted",
-            lambda e: [({"syncmap.cache.result": "hit"}, e.core.hits()),
+            lambda e: [({"syncmap.cache.result": "hit"}, e.core.hits_estimate()),
                        ({"syncmap.cache.result": "miss"}, e.core.counters.misses)],
         )  # fmt: skip
         self._counter(

@@ -87,11 +87,15 @@ class Presence:
         }  # fmt: skip
 
 
-def statistics_of(core: NearCache, events_dropped: int) -> Statistics:
-    """A map's :class:`Statistics` from its near cache's counters (either driver)."""
+def statistics_of(core: NearCache, events_dropped: int, *, exact: bool = True) -> Statistics:
+    """A map's :class:`Statistics` from its near cache's counters (either driver).
+
+    ``exact=False`` (the periodic presence record): ``hits`` estimated at O(1) cost
+    (``NearCache.hits_estimate``) instead of summed over every cached entry."""
     c = core.counters
     return Statistics(
-        hits=core.hits(), misses=c.misses, invalidations=c.invalidations,
+        hits=core.hits() if exact else core.hits_estimate(), misses=c.misses,
+        invalidations=c.invalidations,
         resyncs=c.resyncs, entries=len(core.entries), evictions=c.evictions,
         expirations=c.expirations, gaps=c.gaps, epoch_changes=c.epoch_changes,
         lost_detected=c.lost_detected, lease_lapses=c.lease_lapses,

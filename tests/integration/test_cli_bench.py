@@ -94,7 +94,8 @@ def test_json_has_every_row_with_its_samples(smoke: Path) -> None:
     assert [s["name"] for s in doc["sections"]] == SECTIONS
     rows = {r["key"]: r for s in doc["sections"] for r in s["rows"]}
     assert {"reads.hit_dict", "reads.miss_hget", "writes.set_hset", "writes.update", "writes.cas",
-            "locks.uncontended", "scaling.load", "scaling.memory"} <= set(rows)  # fmt: skip
+            "locks.uncontended", "scaling.load", "scaling.memory", "cachesize.idle_stall",
+            "cachesize.pause_survivors", "cachesize.resync_stall"} <= set(rows)  # fmt: skip
     hit = rows["reads.hit_dict"]
     assert hit["syncmap"] > 0 and hit["baseline"] > 0 and hit["ratio"] > 0
     assert len(hit["spread"]["syncmap"]) == len(hit["spread"]["baseline"]) >= 1

@@ -1,12 +1,14 @@
 """A map's probe on a Redis Cluster when one shard cannot answer it (issue 14 item 3: only the
-affected buckets are flushed).  The probe reads every bucket; a bucket whose master is down, or
-whose slot is being migrated, gets no answer.  Its lease runs out and it is flushed, while the
-buckets of the masters that answered are renewed and keep serving hits.  Before, one shard's
-failure failed the whole probe, and every bucket of the map lapsed together."""
+affected buckets lapse).  The probe reads every bucket; a bucket whose master is down, or
+whose slot is being migrated, gets no answer.  Its lease runs out and it is held (unserved) or
+flushed, while the buckets of the masters that answered are renewed and keep serving hits.
+Before, one shard's failure failed the whole probe, and every bucket of the map lapsed
+together."""
 
 from __future__ import annotations
 
 from syncmap import MapConfig, SyncMap
+from syncmap.core.nearcache import INF
 from syncmap.keys import Layout, bucket_of, encode_key
 from syncmap.store.cluster import slot_for
 from syncmap.testing.clusterset import ClusterSet
@@ -28,14 +30,17 @@ def _split(cluster: ClusterSet, name: str, bucket: int) -> tuple[int, list[str],
 
 
 def _flushed(m: SyncMap, keys: list[str]) -> bool:
-    """Whether ``keys``' bucket lapsed and was flushed.  Read under the map's guard: the timer
+    """Whether ``keys``' bucket lapsed: flushed, or held (entries kept unserved until a probe
+    revalidates it, ``NearCache._hold``).  Read under the map's guard: the timer holds or
     flushes a lapsed bucket and recomputes the hit path's deadline (``valid_until``) in one
     step under it.  Not ``m._servable(k) is None``: that is also true of *every* key in the
     moment between the lapsed lease's deadline passing and the timer's step (the hit path
     compares one deadline, the earliest lease's), and a check of the other buckets made in that
     moment failed one run in three."""
     with m._state.guard:
-        return all(k not in m._core.entries for k in keys)
+        core = m._core
+        return all(k not in core.entries or core.buckets[core.entries[k].bucket].held_since
+                   != -INF for k in keys)  # fmt: skip
 
 
 def _cached_map(url: str, name: str) -> SyncMap:

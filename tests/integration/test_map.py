@@ -372,6 +372,8 @@ def test_fast_hits_map_serves_hits_and_follows_invalidations(shared_redis_url: s
         b["k"] = 2
         await_invalidation(a, "k")
         assert a["k"] == 2
+        # Its hits read no clock, so a lapsed lease must remove entries, never hold them.
+        assert not a._core.holds and b._core.holds
 
 
 def test_inline_callbacks_run_when_the_change_is_applied(pair: tuple[SyncMap, SyncMap]) -> None:

@@ -184,10 +184,18 @@ def test_lease_lapses_when_probes_stop() -> None:
     assert core.tick(0.5) == pytest.approx(0.95)  # next wake: lease end minus margin
     assert cached(core, "k") == ("v1", 1)
     core.tick(0.96)  # lease (0 + 1.0) minus margin has passed
-    assert cached(core, "k") is None
+    assert core.cached("k", 0.96) is None and core.valid_until == -INF  # held: never served
+    assert core.buckets[0].held_since == 0.96  # kept for the next probe to revalidate
     assert core.counters.lease_lapses == 1
     assert not core.serving(0, 0.96)
     assert not fill(core, "k", 1, "v1", now=0.97), "no fill without a lease"
+
+
+def test_without_revalidation_a_lapse_flushes() -> None:
+    core = started((E1, 1), guards=Guards(revalidate=False))
+    assert fill(core, "k", 1, "v1")
+    core.tick(0.96)
+    assert cached(core, "k") is None and core.buckets[0].held_since == -INF
 
 
 def test_lease_is_renewed_by_a_probe_whose_sequence_is_reached() -> None:
@@ -197,7 +205,7 @@ def test_lease_is_renewed_by_a_probe_whose_sequence_is_reached() -> None:
     core.tick(1.5)
     assert cached(core, "k") == ("v1", 1)
     core.tick(1.76)
-    assert cached(core, "k") is None
+    assert core.cached("k", 1.76) is None and not core.serving(0, 1.76)
 
 
 # ---- (5) epochs --------------------------------------------------------------------------------

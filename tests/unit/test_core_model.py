@@ -32,8 +32,11 @@ from the store's ``monitor``: every change message a script makes, whatever its 
 Oracles, checked after every step (time is the simulated ``now``; Δ = ``max_staleness``):
 
 * C2 bounded staleness: every entry a server would serve now (present in ``core.entries`` while
-  ``now < core.valid_until``, the hit path's one clock check) holds a write that was still the
-  key's state in the store at some moment at or after ``now - Δ``; and none outlives its TTL.
+  ``now < core.valid_until``, the hit path's one clock check, or returned by ``core.cached``, the
+  slow path's) holds a write that was still the key's state in the store at some moment at or
+  after ``now - Δ``; and none outlives its TTL.  An entry of a *held* bucket (its lease lapsed,
+  kept for a probe to revalidate) is served by neither path.  Pauses are the ``advance`` rule
+  with the timer late, probes that stop, or a probe whose reply comes back much later.
 * A2/A3 (no time needed): no entry is older than a change of its key that the server has already
   processed from its feed (a fill or own write that lost the race must not be installed).
 * C3 convergence: ``quiesce`` stops faults and writes, delivers everything, lets > Δ pass while
@@ -853,7 +856,7 @@ class CoreModel(RuleBasedStateMachine):
             assert {k: e.bucket for k, e in s.core.entries.items()} == {
                 k: b for b, keys in by_bucket.items() for k in keys
             }, f"{s.name}: the per-bucket index disagrees with the entries"
-            servable = self.now < s.core.valid_until  # what the hit path checks
+            hit = self.now < s.core.valid_until  # what the hit path checks
             for key, e in s.core.entries.items():
                 w = self._check_value(key, e.value, e.version, f"{s.name} cache")
                 assert (w.gid, 0) >= s.seen[key], (
@@ -861,7 +864,15 @@ class CoreModel(RuleBasedStateMachine):
                     f"already processed the change {s.seen[key]} that superseded it "
                     f"(now={self.now})"
                 )
-                if not servable:
+                # ... or the slow path (reads.read) serves without I/O: under its own
+                # bucket's lease, never while the bucket is held (lapsed, kept unserved).
+                slow = s.core.cached(key, self.now) is not None
+                if s.core.buckets[e.bucket].held_since != -INF:
+                    assert not slow and not hit, (
+                        f"held: {s.name} would serve {key!r} from bucket {e.bucket}, held since "
+                        f"{s.core.buckets[e.bucket].held_since} (now={self.now})"
+                    )
+                if not (hit or slow):
                     continue
                 assert w.deadline > self.now, (
                     f"TTL: {s.name} serves {key!r}={w.value} whose TTL ended at {w.deadline} "
@@ -983,6 +994,56 @@ def test_oracles_catch_a_broken_conditional_write(
         run_state_machine_as_test(
             CoreModel,
             settings=settings(_SETTINGS, max_examples=300, derandomize=True, database=None,
+                              phases=[Phase.generate], print_blob=False,
+                              report_multiple_bugs=False),
+        )  # fmt: skip
+
+
+def _renews_held_blindly(orig: Any) -> Any:
+    """A broken revalidation: a held bucket adopts the probe's sequence and digest without
+    comparing them with its own (the writes made during the pause are never invalidated)."""
+
+    def on_probe(self: NearCache, states: Any, sent_at: float, now: float, tops: Any = None
+                 ) -> None:  # fmt: skip
+        for b, state in zip(self.buckets, states, strict=True):
+            if state is not None and b.held_since != -INF and state[0] == b.epoch:
+                b.seq = max(b.seq, state[1])
+                b.digest = state[2] if len(state) == 3 else None
+        orig(self, states, sent_at, now, tops)
+
+    return on_probe
+
+
+def _hit_while_held(orig: Any) -> Any:
+    """A broken hold: a lapsed bucket's entries stay servable (valid_until ignores it)."""
+
+    def revalidate(self: NearCache) -> float:
+        held = [b.held_since for b in self.buckets]
+        for b in self.buckets:
+            b.held_since = -INF
+        try:
+            return orig(self)  # type: ignore[no-any-return]
+        finally:
+            for b, since in zip(self.buckets, held, strict=True):
+                b.held_since = since
+
+    return revalidate
+
+
+@pytest.mark.parametrize(
+    ("name", "planted"),
+    [("on_probe", _renews_held_blindly), ("_revalidate", _hit_while_held)],
+    ids=["renew_held_without_comparing_seq", "serve_held_entries"],
+)
+def test_oracles_catch_a_broken_revalidation(
+    name: str, planted: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Revalidation's controls: each planted bug in the held-bucket path is caught."""
+    monkeypatch.setattr(NearCache, name, planted(getattr(NearCache, name)))
+    with pytest.raises(AssertionError, match=r"^(A2 |C[2-6][: ]|TTL|held)"):
+        run_state_machine_as_test(
+            CoreModel,
+            settings=settings(_SETTINGS, max_examples=1000, derandomize=True, database=None,
                               phases=[Phase.generate], print_blob=False,
                               report_multiple_bugs=False),
         )  # fmt: skip

@@ -40,11 +40,11 @@ def served(core: NearCache, now: float) -> str | None:
     return None if hit is None else ("stale" if hit[1] else "local")
 
 
-def test_strict_mode_flushes_at_the_lapse() -> None:
+def test_strict_mode_holds_at_the_lapse() -> None:
     core = warm(age=0.0)
     assert served(core, 0.5) == "local"
-    assert served(core, DELTA) is None  # probes stopped: the lease lapsed, k is gone
-    assert "k" not in core.entries
+    assert served(core, DELTA) is None  # probes stopped: the lease lapsed, k is not served
+    assert "k" in core.entries  # held unserved, for the next probe to revalidate
 
 
 def test_unreachable_store_keeps_entries_stale_until_max_stale_age() -> None:
@@ -54,9 +54,12 @@ def test_unreachable_store_keeps_entries_stale_until_max_stale_age() -> None:
     assert core.valid_until == -INF  # the hit path never serves a stale entry
     assert served(core, AGE - 0.1) == "stale"
     assert core.counters.stale_reads == 2
-    assert served(core, AGE) is None  # max_stale_age after the last confirmation: gone
-    assert "k" not in core.entries
-    assert core.tick(AGE + 1) == INF - core.margin  # nothing left to wake for
+    assert served(core, AGE) is None  # max_stale_age after the last confirmation: not served
+    assert "k" in core.entries  # held unserved, for the first probe back to revalidate
+    assert core.tick(AGE + 1) == AGE + core.hold_limit - core.margin  # the hold's end
+    assert served(core, AGE + core.hold_limit) is None
+    assert "k" not in core.entries and core.counters.held_expired == 1
+    assert core.tick(AGE + core.hold_limit + 1) == INF - core.margin  # nothing to wake for
 
 
 def test_without_the_bound_stale_entries_outlive_max_stale_age() -> None:

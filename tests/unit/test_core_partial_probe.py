@@ -34,7 +34,7 @@ def test_a_bucket_without_an_answer_lapses_alone() -> None:
     core = warm()
     core.on_probe([None, (E, 1)], 0.6, 0.6, core.tops())  # bucket 0's master is down
     core.tick(DELTA + 0.1)
-    assert "a" not in core.entries  # its lease (from the probe at 0) ran out
+    assert "a" not in core.entries  # its lease ran out, its store alone silent: not held
     assert "b" in core.entries and core.serving(1, DELTA + 0.1)  # renewed by the probe at 0.6
     assert core.counters.lease_lapses == 1
 

@@ -85,7 +85,7 @@ PLANS = {
             herd=HerdPlan(rounds=1, seconds=0.3, polling_seconds=0.4, warmup_seconds=0.1,
                           waiters=(2,))),
         scaling.ScalePlan(sizes=(100, 1000), rounds=1, reads=1000, value_sizes=(100, 10 * KiB),
-                          value_bytes=50 * KiB, mem_n=1000),
+                          value_bytes=50 * KiB, mem_n=1000, cache_n=2000, idle_seconds=0.3),
         aiobench.AsyncPlan(rounds=1, hit_reps=2, io_ops=10, tasks=100, task_reads=2,
                            concurrent_rounds=1, handoff=AsyncHandoffPlan(
                                rounds=1, seconds=0.2, warmup_seconds=0.1)),
@@ -109,7 +109,8 @@ PLANS = {
             contenders=(2, 4, 8)),
             herd=HerdPlan(rounds=1, seconds=1.5, polling_seconds=2.5, warmup_seconds=0.5)),
         scaling.ScalePlan(sizes=(1000, 10_000, 100_000), rounds=5, reads=50_000,
-                          value_sizes=VALUE_SIZES, value_bytes=2 * MiB, mem_n=100_000),
+                          value_sizes=VALUE_SIZES, value_bytes=2 * MiB, mem_n=100_000,
+                          cache_n=100_000),
         aiobench.AsyncPlan(rounds=9, hit_reps=30, io_ops=100, tasks=1000, task_reads=2,
                            concurrent_rounds=3, handoff=AsyncHandoffPlan(
                                rounds=2, seconds=0.4, warmup_seconds=0.2)),
@@ -133,7 +134,8 @@ PLANS = {
             contenders=(2, 4, 8)),
             herd=HerdPlan(rounds=3, seconds=2.0, polling_seconds=4.0, warmup_seconds=0.5)),
         scaling.ScalePlan(sizes=(1000, 10_000, 100_000, 1_000_000), rounds=11, reads=100_000,
-                          value_sizes=VALUE_SIZES, value_bytes=8 * MiB, mem_n=1_000_000),
+                          value_sizes=VALUE_SIZES, value_bytes=8 * MiB, mem_n=1_000_000,
+                          cache_n=1_000_000, idle_seconds=4.5),
         aiobench.AsyncPlan(rounds=21, hit_reps=100, io_ops=300, tasks=1000, task_reads=10,
                            concurrent_rounds=7, handoff=AsyncHandoffPlan(
                                rounds=3, seconds=1.5, warmup_seconds=0.4)),

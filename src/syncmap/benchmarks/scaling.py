@@ -26,6 +26,7 @@ from itertools import islice
 from typing import Any
 
 from .. import SyncMap
+from . import cachesize
 from .context import Bench, settle
 from .method import Row, Section, interleave, loop_call, loop_getitem, loop_store, median
 
@@ -41,6 +42,8 @@ class ScalePlan:
     value_sizes: tuple[int, ...]
     value_bytes: int  # bytes written per timed block (3 writes at least)
     mem_n: int
+    cache_n: int = 0  # the cache-size rows (:mod:`.cachesize`) at this many entries; 0: none
+    idle_seconds: float = 2.5  # their idle reader: longer than the presence interval (2 s)
 
 
 def run(b: Bench, plan: ScalePlan) -> Section:
@@ -49,6 +52,8 @@ def run(b: Bench, plan: ScalePlan) -> Section:
     value_rows, values = _values(b, plan)
     rows += value_rows
     rows.append(_memory(b, plan.mem_n))
+    if plan.cache_n:
+        rows += cachesize.rows(b, plan.cache_n, plan.idle_seconds)
     return Section("scaling", "Scaling", rows, {"sizes": sizes, "value_sizes": values})
 
 

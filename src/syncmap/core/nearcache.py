@@ -13,17 +13,49 @@ Why a cached entry is never stale beyond ``max_staleness`` (the contract, DESIGN
   proves "every write acknowledged before ``T`` is accounted for" once our ``seq >= s``; then the
   lease runs to ``T + max_staleness``.  A probe whose ``s`` we never reach (the last message was
   lost, the subscriber hangs) confirms nothing: after ``grace`` the bucket is flushed, and if
-  probes stop altogether the lease lapses and ``tick`` flushes the bucket.  So a hit at time ``t``
+  probes stop altogether the lease lapses and ``tick`` *holds* the bucket (below).  So a hit at
+  time ``t``
   only ever comes from a bucket that accounted, at ``T >= t - max_staleness``, for every write
   acknowledged before ``T``.  ``tick`` revokes leases ``margin`` early, because the hit path does
   not read the clock.
 * A restarted or flushed Redis shows a new **epoch** (or a sequence that went backwards): flush.
+* **Revalidation instead of emptying** (``Guards.revalidate``).  A lapsed lease (the process was
+  paused - SIGSTOP, a long GC - or probes failed) does not flush the bucket: it is *held*
+  (``held_since``), its entries kept but never served (``valid_until`` stays in the past while
+  any bucket is held, and :meth:`cached` serves only under a lease), and the next probe decides:
+
+  - same epoch, ``seq`` equal to ours and the digest chain equal (and no cached version above
+    the store's, ``tops``): **renewed**, the entries are served again (``revalidations``).
+    Proof: the probe was sent at ``T`` and read ``s``; every write acknowledged before ``T``
+    took a version ``<= s`` of this bucket (its version is the bucket's next sequence, taken in
+    the same atomic step that published its message); we applied every message up to ``s`` as
+    an invalidation (``seq`` only advances over contiguous versions, a gap flushes), and the
+    equal digest chain says they were the store's own messages, not forgeries.  So each kept
+    entry is its key's state at ``T``, which is exactly what a lease from ``T`` needs; how long
+    the bucket was held does not enter the argument.
+  - ``seq`` ahead: the usual targets/grace path.  Messages still buffered on a live subscriber
+    socket arrive, invalidate the keys written during the pause, and :meth:`_confirm` renews
+    the bucket once ``seq`` reaches the probe's; a target not reached within ``grace`` (lost
+    messages), or any move after a reconnect (``repair_from``: messages lost for sure),
+    restarts that bucket only.
+  - epoch changed, ``seq`` went back, or ``tops`` above the store's sequence: restart (flush).
+
+  Only a bucket whose store answered the newest probe that answered at all is held: one whose
+  own store stopped answering while others still do (a Cluster master down, a slot moving) is
+  flushed as before, since holding any bucket sends every read of the map down the slow path.
+  Memory stays bounded: held entries count against ``capacity`` and are evicted like others,
+  and a bucket no probe decided within ``hold_limit`` (``max(10 * max_staleness,
+  max_stale_age)``: its store is unreachable for that long) is flushed (``held_expired``).
+  A reconnect never held anything to begin with: buckets stay served under their leases while
+  the subscriber is down (a probe vouches only for what it read, never for messages), and the
+  first probe after the reconnect restarts only the buckets that moved.
 * Outages (``max_stale_age``, off by default: ``MapConfig(on_store_down="serve_stale")``): a
   lease that lapses because no probe came back since the one that last confirmed the bucket
   (the store is unreachable or hung, not a lost message: then a later probe *did* come back and
   did not renew it) keeps the bucket's entries as *stale-servable* until ``max_stale_age``
-  after that confirmation.  The hit path never serves them (``valid_until`` stays in the past
-  while any bucket is stale); the driver's slow path asks :meth:`cached` and flags them.  What
+  after that confirmation, and held (unserved, as above) after that.  The hit path never
+  serves them (``valid_until`` stays in the past while any bucket is stale); the driver's slow
+  path asks :meth:`cached` and flags them.  What
   the core learns meanwhile still drops entries at once (messages, gaps, epochs), and the first
   probe that comes back restarts every stale bucket that moved, as a reconnect's repair does.
 
@@ -42,6 +74,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from ..keys import Key, decode_key
@@ -57,6 +90,15 @@ which costs hits, never staleness (``ahead`` only ever lets ``seq`` advance)."""
 ProbeState = tuple[int | None, int] | tuple[int | None, int, str | None]
 """What a probe read of one bucket: (epoch, seq) or (epoch, seq, digest chain); a digest of None
 (or none given, as in model tests) is not compared."""
+HOLD_LEASES = 10
+"""A held bucket (lapsed, entries kept unserved) is flushed when no probe decided its fate within
+``max(HOLD_LEASES * max_staleness, max_stale_age)``: its store is unreachable for that long, and
+memory it holds for a revalidation that may never come goes back to the entries that are served
+(held entries count against ``capacity`` and are evicted like any other)."""
+HITS_SAMPLE = 4096
+"""Above this many entries, periodic callers (the presence record, metrics) get the hits of live
+entries *estimated* from this many of them (:meth:`NearCache.hits_estimate`): summing a
+million counters took 11-16 ms, a read stall every presence interval."""
 COPY = object()
 """Marks an entry whose value is mutable: the hit path decodes ``raw`` afresh for every caller."""
 
@@ -112,6 +154,8 @@ class BucketState:
     replied_at: float = -INF  # send time of the newest probe that read this bucket
     repair_from: float | None = None  # a probe sent at or after this time repairs the bucket
     stale_until: float = -INF  # lapsed in an outage: entries servable stale until then
+    held_since: float = -INF  # lapsed (a pause): entries kept but NOT served since then, until
+    # a probe revalidates the bucket (``NearCache._renew``) or restarts it; -INF: not held
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +194,9 @@ class Guards:
     # Cluster stream route (target '!S'): a bucket whose sharded channel came back replays its
     # log instead of being flushed (feed/bucketlog.py).  Off: it is flushed, as without a log.
     log_replay: bool = True
+    # Revalidation (issue 16): a lapsed lease keeps the bucket's entries unserved until the next
+    # probe renews it (sequence and digest unchanged) or restarts it.  Off: a lapse flushes.
+    revalidate: bool = True
 
     def script_flags(self) -> str:
         """The letters of the store-side protections switched off (ARGV[8] of the scripts)."""
@@ -189,6 +236,8 @@ class Counters:
     log_replays: int = 0
     log_replayed_messages: int = 0
     log_replay_fallbacks: int = 0
+    revalidations: int = 0  # held buckets a probe renewed with their entries (no refill)
+    held_expired: int = 0  # held buckets flushed because no probe decided within ``hold_limit``
 
 
 class NearCache:
@@ -205,15 +254,22 @@ class NearCache:
         guards: Guards | None = None,
         ordered: bool = True,
         max_stale_age: float = 0.0,
+        holds: bool = True,
     ) -> None:
         self.entries: dict[Key, Entry] = {}
+        self.holds = holds
+        """Whether a lapsed bucket may be *held* (kept unserved for a probe to revalidate).
+        False for ``MapConfig(fast_hits=True)``: its hit path reads no clock, so only an entry
+        that is gone is not served, and a lapse must flush."""
         self._held: list[set[Key]] = [set() for _ in range(buckets)]
         """The keys of ``entries`` per bucket, so a bucket's flush or clear touches that
         bucket's entries only (not the whole cache: at a million entries a resync of every
         bucket scanned it once per bucket).  Kept by the two installs, :meth:`_remove` and
         :meth:`_evict`, the only places ``entries`` changes."""
         self.max_stale_age = max_stale_age
-        """0: strict (a lapsed lease flushes its bucket).  More: serve_stale mode, see above."""
+        """0: strict (a lapsed lease holds its bucket unserved).  More: serve_stale mode."""
+        self.hold_limit = max(HOLD_LEASES * max_staleness, max_stale_age)
+        """How long a held bucket waits for a probe to decide before it is flushed anyway."""
         self.ordered = ordered
         """``True``: messages of a bucket arrive in version order, so a jump means a loss and the
         bucket is flushed at once.  ``False`` (relayed feeds): a jump may be a reordering; the
@@ -232,6 +288,8 @@ class NearCache:
         self._feed_gen = 0
         self._probes = 0
         self._writes = 0  # this server's own acknowledged writes (a bulk fill checks none came)
+        self._hits_shown = 0  # the largest hits_estimate() returned (it never goes back)
+        self._answered = -INF  # send time of the newest probe that read any bucket
         self.valid_until = -INF
         """Every cached entry may be served until then (earliest lease or TTL deadline, less
         ``margin``).  The hit path compares the clock with this one number, so a process resumed
@@ -621,8 +679,11 @@ class NearCache:
         it; Redis dies before k@1's message reaches anyone and restarts empty; bucket and store
         both read (no epoch, seq 0), so without ``tops`` the probe would confirm k@1 forever.
         """
+        answered = any(state is not None for state in states)
+        self._answered = max(self._answered, sent_at) if answered else self._answered
         for i, state in enumerate(states):
             if state is None:  # a bucket left out keeps its repair for the next probe
+                self._unanswered(i, sent_at)
                 continue
             epoch, seq = state[0], state[1]
             digest = state[2] if len(state) == 3 else None
@@ -642,7 +703,7 @@ class NearCache:
             if not self.guards.probe:
                 if not b.known:
                     b.known, b.epoch, b.seq, b.digest = True, epoch, seq, digest
-                b.lease_until, b.stale_until = INF, -INF
+                b.lease_until, b.stale_until, b.held_since = INF, -INF, -INF
                 continue
             changed = epoch != b.epoch and not overtaken and self.guards.epoch
             if changed and b.epoch is None and not b.top and b.known and not seq_went_back:
@@ -669,12 +730,21 @@ class NearCache:
                 b.targets.clear()
         self._revalidate()
 
+    def _unanswered(self, i: int, sent_at: float) -> None:
+        """A probe sent at ``sent_at`` read other buckets but not ``i`` (its Cluster master is
+        down or its slot moving): a held bucket ``i`` is flushed (see :meth:`_hold`)."""
+        if self.buckets[i].held_since != -INF and self._answered >= sent_at:
+            self._flush(i, count=False)
+
     def _renew(self, b: BucketState, sent_at: float) -> None:
         """A probe sent at ``sent_at`` vouches for the bucket: its lease runs to ``sent_at + Δ``
         (and a bucket served stale in an outage is current again)."""
         if sent_at + self.max_staleness > b.lease_until:
             b.lease_until, b.confirmed_at = sent_at + self.max_staleness, sent_at
         b.stale_until = -INF
+        if b.held_since != -INF:  # revalidated: its entries are served again, not refilled
+            b.held_since = -INF
+            self.counters.revalidations += 1
 
     def _revalidate(self) -> float:
         """Set ``valid_until``; returns when :meth:`tick` has work next.  While any bucket is
@@ -687,6 +757,8 @@ class NearCache:
                 wake = min(wake, b.lease_until)
             if b.stale_until != -INF:
                 stale, any_stale = min(stale, b.stale_until), True
+            if b.held_since != -INF:  # held entries are never hits: the slow path asks cached()
+                stale, any_stale = min(stale, b.held_since + self.hold_limit), True
         self.valid_until = -INF if any_stale else wake - self.margin
         return min(wake, stale) - self.margin
 
@@ -755,10 +827,27 @@ class NearCache:
                     bound = self.guards.stale_bound
                     b.stale_until = b.confirmed_at + self.max_stale_age if bound else INF
                 else:
-                    self._flush(i, count=False)
+                    self._hold(i, now)
             if b.stale_until != -INF and now >= b.stale_until - self.margin:
+                self._hold(i, now)
+            if b.held_since != -INF and now >= b.held_since + self.hold_limit - self.margin:
+                self.counters.held_expired += 1
                 self._flush(i, count=False)
         return self._revalidate()
+
+    def _hold(self, i: int, now: float) -> None:
+        """The bucket may no longer be served: keep its entries unserved for the next probe to
+        revalidate (see the module docstring), or flush it (nothing held, or the guard off)."""
+        b = self.buckets[i]
+        b.stale_until = -INF
+        # Not when a probe read other buckets after this one's last answer: its own store (a
+        # Cluster master) is down or its slot moving while the others answer.  Holding it would
+        # send every read of the map down the slow path (valid_until) for as long as that lasts.
+        lone = b.replied_at < self._answered
+        if self.guards.revalidate and self.holds and self._held[i] and not lone:
+            b.held_since = now
+        else:
+            self._flush(i, count=False)
 
     def _keeps_stale(self, b: BucketState) -> bool:
         """Whether a bucket whose lease just lapsed may be served stale (serve_stale mode).
@@ -800,6 +889,7 @@ class NearCache:
         self.buckets[bucket].gen += 1
         self.buckets[bucket].top = 0
         self.buckets[bucket].stale_until = -INF
+        self.buckets[bucket].held_since = -INF
         if count:
             self.counters.resyncs += 1
 
@@ -833,8 +923,28 @@ class NearCache:
         return self._held[bucket]
 
     def hits(self) -> int:
+        """Every hit so far, exact: a sum over every entry (O(entries)), for a user's
+        ``statistics()``.  Periodic callers use :meth:`hits_estimate`."""
         # list() copies in one step under the GIL: other threads may change the dict meanwhile.
         return self.counters.hits_retired + sum(e.hits for e in list(self.entries.values()))
+
+    def hits_estimate(self) -> int:
+        """:meth:`hits` at O(1) cost (at most :data:`HITS_SAMPLE` entries read), for what runs
+        periodically.  Exact up to that many entries; above, the hits of entries already gone
+        (exact) plus the live entries' hits scaled from the first ``HITS_SAMPLE`` in the
+        cache's order.  Never below a value it returned before (OpenTelemetry counters must not
+        go backwards), so it may run ahead of :meth:`hits` by the sampling error."""
+        n = len(self.entries)
+        if n <= HITS_SAMPLE:
+            got = self.hits()
+        else:
+            # list(islice(...)) runs in C without releasing the GIL: one consistent step even
+            # while another thread adds or removes entries.
+            sample = list(islice(self.entries.values(), HITS_SAMPLE))
+            live = sum(e.hits for e in sample) * n // max(len(sample), 1)
+            got = self.counters.hits_retired + live
+        self._hits_shown = max(self._hits_shown, got)
+        return self._hits_shown
 
     def serving(self, bucket: int, now: float) -> bool:
         return now < self.buckets[bucket].lease_until - self.margin

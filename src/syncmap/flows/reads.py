@@ -29,10 +29,13 @@ def read(s: MapState, field: bytes, nkey: Key, bucket: int, *, consistent: bool
         core = s.core
         if now >= core.valid_until:
             core.tick(now)  # do not wait for the timer thread (we may have been paused)
-        if core.max_stale_age and not consistent:
-            # serve_stale: while a bucket is stale every read comes here (valid_until is in
-            # the past); serve from the cache at once, without waiting on a dead store.
+        if now >= core.valid_until and not consistent:
+            # While a bucket is stale (serve_stale) or held (lapsed, waiting for a probe to
+            # revalidate it), valid_until is in the past and every read comes here: serve what
+            # its own bucket's lease (or the outage policy) allows, without a round trip.
             hit = core.cached(nkey, now)
+            if hit is not None and (hit[0].bucket != bucket or hit[0].kc is not nkey.__class__):
+                hit = None  # an equal key of another type (1 and True), in another bucket
         if hit is None:
             token = core.begin_fill(nkey, bucket)
             if not consistent:

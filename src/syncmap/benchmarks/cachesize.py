@@ -1,0 +1,172 @@
+"""Cache size: what a large near cache costs when nothing happens, and what survives a pause.
+
+Issue 16 goal 2 ("cost independent of cache size"), measured at ``n`` cached entries (100,000 in
+the quick run, 1,000,000 with ``--full``):
+
+* **Idle read stall**: a reader thread reads one cached key in a loop for ``idle_seconds``
+  (longer than the presence interval, so every periodic task runs at least once) while the map
+  is otherwise idle; the longest gap between two consecutive reads.  Before issue 16 the
+  presence refresh summed a counter over every entry (11-16 ms at 1M entries every 2 s).
+* **Survivors of a pause**: another process (:mod:`syncmap.testing.pausable`) caches the ``n``
+  entries and is stopped (SIGSTOP) for 2 s with the default ``max_staleness`` of 1 s, so every
+  lease lapses, while this one writes K keys; after SIGCONT, the entries other than those K
+  still cached and served, over how many there are (target: all of them), and the time from
+  the request until no bucket was held.
+* **Resync stall**: the map's subscriber connection is cut (``CLIENT KILL TYPE pubsub``) and one
+  key is written in every bucket at once, so the messages are lost and the next probe restarts
+  every bucket that moved; the longest gap between reads of a reader thread meanwhile.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections.abc import Callable
+
+from ..keys import bucket_of, encode_key
+from ..map import SyncMap
+from ..testing.pausable import key_of, pausable_map
+from .context import Bench, settle
+from .method import Row
+
+INF_NEG = float("-inf")
+GC_PASS = [0.0]  # the longest full GC pass during the last _longest_gap (s)
+IDLE_STALL_MS = 1.0  # targets, issue 16 goal 2
+RESYNC_STALL_MS = 50.0
+PAUSE_WRITES = 10
+PAUSE_SECONDS = 2.0
+
+
+def rows(b: Bench, n: int, idle_seconds: float) -> list[Row]:
+    name = f"cachesize-{n}"
+    m = b.open(name, capacity=n + 16)
+    data = {key_of(i): i for i in range(n)}
+    items = list(data.items())
+    for start in range(0, n, 100_000):
+        m.update(dict(items[start : start + 100_000]))
+    settle(m)
+    m.preload()
+    for _ in range(3):  # a fill in flight when a probe started was not installed: read again
+        for k in data:
+            if m.peek(k) is None:
+                m[k]
+    cached = len(m._core.entries)
+    hot, plain = key_of(0), {key_of(0): 0}
+    # The same reader on a plain dict, same process, same time: the machine's own gaps (the OS
+    # scheduler, other processes on the cores), which no cache can do better than.
+    floor = _longest_gap(lambda: plain[hot], lambda: time.sleep(idle_seconds))
+    idle = _longest_gap(lambda: m[hot], lambda: time.sleep(idle_seconds))
+    idle_gc = GC_PASS[0]
+    resync, restarted = _resync(b, m, n)
+    b.release(m)
+    survivors = _pause(b, n)
+    note = (f"{cached:,} of {n:,} entries cached; a reader for {idle_seconds:g} s; baseline: "
+            f"the same reader on a dict (the machine's own gaps); longest full GC pass during "
+            f"the map's window: {idle_gc * 1e3:.1f} ms (it scans every cached entry)")  # fmt: skip
+    return [
+        Row(f"longest read stall while idle, {n:,} entries cached, vs a dict reader", "ms",
+            idle * 1e3, floor * 1e3, key="cachesize.idle_stall", at_most=IDLE_STALL_MS,
+            note=note),
+        Row(f"entries still cached after a {PAUSE_SECONDS:g} s SIGSTOP during which "
+            f"{PAUSE_WRITES} keys were written ({n:,} cached)", "%", survivors[0],
+            key="cachesize.pause_survivors", at_least=100.0, note=survivors[1]),
+        Row(f"longest read stall during a resync after missed writes in every bucket "
+            f"({n:,} cached), vs the idle dict reader", "ms", resync * 1e3, floor * 1e3,
+            key="cachesize.resync_stall", at_most=RESYNC_STALL_MS, note=restarted),
+    ]  # fmt: skip
+
+
+def _longest_gap(read: Callable[[], object], meanwhile: Callable[[], None]) -> float:
+    """The longest time (s) between two reads of a reader thread while ``meanwhile()`` runs;
+    the longest full garbage-collector pass meanwhile goes to ``GC_PASS[0]``."""
+    stop, worst = threading.Event(), [0.0]
+    started = [0.0]
+    GC_PASS[0] = 0.0
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            GC_PASS[0] = max(GC_PASS[0], time.perf_counter() - started[0])
+
+    def reader() -> None:
+        clock, last, gap = time.perf_counter, time.perf_counter(), 0.0
+        while not stop.is_set():
+            read()
+            now = clock()
+            gap = max(gap, now - last)
+            last = now
+        worst[0] = gap
+
+    t = threading.Thread(target=reader, name="cachesize-reader", daemon=True)
+    gc.callbacks.append(timed)
+    t.start()
+    time.sleep(0.05)  # the reader is in its loop
+    try:
+        meanwhile()
+    finally:
+        stop.set()
+        t.join()
+        gc.callbacks.remove(timed)
+    return worst[0]
+
+
+def _resync(b: Bench, m: SyncMap, n: int) -> tuple[float, str]:
+    """Cut the map's subscriber, write one key per bucket at once (lost to it), and time the
+    longest read gap until the map has restarted what moved and serves again."""
+    core = m._core
+    nb = len(core.buckets)
+    firsts: dict[int, str] = {}
+    for i in range(n):
+        k = key_of(i)
+        firsts.setdefault(bucket_of(encode_key(k, m.config.max_key_bytes), nb), k)
+        if len(firsts) == nb:
+            break
+    before = core.counters.resyncs
+    hot = key_of(n - 1)
+
+    def strike() -> None:
+        b.client.client_kill_filter(_type="pubsub")
+        # One round trip (update() pipelines a write per bucket): most land before the
+        # subscriber is back, so their messages are lost and those buckets must be restarted.
+        m.update(dict.fromkeys(firsts.values(), -1))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with m._state.guard:
+                done = time.monotonic() < core.valid_until and not any(
+                    bs.held_since != INF_NEG for bs in core.buckets
+                )
+            if done and core.counters.resyncs > before:
+                break
+            time.sleep(0.01)
+        time.sleep(m.config.max_staleness / 2)  # a few more probes: the stall window is over
+
+    gap = _longest_gap(lambda: m[hot], strike)
+    after = core.counters.resyncs - before
+    return gap, f"{after} of the {nb} buckets written were restarted (their messages lost)"
+
+
+def _pause(b: Bench, n: int) -> tuple[float, str]:
+    """(percent of the untouched entries still cached after the pause, a note)."""
+    name = f"paused-{n}"
+    m = b.open(name, capacity=16)
+    data = {key_of(i): i for i in range(n)}
+    items = list(data.items())
+    for start in range(0, n, 100_000):
+        m.update(dict(items[start : start + 100_000]))
+    with pausable_map(b.url, name, n, delta=1.0, namespace=b.ns) as child:
+        keys = [key_of(i * (n // PAUSE_WRITES)) for i in range(PAUSE_WRITES)]
+        with child.pause():
+            written = {}
+            for i, k in enumerate(keys):
+                m[k] = written[k] = -1 - i
+            time.sleep(PAUSE_SECONDS)  # the fault: the process stays stopped past its leases
+        got = child.check(written)
+    b.release(m)
+    note = (f"{got.survivors:,} of {got.expected:,} survived ({child.cached:,} cached before); "
+            f"{len(got.stale)} written keys read stale; served again {got.settled_s * 1e3:.0f} ms "
+            f"after the check began; {got.revalidations} buckets revalidated")  # fmt: skip
+    return 100.0 * got.survivors / max(got.expected, 1), note
