@@ -58,13 +58,13 @@ def _tag_on(slots: list[tuple[int, int, str]], master: str) -> str:
     )
 
 
-def spread_name(cluster: ClusterSet, buckets: int) -> str:
+def spread_name(cluster: ClusterSet, buckets: int, prefix: str = NAME) -> str:
     """A fresh map name whose ``buckets`` bucket tags fall on every master (the filler fills
     all of them, so every master must hold some of the map)."""
     slots = _slots(cluster)
     masters = {m for _, _, m in slots}
     while True:
-        name = f"{NAME}-{uuid.uuid4().hex[:6]}"
+        name = f"{prefix}-{uuid.uuid4().hex[:6]}"
         owners = {_owner_of(slots, ClusterSet.slot_of(f"{{{name}:{b}}}")) for b in range(buckets)}
         if owners == masters:
             return name
