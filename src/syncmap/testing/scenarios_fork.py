@@ -224,10 +224,12 @@ def _lock_run(url: str, name: str, *, on_map: bool = False) -> tuple[dict[str, A
 
 
 def run_fork(result: ScenarioResult, url: str, name: str, servers: Servers, *, seconds: float,
-             workers: int, guard: bool, on_map: bool = False) -> None:  # fmt: skip
-    """The pool workload (about ``seconds``) and the child-lock check on ``url``, whose servers
-    are ``servers`` (only this run's clients on them); figures and musts into ``result``."""
-    tasks = max(2 * workers, round(seconds * 8))
+             workers: int, guard: bool, on_map: bool = False,
+             tasks_per_second: float = 8.0) -> None:  # fmt: skip
+    """The pool workload (about ``seconds``: ``tasks_per_second`` tasks a second, at least two
+    per worker) and the child-lock check on ``url``, whose servers are ``servers`` (only this
+    run's clients on them); figures and musts into ``result``."""
+    tasks = max(2 * workers, round(seconds * tasks_per_second))
     forksafe.enabled = guard
     try:
         pool = _pool_run(url, name, tasks, OPS_PER_TASK, workers, servers)
