@@ -103,3 +103,14 @@ class MapConfig:
     @property
     def probe_interval(self) -> float:
         return self.max_staleness / 4
+
+    @property
+    def probe_deadline(self) -> float:
+        """How long a Cluster map's probe waits for its masters: the probe interval (Δ/4), or
+        ``call_timeout`` if shorter.  Why: with one master hung, every probe waits this long
+        for it before the other masters' answers renew their buckets' leases, each to the
+        probe's send time + Δ.  Probes then leave every max(Δ/4, wait) and are applied a wait
+        later, so the answering buckets stay covered only while 2 x wait < Δ - margin; waiting
+        ``call_timeout`` (or ``socket_timeout``, 5 s) would let every bucket lapse."""
+        interval = self.probe_interval
+        return interval if self.call_timeout is None else min(interval, self.call_timeout)

@@ -49,10 +49,13 @@ class Engine(FeedLogic):
     events: Fanout
 
     def __init__(self, state: MapState, executor: Executor, interval: float, feed: Feed,
-                 keys: tuple[bytes, ...] = ()) -> None:  # fmt: skip
+                 keys: tuple[bytes, ...] = (), prober: Executor | None = None) -> None:  # fmt: skip
         super().__init__(state, interval, feed.topic, keys)
         self.feed = feed
         self.executor = executor
+        # The periodic probes' executor (a Cluster map's waits at most probe_deadline); the
+        # baseline probe at start takes ``executor``, with the whole call deadline.
+        self.prober = prober or executor
         self._closed = threading.Event()
         self._probe_now = threading.Event()
         self._timer_wake = threading.Condition()
@@ -220,9 +223,9 @@ class Engine(FeedLogic):
 
     # ---- probes and the timer ----------------------------------------------------------------
 
-    def probe_once(self) -> None:
+    def probe_once(self, executor: Executor | None = None) -> None:
         """One probe (``flows.admin.probe``), and what it found damaged reported."""
-        self.report(run(admin.probe(self.state), self.executor, self.relay))
+        self.report(run(admin.probe(self.state), executor or self.executor, self.relay))
 
     def _refresh_presence(self) -> None:
         """Write this server's presence record: one round trip; a failure is only logged."""
@@ -254,7 +257,7 @@ class Engine(FeedLogic):
                     continue
             next_probe = time.monotonic() + self.interval
             try:
-                self.probe_once()
+                self.probe_once(self.prober)
             except SyncMapError as exc:
                 log.debug("syncmap probe failed (%s); leases will lapse if this lasts", exc)
             except Exception as exc:  # a bug: surface it on the next call, and keep probing

@@ -85,6 +85,12 @@ class SyncMap(MapBase):
             self.__class__ = _FastHitsSyncMap
         self._topology = _open_store(url, redis, feed, cfg.socket_timeout)
         self._executor = self._topology.executor(deadline=cfg.call_timeout)
+        # A Cluster map probes on executors (connections) of its own, whose calls wait at most
+        # ``probe_deadline``: one hung master must not hold every probe past the other
+        # buckets' leases (MapConfig.probe_deadline says why).
+        cluster = self._topology.kind == "cluster"
+        self._probe_executor = (self._topology.executor(deadline=cfg.probe_deadline)
+                                if cluster else self._executor)  # fmt: skip
         layout = self._open_layout()
         feed_obj, target = open_store_feed(feed, self._topology, layout, cfg.socket_timeout)
         self._cmds = MapCommands(layout, self.node_id, target, codec=self._codec.name,
@@ -97,7 +103,8 @@ class SyncMap(MapBase):
         # The hit path reads these two directly (one attribute each): the fork hook renews them.
         self._core = self._state.core
         self._entries = self._core.entries
-        self._engine = Engine(self._state, self._executor, cfg.probe_interval, feed_obj, self._keys)
+        self._engine = Engine(self._state, self._executor, cfg.probe_interval, feed_obj,
+                              self._keys, prober=self._probe_executor)  # fmt: skip
         self._state.wake_timer = self._engine.wake_timer
         self._start()
         forksafe.register(self)

@@ -199,6 +199,9 @@ class MapBase(SharedMapping):
             with self._state.guard:
                 self._core.forget_all()
             self._executor.close()
+            probes = getattr(self, "_probe_executor", self._executor)
+            if probes is not self._executor:
+                probes.close()
 
     def __enter__(self) -> Self:
         return self

@@ -37,10 +37,12 @@ class AsyncEngine(FeedLogic):
     events: AsyncFanout
 
     def __init__(self, state: MapState, executor: AsyncExecutor, interval: float,
-                 feed: AsyncFeed, keys: tuple[bytes, ...] = ()) -> None:  # fmt: skip
+                 feed: AsyncFeed, keys: tuple[bytes, ...] = (),
+                 prober: AsyncExecutor | None = None) -> None:  # fmt: skip
         super().__init__(state, interval, feed.topic, keys)
         self.feed = feed
         self.executor = executor
+        self.prober = prober or executor  # the periodic probes' (as Engine.prober)
         self.events = AsyncFanout(feed.topic)
         self._closed = False
         self._probe_now = asyncio.Event()
@@ -165,8 +167,8 @@ class AsyncEngine(FeedLogic):
             except Exception as exc:
                 self.publish_failed(exc)
 
-    async def probe_once(self) -> None:
-        self.report(await run(admin.probe(self.state), self.executor, self.relay))
+    async def probe_once(self, executor: AsyncExecutor | None = None) -> None:
+        self.report(await run(admin.probe(self.state), executor or self.executor, self.relay))
 
     async def _refresh_presence(self) -> None:
         if self._presence is None:
@@ -200,7 +202,7 @@ class AsyncEngine(FeedLogic):
                     continue
             next_probe = loop.time() + self.interval
             try:
-                await self.probe_once()
+                await self.probe_once(self.prober)
             except SyncMapError as exc:
                 log.debug("syncmap probe failed (%s); leases will lapse if this lasts", exc)
             except Exception as exc:  # a bug: surface it on the next call, and keep probing

@@ -91,6 +91,10 @@ class SyncMap:
         cfg, (url, client, feed) = self.config, self._where
         self._topology: Topology = open_topology(url, client, timeout=cfg.socket_timeout)
         self._executor = self._topology.async_executor(deadline=cfg.call_timeout)
+        # As the thread driver's SyncMap: a Cluster map's probes wait at most probe_deadline.
+        cluster = self._topology.kind == "cluster"
+        self._probe_executor = (self._topology.async_executor(deadline=cfg.probe_deadline)
+                                if cluster else self._executor)  # fmt: skip
         layout = await self._open_layout()
         feed_obj, target = await open_async_store_feed(feed, self._topology, layout,
                                                        cfg.socket_timeout)  # fmt: skip
@@ -101,7 +105,8 @@ class SyncMap:
         self._state = MapState(self.name, self._new_core(layout.buckets), self._cmds,
                                self._codec, cfg)  # fmt: skip
         core = self._state.core
-        engine = AsyncEngine(self._state, self._executor, cfg.probe_interval, feed_obj, self._keys)
+        engine = AsyncEngine(self._state, self._executor, cfg.probe_interval, feed_obj,
+                             self._keys, prober=self._probe_executor)  # fmt: skip
         self._state.wake_timer = engine.wake_timer
         if cfg.presence:
             presence = Presence(self.node_id, cfg.presence_interval)
@@ -162,6 +167,8 @@ class SyncMap:
                 self._core.forget_all()
             self._core, self._entries = _NOT_OPEN, {}
             await self._executor.aclose()
+            if self._probe_executor is not self._executor:
+                await self._probe_executor.aclose()
 
     # ---- reads -------------------------------------------------------------------------------
 

@@ -499,6 +499,12 @@ class NearCache:
         for other in self._pending.get(token.key, ()):
             other.max_seen = INF
 
+    def doubt(self, bucket: int) -> None:
+        """A write of unknown outcome touched keys of ``bucket`` we cannot name (a ``clear()``
+        part whose master hung): forget every entry of it, and refuse the fills in flight (a
+        new generation), as :meth:`drop` does for one key.  Its lease is left as it is."""
+        self._flush(bucket, count=False)
+
     def drop(self, key: Key) -> None:
         """Forget ``key`` (unknown write outcome): neither it nor a fill in flight stays."""
         old = self.entries.get(key)

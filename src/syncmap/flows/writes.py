@@ -162,7 +162,10 @@ def update(s: MapState, items: list[Item], *, ttl_ms: int, fence: Fenced) -> Flo
     """Store many entries: one mset script per bucket (and per 1,000 keys), one round trip.
 
     Replies come back per part (refusals in place, see :func:`raise_partial`).  A batch whose
-    outcome is unknown drops every key of it from the cache."""
+    outcome is unknown drops every key of it from the cache; a part whose outcome is unknown (on
+    a Cluster: its master hung, or dropped the connection, after the call was sent; the other
+    masters' parts did run) drops that part's keys, the applied parts are accounted for, and
+    then ``WriteOutcomeUnknown`` names the unknown parts (:func:`raise_unknown`)."""
     per_bucket: dict[int, list[tuple[Key, bytes, bytes]]] = {}
     for field, key, bucket, data in items:
         per_bucket.setdefault(bucket, []).append((key, field, data))
@@ -186,33 +189,83 @@ def update(s: MapState, items: list[Item], *, ttl_ms: int, fence: Fenced) -> Flo
                 for key, _, _ in chunk:
                     s.core.drop(key)
         raise
+    unknown = _account(s, replies, plan, before)
+    if unknown:
+        raise_unknown(replies, unknown, "update()")
+    return replies
+
+
+Plan = list[tuple[int, list[tuple[Key, bytes, bytes]]]]
+"""``update``'s parts: (bucket, its (key, field, payload) entries) per script."""
+
+
+def _account(s: MapState, replies: list[Any], plan: Plan,
+             before: dict[int, Any]) -> list[tuple[int, list[Key]]]:  # fmt: skip
+    """``update``'s applied parts noted in the near cache; the parts of unknown outcome's keys
+    dropped from it, returned as (bucket, keys)."""
+    unknown: list[tuple[int, list[Key]]] = []
     with s.guard:
         now = s.clock()
         for reply, (bucket, chunk) in zip(replies, plan, strict=True):
+            if isinstance(reply, WriteOutcomeUnknown):
+                # This part's master may or may not hold these values: forget them here, as a
+                # whole batch of unknown outcome does (a fill in flight for one is refused too).
+                for key, _, _ in chunk:
+                    s.core.drop(key)
+                unknown.append((bucket, [key for key, _, _ in chunk]))
             if isinstance(reply, Exception):
                 continue
             first, epoch = int(reply[0]), int(reply[1])
             s.core.learn_epoch_if(bucket, epoch, first, now, before[bucket])
             for i, (key, _, _) in enumerate(chunk):
                 s.core.note_write(key, first + i)
-    return replies
+    return unknown
 
 
 def clear(s: MapState, *, fence: Fenced) -> Flow[list[Any]]:
-    """Remove every entry: each bucket atomically, all in one round trip."""
+    """Remove every entry: each bucket atomically, all in one round trip.
+
+    A bucket whose part's outcome is unknown (its master hung, say) may or may not have been
+    emptied: what this server caches of it is forgotten (``NearCache.doubt``) and, once the
+    applied parts are accounted for, ``WriteOutcomeUnknown`` names those buckets."""
     n = s.cmds.layout.buckets
     cmds = [s.cmds.script("clear", b, fence=fence) for b in range(n)]
     with s.guard:
         before = [s.core.epoch_snapshot(b) for b in range(n)]
     replies = yield from store_call(cmds, write=True, partial=True, relayed=s.cmds.relayed,
                                     wait=s.wait)  # fmt: skip
+    unknown: list[tuple[int, list[Key]]] = []
     with s.guard:
         now = s.clock()
         for bucket, reply in enumerate(replies):
-            if not isinstance(reply, Exception) and reply[0]:
+            if isinstance(reply, WriteOutcomeUnknown):
+                unknown.append((bucket, []))
+                s.core.doubt(bucket)
+            elif not isinstance(reply, Exception) and reply[0]:
                 s.core.learn_epoch_if(bucket, int(reply[1]), int(reply[0]), now, before[bucket])
                 s.core.cleared(bucket, int(reply[0]))
+    if unknown:
+        raise_unknown(replies, unknown, "clear()")
     return replies
+
+
+def raise_unknown(replies: list[Any], unknown: list[tuple[int, list[Key]]], what: str) -> None:
+    """Raise ``WriteOutcomeUnknown`` for a multi-bucket write some of whose parts may or may not
+    have run (``unknown``: (bucket, its keys) of each), saying what became of the others.  It
+    wins over the other parts' refusals: the caller must learn first that the store may hold
+    what it does not expect."""
+    first = next(r for r in replies if isinstance(r, WriteOutcomeUnknown))
+    refused = sum(1 for r in replies if isinstance(r, Exception)) - len(unknown)
+    buckets = sorted({b for b, _ in unknown})
+    keys = [k for _, ks in unknown for k in ks]
+    named = f" (keys {', '.join(clip(k) for k in keys[:5])}{', ...' if len(keys) > 5 else ''})"
+    raise WriteOutcomeUnknown(
+        f"{what}: the parts of bucket(s) {', '.join(map(str, buckets))}{named if keys else ''} "
+        f"may or may not have been applied ({first}); of {len(replies)} bucket parts "
+        f"{len(replies) - refused - len(unknown)} were applied, {refused} refused (each part is "
+        "atomic on its own). Their keys were dropped from this server's near cache: read them "
+        "to find out"
+    ) from first
 
 
 def raise_partial(replies: list[Any], what: str) -> None:

@@ -115,11 +115,8 @@ class AsyncNodeExecutor:
                 )
             await conn.send_packed_command([payload], check_health=False)
             for _ in commands:
-                left = None if until is None else until - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError("the call deadline passed while waiting for replies")
                 try:
-                    replies.append(await conn.read_response(timeout=left))
+                    replies.append(await self._read(conn, until))
                 except ResponseError as exc:
                     replies.append(exc)
         except StoreUnavailable:
@@ -144,6 +141,20 @@ class AsyncNodeExecutor:
             raise
         self._idle.append((conn, generation))
         return replies
+
+    @staticmethod
+    async def _read(conn: Any, until: float | None) -> Any:
+        """One reply, waited for until ``until`` at most (then ``TimeoutError``).
+
+        The deadline is our own ``asyncio.timeout``, not ``read_response(timeout=...)``:
+        redis-py returns None (which is also a reply) when a timeout given so expires, so the
+        last reply of a pipeline cut short by the deadline read as None, as if it had come.
+        Past the deadline a reply already here is still taken (a 0 s timeout fires only if
+        the read has to wait), as NodeExecutor._read_until does (its docstring says why)."""
+        if until is None:
+            return await conn.read_response()
+        async with asyncio.timeout(max(until - time.monotonic(), 0.0)):
+            return await conn.read_response()
 
     async def _checkout(self, until: float | None) -> tuple[Any, int]:
         """An idle connection of the current generation that is still alive, or a new one."""

@@ -32,9 +32,18 @@ The contract is ``executor.py``'s, kept across nodes.  One call goes like this:
    Still unreachable: with ``partial=True`` its commands get that error in place (the other masters'
    parts did run, as a multi-bucket write's parts may); otherwise it is raised, as
    ``WriteOutcomeUnknown`` if a write of this call already ran on another master.  A
-   master lost between its writes and its ``WAIT`` counts as confirmed by no replica.  A
-   ``WriteOutcomeUnknown`` from any master is raised for the whole call: the flows then drop
-   every key of the batch, never believing a value the store may not hold.
+   master lost between its writes and its ``WAIT`` counts as confirmed by no replica.
+5. **A master that may have run its part** (``WriteOutcomeUnknown``: its connection failed, or
+   the deadline passed, after its pipeline was sent; a *hung* master ends so).  With
+   ``partial=True`` its commands get that error in place and the other masters' replies are
+   returned (the flows decide: a probe takes it as no answer for those buckets, so only their
+   leases run out; ``update``/``clear`` drop those buckets' keys and raise it, naming them).
+   Otherwise it is raised for the whole call, and the flows drop every key of the batch.  Its
+   commands are never sent again (a write that may have run is never retried), nor is its
+   ``WAIT`` asked.  One hung master must not cost the others' replies: the thread executor
+   sends first to the masters it has an idle connection to (a new connection's connect and
+   handshake would wait on a hung master before anything else is sent), and a reply that has
+   already arrived is read even once the call's deadline has passed (``node._read_until``).
 """
 
 from __future__ import annotations
@@ -189,6 +198,16 @@ class Routing:
         self.todo = sorted([*self.todo, *group.indices])
         self._redirected = True
 
+    def unknown(self, group: Group, exc: WriteOutcomeUnknown) -> None:
+        """``group``'s master failed after its pipeline was sent: its part may have run (module
+        docstring, 5).  With ``partial`` the error goes in its commands' places, else it is
+        raised for the call.  Called once every other group's replies are absorbed, so their
+        redirects are already queued; these commands are not (never sent again)."""
+        if not self.partial:
+            raise exc
+        for i in group.indices:
+            self.replies[i] = exc
+
     def failed(self, group: Group, exc: StoreUnavailable) -> None:
         """A master could not be reached: nothing ran there (see the module docstring)."""
         if self.partial:
@@ -227,6 +246,31 @@ class Routing:
         return replies
 
 
+Result = list[Any] | StoreUnavailable | WriteOutcomeUnknown
+"""One master's part of a round: its replies, or how it failed (module docstring, 4 and 5)."""
+
+
+def _route(routing: Routing, groups: Sequence[Group], results: Sequence[Result]) -> None:
+    """One round's results into ``routing``, the same for both executors.  Order: every answer
+    is absorbed first; then the masters that may have run their part (:meth:`Routing.unknown`,
+    which raises without ``partial``); then the unreachable ones, since a write that ran on
+    another master makes an unreachable one's failure an unknown outcome (Routing.failed),
+    wherever it was in the batch."""
+    failed: list[tuple[Group, StoreUnavailable]] = []
+    unknown: list[tuple[Group, WriteOutcomeUnknown]] = []
+    for group, result in zip(groups, results, strict=True):
+        if isinstance(result, StoreUnavailable):
+            failed.append((group, result))
+        elif isinstance(result, WriteOutcomeUnknown):
+            unknown.append((group, result))
+        else:
+            routing.absorb(group, result)
+    for group, maybe in unknown:
+        routing.unknown(group, maybe)
+    for group, lost in failed:
+        routing.unreachable(group, lost)
+
+
 class ClusterExecutor:
     """The thread driver's executor for a Redis Cluster (module docstring)."""
 
@@ -254,58 +298,56 @@ class ClusterExecutor:
                 time.sleep(routing.retry_pause)  # TRYAGAIN: a migration step is under way
                 routing.retry_pause = 0.0
             groups = routing.groups()
-            unreachable = []
-            for group, replies in zip(groups, self._exchange(groups, write, until), strict=True):
-                if isinstance(replies, StoreUnavailable):
-                    unreachable.append((group, replies))
-                else:
-                    routing.absorb(group, replies)
-            # After every answer is absorbed: a write that ran on another master makes an
-            # unreachable one's failure an unknown outcome (Routing.failed), wherever it was.
-            for group, exc in unreachable:
-                routing.unreachable(group, exc)
-        try:
-            waited = self._exchange(routing.wait_groups(), True, until)
-        except WriteOutcomeUnknown:  # a WAIT cut short: the writes ran, unconfirmed
-            waited = [UNCONFIRMED]
-        # A master lost since its writes answered: they ran there (see Routing.result).
+            results = self._exchange(groups, write, until)
+            _route(routing, groups, results)
+        # A WAIT cut short (its master lost or hung since its writes answered): those writes
+        # ran there, confirmed by no replica (see Routing.result).
+        waited = self._exchange(routing.wait_groups(), True, until)
         return routing.result(
-            [UNCONFIRMED if isinstance(r, StoreUnavailable) else r for r in waited], self.where
+            [UNCONFIRMED if isinstance(r, Exception) else r for r in waited], self.where
         )
 
     def _exchange(self, groups: Sequence[Group], write: bool,
-                  until: float | None) -> list[list[Any] | StoreUnavailable]:  # fmt: skip
-        """Every group's pipeline written before any reply is read; then each group's replies,
-        or the ``StoreUnavailable`` its master gave (nothing ran there).
+                  until: float | None) -> list[Result]:  # fmt: skip
+        """Every group's pipeline written before any reply is read; then each group's replies
+        (in ``groups``' order), or the ``StoreUnavailable`` (nothing ran there) or
+        ``WriteOutcomeUnknown`` (it may have run) its master gave, for :func:`_route`.
 
-        Any other failure (``WriteOutcomeUnknown``, ``ConfigurationError``) is raised, but only
-        once every pipeline already sent has been read: no connection is left with replies in
-        flight, and nothing more is sent after it (as when the pipelines went one by one)."""
-        sent: list[tuple[NodeExecutor, Sent] | StoreUnavailable] = []
+        Sent first: the masters with an idle connection; those that need a new one (connect
+        and handshake, both of which a hung master makes wait up to the deadline) after.  Order
+        this prevents: a hung master's connection fails a call and is dropped; every later call
+        connects to it first, waits out the deadline in its handshake, and then finds the
+        deadline passed before it could send anything to the healthy masters.
+
+        Any other failure (``ConfigurationError``) is raised, but only once every pipeline
+        already sent has been read: no connection is left with replies in flight, and nothing
+        more is sent after it (as when the pipelines went one by one)."""
+        nodes = [self._node(group.address) for group in groups]
+        order = sorted(range(len(groups)), key=lambda i: not nodes[i].ready)  # stable
+        sent: dict[int, Sent | StoreUnavailable] = {}
         error: Exception | None = None
-        for group in groups:
-            node = self._node(group.address)
+        for i in order:
             try:
-                sent.append((node, node.send(group.commands, write=write, until=until)))
+                sent[i] = nodes[i].send(groups[i].commands, write=write, until=until)
             except StoreUnavailable as exc:
-                sent.append(exc)
+                sent[i] = exc
             except Exception as exc:
                 error = exc
                 break
-        out: list[list[Any] | StoreUnavailable] = []
-        for item in sent:
+        out: dict[int, Result] = {}
+        for i, item in sent.items():  # in the order sent
             if isinstance(item, StoreUnavailable):
-                out.append(item)
+                out[i] = item
                 continue
             try:
-                out.append(item[0].finish(item[1], write=write, until=until))
-            except StoreUnavailable as exc:
-                out.append(exc)
+                out[i] = nodes[i].finish(item, write=write, until=until)
+            except (StoreUnavailable, WriteOutcomeUnknown) as exc:
+                out[i] = exc
             except Exception as exc:
                 error = error or exc
         if error is not None:
             raise error
-        return out
+        return [out[i] for i in range(len(groups))]
 
     def close(self) -> None:
         for node in list(self._nodes.values()):
@@ -355,13 +397,12 @@ class AsyncClusterExecutor:
                   for g in groups),
                 return_exceptions=True,
             )  # fmt: skip
-            for group, result in zip(groups, results, strict=True):
-                if isinstance(result, StoreUnavailable):
-                    routing.unreachable(group, result)
-                elif isinstance(result, BaseException):
+            for result in results:  # a cancellation, a ConfigurationError: the call's
+                if isinstance(result, BaseException) and not isinstance(
+                    result, StoreUnavailable | WriteOutcomeUnknown
+                ):
                     raise result
-                else:
-                    routing.absorb(group, result)
+            _route(routing, groups, results)  # type: ignore[arg-type]  # checked just above
         waited = await asyncio.gather(
             *(self._node(g.address).raw(g.commands, write=True, until=until)
               for g in routing.wait_groups()),

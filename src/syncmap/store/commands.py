@@ -19,7 +19,13 @@ from typing import Any
 
 from .. import forksafe
 from ..core.nearcache import ProbeState
-from ..errors import ConfigurationError, StoreError, StoreUnavailable, SyncMapError
+from ..errors import (
+    ConfigurationError,
+    StoreError,
+    StoreUnavailable,
+    SyncMapError,
+    WriteOutcomeUnknown,
+)
 from ..keys import Layout, is_key_field
 from . import scripts
 
@@ -211,12 +217,13 @@ def parse_probe(layout: Layout, replies: list[Any]) -> ProbeResult:
     not numeric, another map's settings) gets an epoch no real bucket has (a new negative number
     each probe), so the near cache flushes just that bucket.  A bucket whose probe did not run
     (``StoreUnavailable`` in its place: on a Cluster, its master is unreachable or its slot is
-    moving) gets ``None``: no answer, so its lease runs out while the others are renewed.
+    moving; ``WriteOutcomeUnknown``: its master hung or dropped the connection after the probe
+    was sent) gets ``None``: no answer, so its lease runs out while the others are renewed.
     Redis-wide refusals raise, and so does a probe no bucket answered."""
     n = layout.buckets
     states: list[ProbeState | None] = []
     damaged: list[tuple[int, str]] = []
-    unanswered: StoreUnavailable | None = None
+    unanswered: StoreUnavailable | WriteOutcomeUnknown | None = None
     server_ms, live = None, 0
     for bucket, reply in enumerate(replies[:n]):
         state: ProbeState | None
@@ -226,7 +233,7 @@ def parse_probe(layout: Layout, replies: list[Any]) -> ProbeResult:
             epoch = int(reply[0]) if reply[0] else None
             state = (epoch, int(reply[1]), _text(reply[4]))
             server_ms, live = int(reply[2]), live + int(reply[3])
-        except StoreUnavailable as exc:  # this bucket's probe did not run
+        except (StoreUnavailable, WriteOutcomeUnknown) as exc:  # no answer for this bucket
             unanswered, state = unanswered or exc, None
         except SyncMapError as exc:
             if not bucket_damage(exc):

@@ -135,6 +135,14 @@ class NodeExecutor:
             replies = self._once(sent.commands, write=write, until=until)
         return self._scripts_loaded(sent.commands, replies, write=write, until=until)
 
+    @property
+    def ready(self) -> bool:
+        """Whether an idle connection of the current generation may be reused: sending then
+        needs no connect and no handshake (either of which a hung node makes wait).  A node
+        whose connection just failed has none: its generation moved on (``_checkout``)."""
+        generation = self.topology.generation
+        return any(made == generation for _, made in self._idle)
+
     def _scripts_loaded(self, commands: Sequence[Command], replies: list[Any], *, write: bool,
                         until: float | None) -> list[Any]:  # fmt: skip
         missing = noscript(replies)
@@ -224,11 +232,17 @@ class NodeExecutor:
 
     @staticmethod
     def _read_until(conn: Any, count: int, until: float, replies: list[Any]) -> None:
-        """Read ``count`` replies, each waited for at most until ``until``."""
+        """Read ``count`` replies, each waited for at most until ``until``.
+
+        Once ``until`` has passed, a reply that has already arrived is still taken (read with
+        timeout 0: no wait; one not there yet fails as a timeout).  Why: a Cluster executor
+        reads its masters' replies one master after another (``clusterexec.py``).  Order of
+        events without this: every master's pipeline is sent; the first master read is hung and
+        costs the whole deadline; the other masters' replies, in our socket buffers long since,
+        were then refused as "the call deadline passed", so one hung master failed every part
+        of every call (every probe: every bucket's lease lapsed)."""
         for _ in range(count):
-            left = until - time.monotonic()
-            if left <= 0:
-                raise RedisTimeoutError("the call deadline passed while waiting for replies")
+            left = max(until - time.monotonic(), 0.0)
             try:
                 replies.append(conn.read_response(timeout=left))
             except ResponseError as exc:

@@ -23,7 +23,9 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import MapConfig
@@ -51,23 +53,42 @@ WARM, AFTER = 0.5, 1.5  # seconds of load before the cut and after the heal
 _ns = time.monotonic_ns
 
 
-class _Load:
-    """A writer thread (direct) and a reader thread (through the proxy), recording ops."""
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What the readers of some keys saw: their ops (and the writer's to those keys), the reads
+    that raised ``StoreUnavailable``, and the longest call (ns)."""
 
-    def __init__(self, reader: SyncMap, writer: SyncMap) -> None:
+    ops: list[Op]
+    errors: int
+    longest_ns: int
+
+
+class Load:
+    """A writer thread (direct) and reader threads (through the proxy), recording ops.
+
+    ``groups``: the keys each reader thread cycles through (default: one thread, every key);
+    ``tag`` makes the values unique when several loads write the same map (S27-cluster)."""
+
+    def __init__(self, reader: SyncMap, writer: SyncMap, keys: Sequence[str] = KEYS,
+                 groups: Sequence[Sequence[str]] | None = None,
+                 tag: str = "w") -> None:  # fmt: skip
         self.reader, self.writer = reader, writer
+        self.keys, self.tag = list(keys), tag
         self.ops: list[Op] = []
-        self.errors = 0
-        self.longest_ns = 0
+        self.errors: Counter[str] = Counter()  # key -> reads that raised StoreUnavailable
+        self.longest_ns: dict[str, int] = {}  # key -> its longest read
         self._stop = threading.Event()
         self._n = itertools.count(1)
-        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._w, self._r)]
+        self._threads = [threading.Thread(target=self._w, daemon=True)] + [
+            threading.Thread(target=self._r, args=(list(g),), daemon=True)
+            for g in (groups or [self.keys])
+        ]
 
-    def __enter__(self) -> _Load:
-        for key in KEYS:  # every key written (and cached by the reader) before the load
-            call = _ns()
-            version = self.writer.set(key, "w-0")
-            self.ops.append(Op("writer", "write", key, "w-0", version, call, _ns()))
+    def __enter__(self) -> Load:
+        for key in self.keys:  # every key written (and cached by the reader) before the load
+            call, value = _ns(), f"{self.tag}-0"
+            version = self.writer.set(key, value)
+            self.ops.append(Op("writer", "write", key, value, version, call, _ns()))
             self.reader.get(key)
         for t in self._threads:
             t.start()
@@ -78,28 +99,37 @@ class _Load:
         for t in self._threads:
             t.join(10)
 
+    def seen(self, keys: Sequence[str]) -> Seen:
+        chosen = set(keys)
+        return Seen([op for op in self.ops if op.key in chosen],
+                    sum(self.errors[k] for k in chosen),
+                    max((self.longest_ns.get(k, 0) for k in chosen), default=0))  # fmt: skip
+
     def _w(self) -> None:
         rng = random.Random(1)
         while not self._stop.wait(0.01):
-            key, value = rng.choice(KEYS), f"w-{next(self._n)}"
+            key, value = rng.choice(self.keys), f"{self.tag}-{next(self._n)}"
             call = _ns()
             version = self.writer.set(key, value)
             self.ops.append(Op("writer", "write", key, value, version, call, _ns()))
 
-    def _r(self) -> None:
-        for i, key in enumerate(itertools.cycle(KEYS)):
-            if i % len(KEYS) == 0 and self._stop.wait(0.0005):  # pacing: ~10k reads/s at most
+    def _r(self, keys: list[str]) -> None:
+        for i, key in enumerate(itertools.cycle(keys)):
+            if i % len(keys) == 0 and self._stop.wait(0.0005):  # pacing: ~10k reads/s at most
                 return
             call = _ns()
             try:
                 value, version, source = self.reader.get_with_meta(key)
             except StoreUnavailable:
-                self.errors += 1
-                self.longest_ns = max(self.longest_ns, _ns() - call)
+                self.errors[key] += 1
+                self._longest(key, _ns() - call)
                 continue
             ret = _ns()
-            self.longest_ns = max(self.longest_ns, ret - call)
+            self._longest(key, ret - call)
             self.ops.append(Op("reader", "read", key, value, version, call, ret, source))
+
+    def _longest(self, key: str, ns: int) -> None:
+        self.longest_ns[key] = max(self.longest_ns.get(key, 0), ns)
 
 
 def _config(policy: str, guard: bool) -> MapConfig:
@@ -122,7 +152,7 @@ def _maps(env: Env, policy: str, guard: bool) -> Iterator[tuple[FaultProxy, Sync
 
 def _round(env: Env, policy: str, outage: float, guard: bool) -> dict[str, Any]:
     with _maps(env, policy, guard) as (proxy, reader, writer):
-        with _Load(reader, writer) as load:
+        with Load(reader, writer) as load:
             time.sleep(WARM)  # load before the cut (a schedule, not a synchronisation)
             proxy.blackhole()
             cut = _ns()
@@ -131,18 +161,18 @@ def _round(env: Env, policy: str, outage: float, guard: bool) -> dict[str, Any]:
             healed = _ns()
             time.sleep(AFTER)
         time.sleep(DELTA + DEADLINE)  # quiet: waiting out a lease is the point (C3)
-        diverged = [k for k in KEYS if _differs(reader, writer, k)]
-        return _judge(policy, load, reader, cut, healed, diverged)
+        diverged = [k for k in KEYS if differs(reader, writer, k)]
+        return judge(policy, load.seen(KEYS), reader, cut, healed, diverged)
 
 
-def _differs(reader: SyncMap, writer: SyncMap, key: str) -> bool:
+def differs(reader: SyncMap, writer: SyncMap, key: str) -> bool:
     """C3: what the reader caches for ``key`` (if anything) is what Redis holds."""
     cached = reader.peek(key)
     return cached is not None and cached != writer.get_with_meta(key, consistent=True)[:2]
 
 
-def _judge(policy: str, load: _Load, reader: SyncMap, cut: int, healed: int,
-           diverged: list[str]) -> dict[str, Any]:  # fmt: skip
+def judge(policy: str, load: Seen, reader: SyncMap, cut: int, healed: int,
+          diverged: list[str]) -> dict[str, Any]:  # fmt: skip
     ops = load.ops
     flagged = [op for op in ops if op.source == "stale"]
     unflagged = [op for op in ops if op.source != "stale"]
@@ -168,7 +198,7 @@ def _judge(policy: str, load: _Load, reader: SyncMap, cut: int, healed: int,
     }
 
 
-def _require(result: ScenarioResult, f: dict[str, Any]) -> None:
+def require(result: ScenarioResult, f: dict[str, Any]) -> None:
     p, need, seen = f["policy"], result.require, f["witnesses"]
     need(
         f["unflagged_beyond_delta"] == 0,
@@ -211,7 +241,7 @@ def s27(env: Env, seconds: float = 8.0, *, guard: bool = True) -> ScenarioResult
             rounds.append(_round(env, policy, AGE + 1.0, guard))
     staleness = [s for f in rounds for s in f.pop("staleness_ms")]
     for f in rounds:
-        _require(result, f)
+        require(result, f)
     _figures(result, rounds, staleness, guard)
     return finish(result, started)
 

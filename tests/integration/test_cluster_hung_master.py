@@ -1,0 +1,205 @@
+"""One master of a Redis Cluster hung (it accepts, never answers), the others healthy (issue 14
+item 3: the near cache flushes only the affected buckets).
+
+A hung master differs from a dead one (test_cluster_probe.py): its connection takes the write
+and never replies, so its part of a write ends in ``WriteOutcomeUnknown`` when the call deadline
+passes, and a thread executor reading its masters one after another spends that whole deadline
+on it before it reads the others' replies (which arrived long before).  The hang is a
+:class:`FaultProxy` the master announces (``clusterproxy.announced_proxy``), black-holed; the
+cluster bus goes direct, so no failover starts.  One module cluster, left as found.
+
+Before the fix every probe failed as a whole while one master hung (``WriteOutcomeUnknown`` for
+the call, then "the call deadline passed" for the replies already there), so every bucket's
+lease ran out together."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from syncmap import MapConfig, SyncMap, aio
+from syncmap.errors import StoreUnavailable, WriteOutcomeUnknown
+from syncmap.keys import Layout, bucket_of, encode_key
+from syncmap.store.cluster import ClusterTopology, slot_for
+from syncmap.store.topology import open_topology
+from syncmap.testing.clusternode import ClusterNodeProcess
+from syncmap.testing.clusterproxy import Announced, announced_proxy
+from syncmap.testing.clusterset import ClusterSet
+from syncmap.testing.wait import wait_until
+
+KEYS = [f"k{i}" for i in range(64)]
+DELTA, DEADLINE = 0.5, 0.25
+BUCKETS = 16
+
+
+def _config() -> MapConfig:
+    return MapConfig(max_staleness=DELTA, call_timeout=DEADLINE, socket_timeout=1.0)
+
+
+def _bucket(key: str) -> int:
+    return bucket_of(encode_key(key, 1024), BUCKETS)
+
+
+def _owner(cluster: ClusterSet, name: str, bucket: int) -> ClusterNodeProcess:
+    return cluster.master_for_slot(slot_for(Layout("sm", name, BUCKETS).data(bucket)))
+
+
+def _split(cluster: ClusterSet, name: str) -> tuple[ClusterNodeProcess, list[int], list[str]]:
+    """(the hung-to-be master: bucket 0's, its buckets, its keys); the other masters own the
+    rest, and some keys of each side exist."""
+    victim = _owner(cluster, name, 0)
+    theirs = [b for b in range(BUCKETS) if _owner(cluster, name, b) is victim]
+    keys = [k for k in KEYS if _bucket(k) in theirs]
+    assert 0 < len(theirs) < BUCKETS and 0 < len(keys) < len(KEYS)
+    return victim, theirs, keys
+
+
+@pytest.fixture
+def hung(shared_cluster: ClusterSet) -> Iterator[tuple[ClusterSet, Announced]]:
+    """Bucket 0's master of map "hung" behind an announced proxy (not yet black-holed)."""
+    victim, _, _ = _split(shared_cluster, "hung")
+    with announced_proxy(shared_cluster, victim) as announced:
+        yield shared_cluster, announced
+
+
+def _executor_batch(cluster: ClusterSet, victim: ClusterNodeProcess) -> tuple[list[str], list[str]]:
+    """Keys on ``victim`` first (its pipeline is sent and read first), then the others'."""
+    keys = [f"key:{i}" for i in range(60)]
+    theirs = [k for k in keys if cluster.master_for_slot(slot_for(k)) is victim]
+    return theirs, [k for k in keys if k not in theirs]
+
+
+def _topology(cluster: ClusterSet) -> ClusterTopology:
+    topology = open_topology(cluster.url, timeout=5.0)
+    assert isinstance(topology, ClusterTopology)
+    return topology
+
+
+def test_a_hung_masters_part_of_a_partial_write_is_unknown_in_its_place(
+    hung: tuple[ClusterSet, Announced],
+) -> None:
+    cluster, announced = hung
+    theirs, ours = _executor_batch(cluster, announced.node)
+    ex = _topology(cluster).executor(timeout=2.0, deadline=DEADLINE)
+    try:
+        ex.call([("SET", k, 1) for k in theirs + ours], write=True)  # a connection to each
+        announced.proxy.blackhole()
+        begun = time.monotonic()
+        replies = ex.call([("INCR", k) for k in theirs + ours], write=True, partial=True)
+        took = time.monotonic() - begun
+        unknown = [r for r in replies[: len(theirs)] if isinstance(r, WriteOutcomeUnknown)]
+        assert len(unknown) == len(theirs), replies[: len(theirs)]
+        assert replies[len(theirs) :] == [2] * len(ours)  # applied, and their replies read
+        assert took < 2 * DEADLINE
+        # Another partial call: the hung master now needs a new connection (the first was
+        # dropped), which hangs in its handshake; the others' pipelines still go out and are read.
+        replies = ex.call([("INCR", k) for k in theirs + ours], write=True, partial=True)
+        assert all(isinstance(r, StoreUnavailable | WriteOutcomeUnknown)
+                   for r in replies[: len(theirs)])  # fmt: skip
+        assert replies[len(theirs) :] == [3] * len(ours)
+        # Without partial the whole call is of unknown outcome, as before.
+        with pytest.raises((WriteOutcomeUnknown, StoreUnavailable)):
+            ex.call([("INCR", k) for k in theirs + ours], write=True)
+    finally:
+        announced.proxy.heal()
+        ex.close()
+
+
+async def test_the_async_executor_too_reports_a_hung_master_in_its_place(
+    hung: tuple[ClusterSet, Announced],
+) -> None:
+    cluster, announced = hung
+    theirs, ours = _executor_batch(cluster, announced.node)
+    ex = _topology(cluster).async_executor(timeout=2.0, deadline=DEADLINE)
+    try:
+        await ex.call([("SET", k, 1) for k in theirs + ours], write=True)
+        announced.proxy.blackhole()
+        replies = await ex.call([("INCR", k) for k in theirs + ours], write=True, partial=True)
+        assert all(isinstance(r, WriteOutcomeUnknown) for r in replies[: len(theirs)]), replies
+        assert replies[len(theirs) :] == [2] * len(ours)
+        with pytest.raises(WriteOutcomeUnknown):
+            await ex.call([("INCR", k) for k in theirs + ours], write=True)
+    finally:
+        announced.proxy.heal()
+        await ex.aclose()
+
+
+def _renewed_since(core: object, buckets: list[int], since: float) -> bool:
+    """Whether a probe sent at ``since`` or later answered every one of ``buckets``."""
+    return all(core.buckets[b].replied_at >= since for b in buckets)  # type: ignore[attr-defined]
+
+
+def _gone(m: SyncMap | aio.SyncMap, keys: list[str]) -> bool:
+    """Whether ``keys`` left the near cache (under the guard, under which the timer flushes a
+    lapsed bucket in one step)."""
+    with m._state.guard:
+        return all(k not in m._core.entries for k in keys)
+
+
+def test_a_hung_masters_buckets_lapse_and_the_others_stay_renewed(
+    hung: tuple[ClusterSet, Announced],
+) -> None:
+    cluster, announced = hung
+    _, theirs, cut = _split(cluster, "hung")
+    ours = [b for b in range(BUCKETS) if b not in theirs]
+    kept = [k for k in KEYS if k not in cut]
+    with SyncMap("hung", cluster.url, config=_config()) as m:
+        m.update({k: 0 for k in KEYS})
+        # Read until every key is cached (a fill that met a probe in flight is not installed).
+        wait_until(lambda: all(m[k] == 0 and m._servable(k) is not None for k in KEYS), 2.0,
+                   "every key cached")  # fmt: skip
+        lapses = m.statistics().lease_lapses
+        announced.proxy.blackhole()
+        hung_at = time.monotonic()
+        wait_until(lambda: _gone(m, cut), 4 * DELTA, "the hung master's buckets lapsing")
+        # The other masters' buckets answered probes sent a whole Δ after the hang began: their
+        # leases were renewed all along, none lapsed, their entries are still hits.
+        wait_until(lambda: _renewed_since(m._core, ours, hung_at + DELTA), 4 * DELTA,
+                   "the other masters' buckets renewed by a probe during the hang")  # fmt: skip
+        assert m.statistics().lease_lapses - lapses <= len(theirs)  # theirs alone lapsed
+        hits = m.statistics().hits
+        assert all(m[k] == 0 for k in kept)
+        assert m.statistics().hits == hits + len(kept)
+        # A write over every master: the hung master's part did not run (its connection, lost
+        # to a probe, cannot be made again) or ran with an unknown outcome; the others' parts
+        # applied, and read back.
+        with pytest.raises((StoreUnavailable, WriteOutcomeUnknown), match="bucket"):
+            m.update({k: 1 for k in KEYS})
+        assert _gone(m, cut)
+        assert all(m[k] == 1 for k in kept)
+        announced.proxy.heal()
+
+
+async def test_an_async_maps_probe_too_renews_the_answering_masters_buckets(
+    hung: tuple[ClusterSet, Announced],
+) -> None:
+    cluster, announced = hung
+    _, theirs, cut = _split(cluster, "hung")
+    ours = [b for b in range(BUCKETS) if b not in theirs]
+    kept = [k for k in KEYS if k not in cut]
+    async with aio.SyncMap("hung", cluster.url, config=_config()) as m:
+        await m.update({k: 0 for k in KEYS})
+        until = time.monotonic() + 2.0
+        while [await m.get(k) for k in KEYS] != [0] * len(KEYS) or any(
+            m.get_cached(k, None) != 0 for k in KEYS
+        ):  # every key cached (a fill that met a probe in flight is not installed)
+            assert time.monotonic() < until, "the keys were not cached"
+        lapses = m.statistics().lease_lapses
+        announced.proxy.blackhole()
+        hung_at = time.monotonic()
+        until = hung_at + 5 * DELTA
+        while not (_gone(m, cut) and _renewed_since(m._core, ours, hung_at + DELTA)):
+            assert time.monotonic() < until, "no lapse of the hung master's buckets alone"
+            await asyncio.sleep(0.005)
+        # The hung master's buckets may also go by its sharded feed's loss (a resync, not a
+        # lapse); the others' neither lapsed nor were flushed.
+        assert m.statistics().lease_lapses - lapses <= len(theirs)
+        assert all(m.get_cached(k) == 0 for k in kept)
+        with pytest.raises((StoreUnavailable, WriteOutcomeUnknown), match="bucket"):
+            await m.update({k: 1 for k in KEYS})
+        assert _gone(m, cut)
+        assert [await m.get(k) for k in kept] == [1] * len(kept)
+        announced.proxy.heal()
