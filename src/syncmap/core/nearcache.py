@@ -112,6 +112,8 @@ class BucketState:
     replied_at: float = -INF  # send time of the newest probe that read this bucket
     repair_from: float | None = None  # a probe sent at or after this time repairs the bucket
     stale_until: float = -INF  # lapsed in an outage: entries servable stale until then
+    doubt: bool = False  # vouches may not renew it until a probe has (see NearCache.on_vouch)
+    touch_heard: int = 0  # ``heard`` at the store's last word that the bucket's data changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +149,10 @@ class Guards:
     # Outages (serve_stale mode): stale entries only while no probe came back, and only until
     # ``max_stale_age`` after the bucket's last confirmation.  Off: any lapse keeps them, unbounded.
     stale_bound: bool = True
+    # PING leases (MapConfig.ping_leases): a vouch counts once the PING's reply arrived after
+    # the messages before it.  Off: the subscriber vouches when it *sends* the PING, the bug a
+    # silent feed (S08) must catch.  Read by the subscriber (feed/pubsub.py), not the core.
+    pong: bool = True
 
     def script_flags(self) -> str:
         """The letters of the store-side protections switched off (ARGV[8] of the scripts)."""
@@ -179,6 +185,8 @@ class Counters:
     digest_mismatches: int = 0  # a probe's digest at our sequence differed: flushed, restarted
     forged_messages: int = 0  # unsigned or badly signed messages dropped (the driver counts)
     stale_reads: int = 0  # reads served stale during an outage (serve_stale mode, :meth:`cached`)
+    vouches: int = 0  # subscriber PINGs answered that renewed leases (:meth:`NearCache.on_vouch`)
+    doubts: int = 0  # buckets a vouch may not renew until a probe has (a touch, a duplicate, ...)
 
 
 class NearCache:
@@ -222,6 +230,7 @@ class NearCache:
         self._feed_gen = 0
         self._probes = 0
         self._writes = 0  # this server's own acknowledged writes (a bulk fill checks none came)
+        self._down = False  # between on_feed_down and on_feed_up: no vouch counts
         self.valid_until = -INF
         """Every cached entry may be served until then (earliest lease or TTL deadline, less
         ``margin``).  The hit path compares the clock with this one number, so a process resumed
@@ -484,7 +493,12 @@ class NearCache:
             b.digest = next_digest("", link(msg)) if msg.seq == 1 else None
             return
         if msg.last_seq <= b.seq:
-            return  # a duplicate: already accounted for (and chained)
+            # A duplicate: already accounted for (and chained).  On an ordered feed none comes
+            # twice, so it may be a forgery that took the real message's sequence first: only
+            # a probe's digest can tell, so no vouch renews the bucket until one has.
+            if self.ordered:
+                self._doubt(b)
+            return
         if msg.seq > b.seq + 1 and self.guards.gaps:
             if not self.ordered:
                 self._keep_ahead(i, msg)
@@ -548,6 +562,7 @@ class NearCache:
     def on_feed_down(self) -> None:
         """The subscription dropped: messages may be lost until it is back."""
         self._feed_gen += 1
+        self._down = True
 
     def on_feed_up(self, now: float = -INF, buckets: Iterable[int] | None = None) -> None:
         """Re-subscribed and confirmed at ``now``: the first probe *sent* after that repairs
@@ -558,6 +573,7 @@ class NearCache:
         some channels, the others stayed subscribed); None: every bucket.  Order it spares: a
         bucket whose channel stayed up is written, the probe reads its new sequence while the
         message is still on the way; the message will come, and flushing it would cost hits."""
+        self._down = False
         for i in range(len(self.buckets)) if buckets is None else buckets:
             self.buckets[i].repair_from = now
 
@@ -661,10 +677,81 @@ class NearCache:
 
     def _renew(self, b: BucketState, sent_at: float) -> None:
         """A probe sent at ``sent_at`` vouches for the bucket: its lease runs to ``sent_at + Δ``
-        (and a bucket served stale in an outage is current again)."""
+        (and a bucket served stale in an outage is current again).  A probe also settles any
+        doubt that kept vouches from renewing it (it compared sequences and digests)."""
         if sent_at + self.max_staleness > b.lease_until:
             b.lease_until, b.confirmed_at = sent_at + self.max_staleness, sent_at
         b.stale_until = -INF
+        b.doubt = False
+        b.touch_heard = b.heard
+
+    # ---- vouches: leases renewed by the subscriber connection (PING leases) ------------------
+
+    def on_vouch(self, sent_at: float, buckets: Iterable[int] | None = None) -> bool:
+        """The reply to a PING sent at ``sent_at`` on the subscriber connection has arrived, and
+        every message received before it has been applied.  Renews the lease of each of
+        ``buckets`` (None: all) that nothing puts in doubt to ``sent_at + Δ``; returns whether
+        some bucket was left out for a reason only a probe settles (the driver then probes).
+
+        Why it is sound (the in-script routes only: the write script publishes in the same
+        atomic step as the write, on the channel this connection subscribes): Redis answers
+        commands of one connection in order, and a message published before it ran the PING
+        was written to this connection before the PONG.  So every write acknowledged before
+        ``sent_at`` was published before the PING ran, its message came before the reply, and
+        the bucket's ``seq`` accounts for it; a lost message would need a broken connection,
+        which ``on_feed_down`` reports (no vouch counts until ``on_feed_up``, and that marks
+        every bucket for repair by a probe).  A PING that is never answered renews nothing: a
+        silent subscriber lets every lease lapse within Δ.
+
+        Left out: a bucket not known yet (no probe has set its epoch and sequence), one
+        awaiting repair after a reconnect (``repair_from``), one a probe found behind
+        (``targets``: a message we have not seen), one in doubt (:meth:`on_touched`, a
+        duplicate message), one held stale in an outage, and any bucket while the feed is down.
+        """
+        if self._down:
+            return bool(self.buckets)
+        wants_probe = False
+        lease = sent_at + self.max_staleness
+        for i in range(len(self.buckets)) if buckets is None else buckets:
+            b = self.buckets[i]
+            if (
+                not b.known
+                or b.repair_from is not None
+                or b.targets
+                or b.doubt
+                or b.stale_until != -INF
+                or b.ahead
+            ):
+                wants_probe = True
+                continue
+            if lease > b.lease_until:  # a vouch confirms as a probe does (the outage rule)
+                b.lease_until, b.confirmed_at = lease, sent_at
+        self.counters.vouches += 1
+        self._revalidate()
+        return wants_probe
+
+    def on_touched(self, bucket: int | None) -> None:
+        """The store says the bucket's data changed (``None``: the whole database was flushed),
+        on the subscriber connection, after the messages of the writes that changed it
+        (CLIENT TRACKING's broadcast invalidation, sent once the event loop's commands ran).
+
+        A write through the scripts sends its message first, so some message arrived since
+        the last touch.  A touch with none means a change that published nothing (a write
+        around the scripts, an eviction, FLUSHALL): the bucket is in doubt until a probe reads
+        it.  A flush puts every bucket in doubt and needs a probe at once."""
+        targets = range(len(self.buckets)) if bucket is None else (bucket,)
+        for i in targets:
+            if i >= len(self.buckets):
+                continue
+            b = self.buckets[i]
+            if bucket is None or b.heard == b.touch_heard:
+                self._doubt(b)
+            b.touch_heard = b.heard
+
+    def _doubt(self, b: BucketState) -> None:
+        if not b.doubt:
+            b.doubt = True
+            self.counters.doubts += 1
 
     def _revalidate(self) -> float:
         """Set ``valid_until``; returns when :meth:`tick` has work next.  While any bucket is
@@ -692,6 +779,7 @@ class NearCache:
             b.ahead = {k: v for k, v in b.ahead.items() if v[0] > seq}
         b.known, b.epoch, b.seq, b.targets, b.top = True, epoch, seq, [], 0
         b.digest = digest
+        b.doubt, b.touch_heard = False, b.heard
         self._catch_up(i)
         b.lease_until, b.confirmed_at, b.stale_until = sent_at + self.max_staleness, sent_at, -INF
 
