@@ -30,6 +30,7 @@ from .core.nearcache import Event
 from .errors import FeedError, SyncMapError
 from .events import Fanout
 from .feed.base import Feed, FeedHandler, Subscription
+from .feed.pubsub import Lease
 from .flows import admin
 from .flows.state import MapState
 from .store.executor import Executor
@@ -40,6 +41,12 @@ log = logging.getLogger("syncmap")
 REPAIR_EVERY = 0.5
 """A repair probe (after an unusable change message) at most once per this much of the probe
 interval: a flood of garbage on the channel cannot turn every message into a probe."""
+SLOW_PROBE = 60.0
+"""With PING leases, a probe nothing asked for comes this often (seconds): the bound for a
+change that neither a message nor a tracking notice reports (docs/design.md, "PING leases")."""
+VOUCH_LATE = 2.0
+"""With PING leases, probe as before (every interval) once no vouch came for this many probe
+intervals: the subscriber is slow, silent or reconnecting, and probes find out what it lost."""
 
 
 class Engine(FeedLogic):
@@ -49,8 +56,13 @@ class Engine(FeedLogic):
     events: Fanout
 
     def __init__(self, state: MapState, executor: Executor, interval: float, feed: Feed,
-                 keys: tuple[bytes, ...] = ()) -> None:  # fmt: skip
+                 keys: tuple[bytes, ...] = (),
+                 lease_prefix: bytes | None = None) -> None:  # fmt: skip
         super().__init__(state, interval, feed.topic, keys)
+        self.lease_prefix = lease_prefix  # PING leases on (the map's data-key prefix), or None
+        self._vouched_at = -float("inf")
+        self._probed_at = -float("inf")
+        self._probe_wanted = False
         self.feed = feed
         self.executor = executor
         self._closed = threading.Event()
@@ -101,6 +113,9 @@ class Engine(FeedLogic):
             self.on_feed_down,
             self.on_buckets_up,
         )
+        if self.lease_prefix is not None:
+            handler.lease = Lease(self.lease_prefix, self.interval, self.on_vouch,
+                                  self.on_touched, pong=self.core.guards.pong)  # fmt: skip
         self._subscription = self.feed.subscribe(handler)
         if not self._feed_up.wait(self_check_timeout):
             raise FeedError(
@@ -220,7 +235,36 @@ class Engine(FeedLogic):
 
     def probe_once(self) -> None:
         """One probe (``flows.admin.probe``), and what it found damaged reported."""
+        self._probed_at = time.monotonic()
         self.report(run(admin.probe(self.state), self.executor, self.relay))
+
+    # ---- PING leases (the subscriber's thread calls these) -----------------------------------
+
+    def on_vouch(self, sent_at: float) -> None:
+        """A PING sent at ``sent_at`` was answered after every message before it."""
+        with self.lock:
+            wants = self.core.on_vouch(sent_at)
+        self._vouched_at = time.monotonic()
+        if wants:  # a bucket only a probe settles: the probe loop's next turn sends one
+            self._probe_wanted = True
+        self.wake_timer()
+
+    def on_touched(self, bucket: int | None) -> None:
+        """A tracking notice: ``bucket``'s data changed (None: the database was flushed)."""
+        with self.lock:
+            self.core.on_touched(bucket)
+        self._probe_wanted = True
+        if bucket is None:
+            self.wake_probe()
+
+    def _vouches_hold(self, now: float) -> bool:
+        """With PING leases: whether this turn of the probe loop may skip its probe."""
+        return (
+            self.lease_prefix is not None
+            and not self._probe_wanted
+            and now - self._vouched_at <= VOUCH_LATE * self.interval
+            and now - self._probed_at < SLOW_PROBE
+        )
 
     def _refresh_presence(self) -> None:
         """Write this server's presence record: one round trip; a failure is only logged."""
@@ -250,7 +294,11 @@ class Engine(FeedLogic):
                 self._refresh_presence()
                 if not woken and time.monotonic() < next_probe:
                     continue
-            next_probe = time.monotonic() + self.interval
+            now = time.monotonic()
+            next_probe = now + self.interval
+            if not woken and self._vouches_hold(now):
+                continue
+            self._probe_wanted = False  # before the probe: a wish made during it is kept
             try:
                 self.probe_once()
             except SyncMapError as exc:

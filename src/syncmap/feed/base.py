@@ -59,6 +59,9 @@ class FeedHandler:
     """A feed with one channel per bucket (``redis_sharded.ChannelSet``) calls this instead of
     ``on_up(False)``, with the buckets whose channel was down since the last time: only their
     messages may have been lost."""
+    lease: Any = None
+    """PING leases (``pubsub.Lease``): set by a store-mode map on an in-script pub/sub route;
+    a feed that cannot vouch ignores it (the map then keeps probing)."""
 
 
 class Subscription(ABC):
