@@ -175,8 +175,14 @@ class Engine(FeedLogic):
         """Publish a ping on the map's channel and wait for it (RESP2/RESP3 or ACL trouble)."""
         arrived = threading.Event()
         nonce, ping = self.ping_message(arrived.set)
-        self.feed.publish(ping)
-        if not arrived.wait(timeout):
+        # Published again every 0.5 s until it arrives: the shared subscriber may be
+        # reconnecting meanwhile (to track another map's keys, pubsub.RETRACK_AFTER), and a
+        # message published while it is away is lost.
+        deadline = time.monotonic() + timeout
+        while not arrived.is_set() and time.monotonic() < deadline:
+            self.feed.publish(ping)
+            arrived.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+        if not arrived.is_set():
             raise FeedError(
                 f"a test change message published on {self.feed.topic} ({self.feed.describe()}) "
                 f"did not come back within {timeout} s: invalidations would never arrive. Check "
