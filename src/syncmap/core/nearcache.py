@@ -17,6 +17,13 @@ Why a cached entry is never stale beyond ``max_staleness`` (the contract, DESIGN
   only ever comes from a bucket that accounted, at ``T >= t - max_staleness``, for every write
   acknowledged before ``T``.  ``tick`` revokes leases ``margin`` early, because the hit path does
   not read the clock.
+* **PING leases** (:meth:`NearCache.on_vouch`, in-script routes only): a PING sent at ``T`` on
+  the subscriber connection is answered after every message published before ``T``, so once
+  its answer arrives (everything before it applied) a bucket with nothing in doubt (known, no
+  repair pending, no probe target unreached, no unexplained tracking notice or duplicate, see
+  :meth:`on_touched`) accounts for every write acknowledged before ``T``: its lease runs to
+  ``T + max_staleness``.  A lost message needs a broken connection (``on_feed_down``: no vouch
+  counts until ``on_feed_up`` marks every bucket for repair); an unanswered PING renews nothing.
 * A restarted or flushed Redis shows a new **epoch** (or a sequence that went backwards): flush.
 * Outages (``max_stale_age``, off by default: ``MapConfig(on_store_down="serve_stale")``): a
   lease that lapses because no probe came back since the one that last confirmed the bucket
