@@ -330,6 +330,9 @@ class Subscriber(ReaderHooks):
             wait = min(1.0, max(0.0, next_vouch - now)) if every else 1.0
             if not conn.can_read(wait):
                 now = time.monotonic()
+                if now - subscribed > PING_AFTER:
+                    self._resubscribe_unconfirmed()  # a SUBSCRIBE lost on a stalled link
+                    subscribed = now
                 if now - heard < 1.0:
                     continue  # woke for the next vouch PING, not for silence
                 if pinged and now - pinged > PING_AFTER:
@@ -338,9 +341,6 @@ class Subscriber(ReaderHooks):
                     with self._lock:
                         self._send("PING")
                     pinged = now
-                if now - subscribed > PING_AFTER:
-                    self._resubscribe_unconfirmed()  # a SUBSCRIBE lost on a stalled link
-                    subscribed = now
                 continue
             try:
                 reply = conn.read_response()
