@@ -93,6 +93,7 @@ class MapBase(SharedMapping):
             self._engine.enable_presence(
                 lambda: presence.record(self.statistics(), int(self._state.server_now_ms())),
                 cfg.presence_interval,
+                self._topology.key,
             )
         try:
             self._engine.start(cfg.self_check_timeout)
