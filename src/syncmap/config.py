@@ -53,6 +53,12 @@ class MapConfig:
     not survive a failover.  docs/deploying.md, Sentinel."""
     wait_timeout: float = 0.5
     """Seconds a write waits for ``wait_replicas`` replicas (``WAIT``'s timeout)."""
+    ping_leases: bool = True
+    """Renew the near cache's leases by PINGs on the process's shared subscriber connection
+    instead of probing every bucket every ``max_staleness / 4`` (docs/design.md, "PING
+    leases"): on the in-script pub/sub route of a standalone or Sentinel Redis that allows
+    ``CLIENT TRACKING``.  Elsewhere (relayed feeds, streams, a Cluster) maps probe as before.
+    False: always probe (the old behaviour)."""
     guards: Guards = field(default_factory=Guards)
     """Test-only: switch one protection off to prove a scenario test catches the bug."""
 

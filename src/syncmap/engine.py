@@ -6,8 +6,9 @@ Threads (all owned by the map, stopped by ``close()``, failures re-raised on the
   :meth:`Engine.on_feed_message` / ``_up`` / ``_down``;
 * ``syncmap-probe``: every ``max_staleness / 4`` reads every bucket's (epoch, seq) in one round trip
   (the same call reaps due TTL expiries) and renews the buckets' leases;
-  The same thread refreshes the map's presence record (``syncmap top``) every
-  ``presence_interval``: one HSET + PEXPIRE round trip, failures ignored;
+  The same thread takes part in refreshing the presence records (``syncmap top``) of the
+  process's maps on this store (``presence.Board``): one pipelined round trip per process every
+  ``presence_interval``, made by whichever map's probe thread finds it due first; failures ignored;
 * ``syncmap-timer``: wakes at the next lease or TTL deadline and drops what is due.  It is separate
   from the probe so a hung probe (a stalled socket) cannot keep an expired lease alive;
 * ``syncmap-events`` (started by the first ``subscribe``/``watch``): runs user callbacks, so a slow
@@ -16,7 +17,6 @@ Threads (all owned by the map, stopped by ``close()``, failures re-raised on the
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -24,12 +24,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import instruments
+from . import instruments, presence
 from .changes import FeedLogic
 from .core.nearcache import Event
 from .errors import FeedError, SyncMapError
 from .events import Fanout
 from .feed.base import Feed, FeedHandler, Subscription
+from .feed.pubsub import Lease
 from .flows import admin
 from .flows.state import MapState
 from .store.executor import Executor
@@ -40,6 +41,12 @@ log = logging.getLogger("syncmap")
 REPAIR_EVERY = 0.5
 """A repair probe (after an unusable change message) at most once per this much of the probe
 interval: a flood of garbage on the channel cannot turn every message into a probe."""
+SLOW_PROBE = 60.0
+"""With PING leases, a probe nothing asked for comes this often (seconds): the bound for a
+change that neither a message nor a tracking notice reports (docs/design.md, "PING leases")."""
+VOUCH_LATE = 2.0
+"""With PING leases, probe as before (every interval) once no vouch came for this many probe
+intervals: the subscriber is slow, silent or reconnecting, and probes find out what it lost."""
 
 
 class Engine(FeedLogic):
@@ -49,8 +56,13 @@ class Engine(FeedLogic):
     events: Fanout
 
     def __init__(self, state: MapState, executor: Executor, interval: float, feed: Feed,
-                 keys: tuple[bytes, ...] = (), prober: Executor | None = None) -> None:  # fmt: skip
+                 keys: tuple[bytes, ...] = (), prober: Executor | None = None,
+                 lease_prefix: bytes | None = None) -> None:  # fmt: skip
         super().__init__(state, interval, feed.topic, keys)
+        self.lease_prefix = lease_prefix  # PING leases on (the map's data-key prefix), or None
+        self._vouched_at = -float("inf")
+        self._probed_at = -float("inf")
+        self._probe_wanted = False
         self.feed = feed
         self.executor = executor
         # The periodic probes' executor (a Cluster map's waits at most probe_deadline); the
@@ -64,10 +76,10 @@ class Engine(FeedLogic):
         self.events = Fanout(feed.topic)
         self._threads: list[threading.Thread] = []
         self._subscription: Subscription | None = None
-        self._presence: Callable[[], dict[str, Any]] | None = None
-        self._presence_every = 0.0
+        self._presence: presence.Member | None = None
+        self._board: presence.Board | None = None
+        self._presence_store: tuple[Any, ...] = ()
         self._presence_due = 0.0
-        self._presence_written = False
         self.needs_start = False  # True in a forked child until its first use (see forked)
         self.start_lock = threading.Lock()
         instruments.engines.add(self)  # read by a metrics exporter when scraped (syncmap.otel)
@@ -83,10 +95,14 @@ class Engine(FeedLogic):
     def is_up(self) -> bool:
         return self._feed_up.is_set()
 
-    def enable_presence(self, record: Callable[[], dict[str, Any]], every: float) -> None:
-        """Refresh ``record()`` in the map's presence hash every ``every`` seconds (call before
-        ``start``).  The hash expires after three periods without any server refreshing it."""
-        self._presence, self._presence_every = record, every
+    def enable_presence(self, record: Callable[[], dict[str, Any]], every: float,
+                        store: tuple[Any, ...]) -> None:  # fmt: skip
+        """Refresh ``record()`` in the map's presence hash every ``every`` seconds, with the
+        other maps of this process on ``store`` (a topology's key; call before ``start``).  The
+        hash expires after three periods without any server refreshing it."""
+        layout = self.cmds.layout
+        self._presence = presence.Member(layout.presence, self.cmds.origin, record, every)
+        self._presence_store = store
 
     # ---- start and stop ----------------------------------------------------------------------
 
@@ -106,6 +122,9 @@ class Engine(FeedLogic):
             self.bucket_position,
             self.bucket_replayed,
         )
+        if self.lease_prefix is not None:
+            handler.lease = Lease(self.lease_prefix, self.interval, self.on_vouch,
+                                  self.on_touched, pong=self.core.guards.pong)  # fmt: skip
         self._subscription = self.feed.subscribe(handler)
         if not self._feed_up.wait(self_check_timeout):
             raise FeedError(
@@ -114,6 +133,10 @@ class Engine(FeedLogic):
             )
         self._self_check(self_check_timeout)
         self.probe_once()
+        if self._presence is not None:
+            self._presence.field = self.cmds.origin  # a forked child's node id names its pid
+            self._board = presence.board(self._presence_store)
+            self._board.join(self._presence)
         self._refresh_presence()
         for name, target in (("probe", self._probe_loop), ("timer", self._timer_loop)):
             t = threading.Thread(target=target, name=f"syncmap-{name}", daemon=True)
@@ -145,7 +168,9 @@ class Engine(FeedLogic):
         self._threads = []
         self._subscription = None
         self.error = None
-        self._presence_written = False
+        self._board = None  # the parent's; the child's start() joins the child's board
+        if self._presence is not None:
+            self._presence.written = False
         self.needs_start = not closed
 
     def restart(self, feed: Feed, self_check_timeout: float) -> None:
@@ -165,8 +190,14 @@ class Engine(FeedLogic):
         """Publish a ping on the map's channel and wait for it (RESP2/RESP3 or ACL trouble)."""
         arrived = threading.Event()
         nonce, ping = self.ping_message(arrived.set)
-        self.feed.publish(ping)
-        if not arrived.wait(timeout):
+        # Published again every 0.5 s until it arrives: the shared subscriber may be
+        # reconnecting meanwhile (to track another map's keys, pubsub.RETRACK_AFTER), and a
+        # message published while it is away is lost.
+        deadline = time.monotonic() + timeout
+        while not arrived.is_set() and time.monotonic() < deadline:
+            self.feed.publish(ping)
+            arrived.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+        if not arrived.is_set():
             raise FeedError(
                 f"a test change message published on {self.feed.topic} ({self.feed.describe()}) "
                 f"did not come back within {timeout} s: invalidations would never arrive. Check "
@@ -179,8 +210,11 @@ class Engine(FeedLogic):
         self._stop_threads()
         if not self.needs_start:  # in a child not yet started, the feed is the parent's
             self.feed.close()  # the map opened it (feed/routing.py)
-        if self._presence_written:
-            self._presence_written = False
+        member, board, self._board = self._presence, self._board, None
+        if board is not None and member is not None:
+            board.leave(member)
+        if member is not None and member.written:
+            member.written = False
             try:
                 self.executor.call([("HDEL", self.cmds.layout.presence, self.cmds.origin)],
                                    write=True)  # fmt: skip
@@ -225,37 +259,60 @@ class Engine(FeedLogic):
 
     def probe_once(self, executor: Executor | None = None) -> None:
         """One probe (``flows.admin.probe``), and what it found damaged reported."""
+        self._probed_at = time.monotonic()
         self.report(run(admin.probe(self.state), executor or self.executor, self.relay))
 
+    # ---- PING leases (the subscriber's thread calls these) -----------------------------------
+
+    def on_vouch(self, sent_at: float) -> None:
+        """A PING sent at ``sent_at`` was answered after every message before it."""
+        with self.lock:
+            wants = self.core.on_vouch(sent_at)
+        self._vouched_at = time.monotonic()
+        if wants:  # a bucket only a probe settles: the probe loop's next turn sends one
+            self._probe_wanted = True
+        self.wake_timer()
+
+    def on_touched(self, bucket: int | None) -> None:
+        """A tracking notice: ``bucket``'s data changed (None: the database was flushed)."""
+        with self.lock:
+            self.core.on_touched(bucket)
+        self._probe_wanted = True
+        if bucket is None:
+            self.wake_probe()
+
+    def _vouches_hold(self, now: float) -> bool:
+        """With PING leases: whether this turn of the probe loop may skip its probe."""
+        return (
+            self.lease_prefix is not None
+            and not self._probe_wanted
+            and now - self._vouched_at <= VOUCH_LATE * self.interval
+            and now - self._probed_at < SLOW_PROBE
+        )
+
     def _refresh_presence(self) -> None:
-        """Write this server's presence record: one round trip; a failure is only logged."""
-        if self._presence is None:
-            return
-        self._presence_due = time.monotonic() + self._presence_every
-        try:
-            record = self._presence()
-            data = json.dumps(record, separators=(",", ":"))
-            key = self.cmds.layout.presence
-            ttl_ms = max(1, round(self._presence_every * 3000))
-            self.executor.call([("HSET", key, self.cmds.origin, data), ("PEXPIRE", key, ttl_ms)],
-                               write=True)  # fmt: skip
-            self._presence_written = True
-        except Exception as exc:
-            log.debug("syncmap presence refresh failed (%r)", exc)
+        """Write the presence records of this process's maps on this store if due (this map's
+        thread or another's: ``presence.Board``); a failure is only logged."""
+        if self._board is not None:
+            self._presence_due = self._board.refresh(self.executor)
 
     def _probe_loop(self) -> None:
         next_probe = time.monotonic() + self.interval
         while not self._closed.is_set():
-            due = min(next_probe, self._presence_due) if self._presence else next_probe
+            due = min(next_probe, self._presence_due) if self._board else next_probe
             woken = self._probe_now.wait(max(due - time.monotonic(), 0.0))
             self._probe_now.clear()
             if self._closed.is_set():
                 return
-            if self._presence is not None and time.monotonic() >= self._presence_due:
+            if self._board is not None and time.monotonic() >= self._presence_due:
                 self._refresh_presence()
                 if not woken and time.monotonic() < next_probe:
                     continue
-            next_probe = time.monotonic() + self.interval
+            now = time.monotonic()
+            next_probe = now + self.interval
+            if not woken and self._vouches_hold(now):
+                continue
+            self._probe_wanted = False  # before the probe: a wish made during it is kept
             try:
                 self.probe_once(self.prober)
             except SyncMapError as exc:

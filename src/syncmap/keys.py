@@ -186,6 +186,11 @@ class Layout:
         tag = f"{self.namespace}:{{{self.name}:{bucket}}}"
         return f"{tag}:d", f"{tag}:x"
 
+    @property
+    def data_prefix(self) -> str:
+        """What every bucket's data key (:meth:`data`) starts with (CLIENT TRACKING's prefix)."""
+        return f"{self.namespace}:{{{self.name}:"
+
     def data(self, bucket: int) -> str:
         """The data hash of one bucket (its entries and its bookkeeping fields)."""
         return f"{self.namespace}:{{{self.name}:{bucket}}}:d"

@@ -97,6 +97,7 @@ class MapBase(SharedMapping):
                     int(self._state.server_now_ms()),
                 ),
                 cfg.presence_interval,
+                self._topology.key,
             )
         try:
             self._engine.start(cfg.self_check_timeout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import Any
 
 import redis
 
@@ -113,3 +114,41 @@ def test_presence_false_writes_no_presence_key(
     with SyncMap("loud", redis_server.url) as m:
         assert admin.hlen("sm:{loud}:presence") == 1
     assert admin.exists("sm:{loud}:presence") == 0
+
+
+class _Counting:
+    """A real executor that counts the round trips carrying a presence HSET (and their HSETs)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.where = inner, inner.where
+        self.trips: list[int] = []
+
+    def call(self, commands: Any, *, write: bool, partial: bool = False) -> list[Any]:
+        hsets = sum(1 for c in commands if c[0] == "HSET" and str(c[1]).endswith(":presence"))
+        if hsets:
+            self.trips.append(hsets)
+        return self.inner.call(commands, write=write, partial=partial)  # type: ignore[no-any-return]
+
+
+def test_a_process_refreshes_its_maps_presence_in_one_round_trip(
+    redis_server: EmbeddedRedis, admin: redis.Redis
+) -> None:
+    cfg = MapConfig(presence_interval=0.1)
+    maps = [SyncMap(f"p{i}", redis_server.url, config=cfg) for i in range(3)]
+    counters = []
+    try:
+        for m in maps:
+            counter = _Counting(m._engine.executor)
+            m._engine.executor = counter  # type: ignore[assignment]
+            counters.append(counter)
+        wait_until(lambda: sum(len(c.trips) for c in counters) >= 8, 10, "8 presence refreshes")
+        trips = [n for c in counters for n in c.trips]
+        # Each refresh carries every map's record: per map, it would be one HSET a trip.
+        assert trips and all(n == 3 for n in trips), trips
+        for m in maps:
+            assert admin.hlen(f"sm:{{{m.name}}}:presence") == 1
+    finally:
+        for m in maps:
+            m.close()
+    for m in maps:
+        assert admin.exists(f"sm:{{{m.name}}}:presence") == 0

@@ -113,6 +113,14 @@ def test_s08_without_probes_a_silent_feed_serves_stale(env: Env) -> None:
     assert not r.passed
 
 
+def test_s08_a_ping_lease_counted_without_its_pong_serves_stale(env: Env) -> None:
+    """The PING-lease control: a vouch taken when the PING is sent (not when its answer comes
+    back after the messages before it) keeps renewing leases through a silent feed."""
+    r = show(s08(env, 5, pong=False))
+    assert r.figures["stale_beyond_delta"] > 0, "S08's oracle must catch a PING without PONG"
+    assert not r.passed
+
+
 # ---- S09 -----------------------------------------------------------------------------------
 
 

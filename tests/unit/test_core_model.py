@@ -96,6 +96,9 @@ EPS = 1e-9
 Order = tuple[int, int]  # (gid of the event that made the state, 1 if "expired after it")
 Meta = list[tuple[str, Order]]  # what a change message announces: (key, state order) each
 CODEC = make_codec(None, None)
+PONG = b"\x00pong:"  # VouchModel's bus items: a PING's reply (with its send time) ...
+FLUSHED = b"\x00flushed"  # ... and CLIENT TRACKING's null invalidation (FLUSHALL)
+SLOW_PROBE = 5 * DELTA  # VouchModel: the probe nothing asked for comes this often
 
 
 @dataclass
@@ -162,6 +165,8 @@ class Server:
         self.probes: list[Probe] = []
         self.rfloor: dict[str, Order] = dict.fromkeys(KEYS, (0, 0))
         self.wfloor: dict[str, Order] = dict.fromkeys(KEYS, (0, 0))
+        self.wants_probe = True  # VouchModel: the engine would probe now (see CoreModel.probe)
+        self.last_probe = 0.0
 
     @property
     def core(self) -> NearCache:
@@ -186,6 +191,7 @@ class CoreModel(RuleBasedStateMachine):
     EXTRAS = True  # update, clear, failed requests, duplicates, corrupt messages, delayed probes
     GUARDS: Guards | None = None  # all on; tests switch one off to prove the oracles notice
     ORDERED = True  # False: a relayed feed, whose buses may also deliver out of order
+    VOUCH = False  # True: PING leases (subscriber PINGs renew leases; probes still come)
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -516,6 +522,13 @@ class CoreModel(RuleBasedStateMachine):
 
     def _deliver(self, s: Server, keep: bool = False) -> None:
         data, meta = s.bus[0] if keep else s.bus.popleft()
+        if data.startswith(PONG):  # VouchModel: a PING's reply, after the messages before it
+            s.wants_probe |= s.core.on_vouch(float(data[len(PONG) :]))
+            return
+        if data == FLUSHED:  # VouchModel: the tracking invalidation of a FLUSHALL
+            s.core.on_touched(None)
+            s.wants_probe = True
+            return
         s.core.on_message(decode_message(data), self.now)
         for key, order in meta:
             s.seen[key] = max(s.seen[key], order)
@@ -704,10 +717,14 @@ class CoreModel(RuleBasedStateMachine):
     @precondition(lambda self: self.LOSS and any(s.bus for s in self.servers))
     @rule(i=servers_st)
     def lose_message(self, i: int) -> None:
-        """A4: a message counted as delivered never arrives (the subscriber notices nothing yet)."""
+        """A4: a message counted as delivered never arrives (the subscriber notices nothing yet).
+        With PING leases (in-script routes over one TCP connection) a message can only be lost
+        with the connection: what follows it on the bus is lost too, and the feed is down."""
         s = self.servers[i]
         if s.bus:
             s.bus.popleft()
+            if self.VOUCH:
+                self.disconnect(i)
 
     @precondition(lambda self: self.LOSS and any(s.bus for s in self.servers))
     @rule(i=servers_st)
@@ -717,6 +734,7 @@ class CoreModel(RuleBasedStateMachine):
         if s.bus:
             s.bus.popleft()
             s.core.on_feed_up()
+            s.wants_probe = True
 
     @precondition(lambda self: self.LOSS)
     @rule(i=servers_st)
@@ -734,18 +752,33 @@ class CoreModel(RuleBasedStateMachine):
         if not s.up:
             s.up = True
             s.core.on_feed_up()
+            s.wants_probe = True
 
     # ---- rules: probes and time --------------------------------------------------------------
 
     @rule(i=servers_st)
     def probe(self, i: int) -> None:
-        self._probe_now(self.servers[i])
+        if self._probes_now(self.servers[i]):
+            self._probe_now(self.servers[i])
+
+    def _probes_now(self, s: Server) -> bool:
+        """Whether the engine would send a probe now.  Without PING leases: at any time (every
+        Δ/4, or sooner for a repair).  With them (``Engine``'s policy): when the core asked for
+        one (a vouch left a bucket out, a flush notice, a repair) or the slow probe is due."""
+        if not self.VOUCH:
+            return True
+        if not (s.wants_probe or self.now - s.last_probe >= SLOW_PROBE):
+            return False
+        s.wants_probe, s.last_probe = False, self.now
+        return True
 
     @precondition(lambda self: self.EXTRAS)
     @rule(i=servers_st)
     def probe_send(self, i: int) -> None:
         """The probe flow takes ``tops()`` and its send time and sends its batch."""
         s = self.servers[i]
+        if not self._probes_now(s):
+            return
         flow = admin.probe(s.state)
         call = next(flow)
         assert isinstance(call, Call), call
@@ -785,9 +818,26 @@ class CoreModel(RuleBasedStateMachine):
     @precondition(lambda self: self.WIPES)
     @rule()
     def flushall(self) -> None:
-        """FLUSHALL: data and epochs gone, no message, subscribers stay connected."""
+        """FLUSHALL: data and epochs gone, no message, subscribers stay connected (with PING
+        leases, tracking tells each connected subscriber, in order with its messages)."""
         self.store.flushall()
         self._wipe()
+        if self.VOUCH:
+            for s in self.servers:
+                if s.up:
+                    s.bus.append((FLUSHED, []))
+
+    # ---- rules: PING leases (VouchModel) -----------------------------------------------------
+
+    @precondition(lambda self: self.VOUCH)
+    @rule(i=servers_st)
+    def ping(self, i: int) -> None:
+        """The subscriber sends a PING now: its reply queues behind every message published so
+        far, and renews leases to now + Δ when delivered (``deliver``).  A PING of a connection
+        that is down, or one never delivered (a silent feed), renews nothing."""
+        s = self.servers[i]
+        if s.up:
+            s.bus.append((PONG + repr(self.now).encode(), []))
 
     @precondition(lambda self: self.WIPES)
     @rule()
@@ -802,6 +852,7 @@ class CoreModel(RuleBasedStateMachine):
         for s in self.servers:
             s.up = True
             s.core.on_feed_up()
+            s.wants_probe = True
 
     # ---- C3 ----------------------------------------------------------------------------------
 
@@ -925,6 +976,17 @@ class UnorderedModel(CoreModel):
 
 UnorderedModel.TestCase.settings = settings(_SETTINGS, max_examples=150)
 TestUnorderedModel = UnorderedModel.TestCase
+
+
+class VouchModel(CoreModel):
+    """Every fault of CoreModel with PING leases: PINGs whose replies renew leases travel the
+    bus behind the messages, FLUSHALL's tracking invalidation too (in-script route)."""
+
+    VOUCH = True
+
+
+VouchModel.TestCase.settings = settings(_SETTINGS, max_examples=150)
+TestVouchModel = VouchModel.TestCase
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,13 @@ Why a cached entry is never stale beyond ``max_staleness`` (the contract, DESIGN
   only ever comes from a bucket that accounted, at ``T >= t - max_staleness``, for every write
   acknowledged before ``T``.  ``tick`` revokes leases ``margin`` early, because the hit path does
   not read the clock.
+* **PING leases** (:meth:`NearCache.on_vouch`, in-script routes only): a PING sent at ``T`` on
+  the subscriber connection is answered after every message published before ``T``, so once
+  its answer arrives (everything before it applied) a bucket with nothing in doubt (known, no
+  repair pending, no probe target unreached, no unexplained tracking notice or duplicate, see
+  :meth:`on_touched`) accounts for every write acknowledged before ``T``: its lease runs to
+  ``T + max_staleness``.  A lost message needs a broken connection (``on_feed_down``: no vouch
+  counts until ``on_feed_up`` marks every bucket for repair); an unanswered PING renews nothing.
 * A restarted or flushed Redis shows a new **epoch** (or a sequence that went backwards): flush.
 * **Revalidation instead of emptying** (``Guards.revalidate``).  A lapsed lease (the process was
   paused - SIGSTOP, a long GC - or probes failed) does not flush the bucket: it is *held*
@@ -156,6 +163,8 @@ class BucketState:
     stale_until: float = -INF  # lapsed in an outage: entries servable stale until then
     held_since: float = -INF  # lapsed (a pause): entries kept but NOT served since then, until
     # a probe revalidates the bucket (``NearCache._renew``) or restarts it; -INF: not held
+    doubt: bool = False  # vouches may not renew it until a probe has (see NearCache.on_vouch)
+    touch_heard: int = 0  # ``heard`` at the store's last word that the bucket's data changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +206,10 @@ class Guards:
     # Revalidation (issue 16): a lapsed lease keeps the bucket's entries unserved until the next
     # probe renews it (sequence and digest unchanged) or restarts it.  Off: a lapse flushes.
     revalidate: bool = True
+    # PING leases (MapConfig.ping_leases): a vouch counts once the PING's reply arrived after
+    # the messages before it.  Off: the subscriber vouches when it *sends* the PING, the bug a
+    # silent feed (S08) must catch.  Read by the subscriber (feed/pubsub.py), not the core.
+    pong: bool = True
 
     def script_flags(self) -> str:
         """The letters of the store-side protections switched off (ARGV[8] of the scripts)."""
@@ -238,6 +251,8 @@ class Counters:
     log_replay_fallbacks: int = 0
     revalidations: int = 0  # held buckets a probe renewed with their entries (no refill)
     held_expired: int = 0  # held buckets flushed because no probe decided within ``hold_limit``
+    vouches: int = 0  # subscriber PINGs answered that renewed leases (:meth:`NearCache.on_vouch`)
+    doubts: int = 0  # buckets a vouch may not renew until a probe has (a touch, a duplicate, ...)
 
 
 class NearCache:
@@ -290,6 +305,7 @@ class NearCache:
         self._writes = 0  # this server's own acknowledged writes (a bulk fill checks none came)
         self._hits_shown = 0  # the largest hits_estimate() returned (it never goes back)
         self._answered = -INF  # send time of the newest probe that read any bucket
+        self._down = False  # between on_feed_down and on_feed_up: no vouch counts
         self.valid_until = -INF
         """Every cached entry may be served until then (earliest lease or TTL deadline, less
         ``margin``).  The hit path compares the clock with this one number, so a process resumed
@@ -558,7 +574,12 @@ class NearCache:
             b.digest = next_digest("", link(msg)) if msg.seq == 1 else None
             return
         if msg.last_seq <= b.seq:
-            return  # a duplicate: already accounted for (and chained)
+            # A duplicate: already accounted for (and chained).  On an ordered feed none comes
+            # twice, so it may be a forgery that took the real message's sequence first: only
+            # a probe's digest can tell, so no vouch renews the bucket until one has.
+            if self.ordered:
+                self._doubt(b)
+            return
         if msg.seq > b.seq + 1 and self.guards.gaps:
             if not self.ordered:
                 self._keep_ahead(i, msg)
@@ -622,6 +643,7 @@ class NearCache:
     def on_feed_down(self) -> None:
         """The subscription dropped: messages may be lost until it is back."""
         self._feed_gen += 1
+        self._down = True
 
     def on_feed_up(self, now: float = -INF, buckets: Iterable[int] | None = None) -> None:
         """Re-subscribed and confirmed at ``now``: the first probe *sent* after that repairs
@@ -632,6 +654,7 @@ class NearCache:
         some channels, the others stayed subscribed); None: every bucket.  Order it spares: a
         bucket whose channel stayed up is written, the probe reads its new sequence while the
         message is still on the way; the message will come, and flushing it would cost hits."""
+        self._down = False
         for i in range(len(self.buckets)) if buckets is None else buckets:
             self.buckets[i].repair_from = now
 
@@ -744,13 +767,90 @@ class NearCache:
 
     def _renew(self, b: BucketState, sent_at: float) -> None:
         """A probe sent at ``sent_at`` vouches for the bucket: its lease runs to ``sent_at + Δ``
-        (and a bucket served stale in an outage is current again)."""
+        (and a bucket served stale in an outage is current again).  A probe also settles any
+        doubt that kept vouches from renewing it (it compared sequences and digests)."""
         if sent_at + self.max_staleness > b.lease_until:
             b.lease_until, b.confirmed_at = sent_at + self.max_staleness, sent_at
         b.stale_until = -INF
         if b.held_since != -INF:  # revalidated: its entries are served again, not refilled
             b.held_since = -INF
             self.counters.revalidations += 1
+        b.doubt = False
+        b.touch_heard = b.heard
+
+    # ---- vouches: leases renewed by the subscriber connection (PING leases) ------------------
+
+    def on_vouch(self, sent_at: float, buckets: Iterable[int] | None = None) -> bool:
+        """The reply to a PING sent at ``sent_at`` on the subscriber connection has arrived, and
+        every message received before it has been applied.  Renews the lease of each of
+        ``buckets`` (None: all) that nothing puts in doubt to ``sent_at + Δ``; returns whether
+        some bucket was left out for a reason only a probe settles (the driver then probes).
+
+        Why it is sound (the in-script routes only: the write script publishes in the same
+        atomic step as the write, on the channel this connection subscribes): Redis answers
+        commands of one connection in order, and a message published before it ran the PING
+        was written to this connection before the PONG.  So every write acknowledged before
+        ``sent_at`` was published before the PING ran, its message came before the reply, and
+        the bucket's ``seq`` accounts for it; a lost message would need a broken connection,
+        which ``on_feed_down`` reports (no vouch counts until ``on_feed_up``, and that marks
+        every bucket for repair by a probe).  A PING that is never answered renews nothing: a
+        silent subscriber lets every lease lapse within Δ.
+
+        Left out: a bucket not known yet (no probe has set its epoch and sequence), one
+        awaiting repair after a reconnect (``repair_from``), one a probe found behind
+        (``targets``: a message we have not seen), one in doubt (:meth:`on_touched`, a
+        duplicate message), one held stale in an outage, and any bucket while the feed is down.
+        """
+        if self._down:
+            return bool(self.buckets)
+        wants_probe = False
+        lease = sent_at + self.max_staleness
+        for i in range(len(self.buckets)) if buckets is None else buckets:
+            b = self.buckets[i]
+            if (
+                not b.known
+                or b.repair_from is not None
+                or b.targets
+                or b.doubt
+                or b.stale_until != -INF
+                or b.ahead
+            ):
+                wants_probe = True
+                continue
+            if lease > b.lease_until:  # a vouch confirms as a probe does (the outage rule)
+                b.lease_until, b.confirmed_at = lease, sent_at
+            if b.held_since != -INF:
+                # Held after a lapse (a pause): the vouch proves what a probe reading our own
+                # sequence proves, that every write acknowledged before ``sent_at`` was applied
+                # as an invalidation, so the kept entries are current: served again.
+                b.held_since = -INF
+                self.counters.revalidations += 1
+        self.counters.vouches += 1
+        self._revalidate()
+        return wants_probe
+
+    def on_touched(self, bucket: int | None) -> None:
+        """The store says the bucket's data changed (``None``: the whole database was flushed),
+        on the subscriber connection, after the messages of the writes that changed it
+        (CLIENT TRACKING's broadcast invalidation, sent once the event loop's commands ran).
+
+        A write through the scripts sends its message first, so some message arrived since
+        the last touch.  A touch with none means a change that published nothing (a write
+        around the scripts, an eviction, FLUSHALL): the bucket is in doubt until a probe reads
+        it.  A flush puts every bucket in doubt and needs a probe at once."""
+        targets = range(len(self.buckets)) if bucket is None else (bucket,)
+        for i in targets:
+            if i >= len(self.buckets):
+                continue
+            b = self.buckets[i]
+            if bucket is None or b.heard == b.touch_heard:
+                self._doubt(b)
+            b.touch_heard = b.heard
+
+    def _doubt(self, b: BucketState) -> None:
+        if not b.doubt:
+            b.doubt = True
+            self.counters.doubts += 1
 
     def _revalidate(self) -> float:
         """Set ``valid_until``; returns when :meth:`tick` has work next.  While any bucket is
@@ -780,6 +880,7 @@ class NearCache:
             b.ahead = {k: v for k, v in b.ahead.items() if v[0] > seq}
         b.known, b.epoch, b.seq, b.targets, b.top = True, epoch, seq, [], 0
         b.digest = digest
+        b.doubt, b.touch_heard = False, b.heard
         self._catch_up(i)
         b.lease_until, b.confirmed_at, b.stale_until = sent_at + self.max_staleness, sent_at, -INF
 

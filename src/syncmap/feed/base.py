@@ -66,6 +66,9 @@ class FeedHandler:
     on_replayed: Callable[[int, bool, int], None] | None = None
     """Then it tells (bucket, whether the log covered the gap, messages applied): a covered
     bucket is not among the ``on_buckets_up`` buckets, so it is not flushed."""
+    lease: Any = None
+    """PING leases (``pubsub.Lease``): set by a store-mode map on an in-script pub/sub route;
+    a feed that cannot vouch ignores it (the map then keeps probing)."""
 
 
 class Subscription(ABC):

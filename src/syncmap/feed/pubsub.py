@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -48,6 +50,8 @@ from ..store.topology import Topology
 
 log = logging.getLogger("syncmap.feed")
 PING_AFTER = 2.0
+INVALIDATE = b"__redis__:invalidate"  # where CLIENT TRACKING's REDIRECT target gets notices
+RETRACK_AFTER = 0.2  # a map attached with a prefix not tracked yet: reconnect this much later
 _exiting = threading.Event()  # the interpreter is shutting down: a lost connection is expected
 # Before every atexit handler (one of them may stop the Redis we are connected to, as
 # EmbeddedRedis's does): threading runs these when the main thread ends, as concurrent.futures
@@ -67,6 +71,11 @@ class Dialect:
 
 PLAIN = Dialect("SUBSCRIBE", "UNSUBSCRIBE", b"message", b"subscribe")
 SHARDED = Dialect("SSUBSCRIBE", "SUNSUBSCRIBE", b"smessage", b"ssubscribe")  # Redis Cluster 7+
+
+
+class _Retrack(redis.ConnectionError):
+    """Reconnect on purpose: CLIENT TRACKING must cover a map attached after the connection
+    was made (a subscribed RESP2 connection cannot send it).  Maps see a reconnect."""
 
 
 class ReaderHooks:
@@ -97,6 +106,26 @@ class Handler:
     on_up: Callable[[], None]
     on_down: Callable[[], None]
     up: bool = False  # told on_up since the last (re)subscription
+    lease: Lease | None = None  # PING leases for this map (in-script routes only)
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    """What a map asks of the subscriber for PING leases (docs/design.md, "PING leases").
+
+    ``prefix``: the start of the map's data keys (``ns:{name:``), tracked with ``CLIENT TRACKING
+    ... BCAST`` redirected to this connection, so a change that publishes nothing (FLUSHALL, a
+    write around the scripts, an eviction) is told here, in order with the messages:
+    ``on_touched(bucket)`` (None: the database was flushed).  ``on_vouch(sent_at)``: a PING sent
+    at ``sent_at`` was answered after every message before it.  ``every``: the map wants a PING
+    at least this often (Δ/4).  ``pong=False`` is the control (``Guards.pong``): vouch when the
+    PING is *sent*, which a silent feed must catch."""
+
+    prefix: bytes
+    every: float
+    on_vouch: Callable[[float], None]
+    on_touched: Callable[[int | None], None]
+    pong: bool = True
 
 
 class Subscriber(ReaderHooks):
@@ -126,6 +155,10 @@ class Subscriber(ReaderHooks):
         self._lock = threading.Lock()
         self._conn: Any = None
         self._stop = threading.Event()
+        self._tracked: frozenset[bytes] | None = None  # prefixes tracked on this connection
+        self._retrack_at = float("inf")  # reconnect then to track a newly attached map
+        self._pings: deque[tuple[bytes, float]] = deque()  # vouch PINGs awaiting their PONG
+        self._nonces = itertools.count(1)
         if self.follows_topology:
             topology.on_change(self._master_changed)
         self._thread = threading.Thread(target=self._run, name="syncmap-subscriber", daemon=True)
@@ -143,6 +176,12 @@ class Subscriber(ReaderHooks):
         with self._lock:
             self._handlers.setdefault(ch, []).append(handler)
             self._send(self.dialect.subscribe, ch)  # Redis confirms again if already subscribed
+            lease, tracked = handler.lease, self._tracked
+            if lease and tracked is not None and lease.prefix not in tracked:
+                # A subscribed RESP2 connection cannot send CLIENT TRACKING: reconnect (maps
+                # repair by probing, as after any reconnect) once the maps a process opens
+                # together are all attached.
+                self._retrack_at = min(self._retrack_at, time.monotonic() + RETRACK_AFTER)
 
     def detach(self, channel: str, handler: Handler) -> None:
         with self._registry_lock:
@@ -211,14 +250,18 @@ class Subscriber(ReaderHooks):
             except Exception as exc:  # every failure is a lost connection; the thread lives on
                 if self._stop.is_set() or _exiting.is_set():
                     break
-                log.warning("syncmap subscriber lost its connection (%s); reconnecting", exc)
+                if isinstance(exc, _Retrack):
+                    log.debug("syncmap subscriber: reconnecting to track a new map's keys")
+                else:
+                    log.warning("syncmap subscriber lost its connection (%s); reconnecting", exc)
                 self._close_conn()
                 for handler in self._snapshot():
                     handler.up = False
                     self._call(handler.on_down)
                 self._after_loss()
-                self._stop.wait(backoff)  # reconnect back-off, not a wait for data
-                backoff = min(backoff * 2, 1.0)
+                if not isinstance(exc, _Retrack):
+                    self._stop.wait(backoff)  # reconnect back-off, not a wait for data
+                    backoff = min(backoff * 2, 1.0)
         self._close_conn()
 
     def _connect(self) -> Any:
@@ -228,11 +271,38 @@ class Subscriber(ReaderHooks):
         conn = endpoint.connection(timeout=2.5 * PING_AFTER, once=True)
         conn.connect()
         with self._lock:
+            self._retrack_at = float("inf")
+            self._pings.clear()
+            self._tracked = self._track(conn, sorted({
+                h.lease.prefix for hs in self._handlers.values() for h in hs if h.lease
+            }))  # fmt: skip
             # One SUBSCRIBE per channel: an ACL that refuses one channel refuses only that one.
             for ch in self._handlers:
                 conn.send_command(self.dialect.subscribe, ch)
             self._conn = conn
         return conn
+
+    def _track(self, conn: Any, prefixes: list[bytes]) -> frozenset[bytes] | None:
+        """Before subscribing: CLIENT TRACKING in broadcast mode for the maps' data keys,
+        redirected to this very connection (RESP2), then SUBSCRIBE to the notices' channel, so
+        notices arrive in order with the messages.  None: nothing tracked (no map asked, or
+        Redis refused: then no PING vouches, and the maps keep probing)."""
+        if not prefixes or self.dialect is not PLAIN:
+            return frozenset() if self.dialect is PLAIN else None
+        try:
+            conn.send_command("CLIENT", "ID")
+            client_id = conn.read_response()
+            args: list[Any] = ["CLIENT", "TRACKING", "on", "REDIRECT", client_id, "BCAST"]
+            for prefix in prefixes:
+                args += ["PREFIX", prefix]
+            conn.send_command(*args)
+            conn.read_response()
+        except redis.ResponseError as exc:
+            log.warning("syncmap subscriber: CLIENT TRACKING refused (%s): maps on %s keep "
+                        "probing instead of PING leases", exc, self._topology.where)  # fmt: skip
+            return None
+        conn.send_command(self.dialect.subscribe, INVALIDATE)
+        return frozenset(prefixes)
 
     def _read_until_error(self, conn: Any) -> None:
         try:
@@ -244,20 +314,33 @@ class Subscriber(ReaderHooks):
     def _read(self, conn: Any) -> None:
         heard = subscribed = time.monotonic()
         pinged = 0.0
+        next_vouch = heard
         while not self._stop.is_set():
             if self._conn is not conn or not conn.is_connected:
                 raise redis.ConnectionError("the subscriber connection was closed")
-            if not conn.can_read(1.0):
+            now = time.monotonic()
+            if now >= self._retrack_at:
+                raise _Retrack("a map needs its keys tracked")
+            every = self._vouch_every()
+            if every and now >= next_vouch:
+                self._send_vouch(now)
+                next_vouch = now + every
+            if self._pings and now - self._pings[0][1] > PING_AFTER:
+                raise redis.ConnectionError(f"no answer to PING in {PING_AFTER} s")
+            wait = min(1.0, max(0.0, next_vouch - now)) if every else 1.0
+            if not conn.can_read(wait):
                 now = time.monotonic()
+                if now - subscribed > PING_AFTER:
+                    self._resubscribe_unconfirmed()  # a SUBSCRIBE lost on a stalled link
+                    subscribed = now
+                if now - heard < 1.0:
+                    continue  # woke for the next vouch PING, not for silence
                 if pinged and now - pinged > PING_AFTER:
                     raise redis.ConnectionError(f"no answer to PING in {PING_AFTER} s")
                 if not pinged and now - heard > PING_AFTER:
                     with self._lock:
                         self._send("PING")
                     pinged = now
-                if now - subscribed > PING_AFTER:
-                    self._resubscribe_unconfirmed()  # a SUBSCRIBE lost on a stalled link
-                    subscribed = now
                 continue
             try:
                 reply = conn.read_response()
@@ -266,6 +349,68 @@ class Subscriber(ReaderHooks):
                 continue
             heard, pinged = time.monotonic(), 0.0
             self._dispatch(reply)
+
+    def _vouch_every(self) -> float:
+        """How often to send a vouch PING: the shortest a tracked map asks; 0: none."""
+        tracked = self._tracked
+        if not tracked:
+            return 0.0
+        every = [h.lease.every for h in self._snapshot() if h.lease and h.lease.prefix in tracked]
+        return min(every, default=0.0)
+
+    def _send_vouch(self, now: float) -> None:
+        """PING with a nonce; its PONG (after every message published before the PING ran)
+        renews the leases of every tracked map (:meth:`_vouch`)."""
+        nonce = b"v%d" % next(self._nonces)
+        with self._lock:
+            self._send("PING", nonce)
+        self._pings.append((nonce, now))
+        for h in self._leased():  # the control (Guards.pong off): vouch without the answer
+            if h.lease is not None and not h.lease.pong:
+                self._call(h.lease.on_vouch, now)
+
+    def _leased(self) -> list[Handler]:
+        tracked = self._tracked or frozenset()
+        return [h for h in self._snapshot() if h.up and h.lease and h.lease.prefix in tracked]
+
+    def _vouch(self, nonce: bytes) -> None:
+        """The PONG of ``nonce``: every message before it has been dispatched (this thread
+        dispatches in order), so each tracked map's buckets may be renewed to its send time."""
+        sent_at = None
+        if all(n != nonce for n, _ in self._pings):
+            return  # the keep-alive PING's answer, or one of a connection before this one
+        while self._pings:
+            n, at = self._pings.popleft()
+            if n == nonce:
+                sent_at = at
+                break
+        if sent_at is None:
+            return
+        for h in self._leased():
+            if h.lease is not None and h.lease.pong:
+                self._call(h.lease.on_vouch, sent_at)
+
+    def _notice(self, data: Any) -> None:
+        """A tracking notice: None (FLUSHALL/FLUSHDB) or the keys changed, ``ns:{name:b}:d``
+        for a data hash (other keys under a prefix, a lock's, are not the map's data)."""
+        leased = self._leased()
+        if data is None:
+            for h in leased:
+                if h.lease is not None:
+                    self._call(h.lease.on_touched, None)
+            return
+        for key in data:
+            close = key.rfind(b"}")
+            if close < 0 or key[close:] != b"}:d":
+                continue
+            inner = key[:close]
+            colon = inner.rfind(b":")
+            prefix, bucket = inner[: colon + 1], inner[colon + 1 :]
+            if not bucket.isdigit():
+                continue
+            for h in leased:
+                if h.lease is not None and h.lease.prefix == prefix:
+                    self._call(h.lease.on_touched, int(bucket))
 
     def _resubscribe_unconfirmed(self) -> None:
         """Send SUBSCRIBE again for channels whose confirmation never came (idempotent)."""
@@ -276,6 +421,12 @@ class Subscriber(ReaderHooks):
 
     def _dispatch(self, reply: Any) -> None:
         kind, channel = reply[0], reply[1]
+        if kind == b"pong":
+            self._vouch(channel)
+            return
+        if channel == INVALIDATE and kind == b"message":
+            self._notice(reply[2])
+            return
         with self._lock:
             handlers = list(self._handlers.get(channel, ()))
         if kind == self.dialect.message:

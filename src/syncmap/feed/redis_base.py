@@ -21,7 +21,10 @@ class RedisFeed(Feed):
     ) -> None:  # fmt: skip
         super().__init__(url, topic, timeout=timeout)
         self.topology = topology or open_topology(redis_url, timeout=timeout)
-        self._transport = self.topology.executor(timeout=timeout)
+        # The process's shared executor for this Redis (issue 16): a map's feed publishes only
+        # its start-up ping (and, relayed, its changes), so a connection of its own per map sat
+        # idle; one per process and timeout serves them all.  Never closed by a feed.
+        self._transport = self.topology.shared_executor(timeout)
         self._subs: list[Subscription] = []
         self._lock = threading.Lock()
 
@@ -43,4 +46,3 @@ class RedisFeed(Feed):
             subs, self._subs = self._subs, []
         for sub in subs:
             sub.close()
-        self._transport.close()

@@ -40,6 +40,7 @@ class RedisPubSubFeed(RedisFeed):
             lambda data: handler.on_message(data, None),
             lambda: handler.on_up(False),
             handler.on_down,
+            lease=handler.lease,
         )
         sub = _PubSubSubscription(self, inner)
         self._keep(sub)

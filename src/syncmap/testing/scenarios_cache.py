@@ -447,10 +447,12 @@ def _stall_feed(proxy: FaultProxy, seconds: float, stalls: list[int]) -> Fault:
 
 
 @scenario("S08", "silent-feed-blackhole")
-def s08(env: Env, seconds: float = 5.0, *, guard: bool = True) -> ScenarioResult:
+def s08(env: Env, seconds: float = 5.0, *, guard: bool = True, pong: bool = True
+        ) -> ScenarioResult:  # fmt: skip
     """Pub/sub through a proxy that goes silent for 2.5 s (repeatedly in long rounds): the
     heartbeat probes must detect it, and no read may be stale beyond Δ.  ``guard=False``
-    disables the probes."""
+    disables the probes; ``pong=False`` makes a PING lease count when the PING is sent, not
+    when its answer arrives (``Guards.pong``: the PING-lease control)."""
     result, started = timed("S08", "silent-feed-blackhole")
     tally = _Tally()
     stalls = [0]
@@ -458,7 +460,7 @@ def s08(env: Env, seconds: float = 5.0, *, guard: bool = True) -> ScenarioResult
         for length in _rounds(seconds, 60.0, 5.0):
             name = _round_name("s08")
             w = Workload(server.url, name=name, seconds=length, feed=proxy.url,
-                         guards=Guards(probe=guard))  # fmt: skip
+                         guards=Guards(probe=guard, pong=pong))  # fmt: skip
             tally.add(*_sweep_round(w, _stall_feed(proxy, length, stalls)))
             proxy.heal()
     tally.figures(result)
