@@ -44,6 +44,9 @@ interval: a flood of garbage on the channel cannot turn every message into a pro
 SLOW_PROBE = 60.0
 """With PING leases, a probe nothing asked for comes this often (seconds): the bound for a
 change that neither a message nor a tracking notice reports (docs/design.md, "PING leases")."""
+REAP_SLACK = 2.0
+"""With PING leases, probe every interval until this many intervals after the latest deadline of
+a TTL'd entry this server cached or wrote (``NearCache.reap_until``): the probe reaps expiries."""
 VOUCH_LATE = 2.0
 """With PING leases, probe as before (every interval) once no vouch came for this many probe
 intervals: the subscriber is slow, silent or reconnecting, and probes find out what it lost."""
@@ -288,6 +291,10 @@ class Engine(FeedLogic):
             and not self._probe_wanted
             and now - self._vouched_at <= VOUCH_LATE * self.interval
             and now - self._probed_at < SLOW_PROBE
+            # Expiries are reaped (and their 'expire' changes published) by probes: while an
+            # entry this server cached or wrote may be due, probe as before.  REAP_SLACK
+            # intervals past the deadline cover the store's clock being a little behind ours.
+            and now > self.core.reap_until + REAP_SLACK * self.interval
         )
 
     def _refresh_presence(self) -> None:

@@ -83,9 +83,10 @@ def test_every_window_has_sane_values(out: Path) -> None:
     assert found["series"]["processes"] == N and found["series"]["window"] == 1.0
     for m in MAPS:
         key = f"fleet.{m}"
-        assert rows[key + ".requests"]["syncmap"] > 0, m  # idle maps still probe
+        assert rows[key + ".requests"]["syncmap"] > 0, m  # PINGs and presence, at least
         assert rows[key + ".commands"]["syncmap"] >= rows[key + ".requests"]["syncmap"] > 0, m
-        assert rows[key + ".evalsha_per_map"]["syncmap"] > 0, m
+        # With PING leases an idle map need not probe at all: 0 is the goal, not an error.
+        assert rows[key + ".evalsha_per_map"]["syncmap"] >= 0, m
         assert 0 < rows[key + ".cpu"]["syncmap"] < 100 * 2, m  # % of one core, 2 cores here
         # Every process holds at least one connection per map it opened, and Redis sees them.
         assert rows[key + ".connections"]["syncmap"] >= m, m
@@ -96,7 +97,7 @@ def test_every_window_has_sane_values(out: Path) -> None:
     for w in windows.values():
         assert len(w["threads"]) == len(w["connections"]) == N  # every process reported
         assert "INFO" not in w["calls"]  # the section's own calls are left out
-        assert w["requests"].get("EVALSHA", 0) > 0 and w["calls"].get("EVALSHA", 0) > 0
+        assert sum(w["requests"].values()) > 0 and sum(w["calls"].values()) > 0
     at = rows["fleet.at_1000x10.connections"]
     assert at["syncmap"] >= 1000 and at["at_most"] == 2000
     assert rows["fleet.at_1000x10.cpu"]["at_most"] == 5.0

@@ -1094,8 +1094,13 @@ def _hit_while_held(orig: Any) -> Any:
 
 @pytest.mark.parametrize(
     ("name", "planted"),
-    [("on_probe", _renews_held_blindly), ("_revalidate", _hit_while_held)],
-    ids=["renew_held_without_comparing_seq", "serve_held_entries"],
+    # "renew_held_without_comparing_seq" (_renews_held_blindly) is proven by an exact order of
+    # events instead: test_core_revalidate.py::test_control_renewing_a_held_bucket_without_
+    # comparing_serves_the_stale_entry.  This derandomized search found it or not depending on
+    # which test modules were loaded before it (Hypothesis seeds generation with their
+    # constants): caught alone, missed after the rest of this file.
+    [("_revalidate", _hit_while_held)],
+    ids=["serve_held_entries"],
 )
 def test_oracles_catch_a_broken_revalidation(
     name: str, planted: Any, monkeypatch: pytest.MonkeyPatch

@@ -300,6 +300,11 @@ class NearCache:
         self.counters = Counters()
         self._pending: dict[Key, list[FillToken]] = {}
         self._ttl: list[tuple[float, int, Key]] = []
+        self.reap_until = -INF
+        """The latest deadline of a TTL'd entry this server cached or wrote.  The store removes
+        an expired entry, and publishes its 'expire' change, only when a probe reaps it, so with
+        PING leases (which skip the periodic probe) the driver keeps probing until shortly after
+        this (``Engine._vouches_hold``)."""
         self._feed_gen = 0
         self._probes = 0
         self._writes = 0  # this server's own acknowledged writes (a bulk fill checks none came)
@@ -362,6 +367,7 @@ class NearCache:
             self._remove(token.key, old)
         if deadline != INF:  # before the entry is visible: the hit path reads valid_until first
             heapq.heappush(self._ttl, (deadline, version, token.key))
+            self.reap_until = max(self.reap_until, deadline)
             self.valid_until = min(self.valid_until, deadline - self.margin)
         entry = Entry(value, raw, version, token.bucket, token.key.__class__, deadline)
         self.entries[token.key] = entry
@@ -420,6 +426,7 @@ class NearCache:
             if deadline != INF:
                 heapq.heappush(self._ttl, (deadline, version, key))
                 self.valid_until = min(self.valid_until, deadline - self.margin)
+                self.reap_until = max(self.reap_until, deadline)
             held[key] = Entry(value, raw, version, bucket, key.__class__, deadline)
             index(key)
             top = version if version > top else top
@@ -463,6 +470,8 @@ class NearCache:
             self.learn_epoch(token.bucket, epoch, version, now)
             token.gens = (self._feed_gen, b.gen)  # the flush was for the old epoch's entries
         self.note_write(token.key, version)
+        if deadline != INF and deadline > self.reap_until:
+            self.reap_until = deadline  # even if nothing is installed: someone must reap it
         if not deleted:
             self.complete_fill(token, now, version, value, raw, deadline)
 

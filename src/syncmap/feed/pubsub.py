@@ -154,6 +154,7 @@ class Subscriber(ReaderHooks):
         self._handlers: dict[bytes, list[Handler]] = {}
         self._lock = threading.Lock()
         self._conn: Any = None
+        self._dialing: Any = None  # a connection in its handshake (_connect), cut by _close_conn
         self._stop = threading.Event()
         self._tracked: frozenset[bytes] | None = None  # prefixes tracked on this connection
         self._retrack_at = float("inf")  # reconnect then to track a newly attached map
@@ -269,18 +270,45 @@ class Subscriber(ReaderHooks):
         # reader (waiting for messages uses can_read's own timeout, see _read_until_error).
         endpoint = self._topology.endpoint()  # Sentinel: resolved here after a change
         conn = endpoint.connection(timeout=2.5 * PING_AFTER, once=True)
-        conn.connect()
+        # The handshake reads replies (CLIENT ID, CLIENT TRACKING), so it runs outside the lock
+        # and can be cut by _close_conn.  Order it prevents: the master is SIGSTOPped, the
+        # reader dials it again before Sentinel names the new one and waits in CLIENT ID; the
+        # master change (_master_changed) must end that wait at once, and a map opening
+        # meanwhile (attach) must not wait on the lock for the handshake's timeout.
         with self._lock:
-            self._retrack_at = float("inf")
-            self._pings.clear()
-            self._tracked = self._track(conn, sorted({
-                h.lease.prefix for hs in self._handlers.values() for h in hs if h.lease
-            }))  # fmt: skip
-            # One SUBSCRIBE per channel: an ACL that refuses one channel refuses only that one.
-            for ch in self._handlers:
-                conn.send_command(self.dialect.subscribe, ch)
-            self._conn = conn
+            self._dialing = conn
+        try:
+            conn.connect()
+            with self._lock:
+                prefixes = sorted({h.lease.prefix for h in self._snapshot_locked() if h.lease})
+            tracked = self._track(conn, prefixes)
+            with self._lock:
+                if self._dialing is not conn:
+                    raise redis.ConnectionError("the connection was dropped while connecting")
+                self._dialing = None
+                self._retrack_at = float("inf")
+                self._pings.clear()
+                self._tracked = tracked
+                if tracked is not None and any(
+                    h.lease and h.lease.prefix not in tracked for h in self._snapshot_locked()
+                ):  # a map attached during the handshake: track its keys too, soon
+                    self._retrack_at = time.monotonic() + RETRACK_AFTER
+                # One SUBSCRIBE per channel: an ACL that refuses one channel refuses only it.
+                for ch in self._handlers:
+                    conn.send_command(self.dialect.subscribe, ch)
+                self._conn = conn
+        except BaseException:
+            with self._lock:
+                if self._dialing is conn:
+                    self._dialing = None
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+            raise
         return conn
+
+    def _snapshot_locked(self) -> list[Handler]:
+        """Every attached handler (the caller holds the lock)."""
+        return [h for hs in self._handlers.values() for h in hs]
 
     def _track(self, conn: Any, prefixes: list[bytes]) -> frozenset[bytes] | None:
         """Before subscribing: CLIENT TRACKING in broadcast mode for the maps' data keys,
@@ -455,6 +483,8 @@ class Subscriber(ReaderHooks):
     def _close_conn(self) -> None:
         with self._lock:
             conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.disconnect()
+            dialing, self._dialing = self._dialing, None
+        for c in (conn, dialing):
+            if c is not None:
+                with contextlib.suppress(Exception):
+                    c.disconnect()

@@ -40,7 +40,7 @@ class RedisPubSubFeed(RedisFeed):
             lambda data: handler.on_message(data, None),
             lambda: handler.on_up(False),
             handler.on_down,
-            lease=handler.lease,
+            lease=getattr(handler, "lease", None),  # a subclass may skip FeedHandler.__init__
         )
         sub = _PubSubSubscription(self, inner)
         self._keep(sub)

@@ -582,7 +582,17 @@ class ClusterSet:
         """FLUSHALL on every master of this cluster, and WAIT until its replicas did it too."""
         for master in self.masters():
             self._run(master, "FLUSHALL")
-            self._run(master, "WAIT", len(self.replicas_of(master)), 5000)
+            want = len(self.replicas_of(master))
+
+            # WAIT in steps shorter than the probe client's 0.5 s socket timeout: a replica
+            # whose link is being re-made (a test just moved its master's announced port
+            # back, clusterproxy) acknowledges a moment later, which a single long WAIT
+            # would turn into a read timeout.
+            def lagging(master: ClusterNodeProcess = master, want: int = want) -> str | None:
+                acked = int(self._run(master, "WAIT", want, 300))
+                return None if acked >= want else f"{acked} of {want} replicas flushed"
+
+            self._until(lagging, time.monotonic() + 10.0, f"FLUSHALL reaching {master}'s replicas")
 
     # ---- waiting -------------------------------------------------------------------------------
 
