@@ -298,6 +298,31 @@ class LockLayout:
         return f"{self._tag}:w"
 
     @property
+    def rw_queue(self) -> str:
+        """RWLock: zset of waiters ``r:<owner>`` / ``w:<owner>`` -> arrival (server µs)."""
+        return f"{self._tag}:rq"
+
+    @property
+    def rw_queue_leases(self) -> str:
+        """RWLock: zset waiter entry -> deadline (server ms) of its place in ``rw_queue``."""
+        return f"{self._tag}:rqd"
+
+    @property
+    def rw_queue_writers(self) -> str:
+        """RWLock: the writers' entries of ``rw_queue`` alone (entry -> arrival)."""
+        return f"{self._tag}:rqw"
+
+    @property
+    def sem_queue(self) -> str:
+        """Semaphore: zset of waiting permit ids -> arrival (server µs)."""
+        return f"{self._tag}:sq"
+
+    @property
+    def sem_queue_leases(self) -> str:
+        """Semaphore: zset waiting permit id -> deadline (server ms) of its place."""
+        return f"{self._tag}:sqd"
+
+    @property
     def permits(self) -> str:
         """Semaphore: zset permit id -> lease deadline (server ms)."""
         return f"{self._tag}:p"

@@ -328,7 +328,7 @@ async def test_rwlock_readers_share_a_writer_excludes(shared_redis_url: str,
     assert await w.write.try_acquire() is None
     writer = asyncio.create_task(w.write.acquire(timeout=5))
     await asyncio.sleep(0.05)
-    assert await asyncio.to_thread(admin_url.zcard, "sm:{lock:doc}:w") == 1 or not writer.done()
+    assert await asyncio.to_thread(admin_url.zcard, "sm:{lock:doc}:rqw") == 1 or not writer.done()
     late = RWLock("doc", shared_redis_url)
     assert await late.read.try_acquire() is None, "a new reader overtook the waiting writer"
     await a.read.release()
@@ -340,7 +340,7 @@ async def test_rwlock_readers_share_a_writer_excludes(shared_redis_url: str,
     await a.read.release()
 
 
-async def test_a_cancelled_writer_withdraws_its_claim(shared_redis_url: str) -> None:
+async def test_a_cancelled_writer_leaves_the_queue(shared_redis_url: str) -> None:
     reader, writer, late = (RWLock("claim", shared_redis_url) for _ in range(3))
     await reader.read.acquire()
     task = asyncio.create_task(writer.write.acquire())
@@ -348,7 +348,7 @@ async def test_a_cancelled_writer_withdraws_its_claim(shared_redis_url: str) -> 
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert await late.read.try_acquire() is not None  # no claim left in the way
+    assert await late.read.try_acquire() is not None  # no queued writer left in the way
     await late.read.release()
     await reader.read.release()
 

@@ -21,6 +21,7 @@ import pytest
 from syncmap import (
     ConfigurationError,
     Lock,
+    LockNotAcquired,
     MapConfig,
     RWLock,
     Semaphore,
@@ -98,6 +99,13 @@ def test_every_map_and_lock_script_runs_in_one_slot(shared_cluster: ClusterSet) 
         pass
     with Semaphore("sem", 2, url, lease=5):
         pass
+    # Waiters that queue, are named and give up: the queues' scripts (lock queue 2).
+    with rw.write, pytest.raises(LockNotAcquired):
+        RWLock("rw", url, lease=5).read.acquire(timeout=0.2)
+    with rw.read, pytest.raises(LockNotAcquired):
+        RWLock("rw", url, lease=5).write.acquire(timeout=0.2)
+    with Semaphore("sem1", 1, url, lease=5), pytest.raises(LockNotAcquired):
+        Semaphore("sem1", 1, url, lease=5).acquire(timeout=0.2)
     # The map's 16 buckets live on every master: one Redis does not hold it.
     owners = {shared_cluster.master_for_slot(slot_for(Layout("sm", "scripts", 16).data(b))).port
               for b in range(16)}  # fmt: skip

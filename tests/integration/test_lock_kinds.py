@@ -53,7 +53,7 @@ def test_a_waiting_writer_is_not_starved_by_new_readers(shared_redis_url: str) -
     got: list[Fence] = []
     thread = threading.Thread(target=lambda: got.append(writer.write.acquire(timeout=20)))
     thread.start()
-    wait_until(lambda: admin.zcard(writer.layout.claims) == 1, 5, "the writer's claim")
+    wait_until(lambda: admin.zcard(writer.layout.rw_queue_writers) == 1, 5, "the writer queued")
     assert late.read.try_acquire() is None, "a new reader overtook the waiting writer"
     reader.read.release()
     thread.join(10)
@@ -61,7 +61,7 @@ def test_a_waiting_writer_is_not_starved_by_new_readers(shared_redis_url: str) -
     writer.write.release()
     assert late.read.acquire(timeout=1) is not None
     late.read.release()
-    assert admin.zcard(writer.layout.claims) == 0
+    assert not admin.exists(writer.layout.rw_queue)
 
 
 def test_a_readers_fence_goes_stale_once_a_writer_acquires(shared_redis_url: str) -> None:

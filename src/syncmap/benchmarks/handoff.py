@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from ..lock import Lock
+from ..lock import Lock, RWLock, Semaphore
 from .method import Row, pct
 from .workers import CTX, Pool, serve
 
@@ -55,10 +55,23 @@ def _contender(wid: int, cmds: Queue[Any], out: Queue[Any], url: str, ns: str, l
 
 
 def _lock(client: redis.Redis, ns: str, kind: str, name: str) -> tuple[Any, Any]:
-    """(lock, acquire) for one segment."""
+    """(lock, acquire) for one segment: ``syncmap`` (Lock), ``rwlock`` (RWLock's write side),
+    ``semaphore`` (a Semaphore of 1 permit: exclusive, so the exclusion check holds), or
+    redis-py's Lock."""
     if kind == "syncmap":
         lock: Any = Lock(name, redis=client, namespace=ns, lease=LEASE)
         return lock, lambda: lock.acquire(timeout=ACQUIRE_TIMEOUT)
+    if kind == "rwlock":
+        side = RWLock(name, redis=client, namespace=ns, lease=LEASE).write
+        return side, lambda: side.acquire(timeout=ACQUIRE_TIMEOUT)
+    if kind == "semaphore":
+        sem = Semaphore(name, 1, redis=client, namespace=ns, lease=LEASE)
+
+        def take() -> bool:
+            sem.acquire(timeout=ACQUIRE_TIMEOUT)  # raises when it was not acquired
+            return True
+
+        return sem, take
     lock = client.lock(f"{ns}:{name}", timeout=LEASE, sleep=REDPY_SLEEP,
                        blocking_timeout=ACQUIRE_TIMEOUT)  # fmt: skip
     return lock, lock.acquire

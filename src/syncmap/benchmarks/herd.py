@@ -14,6 +14,10 @@ of every command, Redis's work, is in the notes.)  Nothing but this benchmark sh
 server meanwhile.
 Before the queue (issue 16) a release woke every waiter of syncmap's ``Lock``: 107 EVALSHA per
 hand-off with 200 waiters.
+
+``RWLock`` (its write side: writers hand off to writers) and ``Semaphore`` (1 permit, so the
+hand-off and the exclusion check mean what they mean for ``Lock``) run in the same rounds; their
+queue came with lock queue 2.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class HerdPlan:
     polling_seconds: float  # one redis-py segment (its hand-offs take ~100 ms)
     warmup_seconds: float
     waiters: tuple[int, ...] = (8, 64, 200)
+    #: syncmap's Lock, redis-py's Lock, RWLock's write side, a Semaphore of 1 permit.
+    kinds: tuple[str, ...] = ("syncmap", "redis-py", "rwlock", "semaphore")
 
 
 def _worker(wid: int, cmds: Queue[Any], out: Queue[Any], url: str, ns: str, last: Any) -> None:
@@ -117,7 +123,7 @@ def _segment(pool: Pool, last: Any, client: redis.Redis, kind: str, n: int, seco
 
 
 def run(url: str, ns: str, plan: HerdPlan) -> Report:
-    configs = [(kind, n) for n in plan.waiters for kind in ("syncmap", "redis-py")]
+    configs = [(kind, n) for n in plan.waiters for kind in plan.kinds]
     found = {cfg: Herd(Handoffs()) for cfg in configs}
     last = CTX.Value("i", -1, lock=False)
     pool = Pool.start(_worker, min(PROCESSES, max(plan.waiters)), (url, ns, last))
@@ -131,7 +137,7 @@ def run(url: str, ns: str, plan: HerdPlan) -> Report:
     finally:
         client.close()
         pool.stop()
-    return _report(found, plan.waiters)
+    return _report(found, plan.waiters, plan.kinds)
 
 
 def _describe(h: Herd, n: int) -> str:
@@ -145,7 +151,11 @@ def _describe(h: Herd, n: int) -> str:
     return text
 
 
-def _report(found: dict[tuple[str, int], Herd], waiters: tuple[int, ...]) -> Report:
+LABEL = {"rwlock": "`RWLock` (write side)", "semaphore": "`Semaphore` (1 permit)"}
+
+
+def _report(found: dict[tuple[str, int], Herd], waiters: tuple[int, ...],
+            kinds: tuple[str, ...]) -> Report:  # fmt: skip
     rows, notes = [], []
     for n in waiters:
         sm, rp = found["syncmap", n], found["redis-py", n]
@@ -160,11 +170,25 @@ def _report(found: dict[tuple[str, int], Herd], waiters: tuple[int, ...]) -> Rep
                 f"{sm.per_hold(evalsha=True):.2f}{before})", "calls", sm.per_hold(),
                 rp.per_hold(), key=f"locks.herd.{n}.calls", at_most=TARGET_CALLS),
         ]  # fmt: skip
+        for kind in (k for k in kinds if k in LABEL):
+            h = found[kind, n]
+            rows += [
+                Row(f"  {LABEL[kind]} hand-off p50, {n} waiters, vs redis-py `Lock`", "ms",
+                    h.handoffs.pct(0.5), rp.handoffs.pct(0.5),
+                    key=f"locks.herd.{kind}.{n}.p50", at_most=TARGET_P50_MS),
+                Row(f"  {LABEL[kind]} hand-off p99, {n} waiters", "ms", h.handoffs.pct(0.99),
+                    rp.handoffs.pct(0.99), key=f"locks.herd.{kind}.{n}.p99"),
+                Row(f"  {LABEL[kind]} EVALSHA per hand-off, {n} waiters", "calls",
+                    h.per_hold(evalsha=True), None, key=f"locks.herd.{kind}.{n}.calls",
+                    at_most=TARGET_CALLS),
+            ]  # fmt: skip
         notes.append(f"{n} waiters: syncmap {_describe(sm, n)}; redis-py {_describe(rp, n)}")
+        notes += [f"{n} waiters: {LABEL[k]} {_describe(found[k, n], n)}" for k in kinds
+                  if k in LABEL]  # fmt: skip
     series = {
         kind: {str(n): {"p50": found[kind, n].handoffs.pct(0.5),
                         "p99": found[kind, n].handoffs.pct(0.99),
                         "calls": found[kind, n].per_hold()} for n in waiters}
-        for kind in ("syncmap", "redis-py")
+        for kind in kinds
     }  # fmt: skip
     return rows, {"waiters": list(waiters), "herd": series}, notes

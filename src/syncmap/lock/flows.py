@@ -7,7 +7,8 @@ shared: how to wait (a thread event or an asyncio one), how a hold is renewed (t
 thread or a task) and the bookkeeping of the lock object.
 
 The kinds (:class:`Mutex`, :class:`Reader`, :class:`Writer`) say which scripts a lock, and
-RWLock's two sides, acquire, renew and release with; the flows are the same for the three.
+RWLock's two sides, acquire, renew, release and leave the queue with; the flows are the same
+for the three.  Semaphore's flows are further down.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def lease_ms(lease: float) -> int:
 
 
 def queue_lease(lease: float) -> float:
-    """How long a waiter's place in a Lock's queue lasts unless it tries again: the lock's
+    """How long a waiter's place in a lock's queue lasts unless it tries again: the lock's
     lease, kept within 1-5 s.  A dead waiter at the head holds the queue up this long at most
     (as a dead holder does for its lease); every waiter refreshes its place at a third of it,
     so 200 waiters of a 30 s lock cost 120 calls a second whatever the rate of hand-offs."""
@@ -53,6 +54,35 @@ def queue_lease(lease: float) -> float:
 def refresh_ms(lease: float) -> int:
     """The longest a queued waiter waits between two tries (refreshing its place)."""
     return max(1, round(queue_lease(lease) * 1000 / 3))
+
+
+def refusal(reply: Any, lease: float, *, turn: str, holder: str = "another owner"
+            ) -> Attempt[Any]:  # fmt: skip
+    """A refused queued acquire's reply ``{0, ms, who, place, turn[, lead]}`` (every lock kind's
+    acquire script): how long to wait at most and who is in the way.
+
+    Only a waiter in the next batch (``lead``; for Lock and Semaphore, the head of the queue)
+    waits for the holder's lease (a crashed holder never publishes); every queued waiter tries
+    again at least every ``refresh_ms``, which keeps its place and bounds what a lost release
+    message costs.  The others expect a message naming them, not the end of the lease: when a
+    holder dies, only the next batch tries again at the end of its lease, not all of them.
+    ``turn`` is said when the waiter is held up by a queued waiter's turn (``{who}`` in it)."""
+    wait, who = int(reply[1]), reply[2].decode(errors="replace") if reply[2] else ""
+    place = int(reply[3]) if len(reply) > 3 else -1
+    if len(reply) > 4 and int(reply[4]):
+        why = turn.format(who=who) + f" (for {wait} ms more)"
+    else:
+        why = f"held by {who or holder} for up to {max(wait, 0)} ms more"
+    if place > 0:
+        why += f"; {place} waiting ahead of this one"
+    lead = bool(int(reply[5])) if len(reply) > 5 else place == 0
+    if place >= 0:
+        wait = min(wait, refresh_ms(lease)) if lead else refresh_ms(lease)
+    return Attempt(None, wait, who, why)
+
+
+def _rw_queue(lay: LockLayout) -> tuple[str, str, str]:
+    return lay.rw_queue, lay.rw_queue_leases, lay.rw_queue_writers
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +95,15 @@ class Mutex:
     what: str
     #: Re-entry is counted here, not in Redis (RWLock's read side: one read hold per owner).
     local_reentry: ClassVar[bool] = False
-    #: Waiters queue, and a release wakes only the next one (RWLock's sides: every waiter).
+    #: Waiters queue, and a release wakes only the next one (or batch).
     queued: ClassVar[bool] = True
+    #: Why a waiter is refused when it is a queued waiter's turn (``{who}``: that waiter).
+    turn: ClassVar[str] = "it is free, but it is the turn of {who}, the first waiter"
+
+    @property
+    def member(self) -> str:
+        """This owner's entry in the queue (and the name its turn's message carries)."""
+        return self.owner
 
     @property
     def ms(self) -> int:
@@ -100,24 +137,8 @@ class Mutex:
                        lay.notify)  # fmt: skip
 
     def refused(self, reply: Any) -> Attempt[Grant]:
-        """A refused acquire's reply: how long to wait at most and who is in the way.
-
-        Only the head of the queue waits for the holder's lease (a crashed holder never
-        publishes); every queued waiter tries again at least every ``refresh_ms``, which keeps
-        its place and bounds what a lost release message costs.  Waiters behind the head
-        expect a message naming them, not the end of the lease: when a holder dies, only the
-        head tries again at the end of its lease, not all of them."""
-        wait, who = int(reply[1]), reply[2].decode(errors="replace") if reply[2] else ""
-        place = int(reply[3]) if len(reply) > 3 else -1
-        if len(reply) > 4 and int(reply[4]):
-            why = f"it is free, but it is the turn of {who}, the first waiter (for {wait} ms more)"
-        else:
-            why = f"held by {who or 'another owner'} for up to {max(wait, 0)} ms more"
-        if place > 0:
-            why += f"; {place} waiting ahead of this one"
-        if place >= 0:
-            wait = min(wait, refresh_ms(self.lease)) if place == 0 else refresh_ms(self.lease)
-        return Attempt(None, wait, who, why)
+        """A refused acquire's reply: how long to wait at most and who is in the way."""
+        return refusal(reply, self.lease, turn=self.turn)
 
     def released(self, reply: Any) -> str | None:
         """None if the release reply says it was ours; else who holds it now ('' = nobody)."""
@@ -138,28 +159,52 @@ class Mutex:
 
 @dataclass(frozen=True, slots=True)
 class Writer(Mutex):
-    """RWLock's write side: also waits for readers, and claims its turn so new readers wait."""
+    """RWLock's write side: waits for readers too, and queues with them (``w:<owner>``)."""
 
-    queued: ClassVar[bool] = False
+    turn: ClassVar[str] = "{who} is queued ahead of it"
+
+    @property
+    def member(self) -> str:
+        return f"w:{self.owner}"
 
     def acquire(self, queue: bool = False) -> Command:
         lay = self.layout
-        claim_ms = self.ms + 1000  # outlives every wait between two attempts
-        return evalsha("rw_write", (lay.hold, lay.fence, lay.readers, lay.claims), self.owner,
-                       self.ms, claim_ms)  # fmt: skip
+        entry_ms = lease_ms(queue_lease(self.lease)) if queue else 0
+        return evalsha("rw_write", (lay.hold, lay.fence, lay.readers, lay.claims,
+                                    *_rw_queue(lay)),
+                       self.owner, self.ms, entry_ms, lay.notify)  # fmt: skip
+
+    def release(self, *, every_level: bool, last: bool, token: int | None = None
+                ) -> Command | None:  # fmt: skip
+        lay = self.layout
+        return evalsha("rw_write_release", (lay.hold, lay.readers, *_rw_queue(lay)),
+                       self.owner, lay.notify, "1" if every_level else "0",
+                       "" if token is None else token)  # fmt: skip
+
+    def leave(self) -> Command | None:
+        lay = self.layout
+        return evalsha("rw_leave", (lay.readers, lay.hold, *_rw_queue(lay)), self.member,
+                       lay.notify)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
-class Reader(Mutex):
-    """RWLock's read side: a zset owner -> lease deadline; its fence is the writer's last."""
+class Reader(Writer):
+    """RWLock's read side: a zset owner -> lease deadline; its fence is the writer's last;
+    queued as ``r:<owner>``."""
 
     local_reentry: ClassVar[bool] = True
-    queued: ClassVar[bool] = False
+    turn: ClassVar[str] = "a writer queued ahead of it goes first: {who}"
+
+    @property
+    def member(self) -> str:
+        return f"r:{self.owner}"
 
     def acquire(self, queue: bool = False) -> Command:
         lay = self.layout
-        return evalsha("rw_read", (lay.hold, lay.fence, lay.readers, lay.claims), self.owner,
-                       self.ms)  # fmt: skip
+        entry_ms = lease_ms(queue_lease(self.lease)) if queue else 0
+        return evalsha("rw_read", (lay.hold, lay.fence, lay.readers, lay.claims,
+                                   *_rw_queue(lay)),
+                       self.owner, self.ms, entry_ms, lay.notify)  # fmt: skip
 
     def renew(self) -> Command:
         return evalsha("zset_renew", (self.layout.readers,), self.owner, self.ms)
@@ -168,7 +213,9 @@ class Reader(Mutex):
                 ) -> Command | None:  # fmt: skip
         if not last:
             return None
-        return evalsha("zset_release", (self.layout.readers,), self.owner, self.layout.notify)
+        lay = self.layout
+        return evalsha("rw_read_release", (lay.readers, lay.hold, *_rw_queue(lay)),
+                       self.owner, lay.notify)  # fmt: skip
 
     def released(self, reply: Any) -> str | None:
         return None if int(reply) == 1 else ""
@@ -265,12 +312,6 @@ def leave(k: Kind) -> Flow[None]:
         yield Call([cmd], write=True)
 
 
-def drop_claim(k: Kind) -> Flow[None]:
-    """A writer that gave up waiting withdraws its claim at once (or readers would wait for
-    the claim to run out)."""
-    yield Call([("ZREM", k.layout.claims, k.owner)], write=True)
-
-
 def locked(layout: LockLayout) -> Flow[bool]:
     return bool((yield Call([("EXISTS", layout.hold)], write=False))[0])
 
@@ -296,14 +337,24 @@ def eviction_check() -> Flow[tuple[Any, Any]]:
 # ---- Semaphore -------------------------------------------------------------------------------
 
 
+def _sem_keys(layout: LockLayout) -> tuple[str, str, str, str]:
+    return layout.permits, layout.limit, layout.sem_queue, layout.sem_queue_leases
+
+
 def sem_attempt(layout: LockLayout, permit: str, lease: float, permits: int,
-                clock: Clock = time.monotonic) -> Flow[Attempt[float]]:  # fmt: skip
-    """Take ``permit``; the value is when the request was sent (the hold's lease start)."""
+                queue: bool = False, clock: Clock = time.monotonic
+                ) -> Flow[Attempt[float]]:  # fmt: skip
+    """Take ``permit``; the value is when the request was sent (the hold's lease start).
+    ``queue``: when refused, join the semaphore's queue under the permit id (or keep its
+    place)."""
+    entry_ms = lease_ms(queue_lease(lease)) if queue else 0
     sent = clock()
-    reply = (yield Call([evalsha("sem_acquire", (layout.permits, layout.limit), permit,
-                                 lease_ms(lease), permits)], write=True))[0]  # fmt: skip
+    reply = (yield Call([evalsha("sem_acquire", _sem_keys(layout), permit, lease_ms(lease),
+                                 permits, entry_ms, layout.notify)], write=True))[0]  # fmt: skip
     if not reply[0]:
-        return Attempt(None, int(reply[1]), f"{permits} other permit holders")
+        return refusal(reply, lease, holder=f"{permits} other permit holders",
+                       turn="a permit is free, but it is the turn of {who}, a waiter queued "
+                       "ahead")  # fmt: skip
     if clock() >= sent + lease - drift(lease):
         yield from sem_give_back(layout, permit)  # granted after its lease ran out: not usable
         return Attempt(None, 0, LATE)
@@ -316,8 +367,14 @@ def sem_renew(layout: LockLayout, permit: str, lease: float) -> Flow[bool]:
 
 
 def sem_give_back(layout: LockLayout, permit: str) -> Flow[bool]:
-    cmd = evalsha("zset_release", (layout.permits,), permit, layout.notify)
+    """Give ``permit`` back; the release names the waiters whose turn it makes."""
+    cmd = evalsha("sem_release", _sem_keys(layout), permit, layout.notify)
     return bool((yield Call([cmd], write=True))[0])
+
+
+def sem_leave(layout: LockLayout, permit: str) -> Flow[None]:
+    """A waiter for ``permit`` gives up: it leaves the queue, passing its turn on."""
+    yield Call([evalsha("sem_leave", _sem_keys(layout), permit, layout.notify)], write=True)
 
 
 def sem_release(what: str, layout: LockLayout, permit: str, lease: float) -> Flow[None]:

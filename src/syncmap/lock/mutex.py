@@ -86,7 +86,7 @@ class Lock(ReleasedOnExit, LockBase):
             self._hold.check()  # a lost hold (or one whose lease ran out): release() it first
         self._warn_if_evicting()
         kind = self._kind()
-        queue = Queue(self.owner, lambda: run(flows.leave(kind), self._executor))
+        queue = Queue(kind.member, lambda: run(flows.leave(kind), self._executor))
         fence = wait_for(self._attempt, waker=self._waker, channel=self.layout.channel,
                          timeout=timeout if blocking else 0, what=self.what,
                          queue=queue if kind.queued else None)  # fmt: skip

@@ -6,28 +6,18 @@ from typing import Any
 
 import redis
 
-from ..errors import LockNotAcquired
 from ..store.topology import Topology
-from ..sync.run import run
 from . import flows
 from .base import LockBase, OnLost
-from .lease import Fence
 from .mutex import Lock
 
 
 class _Writer(Lock):
-    """RWLock's write side: a Lock whose acquire also waits for readers and claims its turn."""
+    """RWLock's write side: a Lock whose acquire also waits for readers (its queue entry is
+    ``w:<owner>`` in the RWLock's queue, readers' ``r:<owner>``)."""
 
     kind = "rwlock (write)"
     kind_of = flows.Writer
-
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> Fence:
-        try:
-            return super().acquire(blocking, timeout)
-        except LockNotAcquired:
-            # Give up the claim at once, or readers would wait for it to run out.
-            run(flows.drop_claim(self._kind()), self._executor)
-            raise
 
 
 class _Reader(Lock):
@@ -41,11 +31,14 @@ class _Reader(Lock):
 class RWLock(LockBase):
     """Many readers or one writer.  ``with rw.read:`` / ``with rw.write as fence:``.
 
-    A writer that is waiting goes before readers that arrive after it, so a steady stream of
-    readers cannot starve writers.  Each side has its own lease, renewed by the watchdog, and
-    its own ``valid``/``fence``; the write side issues fencing tokens like ``Lock``.  Both sides
-    share this object's owner token: a writer may also read (downgrade), and the only reader may
-    take the write side (upgrade).
+    Waiters take turns in order of arrival: the readers at the head of the queue enter together,
+    a writer at the head waits for the readers to leave and no reader arriving after it goes
+    first, so a steady stream of readers cannot starve writers.  A release names the next batch
+    (every leading reader, or one writer); only those wake.  Each side has its own lease,
+    renewed by the watchdog, and its own ``valid``/``fence``; the write side issues fencing
+    tokens like ``Lock``.  Both sides share this object's owner token: a writer may also read
+    (downgrade), and the only reader may take the write side (upgrade, without waiting for its
+    turn: the writers queued ahead of it wait for its read hold anyway).
     """
 
     kind = "rwlock"

@@ -12,7 +12,7 @@ from ..sync.run import run
 from . import flows
 from .base import LockBase, OnLost, check_timeout
 from .lease import Hold, ReleasedOnExit, Watchdog
-from .waiting import Attempt, wait_for
+from .waiting import Attempt, Queue, wait_for
 
 
 class Semaphore(ReleasedOnExit, LockBase):
@@ -21,7 +21,9 @@ class Semaphore(ReleasedOnExit, LockBase):
 
     One object may hold several permits (each ``acquire`` takes one more; ``release`` gives back
     the latest).  Every client of a name must use the same ``permits``.  Semaphores issue no
-    fencing tokens: several holders at once is their point.
+    fencing tokens: several holders at once is their point.  Waiters take turns in order of
+    arrival: a release names as many waiters at the head of the queue as permits are free, and
+    a newcomer takes no permit while a queued waiter's turn is pending.
     """
 
     kind = "semaphore"
@@ -57,9 +59,11 @@ class Semaphore(ReleasedOnExit, LockBase):
         timeout = check_timeout(timeout)
         permit = f"{self.owner}:{uuid.uuid4().hex[:8]}"
         self._warn_if_evicting()
-        wait_for(lambda _queue: self._attempt(permit), waker=self._waker,
-                 channel=self.layout.channel,
-                 timeout=timeout if blocking else 0, what=self.what)  # fmt: skip
+        queue = Queue(permit, lambda: run(flows.sem_leave(self.layout, permit),
+                                          self._executor))  # fmt: skip
+        wait_for(lambda queued: self._attempt(permit, queued), waker=self._waker,
+                 channel=self.layout.channel, timeout=timeout if blocking else 0,
+                 what=self.what, queue=queue)  # fmt: skip
 
     def try_acquire(self) -> bool:
         try:
@@ -68,8 +72,8 @@ class Semaphore(ReleasedOnExit, LockBase):
             return False
         return True
 
-    def _attempt(self, permit: str) -> Attempt[bool]:
-        got = run(flows.sem_attempt(self.layout, permit, self.lease, self.permits),
+    def _attempt(self, permit: str, queue: bool) -> Attempt[bool]:
+        got = run(flows.sem_attempt(self.layout, permit, self.lease, self.permits, queue),
                   self._executor)  # fmt: skip
         if got.value is None:
             return Attempt(None, got.wait_ms, got.holder, got.why)

@@ -4,11 +4,13 @@ Every release script PUBLISHes on the lock's channel.  A process that waits atta
 per lock channel to its shared subscriber (the same connection the maps use), so a hand-off costs
 one message and one acquire round trip, not a polling interval (redis-py's ``Lock`` sleeps 100 ms).
 
-``Lock``'s waiters queue in Redis (``store/scripts.py``, "Lock's queue"): a release names the
-next waiter (``h<owner>``) and this process wakes only that waiter; the others stay asleep and
-cost Redis nothing, so a hand-off is one release and one acquire whatever the number of waiters.
-A message ``r`` (no queue: RWLock, Semaphore, or an older client) wakes every waiter, and so do
-a (re)subscription and a lost connection (messages may have been missed).
+Waiters queue in Redis (``store/scripts.py``, "Lock's queue", and RWLock's and Semaphore's): a
+release names the next waiter (``h<entry>``: a Lock's owner, an RWLock side's ``r:``/``w:`` +
+owner, a Semaphore's permit id; a batch is one message per waiter) and this process wakes only
+that waiter; the others stay asleep and cost Redis nothing, so a hand-off is one release and one
+acquire whatever the number of waiters.  A message ``r`` (nobody queued, or an older client)
+wakes every waiter, and so do a (re)subscription and a lost connection (messages may have been
+missed).
 
 Order of events in :func:`wait_for`, chosen so that no release can slip by unseen:
 

@@ -409,8 +409,9 @@ end
 # entries' leases (owner -> deadline, server ms).  A waiter keeps its place by trying again at
 # least every third of its entry's lease; an entry whose lease ran out (a dead or paused waiter)
 # is skipped when it reaches the head, so a dead waiter holds the queue up for one entry lease
-# at most.  Release messages: 'r' = anyone may try (no queue, or another lock kind), 'h' ..
-# owner = only that waiter's turn (its process wakes only that waiter).
+# at most.  Release messages: 'r' = anyone may try (nobody queues: clients from before a
+# queue wake on it), 'h' .. entry = only that waiter's turn (its process wakes only that
+# waiter; a batch is one message per waiter, all from one script).
 _QUEUE = r"""
 -- The first live waiter of queue KEYS[q] (leases in KEYS[qd]), removing the dead ones ahead
 -- of it (bounded per call: the next call goes on).  Returns head or false, and whether the
@@ -534,36 +535,146 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
+# RWLock's and Semaphore's queues (issue 16, lock queue 2): the same scheme as Lock's, with
+# batches.  RWLock's queue holds 'r:<owner>' and 'w:<owner>' entries (and a third zset of the
+# writers' entries alone, to find the first writer in one call); the next batch is the head
+# writer (once no reader holds), or every queued reader ahead of the first queued writer.  A
+# Semaphore's queue holds permit ids; the first n live entries may take the n free permits.
+_QUEUES = r"""
+-- Join queue q (arrival µs, NX: a refresh keeps the place) with an entry lease of ms in qd.
+local function join(q, qd, m, now, ms)
+  local t = redis.call('TIME')
+  redis.call('ZADD', q, 'NX', tonumber(t[1]) * 1000000 + tonumber(t[2]), m)
+  redis.call('ZADD', qd, now + tonumber(ms), m)
+  keep_for(q, ms)
+  keep_for(qd, ms)
+end
+
+local function live(qd, m, now)
+  local dl = redis.call('ZSCORE', qd, m)
+  return dl and tonumber(dl) > now
+end
+
+-- Up to k live entries from the head of q, dropping the dead ones met on the way (bounded per
+-- call: the next call goes on).  Returns them, and whether a dead one was dropped.
+local function heads(q, qd, qw, now, k)
+  local found, skipped, at = {}, false, 0
+  for _ = 1, k + 100 do
+    if #found >= k then break end
+    local m = redis.call('ZRANGE', q, at, at)[1]
+    if not m then break end
+    if live(qd, m, now) then
+      found[#found + 1] = m
+      at = at + 1
+    else
+      redis.call('ZREM', q, m)
+      redis.call('ZREM', qd, m)
+      if qw then redis.call('ZREM', qw, m) end
+      skipped = true
+    end
+  end
+  return found, skipped
+end
+
+-- RWLock: the first live queued writer (dropping dead ones ahead of it), or false.
+local function first_writer(q, qd, qw, now)
+  for _ = 1, 100 do
+    local w = redis.call('ZRANGE', qw, 0, 0)[1]
+    if not w or live(qd, w, now) then return w or false end
+    redis.call('ZREM', q, w)
+    redis.call('ZREM', qd, w)
+    redis.call('ZREM', qw, w)
+  end
+  return redis.call('ZRANGE', qw, 0, 0)[1] or false
+end
+
+-- RWLock, no writer holding: name the next batch.  The head writer once no reader holds
+-- (readers = read holds left); with wake_readers, every queued reader ahead of the first
+-- queued writer.  Returns how many were named.
+local function rw_tell(q, qd, qw, now, readers, wake_readers, channel)
+  local head = heads(q, qd, qw, now, 1)[1]
+  if not head then return 0 end
+  if string.sub(head, 1, 2) == 'w:' then
+    if readers > 0 then return 0 end
+    notify(channel, head)
+    return 1
+  end
+  if not wake_readers then return 0 end
+  local fw = first_writer(q, qd, qw, now)
+  local upto = -1
+  if fw then upto = redis.call('ZRANK', q, fw) - 1 end
+  local n = 0
+  for _, m in ipairs(redis.call('ZRANGE', q, 0, upto)) do
+    if live(qd, m, now) then
+      notify(channel, m)
+      n = n + 1
+    end
+  end
+  return n
+end
+
+-- 'r' for waiters that do not queue (clients from before the queue) when nobody queues.
+local function tell_anyone(q, channel)
+  if redis.call('EXISTS', q) == 0 then notify(channel, false) end
+end
+"""
+
+_RW = _LOCK_PRELUDE + _QUEUE + _QUEUES
+
 RW_READ = (
-    _LOCK_PRELUDE
+    _RW
     + r"""
--- KEYS[1] writer hold hash  [2] fence counter  [3] readers zset  [4] waiting writers zset
--- (zset scores: lease / claim deadlines in server ms).  ARGV[1] owner  [2] lease ms
+-- KEYS[1] writer hold hash  [2] fence counter  [3] readers zset  [4] claims (writers from
+-- before the queue)  [5] queue  [6] entry leases  [7] queued writers  (zset scores: lease,
+-- claim and entry deadlines in server ms; arrivals in server µs).
+-- ARGV[1] owner  [2] lease ms  [3] entry lease ms ('0': try once, do not queue)  [4] channel.
 -- Reply: {1, fence counter} reading (a missing counter is seeded first, as next_token does, so
--- the reader's token is a real one); {0, ms to wait at most, who is in the way}.
+-- the reader's token is a real one); {0, ms to wait at most, who is in the way, place, turn,
+-- lead}: turn 1 = a queued writer goes first; lead 1 = in the next batch (waits for the
+-- holder's lease, not only for a message).
 local now = server_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+local me = 'r:' .. ARGV[1]
 local w = redis.call('HGET', KEYS[1], 'o')
-if w and w ~= ARGV[1] then return {0, redis.call('PTTL', KEYS[1]), w} end
--- A waiting writer goes first, so a stream of readers cannot starve writers; an owner that
--- already reads (or writes) is let in again.
-if not w and not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
+local wait, who, turn, fw = 0, false, 0, false
+-- An owner that already reads (or writes: a downgrade) is let in again; anyone else waits for
+-- the writer, for a claim of a writer from before the queue, and for a writer queued ahead.
+if w and w ~= ARGV[1] then
+  wait, who = redis.call('PTTL', KEYS[1]), w
+  fw = first_writer(KEYS[5], KEYS[6], KEYS[7], now)
+elseif not w and not redis.call('ZSCORE', KEYS[3], ARGV[1]) then
   local ww = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-  if #ww > 0 then return {0, tonumber(ww[2]) - now, ww[1]} end
+  fw = first_writer(KEYS[5], KEYS[6], KEYS[7], now)
+  local mine = redis.call('ZRANK', KEYS[5], me)
+  if fw and (not mine or mine > redis.call('ZRANK', KEYS[5], fw)) then
+    wait, who, turn = tonumber(redis.call('ZSCORE', KEYS[6], fw)) - now, string.sub(fw, 3), 1
+  elseif #ww > 0 then
+    wait, who = tonumber(ww[2]) - now, ww[1]
+  end
 end
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
-keep_for(KEYS[3], ARGV[2])
-return {1, tonumber(seed_token(KEYS[2]))}
+if not who then
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[1])
+  keep_for(KEYS[3], ARGV[2])
+  redis.call('ZREM', KEYS[5], me)
+  redis.call('ZREM', KEYS[6], me)
+  return {1, tonumber(seed_token(KEYS[2]))}
+end
+local place, lead = -1, 0
+if tonumber(ARGV[3]) > 0 then
+  join(KEYS[5], KEYS[6], me, now, ARGV[3])
+  place = redis.call('ZRANK', KEYS[5], me)
+  if turn == 0 and (not fw or place < redis.call('ZRANK', KEYS[5], fw)) then lead = 1 end
+end
+return {0, wait, who, place, turn, lead}
 """
 )
 
 RW_WRITE = (
-    _LOCK_PRELUDE
+    _RW
     + r"""
--- KEYS as RW_READ.  ARGV[1] owner  [2] lease ms  [3] how long a blocked writer's claim to go
--- next lasts (ms; it renews it on every attempt).
--- Reply: {1, token, count} writing; {0, ms to wait at most, who is in the way}.
+-- KEYS as rw_read.  ARGV[1] owner  [2] lease ms  [3] entry lease ms  [4] channel.
+-- Reply: {1, token, count} writing; {0, ms to wait at most, who, place, turn, lead}.
 local now = server_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
@@ -573,43 +684,117 @@ if w == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {1, tonumber(redis.call('HGET', KEYS[1], 't')), n}
 end
-local function claim()
-  redis.call('ZADD', KEYS[4], now + tonumber(ARGV[3]), ARGV[1])
-  keep_for(KEYS[4], ARGV[3])
-end
+local me = 'w:' .. ARGV[1]
+local wait, who, turn = 0, false, 0
+-- The only reader may upgrade itself without waiting for its turn: the writers queued ahead
+-- of it wait for its read hold to end anyway, so making it wait for them would deadlock.
+local upgrade = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if w then
-  claim()
-  return {0, redis.call('PTTL', KEYS[1]), w}
-end
-local readers = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
-local last, reader = 0, false
-for i = 1, #readers, 2 do
-  if readers[i] ~= ARGV[1] then  -- the only reader may upgrade itself
-    reader = readers[i]
-    last = math.max(last, tonumber(readers[i + 1]))
+  wait, who = redis.call('PTTL', KEYS[1]), w
+else
+  local head, skipped = heads(KEYS[5], KEYS[6], KEYS[7], now, 1)
+  head = head[1]
+  local readers = redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+  local last, reader = 0, false
+  for i = 1, #readers, 2 do
+    if readers[i] ~= ARGV[1] then
+      reader = readers[i]
+      last = math.max(last, tonumber(readers[i + 1]))
+    end
+  end
+  if not upgrade and head and head ~= me then
+    wait, who, turn = tonumber(redis.call('ZSCORE', KEYS[6], head)) - now, string.sub(head, 3), 1
+    -- A dead head was skipped while no writer holds: the new batch's turn (as lock_acquire).
+    if skipped then rw_tell(KEYS[5], KEYS[6], KEYS[7], now, #readers / 2, true, ARGV[4]) end
+  elseif reader then
+    wait, who = last - now, reader
   end
 end
-if reader then
-  claim()
-  return {0, last - now, reader}
+if not who then
+  redis.call('ZREM', KEYS[5], me)
+  redis.call('ZREM', KEYS[6], me)
+  redis.call('ZREM', KEYS[7], me)
+  local tok = next_token(KEYS[2])
+  redis.call('HSET', KEYS[1], 'o', ARGV[1], 'n', 1, 't', tok)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, tok, 1}
 end
-redis.call('ZREM', KEYS[4], ARGV[1])
-local tok = next_token(KEYS[2])
-redis.call('HSET', KEYS[1], 'o', ARGV[1], 'n', 1, 't', tok)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {1, tok, 1}
+local place, lead = -1, 0
+if tonumber(ARGV[3]) > 0 then
+  join(KEYS[5], KEYS[6], me, now, ARGV[3])
+  redis.call('ZADD', KEYS[7], 'NX', redis.call('ZSCORE', KEYS[5], me), me)
+  keep_for(KEYS[7], ARGV[3])
+  place = redis.call('ZRANK', KEYS[5], me)
+  if turn == 0 and (place == 0 or upgrade) then lead = 1 end
+end
+return {0, wait, who, place, turn, lead}
 """
 )
 
-ZSET_RELEASE = r"""
--- A read hold or a semaphore permit.  KEYS[1] zset  [2] (optional) a claims zset to leave too.
--- ARGV[1] member  [2] release channel.  Reply: 1 released (waiters told), 0 it had lapsed.
-if #KEYS > 1 then redis.call('ZREM', KEYS[2], ARGV[1]) end
+RW_WRITE_RELEASE = (
+    _RW
+    + r"""
+-- KEYS[1] hold hash  [2] readers  [3] queue  [4] entry leases  [5] queued writers.
+-- ARGV as lock_release: owner, channel, '1' = every re-entry, token or ''.
+-- Reply: as lock_release; a release names the next batch (or 'r' when nobody queues).
+local owner = redis.call('HGET', KEYS[1], 'o')
+if not owner then return {0, false} end
+if owner ~= ARGV[1] then return {-1, owner} end
+if ARGV[4] ~= '' and redis.call('HGET', KEYS[1], 't') ~= ARGV[4] then return {-1, owner} end
+local n = 0
+if ARGV[3] ~= '1' then n = redis.call('HINCRBY', KEYS[1], 'n', -1) end
+if n > 0 then return {1, n} end
+redis.call('DEL', KEYS[1])
+local now = server_ms()
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+rw_tell(KEYS[3], KEYS[4], KEYS[5], now, redis.call('ZCARD', KEYS[2]), true, ARGV[2])
+tell_anyone(KEYS[3], ARGV[2])
+return {1, 0}
+"""
+)
+
+RW_READ_RELEASE = (
+    _RW
+    + r"""
+-- KEYS[1] readers  [2] writer hold  [3] queue  [4] entry leases  [5] queued writers.
+-- ARGV[1] owner  [2] channel.  Reply: 1 released, 0 it had lapsed.  The last reader out names
+-- the head writer; queued readers are not named here (no read hold ever keeps them out).
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-if string.sub(ARGV[2], 1, 3) == '!s:' then redis.call('SPUBLISH', string.sub(ARGV[2], 4), 'r')
-else redis.call('PUBLISH', ARGV[2], 'r') end
+local now = server_ms()
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  local left = redis.call('ZCARD', KEYS[1])
+  rw_tell(KEYS[3], KEYS[4], KEYS[5], now, left, false, ARGV[2])
+  if left == 1 then  -- the only reader left may be waiting to upgrade
+    local up = 'w:' .. redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+    if redis.call('ZSCORE', KEYS[3], up) then notify(ARGV[2], up) end
+  end
+end
+tell_anyone(KEYS[3], ARGV[2])
 return 1
 """
+)
+
+RW_LEAVE = (
+    _RW
+    + r"""
+-- A waiter gives up.  KEYS as rw_read_release.  ARGV[1] entry ('r:' or 'w:' .. owner)
+-- [2] channel.  When no writer holds, the batch this entry held up is named: a writer that
+-- leaves lets the readers behind it in (or the next writer); a reader at the head lets the
+-- head writer in once no reader holds.  Reply: 1 left the queue, 0 was not in it.
+local was_head = redis.call('ZRANK', KEYS[3], ARGV[1]) == 0
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+if redis.call('ZREM', KEYS[3], ARGV[1]) == 0 then return 0 end
+local writer = string.sub(ARGV[1], 1, 2) == 'w:'
+if (was_head or writer) and redis.call('EXISTS', KEYS[2]) == 0 then
+  local now = server_ms()
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  rw_tell(KEYS[3], KEYS[4], KEYS[5], now, redis.call('ZCARD', KEYS[1]), writer, ARGV[2])
+end
+return 1
+"""
+)
 
 ZSET_RENEW = (
     _LOCK_PRELUDE
@@ -624,27 +809,107 @@ return 1
 """
 )
 
+_SEM = _LOCK_PRELUDE + _QUEUE + _QUEUES
+
 SEM_ACQUIRE = (
-    _LOCK_PRELUDE
+    _SEM
     + r"""
--- KEYS[1] permits zset (member permit id, score lease deadline)  [2] permit count.
--- ARGV[1] permit id  [2] lease ms  [3] permits.
--- Reply: {1} granted; {0, ms until the first permit's lease ends}; error SEMLIMIT when this
--- client's permit count differs from the one recorded.
+-- KEYS[1] permits zset (member permit id, score lease deadline)  [2] permit count  [3] queue
+-- [4] entry leases.  ARGV[1] permit id  [2] lease ms  [3] permits  [4] entry lease ms ('0':
+-- try once, do not queue)  [5] channel.
+-- Reply: {1} granted; {0, ms to wait at most, who, place, turn, lead}: turn 0 = every permit is
+-- held, 1 = the free permits are queued waiters' (who: the first); lead 1 = this waiter is the
+-- first one not entitled: the next permit whose lease runs out is its (it waits for that, not
+-- only for a message); error SEMLIMIT when this client's permit count differs from the one
+-- recorded.
 local have = redis.call('GET', KEYS[2])
 if have and have ~= ARGV[3] then
   return redis.error_reply('SEMLIMIT the semaphore has ' .. have .. ' permits, not ' .. ARGV[3])
 end
 if not have then redis.call('SET', KEYS[2], ARGV[3]) end
 local now = server_ms()
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[3]) then
+local reaped = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local free = tonumber(ARGV[3]) - redis.call('ZCARD', KEYS[1])
+-- The first `free` live waiters may take the free permits (a newcomer only what they leave);
+-- one more is read: the waiter that leads once those are in.
+local first, skipped = heads(KEYS[3], KEYS[4], false, now, free + 1)
+local mine = false
+for i = 1, math.min(free, #first) do if first[i] == ARGV[1] then mine = true end end
+if not mine and free > #first and not redis.call('ZSCORE', KEYS[3], ARGV[1]) then mine = true end
+-- Permits whose lease ran out (a holder died) were found here, or a dead waiter dropped: no
+-- release will tell the waiters whose turn that makes, nor the new lead; this call does.
+if reaped > 0 or skipped then
+  for _, m in ipairs(first) do if m ~= ARGV[1] then notify(ARGV[5], m) end end
+end
+if mine then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
   keep_for(KEYS[1], ARGV[2])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[1])
   return {1}
 end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {0, tonumber(first[2]) - now}
+local place = -1
+if tonumber(ARGV[4]) > 0 then
+  join(KEYS[3], KEYS[4], ARGV[1], now, ARGV[4])
+  place = redis.call('ZRANK', KEYS[3], ARGV[1])
+end
+local lead = 0
+if place == free then lead = 1 end
+local wait, who, turn = false, '', 0
+local held = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #held > 0 then wait = tonumber(held[2]) - now end
+if free > 0 then
+  who, turn = first[1], 1
+  local entry = tonumber(redis.call('ZSCORE', KEYS[4], first[1])) - now
+  if not wait or entry < wait then wait = entry end
+end
+return {0, wait, who, place, turn, lead}
+"""
+)
+
+SEM_RELEASE = (
+    _SEM
+    + r"""
+-- KEYS[1] permits  [2] permit count  [3] queue  [4] entry leases.  ARGV[1] permit id
+-- [2] channel.  Reply: 1 released, 0 it had lapsed.  Either way the waiters whose turn the
+-- free permits make are named: the first `free` live waiters, less those that were entitled
+-- (and named) before this call; 'r' when nobody queues (clients from before the queue).
+local gone = redis.call('ZREM', KEYS[1], ARGV[1])
+local now = server_ms()
+local freed = gone + redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local free = tonumber(redis.call('GET', KEYS[2]) or '0') - redis.call('ZCARD', KEYS[1])
+if free > 0 and freed > 0 then
+  local first, skipped = heads(KEYS[3], KEYS[4], false, now, free)
+  local from = 1
+  if not skipped then from = free - freed + 1 end
+  for i = math.max(from, 1), #first do notify(ARGV[2], first[i]) end
+end
+tell_anyone(KEYS[3], ARGV[2])
+return gone
+"""
+)
+
+SEM_LEAVE = (
+    _SEM
+    + r"""
+-- A waiter gives up.  KEYS as sem_release.  ARGV[1] permit id  [2] channel.  When it was one
+-- of the waiters entitled to a free permit, the next one is named in its place.
+-- Reply: 1 left the queue, 0 was not in it.
+local rank = redis.call('ZRANK', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+if redis.call('ZREM', KEYS[3], ARGV[1]) == 0 then return 0 end
+local now = server_ms()
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local free = tonumber(redis.call('GET', KEYS[2]) or '0') - redis.call('ZCARD', KEYS[1])
+if rank < free then
+  local first, skipped = heads(KEYS[3], KEYS[4], false, now, free)
+  if skipped then
+    for _, m in ipairs(first) do notify(ARGV[2], m) end
+  elseif #first >= free then
+    notify(ARGV[2], first[free])  -- the waiter now entitled in its place
+  end
+end
+return 1
 """
 )
 
@@ -672,8 +937,10 @@ ALL = {
     "set": SET, "delete": DELETE, "mset": MSET, "clear": CLEAR, "probe": PROBE,
     "lock_acquire": LOCK_ACQUIRE, "lock_release": LOCK_RELEASE, "lock_renew": LOCK_RENEW,
     "lock_leave": LOCK_LEAVE,
-    "rw_read": RW_READ, "rw_write": RW_WRITE, "zset_release": ZSET_RELEASE,
-    "zset_renew": ZSET_RENEW, "sem_acquire": SEM_ACQUIRE, "fence_next": FENCE_NEXT,
+    "rw_read": RW_READ, "rw_write": RW_WRITE, "rw_write_release": RW_WRITE_RELEASE,
+    "rw_read_release": RW_READ_RELEASE, "rw_leave": RW_LEAVE, "zset_renew": ZSET_RENEW,
+    "sem_acquire": SEM_ACQUIRE, "sem_release": SEM_RELEASE, "sem_leave": SEM_LEAVE,
+    "fence_next": FENCE_NEXT,
     "redlock_release": REDLOCK_RELEASE, "redlock_extend": REDLOCK_EXTEND,
 }  # fmt: skip
 

@@ -94,7 +94,7 @@ class Lock(AsyncLockParts, LockIdentity):
             self._hold.check()  # a lost hold (or one whose lease ran out): release() it first
         await self._warn_if_evicting()
         kind = self._kind()
-        queue = AsyncQueue(self.owner, lambda: run(flows.leave(kind), self._executor()))
+        queue = AsyncQueue(kind.member, lambda: run(flows.leave(kind), self._executor()))
         fence: Fence = await wait_for(self._attempt, waker=self._waker,
                                       channel=self.layout.channel,
                                       timeout=timeout if blocking else 0, what=self.what,

@@ -3,33 +3,21 @@ scripts and flows; see ``syncmap.lock.rwlock``)."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import redis
 
-from ...errors import LockNotAcquired
 from ...lock import flows
 from ...lock.base import LockIdentity, OnLost
-from ...lock.lease import Fence
 from ...store.topology import Topology
-from ..run import run
 from .mutex import Lock
 
 
 class _Writer(Lock):
-    """The write side: a Lock whose acquire also waits for readers and claims its turn."""
+    """The write side: a Lock whose acquire also waits for readers."""
 
     kind = "rwlock (write)"
     kind_of = flows.Writer
-
-    async def acquire(self, blocking: bool = True, timeout: float | None = None) -> Fence:
-        try:
-            return await super().acquire(blocking, timeout)
-        except (LockNotAcquired, asyncio.CancelledError):
-            # Give up the claim at once, or readers would wait for it to run out.
-            await run(flows.drop_claim(self._kind()), self._executor())
-            raise
 
 
 class _Reader(Lock):

@@ -17,7 +17,7 @@ from ...store.topology import Topology
 from ..run import run
 from .base import AsyncLockParts
 from .hold import AsyncHold
-from .waiting import wait_for
+from .waiting import AsyncQueue, wait_for
 
 
 class Semaphore(AsyncLockParts, LockIdentity):
@@ -54,9 +54,11 @@ class Semaphore(AsyncLockParts, LockIdentity):
         timeout = check_timeout(timeout)
         permit = f"{self.owner}:{uuid.uuid4().hex[:8]}"
         await self._warn_if_evicting()
-        await wait_for(lambda _queue: self._attempt(permit), waker=self._waker,
+        queue = AsyncQueue(permit, lambda: run(flows.sem_leave(self.layout, permit),
+                                               self._executor()))  # fmt: skip
+        await wait_for(lambda queued: self._attempt(permit, queued), waker=self._waker,
                        channel=self.layout.channel, timeout=timeout if blocking else 0,
-                       what=self.what)  # fmt: skip
+                       what=self.what, queue=queue)  # fmt: skip
 
     async def try_acquire(self) -> bool:
         try:
@@ -65,8 +67,8 @@ class Semaphore(AsyncLockParts, LockIdentity):
             return False
         return True
 
-    async def _attempt(self, permit: str) -> Attempt[bool]:
-        flow = flows.sem_attempt(self.layout, permit, self.lease, self.permits)
+    async def _attempt(self, permit: str, queue: bool) -> Attempt[bool]:
+        flow = flows.sem_attempt(self.layout, permit, self.lease, self.permits, queue)
         try:
             got = await run(flow, self._executor())
         except asyncio.CancelledError:  # the permit may have been granted: give it back
