@@ -47,7 +47,7 @@ log = logging.getLogger("syncmap")
 _MISSING: Any = MISSING
 _monotonic = time.monotonic
 T = TypeVar("T")
-TURN_WAIT = 0.002  # how long a reading thread waits for the feed's thread to take its turn
+TURN_WAIT = 0.005  # how long a reading thread waits for the feed thread (one switch interval)
 TURN_BACKOFF = 0.05  # after a turn that was not taken: check again this much later
 
 __all__ = ["FenceArg", "Statistics", "SyncMap", "Watch"]
