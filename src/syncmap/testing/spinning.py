@@ -15,10 +15,12 @@ import mmap
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-SLOTS = 64  # one byte per write
+SLOTS = 32  # writes per writer: one "go" byte and one "acknowledged" byte each
+GO = SLOTS  # the go bytes follow the acknowledgement bytes
 WAIT_READS = 50_000_000  # reads while waiting for the writer (~15 s): it is gone
 
 
@@ -27,9 +29,9 @@ class Writer:
     returns at once (the caller spins meanwhile)."""
 
     def __init__(self, url: str, namespace: str, name: str, flags: Path) -> None:
-        flags.write_bytes(bytes(SLOTS))
+        flags.write_bytes(bytes(2 * SLOTS))
         self._file = open(flags, "r+b")  # noqa: SIM115 - closed in close()
-        self.flags = mmap.mmap(self._file.fileno(), SLOTS)
+        self.flags = mmap.mmap(self._file.fileno(), 2 * SLOTS)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "syncmap.testing.spinning", url, namespace, name, str(flags)],
@@ -42,7 +44,9 @@ class Writer:
         self._slot = 0
 
     def write(self, key: str, value: int) -> int:
-        """Ask for ``m[key] = value``; returns the flag slot raised after its acknowledgement."""
+        """Ask for ``m[key] = value`` once :func:`reads_to_see` raises the slot's go byte (so
+        no system call of the spinning thread, which would release the GIL, falls after the
+        write); returns the slot, whose byte the writer raises after the acknowledgement."""
         assert self._proc.stdin is not None
         slot, self._slot = self._slot, self._slot + 1
         self._proc.stdin.write(f"{slot} {key} {value}\n")
@@ -63,6 +67,7 @@ def reads_to_see(m: Any, key: str, value: Any, flags: mmap.mmap, slot: int, cap:
     by the count (no clock): once the flag is up, at most ``cap`` reads; before it, at most
     ``WAIT_READS`` (the writer process is gone: ``AssertionError``)."""
     after = before = 0
+    flags[GO + slot] = 1  # a store to shared memory: the GIL stays with this thread
     while True:
         got = m[key]
         if after:
@@ -86,10 +91,13 @@ def _main(url: str, namespace: str, name: str, flags_path: str) -> None:
 
     m = SyncMap(name, url=url, config=MapConfig(namespace=namespace))
     with open(flags_path, "r+b") as f:
-        flags = mmap.mmap(f.fileno(), SLOTS)
+        flags = mmap.mmap(f.fileno(), 2 * SLOTS)
         print("ready", flush=True)
         for line in sys.stdin:
             slot, key, value = line.split()
+            deadline = time.monotonic() + 30
+            while not flags[GO + int(slot)] and time.monotonic() < deadline:
+                time.sleep(0.0001)  # polling shared memory in this process, not a handshake
             m[key] = int(value)
             flags[int(slot)] = 1  # after the acknowledgement
     m.close()
