@@ -160,9 +160,9 @@ class Subscriber(ReaderHooks):
         self._retrack_at = float("inf")  # reconnect then to track a newly attached map
         self._pings: deque[tuple[bytes, float]] = deque()  # vouch PINGs awaiting their PONG
         self._nonces = itertools.count(1)
-        # A reading thread's turn for this reader (:meth:`give_turn`): the socket to look at,
+        # A reading thread's turn for this reader (:meth:`give_turn`): the socket's poll object,
         # replies dispatched so far, and whether a thread waits for the next one.
-        self._fd = -1
+        self._poller: Any = None  # select.poll() on the connection's socket
         self._dispatched = 0
         self._wanted = False
         self._progress = threading.Event()
@@ -261,15 +261,16 @@ class Subscriber(ReaderHooks):
         clear the event -> if a dispatch happened since ``seen``, go on -> wait.  A dispatch
         before the clear is caught by the count; one after it finds ``_wanted`` and sets the
         event.  A reply that never completes costs ``timeout``; the caller then backs off."""
-        fd = self._fd
-        if fd < 0 or threading.get_ident() == self._thread.ident:
+        poller = self._poller
+        if poller is None or threading.get_ident() == self._thread.ident:
             return True  # no connection, or called from a callback on this very thread
-        # A poll object of our own (0.9 us): select() refuses fds past 1024, and one poll
-        # object shared by threads raises on concurrent use.  A fd closed meanwhile polls
-        # POLLNVAL (the reader reconnects), one reused by another socket at worst costs a wait.
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        if not any(ev & select.POLLIN for _, ev in poller.poll(0)):
+        # poll(), not select() (which refuses fds past 1024).  One poll object per connection;
+        # two threads polling it at once make CPython raise: the second then skips its turn.
+        # Any event counts: a hang-up or a closed fd (the reader reconnects) costs one wait.
+        try:
+            if not poller.poll(0):
+                return True
+        except (RuntimeError, OSError):
             return True
         seen = self._dispatched
         self._wanted = True
@@ -320,7 +321,9 @@ class Subscriber(ReaderHooks):
             for ch in self._handlers:
                 conn.send_command(self.dialect.subscribe, ch)
             self._conn = conn
-            self._fd = conn._sock.fileno()
+            poller = select.poll()
+            poller.register(conn._sock.fileno(), select.POLLIN)
+            self._poller = poller
         return conn
 
     def _track(self, conn: Any, prefixes: list[bytes]) -> frozenset[bytes] | None:
@@ -500,7 +503,7 @@ class Subscriber(ReaderHooks):
     def _close_conn(self) -> None:
         with self._lock:
             conn, self._conn = self._conn, None
-            self._fd = -1
+            self._poller = None
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.disconnect()
