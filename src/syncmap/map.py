@@ -167,7 +167,7 @@ class SyncMap(MapBase):
         ``max_stale_age`` never (docs/outages.md).  For tests and checkers: versions let a
         history be checked for staleness and order.
         """
-        e = None if consistent else self._servable(key)
+        e = None if consistent else self._servable(key, self._core.valid_until)
         if e is not None:
             e.hits += 1
             v = e.value if e.value is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
@@ -175,9 +175,14 @@ class SyncMap(MapBase):
         value, version, source = self._fetch(key, consistent=consistent)
         return (None if value is _MISSING else value), version, source
 
-    def _servable(self, key: Key) -> Entry | None:
-        """The cached entry a hit may serve, or None (``__getitem__`` and ``get`` inline this)."""
-        valid_until = self._core.valid_until  # before the entry: see __getitem__
+    def _servable(self, key: Key, valid_until: float | None = None) -> Entry | None:
+        """The cached entry a hit may serve, or None (``__getitem__`` and ``get`` inline this).
+
+        Against ``fresh_until`` (leases and TTLs) unless given the hit path's ``valid_until``,
+        which is also earlier when the next turn of the feed is due (:meth:`_feed_turn`): tests
+        and tools ask whether an entry *may* be served, not whether the slow path is due."""
+        if valid_until is None:
+            valid_until = self._core.fresh_until  # before the entry: see __getitem__
         try:
             e = self._entries.get(key)
         except TypeError:  # unhashable: the slow path raises KeyTypeError
