@@ -59,6 +59,13 @@ class MapConfig:
     leases"): on the in-script pub/sub route of a standalone or Sentinel Redis that allows
     ``CLIENT TRACKING``.  Elsewhere (relayed feeds, streams, a Cluster) maps probe as before.
     False: always probe (the old behaviour)."""
+    feed_turn: float = 0.0002
+    """A thread that reads the map without ever releasing the GIL (a CPU-bound loop of hits)
+    checks about this often (seconds) whether the feed's connection has a change waiting, and
+    if so waits until the feed's thread has applied it (docs/design.md, "CPU-bound readers"):
+    the next hit then sees the write, instead of up to the GIL switch interval (5 ms) later.
+    Costs one slow-path call (~2 us) per period while a thread reads.  0: off.  The Redis
+    pub/sub and sharded pub/sub feeds only; not with ``fast_hits`` (its hits read no clock)."""
     guards: Guards = field(default_factory=Guards)
     """Test-only: switch one protection off to prove a scenario test catches the bug."""
 
@@ -79,6 +86,8 @@ class MapConfig:
                 f"wait_replicas={self.wait_replicas}, wait_timeout={self.wait_timeout}: use "
                 "0..100 replicas and 0.001..60 s"
             )
+        if self.feed_turn != 0 and not 0.00001 <= self.feed_turn <= 1:
+            raise ConfigurationError(f"feed_turn={self.feed_turn}: use 0 (off) or 0.00001..1 s")
         if self.max_value_bytes > 512 * 1024 * 1024:
             raise ConfigurationError("max_value_bytes cannot exceed Redis's 512 MiB string limit")
 

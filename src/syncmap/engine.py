@@ -242,6 +242,11 @@ class Engine(FeedLogic):
     def closed(self) -> bool:
         return self._closed.is_set()
 
+    @property
+    def subscription(self) -> Subscription | None:
+        """The feed's subscription (None before ``start``, and in a forked child until then)."""
+        return self._subscription
+
     def raise_background_error(self) -> None:
         if self.error is not None:
             err, self.error = self.error, None

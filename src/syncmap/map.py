@@ -17,7 +17,7 @@ import redis as redis_lib
 from . import forksafe
 from .codec import Codec, make_codec
 from .config import MapConfig
-from .core.nearcache import COPY, INF, Entry
+from .core.nearcache import COPY, INF, Entry, NearCache
 from .core.wire import unpack_value
 from .engine import Engine
 from .errors import ConfigurationError
@@ -47,6 +47,8 @@ log = logging.getLogger("syncmap")
 _MISSING: Any = MISSING
 _monotonic = time.monotonic
 T = TypeVar("T")
+TURN_WAIT = 0.005  # how long a reading thread waits for the feed thread (one switch interval)
+TURN_BACKOFF = 0.05  # after a turn that was not taken: check again this much later
 
 __all__ = ["FenceArg", "Statistics", "SyncMap", "Watch"]
 
@@ -165,7 +167,7 @@ class SyncMap(MapBase):
         ``max_stale_age`` never (docs/outages.md).  For tests and checkers: versions let a
         history be checked for staleness and order.
         """
-        e = None if consistent else self._servable(key)
+        e = None if consistent else self._servable(key, self._core.valid_until)
         if e is not None:
             e.hits += 1
             v = e.value if e.value is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
@@ -173,9 +175,14 @@ class SyncMap(MapBase):
         value, version, source = self._fetch(key, consistent=consistent)
         return (None if value is _MISSING else value), version, source
 
-    def _servable(self, key: Key) -> Entry | None:
-        """The cached entry a hit may serve, or None (``__getitem__`` and ``get`` inline this)."""
-        valid_until = self._core.valid_until  # before the entry: see __getitem__
+    def _servable(self, key: Key, valid_until: float | None = None) -> Entry | None:
+        """The cached entry a hit may serve, or None (``__getitem__`` and ``get`` inline this).
+
+        Against ``fresh_until`` (leases and TTLs) unless given the hit path's ``valid_until``,
+        which is also earlier when the next turn of the feed is due (:meth:`_feed_turn`): tests
+        and tools ask whether an entry *may* be served, not whether the slow path is due."""
+        if valid_until is None:
+            valid_until = self._core.fresh_until  # before the entry: see __getitem__
         try:
             e = self._entries.get(key)
         except TypeError:  # unhashable: the slow path raises KeyTypeError
@@ -186,9 +193,36 @@ class SyncMap(MapBase):
 
     def _fetch(self, key: Key, *, consistent: bool) -> tuple[Any, int, str]:
         """A read that missed the hit path: (value or _MISSING, version, provenance)."""
+        if _monotonic() >= self._core.check_at and not consistent:
+            e = self._feed_turn(key)
+            if e is not None:  # a hit after all: the hit path's check_at had come
+                e.hits += 1
+                v = e.value if e.value is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
+                return v, e.version, "local"
         ref = self._locate(key)
         return self._run(reads.read(self._state, ref.field, ref.key, ref.bucket,
                                     consistent=consistent))  # fmt: skip
+
+    def _feed_turn(self, key: Key) -> Entry | None:
+        """Every ``feed_turn`` seconds of hits, the slow path gives the feed's thread its turn:
+        if a change waits in its socket, this thread waits (GIL released) until it has been
+        applied (docs/design.md, "CPU-bound readers").  Then the entry ``key`` may be served
+        from, or None.  A feed whose subscription cannot take turns switches this off."""
+        sub = self._engine.subscription
+        if sub is not None and not sub.turns:
+            at = INF
+        else:
+            taken = sub is None or sub.give_turn(TURN_WAIT)
+            at = _monotonic() + (self.config.feed_turn if taken else TURN_BACKOFF)
+        with self._state.guard:
+            self._core.recheck(at)
+        return self._servable(key)
+
+    def _new_core(self) -> NearCache:
+        core = super()._new_core()
+        if self.config.feed_turn and not self.config.fast_hits:
+            core.check_at = -INF  # the first read's slow path asks the feed (_feed_turn)
+        return core
 
     def peek(self, key: Key) -> tuple[Any, int] | None:
         """(value, version) from this server's near cache only; no I/O.  For tests and tools."""
@@ -361,7 +395,7 @@ class SyncMap(MapBase):
     def __bool__(self) -> bool:
         """No I/O when this server caches a servable entry (a hit would prove the map held it
         within ``max_staleness``); otherwise ``len(self) > 0``."""
-        if self._entries and _monotonic() < self._core.valid_until:
+        if self._entries and _monotonic() < self._core.fresh_until:
             return True
         return len(self) > 0
 

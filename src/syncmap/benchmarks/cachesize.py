@@ -136,7 +136,7 @@ def _resync(b: Bench, m: SyncMap, n: int) -> tuple[float, str]:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with m._state.guard:
-                done = time.monotonic() < core.valid_until and not any(
+                done = time.monotonic() < core.fresh_until and not any(
                     bs.held_since != INF_NEG for bs in core.buckets
                 )
             if done and core.counters.resyncs > before:

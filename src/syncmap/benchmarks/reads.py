@@ -37,9 +37,13 @@ from .peers import (
     pottery_dict,
     redis_client_cache,
 )
+from .spinning import SpinPlan
+from .spinning import measure as measure_spinning
+from .spinning import rows as spinning_rows
 
 KEYS = 1000
 _HAS_FAST_HITS = "fast_hits" in MapConfig.__dataclass_fields__
+_HAS_FEED_TURN = "feed_turn" in MapConfig.__dataclass_fields__
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +51,7 @@ class ReadPlan:
     rounds: int
     hit_reps: int  # passes over the KEYS keys per timed hit block
     io_ops: int  # reads per timed round-trip block
+    spin: SpinPlan  # the CPU-bound reader (spinning.py)
 
 
 @dataclass(slots=True)
@@ -78,6 +83,16 @@ def run(b: Bench, plan: ReadPlan) -> Section:
             with contextlib.suppress(Exception):
                 close()
     rows = _rows(s, f)
+    spun, spin_absent = measure_spinning(b, plan.spin)
+    rows += spinning_rows(spun, spin_absent)
+    f.notes.append(
+        f"CPU-bound reader rows: a writer process wrote one key {plan.spin.writes} times, "
+        f"~{plan.spin.gap * 1e3:g} ms apart; this process's main thread read it in a loop that "
+        "never releases the GIL. Delay: from the write's acknowledgement (writer's "
+        "CLOCK_MONOTONIC) to the end of the first read returning it; stale: a read that started "
+        "after the acknowledgement returned an older value. Reads made: "
+        + ", ".join(f"{k} {r.reads:,}" for k, r in spun.items())
+    )
     if f.miss is not None and (hits := f.miss.statistics().hits):
         f.notes.append(f"{hits} reads of the capacity=0 map were hits: the miss figures are off")
     series = {"median_ns": {name: median(xs) for name, xs in s.items()}, "absent": f.absent}
@@ -104,6 +119,11 @@ def _local(b: Bench, f: Field, values: dict[Any, Any], plan: ReadPlan) -> None:
     f.add("dict get", lambda: loop_get(d, keys, reps))
     f.add("bare loop", lambda: loop_empty(d, keys, reps))
     f.add("dict + Lock", lambda: loop_getitem(locked, keys, reps))
+    if _HAS_FEED_TURN:  # the cost of the periodic turn (docs/design.md, "CPU-bound readers")
+        off = b.open("hits-noturn", feed_turn=0)
+        off.update(values)
+        warm(off, keys)
+        f.add("syncmap hit (feed_turn=0)", lambda: loop_getitem(off, keys, reps))
     if _HAS_FAST_HITS:
         fast = b.open("hits-fast", fast_hits=True)
         fast.update(values)
@@ -190,10 +210,12 @@ _ROWS: list[tuple[str, str, str, str, float | None]] = [
      4),
     ("hit_fast", "near-cache hit, `MapConfig(fast_hits=True)`, vs `d[k]`",
      "syncmap hit (fast_hits)", "dict", 4),
+    ("hit_turn", "near-cache hit vs the same with `feed_turn=0` (the turn's cost)",
+     "syncmap hit", "syncmap hit (feed_turn=0)", 1.05),
     ("hit_locked", "near-cache hit vs a dict behind a `threading.Lock`", "syncmap hit",
      "dict + Lock", None),
     ("hit_csc", "near-cache hit vs redis-py client-side cache hit (`CacheConfig`, RESP3)",
-     "syncmap hit", "redis-py cache hit", 1),
+     "syncmap hit", "redis-py cache hit", 0.01),
     ("hit_cashews", "near-cache hit vs cashews client-side cache hit (asyncio)", "syncmap hit",
      "cashews hit", None),
     ("hit_pottery", "near-cache hit vs pottery `RedisDict[k]`", "syncmap hit",

@@ -14,7 +14,8 @@ from .method import CAVEAT, TIMES, Row, Section, fmt_ratio, table
 
 HEADLINE = (
     "reads.hit_dict", "reads.hit_locked", "reads.hit_csc", "reads.hit_cashews",
-    "reads.hit_pottery", "reads.miss_hget", "writes.set_hset", "writes.update", "writes.cas",
+    "reads.hit_pottery", "reads.spin_p50", "reads.spin_p99", "reads.miss_hget",
+    "writes.set_hset", "writes.update", "writes.cas",
     "propagation.redis pub/sub.8.p50", "propagation.redis pub/sub.8.p99", "locks.uncontended",
     "locks.vs_pottery", "locks.handoff.8.p50", "scaling.load", "scaling.memory",
 )  # fmt: skip

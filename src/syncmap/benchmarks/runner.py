@@ -43,6 +43,7 @@ from .handoff import HandoffPlan
 from .herd import HerdPlan
 from .method import Section
 from .peers import Unavailable
+from .spinning import SpinPlan
 
 SECTIONS = (
     "reads",
@@ -74,7 +75,7 @@ class Plan:
 
 PLANS = {
     "smoke": Plan(
-        reads.ReadPlan(rounds=1, hit_reps=2, io_ops=10),
+        reads.ReadPlan(rounds=1, hit_reps=2, io_ops=10, spin=SpinPlan(writes=20, gap=0.004)),
         writes.WritePlan(rounds=1, ops=10, bulk_n=1000, bulk_rounds=1),
         propagation.PropagationPlan(rounds=1, writes=10, gap=0.002, receivers=(1, 2)),
         feedbench.FeedPlan(propagation.PropagationPlan(rounds=1, writes=5, gap=0.002,
@@ -98,7 +99,7 @@ PLANS = {
                         monitor=0.5),
     ),
     "quick": Plan(
-        reads.ReadPlan(rounds=21, hit_reps=30, io_ops=150),
+        reads.ReadPlan(rounds=21, hit_reps=30, io_ops=150, spin=SpinPlan(writes=300, gap=0.004)),
         writes.WritePlan(rounds=15, ops=150, bulk_n=100_000, bulk_rounds=1),
         propagation.PropagationPlan(rounds=3, writes=100, gap=0.003, receivers=(1, 4, 8)),
         feedbench.FeedPlan(propagation.PropagationPlan(rounds=2, writes=100, gap=0.003,
@@ -123,7 +124,7 @@ PLANS = {
                         monitor=2.0),
     ),
     "full": Plan(
-        reads.ReadPlan(rounds=31, hit_reps=100, io_ops=300),
+        reads.ReadPlan(rounds=31, hit_reps=100, io_ops=300, spin=SpinPlan(writes=1000, gap=0.004)),
         writes.WritePlan(rounds=21, ops=300, bulk_n=100_000, bulk_rounds=3),
         propagation.PropagationPlan(rounds=5, writes=200, gap=0.003, receivers=(1, 2, 4, 8, 16)),
         feedbench.FeedPlan(propagation.PropagationPlan(rounds=3, writes=200, gap=0.003,

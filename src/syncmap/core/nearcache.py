@@ -311,10 +311,16 @@ class NearCache:
         self._hits_shown = 0  # the largest hits_estimate() returned (it never goes back)
         self._answered = -INF  # send time of the newest probe that read any bucket
         self._down = False  # between on_feed_down and on_feed_up: no vouch counts
-        self.valid_until = -INF
+        self.fresh_until = -INF
         """Every cached entry may be served until then (earliest lease or TTL deadline, less
-        ``margin``).  The hit path compares the clock with this one number, so a process resumed
-        from a pause (SIGSTOP, a long GIL-holding call) never serves what expired meanwhile."""
+        ``margin``; -inf while a bucket is stale or held)."""
+        self.check_at = INF
+        """When the sync map's slow path next lets the feed's thread run (``SyncMap`` sets it,
+        :meth:`recheck`; docs/design.md, "CPU-bound readers").  +inf: never (the default)."""
+        self.valid_until = -INF
+        """``min(fresh_until, check_at)``: the hit path compares the clock with this one number,
+        so a process resumed from a pause (SIGSTOP, a long GIL-holding call) never serves what
+        expired meanwhile, and a thread spinning on hits reaches the slow path by ``check_at``."""
 
     # ---- fills -------------------------------------------------------------------------------
 
@@ -368,7 +374,7 @@ class NearCache:
         if deadline != INF:  # before the entry is visible: the hit path reads valid_until first
             heapq.heappush(self._ttl, (deadline, version, token.key))
             self.reap_until = max(self.reap_until, deadline)
-            self.valid_until = min(self.valid_until, deadline - self.margin)
+            self._lower(deadline - self.margin)
         entry = Entry(value, raw, version, token.bucket, token.key.__class__, deadline)
         self.entries[token.key] = entry
         self._held[token.bucket].add(token.key)
@@ -425,7 +431,7 @@ class NearCache:
                 continue
             if deadline != INF:
                 heapq.heappush(self._ttl, (deadline, version, key))
-                self.valid_until = min(self.valid_until, deadline - self.margin)
+                self._lower(deadline - self.margin)
                 self.reap_until = max(self.reap_until, deadline)
             held[key] = Entry(value, raw, version, bucket, key.__class__, deadline)
             index(key)
@@ -874,8 +880,21 @@ class NearCache:
                 stale, any_stale = min(stale, b.stale_until), True
             if b.held_since != -INF:  # held entries are never hits: the slow path asks cached()
                 stale, any_stale = min(stale, b.held_since + self.hold_limit), True
-        self.valid_until = -INF if any_stale else wake - self.margin
+        self.fresh_until = -INF if any_stale else wake - self.margin
+        self.valid_until = min(self.fresh_until, self.check_at)
         return min(wake, stale) - self.margin
+
+    def _lower(self, deadline: float) -> None:
+        """An entry that expires at ``deadline`` is about to be installed."""
+        self.fresh_until = min(self.fresh_until, deadline)
+        self.valid_until = min(self.valid_until, deadline)
+
+    def recheck(self, at: float) -> None:
+        """The map's slow path has let the feed's thread run: hits may go on until ``at`` (or
+        ``fresh_until``) before it runs again.  Under the map's guard, as every other write of
+        ``valid_until``: a deadline lowered meanwhile by another thread is never raised back."""
+        self.check_at = at
+        self.valid_until = min(self.fresh_until, at)
 
     def _restart_bucket(
         self, i: int, epoch: int | None, seq: int, sent_at: float, digest: str | None = None

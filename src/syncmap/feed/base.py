@@ -74,8 +74,17 @@ class FeedHandler:
 class Subscription(ABC):
     """A live subscription; ``close()`` stops deliveries (idempotent)."""
 
+    turns: ClassVar[bool] = False
+    """:meth:`give_turn` can help: a thread of this process reads the feed's sockets."""
+
     @abstractmethod
     def close(self) -> None: ...
+
+    def give_turn(self, timeout: float) -> bool:
+        """Called by a thread holding the GIL: if the feed's thread has data waiting, wait
+        (GIL released) until it has handled some, at most ``timeout`` s (``pubsub.Subscriber``
+        says why).  False: it waited in vain.  By default nothing to do."""
+        return True
 
 
 class Feed(ABC):

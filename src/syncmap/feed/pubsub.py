@@ -36,6 +36,7 @@ import atexit
 import contextlib
 import itertools
 import logging
+import select
 import threading
 import time
 from collections import deque
@@ -160,6 +161,12 @@ class Subscriber(ReaderHooks):
         self._retrack_at = float("inf")  # reconnect then to track a newly attached map
         self._pings: deque[tuple[bytes, float]] = deque()  # vouch PINGs awaiting their PONG
         self._nonces = itertools.count(1)
+        # A reading thread's turn for this reader (:meth:`give_turn`): the socket's poll object,
+        # replies dispatched so far, and whether a thread waits for the next one.
+        self._poller: Any = None  # select.poll() on the connection's socket
+        self._dispatched = 0
+        self._wanted = False
+        self._progress = threading.Event()
         if self.follows_topology:
             topology.on_change(self._master_changed)
         self._thread = threading.Thread(target=self._run, name="syncmap-subscriber", daemon=True)
@@ -239,6 +246,40 @@ class Subscriber(ReaderHooks):
             with contextlib.suppress(Exception):
                 conn.disconnect()
 
+    def give_turn(self, timeout: float) -> bool:
+        """Let this reader handle what waits in its socket; called by a thread that holds the
+        GIL (a map's slow path, every ``MapConfig.feed_turn``; docs/design.md, "CPU-bound
+        readers").  False: data waited and nothing was dispatched within ``timeout``.
+
+        Why: the reader sleeps in poll() with the GIL released; when a message arrives it needs
+        the GIL back, and a thread spinning on cache hits keeps it for up to the switch interval
+        (5 ms) before CPython makes it let go.  So a reading thread that finds this socket
+        readable waits (GIL released) until the reader has dispatched a reply.  Nothing here
+        reads the socket or applies a message: that stays this reader's job, in its order, so
+        the PING leases' ordering (a PONG after the messages before it) is untouched.
+
+        Order of events, and why no wake-up is lost: note ``seen`` -> ask (``_wanted``) ->
+        clear the event -> if a dispatch happened since ``seen``, go on -> wait.  A dispatch
+        before the clear is caught by the count; one after it finds ``_wanted`` and sets the
+        event.  A reply that never completes costs ``timeout``; the caller then backs off."""
+        poller = self._poller
+        if poller is None or threading.get_ident() == self._thread.ident:
+            return True  # no connection, or called from a callback on this very thread
+        # poll(), not select() (which refuses fds past 1024).  One poll object per connection;
+        # two threads polling it at once make CPython raise: the second then skips its turn.
+        # Any event counts: a hang-up or a closed fd (the reader reconnects) costs one wait.
+        try:
+            if not poller.poll(0):
+                return True
+        except (RuntimeError, OSError):
+            return True
+        seen = self._dispatched
+        self._wanted = True
+        self._progress.clear()
+        if self._dispatched != seen:
+            return True
+        return self._progress.wait(timeout)
+
     # ---- the reader thread -------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -297,6 +338,9 @@ class Subscriber(ReaderHooks):
                 for ch in self._handlers:
                     conn.send_command(self.dialect.subscribe, ch)
                 self._conn = conn
+                poller = select.poll()
+                poller.register(conn._sock.fileno(), select.POLLIN)
+                self._poller = poller
         except BaseException:
             with self._lock:
                 if self._dialing is conn:
@@ -377,6 +421,10 @@ class Subscriber(ReaderHooks):
                 continue
             heard, pinged = time.monotonic(), 0.0
             self._dispatch(reply)
+            self._dispatched += 1
+            if self._wanted:  # a reading thread gave us its turn (give_turn): it may go on
+                self._wanted = False
+                self._progress.set()
 
     def _vouch_every(self) -> float:
         """How often to send a vouch PING: the shortest a tracked map asks; 0: none."""
@@ -484,6 +532,7 @@ class Subscriber(ReaderHooks):
         with self._lock:
             conn, self._conn = self._conn, None
             dialing, self._dialing = self._dialing, None
+            self._poller = None
         for c in (conn, dialing):
             if c is not None:
                 with contextlib.suppress(Exception):

@@ -49,9 +49,15 @@ class RedisPubSubFeed(RedisFeed):
 
 
 class _PubSubSubscription(Subscription):
+    turns = True
+
     def __init__(self, feed: RedisPubSubFeed, handler: Handler) -> None:
         self.feed, self.handler = feed, handler
         self.subscriber: Subscriber | None = None
+
+    def give_turn(self, timeout: float) -> bool:
+        sub = self.subscriber
+        return True if sub is None else sub.give_turn(timeout)
 
     def close(self) -> None:
         sub, self.subscriber = self.subscriber, None

@@ -210,10 +210,16 @@ class RedisShardedFeed(RedisFeed):
 
 
 class _ShardedSubscription(Subscription):
+    turns = True
+
     def __init__(self, topology: ClusterTopology, channels: ChannelSet) -> None:
         self.topology = topology
         self.attached = channels.handlers()
         self.subscriber: ShardedSubscriber | None = None
+
+    def give_turn(self, timeout: float) -> bool:
+        sub = self.subscriber
+        return True if sub is None else sub.give_turn(timeout)
 
     def attach(self) -> None:
         for channel, handler in self.attached:

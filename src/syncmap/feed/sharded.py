@@ -96,6 +96,17 @@ class ShardedSubscriber(ShardedCore[NodeSubscriber]):
         ShardedSubscriber._registry = {}
         ShardedSubscriber._registry_lock = threading.Lock()
 
+    def give_turn(self, timeout: float) -> bool:
+        """``Subscriber.give_turn`` for each master's reader (one poll() each)."""
+        with self._lock:
+            nodes = list(self._nodes.values())
+        if any(threading.get_ident() == node._thread.ident for node in nodes):
+            return True  # from a callback on a reader: it may be what another one waits for
+        ok = True
+        for node in nodes:
+            ok = node.give_turn(timeout) and ok
+        return ok
+
     def _open_node(self, address: str) -> NodeSubscriber:
         return NodeSubscriber(self._topology.node(address), self)
 

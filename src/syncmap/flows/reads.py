@@ -27,11 +27,11 @@ def read(s: MapState, field: bytes, nkey: Key, bucket: int, *, consistent: bool
     hit = None
     with s.guard:
         core = s.core
-        if now >= core.valid_until:
+        if now >= core.fresh_until:
             core.tick(now)  # do not wait for the timer thread (we may have been paused)
-        if now >= core.valid_until and not consistent:
+        if now >= core.fresh_until and not consistent:
             # While a bucket is stale (serve_stale) or held (lapsed, waiting for a probe to
-            # revalidate it), valid_until is in the past and every read comes here: serve what
+            # revalidate it), fresh_until is in the past and every read comes here: serve what
             # its own bucket's lease (or the outage policy) allows, without a round trip.
             hit = core.cached(nkey, now)
             if hit is not None and (hit[0].bucket != bucket or hit[0].kc is not nkey.__class__):

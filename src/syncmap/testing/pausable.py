@@ -69,7 +69,7 @@ def _settled(m: SyncMap) -> bool:
     core = m._core
     with m._state.guard:
         held = any(b.held_since != -INF for b in core.buckets)
-        return not held and time.monotonic() < core.valid_until
+        return not held and time.monotonic() < core.fresh_until
 
 
 def _check(m: SyncMap, n: int, written: dict[str, Any]) -> Check:
