@@ -582,7 +582,10 @@ class ClusterSet:
         """FLUSHALL on every master of this cluster, and WAIT until its replicas did it too."""
         for master in self.masters():
             self._run(master, "FLUSHALL")
-            self._run(master, "WAIT", len(self.replicas_of(master)), 5000)
+            # Not on the probe client: its 0.5 s socket timeout cut this WAIT short once (load 7
+            # on 2 cores, right after S27-cluster's run), failing the next test's set-up.
+            with contextlib.closing(master.client(**{**PROBE, "socket_timeout": 6.0})) as c:
+                c.execute_command("WAIT", len(self.replicas_of(master)), 5000)  # type: ignore[no-untyped-call]
 
     # ---- waiting -------------------------------------------------------------------------------
 
