@@ -231,6 +231,45 @@ def test_a_hung_masters_buckets_lapse_and_the_others_stay_renewed(
         announced.proxy.heal()
 
 
+def _presence_on(cluster: ClusterSet, victim: ClusterNodeProcess) -> str:
+    """A map name whose presence hash is on ``victim``, which owns some of its buckets."""
+    for i in range(1000):
+        name, layout = f"hungp{i}", Layout("sm", f"hungp{i}", BUCKETS)
+        mine = [b for b in range(BUCKETS) if _owner(cluster, name, b) is victim]
+        if cluster.master_for_slot(slot_for(layout.presence)) is victim and 0 < len(mine) < 16:
+            return name
+    raise AssertionError("no map name puts its presence hash on the victim")
+
+
+def test_a_presence_write_to_the_hung_master_holds_no_probe_back(
+    hung: tuple[ClusterSet, Announced],
+) -> None:
+    """The map's presence hash on the hung master, due every 0.1 s: written on the probe thread
+    between probes, it waited ``call_timeout`` there and the next probe came too late for the
+    other masters' leases.  Now it waits while probes go unanswered: none of theirs lapses."""
+    cluster, announced = hung
+    name = _presence_on(cluster, announced.node)
+    theirs = [b for b in range(BUCKETS) if _owner(cluster, name, b) is announced.node]
+    kept = [k for k in KEYS if _bucket(k) not in theirs]
+    cfg = MapConfig(max_staleness=DELTA, call_timeout=DEADLINE, socket_timeout=1.0,
+                    presence_interval=0.1)  # fmt: skip
+    with SyncMap(name, cluster.url, config=cfg) as m:
+        m.update({k: 0 for k in KEYS})
+        wait_until(lambda: all(m[k] == 0 and m._servable(k) is not None for k in kept), 2.0,
+                   "every other master's key cached")  # fmt: skip
+        lapses = m.statistics().lease_lapses
+        announced.proxy.blackhole()
+        try:
+            time.sleep(4 * DELTA)  # the hang itself: its length is what is observed
+            hits = m.statistics().hits
+            assert all(m[k] == 0 for k in kept)
+            assert m.statistics().hits == hits + len(kept), "another master's entry was dropped"
+            lapsed = m.statistics().lease_lapses - lapses
+            assert lapsed <= len(theirs), f"{lapsed} leases lapsed, {len(theirs)} on the hung one"
+        finally:
+            announced.proxy.heal()
+
+
 async def test_an_async_maps_probe_too_renews_the_answering_masters_buckets(
     hung: tuple[ClusterSet, Announced],
 ) -> None:
