@@ -66,6 +66,7 @@ class Engine(FeedLogic):
         self._vouched_at = -float("inf")
         self._probed_at = -float("inf")
         self._probe_wanted = False
+        self._probe_complete = True  # the last probe was answered for every bucket
         self.feed = feed
         self.executor = executor
         # The periodic probes' executor (a Cluster map's waits at most probe_deadline); the
@@ -268,7 +269,10 @@ class Engine(FeedLogic):
     def probe_once(self, executor: Executor | None = None) -> None:
         """One probe (``flows.admin.probe``), and what it found damaged reported."""
         self._probed_at = time.monotonic()
-        self.report(run(admin.probe(self.state), executor or self.executor, self.relay))
+        self._probe_complete = False
+        result = run(admin.probe(self.state), executor or self.executor, self.relay)
+        self._probe_complete = all(state is not None for state in result.states)
+        self.report(result)
 
     # ---- PING leases (the subscriber's thread calls these) -----------------------------------
 
@@ -306,17 +310,25 @@ class Engine(FeedLogic):
         """Write the presence records of this process's maps on this store if due (this map's
         thread or another's: ``presence.Board``); a failure is only logged."""
         if self._board is not None:
-            self._presence_due = self._board.refresh(self.executor)
+            self._presence_due = self._board.refresh(self.prober)
 
     def _probe_loop(self) -> None:
         next_probe = time.monotonic() + self.interval
         while not self._closed.is_set():
-            due = min(next_probe, self._presence_due) if self._board else next_probe
+            # Presence waits while the last probe went unanswered anywhere (a Cluster master,
+            # or the store, hung or down): written on this thread, it would wait out the
+            # executor's deadline there and hold the next probe back by as much.  Order that
+            # prevents: one master hangs; a probe waits probe_deadline for it; the presence
+            # write, its hash on that master, waits 0.25 s more; the next probe waits again:
+            # the other masters' buckets, renewed to the first probe's send time + Δ, lapsed
+            # before the next renewal (S27-cluster, 236 reads flagged stale).
+            presence = self._board is not None and self._probe_complete
+            due = min(next_probe, self._presence_due) if presence else next_probe
             woken = self._probe_now.wait(max(due - time.monotonic(), 0.0))
             self._probe_now.clear()
             if self._closed.is_set():
                 return
-            if self._board is not None and time.monotonic() >= self._presence_due:
+            if presence and time.monotonic() >= self._presence_due:
                 self._refresh_presence()
                 if not woken and time.monotonic() < next_probe:
                     continue

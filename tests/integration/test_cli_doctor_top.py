@@ -139,7 +139,8 @@ def test_a_process_refreshes_its_maps_presence_in_one_round_trip(
     try:
         for m in maps:
             counter = _Counting(m._engine.executor)
-            m._engine.executor = counter  # type: ignore[assignment]
+            # Presence goes through the probe executor (on one Redis, the map's executor).
+            m._engine.executor = m._engine.prober = counter  # type: ignore[assignment]
             counters.append(counter)
         wait_until(lambda: sum(len(c.trips) for c in counters) >= 8, 10, "8 presence refreshes")
         trips = [n for c in counters for n in c.trips]

@@ -15,6 +15,7 @@ lease ran out together."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 
@@ -24,6 +25,7 @@ from syncmap import MapConfig, SyncMap, aio
 from syncmap.errors import StoreUnavailable, WriteOutcomeUnknown
 from syncmap.keys import Layout, bucket_of, encode_key
 from syncmap.store.cluster import ClusterTopology, slot_for
+from syncmap.store.node import NodeExecutor
 from syncmap.store.topology import open_topology
 from syncmap.testing.clusternode import ClusterNodeProcess
 from syncmap.testing.clusterproxy import Announced, announced_proxy
@@ -108,6 +110,62 @@ def test_a_hung_masters_part_of_a_partial_write_is_unknown_in_its_place(
         ex.close()
 
 
+def test_a_hung_master_costs_a_partial_call_its_deadline_and_one_slot_map_read(
+    hung: tuple[ClusterSet, Announced], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the hung master's connection is lost, each call (each probe) finds the slot map
+    stale and reads it, then connects to that master anew.  The call must end at its deadline:
+    no second read of the map after the master failed (the map was read during the call), and
+    the new connection's handshake given only what is left of the deadline."""
+    cluster, announced = hung
+    theirs, ours = _executor_batch(cluster, announced.node)
+    topology = _topology(cluster)
+    ex = topology.executor(timeout=2.0, deadline=DEADLINE)
+    me, reads, refresh = threading.current_thread(), [0], topology.refresh
+
+    def counted() -> None:  # this thread's reads of the slot map (a mover may read it too)
+        reads[0] += threading.current_thread() is me
+        refresh()
+
+    monkeypatch.setattr(topology, "refresh", counted)
+    try:
+        ex.call([("SET", k, 1) for k in theirs + ours], write=True)
+        announced.proxy.blackhole()
+        ex.call([("INCR", k) for k in theirs + ours], write=True, partial=True)  # conn lost
+        for n in range(3, 6):
+            reads[0] = 0
+            begun = time.monotonic()
+            replies = ex.call([("INCR", k) for k in theirs + ours], write=True, partial=True)
+            took = time.monotonic() - begun
+            assert all(isinstance(r, StoreUnavailable) for r in replies[: len(theirs)])
+            assert replies[len(theirs) :] == [n] * len(ours)
+            assert reads[0] == 1, f"the slot map read {reads[0]} times in one call"
+            assert took < 2 * DEADLINE, f"a call took {took:.3f} s (deadline {DEADLINE} s)"
+    finally:
+        announced.proxy.heal()
+        ex.close()
+
+
+def test_a_connection_made_late_in_a_call_shakes_hands_within_its_deadline(
+    hung: tuple[ClusterSet, Announced],
+) -> None:
+    """A new connection to a hung master, made with 0.1 s of a 1 s deadline left, gives up
+    after that 0.1 s (connect and handshake), not after the connection's socket timeout."""
+    cluster, announced = hung
+    node = _topology(cluster).node(f"{announced.proxy.host}:{announced.proxy.port}")
+    ex = NodeExecutor(node, timeout=2.0, deadline=1.0)
+    announced.proxy.blackhole()
+    try:
+        begun = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="nothing was sent"):
+            ex.send([("INCR", "k")], write=True, until=begun + 0.1)
+        took = time.monotonic() - begun
+        assert took < 0.3, f"the handshake waited {took:.3f} s"
+    finally:
+        announced.proxy.heal()
+        ex.close()
+
+
 async def test_the_async_executor_too_reports_a_hung_master_in_its_place(
     hung: tuple[ClusterSet, Announced],
 ) -> None:
@@ -171,6 +229,45 @@ def test_a_hung_masters_buckets_lapse_and_the_others_stay_renewed(
         assert _gone(m, cut)
         assert all(m[k] == 1 for k in kept)
         announced.proxy.heal()
+
+
+def _presence_on(cluster: ClusterSet, victim: ClusterNodeProcess) -> str:
+    """A map name whose presence hash is on ``victim``, which owns some of its buckets."""
+    for i in range(1000):
+        name, layout = f"hungp{i}", Layout("sm", f"hungp{i}", BUCKETS)
+        mine = [b for b in range(BUCKETS) if _owner(cluster, name, b) is victim]
+        if cluster.master_for_slot(slot_for(layout.presence)) is victim and 0 < len(mine) < 16:
+            return name
+    raise AssertionError("no map name puts its presence hash on the victim")
+
+
+def test_a_presence_write_to_the_hung_master_holds_no_probe_back(
+    hung: tuple[ClusterSet, Announced],
+) -> None:
+    """The map's presence hash on the hung master, due every 0.1 s: written on the probe thread
+    between probes, it waited ``call_timeout`` there and the next probe came too late for the
+    other masters' leases.  Now it waits while probes go unanswered: none of theirs lapses."""
+    cluster, announced = hung
+    name = _presence_on(cluster, announced.node)
+    theirs = [b for b in range(BUCKETS) if _owner(cluster, name, b) is announced.node]
+    kept = [k for k in KEYS if _bucket(k) not in theirs]
+    cfg = MapConfig(max_staleness=DELTA, call_timeout=DEADLINE, socket_timeout=1.0,
+                    presence_interval=0.1)  # fmt: skip
+    with SyncMap(name, cluster.url, config=cfg) as m:
+        m.update({k: 0 for k in KEYS})
+        wait_until(lambda: all(m[k] == 0 and m._servable(k) is not None for k in kept), 2.0,
+                   "every other master's key cached")  # fmt: skip
+        lapses = m.statistics().lease_lapses
+        announced.proxy.blackhole()
+        try:
+            time.sleep(4 * DELTA)  # the hang itself: its length is what is observed
+            hits = m.statistics().hits
+            assert all(m[k] == 0 for k in kept)
+            assert m.statistics().hits == hits + len(kept), "another master's entry was dropped"
+            lapsed = m.statistics().lease_lapses - lapses
+            assert lapsed <= len(theirs), f"{lapsed} leases lapsed, {len(theirs)} on the hung one"
+        finally:
+            announced.proxy.heal()
 
 
 async def test_an_async_maps_probe_too_renews_the_answering_masters_buckets(

@@ -241,3 +241,70 @@ async def _poll(predicate: Callable[[], bool], what: str, timeout: float = 5.0) 
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.005)  # polling, with a deadline
+
+
+# ---- a slot moved: the channel's sunsubscribe takes the same replay ----------------------------
+
+
+def _moved_run(cs: ClusterSet, guards: Guards) -> tuple[Statistics, Statistics, dict[str, Any],
+                                                        str, list[str]]:  # fmt: skip
+    """A reader caching every key; one bucket's slot migrated (the classic way) to another
+    master while a writer writes one key of it.  Returns the reader's statistics before and
+    after (the channel back on the new owner and replayed or given up, then two probes), what
+    it caches then, the written key and the bucket's untouched keys.  The slot goes back to its
+    first owner afterwards (the module's cluster is left as found).
+
+    Order: the process's sharded subscriber is held (as in :func:`_cut_and_write`) from before
+    the migration until the writes are done -> SETSLOT NODE everywhere: the old owner pushes
+    ``sunsubscribe`` for the bucket's channel (its node reader waits for the hold to report it)
+    -> the writer, redirected by MOVED, writes on the new owner, where nothing of this process
+    subscribes the channel yet: every one of those messages is missed -> released: on_down,
+    re-SSUBSCRIBE on the new owner, confirmed -> the log, moved with the slot, is replayed."""
+    bucket = next(b for b in range(16) if sum(_bucket(k) == b for k in KEYS) >= 3)
+    written, *kept = [k for k in KEYS if _bucket(k) == bucket]
+    slot = slot_for(Layout("sm", "moved", 16).data(bucket))
+    source = cs.master_for_slot(slot)
+    target = next(m for m in cs.masters() if m is not source)
+    cfg = MapConfig(max_staleness=SLOW_PROBE, guards=guards)
+    try:
+        with SyncMap("moved", cs.url, feed=STREAM, config=cfg) as reader, \
+                SyncMap("moved", cs.url, feed=STREAM) as writer:  # fmt: skip
+            writer.update({k: 0 for k in KEYS})
+            assert all(reader[k] == 0 for k in KEYS)
+            before = reader.statistics()
+            sub = ShardedSubscriber._registry[writer._topology.key]
+            with sub._lock:
+                cs.migrate_slot(slot, target)
+                for n in range(3):
+                    writer[written] = 100 + n
+            assert cs.master_for_slot(slot) is target
+            if guards.log_replay:
+                wait_until(lambda: _replay_rounds(reader.statistics(), before) >= 1, 5.0,
+                           "the moved channel back and replayed (or given up)")  # fmt: skip
+            probes = reader._core._probes  # as in _cut_run: two probes cover the repair
+            wait_until(lambda: reader._core._probes >= probes + 2, 3 * SLOW_PROBE,
+                       "two probes after the channel moved")  # fmt: skip
+            cached = {k: _cached(reader, k) for k in KEYS}
+            assert reader[written] == 102  # never stale
+            return before, reader.statistics(), cached, written, kept
+    finally:
+        cs.migrate_slot(slot, source)
+
+
+def test_a_moved_slot_replays_its_buckets_log_and_flushes_nothing(
+    shared_cluster: ClusterSet,
+) -> None:
+    before, after, cached, written, kept = _moved_run(shared_cluster, Guards())
+    assert after.log_replays > before.log_replays
+    assert after.log_replayed_messages >= before.log_replayed_messages + 3  # all three missed
+    assert after.log_replay_fallbacks == before.log_replay_fallbacks
+    assert after.resyncs == before.resyncs, "the moved bucket was flushed"
+    assert all(cached[k] == 0 for k in kept), "an untouched entry of the moved bucket was dropped"
+    assert cached[written] in (None, 102)
+
+
+def test_control_replay_off_a_moved_slot_flushes_its_bucket(shared_cluster: ClusterSet) -> None:
+    before, after, cached, _, kept = _moved_run(shared_cluster, Guards(log_replay=False))
+    assert after.log_replays == before.log_replays
+    assert after.resyncs > before.resyncs
+    assert any(cached[k] is None for k in kept)

@@ -5,11 +5,11 @@ deletes its keys).
 
 * S26-cluster: pool children and a forked child on ``redis+cluster://`` maps and ``map.lock``
   locks; its control (``forksafe`` off) must fail.
-* S27-cluster: only the control runs here (``stale_bound`` off: the cut master's entries served
-  past ``max_stale_age``, which the sweep must catch).  The guarded run fails today: while one
-  master is black-holed, every probe of the map fails as a whole (docs/outages.md §Cluster), so
-  the other masters' buckets lose their leases too and serve_stale flags their reads stale; it
-  runs in ``syncmap torture --only S27-cluster`` until that is fixed.
+* S27-cluster: one master black-holed for ``max_stale_age`` + 1 s, both policies, one round
+  each: the cut master's buckets keep the policy, the other masters' are served fresh (none
+  flagged stale: their leases stay renewed while every probe waits ``probe_deadline`` for the
+  hung master, docs/outages.md §Cluster).  Its control (``stale_bound`` off: the cut master's
+  entries served past ``max_stale_age``) must fail.
 
 ``syncmap torture --only S26-cluster,S27-cluster --controls`` runs the long forms."""
 
@@ -63,6 +63,15 @@ def test_s26_cluster_without_forksafe_children_share_the_parents_connections(
         "the oracles caught nothing"
     )
     assert not r.passed
+
+
+def test_s27_cluster_one_hung_master_leaves_the_others_buckets_fresh(
+    env: Env, shared_cluster: ClusterSet
+) -> None:
+    r = show(s27_cluster(env, 0.0, cluster=shared_cluster))
+    f = r.figures
+    assert f["cut_writes_during_cut"] > 0 and f["others_reads"] > 0
+    assert r.passed, r.failures
 
 
 def test_s27_cluster_without_the_stale_bound_serves_past_max_stale_age(

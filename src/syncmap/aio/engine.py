@@ -168,7 +168,10 @@ class AsyncEngine(FeedLogic):
                 self.publish_failed(exc)
 
     async def probe_once(self, executor: AsyncExecutor | None = None) -> None:
-        self.report(await run(admin.probe(self.state), executor or self.executor, self.relay))
+        self._probe_complete = False
+        result = await run(admin.probe(self.state), executor or self.executor, self.relay)
+        self._probe_complete = all(state is not None for state in result.states)
+        self.report(result)
 
     async def _refresh_presence(self) -> None:
         if self._presence is None:
@@ -177,7 +180,7 @@ class AsyncEngine(FeedLogic):
             data = json.dumps(self._presence(), separators=(",", ":"))
             key = self.cmds.layout.presence
             ttl_ms = max(1, round(self._presence_every * 3000))
-            await self.executor.call(
+            await self.prober.call(
                 [("HSET", key, self.cmds.origin, data), ("PEXPIRE", key, ttl_ms)], write=True
             )
             self._presence_written = True
@@ -189,13 +192,16 @@ class AsyncEngine(FeedLogic):
         next_probe = loop.time() + self.interval
         next_presence = loop.time() + self._presence_every
         while not self._closed:
-            due = min(next_probe, next_presence) if self._presence else next_probe
+            # Presence waits while the last probe went unanswered anywhere (as in the thread
+            # driver's Engine._probe_loop, which says why).
+            presence = self._presence is not None and self._probe_complete
+            due = min(next_probe, next_presence) if presence else next_probe
             await _wait(self._probe_now, due - loop.time())
             woken = self._probe_now.is_set()
             self._probe_now.clear()
             if self._closed:
                 return
-            if self._presence is not None and loop.time() >= next_presence:
+            if presence and loop.time() >= next_presence:
                 next_presence = loop.time() + self._presence_every
                 await self._refresh_presence()
                 if not woken and loop.time() < next_probe:

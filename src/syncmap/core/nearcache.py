@@ -530,10 +530,11 @@ class NearCache:
         for other in self._pending.get(token.key, ()):
             other.max_seen = INF
 
-    def doubt(self, bucket: int) -> None:
+    def forget_bucket(self, bucket: int) -> None:
         """A write of unknown outcome touched keys of ``bucket`` we cannot name (a ``clear()``
         part whose master hung): forget every entry of it, and refuse the fills in flight (a
-        new generation), as :meth:`drop` does for one key.  Its lease is left as it is."""
+        new generation), as :meth:`drop` does for one key.  Its lease is left as it is (not to
+        be confused with ``BucketState.doubt``, which only keeps vouches from renewing it)."""
         self._flush(bucket, count=False)
 
     def drop(self, key: Key) -> None:

@@ -98,6 +98,7 @@ class Pending:
     """What the mover's next round starts from."""
 
     invalidate: bool = False  # read the slot map again, not the one known
+    suspects: set[str] = field(default_factory=set)  # nodes lost meanwhile: asked last
     hints: dict[int, str] = field(default_factory=dict)  # slot -> owner a MOVED named
 
 
@@ -107,6 +108,8 @@ def read_owners(
     """The owner of each slot, None where none is known now.  Blocking I/O: the mover only."""
     if pending.invalidate:
         topology.invalidate()
+    for address in pending.suspects:
+        topology.invalidate(suspect=address)
     try:
         if topology.stale:
             topology.refresh()  # once here, rather than once per slot below
@@ -417,9 +420,11 @@ class ShardedCore(Generic[N]):
 
     def node_lost(self, address: str) -> None:
         """(b) ``address``'s connection was lost (its channels were told ``on_down``), or a
-        reconnect to it failed: its slots may have another owner now."""
+        reconnect to it failed: its slots may have another owner now.  The slot map is read
+        asking it last (a hung node would hold the read for its timeout)."""
         with self._lock:
             self._pending.invalidate = True
+            self._pending.suspects.add(address)
         self._wake()
 
     def node_unsubscribed(self, address: str, channel: bytes) -> None:

@@ -226,8 +226,8 @@ def clear(s: MapState, *, fence: Fenced) -> Flow[list[Any]]:
     """Remove every entry: each bucket atomically, all in one round trip.
 
     A bucket whose part's outcome is unknown (its master hung, say) may or may not have been
-    emptied: what this server caches of it is forgotten (``NearCache.doubt``) and, once the
-    applied parts are accounted for, ``WriteOutcomeUnknown`` names those buckets."""
+    emptied: what this server caches of it is forgotten (``NearCache.forget_bucket``) and, once
+    the applied parts are accounted for, ``WriteOutcomeUnknown`` names those buckets."""
     n = s.cmds.layout.buckets
     cmds = [s.cmds.script("clear", b, fence=fence) for b in range(n)]
     with s.guard:
@@ -240,7 +240,7 @@ def clear(s: MapState, *, fence: Fenced) -> Flow[list[Any]]:
         for bucket, reply in enumerate(replies):
             if isinstance(reply, WriteOutcomeUnknown):
                 unknown.append((bucket, []))
-                s.core.doubt(bucket)
+                s.core.forget_bucket(bucket)
             elif not isinstance(reply, Exception) and reply[0]:
                 s.core.learn_epoch_if(bucket, int(reply[1]), int(reply[0]), now, before[bucket])
                 s.core.cleared(bucket, int(reply[0]))

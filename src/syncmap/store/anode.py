@@ -183,7 +183,15 @@ class AsyncNodeExecutor:
             connect_timeout = max(until - time.monotonic(), 0.001)
         conn = endpoint.async_connection(timeout=timeout, connect_timeout=connect_timeout)
         try:
-            await conn.connect()
+            if until is None:
+                await conn.connect()
+            else:  # the handshake too within what is left (NodeExecutor._connect says why)
+                try:
+                    async with asyncio.timeout(max(until - time.monotonic(), 0.001)):
+                        await conn.connect()
+                except TimeoutError:
+                    await conn.disconnect()
+                    raise
         except AuthenticationError as exc:
             raise ConfigurationError(f"{self.where} refused the credentials: {exc}") from exc
         except BusyLoadingError as exc:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 from urllib.parse import unquote
@@ -116,9 +117,11 @@ class ClusterTopology:
         self._nodes: dict[str, NodeTopology] = {}
         self._replicas: dict[str, list[str]] = {}  # master address -> its replicas' addresses
         self._stale = True
-        self._suspects: set[str] = set()  # nodes a connection to failed since the last read
+        # Nodes a connection to failed, asked last until one answers a slot-map read.
+        self._suspects: set[str] = set()
         self._generation = 0
         self._listeners: list[Listener] = []
+        self.read_at = -float("inf")  # monotonic time the slot map was last read (installed)
 
     def _after_fork_in_child(self) -> None:
         self._reset()  # the parent's listeners are not the child's; re-read on first use
@@ -284,10 +287,18 @@ class ClusterTopology:
                     owners, replicas = read_slot_map(self.node(address).endpoint())
                 except (redis.RedisError, OSError, ValueError) as exc:
                     errors.append((address, exc))
+                    with self._lock:
+                        self._suspects.add(address)
                     continue
                 self._install(owners, replicas)
+                # A suspect stays one until it answers: a read that another node answered
+                # says nothing of it.  Order this prevents: a hung master is a suspect; a read
+                # answered by another node cleared it; the next invalidation without a suspect
+                # (the sharded subscriber's, a redirect) put it back first in slot order, and
+                # that read waited REFRESH_TIMEOUT (1 s) on it, holding every call routed
+                # after it, the probes included (S27-cluster: a call blocked 1.17 s).
                 with self._lock:
-                    self._suspects -= suspects
+                    self._suspects.discard(address)
                 return
             raise self._no_slot_map(errors)
 
@@ -307,6 +318,7 @@ class ClusterTopology:
         with self._lock:
             changed = owners != self._owners
             self._owners, self._replicas, self._stale = owners, replicas, False
+            self.read_at = time.monotonic()
             for address in set(owners):
                 if address is not None and address not in self._nodes:
                     host, _, port = address.rpartition(":")

@@ -25,10 +25,11 @@ The contract is ``executor.py``'s, kept across nodes.  One call goes like this:
    ``StoreUnavailable`` in its place.  ``CLUSTERDOWN`` is
    ``StoreUnavailable``: nothing ran.
 4. **Failures across nodes.** A master that cannot be reached (``StoreUnavailable``: nothing
-   ran *there*) first makes the call read the slot map again, once: a master that came back
-   on another address (a restarted pod announcing a new IP or port), or whose replica already
-   took over, gets its commands sent where the map now says (they did not run, so sending them
-   is no retry of a write that may have run; that address is not tried again in this call).
+   ran *there*) first makes the call read the slot map again, once, unless the call read it
+   already: a master that came back on another address (a restarted pod announcing a new IP
+   or port), or whose replica already took over, gets its commands sent where the map now says
+   (they did not run, so sending them is no retry of a write that may have run; that address is
+   not tried again in this call).
    Still unreachable: with ``partial=True`` its commands get that error in place (the other masters'
    parts did run, as a multi-bucket write's parts may); otherwise it is raised, as
    ``WriteOutcomeUnknown`` if a write of this call already ran on another master.  A
@@ -98,6 +99,7 @@ class Routing:
     _redirected: bool = False
     _retried: bool = False
     _reread: bool = False  # the slot map was read again for an unreachable master (once a call)
+    began: float = field(default_factory=time.monotonic)
     dead: dict[str, StoreUnavailable] = field(default_factory=dict)  # unreachable this call
 
     def __post_init__(self) -> None:
@@ -188,8 +190,15 @@ class Routing:
         in a call, its commands wait for the next round, routed by the slot map read again
         (module docstring, 4); else :meth:`failed`.  Order: the node executor that failed has
         already marked the map stale; the next :meth:`groups` reads it (the asyncio driver off
-        its loop) before anything is sent."""
-        if self._reread or group.asking:
+        its loop) before anything is sent.
+
+        Not read again when it was read during this call already (the call began with a stale
+        map, as every call after a failure does): a map read milliseconds ago names the same
+        owner, and the next call reads it anyway.  Order this spares: one master hangs; each
+        probe (every Δ/4) read the map before sending, waited out the hung master, then read
+        it again before it could return, a blocking round trip *after* the deadline that
+        delayed every other master's lease renewal by as much (S27-cluster)."""
+        if self._reread or group.asking or self.topology.read_at >= self.began:
             self.failed(group, exc)
             return
         self._reread = True

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import hiredis
+from redis.connection import Connection
 from redis.exceptions import (
     AuthenticationError,
     BusyLoadingError,
@@ -287,11 +288,23 @@ class NodeExecutor:
         connect_timeout = None
         if self.deadline is not None:
             timeout = self.deadline if timeout is None else min(timeout, self.deadline)
-        if until is not None:  # connect within what is left of the call's deadline
+        handshake = timeout
+        if until is not None:  # connect, and shake hands, within what is left of the deadline
             connect_timeout = max(until - time.monotonic(), 0.001)
-        conn = endpoint.connection(timeout=timeout, connect_timeout=connect_timeout)
+            if hasattr(Connection, "update_current_socket_timeout"):  # older redis-py: as before
+                handshake = connect_timeout if timeout is None else min(timeout, connect_timeout)
+        conn = endpoint.connection(timeout=handshake, connect_timeout=connect_timeout)
         try:
             conn.connect()
+            if handshake != timeout:
+                # The handshake (CLIENT SETINFO, AUTH, SELECT: replies read with the socket
+                # timeout) waited at most what was left of the call's deadline; the connection
+                # keeps the full timeout for its later calls.  Order this prevents: a Cluster
+                # call sends to the masters it has connections to, then connects to a hung
+                # one, whose handshake then waited a whole deadline from *there*: every probe
+                # outlasted probe_deadline by what it had spent before (S27-cluster).
+                conn.socket_timeout = timeout
+                conn.update_current_socket_timeout(-1)  # -1: conn.socket_timeout
         except AuthenticationError as exc:
             raise ConfigurationError(f"{self.where} refused the credentials: {exc}") from exc
         except BusyLoadingError as exc:  # -LOADING to the handshake: nothing was sent
