@@ -129,3 +129,18 @@ def test_control_hits_during_the_sweep_serve_the_wiped_epoch(
     _restart_in_a_new_epoch(core, 0.1)
     assert core.sweeping
     assert _hit(core, "k5", DELTA) == "old5"
+
+
+def test_one_probe_frees_at_most_sweep_above_at_once() -> None:
+    """A probe restarting several buckets frees up to ``sweep_above`` entries in that step, and
+    detaches the rest: the bound is per step, not per bucket."""
+    core = NearCache(4, capacity=1000, max_staleness=DELTA, sweep_above=4)
+    core.on_probe([(1, 3)] * 4, 0.0, 0.0, core.tops())
+    for b in range(4):
+        entries = [(f"b{b}k{i}", i + 1, 1, i, None, INF) for i in range(3)]
+        assert core.complete_bulk(core.begin_bulk(b), 0.0, entries) == 3
+    core.on_probe([(2, 1)] * 4, 0.1, 0.1, core.tops())  # every bucket restarted
+    assert len(core._detached) == 3 and len(core.entries) == 9  # 3 freed at once, 9 detached
+    core.tick(0.2)
+    core.sweep()
+    assert not core.entries and not core.sweeping

@@ -107,10 +107,10 @@ HITS_SAMPLE = 4096
 entries *estimated* from this many of them (:meth:`NearCache.hits_estimate`): summing a
 million counters took 11-16 ms, a read stall every presence interval."""
 SWEEP_ABOVE = 4096
-"""A flushed bucket holding more entries than this is *detached* (O(1)) and its entries freed by
-:meth:`NearCache.sweep` in chunks, outside the map's guard between them: freeing a million
-entries in one step held the guard (and the GIL) for 0.6-0.8 s, a read stall.  Up to this many
-are freed at once, as before (about a millisecond)."""
+"""Flushes free at most this many entries at once (a few ms) between two timer ticks or probes;
+a flushed bucket past that is *detached* (O(1)) and its entries freed by :meth:`NearCache.sweep`
+in chunks, outside the map's guard between them: freeing a million entries in one step (every
+bucket restarted by one probe) held the guard and the GIL for 0.6-0.8 s, a read stall."""
 SWEEP_CHUNK = 4096
 """How many detached entries one :meth:`NearCache.sweep` step takes out (a few ms at most)."""
 COPY = object()
@@ -295,6 +295,7 @@ class NearCache:
         """A flush of more entries than this detaches them for :meth:`sweep` to free; None:
         never (``MapConfig(fast_hits=True)``: its hit path does not read ``valid_until``, so
         an entry must be gone from ``entries`` to be unservable)."""
+        self._step_freed = 0  # entries flushes freed at once since the last tick or probe
         self._detached: list[set[Key]] = []
         """Key sets of flushed buckets whose entries :meth:`sweep` has not freed yet.  While any
         is left, ``valid_until`` is in the past (:meth:`_revalidate`)."""
@@ -731,6 +732,7 @@ class NearCache:
         it; Redis dies before k@1's message reaches anyone and restarts empty; bucket and store
         both read (no epoch, seq 0), so without ``tops`` the probe would confirm k@1 forever.
         """
+        self._step_freed = 0  # one probe restarting every bucket frees at most sweep_above at once
         answered = any(state is not None for state in states)
         self._answered = max(self._answered, sent_at) if answered else self._answered
         for i, state in enumerate(states):
@@ -944,6 +946,7 @@ class NearCache:
 
     def tick(self, now: float) -> float:
         """Expire entries and revoke lapsed leases; returns when to call again."""
+        self._step_freed = 0
         while self._ttl and self._ttl[0][0] <= now + self.margin:
             _, version, key = heapq.heappop(self._ttl)
             e = self.entries.get(key)
@@ -1014,11 +1017,11 @@ class NearCache:
     def _flush(self, bucket: int, count: bool = True) -> None:
         """Forget every entry of ``bucket`` and refuse its fills in flight (a new generation).
 
-        Up to ``sweep_above`` entries are freed here.  More are *detached* in O(1): the
-        bucket's key set is swapped for an empty one, which makes each of its entries dead
-        (:meth:`_live`), and :meth:`sweep` frees them later in chunks, outside the guard in
-        between (freeing a million entries here held the guard 0.6-0.8 s: every read that
-        missed waited that long).  Order of events, all but the reader's under the guard:
+        Up to ``sweep_above`` entries per tick or probe are freed here.  Past that a bucket is
+        *detached* in O(1): its key set is swapped for an empty one, which makes each of its
+        entries dead (:meth:`_live`), and :meth:`sweep` frees them later in chunks, outside the
+        guard in between (freeing a million entries here held the guard 0.6-0.8 s: every read
+        that missed waited that long).  Order of events, all but the reader's under the guard:
 
         1. ``valid_until = -INF``, then the set is swapped and ``gen`` bumped.  A hit that read
            ``valid_until`` after step 1 goes to the slow path, where :meth:`cached` refuses dead
@@ -1034,10 +1037,11 @@ class NearCache:
         """
         keys = self._held[bucket]
         self._held[bucket] = set()
-        if self.sweep_above is not None and len(keys) > self.sweep_above:
+        if self.sweep_above is not None and self._step_freed + len(keys) > self.sweep_above:
             self.valid_until = -INF
             self._detached.append(keys)
         else:
+            self._step_freed += len(keys)
             entries, retired = self.entries, 0
             for k in keys:
                 retired += entries.pop(k).hits
