@@ -1036,9 +1036,11 @@ class NearCache:
         4. When every detached set is swept, :meth:`_revalidate` lets hits resume.
         """
         keys = self._held[bucket]
+        defer = self.sweep_above is not None and self._step_freed + len(keys) > self.sweep_above
+        if defer:
+            self.valid_until = -INF  # step 1, before the swap
         self._held[bucket] = set()
-        if self.sweep_above is not None and self._step_freed + len(keys) > self.sweep_above:
-            self.valid_until = -INF
+        if defer:
             self._detached.append(keys)
         else:
             self._step_freed += len(keys)
