@@ -49,15 +49,19 @@ ROUNDS = 3  # idle rounds, each a dict reader then the map's
 @dataclass(slots=True)
 class Gaps:
     """What a reader thread saw: its longest gap between two reads (s), how many gaps were
-    over 1 ms, how many reads, and for how long (s)."""
+    over 1 ms, how many reads, and for how long (s).  ``busy``: the most CPU time the process's
+    *other* threads used within one gap over 1 ms (s): what this process itself did while the
+    reader waited (holding the GIL, or the guard), as opposed to the machine not running it."""
 
     worst: float = 0.0
     over_1ms: int = 0
     reads: int = 0
     seconds: float = 0.0
+    busy: float = 0.0
 
     def add(self, other: Gaps) -> None:
         self.worst = max(self.worst, other.worst)
+        self.busy = max(self.busy, other.busy)
         self.over_1ms += other.over_1ms
         self.reads += other.reads
         self.seconds += other.seconds
@@ -98,7 +102,9 @@ def rows(b: Bench, n: int, idle_seconds: float) -> list[Row]:
     note = (f"{cached:,} of {n:,} entries cached; {ROUNDS} rounds of {idle_seconds:g} s, a dict "
             f"reader then the map's (the dict: the machine's own gaps); longest gap per round, "
             f"map/dict ms: {', '.join(rounds)}; gaps over 1 ms per s: map {idle.per_s:.2f}, "
-            f"dict {floor.per_s:.2f}; longest full GC pass in the map's windows: "
+            f"dict {floor.per_s:.2f}; most CPU the process's other threads used within one gap "
+            f"(what this process did while the reader waited): map {idle.busy * 1e3:.2f} ms, "
+            f"dict {floor.busy * 1e3:.2f} ms; longest full GC pass in the map's windows: "
             f"{idle_gc * 1e3:.1f} ms (it scans every cached entry)")  # fmt: skip
     return [
         Row(f"longest read stall while idle, {n:,} entries cached, vs a dict reader", "ms",
@@ -129,18 +135,22 @@ def _longest_gap(read: Callable[[], object], meanwhile: Callable[[], None]) -> G
             GC_PASS[0] = max(GC_PASS[0], time.perf_counter() - started[0])
 
     def reader() -> None:
-        clock = time.perf_counter
+        clock, cpu, own = time.perf_counter, time.process_time, time.thread_time
         first = last = clock()
-        gap, over, reads = 0.0, 0, 0
+        others = cpu() - own()  # CPU time of the process's other threads so far
+        gap, over, reads, busy = 0.0, 0, 0, 0.0
         while not stop.is_set():
             read()
             now = clock()
             if now - last > 1e-3:
                 over += 1
                 gap = max(gap, now - last)
+                busy = max(busy, cpu() - own() - others)
+            others = cpu() - own()
             last = now
             reads += 1
         seen.worst, seen.over_1ms, seen.reads, seen.seconds = gap, over, reads, last - first
+        seen.busy = busy
 
     t = threading.Thread(target=reader, name="cachesize-reader", daemon=True)
     gc.callbacks.append(timed)
@@ -204,7 +214,8 @@ def _resync(b: Bench, m: SyncMap, n: int) -> tuple[float, str]:
     served = f"{(times['served'] - t0) * 1e3:.0f} ms" if times["served"] else "not within 10 s"
     note = (f"{after} of the {nb} buckets written were restarted (their messages lost); "
             f"{freed}; hits again {served} after the cut (10 ms polls); "
-            f"{gap.reads:,} reads, {gap.over_1ms} gaps over 1 ms")  # fmt: skip
+            f"{gap.reads:,} reads, {gap.over_1ms} gaps over 1 ms; most CPU the process's other "
+            f"threads used within one gap: {gap.busy * 1e3:.1f} ms")  # fmt: skip
     return gap.worst, note
 
 
