@@ -111,8 +111,9 @@ SWEEP_ABOVE = 4096
 a flushed bucket past that is *detached* (O(1)) and its entries freed by :meth:`NearCache.sweep`
 in chunks, outside the map's guard between them: freeing a million entries in one step (every
 bucket restarted by one probe) held the guard and the GIL for 0.6-0.8 s, a read stall."""
-SWEEP_CHUNK = 4096
-"""How many detached entries one :meth:`NearCache.sweep` step takes out (a few ms at most)."""
+SWEEP_CHUNK = 2048
+"""How many detached entries one :meth:`NearCache.sweep` step takes out: about 1 ms under the
+guard and as much to free them outside it; a reader waits for one or two such steps."""
 COPY = object()
 """Marks an entry whose value is mutable: the hit path decodes ``raw`` afresh for every caller."""
 
