@@ -261,6 +261,7 @@ class Counters:
     held_expired: int = 0  # held buckets flushed because no probe decided within ``hold_limit``
     vouches: int = 0  # subscriber PINGs answered that renewed leases (:meth:`NearCache.on_vouch`)
     doubts: int = 0  # buckets a vouch may not renew until a probe has (a touch, a duplicate, ...)
+    detached: int = 0  # flushed buckets left for the timer to free (NearCache.sweep)
 
 
 class NearCache:
@@ -1043,6 +1044,7 @@ class NearCache:
         self._held[bucket] = set()
         if defer:
             self._detached.append(keys)
+            self.counters.detached += 1
         else:
             self._step_freed += len(keys)
             entries, retired = self.entries, 0
