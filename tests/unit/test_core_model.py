@@ -37,6 +37,9 @@ Oracles, checked after every step (time is the simulated ``now``; Δ = ``max_sta
   after ``now - Δ``; and none outlives its TTL.  An entry of a *held* bucket (its lease lapsed,
   kept for a probe to revalidate) is served by neither path.  Pauses are the ``advance`` rule
   with the timer late, probes that stop, or a probe whose reply comes back much later.
+  Server s0 detaches every flushed bucket and its timer frees one key per tick
+  (``NearCache.sweep``): a detached entry is served by neither path, and the per-bucket index
+  names exactly the live entries.
 * A2/A3 (no time needed): no entry is older than a change of its key that the server has already
   processed from its feed (a fill or own write that lost the race must not be installed).
 * C3 convergence: ``quiesce`` stops faults and writes, delivers everything, lets > Δ pass while
