@@ -139,6 +139,8 @@ class FeedLogic(ABC):
         except Exception as exc:
             self._repair_after(exc)
             return
+        if self.core.sweeping:  # a gap or a new epoch flushed a large bucket: the timer frees it
+            self.state.wake_timer()
         hook = instruments.change_age
         if hook is not None and msg.stamp_ms:
             # Staleness only for others' writes: this server's own write reached its cache

@@ -9,7 +9,8 @@ Threads (all owned by the map, stopped by ``close()``, failures re-raised on the
   The same thread takes part in refreshing the presence records (``syncmap top``) of the
   process's maps on this store (``presence.Board``): one pipelined round trip per process every
   ``presence_interval``, made by whichever map's probe thread finds it due first; failures ignored;
-* ``syncmap-timer``: wakes at the next lease or TTL deadline and drops what is due.  It is separate
+* ``syncmap-timer``: wakes at the next lease or TTL deadline and drops what is due, and frees the
+  entries of a large flushed bucket a chunk at a time (``NearCache.sweep``).  It is separate
   from the probe so a hung probe (a stalled socket) cannot keep an expired lease alive;
 * ``syncmap-events`` (started by the first ``subscribe``/``watch``): runs user callbacks, so a slow
   callback never delays invalidations.
@@ -357,6 +358,14 @@ class Engine(FeedLogic):
                     self._timer_dirty = False  # a wake_timer() after this is not lost
                 with self.lock:
                     wake = self.core.tick(time.monotonic())
+                    freed = self.core.sweep() if self.core.sweeping else None
+                if freed is not None:
+                    # A flushed bucket's entries, a chunk at a time (NearCache._flush): freeing
+                    # them here, outside the guard, is the costly half.  Then sleep(0) hands the
+                    # GIL to a reader waiting for it or for the guard before the next chunk.
+                    del freed
+                    time.sleep(0)
+                    continue
                 delay = min(max(wake - time.monotonic(), 0.0), 60.0)
                 with self._timer_wake:
                     if not self._closed.is_set() and not self._timer_dirty:

@@ -227,7 +227,7 @@ class SyncMap(MapBase):
     def peek(self, key: Key) -> tuple[Any, int] | None:
         """(value, version) from this server's near cache only; no I/O.  For tests and tools."""
         encode_key(key, self.config.max_key_bytes)  # refuses a bad key with KeyTypeError
-        e = self._entries.get(normal_key(key))
+        e = self._core.cached_entry(normal_key(key))  # not a flushed one awaiting its sweep
         if e is None:
             return None
         return (e.value if e.value is not COPY else self._codec.decode(e.raw)), e.version  # type: ignore[arg-type]

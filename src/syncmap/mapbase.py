@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from .codec import Codec, encode_limited
 from .config import MapConfig
-from .core.nearcache import Entry, Event, NearCache
+from .core.nearcache import SWEEP_ABOVE, Entry, Event, NearCache
 from .engine import Engine
 from .errors import ConfigurationError, MapClosed
 from .feed.routing import open_store_feed
@@ -110,7 +110,9 @@ class MapBase(SharedMapping):
         # Relayed messages (target "") from two writers of one bucket may arrive in either order.
         return NearCache(self._buckets, capacity=cfg.capacity, max_staleness=cfg.max_staleness,
                          guards=cfg.guards, ordered=not self._cmds.relayed,
-                         max_stale_age=cfg.stale_age, holds=not cfg.fast_hits)  # fmt: skip
+                         max_stale_age=cfg.stale_age, holds=not cfg.fast_hits,
+                         # fast_hits reads no valid_until: a flushed entry must be gone at once
+                         sweep_above=None if cfg.fast_hits else SWEEP_ABOVE)  # fmt: skip
 
     def _run(self, flow: Flow[T]) -> T:
         return run(flow, self._executor, self._engine.relay if hasattr(self, "_engine") else _no)

@@ -220,6 +220,11 @@ class AsyncEngine(FeedLogic):
             self._timer_wake.clear()  # a wake_timer() after this is not lost
             with self.lock:
                 wake = self.core.tick(time.monotonic())
+                freed = self.core.sweep() if self.core.sweeping else None
+            if freed is not None:  # a flushed bucket's entries, a chunk per turn of the loop
+                del freed
+                await asyncio.sleep(0)
+                continue
             delay = min(max(wake - time.monotonic(), 0.0), 60.0)
             await _wait(self._timer_wake, delay)
 

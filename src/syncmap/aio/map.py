@@ -17,7 +17,7 @@ import redis as redis_lib
 
 from ..codec import Codec, encode_limited, make_codec
 from ..config import MapConfig
-from ..core.nearcache import COPY, Entry, Event, NearCache
+from ..core.nearcache import COPY, SWEEP_ABOVE, Entry, Event, NearCache
 from ..core.wire import unpack_value
 from ..errors import ConfigurationError, MapClosed
 from ..feed.arouting import open_async_store_feed  # at import: not on the loop at open()
@@ -146,7 +146,7 @@ class SyncMap:
         cfg = self.config
         return NearCache(buckets, capacity=cfg.capacity, max_staleness=cfg.max_staleness,
                          guards=cfg.guards, ordered=not self._cmds.relayed,
-                         max_stale_age=cfg.stale_age)  # fmt: skip
+                         max_stale_age=cfg.stale_age, sweep_above=SWEEP_ABOVE)  # fmt: skip
 
     def __await__(self) -> Generator[Any, None, Self]:
         return self.open().__await__()

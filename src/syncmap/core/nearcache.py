@@ -106,6 +106,14 @@ HITS_SAMPLE = 4096
 """Above this many entries, periodic callers (the presence record, metrics) get the hits of live
 entries *estimated* from this many of them (:meth:`NearCache.hits_estimate`): summing a
 million counters took 11-16 ms, a read stall every presence interval."""
+SWEEP_ABOVE = 4096
+"""Flushes free at most this many entries at once (a few ms) between two timer ticks or probes;
+a flushed bucket past that is *detached* (O(1)) and its entries freed by :meth:`NearCache.sweep`
+in chunks, outside the map's guard between them: freeing a million entries in one step (every
+bucket restarted by one probe) held the guard and the GIL for 0.6-0.8 s, a read stall."""
+SWEEP_CHUNK = 2048
+"""How many detached entries one :meth:`NearCache.sweep` step takes out: about 1 ms under the
+guard and as much to free them outside it; a reader waits for one or two such steps."""
 COPY = object()
 """Marks an entry whose value is mutable: the hit path decodes ``raw`` afresh for every caller."""
 
@@ -253,6 +261,7 @@ class Counters:
     held_expired: int = 0  # held buckets flushed because no probe decided within ``hold_limit``
     vouches: int = 0  # subscriber PINGs answered that renewed leases (:meth:`NearCache.on_vouch`)
     doubts: int = 0  # buckets a vouch may not renew until a probe has (a touch, a duplicate, ...)
+    detached: int = 0  # flushed buckets left for the timer to free (NearCache.sweep)
 
 
 class NearCache:
@@ -270,6 +279,7 @@ class NearCache:
         ordered: bool = True,
         max_stale_age: float = 0.0,
         holds: bool = True,
+        sweep_above: int | None = SWEEP_ABOVE,
     ) -> None:
         self.entries: dict[Key, Entry] = {}
         self.holds = holds
@@ -280,7 +290,17 @@ class NearCache:
         """The keys of ``entries`` per bucket, so a bucket's flush or clear touches that
         bucket's entries only (not the whole cache: at a million entries a resync of every
         bucket scanned it once per bucket).  Kept by the two installs, :meth:`_remove` and
-        :meth:`_evict`, the only places ``entries`` changes."""
+        :meth:`_evict`, the only places ``entries`` changes.  An entry whose key is not in its
+        bucket's set is *detached* (:meth:`_flush`): dead, never served, gone at the next
+        :meth:`sweep` (:meth:`_live`)."""
+        self.sweep_above = sweep_above
+        """A flush of more entries than this detaches them for :meth:`sweep` to free; None:
+        never (``MapConfig(fast_hits=True)``: its hit path does not read ``valid_until``, so
+        an entry must be gone from ``entries`` to be unservable)."""
+        self._step_freed = 0  # entries flushes freed at once since the last tick or probe
+        self._detached: list[set[Key]] = []
+        """Key sets of flushed buckets whose entries :meth:`sweep` has not freed yet.  While any
+        is left, ``valid_until`` is in the past (:meth:`_revalidate`)."""
         self.max_stale_age = max_stale_age
         """0: strict (a lapsed lease holds its bucket unserved).  More: serve_stale mode."""
         self.hold_limit = max(HOLD_LEASES * max_staleness, max_stale_age)
@@ -368,7 +388,9 @@ class NearCache:
             return self._refuse(token, version, other_epoch=bool(epoch) and epoch != b.epoch)
         old = self.entries.get(token.key)
         if old is not None:
-            if old.version >= version:
+            # A detached entry (its bucket flushed, not swept yet) is no longer the key's
+            # state as far as the cache knows: replaced, never taken for a newer value.
+            if old.version >= version and self._live(token.key, old):
                 return True
             self._remove(token.key, old)
         if deadline != INF:  # before the entry is visible: the hit path reads valid_until first
@@ -414,16 +436,20 @@ class NearCache:
             return 0
         installed, top, held, want = 0, b.top, self.entries, b.epoch
         room = self.capacity - len(held)
+        if room < len(entries) and self._detached:  # detached entries make room first
+            self.sweep(len(entries) - room)
+            room = self.capacity - len(held)
         index = self._held[bucket].add
         # Nothing of this bucket cached: a str key (the common case) has nothing to be compared
         # with, since it lives in its own bucket only.  Not so for other keys: 1, 1.0 and True
-        # are one dict key but three stored fields, maybe in three buckets.
-        fresh = not self._held[bucket]
+        # are one dict key but three stored fields, maybe in three buckets.  Nor while detached
+        # entries are left (one may be this key's, to be retired, not overwritten).
+        fresh = not self._held[bucket] and not self._detached
         for key, version, epoch, value, raw, deadline in entries:
             if installed >= room:
                 break
             if not (fresh and key.__class__ is str) and (old := held.get(key)) is not None:
-                if old.version >= version:
+                if old.version >= version and self._live(key, old):
                     continue
                 self._remove(key, old)
                 room += 1
@@ -724,6 +750,7 @@ class NearCache:
         it; Redis dies before k@1's message reaches anyone and restarts empty; bucket and store
         both read (no epoch, seq 0), so without ``tops`` the probe would confirm k@1 forever.
         """
+        self._step_freed = 0  # one probe restarting every bucket frees at most sweep_above at once
         answered = any(state is not None for state in states)
         self._answered = max(self._answered, sent_at) if answered else self._answered
         for i, state in enumerate(states):
@@ -881,7 +908,8 @@ class NearCache:
                 stale, any_stale = min(stale, b.stale_until), True
             if b.held_since != -INF:  # held entries are never hits: the slow path asks cached()
                 stale, any_stale = min(stale, b.held_since + self.hold_limit), True
-        self.fresh_until = -INF if any_stale else wake - self.margin
+        # Detached entries are still in ``entries`` until swept: no hit until they are gone.
+        self.fresh_until = -INF if any_stale or self._detached else wake - self.margin
         self.valid_until = min(self.fresh_until, self.check_at)
         return min(wake, stale) - self.margin
 
@@ -949,6 +977,7 @@ class NearCache:
 
     def tick(self, now: float) -> float:
         """Expire entries and revoke lapsed leases; returns when to call again."""
+        self._step_freed = 0
         while self._ttl and self._ttl[0][0] <= now + self.margin:
             _, version, key = heapq.heappop(self._ttl)
             e = self.entries.get(key)
@@ -1004,7 +1033,7 @@ class NearCache:
         stale; None: read the store.  The slow path's check in serve_stale mode: under its
         bucket's lease (as a hit would be), or stale-servable during an outage (counted)."""
         e = self.entries.get(key)
-        if e is None or now >= e.deadline - self.margin:
+        if e is None or now >= e.deadline - self.margin or not self._live(key, e):
             return None
         b = self.buckets[e.bucket]
         if now < b.lease_until - self.margin:
@@ -1017,11 +1046,42 @@ class NearCache:
     # ---- housekeeping ------------------------------------------------------------------------
 
     def _flush(self, bucket: int, count: bool = True) -> None:
-        entries, retired = self.entries, 0
-        for k in self._held[bucket]:
-            retired += entries.pop(k).hits
+        """Forget every entry of ``bucket`` and refuse its fills in flight (a new generation).
+
+        Up to ``sweep_above`` entries per tick or probe are freed here.  Past that a bucket is
+        *detached* in O(1): its key set is swapped for an empty one, which makes each of its
+        entries dead (:meth:`_live`), and :meth:`sweep` frees them later in chunks, outside the
+        guard in between (freeing a million entries here held the guard 0.6-0.8 s: every read
+        that missed waited that long).  Order of events, all but the reader's under the guard:
+
+        1. ``valid_until = -INF``, then the set is swapped and ``gen`` bumped.  A hit that read
+           ``valid_until`` after step 1 goes to the slow path, where :meth:`cached` refuses dead
+           entries.  A hit that read it before (a concurrent read) may still find the entry and
+           serve it while the clock is below that old value: it was under its lease, exactly as
+           a read that found the entry just before an immediate free would have served it.
+        2. A fill begun before step 1 is refused (its ``gens``); one begun after it replaces
+           the dead entry (:meth:`complete_fill` does not take it for a newer version), and a
+           bulk fill likewise.  Invalidations, writes and expiries may remove a dead entry early.
+        3. :meth:`sweep` removes a key's entry only if it is still dead: a fill installed after
+           step 1 put the key in the bucket's new set, so it stays.
+        4. When every detached set is swept, :meth:`_revalidate` lets hits resume.
+        """
+        keys = self._held[bucket]
+        defer = self.sweep_above is not None and self._step_freed + len(keys) > self.sweep_above
+        if defer:
+            # Step 1, before the swap; fresh_until too, or a reader's recheck (feed_turn)
+            # would raise valid_until back while the detached entries are still there.
+            self.fresh_until = self.valid_until = -INF
         self._held[bucket] = set()
-        self.counters.hits_retired += retired
+        if defer:
+            self._detached.append(keys)
+            self.counters.detached += 1
+        else:
+            self._step_freed += len(keys)
+            entries, retired = self.entries, 0
+            for k in keys:
+                retired += entries.pop(k).hits
+            self.counters.hits_retired += retired
         self.buckets[bucket].gen += 1
         self.buckets[bucket].top = 0
         self.buckets[bucket].stale_until = -INF
@@ -1040,7 +1100,9 @@ class NearCache:
         while len(entries) > self.capacity:
             key = next(iter(entries))
             e = entries.pop(key)
-            if e.hits != e.seen:
+            if not self._live(key, e):  # detached: freed now instead of by the sweep
+                self.counters.hits_retired += e.hits
+            elif e.hits != e.seen:
                 e.seen = e.hits
                 entries[key] = e  # second chance: back of the queue
             else:
@@ -1053,6 +1115,45 @@ class NearCache:
         self.entries.clear()
         for keys in self._held:
             keys.clear()
+        self._detached.clear()
+
+    def cached_entry(self, key: Key) -> Entry | None:
+        """The entry of ``key``, valid or not, unless detached (for tools and tests; no I/O)."""
+        e = self.entries.get(key)
+        return e if e is not None and self._live(key, e) else None
+
+    def _live(self, key: Key, e: Entry) -> bool:
+        """Whether ``e`` (the entry of ``key``) is its bucket's, not detached by a flush."""
+        return key in self._held[e.bucket]
+
+    @property
+    def sweeping(self) -> bool:
+        """Whether detached entries wait for :meth:`sweep` (the driver's timer calls it)."""
+        return bool(self._detached)
+
+    def sweep(self, limit: int = SWEEP_CHUNK) -> list[object]:
+        """Take up to ``limit`` detached entries out of the cache (see :meth:`_flush`) and
+        return them with their keys: the caller drops the list *outside* the guard, since
+        freeing them is the costly half.  The last step lets hits resume (``valid_until``)."""
+        entries, held, retired = self.entries, self._held, 0
+        out: list[object] = []
+        while self._detached and limit > 0:
+            keys = self._detached[-1]
+            for _ in range(min(len(keys), limit)):
+                k = keys.pop()
+                e = entries.get(k)
+                if e is not None and k not in held[e.bucket]:  # still the dead one (step 3)
+                    del entries[k]
+                    retired += e.hits
+                    out.append(e)
+                out.append(k)
+                limit -= 1
+            if not keys:
+                self._detached.pop()
+        self.counters.hits_retired += retired
+        if not self._detached:
+            self._revalidate()
+        return out
 
     def held(self, bucket: int) -> set[Key]:
         """The keys cached in ``bucket`` (for checks; do not change it)."""

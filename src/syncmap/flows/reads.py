@@ -84,7 +84,7 @@ def install(s: MapState, token: FillToken, version: int, deadline_ms: int, paylo
             s.core.wrote(token, now, version, cached, raw, deadline, epoch=epoch)
         else:
             s.core.complete_fill(token, now, version, cached, raw, deadline, epoch)
-    if deadline != INF:
+    if deadline != INF or s.core.sweeping:  # a TTL to watch, or a new epoch's flush to free
         s.wake_timer()
 
 

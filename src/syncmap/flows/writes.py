@@ -219,6 +219,8 @@ def _account(s: MapState, replies: list[Any], plan: Plan,
             s.core.learn_epoch_if(bucket, epoch, first, now, before[bucket])
             for i, (key, _, _) in enumerate(chunk):
                 s.core.note_write(key, first + i)
+    if s.core.sweeping:  # a new epoch flushed a large bucket: the timer frees its entries
+        s.wake_timer()
     return unknown
 
 
@@ -244,6 +246,8 @@ def clear(s: MapState, *, fence: Fenced) -> Flow[list[Any]]:
             elif not isinstance(reply, Exception) and reply[0]:
                 s.core.learn_epoch_if(bucket, int(reply[1]), int(reply[0]), now, before[bucket])
                 s.core.cleared(bucket, int(reply[0]))
+    if s.core.sweeping:  # a doubt or a new epoch flushed a large bucket: the timer frees it
+        s.wake_timer()
     if unknown:
         raise_unknown(replies, unknown, "clear()")
     return replies

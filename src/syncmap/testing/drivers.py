@@ -110,7 +110,7 @@ def cached_entry(m: AioMap, key: Key) -> tuple[Any, int] | None:
     """(value, version) in ``m``'s near cache, valid or not, as ``syncmap.SyncMap.peek``; call
     it on ``m``'s loop.  No I/O."""
     encode_key(key, m.config.max_key_bytes)  # refuses a bad key with KeyTypeError
-    e = m._entries.get(normal_key(key))
+    e = m._core.cached_entry(normal_key(key))
     if e is None:
         return None
     value = e.value if e.value is not COPY else m._codec.decode(e.raw)  # type: ignore[arg-type]
