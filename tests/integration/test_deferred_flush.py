@@ -22,7 +22,7 @@ N, DELTA, BUCKETS = 2000, 0.5, 16
 
 def _serving(m: SyncMap) -> bool:
     with m._state.guard:
-        return time.monotonic() < m._core.valid_until
+        return time.monotonic() < m._core.fresh_until  # valid_until also waits for feed_turn
 
 
 @pytest.mark.parametrize("timer_sweeps", [True, False], ids=["sweep", "control-no-sweep"])
@@ -82,4 +82,4 @@ async def test_the_asyncio_timer_frees_a_restart_too(
 
 
 def _serving_aio(m: aio.SyncMap) -> bool:
-    return time.monotonic() < m._core.valid_until
+    return time.monotonic() < m._core.fresh_until  # valid_until also waits for feed_turn
