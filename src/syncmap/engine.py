@@ -163,6 +163,9 @@ class Engine(FeedLogic):
         self._subscription = None
         self.error = None
         self._board = None  # the parent's; the child's start() joins the child's board
+        if self.leasing is not None:  # the parent's vouches are not the child's
+            self.leasing = Leasing(self.leasing.prefix, self.interval, lambda: self.core,
+                                   lambda: self.lock, self.wake_probe, self.wake_timer)  # fmt: skip
         if self._presence is not None:
             self._presence.written = False
         self.needs_start = not closed

@@ -355,6 +355,9 @@ class AsyncSubscriber(ReaderHooks):
                 heard, pinged = now, 0.0
                 self._dispatch(reply)
                 continue
+            if now - subscribed > PING_AFTER:
+                self._resubscribe_unconfirmed()  # a SUBSCRIBE lost on a stalled link
+                subscribed = now
             if now - heard < READ_SLICE:
                 continue  # woke for the next vouch PING or a retrack, not for silence
             if pinged and now - pinged > PING_AFTER:
@@ -362,9 +365,6 @@ class AsyncSubscriber(ReaderHooks):
             if not pinged and now - heard > PING_AFTER:
                 self._send_soon("PING")
                 pinged = now
-            if now - subscribed > PING_AFTER:
-                self._resubscribe_unconfirmed()  # a SUBSCRIBE lost on a stalled link
-                subscribed = now
 
     def _targets(self) -> list[Target]:
         return self._lease_targets(self._handlers)
