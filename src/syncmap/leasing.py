@@ -72,10 +72,18 @@ class Leasing:
         self._wake_timer()
 
     def on_touched(self, bucket: int | None) -> None:
-        """A tracking notice: ``bucket``'s data changed (None: the database was flushed)."""
+        """A tracking notice: ``bucket``'s data changed (None: the database was flushed).
+        A probe is wanted only when the near cache put a bucket in doubt (no message explained
+        the notice): a write through the scripts sends a notice too, and probing after each
+        would make a busy map probe every interval, which is what leases are to save (and, on a
+        Cluster, would hide a silent master behind the others' traffic)."""
         with self._guard():
-            self._core().on_touched(bucket)
-        self.wanted = True
+            core = self._core()
+            doubts = core.counters.doubts
+            core.on_touched(bucket)
+            doubted = core.counters.doubts != doubts
+        if doubted or bucket is None:
+            self.wanted = True
         if bucket is None:
             self._wake_probe()
 
