@@ -102,15 +102,10 @@ def test_s07a_without_gap_and_probe_guards_goes_stale(env: Env) -> None:
     assert not r.passed
 
 
-def test_s08_on_async_servers_ping_leases_hold_through_a_silent_feed(env: Env) -> None:
-    """S08 with asyncio servers only: their loop's subscriber renews leases by PING."""
-    r = show(s08(env, 5, drivers=("async",)))
-    assert r.figures["stalls"] > 0
-    assert r.passed, r.failures
-
-
 def test_s08_on_async_servers_a_ping_lease_without_its_pong_serves_stale(env: Env) -> None:
-    """The PING-lease control on the asyncio subscriber (``Guards(pong=False)``)."""
+    """The PING-lease control on the asyncio subscriber (``Guards(pong=False)``).  The guarded
+    run, ``s08(env, 5, drivers=("async",))``, passes (docs/design.md, "PING leases"); it stays
+    out of the suite for time, as S07a and S04a already run asyncio servers with leases on."""
     r = show(s08(env, 5, pong=False, drivers=("async",)))
     assert r.figures["stale_beyond_delta"] > 0, "S08's oracle must catch a PING without PONG"
     assert not r.passed
