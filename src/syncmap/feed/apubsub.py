@@ -57,7 +57,7 @@ from .. import forksafe
 from ..aiotasks import stop_tasks
 from ..store.endpoint import Endpoint
 from ..store.topology import Topology
-from .leases import INVALIDATE, LeaseBook, Target, track_command
+from .leases import INVALIDATE, RECHECK, LeaseBook, Target, track_command
 from .pubsub import PING_AFTER, PLAIN, RETRACK_AFTER, Handler, ReaderHooks, Retrack
 
 __all__ = ["PING_AFTER", "AsyncSubscriber", "Handler", "Wake", "resolve"]
@@ -377,7 +377,7 @@ class AsyncSubscriber(ReaderHooks):
             nonce, calls = self._leases.ping(now, self._targets())
             self._send_soon("PING", nonce)
             self._deliver(calls)  # the control (Guards.pong off): vouched without the answer
-        return every or READ_SLICE
+        return every or (RECHECK if self._leases.tracked else READ_SLICE)
 
     def _resubscribe_unconfirmed(self) -> None:
         """Send SUBSCRIBE again for channels whose confirmation never came (idempotent)."""

@@ -28,6 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 INVALIDATE = b"__redis__:invalidate"  # where CLIENT TRACKING's REDIRECT target gets notices
+RECHECK = 0.05
+"""A connection that tracks keys but has no confirmed lease to vouch for yet (just connected:
+the confirmations are on their way) looks again this soon.  Waiting a whole read slice there
+made every map probe for up to a second after each reconnect (its vouches counted as late)."""
 Calls = list[tuple[Callable[..., None], tuple[Any, ...]]]  # callbacks to run, in order
 
 

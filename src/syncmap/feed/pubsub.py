@@ -45,7 +45,7 @@ import redis
 
 from .. import forksafe
 from ..store.topology import Topology
-from .leases import INVALIDATE, Calls, Lease, LeaseBook, Target, track_command
+from .leases import INVALIDATE, RECHECK, Calls, Lease, LeaseBook, Target, track_command
 
 __all__ = ["INVALIDATE", "PLAIN", "SHARDED", "Handler", "Lease", "ReaderHooks", "Subscriber"]
 
@@ -317,7 +317,7 @@ class Subscriber(ReaderHooks):
                 every = self._vouch_every()
                 if every:
                     self._send_vouch(now)
-                next_vouch = now + (every or 1.0)
+                next_vouch = now + (every or (RECHECK if self._leases.tracked else 1.0))
             if self._leases.overdue(now, PING_AFTER):
                 raise redis.ConnectionError(f"no answer to PING in {PING_AFTER} s")
             wait = min(1.0, max(0.0, next_vouch - now))
