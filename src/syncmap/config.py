@@ -56,9 +56,10 @@ class MapConfig:
     ping_leases: bool = True
     """Renew the near cache's leases by PINGs on the process's shared subscriber connection
     instead of probing every bucket every ``max_staleness / 4`` (docs/design.md, "PING
-    leases"): on the in-script pub/sub route of a standalone or Sentinel Redis that allows
-    ``CLIENT TRACKING``.  Elsewhere (relayed feeds, streams, a Cluster) maps probe as before.
-    False: always probe (the old behaviour)."""
+    leases"): on the in-script routes of a standalone or Sentinel Redis (the map's channel)
+    and of a Cluster (each bucket's sharded channel; each master's connection vouches for its
+    own buckets), both drivers, where Redis allows ``CLIENT TRACKING``.  Elsewhere (relayed
+    feeds, streams) maps probe as before.  False: always probe (the old behaviour)."""
     feed_turn: float = 0.0002
     """A thread that reads the map without ever releasing the GIL (a CPU-bound loop of hits)
     checks about this often (seconds) whether the feed's connection has a change waiting, and

@@ -31,9 +31,9 @@ from .core.nearcache import Event
 from .errors import FeedError, SyncMapError
 from .events import Fanout
 from .feed.base import Feed, FeedHandler, Subscription
-from .feed.pubsub import Lease
 from .flows import admin
 from .flows.state import MapState
+from .leasing import Leasing
 from .store.executor import Executor
 from .sync.run import run
 
@@ -42,15 +42,6 @@ log = logging.getLogger("syncmap")
 REPAIR_EVERY = 0.5
 """A repair probe (after an unusable change message) at most once per this much of the probe
 interval: a flood of garbage on the channel cannot turn every message into a probe."""
-SLOW_PROBE = 60.0
-"""With PING leases, a probe nothing asked for comes this often (seconds): the bound for a
-change that neither a message nor a tracking notice reports (docs/design.md, "PING leases")."""
-REAP_SLACK = 2.0
-"""With PING leases, probe every interval until this many intervals after the latest deadline of
-a TTL'd entry this server cached or wrote (``NearCache.reap_until``): the probe reaps expiries."""
-VOUCH_LATE = 2.0
-"""With PING leases, probe as before (every interval) once no vouch came for this many probe
-intervals: the subscriber is slow, silent or reconnecting, and probes find out what it lost."""
 
 
 class Engine(FeedLogic):
@@ -63,10 +54,11 @@ class Engine(FeedLogic):
                  keys: tuple[bytes, ...] = (), prober: Executor | None = None,
                  lease_prefix: bytes | None = None) -> None:  # fmt: skip
         super().__init__(state, interval, feed.topic, keys)
-        self.lease_prefix = lease_prefix  # PING leases on (the map's data-key prefix), or None
-        self._vouched_at = -float("inf")
-        self._probed_at = -float("inf")
-        self._probe_wanted = False
+        # PING leases on (lease_prefix: the map's data-key prefix), or None (leasing.py)
+        self.leasing = None if lease_prefix is None else Leasing(
+            lease_prefix, interval, lambda: self.core, lambda: self.lock, self.wake_probe,
+            self.wake_timer,
+        )  # fmt: skip
         self._probe_complete = True  # the last probe was answered for every bucket
         self.feed = feed
         self.executor = executor
@@ -127,9 +119,8 @@ class Engine(FeedLogic):
             self.bucket_position,
             self.bucket_replayed,
         )
-        if self.lease_prefix is not None:
-            handler.lease = Lease(self.lease_prefix, self.interval, self.on_vouch,
-                                  self.on_touched, pong=self.core.guards.pong)  # fmt: skip
+        if self.leasing is not None:
+            handler.lease = self.leasing.lease(pong=self.core.guards.pong)
         self._subscription = self.feed.subscribe(handler)
         if not self._feed_up.wait(self_check_timeout):
             raise FeedError(
@@ -174,6 +165,9 @@ class Engine(FeedLogic):
         self._subscription = None
         self.error = None
         self._board = None  # the parent's; the child's start() joins the child's board
+        if self.leasing is not None:  # the parent's vouches are not the child's
+            self.leasing = Leasing(self.leasing.prefix, self.interval, lambda: self.core,
+                                   lambda: self.lock, self.wake_probe, self.wake_timer)  # fmt: skip
         if self._presence is not None:
             self._presence.written = False
         self.needs_start = not closed
@@ -269,43 +263,12 @@ class Engine(FeedLogic):
 
     def probe_once(self, executor: Executor | None = None) -> None:
         """One probe (``flows.admin.probe``), and what it found damaged reported."""
-        self._probed_at = time.monotonic()
+        if self.leasing is not None:
+            self.leasing.probing(time.monotonic())
         self._probe_complete = False
         result = run(admin.probe(self.state), executor or self.executor, self.relay)
         self._probe_complete = all(state is not None for state in result.states)
         self.report(result)
-
-    # ---- PING leases (the subscriber's thread calls these) -----------------------------------
-
-    def on_vouch(self, sent_at: float) -> None:
-        """A PING sent at ``sent_at`` was answered after every message before it."""
-        with self.lock:
-            wants = self.core.on_vouch(sent_at)
-        self._vouched_at = time.monotonic()
-        if wants:  # a bucket only a probe settles: the probe loop's next turn sends one
-            self._probe_wanted = True
-        self.wake_timer()
-
-    def on_touched(self, bucket: int | None) -> None:
-        """A tracking notice: ``bucket``'s data changed (None: the database was flushed)."""
-        with self.lock:
-            self.core.on_touched(bucket)
-        self._probe_wanted = True
-        if bucket is None:
-            self.wake_probe()
-
-    def _vouches_hold(self, now: float) -> bool:
-        """With PING leases: whether this turn of the probe loop may skip its probe."""
-        return (
-            self.lease_prefix is not None
-            and not self._probe_wanted
-            and now - self._vouched_at <= VOUCH_LATE * self.interval
-            and now - self._probed_at < SLOW_PROBE
-            # Expiries are reaped (and their 'expire' changes published) by probes: while an
-            # entry this server cached or wrote may be due, probe as before.  REAP_SLACK
-            # intervals past the deadline cover the store's clock being a little behind ours.
-            and now > self.core.reap_until + REAP_SLACK * self.interval
-        )
 
     def _refresh_presence(self) -> None:
         """Write the presence records of this process's maps on this store if due (this map's
@@ -335,9 +298,8 @@ class Engine(FeedLogic):
                     continue
             now = time.monotonic()
             next_probe = now + self.interval
-            if not woken and self._vouches_hold(now):
+            if not woken and self.leasing is not None and self.leasing.may_skip(now):
                 continue
-            self._probe_wanted = False  # before the probe: a wish made during it is kept
             try:
                 self.probe_once(self.prober)
             except SyncMapError as exc:

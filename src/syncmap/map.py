@@ -21,7 +21,6 @@ from .core.nearcache import COPY, INF, Entry, NearCache
 from .core.wire import unpack_value
 from .engine import Engine
 from .errors import ConfigurationError
-from .feed.redis_pubsub import RedisPubSubFeed
 from .feed.routing import open_store_feed
 from .flows import bulk, reads, writes
 from .flows.effects import Flow
@@ -36,6 +35,7 @@ from .keys import (
     encode_key,
     normal_key,
 )
+from .leasing import lease_prefix
 from .mapbase import FenceArg, MapBase
 from .signing import SigningKey, pads, signing_keys
 from .stats import Statistics
@@ -106,10 +106,7 @@ class SyncMap(MapBase):
         # The hit path reads these two directly (one attribute each): the fork hook renews them.
         self._core = self._state.core
         self._entries = self._core.entries
-        # PING leases on the in-script pub/sub route of one Redis (not a Cluster's sharded feed)
-        leased = isinstance(feed_obj, RedisPubSubFeed) and target == layout.channel
-        leased = leased and cfg.ping_leases
-        prefix = layout.data_prefix.encode() if leased else None
+        prefix = lease_prefix(target, layout, cfg.ping_leases)  # PING leases, or None
         self._engine = Engine(self._state, self._executor, cfg.probe_interval, feed_obj,
                               self._keys, prober=self._probe_executor,
                               lease_prefix=prefix)  # fmt: skip

@@ -140,7 +140,9 @@ def _cut_run(cs: ClusterSet, feed: str, guards: Guards, rounds: int = 3) -> tupl
     victim, buckets = _victim(cs, "cut")
     written = [next(k for k in KEYS if _bucket(k) == b) for b in buckets]
     kept = [k for k in KEYS if _bucket(k) in buckets and k not in written]
-    cfg = MapConfig(max_staleness=SLOW_PROBE, guards=guards)
+    # Probing every Δ/4 (no PING leases): the run waits for two probes after the cut; with
+    # leases probes come only when asked, so that count would not be a clock.
+    cfg = MapConfig(max_staleness=SLOW_PROBE, guards=guards, ping_leases=False)
     with SyncMap("cut", cs.url, feed=feed, config=cfg) as reader, \
             SyncMap("cut", cs.url, feed=feed) as writer:  # fmt: skip
         writer.update({k: 0 for k in KEYS})
@@ -199,7 +201,7 @@ async def test_an_async_map_replays_the_log_after_a_cut(shared_cluster: ClusterS
     victim, buckets = _victim(cs, "acut")
     written = [next(k for k in KEYS if _bucket(k) == b) for b in buckets]
     kept = [k for k in KEYS if _bucket(k) in buckets and k not in written]
-    cfg = MapConfig(max_staleness=SLOW_PROBE)
+    cfg = MapConfig(max_staleness=SLOW_PROBE, ping_leases=False)  # as in _cut_run
     writer = await asyncio.to_thread(SyncMap, "acut", cs.url, feed=STREAM)
     try:
         await _async_cut(cs, writer, cfg, victim, buckets, written, kept)

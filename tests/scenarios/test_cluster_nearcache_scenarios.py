@@ -85,6 +85,17 @@ def test_s08_cluster_without_probes_a_silent_master_serves_stale(
     assert not r.passed
 
 
+def test_s08_cluster_a_ping_lease_counted_without_its_pong_serves_stale(
+    env: Env, shared_cluster: ClusterSet
+) -> None:
+    """The PING-lease control on a Cluster: the silent master's node connection vouches for
+    its buckets when its PING is sent, not when the answer comes after the messages."""
+    r = show(s08_cluster(env, 3.5, pong=False, cluster=shared_cluster))
+    assert r.figures["stalls"] == 1 and r.figures["subscribers_stalled"] > 0
+    assert r.figures["stale_beyond_delta"] > 0, "S08's oracle must catch a PING without PONG"
+    assert not r.passed
+
+
 # ---- S09 -----------------------------------------------------------------------------------
 
 

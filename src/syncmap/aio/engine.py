@@ -24,6 +24,7 @@ from ..feed.abase import AsyncFeed, AsyncSubscription
 from ..feed.base import FeedHandler
 from ..flows import admin
 from ..flows.state import MapState
+from ..leasing import Leasing
 from ..store.executor import AsyncExecutor
 from .events import AsyncFanout
 from .run import run
@@ -38,8 +39,15 @@ class AsyncEngine(FeedLogic):
 
     def __init__(self, state: MapState, executor: AsyncExecutor, interval: float,
                  feed: AsyncFeed, keys: tuple[bytes, ...] = (),
-                 prober: AsyncExecutor | None = None) -> None:  # fmt: skip
+                 prober: AsyncExecutor | None = None,
+                 lease_prefix: bytes | None = None) -> None:  # fmt: skip
         super().__init__(state, interval, feed.topic, keys)
+        # PING leases (leasing.py, shared with the thread engine): the subscriber task calls
+        # on_vouch/on_touched on the loop; the probe task asks may_skip.
+        self.leasing = None if lease_prefix is None else Leasing(
+            lease_prefix, interval, lambda: self.core, lambda: self.lock, self.wake_probe,
+            self.wake_timer,
+        )  # fmt: skip
         self.feed = feed
         self.executor = executor
         self.prober = prober or executor  # the periodic probes' (as Engine.prober)
@@ -93,6 +101,8 @@ class AsyncEngine(FeedLogic):
             self.bucket_position,
             self.bucket_replayed,
         )
+        if self.leasing is not None:
+            handler.lease = self.leasing.lease(pong=self.core.guards.pong)
         self._subscription = await self.feed.subscribe(handler)
         try:
             async with asyncio.timeout(self_check_timeout):
@@ -168,6 +178,8 @@ class AsyncEngine(FeedLogic):
                 self.publish_failed(exc)
 
     async def probe_once(self, executor: AsyncExecutor | None = None) -> None:
+        if self.leasing is not None:
+            self.leasing.probing(time.monotonic())
         self._probe_complete = False
         result = await run(admin.probe(self.state), executor or self.executor, self.relay)
         self._probe_complete = all(state is not None for state in result.states)
@@ -207,6 +219,8 @@ class AsyncEngine(FeedLogic):
                 if not woken and loop.time() < next_probe:
                     continue
             next_probe = loop.time() + self.interval
+            if not woken and self.leasing is not None and self.leasing.may_skip(time.monotonic()):
+                continue
             try:
                 await self.probe_once(self.prober)
             except SyncMapError as exc:

@@ -37,6 +37,7 @@ from ..keys import (
     key_lock,
     normal_key,
 )
+from ..leasing import lease_prefix
 from ..mapbase import fence_args
 from ..signing import SigningKey, pads, signing_keys
 from ..stats import Presence, Statistics, statistics_of
@@ -105,8 +106,10 @@ class SyncMap:
         self._state = MapState(self.name, self._new_core(layout.buckets), self._cmds,
                                self._codec, cfg)  # fmt: skip
         core = self._state.core
+        prefix = lease_prefix(target, layout, cfg.ping_leases)  # PING leases, or None
         engine = AsyncEngine(self._state, self._executor, cfg.probe_interval, feed_obj,
-                             self._keys, prober=self._probe_executor)  # fmt: skip
+                             self._keys, prober=self._probe_executor,
+                             lease_prefix=prefix)  # fmt: skip
         self._state.wake_timer = engine.wake_timer
         if cfg.presence:
             presence = Presence(self.node_id, cfg.presence_interval)

@@ -32,6 +32,12 @@ What differs, and why:
 * **Resolving a Sentinel master** talks to the sentinels with blocking sockets: it runs in a
   worker thread (:func:`resolve`), never on the loop.
 
+* **PING leases** as ``pubsub.py``'s, with the same book (``leases.py``): CLIENT TRACKING and
+  the notices' SUBSCRIBE before the channels', a ``PING <nonce>`` every Δ/4 sent by a task (its
+  send time is taken before: a vouch never claims more than the PING proves), the PONG's vouches
+  run in the reader task, after every message read before it.  A map attached with a prefix the
+  connection does not track makes the reader reconnect ``RETRACK_AFTER`` s later.
+
 Sharded pub/sub reuses this reader per master as ``pubsub.py`` does (``asharded.py``): the same
 :class:`~syncmap.feed.pubsub.ReaderHooks`.
 """
@@ -51,7 +57,8 @@ from .. import forksafe
 from ..aiotasks import stop_tasks
 from ..store.endpoint import Endpoint
 from ..store.topology import Topology
-from .pubsub import PING_AFTER, Handler, ReaderHooks
+from .leases import INVALIDATE, RECHECK, LeaseBook, Target, track_command
+from .pubsub import PING_AFTER, PLAIN, RETRACK_AFTER, Handler, ReaderHooks, Retrack
 
 __all__ = ["PING_AFTER", "AsyncSubscriber", "Handler", "Wake", "resolve"]
 
@@ -153,6 +160,8 @@ class AsyncSubscriber(ReaderHooks):
         self._wake = Wake()
         self._sends: set[asyncio.Task[None]] = set()
         self._stopped = False
+        self._leases = LeaseBook()  # prefixes tracked on this connection, vouch PINGs
+        self._retrack_at = float("inf")  # reconnect then to track a newly attached map
         if self.follows_topology:
             topology.on_change(self._master_changed)
         self._task = self._loop.create_task(self._run(), name="syncmap-async-subscriber")
@@ -170,6 +179,13 @@ class AsyncSubscriber(ReaderHooks):
         handler.up = False  # told on_up by this subscription's confirmation, not an older one
         self._handlers.setdefault(ch, []).append(handler)
         self._send_soon(self.dialect.subscribe, ch)  # Redis confirms again if already subscribed
+        if self._conn is not None and self._leases.needs_retrack(handler.lease):
+            self._retrack_soon()
+
+    def _retrack_soon(self) -> None:
+        """Reconnect a little later (the maps opened together share it) to track a new map's
+        data keys: a subscribed RESP2 connection cannot send CLIENT TRACKING."""
+        self._retrack_at = min(self._retrack_at, self._loop.time() + RETRACK_AFTER)
 
     async def detach(self, channel: str, handler: Handler) -> None:
         """Stop delivering to ``handler``; the last detach stops the reader and its connection."""
@@ -269,6 +285,10 @@ class AsyncSubscriber(ReaderHooks):
             await conn.connect()
             if self._topology.generation != generation:
                 raise redis.ConnectionError("the master changed while connecting")
+            self._retrack_at = float("inf")
+            self._leases.connected(await self._track(conn, self._lease_prefixes(self._all())))
+            if any(self._leases.needs_retrack(h.lease) for h in self._all()):
+                self._retrack_soon()  # attached while CLIENT TRACKING was on its way
             # Order: the channels are read and the connection published with no await between,
             # so a channel attached after this point is sent by its own attach().  One SUBSCRIBE
             # per channel: an ACL that refuses one channel refuses only that one.
@@ -281,6 +301,27 @@ class AsyncSubscriber(ReaderHooks):
             raise
         return conn
 
+    def _all(self) -> list[Handler]:
+        return [h for handlers in self._handlers.values() for h in handlers]
+
+    async def _track(self, conn: Any, prefixes: set[bytes]) -> frozenset[bytes] | None:
+        """``pubsub.Subscriber._track``'s twin: tracking redirected to this connection, then the
+        notices' SUBSCRIBE, before any channel's.  None: Redis refused (the maps probe)."""
+        if not prefixes:
+            return frozenset()
+        try:
+            await conn.send_command("CLIENT", "ID", check_health=False)
+            client_id = await conn.read_response()
+            await conn.send_command(*track_command(client_id, sorted(prefixes)),
+                                    check_health=False)  # fmt: skip
+            await conn.read_response()
+        except redis.ResponseError as exc:
+            log.warning("syncmap subscriber: CLIENT TRACKING refused (%s): maps on %s keep "
+                        "probing instead of PING leases", exc, self._topology.where)  # fmt: skip
+            return None
+        await conn.send_command(PLAIN.subscribe, INVALIDATE, check_health=False)
+        return frozenset(prefixes)
+
     async def _read_until_error(self, conn: Any) -> None:
         try:
             await self._read(conn)
@@ -291,13 +332,21 @@ class AsyncSubscriber(ReaderHooks):
 
     async def _read(self, conn: Any) -> None:
         clock = self._loop.time
-        heard = subscribed = clock()
+        heard = subscribed = next_vouch = clock()
         pinged = 0.0
         while True:
             if self._conn is not conn or not conn.is_connected:
                 raise redis.ConnectionError("the subscriber connection was closed")
+            now = clock()
+            if now >= self._retrack_at:
+                raise Retrack("a map needs its keys tracked")
+            if now >= next_vouch:  # the maps' wishes read only then, not per message
+                next_vouch = now + self._send_vouch(now)
+            if self._leases.overdue(now, PING_AFTER):
+                raise redis.ConnectionError(f"no answer to PING in {PING_AFTER} s")
+            wait = max(0.0, min(READ_SLICE, next_vouch - now, self._retrack_at - now))
             try:
-                reply = await conn.read_response(timeout=READ_SLICE)  # None: nothing came
+                reply = await conn.read_response(timeout=wait)  # None: nothing came
             except redis.ResponseError as exc:  # e.g. NOPERM for one channel
                 self._refused(exc)
                 continue
@@ -306,14 +355,29 @@ class AsyncSubscriber(ReaderHooks):
                 heard, pinged = now, 0.0
                 self._dispatch(reply)
                 continue
+            if now - subscribed > PING_AFTER:
+                self._resubscribe_unconfirmed()  # a SUBSCRIBE lost on a stalled link
+                subscribed = now
+            if now - heard < READ_SLICE:
+                continue  # woke for the next vouch PING or a retrack, not for silence
             if pinged and now - pinged > PING_AFTER:
                 raise redis.ConnectionError(f"no answer to PING in {PING_AFTER} s")
             if not pinged and now - heard > PING_AFTER:
                 self._send_soon("PING")
                 pinged = now
-            if now - subscribed > PING_AFTER:
-                self._resubscribe_unconfirmed()  # a SUBSCRIBE lost on a stalled link
-                subscribed = now
+
+    def _targets(self) -> list[Target]:
+        return self._lease_targets(self._handlers)
+
+    def _send_vouch(self, now: float) -> float:
+        """A vouch PING if a tracked map wants one (``pubsub.Subscriber._send_vouch``); returns
+        when to look again."""
+        every = self._leases.every(self._targets()) if self._leases.tracked else 0.0
+        if every:
+            nonce, calls = self._leases.ping(now, self._targets())
+            self._send_soon("PING", nonce)
+            self._deliver(calls)  # the control (Guards.pong off): vouched without the answer
+        return every or (RECHECK if self._leases.tracked else READ_SLICE)
 
     def _resubscribe_unconfirmed(self) -> None:
         """Send SUBSCRIBE again for channels whose confirmation never came (idempotent)."""
@@ -323,6 +387,12 @@ class AsyncSubscriber(ReaderHooks):
 
     def _dispatch(self, reply: Any) -> None:
         kind, channel = reply[0], reply[1]
+        if kind == b"pong":  # every message before it was dispatched (this task, in order)
+            self._deliver(self._leases.pong(channel, self._targets()))
+            return
+        if channel == INVALIDATE and kind == b"message":
+            self._deliver(self._leases.notice(reply[2], self._targets()))
+            return
         handlers = list(self._handlers.get(channel, ()))  # a callback may detach
         if kind == self.dialect.message:
             for handler in handlers:
@@ -339,7 +409,9 @@ class AsyncSubscriber(ReaderHooks):
         """``on_down`` to every handler that was told ``on_up``: once per drop, not once per
         failed reconnect (a handler never confirmed has nothing to take back)."""
         self._conn = None
-        if served:
+        if isinstance(exc, Retrack):
+            log.debug("syncmap subscriber: reconnecting to track a new map's keys")
+        elif served:
             log.warning("syncmap subscriber lost its connection (%s); reconnecting", exc)
         else:
             log.debug("syncmap subscriber: reconnect failed (%s)", exc)

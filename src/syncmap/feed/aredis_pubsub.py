@@ -45,6 +45,7 @@ class AsyncRedisPubSubFeed(AsyncRedisFeed):
             lambda data: handler.on_message(data, None),
             lambda: handler.on_up(False),
             handler.on_down,
+            lease=handler.lease,
         )
         sub = _PubSubSubscription(self, inner)
         sub.subscriber = AsyncSubscriber.attach_to(self.topology, self.topic, inner)

@@ -34,12 +34,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import itertools
 import logging
 import select
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -48,10 +46,12 @@ import redis
 
 from .. import forksafe
 from ..store.topology import Topology
+from .leases import INVALIDATE, RECHECK, Calls, Lease, LeaseBook, Target, track_command
+
+__all__ = ["INVALIDATE", "PLAIN", "SHARDED", "Handler", "Lease", "ReaderHooks", "Subscriber"]
 
 log = logging.getLogger("syncmap.feed")
 PING_AFTER = 2.0
-INVALIDATE = b"__redis__:invalidate"  # where CLIENT TRACKING's REDIRECT target gets notices
 RETRACK_AFTER = 0.2  # a map attached with a prefix not tracked yet: reconnect this much later
 _exiting = threading.Event()  # the interpreter is shutting down: a lost connection is expected
 # Before every atexit handler (one of them may stop the Redis we are connected to, as
@@ -74,7 +74,7 @@ PLAIN = Dialect("SUBSCRIBE", "UNSUBSCRIBE", b"message", b"subscribe")
 SHARDED = Dialect("SSUBSCRIBE", "SUNSUBSCRIBE", b"smessage", b"ssubscribe")  # Redis Cluster 7+
 
 
-class _Retrack(redis.ConnectionError):
+class Retrack(redis.ConnectionError):
     """Reconnect on purpose: CLIENT TRACKING must cover a map attached after the connection
     was made (a subscribed RESP2 connection cannot send it).  Maps see a reconnect."""
 
@@ -98,6 +98,22 @@ class ReaderHooks:
         """An error reply (e.g. NOPERM for one channel: that map's FeedError)."""
         log.error("syncmap subscriber: Redis refused a command: %s", exc)
 
+    def _lease_targets(self, attached: dict[bytes, list[Handler]]) -> list[Target]:
+        """What a vouch PING on this connection may renew, of the ``attached`` handlers (by
+        channel): each confirmed handler's lease, for the bucket it carries (None: all)."""
+        return [(h.lease, h.bucket) for hs in attached.values() for h in hs
+                if h.up and h.lease is not None]  # fmt: skip
+
+    def _lease_prefixes(self, handlers: list[Handler]) -> set[bytes]:
+        """The data-key prefixes to track on a new connection, of ``handlers``."""
+        return {h.lease.prefix for h in handlers if h.lease is not None}
+
+    def _deliver(self, calls: Calls) -> None:
+        """Run a vouch's or a notice's calls, in order with the messages (the plain reader
+        runs messages' callbacks on its own thread, so at once)."""
+        for fn, args in calls:
+            Subscriber._call(fn, *args)
+
 
 @dataclass(slots=True, eq=False)
 class Handler:
@@ -108,25 +124,7 @@ class Handler:
     on_down: Callable[[], None]
     up: bool = False  # told on_up since the last (re)subscription
     lease: Lease | None = None  # PING leases for this map (in-script routes only)
-
-
-@dataclass(slots=True, eq=False)
-class Lease:
-    """What a map asks of the subscriber for PING leases (docs/design.md, "PING leases").
-
-    ``prefix``: the start of the map's data keys (``ns:{name:``), tracked with ``CLIENT TRACKING
-    ... BCAST`` redirected to this connection, so a change that publishes nothing (FLUSHALL, a
-    write around the scripts, an eviction) is told here, in order with the messages:
-    ``on_touched(bucket)`` (None: the database was flushed).  ``on_vouch(sent_at)``: a PING sent
-    at ``sent_at`` was answered after every message before it.  ``every``: the map wants a PING
-    at least this often (Δ/4).  ``pong=False`` is the control (``Guards.pong``): vouch when the
-    PING is *sent*, which a silent feed must catch."""
-
-    prefix: bytes
-    every: float
-    on_vouch: Callable[[float], None]
-    on_touched: Callable[[int | None], None]
-    pong: bool = True
+    bucket: int | None = None  # the one bucket this channel carries (a Cluster's); None: all
 
 
 class Subscriber(ReaderHooks):
@@ -157,10 +155,8 @@ class Subscriber(ReaderHooks):
         self._conn: Any = None
         self._dialing: Any = None  # a connection in its handshake (_connect), cut by _close_conn
         self._stop = threading.Event()
-        self._tracked: frozenset[bytes] | None = None  # prefixes tracked on this connection
+        self._leases = LeaseBook()  # prefixes tracked on this connection, vouch PINGs
         self._retrack_at = float("inf")  # reconnect then to track a newly attached map
-        self._pings: deque[tuple[bytes, float]] = deque()  # vouch PINGs awaiting their PONG
-        self._nonces = itertools.count(1)
         # A reading thread's turn for this reader (:meth:`give_turn`): the socket's poll object,
         # replies dispatched so far, and whether a thread waits for the next one.
         self._poller: Any = None  # select.poll() on the connection's socket
@@ -184,8 +180,7 @@ class Subscriber(ReaderHooks):
         with self._lock:
             self._handlers.setdefault(ch, []).append(handler)
             self._send(self.dialect.subscribe, ch)  # Redis confirms again if already subscribed
-            lease, tracked = handler.lease, self._tracked
-            if lease and tracked is not None and lease.prefix not in tracked:
+            if self._leases.needs_retrack(handler.lease):
                 # A subscribed RESP2 connection cannot send CLIENT TRACKING: reconnect (maps
                 # repair by probing, as after any reconnect) once the maps a process opens
                 # together are all attached.
@@ -292,7 +287,7 @@ class Subscriber(ReaderHooks):
             except Exception as exc:  # every failure is a lost connection; the thread lives on
                 if self._stop.is_set() or _exiting.is_set():
                     break
-                if isinstance(exc, _Retrack):
+                if isinstance(exc, Retrack):
                     log.debug("syncmap subscriber: reconnecting to track a new map's keys")
                 else:
                     log.warning("syncmap subscriber lost its connection (%s); reconnecting", exc)
@@ -300,8 +295,8 @@ class Subscriber(ReaderHooks):
                 for handler in self._snapshot():
                     handler.up = False
                     self._call(handler.on_down)
-                self._after_loss()
-                if not isinstance(exc, _Retrack):
+                if not isinstance(exc, Retrack):  # a retrack reconnects to the same server
+                    self._after_loss()
                     self._stop.wait(backoff)  # reconnect back-off, not a wait for data
                     backoff = min(backoff * 2, 1.0)
         self._close_conn()
@@ -321,17 +316,18 @@ class Subscriber(ReaderHooks):
         try:
             conn.connect()
             with self._lock:
-                prefixes = sorted({h.lease.prefix for h in self._snapshot_locked() if h.lease})
-            tracked = self._track(conn, prefixes)
+                handlers = [h for hs in self._handlers.values() for h in hs]
+            tracked = self._track(conn, sorted(self._lease_prefixes(handlers)))
             with self._lock:
                 if self._dialing is not conn:
                     raise redis.ConnectionError("the connection was dropped while connecting")
                 self._dialing = None
                 self._retrack_at = float("inf")
-                self._pings.clear()
-                self._tracked = tracked
-                if tracked is not None and any(
-                    h.lease and h.lease.prefix not in tracked for h in self._snapshot_locked()
+                self._leases.connected(tracked)
+                if any(
+                    self._leases.needs_retrack(h.lease)
+                    for hs in self._handlers.values()
+                    for h in hs
                 ):  # a map attached during the handshake: track its keys too, soon
                     self._retrack_at = time.monotonic() + RETRACK_AFTER
                 # One SUBSCRIBE per channel: an ACL that refuses one channel refuses only it.
@@ -350,30 +346,25 @@ class Subscriber(ReaderHooks):
             raise
         return conn
 
-    def _snapshot_locked(self) -> list[Handler]:
-        """Every attached handler (the caller holds the lock)."""
-        return [h for hs in self._handlers.values() for h in hs]
-
     def _track(self, conn: Any, prefixes: list[bytes]) -> frozenset[bytes] | None:
         """Before subscribing: CLIENT TRACKING in broadcast mode for the maps' data keys,
         redirected to this very connection (RESP2), then SUBSCRIBE to the notices' channel, so
         notices arrive in order with the messages.  None: nothing tracked (no map asked, or
-        Redis refused: then no PING vouches, and the maps keep probing)."""
-        if not prefixes or self.dialect is not PLAIN:
-            return frozenset() if self.dialect is PLAIN else None
+        Redis refused: then no PING vouches, and the maps keep probing).  A Cluster node's
+        connection does the same before its SSUBSCRIBEs (a plain SUBSCRIBE and SSUBSCRIBEs
+        share a RESP2 connection on Redis 7.0); the node tracks the keys it holds."""
+        if not prefixes:
+            return frozenset()
         try:
             conn.send_command("CLIENT", "ID")
             client_id = conn.read_response()
-            args: list[Any] = ["CLIENT", "TRACKING", "on", "REDIRECT", client_id, "BCAST"]
-            for prefix in prefixes:
-                args += ["PREFIX", prefix]
-            conn.send_command(*args)
+            conn.send_command(*track_command(client_id, prefixes))
             conn.read_response()
         except redis.ResponseError as exc:
             log.warning("syncmap subscriber: CLIENT TRACKING refused (%s): maps on %s keep "
                         "probing instead of PING leases", exc, self._topology.where)  # fmt: skip
             return None
-        conn.send_command(self.dialect.subscribe, INVALIDATE)
+        conn.send_command(PLAIN.subscribe, INVALIDATE)
         return frozenset(prefixes)
 
     def _read_until_error(self, conn: Any) -> None:
@@ -392,14 +383,15 @@ class Subscriber(ReaderHooks):
                 raise redis.ConnectionError("the subscriber connection was closed")
             now = time.monotonic()
             if now >= self._retrack_at:
-                raise _Retrack("a map needs its keys tracked")
-            every = self._vouch_every()
-            if every and now >= next_vouch:
-                self._send_vouch(now)
-                next_vouch = now + every
-            if self._pings and now - self._pings[0][1] > PING_AFTER:
+                raise Retrack("a map needs its keys tracked")
+            if now >= next_vouch:  # the maps' wishes read only then, not per message
+                every = self._vouch_every()
+                if every:
+                    self._send_vouch(now)
+                next_vouch = now + (every or (RECHECK if self._leases.tracked else 1.0))
+            if self._leases.overdue(now, PING_AFTER):
                 raise redis.ConnectionError(f"no answer to PING in {PING_AFTER} s")
-            wait = min(1.0, max(0.0, next_vouch - now)) if every else 1.0
+            wait = min(1.0, max(0.0, next_vouch - now))
             if not conn.can_read(wait):
                 now = time.monotonic()
                 if now - subscribed > PING_AFTER:
@@ -420,73 +412,33 @@ class Subscriber(ReaderHooks):
                 self._refused(exc)
                 continue
             heard, pinged = time.monotonic(), 0.0
-            self._dispatch(reply)
-            self._dispatched += 1
-            if self._wanted:  # a reading thread gave us its turn (give_turn): it may go on
-                self._wanted = False
-                self._progress.set()
+            self._handle(reply)
+
+    def _handle(self, reply: Any) -> None:
+        """Dispatch one reply, then let a reading thread that gave us its turn go on."""
+        self._dispatch(reply)
+        self._dispatched += 1
+        if self._wanted:  # a reading thread gave us its turn (give_turn): it may go on
+            self._wanted = False
+            self._progress.set()
+
+    def _targets(self) -> list[Target]:
+        """The lease targets (never under our lock: a sharded owner's hook takes its own)."""
+        with self._lock:
+            attached = {ch: list(hs) for ch, hs in self._handlers.items()}
+        return self._lease_targets(attached)
 
     def _vouch_every(self) -> float:
         """How often to send a vouch PING: the shortest a tracked map asks; 0: none."""
-        tracked = self._tracked
-        if not tracked:
-            return 0.0
-        every = [h.lease.every for h in self._snapshot() if h.lease and h.lease.prefix in tracked]
-        return min(every, default=0.0)
+        return self._leases.every(self._targets()) if self._leases.tracked else 0.0
 
     def _send_vouch(self, now: float) -> None:
         """PING with a nonce; its PONG (after every message published before the PING ran)
-        renews the leases of every tracked map (:meth:`_vouch`)."""
-        nonce = b"v%d" % next(self._nonces)
+        renews the leases of what this connection carries (:meth:`_dispatch`)."""
+        nonce, calls = self._leases.ping(now, self._targets())  # the targets outside our lock
         with self._lock:
             self._send("PING", nonce)
-        self._pings.append((nonce, now))
-        for h in self._leased():  # the control (Guards.pong off): vouch without the answer
-            if h.lease is not None and not h.lease.pong:
-                self._call(h.lease.on_vouch, now)
-
-    def _leased(self) -> list[Handler]:
-        tracked = self._tracked or frozenset()
-        return [h for h in self._snapshot() if h.up and h.lease and h.lease.prefix in tracked]
-
-    def _vouch(self, nonce: bytes) -> None:
-        """The PONG of ``nonce``: every message before it has been dispatched (this thread
-        dispatches in order), so each tracked map's buckets may be renewed to its send time."""
-        sent_at = None
-        if all(n != nonce for n, _ in self._pings):
-            return  # the keep-alive PING's answer, or one of a connection before this one
-        while self._pings:
-            n, at = self._pings.popleft()
-            if n == nonce:
-                sent_at = at
-                break
-        if sent_at is None:
-            return
-        for h in self._leased():
-            if h.lease is not None and h.lease.pong:
-                self._call(h.lease.on_vouch, sent_at)
-
-    def _notice(self, data: Any) -> None:
-        """A tracking notice: None (FLUSHALL/FLUSHDB) or the keys changed, ``ns:{name:b}:d``
-        for a data hash (other keys under a prefix, a lock's, are not the map's data)."""
-        leased = self._leased()
-        if data is None:
-            for h in leased:
-                if h.lease is not None:
-                    self._call(h.lease.on_touched, None)
-            return
-        for key in data:
-            close = key.rfind(b"}")
-            if close < 0 or key[close:] != b"}:d":
-                continue
-            inner = key[:close]
-            colon = inner.rfind(b":")
-            prefix, bucket = inner[: colon + 1], inner[colon + 1 :]
-            if not bucket.isdigit():
-                continue
-            for h in leased:
-                if h.lease is not None and h.lease.prefix == prefix:
-                    self._call(h.lease.on_touched, int(bucket))
+        self._deliver(calls)  # the control (Guards.pong off): vouched without the answer
 
     def _resubscribe_unconfirmed(self) -> None:
         """Send SUBSCRIBE again for channels whose confirmation never came (idempotent)."""
@@ -497,11 +449,11 @@ class Subscriber(ReaderHooks):
 
     def _dispatch(self, reply: Any) -> None:
         kind, channel = reply[0], reply[1]
-        if kind == b"pong":
-            self._vouch(channel)
+        if kind == b"pong":  # every message before it was dispatched (this thread, in order)
+            self._deliver(self._leases.pong(channel, self._targets()))
             return
         if channel == INVALIDATE and kind == b"message":
-            self._notice(reply[2])
+            self._deliver(self._leases.notice(reply[2], self._targets()))
             return
         with self._lock:
             handlers = list(self._handlers.get(channel, ()))

@@ -84,7 +84,10 @@ class ChannelSet:
         self._lock = threading.Lock()
 
     def handlers(self) -> list[tuple[str, Handler]]:
-        return [(ch, Handler(self._messenger(i), self._upper(i), self._downer(i)))
+        # PING leases: each channel's handler carries the map's lease for its one bucket, so
+        # a node's PONG renews only the buckets whose channels that node carries.
+        return [(ch, Handler(self._messenger(i), self._upper(i), self._downer(i),
+                             lease=self.handler.lease, bucket=i))
                 for i, ch in enumerate(self.channels)]  # fmt: skip
 
     def _messenger(self, index: int) -> Callable[[bytes], None]:

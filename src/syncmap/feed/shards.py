@@ -60,6 +60,7 @@ from redis.exceptions import ClusterDownError, MovedError, TryAgainError
 from ..errors import StoreUnavailable
 from ..ratelog import RateLimitedLog
 from ..store.cluster import ClusterTopology, slot_for
+from .leases import Target
 from .pubsub import SHARDED, Handler, ReaderHooks, Subscriber
 
 log = logging.getLogger("syncmap.feed")
@@ -143,6 +144,12 @@ class NodeHooks(ReaderHooks):
 
     def _refused(self, exc: redis.ResponseError) -> None:
         self.shards.node_refused(self.address, exc)
+
+    def _lease_targets(self, attached: dict[bytes, list[Handler]]) -> list[Target]:
+        return self.shards.lease_targets(attached)
+
+    def _deliver(self, calls: Calls) -> None:
+        self.shards.deliver(calls)
 
 
 class ShardedCore(Generic[N]):
@@ -250,16 +257,8 @@ class ShardedCore(Generic[N]):
                 if not self._speaks(chan, inner):
                     return
                 batch = [(h.on_message, (data,)) for h in chan.handlers]
-                busy = self._draining or bool(self._queue)
-                if busy:
-                    self._queue += batch  # after what is queued, as the others wait
-                else:
-                    self._draining = True  # claimed: run at once, no queue round trip
-                    self._drainer = threading.get_ident()
-            if busy:
-                self._take_turn()
-            else:
-                self._drain(batch)
+                busy = self._submit(batch)
+            self._submitted(busy, batch)
 
         def on_up() -> None:
             with self._lock:
@@ -280,7 +279,52 @@ class ShardedCore(Generic[N]):
             self._drain()
 
         inner = Handler(on_message, on_up, on_down)
+        # For the node's CLIENT TRACKING prefix only (every map on one channel has the same
+        # data-key prefix); what a vouch renews is :meth:`lease_targets`'s, per map and bucket.
+        inner.lease = next((h.lease for h in chan.handlers if h.lease is not None), None)
         return inner
+
+    def _submit(self, batch: Calls) -> bool:
+        """Queue ``batch`` if another thread drains (True), else claim the draining (the
+        lock held); then :meth:`_submitted`, outside the lock."""
+        busy = self._draining or bool(self._queue)
+        if busy:
+            self._queue += batch  # after what is queued, as the others wait
+        else:
+            self._draining = True  # claimed: run at once, no queue round trip
+            self._drainer = threading.get_ident()
+        return busy
+
+    def _submitted(self, busy: bool, batch: Calls) -> None:
+        if busy:
+            self._take_turn()
+        else:
+            self._drain(batch)
+
+    # ---- PING leases (a node reader's hooks, docs/design.md "PING leases") -------------------
+
+    def lease_targets(self, attached: dict[bytes, list[Handler]]) -> list[Target]:
+        """What a vouch PING on one node's connection renews, of the placements ``attached``
+        there: for each channel whose current placement is that one and confirmed, the bucket
+        it carries, for each map's handler that is up.  A channel moved away (or not yet
+        confirmed here) is not vouched by this node: its messages may come elsewhere."""
+        targets: list[Target] = []
+        with self._lock:
+            for name, inners in attached.items():
+                chan = self._channels.get(name.decode(errors="replace"))
+                if chan is None or chan.inner is None or not chan.inner.up:
+                    continue
+                if any(inner is chan.inner for inner in inners):
+                    targets += [(h.lease, h.bucket) for h in chan.handlers
+                                if h.up and h.lease is not None]  # fmt: skip
+        return targets
+
+    def deliver(self, calls: Calls) -> None:
+        """A node reader's vouches and notices, through the callback queue: they run after the
+        messages that node's reader queued before them (the PONG's proof needs them applied)."""
+        with self._lock:
+            busy = self._submit(calls)
+        self._submitted(busy, calls)
 
     @staticmethod
     def _speaks(chan: Channel, inner: Handler) -> bool:

@@ -447,12 +447,13 @@ def _stall_feed(proxy: FaultProxy, seconds: float, stalls: list[int]) -> Fault:
 
 
 @scenario("S08", "silent-feed-blackhole")
-def s08(env: Env, seconds: float = 5.0, *, guard: bool = True, pong: bool = True
-        ) -> ScenarioResult:  # fmt: skip
+def s08(env: Env, seconds: float = 5.0, *, guard: bool = True, pong: bool = True,
+        drivers: tuple[str, ...] = ()) -> ScenarioResult:  # fmt: skip
     """Pub/sub through a proxy that goes silent for 2.5 s (repeatedly in long rounds): the
     heartbeat probes must detect it, and no read may be stale beyond Δ.  ``guard=False``
     disables the probes; ``pong=False`` makes a PING lease count when the PING is sent, not
-    when its answer arrives (``Guards.pong``: the PING-lease control)."""
+    when its answer arrives (``Guards.pong``: the PING-lease control).  ``drivers``: each
+    server's driver, cycled (``("async",)``: the asyncio subscriber's PING leases)."""
     result, started = timed("S08", "silent-feed-blackhole")
     tally = _Tally()
     stalls = [0]
@@ -460,7 +461,7 @@ def s08(env: Env, seconds: float = 5.0, *, guard: bool = True, pong: bool = True
         for length in _rounds(seconds, 60.0, 5.0):
             name = _round_name("s08")
             w = Workload(server.url, name=name, seconds=length, feed=proxy.url,
-                         guards=Guards(probe=guard, pong=pong))  # fmt: skip
+                         guards=Guards(probe=guard, pong=pong), drivers=drivers)  # fmt: skip
             tally.add(*_sweep_round(w, _stall_feed(proxy, length, stalls)))
             proxy.heal()
     tally.figures(result)

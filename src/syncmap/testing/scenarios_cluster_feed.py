@@ -220,7 +220,7 @@ def _stall_rounds(node_name: str, proxy: FaultProxy, buckets: list[int], seconds
 
 
 @scenario("S08-cluster", "silent-feed-blackhole-cluster")
-def s08_cluster(env: Env, seconds: float = 5.0, *, guard: bool = True,
+def s08_cluster(env: Env, seconds: float = 5.0, *, guard: bool = True, pong: bool = True,
                 cluster: ClusterSet | None = None) -> ScenarioResult:  # fmt: skip
     """S08 on a Cluster: the sharded subscriber connections of every process to one master M go
     silent (the proxy M announces stalls them, ``STALL_S``, no RST) while the data path and the
@@ -229,7 +229,9 @@ def s08_cluster(env: Env, seconds: float = 5.0, *, guard: bool = True,
     repaired by the observer within Δ of its acknowledgement (a flush of its bucket: the probe
     found the sequence ahead of the messages); no other bucket flushed during a stall or Δ after
     it; ``lost_detected`` > 0; M replicated (``WAIT 1``) and the cluster ok during each stall;
-    subscribers stalled > 0.  ``guard=False`` disables the probes (S08's control)."""
+    subscribers stalled > 0.  ``guard=False`` disables the probes (S08's control);
+    ``pong=False`` counts a PING lease when M's PING is sent, not when its answer arrives
+    (``Guards.pong``: the PING-lease control, as S08's)."""
     result, started = timed("S08-cluster", "silent-feed-blackhole-cluster")
     name, stalls = map_name("s08c"), list[Stall]()
     with _cluster(env, cluster) as cs:
@@ -237,7 +239,7 @@ def s08_cluster(env: Env, seconds: float = 5.0, *, guard: bool = True,
         node = cs.server(victim)
         with (
             announced_proxy(cs, node) as ann,
-            map_run(cs, name, guard, Guards(probe=guard)) as run,
+            map_run(cs, name, guard and pong, Guards(probe=guard, pong=pong)) as run,
         ):
             fault = _stall_rounds(node.node_id, ann.proxy, buckets, seconds, stalls)
             results = run_load(run, seconds, fault)

@@ -1,0 +1,151 @@
+"""PING leases on a subscriber connection: the logic both readers share (``pubsub.py`` for
+threads, ``apubsub.py`` for asyncio; on a Cluster each per-node reader of ``sharded.py`` and
+``asharded.py``).  No I/O: a reader asks this book what to send and what to call, sends it, and
+runs the calls (docs/design.md, "PING leases").
+
+The proof it serves: the write scripts publish in the same atomic step as the write, on a
+channel this connection subscribes; Redis answers one connection's commands in order and writes
+a published message to the subscriber's socket when the script runs.  So the reply to a
+``PING <nonce>`` sent at ``T`` arrives after every message of a write acknowledged before ``T``,
+and, the reader dispatching in order, after that message was applied: the buckets the
+connection carries may be renewed to ``T + Δ``.  Which buckets that is, is the reader's to say
+(:class:`Target`): on one Redis, every bucket of every map whose channel is confirmed on this
+connection (``bucket`` None); on a Cluster, the buckets whose channel is confirmed on this
+node's connection, one target per bucket.
+
+What publishes nothing is told by ``CLIENT TRACKING on REDIRECT <own id> BCAST PREFIX ...`` on
+the same connection (RESP2: the notices are messages on ``__redis__:invalidate``, in order with
+the change messages and the PONGs).  On a Cluster the node tracks the keys it holds, so each
+node's connection reports the changes of that node.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+INVALIDATE = b"__redis__:invalidate"  # where CLIENT TRACKING's REDIRECT target gets notices
+RECHECK = 0.05
+"""A connection that tracks keys but has no confirmed lease to vouch for yet (just connected:
+the confirmations are on their way) looks again this soon.  Waiting a whole read slice there
+made every map probe for up to a second after each reconnect (its vouches counted as late)."""
+Calls = list[tuple[Callable[..., None], tuple[Any, ...]]]  # callbacks to run, in order
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    """What a map asks of the subscriber for PING leases.
+
+    ``prefix``: the start of the map's data keys (``ns:{name:``), tracked with ``CLIENT TRACKING
+    ... BCAST``, so a change that publishes nothing (FLUSHALL, a write around the scripts, an
+    eviction) is told in order with the messages: ``on_touched(bucket)`` (None: the database was
+    flushed).  ``on_vouch(sent_at, buckets)``: a PING sent at ``sent_at`` was answered after
+    every message before it on a connection carrying ``buckets`` (None: every bucket).
+    ``every``: the map wants a PING at least this often (Δ/4).  ``pong=False`` is the control
+    (``Guards.pong``): vouch when the PING is *sent*, which a silent feed must catch."""
+
+    prefix: bytes
+    every: float
+    on_vouch: Callable[[float, Collection[int] | None], None]
+    on_touched: Callable[[int | None], None]
+    pong: bool = True
+
+
+Target = tuple[Lease, int | None]
+"""A lease and the bucket a connection carries for it (None: every bucket of the map)."""
+
+
+def track_command(client_id: Any, prefixes: Iterable[bytes]) -> list[Any]:
+    """``CLIENT TRACKING`` in broadcast mode for ``prefixes``, redirected to ``client_id`` (the
+    subscriber connection's own id: RESP2 notices then arrive on ``__redis__:invalidate``)."""
+    args: list[Any] = ["CLIENT", "TRACKING", "on", "REDIRECT", client_id, "BCAST"]
+    for prefix in prefixes:
+        args += ["PREFIX", prefix]
+    return args
+
+
+class LeaseBook:
+    """One connection's PING leases: the prefixes tracked on it, the vouch PINGs awaiting
+    their answer.  Reset on every (re)connect (:meth:`connected`)."""
+
+    def __init__(self) -> None:
+        self.tracked: frozenset[bytes] | None = None  # None: nothing tracked, no vouch
+        self._pings: deque[tuple[bytes, float]] = deque()
+        self._nonces = itertools.count(1)
+
+    def connected(self, tracked: frozenset[bytes] | None) -> None:
+        """A new connection, tracking ``tracked`` (None: refused or not asked)."""
+        self.tracked = tracked
+        self._pings.clear()
+
+    def covers(self, lease: Lease | None) -> bool:
+        return lease is not None and self.tracked is not None and lease.prefix in self.tracked
+
+    def needs_retrack(self, lease: Lease | None) -> bool:
+        """A map attached with a prefix this connection does not track (it tracks some)."""
+        return lease is not None and self.tracked is not None and lease.prefix not in self.tracked
+
+    def every(self, targets: Iterable[Target]) -> float:
+        """How often to send a vouch PING: the shortest a covered lease asks; 0: none."""
+        return min((lease.every for lease, _ in targets if self.covers(lease)), default=0.0)
+
+    def ping(self, now: float, targets: Iterable[Target]) -> tuple[bytes, Calls]:
+        """The nonce of the next vouch PING (sent at ``now``), and the control's calls: with
+        ``pong=False`` a lease is vouched at once, without waiting for the answer."""
+        nonce = b"v%d" % next(self._nonces)
+        self._pings.append((nonce, now))
+        return nonce, self._vouches(now, targets, pong=False)
+
+    def overdue(self, now: float, after: float) -> bool:
+        """The oldest vouch PING has waited more than ``after`` seconds for its answer."""
+        return bool(self._pings) and now - self._pings[0][1] > after
+
+    def pong(self, nonce: bytes, targets: Iterable[Target]) -> Calls:
+        """The answer to ``nonce``: the vouches it makes (none for a keep-alive PING's answer,
+        or one of a connection before this one).  Older PINGs still unanswered are dropped:
+        Redis answers in order, so theirs were lost with nothing to vouch."""
+        if all(n != nonce for n, _ in self._pings):
+            return []
+        while self._pings:
+            n, sent_at = self._pings.popleft()
+            if n == nonce:
+                return self._vouches(sent_at, targets, pong=True)
+        return []  # unreachable: the nonce was found above
+
+    def _vouches(self, sent_at: float, targets: Iterable[Target], *, pong: bool) -> Calls:
+        """One ``on_vouch`` per lease, with the union of its buckets (None if any is)."""
+        buckets: dict[int, tuple[Lease, set[int] | None]] = {}
+        for lease, bucket in targets:
+            if lease.pong != pong or not self.covers(lease):
+                continue
+            _, held = buckets.setdefault(id(lease), (lease, set()))
+            if bucket is None:
+                buckets[id(lease)] = (lease, None)
+            elif held is not None:
+                held.add(bucket)
+        return [(lease.on_vouch, (sent_at, None if held is None else sorted(held)))
+                for lease, held in buckets.values()]  # fmt: skip
+
+    def notice(self, data: Any, targets: Iterable[Target]) -> Calls:
+        """A tracking notice: None (FLUSHALL/FLUSHDB) or the keys changed.  Only a data hash
+        (``ns:{name:b}:d``) is a map's data; other keys under a prefix (a lock's) are not.
+        One call per lease and bucket, whichever bucket the connection carries for it: a
+        notice on a Cluster node for a bucket carried elsewhere (a slot migrating) counts too."""
+        leases = list({id(lease): lease for lease, _ in targets if self.covers(lease)}.values())
+        if data is None:
+            return [(lease.on_touched, (None,)) for lease in leases]
+        calls: Calls = []
+        for key in data:
+            close = key.rfind(b"}")
+            if close < 0 or key[close:] != b"}:d":
+                continue
+            inner = key[:close]
+            colon = inner.rfind(b":")
+            prefix, bucket = inner[: colon + 1], inner[colon + 1 :]
+            if bucket.isdigit():
+                calls += [(lease.on_touched, (int(bucket),)) for lease in leases
+                          if lease.prefix == prefix]  # fmt: skip
+        return calls
