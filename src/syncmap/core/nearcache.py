@@ -324,7 +324,7 @@ class NearCache:
         """The latest deadline of a TTL'd entry this server cached or wrote.  The store removes
         an expired entry, and publishes its 'expire' change, only when a probe reaps it, so with
         PING leases (which skip the periodic probe) the driver keeps probing until shortly after
-        this (``Engine._vouches_hold``)."""
+        this (``leasing.Leasing.may_skip``)."""
         self._feed_gen = 0
         self._probes = 0
         self._writes = 0  # this server's own acknowledged writes (a bulk fill checks none came)
