@@ -267,7 +267,7 @@ def _moved_run(cs: ClusterSet, guards: Guards) -> tuple[Statistics, Statistics, 
     slot = slot_for(Layout("sm", "moved", 16).data(bucket))
     source = cs.master_for_slot(slot)
     target = next(m for m in cs.masters() if m is not source)
-    cfg = MapConfig(max_staleness=SLOW_PROBE, guards=guards)
+    cfg = MapConfig(max_staleness=SLOW_PROBE, guards=guards, ping_leases=False)  # as in _cut_run
     try:
         with SyncMap("moved", cs.url, feed=STREAM, config=cfg) as reader, \
                 SyncMap("moved", cs.url, feed=STREAM) as writer:  # fmt: skip
