@@ -38,6 +38,8 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,10 +92,23 @@ class _Evil:
 
 
 @dataclass
+class Target:
+    """Where a run happens, as the run's functions see it: S19's private server, or a cluster
+    (``scenarios_cluster_security``)."""
+
+    url: str
+    layout: Layout
+    admin: Any  # redis.Redis or RedisCluster: reads (epoch, seq), deletes a bucket, plants values
+    send: Callable[[int, bytes], Any]  # the attacker's publish of a message about bucket b
+    listen: Callable[[], list[Any]]  # subscribed PubSubs that carry every authentic message
+    ghost: Callable[[_Run, str, int], None]  # the current-sequence attack on one key
+    attacker_reads: str  # "refused": the attacker's credential cannot read the map's keys
+
+
+@dataclass
 class _Run:
     key: bytes | None
-    admin: redis.Redis
-    attacker: redis.Redis
+    target: Target
     writer: SyncMap
     reader: SyncMap
     work: list[str]
@@ -114,28 +129,34 @@ class _Run:
         self.acked.setdefault(key, []).append((time.monotonic(), value))
         self.real.add((key, version))
 
-    def publish(self, kind: str, data: bytes) -> None:
+    def publish(self, kind: str, bucket: int, data: bytes) -> None:
         self.sent.add(data)
-        self.attacker.publish(CHANNEL, data)
+        self.target.send(bucket, data)
         self.injected[kind] += 1
+
+    def epoch_seq(self, bucket: int) -> tuple[int, int]:
+        e, s = (int(x or 0) for x in self.target.admin.hmget(self.target.layout.data(bucket),
+                                                              "#e", "#s"))  # fmt: skip
+        return e, s
 
 
 def _observe(run: _Run) -> threading.Thread:
     """Collect the authentic messages on the channel (everything the attacker did not send)."""
-    sub = run.admin.pubsub(ignore_subscribe_messages=True)
-    sub.subscribe(CHANNEL)
+    subs = run.target.listen()
 
     def loop() -> None:
         while not run.stop.is_set():
-            m = sub.get_message(timeout=0.05)
-            if m is None or m["data"] in run.sent:
-                continue
-            try:
-                if decode_message(m["data"]).op != OP_PING:
-                    run.authentic.append(m["data"])
-            except CorruptData:
-                pass
-        sub.close()
+            for sub in subs:
+                m = sub.get_message(ignore_subscribe_messages=True, timeout=0.05 / len(subs))
+                if m is None or m["data"] in run.sent:
+                    continue
+                try:
+                    if decode_message(m["data"]).op != OP_PING:
+                        run.authentic.append(m["data"])
+                except CorruptData:
+                    pass
+        for sub in subs:
+            sub.close()
 
     t = threading.Thread(target=loop, name="s19-observer", daemon=True)
     t.start()
@@ -166,6 +187,18 @@ def _read(run: _Run) -> None:
                 run.stale += 1
 
 
+def _other(bucket: int) -> bytes:
+    """A key never written, in ``bucket``: what the current-sequence forgery names."""
+    return encode_key(
+        next(
+            k
+            for k in _keys("x", 50, 0, BUCKETS)
+            if bucket_of(encode_key(k, 1000), BUCKETS) == bucket
+        ),
+        1000,
+    )
+
+
 def _ghost(run: _Run, store: RawStore, key: str, value: int) -> None:
     """The attack: a write whose relayed message is lost, then its exact (epoch, seq) forged."""
     field_ = encode_key(key, 1000)
@@ -173,42 +206,39 @@ def _ghost(run: _Run, store: RawStore, key: str, value: int) -> None:
     cmd = store.script("set", b, field_, run.writer._codec.encode(value), 0, "set", "")
     version, _, _, epoch = store.call([cmd], write=True)[0]
     run.ack(key, value, int(version))
-    other = next(
-        k for k in _keys("x", 50, 0, BUCKETS) if bucket_of(encode_key(k, 1000), BUCKETS) == b
-    )
-    forged = ChangeMessage(
-        OP_SET, b, int(version), int(epoch), "attacker", (encode_key(other, 1000),)
-    )
-    run.publish("current_seq", encode_message(forged))
+    forged = ChangeMessage(OP_SET, b, int(version), int(epoch), "attacker", (_other(b),))
+    run.publish("current_seq", b, encode_message(forged))
 
 
-def _inject(run: _Run, store: RawStore) -> None:
+def _inject(run: _Run) -> None:
     rng = random.Random(19)
     n = 0
     while not run.stop.is_set():
         n += 1
         kind = KINDS[n % len(KINDS)]
         b = rng.randrange(BUCKETS)
-        epoch, seq = (int(x or 0) for x in run.admin.hmget(f"sm:{{{NAME}:{b}}}:d", "#e", "#s"))
+        epoch, seq = run.epoch_seq(b)
         if kind == "random":
-            run.publish(kind, os.urandom(rng.randrange(1, 200)))
+            run.publish(kind, b, os.urandom(rng.randrange(1, 200)))
         elif kind == "forged":
             fields = (encode_key(f"forged{n}", 1000),)
-            run.publish(kind, encode_message(ChangeMessage(OP_SET, b, seq + 1, epoch, "x", fields)))
+            message = ChangeMessage(OP_SET, b, seq + 1, epoch, "x", fields)
+            run.publish(kind, b, encode_message(message))
         elif kind == "oversized":
             head = encode_message(ChangeMessage(OP_SET, b, seq + 1, epoch, "x", ()))[:-4]
-            run.publish(kind, head + (5000).to_bytes(4, "big") + b"\0\0\0\1s" * 5000)
+            run.publish(kind, b, head + (5000).to_bytes(4, "big") + b"\0\0\0\1s" * 5000)
         elif kind in ("tampered", "replayed") and run.authentic:
-            data = bytearray(
-                rng.choice(run.authentic[-50:] if kind == "tampered" else run.authentic)
-            )
+            seen = rng.choice(run.authentic[-50:] if kind == "tampered" else run.authentic)
+            data = bytearray(seen)
             if kind == "tampered":
                 data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
-            run.publish(kind, bytes(data))
+            # Sent on the original's bucket channel (on a standalone, the map's one channel).
+            run.publish(kind, decode_bucket(seen, b), bytes(data))
         elif kind == "old_epoch" and run.old_epoch:
-            run.publish(kind, rng.choice(run.old_epoch))
+            old = rng.choice(run.old_epoch)
+            run.publish(kind, decode_bucket(old, b), old)
         elif kind == "current_seq":
-            _ghost(run, store, run.ghosts[n % len(run.ghosts)], 1000 + n)
+            run.target.ghost(run, run.ghosts[n % len(run.ghosts)], 1000 + n)
         time.sleep(DELTA / 10)  # fault schedule
 
 
@@ -223,10 +253,19 @@ def _old_epoch_messages(run: _Run) -> None:
     while len(run.authentic) < before + 3 and time.monotonic() < deadline:
         time.sleep(0.01)  # the observer's thread receives them
     run.old_epoch = run.authentic[before:]
-    run.admin.delete(f"sm:{{{NAME}:{bucket_of(encode_key(key, 1000), BUCKETS)}}}:d")
+    run.target.admin.delete(run.target.layout.data(bucket_of(encode_key(key, 1000), BUCKETS)))
 
 
-def _pickles(url: str, admin: redis.Redis, key: bytes | None) -> dict[str, Any]:
+def decode_bucket(data: bytes, default: int) -> int:
+    """The bucket a message names (``default`` for one that does not decode): a replayed or
+    tampered message goes to its own bucket's channel, as a real one would."""
+    try:
+        return decode_message(data).bucket
+    except CorruptData:
+        return default
+
+
+def _pickles(url: str, admin: Any, key: bytes | None, prefix: str = NAME) -> dict[str, Any]:
     """Plant a malicious pickle under the default codec and under PickleCodec(signing_key)."""
     out = Counter[str]()
     with tempfile.TemporaryDirectory() as tmp:
@@ -234,15 +273,17 @@ def _pickles(url: str, admin: redis.Redis, key: bytes | None) -> dict[str, Any]:
         evil = pickle.dumps(_Evil(canary))
         cfg = MapConfig(buckets=1, presence=False)
         for name, codec, payload in (
-            ("s19p-msgpack", None, evil),
-            ("s19p-pickle", PickleCodec(key or os.urandom(32)), evil),
-            ("s19p-pickle-forged-mac", PickleCodec(key or os.urandom(32)), os.urandom(32) + evil),
-        ):
+            (f"{prefix}p-msgpack", None, evil),
+            (f"{prefix}p-pickle", PickleCodec(key or os.urandom(32)), evil),
+            (f"{prefix}p-pickle-forged-mac", PickleCodec(key or os.urandom(32)),
+             os.urandom(32) + evil),
+        ):  # fmt: skip
             with SyncMap(name, url, codec=codec, config=cfg, signing_key=key or ()) as m:
                 m["ok"] = 1
                 admin.hset(
-                    f"sm:{{{name}:0}}:d", encode_key("evil", 1000), pack_value(1, 0, payload, 1)
-                )
+                    Layout("sm", name, 1).data(0), encode_key("evil", 1000),
+                    pack_value(1, 0, payload, 1),
+                )  # fmt: skip
                 try:
                     value = m.get("evil")
                     out["poisoned_entries"] += 1 if value is not None else 0
@@ -252,7 +293,15 @@ def _pickles(url: str, admin: redis.Redis, key: bytes | None) -> dict[str, Any]:
     return dict(out)
 
 
-def _one(env: Env, seconds: float, key: bytes | None, guards: Guards) -> dict[str, Any]:
+#: Opens a run's :class:`Target` for a signing key (None: none); closed after the run.
+OpenTarget = Callable[[bytes | None], AbstractContextManager[Target]]
+
+
+@contextmanager
+def _standalone(env: Env, key: bytes | None) -> Iterator[Target]:
+    """S19's target: a private redis-server, the attacker a PUBLISH-only ACL user on the map's
+    channel; the lost relayed message of the current-sequence attack is a RawStore in relay
+    mode whose messages are dropped."""
     with env.server() as server:
         admin = server.client()
         secret = os.urandom(8).hex()
@@ -264,71 +313,96 @@ def _one(env: Env, seconds: float, key: bytes | None, guards: Guards) -> dict[st
             attacker_reads = "allowed"
         except redis.exceptions.NoPermissionError:
             attacker_reads = "refused"
-        cfg = MapConfig(buckets=BUCKETS, max_staleness=DELTA, presence=False, guards=guards)
-        sk = key or ()
-        with SyncMap(NAME, server.url, config=cfg, signing_key=sk) as writer, \
-             SyncMap(NAME, server.url, config=cfg, signing_key=sk) as reader:  # fmt: skip
-            run = _Run(key, admin, attacker, writer, reader, _keys("w", 8, 0, BUCKETS // 2),
-                       _keys("g", 8, BUCKETS // 2, BUCKETS))  # fmt: skip
-            reader.subscribe(run.events.append, inline=True)
-            # The writer dies before publishing: RawStore drops the relayed messages.
-            store = RawStore(server.client(), Layout("sm", NAME, BUCKETS), "ghost:1", "",
-                             codec="msgpack", pads=pads(key) if key else b"")  # fmt: skip
-            for g in run.ghosts:
-                run.ack(g, 0, writer.set(g, 0))
-            observer = _observe(run)
-            _old_epoch_messages(run)
-            jobs: list[tuple[Any, tuple[Any, ...]]] = [
-                (_write, (run,)), (_read, (run,)), (_inject, (run, store))]  # fmt: skip
-            threads = [threading.Thread(target=f, args=a, daemon=True) for f, a in jobs]
-            for t in threads:
-                t.start()
-            run.stop.wait(seconds)
-            run.stop.set()
-            for t in [*threads, observer]:
-                t.join(10)
-            time.sleep(2 * DELTA)  # quiescence: the contract gives every cache Δ
-            poisoned = sum(reader.get(k) != writer.get(k, consistent=True)
-                           for k in run.work + run.ghosts)  # fmt: skip
-            s = reader.statistics()
+        layout = Layout("sm", NAME, BUCKETS)
+        # The writer dies before publishing: RawStore drops the relayed messages.
+        store = RawStore(server.client(), layout, "ghost:1", "", codec="msgpack",
+                         pads=pads(key) if key else b"")  # fmt: skip
+
+        def listen() -> list[Any]:
+            sub = admin.pubsub()
+            sub.subscribe(CHANNEL)
+            return [sub]
+
+        try:
+            yield Target(
+                server.url, layout, admin, lambda _b, data: attacker.publish(CHANNEL, data),
+                listen, lambda run, k, v: _ghost(run, store, k, v), attacker_reads,
+            )  # fmt: skip
+        finally:
             store.close()
-        attacker.close()
-        figures = _pickles(server.url, admin, key)
-        admin.close()
+            attacker.close()
+            admin.close()
+
+
+def attack(target: Target, seconds: float, key: bytes | None, guards: Guards) -> dict[str, Any]:
+    """One run on ``target``: the load, the attacker's messages, the oracles' figures."""
+    url, name = target.url, target.layout.name
+    cfg = MapConfig(buckets=BUCKETS, max_staleness=DELTA, presence=False, guards=guards)
+    sk = key or ()
+    with SyncMap(name, url, config=cfg, signing_key=sk) as writer, \
+         SyncMap(name, url, config=cfg, signing_key=sk) as reader:  # fmt: skip
+        run = _Run(key, target, writer, reader, _keys("w", 8, 0, BUCKETS // 2),
+                   _keys("g", 8, BUCKETS // 2, BUCKETS))  # fmt: skip
+        reader.subscribe(run.events.append, inline=True)
+        for g in run.ghosts:
+            run.ack(g, 0, writer.set(g, 0))
+        observer = _observe(run)
+        _old_epoch_messages(run)
+        jobs: list[tuple[Any, tuple[Any, ...]]] = [(_write, (run,)), (_read, (run,)),
+                                                   (_inject, (run,))]  # fmt: skip
+        threads = [threading.Thread(target=f, args=a, daemon=True) for f, a in jobs]
+        for t in threads:
+            t.start()
+        run.stop.wait(seconds)
+        run.stop.set()
+        for t in [*threads, observer]:
+            t.join(10)
+        time.sleep(2 * DELTA)  # quiescence: the contract gives every cache Δ
+        poisoned = sum(reader.get(k) != writer.get(k, consistent=True)
+                       for k in run.work + run.ghosts)  # fmt: skip
+        s = reader.statistics()
+        # Duplicates of a sequence already applied (on an ordered feed, a forgery took the real
+        # message's place): no lease renews their bucket until a probe has (nearcache._doubt).
+        doubts = reader._core.counters.doubts
+    figures = _pickles(url, target.admin, key, prefix=name)
     accepted = sum(
         1 for e in run.events if e.key is not None and (e.key, e.version) not in run.real
     )
     figures[POISONED] = figures.get(POISONED, 0) + poisoned
     figures.update({
         OPS: run.reads, STALE: run.stale, FORGED_ACCEPTED: accepted, "signing_key": key is not None,
-        "attacker_reads": attacker_reads, "injected": dict(run.injected),
+        "attacker_reads": target.attacker_reads, "injected": dict(run.injected),
         "dropped": {"forged_messages": s.forged_messages, "corrupt_messages": s.corrupt_messages},
         "digest_mismatches": s.digest_mismatches, "lost_detected": s.lost_detected,
-        "write_errors": len(run.errors),
+        "doubts": doubts, "write_errors": len(run.errors),
     })  # fmt: skip
     return figures
 
 
-@scenario("S19", "security-forged-messages")
-def s19(env: Env, seconds: float = 8.0, *, guard: bool = True,
-        control: str | None = None) -> ScenarioResult:  # fmt: skip
-    """With a key, then without (``seconds`` split).  ``control`` (``digest``, ``mac``) runs that
-    guard-off control instead; ``guard=False`` runs both.  A control *fails* when its oracle
-    caught the planted bug."""
-    result, started = timed("S19", "security-forged-messages")
+def run_s19(result: ScenarioResult, open_target: OpenTarget, seconds: float, *,
+            guard: bool = True, control: str | None = None,
+            controls: tuple[str, ...] = tuple(sorted(CONTROLS))) -> None:  # fmt: skip
+    """S19's runs and oracles on the targets ``open_target`` opens (S19, S19-cluster);
+    ``guard=False`` runs the ``controls`` that apply to that target."""
+
+    def one(key: bytes | None, guards: Guards, share: float) -> dict[str, Any]:
+        with open_target(key) as target:
+            return attack(target, share, key, guards)
+
     if not guard or control is not None:
-        chosen = sorted(CONTROLS) if control is None else [control]
+        chosen = list(controls) if control is None else [control]
         for name in chosen:
             keyed, guards, figure = CONTROLS[name]
-            r = _one(
-                env, max(seconds / len(chosen), 2.5), os.urandom(32) if keyed else None, guards
-            )
-            result.figures[f"control_{name}"] = {figure: r[figure], STALE: r[STALE]}
+            r = one(os.urandom(32) if keyed else None, guards, max(seconds / len(chosen), 2.5))
+            result.figures[f"control_{name}"] = {
+                figure: r[figure], STALE: r[STALE], "injected": r["injected"],
+                "lost_detected": r["lost_detected"], "doubts": r["doubts"], "dropped": r["dropped"],
+            }  # fmt: skip
             result.require(r[figure] == 0, f"control {name!r} (guard off): {figure} = {r[figure]}")
         result.figures["control"] = ",".join(chosen)
-        return finish(result, started)
-    runs = {"key": _one(env, seconds / 2, os.urandom(32), Guards()),
-            "no_key": _one(env, seconds / 2, None, Guards())}  # fmt: skip
+        return
+    runs = {"key": one(os.urandom(32), Guards(), seconds / 2),
+            "no_key": one(None, Guards(), seconds / 2)}  # fmt: skip
     f = result.figures
     for name in (OPS, STALE, POISONED, CANARY):
         f[name] = sum(r[name] for r in runs.values())
@@ -351,7 +425,17 @@ def s19(env: Env, seconds: float = 8.0, *, guard: bool = True,
     result.require(
         runs["no_key"]["digest_mismatches"] > 0, "without a key, no digest mismatch seen"
     )
+
+
+@scenario("S19", "security-forged-messages")
+def s19(env: Env, seconds: float = 8.0, *, guard: bool = True,
+        control: str | None = None) -> ScenarioResult:  # fmt: skip
+    """With a key, then without (``seconds`` split).  ``control`` (``digest``, ``mac``) runs that
+    guard-off control instead; ``guard=False`` runs both.  A control *fails* when its oracle
+    caught the planted bug."""
+    result, started = timed("S19", "security-forged-messages")
+    run_s19(result, lambda key: _standalone(env, key), seconds, guard=guard, control=control)
     return finish(result, started)
 
 
-__all__ = ["CONTROLS", "KINDS", "s19"]
+__all__ = ["CONTROLS", "KINDS", "OpenTarget", "Target", "attack", "run_s19", "s19"]
