@@ -212,7 +212,8 @@ class Instrumentation:
         )  # fmt: skip
         self.meter.create_observable_gauge(
             "syncmap.store.items", unit="{item}",
-            description="Live entries of the map in Redis, as of the last sequence probe",
+            description="Live entries of the map in Redis, as of the last sequence probe "
+            "(with PING leases an idle map probes only every 60 s)",
             callbacks=[self._observe(lambda e: [(none, e.live_entries)], total=False)],
         )  # fmt: skip
         self.meter.create_observable_gauge(
