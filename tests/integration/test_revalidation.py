@@ -33,12 +33,21 @@ def _write(url: str, name: str, keys: list[str]) -> dict[str, int]:
         return written
 
 
-@pytest.mark.parametrize("revalidate", [True, False], ids=["revalidate", "control-off"])
+@pytest.mark.parametrize(
+    ("revalidate", "leases"),
+    [(True, False), (False, False), (True, True)],
+    ids=["revalidate", "control-off", "ping-leases"],
+)
 def test_a_paused_process_keeps_every_entry_but_the_k_written(
-    redis_url: str, revalidate: bool
+    redis_url: str, revalidate: bool, leases: bool
 ) -> None:
+    """Probing maps (no PING leases): the lapse after the pause is held and a probe revalidates
+    it; the control flushes.  With PING leases the first vouch after the pause may renew the
+    buckets before the timer sees the lapse (sound: the PONG came after the buffered messages),
+    so only the survivors are checked there."""
     _write(redis_url, "paused", [])
-    with pausable_map(redis_url, "paused", N, delta=DELTA, revalidate=revalidate) as child:
+    with pausable_map(redis_url, "paused", N, delta=DELTA, revalidate=revalidate,
+                      ping_leases=leases) as child:  # fmt: skip
         assert child.cached == N
         keys = [key_of(i * 97) for i in range(K)]
         with child.pause():
@@ -48,7 +57,7 @@ def test_a_paused_process_keeps_every_entry_but_the_k_written(
     assert got.stale == [], f"written keys served with their old value: {got.stale}"
     if revalidate:
         assert (got.survivors, got.expected) == (N - K, N - K), got
-        assert got.revalidations >= 1
+        assert got.revalidations >= 1 or leases, got
     else:  # the control: every lease lapsed and flushed its bucket
         assert got.survivors == 0 and got.revalidations == 0, got
 

@@ -47,9 +47,10 @@ def key_of(i: int) -> str:
 
 
 def _child(conn: Connection, url: str, name: str, n: int, delta: float, revalidate: bool,
+           ping_leases: bool,
            namespace: str) -> None:  # fmt: skip
     config = MapConfig(namespace=namespace, max_staleness=delta, capacity=n + 16,
-                       guards=Guards(revalidate=revalidate))  # fmt: skip
+                       guards=Guards(revalidate=revalidate), ping_leases=ping_leases)  # fmt: skip
     with SyncMap(name, url, config=config) as m:
         m.preload()
         for _ in range(3):  # a fill in flight when a probe started was not installed: read again
@@ -114,11 +115,15 @@ class PausableMap:
 
 @contextmanager
 def pausable_map(url: str, name: str, n: int, *, delta: float = 0.5, revalidate: bool = True,
-                 namespace: str = "sm") -> Iterator[PausableMap]:  # fmt: skip
-    """A child process holding map ``name`` with ``n`` entries cached (already written)."""
+                 namespace: str = "sm", ping_leases: bool = True,
+                 ) -> Iterator[PausableMap]:  # fmt: skip
+    """A child process holding map ``name`` with ``n`` entries cached (already written).
+    ``ping_leases=False``: the map probes every Δ/4, so a lapse after a pause is decided by a
+    probe (revalidation); with leases the first vouch after the pause may renew it first."""
     ctx = multiprocessing.get_context("spawn")
     mine, theirs = ctx.Pipe()
-    proc = ctx.Process(target=_child, args=(theirs, url, name, n, delta, revalidate, namespace),
+    proc = ctx.Process(target=_child, args=(theirs, url, name, n, delta, revalidate, ping_leases,
+                                                    namespace),
                        daemon=True)  # fmt: skip
     proc.start()
     try:
