@@ -59,8 +59,9 @@ def test_only_the_answer_to_a_vouch_ping_vouches_and_older_pings_are_dropped() -
 
 
 def test_a_map_whose_prefix_is_not_tracked_is_never_vouched() -> None:
+    """Tracking covers a whole namespace (``ns:{``): a map of another namespace is not."""
     book, a = LeaseBook(), Map()
-    book.connected(frozenset({b"ns:{other:"}))
+    book.connected(frozenset({b"other:{m:"}))
     nonce, _ = book.ping(1.0, [(a.lease, None)])
     run(book.pong(nonce, [(a.lease, None)]))
     assert a.vouches == [] and book.needs_retrack(a.lease)
@@ -153,3 +154,11 @@ def test_a_node_pong_renews_only_the_buckets_whose_channels_it_carries(
         assert m.vouches == [(3.0, [0])]
     else:
         assert m.vouches == [(3.0, [0, 1, 2])], "control: A vouched buckets it does not carry"
+
+
+def test_one_map_tracked_covers_every_map_of_its_namespace() -> None:
+    """A map attached after the connection needs no reconnect if its namespace is tracked."""
+    book, a = LeaseBook(), Map()
+    book.connected(frozenset({b"ns:{another-map:"}))
+    assert book.tracked == frozenset({b"ns:{"})
+    assert book.covers(a.lease) and not book.needs_retrack(a.lease)

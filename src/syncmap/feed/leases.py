@@ -67,6 +67,18 @@ def track_command(client_id: Any, prefixes: Iterable[bytes]) -> list[Any]:
     return args
 
 
+def tracked_prefix(prefix: bytes) -> bytes:
+    """What a connection tracks for a map's data-key ``prefix`` (``ns:{name:``): its whole
+    namespace, ``ns:{``.  So every map of a namespace is covered by the first one's tracking,
+    and a map opened after the subscriber connected needs no reconnect to be tracked (a
+    reconnect loses the messages of its window, which costs the buckets written meanwhile).
+    The price: the notices of every map of the namespace reach every subscriber of it (one
+    per changed data hash per event-loop turn); notices of maps a process does not hold are
+    dropped (:meth:`LeaseBook.notice` matches the exact map prefix)."""
+    brace = prefix.find(b"{")
+    return prefix if brace < 0 else prefix[: brace + 1]
+
+
 class LeaseBook:
     """One connection's PING leases: the prefixes tracked on it, the vouch PINGs awaiting
     their answer.  Reset on every (re)connect (:meth:`connected`)."""
@@ -78,15 +90,19 @@ class LeaseBook:
 
     def connected(self, tracked: frozenset[bytes] | None) -> None:
         """A new connection, tracking ``tracked`` (None: refused or not asked)."""
-        self.tracked = tracked
+        self.tracked = None if tracked is None else frozenset(tracked_prefix(p) for p in tracked)
         self._pings.clear()
 
     def covers(self, lease: Lease | None) -> bool:
-        return lease is not None and self.tracked is not None and lease.prefix in self.tracked
+        return (
+            lease is not None
+            and self.tracked is not None
+            and tracked_prefix(lease.prefix) in self.tracked
+        )
 
     def needs_retrack(self, lease: Lease | None) -> bool:
         """A map attached with a prefix this connection does not track (it tracks some)."""
-        return lease is not None and self.tracked is not None and lease.prefix not in self.tracked
+        return lease is not None and self.tracked is not None and not self.covers(lease)
 
     def every(self, targets: Iterable[Target]) -> float:
         """How often to send a vouch PING: the shortest a covered lease asks; 0: none."""

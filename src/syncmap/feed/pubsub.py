@@ -46,7 +46,16 @@ import redis
 
 from .. import forksafe
 from ..store.topology import Topology
-from .leases import INVALIDATE, RECHECK, Calls, Lease, LeaseBook, Target, track_command
+from .leases import (
+    INVALIDATE,
+    RECHECK,
+    Calls,
+    Lease,
+    LeaseBook,
+    Target,
+    track_command,
+    tracked_prefix,
+)
 
 __all__ = ["INVALIDATE", "PLAIN", "SHARDED", "Handler", "Lease", "ReaderHooks", "Subscriber"]
 
@@ -106,7 +115,7 @@ class ReaderHooks:
 
     def _lease_prefixes(self, handlers: list[Handler]) -> set[bytes]:
         """The data-key prefixes to track on a new connection, of ``handlers``."""
-        return {h.lease.prefix for h in handlers if h.lease is not None}
+        return {tracked_prefix(h.lease.prefix) for h in handlers if h.lease is not None}
 
     def _deliver(self, calls: Calls) -> None:
         """Run a vouch's or a notice's calls, in order with the messages (the plain reader
