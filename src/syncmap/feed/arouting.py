@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from ..errors import StoreError, SyncMapError
 from ..keys import Layout
-from ..store.commands import SHARDED_TARGET, logged_target, stream_target
+from ..store.commands import stream_target
 from ..store.topology import Topology
 from .abase import AsyncFeed
 from .aredis_pubsub import AsyncRedisPubSubFeed
 from .aregistry import async_feed_class
 from .base import FeedUnavailable
-from .bucketlog import cluster_stream_maxlen, nodes_of
+from .routing import sharded_route
 from .streamlog import run_id_of
 
 
@@ -28,7 +28,9 @@ async def open_async_store_feed(
 ) -> tuple[AsyncFeed, str]:
     """Open the feed ``url`` names for a store-mode map; returns it and the scripts' target."""
     if topology.sharded:  # a Cluster: per-bucket channels, SPUBLISH in-script
-        routed = _sharded_route(url, topology, layout, timeout)
+        from .aredis_sharded import AsyncRedisShardedFeed  # noqa: PLC0415 - Cluster only
+
+        routed = sharded_route(url, topology, layout, timeout, AsyncRedisShardedFeed)
         if routed is not None:
             return routed
     if url is None:
@@ -45,25 +47,6 @@ async def open_async_store_feed(
     if isinstance(feed, AsyncRedisPubSubFeed):
         return feed, feed.topic
     return feed, stream_target(feed.topic, int(getattr(feed, "maxlen", 0)))
-
-
-def _sharded_route(
-    url: str | None, topology: Topology, layout: Layout, timeout: float
-) -> tuple[AsyncFeed, str] | None:
-    """On a Cluster (layout 2s): no feed URL -> each bucket's channel, SPUBLISH in-script
-    (``!s``); a host-less ``redis+stream://`` -> the same, and a log per bucket XADDed in-script
-    (``!S:<maxlen>``, ``bucketlog.py``); None: another feed (relayed)."""
-    from ..store.cluster import ClusterTopology  # noqa: PLC0415 - Cluster only
-    from .aredis_sharded import AsyncRedisShardedFeed  # noqa: PLC0415
-
-    assert isinstance(topology, ClusterTopology)  # the one sharded topology
-    maxlen = None if url is None else cluster_stream_maxlen(url, lambda: nodes_of(topology))
-    if url is not None and maxlen is None:
-        return None
-    feed = AsyncRedisShardedFeed("redis (the store)", layout.channel, layout.bucket_channels(),
-                        timeout=timeout, topology=topology,
-                        log=None if maxlen is None else layout)  # fmt: skip
-    return feed, SHARDED_TARGET if maxlen is None else logged_target(maxlen)
 
 
 async def _same_server(a: Topology, b: Topology, feed: AsyncFeed, timeout: float) -> bool:

@@ -24,6 +24,9 @@ another address (a proxy, a Unix socket) still gets the atomic route.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from ..errors import StoreError, SyncMapError
 from ..keys import Layout
 from ..store.commands import SHARDED_TARGET, logged_target, stream_target
@@ -38,7 +41,7 @@ def open_store_feed(
 ) -> tuple[Feed, str]:
     """Open the feed ``url`` names for a store-mode map; returns it and the scripts' target."""
     if topology.sharded:  # a Cluster: per-bucket channels, SPUBLISH in-script
-        routed = _sharded_route(url, topology, layout, timeout)
+        routed = sharded_route(url, topology, layout, timeout)
         if routed is not None:
             return routed
     if url is None:
@@ -57,22 +60,27 @@ def open_store_feed(
     return feed, stream_target(feed.topic, int(getattr(feed, "maxlen", 0)))
 
 
-def _sharded_route(
-    url: str | None, topology: Topology, layout: Layout, timeout: float
-) -> tuple[Feed, str] | None:
+def sharded_route(
+    url: str | None, topology: Topology, layout: Layout, timeout: float,
+    sharded_class: Callable[..., Any] | None = None,
+) -> tuple[Any, str] | None:  # fmt: skip
     """On a Cluster (layout 2s): no feed URL -> each bucket's channel, SPUBLISH in-script
     (``!s``); a host-less ``redis+stream://`` -> the same, and a log per bucket XADDed in-script
-    (``!S:<maxlen>``, ``bucketlog.py``); None: another feed (relayed)."""
+    (``!S:<maxlen>``, ``bucketlog.py``); None: another feed (relayed).  ``sharded_class``: the
+    sharded feed to open (the thread driver's by default; the asyncio driver passes its own)."""
     from ..store.cluster import ClusterTopology  # noqa: PLC0415 - Cluster only
-    from .redis_sharded import RedisShardedFeed  # noqa: PLC0415
 
+    if sharded_class is None:
+        from .redis_sharded import RedisShardedFeed  # noqa: PLC0415
+
+        sharded_class = RedisShardedFeed
     assert isinstance(topology, ClusterTopology)  # the one sharded topology
     maxlen = None if url is None else cluster_stream_maxlen(url, lambda: nodes_of(topology))
     if url is not None and maxlen is None:
         return None
-    feed = RedisShardedFeed("redis (the store)", layout.channel, layout.bucket_channels(),
-                        timeout=timeout, topology=topology,
-                        log=None if maxlen is None else layout)  # fmt: skip
+    feed = sharded_class("redis (the store)", layout.channel, layout.bucket_channels(),
+                      timeout=timeout, topology=topology,
+                      log=None if maxlen is None else layout)  # fmt: skip
     return feed, SHARDED_TARGET if maxlen is None else logged_target(maxlen)
 
 
