@@ -101,11 +101,8 @@ class LeaseBook:
         )
 
     def needs_retrack(self, lease: Lease | None) -> bool:
-        """A map attached with a prefix this connection does not track (it tracks some).  A
-        connection that tracks nothing (opened for locks only) is not remade for it: the
-        reconnect would cost every channel on it its window's messages; the map probes as
-        without leases until the connection is next made."""
-        return lease is not None and bool(self.tracked) and not self.covers(lease)
+        """A map attached with a prefix this connection does not track (it tracks some)."""
+        return lease is not None and self.tracked is not None and not self.covers(lease)
 
     def every(self, targets: Iterable[Target]) -> float:
         """How often to send a vouch PING: the shortest a covered lease asks; 0: none."""
