@@ -286,7 +286,7 @@ class AsyncSubscriber(ReaderHooks):
             if self._topology.generation != generation:
                 raise redis.ConnectionError("the master changed while connecting")
             self._retrack_at = float("inf")
-            self._leases.connected(await self._track(conn, self._lease_prefixes(self._all())))
+            self._leases.connected(await self._track(conn, self._lease_prefixes(self._handlers)))
             if any(self._leases.needs_retrack(h.lease) for h in self._all()):
                 self._retrack_soon()  # attached while CLIENT TRACKING was on its way
             # Order: the channels are read and the connection published with no await between,
@@ -377,7 +377,8 @@ class AsyncSubscriber(ReaderHooks):
             nonce, calls = self._leases.ping(now, self._targets())
             self._send_soon("PING", nonce)
             self._deliver(calls)  # the control (Guards.pong off): vouched without the answer
-        return every or (RECHECK if self._leases.tracked else READ_SLICE)
+        recheck = bool(self._leases.tracked) and self._wants_leases(self._handlers)
+        return every or (RECHECK if recheck else READ_SLICE)
 
     def _resubscribe_unconfirmed(self) -> None:
         """Send SUBSCRIBE again for channels whose confirmation never came (idempotent)."""

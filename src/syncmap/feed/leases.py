@@ -79,6 +79,22 @@ def tracked_prefix(prefix: bytes) -> bytes:
     return prefix if brace < 0 else prefix[: brace + 1]
 
 
+def channel_namespace(channel: bytes) -> bytes | None:
+    """The namespace prefix (``ns:{``) a subscriber connection tracks for ``channel`` of the
+    namespaced layout (a map's ``ns:{name}:ch``, a bucket's, a lock's ``ns:{lock:x}:ch``),
+    whether or not that channel's handler holds a lease; None for a channel of no namespace.
+
+    Why every channel, not only leased maps': a connection first opened for a lock or a map
+    without leases would otherwise track nothing, and a leased map attached later would make
+    it reconnect to track (a subscribed RESP2 connection cannot send CLIENT TRACKING).  That
+    reconnect drops every channel of the process for a moment: its window's messages are
+    lost (each map then repairs by probing) and a forked child's parent saw its connection
+    closed under it (S26-cluster).  Tracking the namespace from the start costs the notices
+    of its maps' keys on that connection, which a process without leased maps drops."""
+    brace = channel.find(b"{")
+    return None if brace < 0 else channel[: brace + 1]
+
+
 class LeaseBook:
     """One connection's PING leases: the prefixes tracked on it, the vouch PINGs awaiting
     their answer.  Reset on every (re)connect (:meth:`connected`)."""

@@ -53,6 +53,7 @@ from .leases import (
     Lease,
     LeaseBook,
     Target,
+    channel_namespace,
     track_command,
     tracked_prefix,
 )
@@ -113,9 +114,20 @@ class ReaderHooks:
         return [(h.lease, h.bucket) for hs in attached.values() for h in hs
                 if h.up and h.lease is not None]  # fmt: skip
 
-    def _lease_prefixes(self, handlers: list[Handler]) -> set[bytes]:
-        """The data-key prefixes to track on a new connection, of ``handlers``."""
-        return {tracked_prefix(h.lease.prefix) for h in handlers if h.lease is not None}
+    def _lease_prefixes(self, attached: dict[bytes, list[Handler]]) -> set[bytes]:
+        """The key prefixes to track on a new connection: each leased map's, and the
+        namespace of every ``attached`` channel (:func:`~syncmap.feed.leases.channel_namespace`:
+        so a leased map opened later is covered without a reconnect)."""
+        prefixes = {tracked_prefix(h.lease.prefix)
+                    for hs in attached.values() for h in hs if h.lease is not None}  # fmt: skip
+        prefixes.update(ns for ch in attached if (ns := channel_namespace(ch)) is not None)
+        return prefixes
+
+    @staticmethod
+    def _wants_leases(attached: dict[bytes, list[Handler]]) -> bool:
+        """A map of ``attached`` asks for leases: until its lease is confirmed the reader looks
+        again every ``RECHECK`` (a connection that tracks only for later maps need not)."""
+        return any(h.lease is not None for hs in attached.values() for h in hs)
 
     def _deliver(self, calls: Calls) -> None:
         """Run a vouch's or a notice's calls, in order with the messages (the plain reader
@@ -164,6 +176,12 @@ class Subscriber(ReaderHooks):
         self._conn: Any = None
         self._dialing: Any = None  # a connection in its handshake (_connect), cut by _close_conn
         self._stop = threading.Event()
+        # Set by the first attach (and by stop): the reader connects only then.  Why: the reader
+        # starts before attach_to attaches the first channel; a handshake that ran first
+        # found nothing to track, and the channel then made it reconnect to track its
+        # namespace (Retrack), closing the connection under whatever came meanwhile (under
+        # S26-cluster's forks the parent's node connections were remade).
+        self._attached = threading.Event()
         self._leases = LeaseBook()  # prefixes tracked on this connection, vouch PINGs
         self._retrack_at = float("inf")  # reconnect then to track a newly attached map
         # A reading thread's turn for this reader (:meth:`give_turn`): the socket's poll object,
@@ -188,6 +206,7 @@ class Subscriber(ReaderHooks):
         ch = channel.encode()
         with self._lock:
             self._handlers.setdefault(ch, []).append(handler)
+            self._attached.set()
             self._send(self.dialect.subscribe, ch)  # Redis confirms again if already subscribed
             if self._leases.needs_retrack(handler.lease):
                 # A subscribed RESP2 connection cannot send CLIENT TRACKING: reconnect (maps
@@ -231,6 +250,7 @@ class Subscriber(ReaderHooks):
     def stop(self, *, wait: bool = True) -> None:
         """Close the connection and end the reader (``wait``: until it has ended)."""
         self._stop.set()
+        self._attached.set()  # a reader still waiting for its first channel ends at once
         if self.follows_topology:
             self._topology.remove_listener(self._master_changed)
         self._close_conn()  # wakes the reader at once
@@ -288,6 +308,7 @@ class Subscriber(ReaderHooks):
 
     def _run(self) -> None:
         backoff = 0.05
+        self._attached.wait()  # not a timed wait: attach or stop sets it
         while not self._stop.is_set():
             try:
                 conn = self._connect()
@@ -325,8 +346,8 @@ class Subscriber(ReaderHooks):
         try:
             conn.connect()
             with self._lock:
-                handlers = [h for hs in self._handlers.values() for h in hs]
-            tracked = self._track(conn, sorted(self._lease_prefixes(handlers)))
+                attached = {ch: list(hs) for ch, hs in self._handlers.items()}
+            tracked = self._track(conn, sorted(self._lease_prefixes(attached)))
             with self._lock:
                 if self._dialing is not conn:
                     raise redis.ConnectionError("the connection was dropped while connecting")
@@ -397,7 +418,9 @@ class Subscriber(ReaderHooks):
                 every = self._vouch_every()
                 if every:
                     self._send_vouch(now)
-                next_vouch = now + (every or (RECHECK if self._leases.tracked else 1.0))
+                with self._lock:  # attach() changes the dict on other threads
+                    recheck = bool(self._leases.tracked) and self._wants_leases(self._handlers)
+                next_vouch = now + (every or (RECHECK if recheck else 1.0))
             if self._leases.overdue(now, PING_AFTER):
                 raise redis.ConnectionError(f"no answer to PING in {PING_AFTER} s")
             wait = min(1.0, max(0.0, next_vouch - now))
