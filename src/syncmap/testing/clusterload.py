@@ -95,7 +95,9 @@ class Flush:
     at_ns: int
     bucket: int
     resync: bool  # a restart (lost messages, an epoch or regression); False: a lease lapsed
-    cause: str = "other"  # lapse, gap, epoch, lost (a probe's sequence not reached), digest
+    # lapse, gap, epoch, lost (a probe's sequence not reached), digest, chain (a probe at our
+    # sequence while our digest chain was unknown: a gap or an epoch message broke it earlier)
+    cause: str = "other"
     missing: tuple[int, int] | None = None  # cause "lost": the versions (from, to] not heard
 
 
@@ -110,9 +112,9 @@ class FlushLog:
     which buckets re-subscriptions repaired, and every change message heard.  It wraps the
     core's ``_flush`` (every flush passes there: a restart after lost messages, a gap or an
     epoch change, ``count=True``: a resync; a lapsed lease, ``False``), ``_restart_bucket``
-    (the versions a restart skips), ``on_feed_up`` and ``on_message``.  All of them run under
-    the map's guard, so the counters read at a flush are that flush's own.  Test
-    instrumentation of one map, in this process only."""
+    (the versions a restart skips), ``_mismatch`` (whether our chain was unknown), ``on_feed_up``
+    and ``on_message``.  All of them run under the map's guard, so the counters read at a flush
+    are that flush's own.  Test instrumentation of one map, in this process only."""
 
     def __init__(self, core: NearCache) -> None:
         self.flushes: list[Flush] = []  # list.append is atomic: the map's threads append
@@ -120,8 +122,10 @@ class FlushLog:
         self.heard: list[tuple[int, int, int, int]] = []  # (at_ns, bucket, seq, last_seq)
         flush, restart, feed_up, message = (core._flush, core._restart_bucket, core.on_feed_up,
                                             core.on_message)  # fmt: skip
+        mismatch = core._mismatch
         counts = {name: 0 for name, _ in CAUSES}
         skipped: list[tuple[int, int] | None] = [None]
+        unchained = [False]  # in a _mismatch whose bucket's chain was unknown (no counter moves)
 
         def logged(bucket: int, count: bool = True) -> None:
             cause = "lapse" if not count else "other"
@@ -129,6 +133,8 @@ class FlushLog:
                 now = getattr(core.counters, name)
                 if now != counts[name]:
                     counts[name], cause = now, why
+            if cause == "other" and unchained[0]:
+                cause = "chain"
             missing = skipped[0] if cause == "lost" else None
             self.flushes.append(Flush(_ns(), bucket, count, cause, missing))
             flush(bucket, count)
@@ -138,6 +144,11 @@ class FlushLog:
             skipped[0] = (core.buckets[i].seq, seq)
             restart(i, epoch, seq, sent_at, digest)
             skipped[0] = None
+
+        def mismatched(i: int, seq: int, sent_at: float, digest: str | None) -> None:
+            unchained[0] = core.buckets[i].digest is None
+            mismatch(i, seq, sent_at, digest)
+            unchained[0] = False
 
         def repaired(now: float = -INF, buckets: Iterable[int] | None = None) -> None:
             listed = None if buckets is None else list(buckets)
@@ -150,6 +161,7 @@ class FlushLog:
 
         core._flush = logged  # type: ignore[method-assign]
         core._restart_bucket = restarted  # type: ignore[method-assign]
+        core._mismatch = mismatched  # type: ignore[method-assign]
         core.on_feed_up = repaired  # type: ignore[method-assign]
         core.on_message = heard  # type: ignore[method-assign]
 
@@ -167,6 +179,22 @@ class FlushLog:
                     return None
                 out |= set(buckets)
         return out
+
+    def chain_broken_by(self, flush: Flush) -> Flush | None:
+        """For a restart of cause ``chain``: the flush that broke the bucket's chain (its latest
+        resync before, when that was a gap or an epoch message), else None.  Order of events: a
+        fault loses messages; the next message skips ahead (gap) or names another epoch, so the
+        bucket is flushed and its digest is unknown from then on; the repair probe after the
+        re-subscription is overtaken by newer messages (it read a lower sequence), so it renews
+        the bucket without comparing chains; the next probe that reads our sequence restarts the
+        bucket (docs/design.md: "every error of the chain costs a flush").  With PING leases
+        that probe comes only when something asks for one, so it may come seconds later: the
+        second half of the earlier repair, at no staleness."""
+        if flush.cause != "chain":
+            return None
+        before = [f for f in self.flushes
+                  if f.bucket == flush.bucket and f.resync and f.at_ns < flush.at_ns]  # fmt: skip
+        return before[-1] if before and before[-1].cause in ("gap", "epoch") else None
 
     def late(self, flush: Flush, within_ns: int) -> bool:
         """Whether a restart for a probe's sequence not reached (cause ``lost``) was a false
