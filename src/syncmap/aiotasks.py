@@ -20,6 +20,11 @@ How :func:`stop_task` stops a task, in this order:
 
 The task's own exception, if any, is logged (at debug level: the owner reported it when it
 happened), so asyncio never warns "exception was never retrieved".
+
+The same loss on a *caller's* task (a request handler awaiting ``lock.acquire()``) cannot be
+repeated by syncmap: the cancel is the caller's.  There :func:`cancels_requested` and
+:func:`cancel_lost` find it (the task's cancel count rose across awaits that returned
+normally), and the caller raises the ``CancelledError`` the await swallowed.
 """
 
 from __future__ import annotations
@@ -29,7 +34,15 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["GRACE", "RECANCEL_EVERY", "STOP_BOUND", "stop_task", "stop_tasks"]
+__all__ = [
+    "GRACE",
+    "RECANCEL_EVERY",
+    "STOP_BOUND",
+    "cancel_lost",
+    "cancels_requested",
+    "stop_task",
+    "stop_tasks",
+]
 
 log = logging.getLogger("syncmap")
 
@@ -93,3 +106,22 @@ async def stop_tasks(
         await asyncio.wait(running, timeout=grace)
     stopped = await asyncio.gather(*(stop_task(task, bound=bound) for task in tasks))
     return all(stopped)
+
+
+def cancels_requested() -> int:
+    """The running task's cancel requests so far (``Task.cancelling()``; 0 outside a task):
+    read it before awaits that may lose a cancel, and pass it to :func:`cancel_lost` after."""
+    task = asyncio.current_task()
+    return 0 if task is None else task.cancelling()
+
+
+def cancel_lost(before: int) -> bool:
+    """Whether the running task was asked to cancel since ``before`` (:func:`cancels_requested`)
+    although the awaits since then returned normally: one of them swallowed the
+    ``CancelledError`` (module docstring), which the caller must now raise itself.
+
+    A cancel that was delivered raised instead, and ``asyncio.timeout`` takes back (uncancels)
+    the cancel it makes when it expires, so a count still raised after a normal return is a
+    lost cancel.  Never true on Python 3.12+, whose ``wait_for`` loses none."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > before

@@ -7,6 +7,11 @@ the topology's :class:`~syncmap.store.endpoint.Endpoint`).  One more case exists
 * the call was **cancelled** (``asyncio.CancelledError``) after its request was sent: the
   connection is dropped (its replies would be read by the next caller) and the cancellation
   goes on; the asyncio driver then treats a write as outcome-unknown (``aio/run.py``).
+* the cancel was **lost** by redis-py: on Python 3.11 it wraps every send (the handshake's
+  too) in ``asyncio.wait_for``, which returns normally when the cancel arrives just as the
+  send completes (CPython gh-86296; ``syncmap.aiotasks``).  The call then ran on, and a
+  cancelled ``lock.acquire()`` returned a fence and kept the lock.  ``_exchange`` checks the
+  task's cancel count after connecting and after sending, and raises the cancellation itself.
 
 Connections belong to the event loop that made them: an executor serves one loop.  At most
 ``max_connections`` are open at once (``MAX_CONNECTIONS``): a thousand coroutines missing at once
@@ -28,6 +33,7 @@ from redis.exceptions import (
     ResponseError,
 )
 
+from ..aiotasks import cancel_lost, cancels_requested
 from ..errors import ConfigurationError, StoreUnavailable, WriteOutcomeUnknown
 from . import scripts
 from .executor import Command, noscript, settle
@@ -105,7 +111,11 @@ class AsyncNodeExecutor:
         self, commands: Sequence[Command], *, write: bool, until: float | None
     ) -> list[Any]:
         payload = b"".join(hiredis.pack_command(c) for c in commands)  # before taking a conn
+        cancels = cancels_requested()
         conn, generation = await self._checkout(until)
+        if cancel_lost(cancels):  # in a new connection's handshake: nothing of ours was sent
+            self._idle.append((conn, generation))  # the handshake ran to its end: in step
+            raise asyncio.CancelledError
         replies: list[Any] = []
         try:
             if until is not None and until - time.monotonic() <= 0:
@@ -114,6 +124,8 @@ class AsyncNodeExecutor:
                     f"before anything was sent to {self.where}; nothing ran: retry later"
                 )
             await conn.send_packed_command([payload], check_health=False)
+            if cancel_lost(cancels):  # sent, maybe applied: a cancel mid-call (below)
+                raise asyncio.CancelledError
             for _ in commands:
                 try:
                     replies.append(await self._read(conn, until))
