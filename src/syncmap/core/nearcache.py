@@ -526,16 +526,19 @@ class NearCache:
 
     def _install_whole(self, b: BucketState, index: set[Key], now: float, read: BulkRead) -> int:
         """:meth:`install_bulk`'s shortcut: every entry of ``read`` goes in."""
-        entries = read.entries
+        entries, top = read.entries, read.top
         for key in read.expiring:  # TTLs first: the hit path reads valid_until first
             e = entries[key]
             if e.deadline <= now:
                 del entries[key]
+                top = -1  # ``top`` is of what is cached (as the per-entry path counts it)
             else:
                 self._expire_at(e.deadline, e.version, key)
+        if top < 0:
+            top = max((e.version for e in entries.values()), default=0)
         self.entries.update(entries)
         index.update(entries)
-        b.top = max(b.top, read.top)
+        b.top = max(b.top, top)
         return len(entries)
 
     def _expire_at(self, deadline: float, version: int, key: Key) -> None:
