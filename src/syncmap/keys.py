@@ -48,7 +48,7 @@ Entries = (
 """What ``update()`` takes.  Mapping is invariant in its key type, so a ``dict[str, int]`` is not
 a ``Mapping[Key, Any]``: each key type is named, so a typed caller's dict passes mypy --strict."""
 
-RESERVED = frozenset({b"#e", b"#s", b"#c"})
+RESERVED = frozenset({b"#e", b"#s", b"#c", b"#h"})
 """The bookkeeping fields of a bucket's data hash.  Key fields start with ``s``, ``b`` or ``i``,
 so these never collide with a key; readers of a whole data hash skip every field starting with
 ``#`` (:func:`is_key_field`)."""

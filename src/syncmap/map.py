@@ -360,7 +360,7 @@ class SyncMap(MapBase):
 
         Each bucket is installed whole or not at all: a bucket that changed while it was being
         read (a change message, a probe, a write from here) is read again, up to ``retries``
-        times, and otherwise left to fill on demand (``NearCache.complete_bulk`` says why).
+        times, and otherwise left to fill on demand (``NearCache.install_bulk`` says why).
         An entry that does not decode is left out (as ``items(skip_corrupt=True)`` does): it
         is counted each time it is read, logged at most once a minute, and reading that key
         raises :class:`CorruptData`.

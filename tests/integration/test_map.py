@@ -438,6 +438,34 @@ def test_preload_fills_the_near_cache_and_stays_coherent(shared_redis_url: str) 
             wait_until(lambda: reader.get(cached[0]) == "new", 5, "a later write still arrives")
 
 
+def test_preload_installs_every_kind_of_entry_as_a_read_would(shared_redis_url: str) -> None:
+    """preload() decodes a bucket whose keys are all str and whose values are all live (no TTL)
+    in bulk (flows/bulk.py ``_plain_bucket``), every other bucket entry by entry: map "plain"
+    (one bucket) has only the first kind, with a list among its values (copied on each hit);
+    map "mixed" adds a bytes and an int key and a TTL to it.  Both must cache exactly what a
+    read returns, and ``limit`` must hold on both paths."""
+    plain: dict[Any, Any] = {f"k{i}": f"v{i}" for i in range(100)}
+    plain.update({"list": [1, 2], "tuple": (1, "a")})
+    mixed = {**plain, b"raw": "bytes key", 7: "int key", "ttl": "soon gone"}
+    cfg = MapConfig(buckets=1)
+    with SyncMap("pre-plain", shared_redis_url, config=cfg) as w1, \
+            SyncMap("pre-mixed", shared_redis_url, config=cfg) as w2:  # fmt: skip
+        w1.update(plain)
+        w2.update({k: v for k, v in mixed.items() if k != "ttl"})
+        w2.set("ttl", "soon gone", ttl=60)
+        for name, want in (("pre-plain", plain), ("pre-mixed", mixed)):
+            with SyncMap(name, shared_redis_url, config=cfg) as m:
+                assert m.preload(limit=5) == 5, "a limit holds"
+            with SyncMap(name, shared_redis_url, config=cfg) as m:
+                assert m.preload() == len(want)
+                before = m.statistics().misses
+                assert {k: m[k] for k in want} == want
+                assert m.statistics().misses == before, "every entry was a hit"
+                m["list"].append(3)  # a copy: the cached value stays as stored
+                assert m["list"] == [1, 2]
+                assert m["tuple"] is m["tuple"], "an immutable value is shared"
+
+
 @pytest.mark.parametrize("collector_on", [True, False], ids=["gc-on", "gc-off"])
 def test_preload_leaves_the_garbage_collector_as_it_found_it(
     shared_redis_url: str, collector_on: bool

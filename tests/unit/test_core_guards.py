@@ -624,6 +624,36 @@ def test_a_bulk_read_overtaken_by_a_message_installs_nothing() -> None:
     assert cached(core, "b") is None
 
 
+def test_a_bulk_read_overtaken_by_a_message_control_a_later_token_installs_it() -> None:
+    """Control for the test above: the same read checked against a token taken *after* the
+    message (as if ``install_bulk`` did not compare tokens) installs b@2 over b@3's
+    invalidation, so that scenario does catch a missing check."""
+    core = started((E1, 2))
+    core.on_message(msg(3, "b"), 0.05)
+    token = core.begin_bulk(0)
+    n = core.complete_bulk(
+        token, 0.1, [("a", 1, E1, "v1", None, INF), ("b", 2, E1, "v2", None, INF)]
+    )
+    assert n == 2
+    assert cached(core, "b") == ("v2", 2), "stale: the message said b@3"
+
+
+def test_a_whole_bucket_of_str_keys_goes_in_at_once_with_its_ttls() -> None:
+    """The fast install (an empty bucket, str keys only): an entry already expired is left out,
+    one with a deadline is scheduled to expire like any other."""
+    core = started((E1, 3))
+    n = core.complete_bulk(core.begin_bulk(0), 0.1, [
+        ("a", 1, E1, "v1", None, INF), ("b", 2, E1, "v2", None, 0.05),
+        ("c", 3, E1, "v3", None, 0.5),
+    ])  # fmt: skip
+    assert n == 2
+    assert cached(core, "a") == ("v1", 1) and cached(core, "b") is None
+    assert cached(core, "c") == ("v3", 3) and core.reap_until == 0.5
+    assert core.buckets[0].top == 3
+    core.tick(0.6)
+    assert cached(core, "c") is None and cached(core, "a") == ("v1", 1)
+
+
 def test_a_bulk_read_overtaken_by_an_own_write_installs_nothing() -> None:
     core = started((E1, 2))
     token = core.begin_bulk(0)

@@ -81,8 +81,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import Any
+from itertools import chain, islice
+from typing import Any, NamedTuple
 
 from ..keys import Key, decode_key
 from .wire import OP_CLEAR, OP_NAMES, OP_PING, ChangeMessage, link, next_digest
@@ -146,6 +146,49 @@ class FillToken:
     epoch: int | None  # the bucket's epoch as this server knew it when the fill began
     probes: int  # probes started before this fill began (see NearCache.tops)
     max_seen: float = 0
+
+
+class BulkToken(NamedTuple):
+    """What :meth:`NearCache.begin_bulk` saw of a bucket; the bulk read is installed only if
+    the bucket still looks the same when it returns."""
+
+    bucket: int
+    feed_gen: int
+    gen: int
+    heard: int
+    writes: int
+    epoch: int | None  # the values of this epoch are the ones to install
+
+
+@dataclass(slots=True)
+class BulkRead:
+    """A whole bucket, read and decoded outside the lock for :meth:`NearCache.install_bulk`.
+
+    Built by :meth:`add`, or inline by ``flows.bulk`` (the same fields: at a million entries a
+    method call per entry counts).  str keys go in a dict: distinct fields are distinct str
+    keys, and a bucket that has only those can be installed whole by :meth:`dict.update`."""
+
+    entries: dict[Key, Entry] = field(default_factory=dict)  # str keys, of the token's epoch
+    others: list[tuple[Key, Entry]] = field(default_factory=list)  # other keys, of that epoch
+    foreign: list[tuple[Key, Entry]] = field(default_factory=list)  # of another epoch
+    expiring: list[Key] = field(default_factory=list)  # keys in ``entries`` with a deadline
+    top: int = 0  # the highest version in ``entries`` and ``others``
+
+    def add(self, token: BulkToken, key: Key, e: Entry, epoch: int) -> None:
+        if epoch != token.epoch:
+            self.foreign.append((key, e))
+            return
+        self.top = max(self.top, e.version)
+        if key.__class__ is not str:
+            self.others.append((key, e))
+            return
+        self.entries[key] = e
+        if e.deadline != INF:
+            self.expiring.append(key)
+
+    def __len__(self) -> int:
+        """Entries of the token's epoch (the ones to install)."""
+        return len(self.entries) + len(self.others)
 
 
 @dataclass(slots=True)
@@ -407,64 +450,102 @@ class NearCache:
 
     # ---- bulk fills (``SyncMap.preload``) ----------------------------------------------------
 
-    def begin_bulk(self, bucket: int) -> tuple[int, ...]:
-        """Call *before* reading a whole bucket; pass the result to :meth:`complete_bulk`."""
+    def begin_bulk(self, bucket: int) -> BulkToken:
+        """Call *before* reading a whole bucket; pass the result to :meth:`install_bulk`."""
         b = self.buckets[bucket]
-        return (bucket, self._feed_gen, b.gen, b.heard, self._writes)
+        return BulkToken(bucket, self._feed_gen, b.gen, b.heard, self._writes, b.epoch)
 
     def complete_bulk(
-        self, token: tuple[int, ...], now: float,
-        entries: Sequence[tuple[Key, int, int, Any, bytes | None, float]],
+        self, token: BulkToken, now: float,
+        entries: Iterable[tuple[Key, int, int, Any, bytes | None, float]],
     ) -> int:  # fmt: skip
+        """:meth:`install_bulk` of (key, version, epoch, value, raw, deadline) tuples."""
+        read = BulkRead()
+        for key, version, epoch, value, raw, deadline in entries:
+            read.add(token, key, Entry(value, raw, version, token.bucket, key.__class__, deadline),
+                     epoch)  # fmt: skip
+        return self.install_bulk(token, now, read)
+
+    def install_bulk(self, token: BulkToken, now: float, read: BulkRead) -> int:
         """Install a whole bucket read at once, or nothing; returns how many were installed.
 
         Why all or nothing, in the order of events it prevents: a per-key fill is protected by
         noting every version seen for its key while it is out (the fill race, A2); a bulk read
         has no keys to note until it returns.  So it is installed only if *nothing* reached this
         bucket while it was out: no change message (``heard``), no repair or flush (``gen``,
-        ``feed_gen``), none of this server's own writes.  Unlike a fill it need not fear a probe
-        (:meth:`tops`): it installs only values of the bucket's known epoch, and a store that
-        restarted or was flushed meanwhile shows a probe another epoch (or none), which restarts
-        the bucket and so changes ``gen``.
+        ``feed_gen``), none of this server's own writes, no new epoch (the token holds all
+        five).  Unlike a fill it need not fear a probe (:meth:`tops`): it installs only values
+        of the bucket's known epoch, and a store that restarted or was flushed meanwhile shows a
+        probe another epoch (or none), which restarts the bucket and so changes ``gen``.
         Then every value read is at least as new as anything this server has seen, exactly as
-        for a fill.  ``entries`` are (key, version, epoch, value, raw, deadline); a value of
-        another epoch than the bucket's is skipped (its version is not comparable).
+        for a fill.  A value of another epoch than the bucket's is not installed (its version
+        is not comparable); ``read.foreign`` has them.
         """
-        bucket = token[0]
+        bucket = token.bucket
         b = self.buckets[bucket]
         if token != self.begin_bulk(bucket) or now >= b.lease_until - self.margin:
             return 0
-        installed, top, held, want = 0, b.top, self.entries, b.epoch
+        held, entries = self.entries, read.entries
         room = self.capacity - len(held)
-        if room < len(entries) and self._detached:  # detached entries make room first
-            self.sweep(len(entries) - room)
+        if room < len(read) and self._detached:  # detached entries make room first
+            self.sweep(len(read) - room)
             room = self.capacity - len(held)
-        index = self._held[bucket].add
-        # Nothing of this bucket cached: a str key (the common case) has nothing to be compared
-        # with, since it lives in its own bucket only.  Not so for other keys: 1, 1.0 and True
+        index = self._held[bucket]
+        # Nothing of this bucket cached, every key a str, room for all: nothing to compare with
+        # (a str key lives in its own bucket only), so the bucket goes in with two C-level
+        # updates instead of a Python step per entry.  Not so for other keys: 1, 1.0 and True
         # are one dict key but three stored fields, maybe in three buckets.  Nor while detached
         # entries are left (one may be this key's, to be retired, not overwritten).
-        fresh = not self._held[bucket] and not self._detached
-        for key, version, epoch, value, raw, deadline in entries:
-            if installed >= room:
-                break
+        if not read.others and not index and not self._detached and len(entries) <= room:
+            return self._install_whole(b, index, now, read)
+        installed, top, fresh = 0, b.top, not index and not self._detached
+        for key, e in read.foreign:  # another epoch: only an older cached value goes
             if not (fresh and key.__class__ is str) and (old := held.get(key)) is not None:
-                if old.version >= version and self._live(key, old):
+                if old.version >= e.version and self._live(key, old):
                     continue
                 self._remove(key, old)
                 room += 1
-            if epoch != want or deadline <= now:
+        for key, e in chain(entries.items(), read.others):
+            if installed >= room:
+                break
+            if not (fresh and key.__class__ is str) and (old := held.get(key)) is not None:
+                if old.version >= e.version and self._live(key, old):
+                    continue
+                self._remove(key, old)
+                room += 1
+            if e.deadline <= now:
                 continue
-            if deadline != INF:
-                heapq.heappush(self._ttl, (deadline, version, key))
-                self._lower(deadline - self.margin)
-                self.reap_until = max(self.reap_until, deadline)
-            held[key] = Entry(value, raw, version, bucket, key.__class__, deadline)
-            index(key)
-            top = version if version > top else top
+            if e.deadline != INF:
+                self._expire_at(e.deadline, e.version, key)
+            held[key] = e
+            index.add(key)
+            top = e.version if e.version > top else top
             installed += 1
         b.top = top
         return installed
+
+    def _install_whole(self, b: BucketState, index: set[Key], now: float, read: BulkRead) -> int:
+        """:meth:`install_bulk`'s shortcut: every entry of ``read`` goes in."""
+        entries, top = read.entries, read.top
+        for key in read.expiring:  # TTLs first: the hit path reads valid_until first
+            e = entries[key]
+            if e.deadline <= now:
+                del entries[key]
+                top = -1  # ``top`` is of what is cached (as the per-entry path counts it)
+            else:
+                self._expire_at(e.deadline, e.version, key)
+        if top < 0:
+            top = max((e.version for e in entries.values()), default=0)
+        self.entries.update(entries)
+        index.update(entries)
+        b.top = max(b.top, top)
+        return len(entries)
+
+    def _expire_at(self, deadline: float, version: int, key: Key) -> None:
+        """Schedule an entry's TTL; call before the entry is visible."""
+        heapq.heappush(self._ttl, (deadline, version, key))
+        self._lower(deadline - self.margin)
+        self.reap_until = max(self.reap_until, deadline)
 
     def _refuse(self, token: FillToken, version: int, *, other_epoch: bool) -> bool:
         """Do not install a read's value; returns False.
