@@ -12,11 +12,13 @@ import importlib.util
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
 from syncmap.embedded import EmbeddedRedis
 from syncmap.errors import ConfigurationError
+from syncmap.feed import aredis_stream
 from syncmap.feed.abase import AsyncFeed
 from syncmap.feed.aredis_pubsub import AsyncRedisPubSubFeed
 from syncmap.feed.aredis_stream import AsyncRedisStreamFeed
@@ -32,6 +34,7 @@ from syncmap.testing.afeedconformance import (
     msgs,
     subscribed,
 )
+from syncmap.testing.proxy import FaultProxy
 
 
 def stream_url(server: EmbeddedRedis, query: str = "") -> str:
@@ -235,6 +238,68 @@ async def test_aclose_stops_the_reader_tasks_and_their_connections(
     await feed.aclose()  # idempotent
     await until(lambda: count(0), "every reader's connection closed")
     assert not [t for t in asyncio.all_tasks() if t.get_name() == "syncmap-async-stream"]
+
+
+STEPS = 40  # loop steps swept below: subscribe() connects, then sends INFO within these
+
+
+def _stream_readers() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "syncmap-async-stream"]
+
+
+async def _cancel_subscribe_at_each_step(proxy: FaultProxy, stream: str) -> list[int]:
+    """Cancel a stream ``subscribe()`` after 0, 1, ... ``STEPS - 1`` loop steps, its replies
+    stalled; the steps after which it returned anyway (that subscription is closed then).  A
+    cancelled one must leave no reader task and no subscription behind."""
+    returned = []
+    feed = AsyncRedisStreamFeed(proxy.url.replace("redis://", "redis+stream://", 1), stream)
+    try:
+        for k in range(STEPS):
+            await asyncio.to_thread(proxy.stall, "downstream")
+            task = asyncio.create_task(feed.subscribe(AsyncCollector().handler))
+            # As the lock sweep in tests/integration/test_alocks.py: each sleep(0) is one pass of
+            # the loop, so step k is the same point of the subscribe every run (the connect to
+            # the proxy's loopback port completes in the kernel), and the sweep passes the one
+            # where a send has completed and wait_for has not resumed.
+            for _ in range(k):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.to_thread(proxy.heal)
+            try:
+                sub = await task
+            except asyncio.CancelledError:
+                assert not feed._subs, f"a subscription kept after a cancel at step {k}"
+                assert not _stream_readers(), f"a reader task left after a cancel at step {k}"
+            else:
+                returned.append(k)
+                await sub.aclose()
+    finally:
+        await feed.aclose()
+    return returned
+
+
+async def test_a_subscribe_cancelled_at_any_step_raises_and_leaves_no_reader(
+    redis_server: EmbeddedRedis,
+) -> None:
+    # subscribe() sends on the caller's task (connect's handshake, INFO, XREVRANGE), each send in
+    # redis-py's asyncio.wait_for, which on Python 3.11 returns normally when the cancel arrives
+    # after the send completed (CPython gh-86296): subscribe() then returned a running reader to a
+    # cancelled caller.  The sweep hits that step every run (the control below shows it does).
+    stream = AsyncRedisStreamFeed.topic_for("sm", f"t{uuid.uuid4().hex[:12]}")
+    with FaultProxy(redis_server.host, redis_server.port) as proxy:
+        assert await _cancel_subscribe_at_each_step(proxy, stream) == []
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="wait_for loses no cancel on 3.12+")
+async def test_control_without_the_lost_cancel_check_a_cancelled_subscribe_returns(
+    redis_server: EmbeddedRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Guard off: subscribe() never sees a lost cancel, so at the step where wait_for swallows it
+    # the subscribe returns a subscription whose reader runs.
+    monkeypatch.setattr(aredis_stream, "cancel_lost", lambda before: False)
+    stream = AsyncRedisStreamFeed.topic_for("sm", f"t{uuid.uuid4().hex[:12]}")
+    with FaultProxy(redis_server.host, redis_server.port) as proxy:
+        assert await _cancel_subscribe_at_each_step(proxy, stream) != [], "no step lost the cancel"
 
 
 # ---- routes and the registry ------------------------------------------------------------------

@@ -19,6 +19,9 @@ What differs, and why:
   no ``await`` between that check and the send: a closed connection stays closed.
 * **Sends from ``attach``** (a plain function) run as tasks the subscriber owns; one that fails
   drops the connection, and the reader rebuilds it and subscribes every attached channel.
+  So no send or connect runs on a caller's task (``detach`` only stops tasks): a cancel that
+  Python 3.11 loses in a send (below) is always one of ours, which ``stop_tasks`` repeats,
+  never a caller's (``aiotasks``: the caller's cancels are checked where a caller sends).
 * **Waking the reader.**  A Sentinel switch (told on the watcher thread; the listener hops onto
   the loop) or a failed send drops the connection at once: the reader's session runs inside an
   ``asyncio.timeout`` scope that is rescheduled to now, which ends whatever it awaits (connect,
@@ -105,7 +108,10 @@ class LoopRegistry(Generic[S]):
 
 
 async def resolve(topology: Topology) -> Endpoint:
-    """``topology.endpoint()`` without blocking the loop: resolving a Sentinel master does I/O."""
+    """``topology.endpoint()`` without blocking the loop: resolving a Sentinel master does I/O.
+
+    A cancel here is never lost: ``to_thread`` awaits an executor future, no ``wait_for``; the
+    worker thread finishes the resolution, which only refreshes the topology's master."""
     if topology.kind == "standalone":
         return topology.endpoint()
     return await asyncio.to_thread(topology.endpoint)

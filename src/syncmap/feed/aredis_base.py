@@ -17,7 +17,10 @@ class AsyncRedisFeed(AsyncFeed):
     the feed is on (``arouting.py`` compares its ``run_id`` with the store's).
 
     Commands go through an :class:`~syncmap.store.anode.AsyncNodeExecutor` of the feed's own,
-    which serves the loop the feed is used on (one feed object, one loop)."""
+    which serves the loop the feed is used on (one feed object, one loop).  ``publish`` runs on
+    the caller's task; a cancel Python 3.11's ``wait_for`` loses in its send is raised by the
+    executor itself (``anode.py``), so a cancelled publish never reports done: it raises
+    ``CancelledError`` (sent, outcome unknown)."""
 
     def __init__(
         self, url: str, topic: str, *, timeout: float = 5.0, topology: Topology | None = None,

@@ -14,6 +14,12 @@ decisions are the same functions (``streamlog.py``); only the waiting differs:
   to 1 s, reconnect, the gap check, ``on_up(resumed)``.  A stalled server is found by the socket
   timeout (a little above the BLOCK time); a Sentinel switch (told on the watcher's thread) wakes
   the reader at once (``apubsub.Wake``) and it reconnects to the new master;
+* ``subscribe()`` runs on the **caller's task**, so a cancel that Python 3.11's ``wait_for``
+  (around every ``redis.asyncio`` send) loses there is not repeated by ``aiotasks.stop_task``:
+  ``subscribe()`` returned a subscription, its reader task running, to a caller that had been
+  cancelled (one that drops what a cancelled call returns left the reader reading until
+  ``aclose()``).  ``subscribe()`` checks the task's cancel count after connecting and before
+  starting the reader, and raises the lost ``CancelledError`` with the connection closed;
 * the reader hands the loop back every ``YIELD_EVERY`` entries of a batch, so a backlog of
   thousands of entries does not hold the loop in one step.
 """
@@ -27,7 +33,7 @@ from typing import Any
 
 import redis
 
-from ..aiotasks import stop_task
+from ..aiotasks import cancel_lost, cancels_requested, stop_task
 from ..store.topology import Topology
 from .abase import AsyncSubscription
 from .apubsub import Wake, resolve
@@ -93,11 +99,15 @@ class AsyncRedisStreamFeed(AsyncRedisFeed):
 
     async def subscribe(self, handler: FeedHandler, start: str | None = None) -> AsyncSubscription:
         check_start(start)
+        # This runs on the caller's task, whose cancel a send may lose (module docstring).
+        cancels = cancels_requested()
         try:
             conn, run_id = await self._connect_reader()
         except Exception as exc:
             raise_subscribe_error(self.describe(), self.stream, exc)
         try:
+            if cancel_lost(cancels):  # in the handshake or INFO: send nothing more
+                raise asyncio.CancelledError
             # Order: the newest ID is read here, before subscribe() returns; an entry added after
             # this read has a larger ID, so the reader (XREAD after that ID) delivers it.
             if start is None:
@@ -105,6 +115,8 @@ class AsyncRedisStreamFeed(AsyncRedisFeed):
             else:
                 first = ZERO if start == BEGINNING else start
                 plan = await check_resume(conn, self.stream, first, True)
+            if cancel_lost(cancels):  # before the reader task starts: nothing is left running
+                raise asyncio.CancelledError
         except BaseException as exc:
             await conn.disconnect(nowait=True)
             if isinstance(exc, Exception):

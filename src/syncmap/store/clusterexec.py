@@ -401,6 +401,10 @@ class AsyncClusterExecutor:
                 await asyncio.sleep(routing.retry_pause)
                 routing.retry_pause = 0.0
             groups = await self._groups(routing)
+            # A cancel of the caller reaches each node's call as a cancel of its gather child;
+            # one that Python 3.11's wait_for loses in a send is found by that child's own
+            # AsyncNodeExecutor._exchange (its task's count), and gather raises the caller's
+            # cancel anyway once all are done (3.11 does so even with return_exceptions).
             results = await asyncio.gather(
                 *(self._node(g.address).raw(g.commands, write=write, until=until)
                   for g in groups),
