@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from ..errors import LockLost, StoreUnavailable, WriteOutcomeUnknown
 from ..flows.effects import Call, Flow
 from ..keys import LockLayout
+from ..store import scripts
 from ..store.executor import Command, evalsha
 from .lease import drift
 from .waiting import Attempt
@@ -362,7 +363,8 @@ def sem_attempt(layout: LockLayout, permit: str, lease: float, permits: int,
 
 
 def sem_renew(layout: LockLayout, permit: str, lease: float) -> Flow[bool]:
-    cmd = evalsha("zset_renew", (layout.permits,), permit, lease_ms(lease))
+    cmd = evalsha("zset_renew", (layout.permits,), permit, lease_ms(lease),
+                  scripts.PERMITS_OUTLIVE_MS)  # fmt: skip
     return bool((yield Call([cmd], write=True))[0])
 
 

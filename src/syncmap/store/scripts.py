@@ -799,17 +799,36 @@ return 1
 ZSET_RENEW = (
     _LOCK_PRELUDE
     + r"""
--- KEYS[1] zset.  ARGV[1] member  [2] lease ms.  Reply: 1 renewed, 0 lapsed (reaped or gone).
+-- KEYS[1] zset.  ARGV[1] member  [2] lease ms  [3] (optional) how much longer than the lease
+-- the zset itself is kept, ms (a Semaphore's permits: PERMITS_OUTLIVE_MS).  Reply: 1 renewed,
+-- 0 lapsed (reaped or gone).
 local now = server_ms()
 local dl = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not dl or tonumber(dl) <= now then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-keep_for(KEYS[1], ARGV[2])
+keep_for(KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3] or '0'))
 return 1
 """
 )
 
-_SEM = _LOCK_PRELUDE + _QUEUE + _QUEUES
+# How long a Semaphore's permits zset outlives the last lease in it: the longest entry lease of
+# a queued waiter (flows.queue_lease, 5 s).  A permit whose lease ran out is noticed by the call
+# that reaps it (ZREMRANGEBYSCORE), and only that call names the waiters whose turn it makes (no
+# release is published for it).  Were the zset to expire with its last lease, a head that
+# wakes just after it (all the permits lapsed together: a crashed holder of several) would
+# find no key, reap nothing and name nobody: the waiters behind it would learn of their turn
+# at their refresh only.  Kept this long, the lapse is still there to reap for every live
+# waiter's next call (each calls again within its entry lease).
+PERMITS_OUTLIVE_MS = 5000
+
+_SEM = (
+    _LOCK_PRELUDE
+    + _QUEUE
+    + _QUEUES
+    + f"""
+local PERMITS_OUTLIVE_MS = {PERMITS_OUTLIVE_MS}
+"""
+)
 
 SEM_ACQUIRE = (
     _SEM
@@ -843,7 +862,7 @@ if reaped > 0 or skipped then
 end
 if mine then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-  keep_for(KEYS[1], ARGV[2])
+  keep_for(KEYS[1], tonumber(ARGV[2]) + PERMITS_OUTLIVE_MS)  -- lapses stay visible: see above
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('ZREM', KEYS[4], ARGV[1])
   return {1}
@@ -893,15 +912,19 @@ SEM_LEAVE = (
     _SEM
     + r"""
 -- A waiter gives up.  KEYS as sem_release.  ARGV[1] permit id  [2] channel.  When it was one
--- of the waiters entitled to a free permit, the next one is named in its place.
+-- of the waiters entitled to a free permit, the next one is named in its place.  When this call
+-- reaps permits whose lease ran out, it names the waiters whose turn that makes and the new
+-- lead, as sem_acquire does: no release tells them, and the next call finds nothing to reap.
 -- Reply: 1 left the queue, 0 was not in it.
 local rank = redis.call('ZRANK', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 if redis.call('ZREM', KEYS[3], ARGV[1]) == 0 then return 0 end
 local now = server_ms()
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local reaped = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local free = tonumber(redis.call('GET', KEYS[2]) or '0') - redis.call('ZCARD', KEYS[1])
-if rank < free then
+if reaped > 0 then
+  for _, m in ipairs((heads(KEYS[3], KEYS[4], false, now, free + 1))) do notify(ARGV[2], m) end
+elseif rank < free then
   local first, skipped = heads(KEYS[3], KEYS[4], false, now, free)
   if skipped then
     for _, m in ipairs(first) do notify(ARGV[2], m) end
