@@ -578,8 +578,11 @@ class ClusterSet:
         self._until(self._settled, begun + timeout, "the cluster settling")
         return time.monotonic() - begun
 
-    def flushall(self) -> None:
-        """FLUSHALL on every master of this cluster, and WAIT until its replicas did it too."""
+    def flushall(self, timeout: float = 30.0) -> None:
+        """FLUSHALL on every master of this cluster, and WAIT until its replicas did it too
+        (each master's within ``timeout`` s).  Why 30 s: after a test that cut a master
+        (S27-cluster black-holes one), its replica may still be re-syncing on a loaded machine;
+        10 s fell short once in a CI run with other jobs on the 2 cores."""
         for master in self.masters():
             self._run(master, "FLUSHALL")
             want = len(self.replicas_of(master))
@@ -592,7 +595,9 @@ class ClusterSet:
                 acked = int(self._run(master, "WAIT", want, 300))
                 return None if acked >= want else f"{acked} of {want} replicas flushed"
 
-            self._until(lagging, time.monotonic() + 10.0, f"FLUSHALL reaching {master}'s replicas")
+            self._until(
+                lagging, time.monotonic() + timeout, f"FLUSHALL reaching {master}'s replicas"
+            )
 
     # ---- waiting -------------------------------------------------------------------------------
 
