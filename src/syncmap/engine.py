@@ -1,21 +1,17 @@
 """The background half of a map: feed handling, sequence probes, the lease timer, event delivery.
 
-Background duties (all stopped by ``close()``, failures re-raised on the next call):
+Threads (all owned by the map, stopped by ``close()``, failures re-raised on the next call):
 
 * the feed's thread (for Redis pub/sub, the process's shared subscriber) calls
   :meth:`Engine.on_feed_message` / ``_up`` / ``_down``;
-* the probe turn, a task of the process's scheduler (``scheduler.py``; one ``syncmap-scheduler``
-  thread per process whatever the number of maps): every ``max_staleness / 4`` reads every
-  bucket's (epoch, seq) in one round trip (the same call reaps due TTL expiries) and renews the
-  buckets' leases.  The same turn takes part in refreshing the presence records
-  (``syncmap top``) of the process's maps on this store (``presence.Board``): one pipelined
-  round trip per process every ``presence_interval``, made by whichever map's turn finds it due
-  first; failures ignored.  Whether a turn is due, or may be skipped, is decided on the
-  scheduler thread; the round trips run on the process's small probe pool (``syncmap-probe``);
-* the timer, the map's other task, run on the scheduler thread itself: at the next lease or TTL
-  deadline it drops what is due, and it frees the entries of a large flushed bucket a chunk at a
-  time (``NearCache.sweep``).  It never waits for the store, so a hung probe (a stalled socket,
-  on a worker) cannot keep an expired lease alive;
+* ``syncmap-probe``: every ``max_staleness / 4`` reads every bucket's (epoch, seq) in one round trip
+  (the same call reaps due TTL expiries) and renews the buckets' leases;
+  The same thread takes part in refreshing the presence records (``syncmap top``) of the
+  process's maps on this store (``presence.Board``): one pipelined round trip per process every
+  ``presence_interval``, made by whichever map's probe thread finds it due first; failures ignored;
+* ``syncmap-timer``: wakes at the next lease or TTL deadline and drops what is due, and frees the
+  entries of a large flushed bucket a chunk at a time (``NearCache.sweep``).  It is separate
+  from the probe so a hung probe (a stalled socket) cannot keep an expired lease alive;
 * ``syncmap-events`` (started by the first ``subscribe``/``watch``): runs user callbacks, so a slow
   callback never delays invalidations.
 """
@@ -29,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import instruments, presence, scheduler
+from . import instruments, presence
 from .changes import FeedLogic
 from .core.nearcache import Event
 from .errors import FeedError, SyncMapError
@@ -70,13 +66,12 @@ class Engine(FeedLogic):
         # baseline probe at start takes ``executor``, with the whole call deadline.
         self.prober = prober or executor
         self._closed = threading.Event()
-        # A probe asked for now (the old loop's Event): set by wake_probe, read and cleared by
-        # the probe turn's step; the task's wake() makes the step run (after a turn under way).
-        self._probe_wanted = False
-        self._next_probe = 0.0
+        self._probe_now = threading.Event()
+        self._timer_wake = threading.Condition()
+        self._timer_dirty = False
         self._feed_up = threading.Event()
         self.events = Fanout(feed.topic)
-        self._tasks: list[scheduler.Task] = []  # [probe, timer] while started
+        self._threads: list[threading.Thread] = []
         self._subscription: Subscription | None = None
         self._presence: presence.Member | None = None
         self._board: presence.Board | None = None
@@ -89,10 +84,7 @@ class Engine(FeedLogic):
     # ---- the hooks of FeedLogic (changes.py) ----------------------------------------------
 
     def wake_probe(self) -> None:
-        self._probe_wanted = True  # before wake(): the step it causes must see it
-        tasks = self._tasks
-        if tasks:
-            tasks[0].wake()
+        self._probe_now.set()
 
     def signal_up(self) -> None:
         self._feed_up.set()
@@ -136,32 +128,22 @@ class Engine(FeedLogic):
                 f"{self_check_timeout} s; check the broker and the user's permissions"
             )
         self._self_check(self_check_timeout)
-        # The subscription coming up asked for a repair probe (on_buckets_up -> wake_probe);
-        # the baseline probe, sent after that wish, answers it.  Kept, it made the probe turn's
-        # first step probe again at once, racing the caller's first write (its fill refused:
-        # test_hit_path_cannot_serve_an_entry_whose_lease_lapsed_mid_read saw it uncached).
-        # A wish made during the baseline probe is kept for the first turn.
-        self._probe_wanted = False
         self.probe_once()
         if self._presence is not None:
             self._presence.field = self.cmds.origin  # a forked child's node id names its pid
             self._board = presence.board(self._presence_store)
             self._board.join(self._presence)
         self._refresh_presence()
-        sched = scheduler.get()  # this process's (a forked child starts its own)
-        self._next_probe = time.monotonic() + self.interval
-        self._tasks = [
-            # Its first step at once: it finds the turn not due yet unless a probe was asked
-            # for while starting (wake_probe before the task existed), as the old Event was.
-            sched.add(f"{self.feed.topic} probe", self._probe_step, rank=1),
-            sched.add(f"{self.feed.topic} timer", self._timer_step),
-        ]
+        for name, target in (("probe", self._probe_loop), ("timer", self._timer_loop)):
+            t = threading.Thread(target=target, name=f"syncmap-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
         self.events.start()  # subscribed before a fork: the child's events need a thread too
 
     def forked(self) -> None:
         """In a forked child (``forksafe``), before ``fork()`` returns there: start over.
 
-        Only the forking thread exists in the child; the scheduler, probe and event threads, the
+        Only the forking thread exists in the child; the probe, timer and event threads, the
         feed's subscription and any lock one of them held at the fork were the parent's.  So:
         fresh locks and events (never acquire the inherited ones), no threads, no subscription,
         the map's new empty core, and ``needs_start`` so the map's first use in the child runs
@@ -173,13 +155,13 @@ class Engine(FeedLogic):
         closed, self._closed = self._closed.is_set(), threading.Event()
         if closed:
             self._closed.set()
-        self._probe_wanted = False
+        self._probe_now = threading.Event()
+        self._timer_wake = threading.Condition()
+        self._timer_dirty = False
         self.pings = {}
         self._feed_up = threading.Event()
         self.events.forked()
-        # The parent's scheduler tasks: never touched here (their scheduler's lock may be held
-        # by a parent's thread); the child's start() registers with the child's scheduler.
-        self._tasks = []
+        self._threads = []
         self._subscription = None
         self.error = None
         self._board = None  # the parent's; the child's start() joins the child's board
@@ -239,16 +221,18 @@ class Engine(FeedLogic):
                 log.debug("syncmap could not remove its presence record (%r)", exc)
 
     def _stop_threads(self) -> None:
-        """End the map's scheduler tasks (``_closed`` is set): no turn starts after this, and
-        one under way is waited for (up to 5 s, as the old threads' join, unless this is that
-        turn's thread); then end the subscription and watches."""
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel(timeout=5)
+        """Wake and join the threads (``_closed`` is set), end the subscription and watches."""
+        self._probe_now.set()
+        with self._timer_wake:
+            self._timer_wake.notify_all()
         if self._subscription is not None:
             self._subscription.close()
             self._subscription = None
         self.events.stop()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout=5)
+        self._threads = []
 
     @property
     def closed(self) -> bool:
@@ -292,96 +276,66 @@ class Engine(FeedLogic):
         if self._board is not None:
             self._presence_due = self._board.refresh(self.prober)
 
-    def _probe_due(self) -> float:
-        """When the probe turn is next due (the old loop's wait).  Presence waits while the last
-        probe went unanswered anywhere (a Cluster master, or the store, hung or down): written
-        in this turn, it would wait out the executor's deadline and hold the next probe back by
-        as much.  Order that prevents: one master hangs; a probe waits probe_deadline for it;
-        the presence write, its hash on that master, waits 0.25 s more; the next probe waits
-        again: the other masters' buckets, renewed to the first probe's send time + Δ, lapsed
-        before the next renewal (S27-cluster, 236 reads flagged stale)."""
-        if self._board is not None and self._probe_complete:
-            return min(self._next_probe, self._presence_due)
-        return self._next_probe
-
-    def _probe_step(self) -> float | Callable[[], float]:
-        """One turn of the probe loop, on the scheduler thread: decide, without I/O, whether
-        it is due and whether it must wait for the store; if so, return the blocking half
-        (:meth:`_probe_turn`) for the process's probe pool."""
-        if self._closed.is_set():
-            return float("inf")
-        presence = self._board is not None and self._probe_complete
-        due = self._probe_due()
-        woken, self._probe_wanted = self._probe_wanted, False
-        now = time.monotonic()
-        if not woken and now < due:
-            return due  # an early wake-up (a wake() whose wish a turn already took)
-        if presence and now >= self._presence_due:
-            return lambda: self._probe_turn(woken, presence)
-        # No presence write due: the old loop's skip test, in memory, with no hand-off.
-        self._next_probe = now + self.interval
-        if not woken and self.leasing is not None and self.leasing.may_skip(now):
-            return self._probe_due()
-        return lambda: self._probe_turn(woken, False, probe_now=True)
-
-    def _probe_turn(self, woken: bool, presence: bool, probe_now: bool = False) -> float:
-        """The blocking half of a probe turn, on a worker of the probe pool, in the old loop's
-        order: the presence write (if due), then the probe unless it may be skipped."""
-        if self._closed.is_set():
-            return float("inf")
-        if not probe_now:
+    def _probe_loop(self) -> None:
+        next_probe = time.monotonic() + self.interval
+        while not self._closed.is_set():
+            # Presence waits while the last probe went unanswered anywhere (a Cluster master,
+            # or the store, hung or down): written on this thread, it would wait out the
+            # executor's deadline there and hold the next probe back by as much.  Order that
+            # prevents: one master hangs; a probe waits probe_deadline for it; the presence
+            # write, its hash on that master, waits 0.25 s more; the next probe waits again:
+            # the other masters' buckets, renewed to the first probe's send time + Δ, lapsed
+            # before the next renewal (S27-cluster, 236 reads flagged stale).
+            presence = self._board is not None and self._probe_complete
+            due = min(next_probe, self._presence_due) if presence else next_probe
+            woken = self._probe_now.wait(max(due - time.monotonic(), 0.0))
+            self._probe_now.clear()
+            if self._closed.is_set():
+                return
             if presence and time.monotonic() >= self._presence_due:
                 self._refresh_presence()
-                if not woken and time.monotonic() < self._next_probe:
-                    return self._probe_due()
+                if not woken and time.monotonic() < next_probe:
+                    continue
             now = time.monotonic()
-            self._next_probe = now + self.interval
+            next_probe = now + self.interval
             if not woken and self.leasing is not None and self.leasing.may_skip(now):
-                return self._probe_due()
-        try:
-            self.probe_once(self.prober)
-        except SyncMapError as exc:
-            log.debug("syncmap probe failed (%s); leases will lapse if this lasts", exc)
-        except Exception as exc:  # a bug: surface it on the next call, and keep probing
-            log.exception("syncmap probe failed unexpectedly")
-            self.error = exc
-        return self._probe_due()
+                continue
+            try:
+                self.probe_once(self.prober)
+            except SyncMapError as exc:
+                log.debug("syncmap probe failed (%s); leases will lapse if this lasts", exc)
+            except Exception as exc:  # a bug: surface it on the next call, and keep probing
+                log.exception("syncmap probe failed unexpectedly")
+                self.error = exc
 
     def wake_timer(self) -> None:
-        tasks = self._tasks
-        if tasks:
-            tasks[1].wake()  # during a turn: it runs again right after (nothing lost)
+        with self._timer_wake:
+            self._timer_dirty = True
+            self._timer_wake.notify()
 
-    def _rank_timer(self, rank: int) -> None:
-        tasks = self._tasks
-        if tasks:
-            tasks[1].rank = rank
-
-    def _timer_step(self) -> float:
-        """One turn of the timer, on the scheduler thread: drop what is due, free one chunk
-        of a flushed bucket; returns when it is next due."""
-        if self._closed.is_set():
-            return float("inf")
-        try:
-            with self.lock:
-                wake = self.core.tick(time.monotonic())
-                freed = self.core.sweep() if self.core.sweeping else None
-            if freed is not None:
-                # A flushed bucket's entries, a chunk at a time (NearCache._flush): freeing
-                # them here, outside the guard, is the costly half.  Then sleep(0) hands the
-                # GIL to a reader waiting for it or for the guard before the next chunk, and
-                # "due now" puts the next chunk behind the other maps' duties already due.
-                del freed
-                time.sleep(0)
-                self._rank_timer(1)  # background work: behind the duties already due
-                return time.monotonic()
-            self._rank_timer(0)
-            now = time.monotonic()
-            return now + min(max(wake - now, 0.0), 60.0)
-        except Exception as exc:  # a bug: surface it on the next call, keep the timer alive
-            log.exception("syncmap timer failed unexpectedly")
-            self.error = exc
-            return time.monotonic() + 0.1
+    def _timer_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                with self._timer_wake:
+                    self._timer_dirty = False  # a wake_timer() after this is not lost
+                with self.lock:
+                    wake = self.core.tick(time.monotonic())
+                    freed = self.core.sweep() if self.core.sweeping else None
+                if freed is not None:
+                    # A flushed bucket's entries, a chunk at a time (NearCache._flush): freeing
+                    # them here, outside the guard, is the costly half.  Then sleep(0) hands the
+                    # GIL to a reader waiting for it or for the guard before the next chunk.
+                    del freed
+                    time.sleep(0)
+                    continue
+                delay = min(max(wake - time.monotonic(), 0.0), 60.0)
+                with self._timer_wake:
+                    if not self._closed.is_set() and not self._timer_dirty:
+                        self._timer_wake.wait(delay)
+            except Exception as exc:  # a bug: surface it on the next call, keep the timer alive
+                log.exception("syncmap timer failed unexpectedly")
+                self.error = exc
+                self._closed.wait(0.1)
 
     # ---- events for users (events.py) ---------------------------------------------------------
 

@@ -16,8 +16,7 @@ returns there.  Order of events in the child:
    forgotten without a shutdown (the parent still uses them), near caches emptied, holds marked
    not held.  A hook does no I/O and starts no thread;
 3. ``fork()`` returns; the first use of a map or lock in the child opens what it needs (a
-   subscriber connection, the process's scheduler thread, the watchdog) exactly as a new
-   one would.
+   subscriber connection, the probe and timer threads, the watchdog) exactly as a new one would.
 
 The parent is untouched: nothing here runs in it.
 """
