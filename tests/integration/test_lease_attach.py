@@ -34,9 +34,21 @@ def _subscriber_ids(admin: redis.Redis) -> set[int]:
     return {int(c["id"]) for c in admin.client_list(_type="pubsub")}
 
 
-def _untracked_channels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The control: a channel brings no namespace to track (only a leased map's prefix does)."""
-    monkeypatch.setattr(pubsub, "channel_namespace", lambda channel: None)
+@pytest.fixture(params=[True, False], ids=["namespace", "control"])
+def tracked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Whether channels bring their namespace to track; False is the control (only a leased
+    map's prefix is tracked, the old rule)."""
+    if not request.param:
+        monkeypatch.setattr(pubsub, "channel_namespace", lambda channel: None)
+    return bool(request.param)
+
+
+def _check_kept(before: set[int], after: set[int], tracked: bool) -> None:
+    """The subscriber connection is the same one (the control: it was remade)."""
+    if tracked:
+        assert after == before, "the subscriber connection was remade for the leased map"
+    else:
+        assert after != before, "control: the connection was not remade"
 
 
 def _lock_waiter(url: str) -> Callable[[ExitStack], None]:
@@ -59,16 +71,9 @@ def _unleased_map(url: str) -> Callable[[ExitStack], None]:
 
 
 @pytest.mark.parametrize("opener", ["lock", "unleased-map"])
-@pytest.mark.parametrize("tracked", [True, False], ids=["namespace", "control"])
 def test_a_leased_map_opened_later_keeps_the_subscriber_connection(
-    redis_server: EmbeddedRedis,
-    admin: redis.Redis,
-    opener: str,
-    tracked: bool,
-    monkeypatch: pytest.MonkeyPatch,
+    redis_server: EmbeddedRedis, admin: redis.Redis, opener: str, tracked: bool
 ) -> None:
-    if not tracked:
-        _untracked_channels(monkeypatch)
     url = redis_server.url
     first = (_lock_waiter if opener == "lock" else _unleased_map)(url)
     with ExitStack() as stack:
@@ -84,23 +89,13 @@ def test_a_leased_map_opened_later_keeps_the_subscriber_connection(
         assert leasing is not None
         # Vouched: the connection tracks the map's keys (the control only after its reconnect).
         wait_until(lambda: leasing.may_skip(time.monotonic()), 5.0, "every bucket vouched")
-        after = _subscriber_ids(admin)
-        if tracked:
-            assert after == before, "the subscriber connection was remade for the leased map"
-        else:
-            assert after != before, "control: the connection was not remade"
+        _check_kept(before, _subscriber_ids(admin), tracked)
         assert leased["k"] == 1
 
 
-@pytest.mark.parametrize("tracked", [True, False], ids=["namespace", "control"])
 async def test_asyncio_a_leased_map_opened_after_a_lock_keeps_the_subscriber_connection(
-    redis_server: EmbeddedRedis,
-    admin: redis.Redis,
-    tracked: bool,
-    monkeypatch: pytest.MonkeyPatch,
+    redis_server: EmbeddedRedis, admin: redis.Redis, tracked: bool
 ) -> None:
-    if not tracked:
-        _untracked_channels(monkeypatch)
     url = redis_server.url
     ids = lambda: asyncio.to_thread(_subscriber_ids, admin)  # noqa: E731
     holder = aio.Lock("first", url)
@@ -118,10 +113,6 @@ async def test_asyncio_a_leased_map_opened_after_a_lock_keeps_the_subscriber_con
             while not engine.leasing.may_skip(time.monotonic()):
                 assert time.monotonic() < deadline, "not every bucket vouched within 5 s"
                 await asyncio.sleep(0.05)  # polling what the subscriber task moves
-            after = await ids()
-            if tracked:
-                assert after == before, "the subscriber connection was remade for the map"
-            else:
-                assert after != before, "control: the connection was not remade"
+            _check_kept(before, await ids(), tracked)
     finally:
         await holder.release()
