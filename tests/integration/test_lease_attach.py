@@ -14,6 +14,8 @@ namespace to track (the old rule: only leased maps' prefixes), and the connectio
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
@@ -24,6 +26,8 @@ import redis
 from syncmap import Lock, LockNotAcquired, MapConfig, SyncMap, aio
 from syncmap.embedded import EmbeddedRedis
 from syncmap.feed import pubsub
+from syncmap.feed.leases import Lease
+from syncmap.store.topology import open_topology
 from syncmap.testing.wait import wait_until
 
 DELTA = 1.0
@@ -116,3 +120,48 @@ async def test_asyncio_a_leased_map_opened_after_a_lock_keeps_the_subscriber_con
             _check_kept(before, await ids(), tracked)
     finally:
         await holder.release()
+
+
+@pytest.mark.parametrize("waits", [True, False], ids=["waits", "control"])
+def test_a_new_subscriber_connects_only_once_its_first_channel_is_attached(
+    redis_server: EmbeddedRedis, admin: redis.Redis, waits: bool
+) -> None:
+    """The reader thread starts before ``attach_to`` attaches the first channel; it waits for
+    it, so its one connection tracks that channel's namespace.  Control: the reader let go at
+    once (as before the fix) connects with nothing to track, and the leased channel then makes
+    it reconnect: two connections where one was enough (S26-cluster's closed connection)."""
+    topology = open_topology(redis_server.url)
+    made = lambda: int(admin.info("stats")["total_connections_received"])  # noqa: E731
+    start = made()
+    vouched = threading.Event()
+    lease = Lease(b"sm:{direct:", 0.25, lambda sent_at, buckets: vouched.set(), lambda b: None)
+    handler = pubsub.Handler(lambda data: None, lambda: None, lambda: None, lease=lease)
+    sub = pubsub.Subscriber(topology, ("test-direct", redis_server.url))
+    try:
+        if waits:  # the reader is parked in its wait, not connected, however long it is given
+            wait_until(lambda: _parked(sub._thread), 5.0, "the reader waiting for a channel")
+            assert made() == start, "the reader connected before any channel was attached"
+        else:
+            sub._attached.set()  # the old order: the reader connects before any channel
+            wait_until(lambda: made() > start, 5.0, "the reader's first connection")
+        sub.attach("sm:{direct}:ch", handler)
+        assert vouched.wait(5.0), "no vouch within 5 s"
+        connections = made() - start
+        if waits:
+            assert connections == 1, f"{connections} connections for one subscriber"
+        else:
+            assert connections == 2, f"control: {connections} connections (no reconnect?)"
+    finally:
+        sub.stop()
+
+
+def _parked(thread: threading.Thread) -> bool:
+    """Whether ``thread`` waits on an Event called straight from the reader's ``_run`` (the
+    wait for its first channel), read from its stack: no timed wait stands in for it."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    callee = None
+    while frame is not None:
+        if frame.f_code.co_name == "_run":
+            return callee == "wait"
+        callee, frame = frame.f_code.co_name, frame.f_back
+    return False
