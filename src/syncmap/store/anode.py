@@ -21,6 +21,7 @@ queue for a connection instead of opening a thousand.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,7 @@ from redis.exceptions import (
 
 from ..aiotasks import cancel_lost, cancels_requested
 from ..errors import ConfigurationError, StoreUnavailable, WriteOutcomeUnknown
-from . import scripts
+from . import executor, scripts
 from .executor import Command, noscript, settle
 from .node import NET_ERRORS
 
@@ -126,9 +127,11 @@ class AsyncNodeExecutor:
             await conn.send_packed_command([payload], check_health=False)
             if cancel_lost(cancels):  # sent, maybe applied: a cancel mid-call (below)
                 raise asyncio.CancelledError
-            for _ in commands:
+            extra = executor.wait_allowance(commands) if until is None else 0.0
+            for i in range(len(commands)):
                 try:
-                    replies.append(await self._read(conn, until))
+                    last = i == len(commands) - 1
+                    replies.append(await self._read(conn, until, extra if last else 0.0))
                 except ResponseError as exc:
                     replies.append(exc)
         except StoreUnavailable:
@@ -155,7 +158,7 @@ class AsyncNodeExecutor:
         return replies
 
     @staticmethod
-    async def _read(conn: Any, until: float | None) -> Any:
+    async def _read(conn: Any, until: float | None, extra: float = 0.0) -> Any:
         """One reply, waited for until ``until`` at most (then ``TimeoutError``).
 
         The deadline is our own ``asyncio.timeout``, not ``read_response(timeout=...)``:
@@ -163,6 +166,11 @@ class AsyncNodeExecutor:
         last reply of a pipeline cut short by the deadline read as None, as if it had come.
         Past the deadline a reply already here is still taken (a 0 s timeout fires only if
         the read has to wait), as NodeExecutor._read_until does (its docstring says why)."""
+        if until is None and extra and conn.socket_timeout is not None:
+            # A trailing WAIT (executor.py): the socket timeout plus WAIT's own, as our timeout
+            # for the reason above; math.inf keeps redis-py's socket timeout out of it.
+            async with asyncio.timeout(conn.socket_timeout + extra):
+                return await conn.read_response(timeout=math.inf)
         if until is None:
             return await conn.read_response()
         async with asyncio.timeout(max(until - time.monotonic(), 0.0)):

@@ -13,6 +13,10 @@ through an executor.  The contract, written here once and kept by every executor
   was (partly) sent.  Read the key to find out;
 * a write that may have run is **never retried**; a read (idempotent) is retried once on a new
   connection;
+* a trailing ``WAIT`` is **waited for as long as it blocks**: its reply is read with the socket
+  timeout *plus* WAIT's own timeout (:func:`wait_allowance`), so "fewer replicas confirmed"
+  arrives as ``NotReplicated`` and is never cut short into ``WriteOutcomeUnknown`` by a socket
+  timeout no longer than the WAIT (Sentinel caps the socket timeout at half of down-after);
 * ``NOSCRIPT`` is handled inside: the script did not run, so the executor loads the scripts and
   sends those commands again (safe for writes too);
 * any other error reply becomes a ``StoreError`` (``StaleFence``, ``ConfigurationError`` for the
@@ -74,6 +78,16 @@ class AsyncExecutor(Protocol):
 
 SHAS = scripts.SHAS
 
+
+
+def wait_allowance(commands: Sequence[Command]) -> float:
+    """Seconds the last reply of ``commands`` may take beyond the socket timeout: WAIT's own
+    timeout when the batch ends with ``WAIT n ms`` (Redis answers only when that has passed or
+    the replicas confirmed), else 0."""
+    last = commands[-1] if commands else None
+    if last is None or len(last) < 3 or str(last[0]).upper() != "WAIT":
+        return 0.0
+    return max(int(last[2]), 0) / 1000
 
 def evalsha(name: str, keys: Sequence[Any], *args: Any) -> Command:
     """The EVALSHA command of a script of scripts.py."""

@@ -40,7 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import forksafe
 from ..errors import ConfigurationError, StoreUnavailable, WriteOutcomeUnknown
-from . import scripts
+from . import executor, scripts
 from .executor import Command, evalsha, noscript, settle
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ class NodeExecutor:
         """The second half of :meth:`raw`: the replies of :meth:`send`'s pipeline, NOSCRIPT
         handled; a read that fails now is sent again if it has a try left."""
         try:
-            replies = self._receive(sent.conn, sent.generation, len(sent.commands), write=write,
+            replies = self._receive(sent.conn, sent.generation, sent.commands, write=write,
                                     until=until)  # fmt: skip
         except WriteOutcomeUnknown:
             raise
@@ -176,7 +176,7 @@ class NodeExecutor:
 
     def _once(self, commands: Sequence[Command], *, write: bool, until: float | None) -> list[Any]:
         conn, generation = self._send(commands, write=write, until=until)
-        return self._receive(conn, generation, len(commands), write=write, until=until)
+        return self._receive(conn, generation, commands, write=write, until=until)
 
     def _send(self, commands: Sequence[Command], *, write: bool,
               until: float | None) -> tuple[Any, int]:  # fmt: skip
@@ -194,15 +194,24 @@ class NodeExecutor:
             self._failed(conn, exc, write=write)
         return conn, generation
 
-    def _receive(self, conn: Any, generation: int, count: int, *, write: bool,
+    def _receive(self, conn: Any, generation: int, commands: Sequence[Command], *, write: bool,
                  until: float | None) -> list[Any]:  # fmt: skip
-        """Read ``count`` replies (error replies in place); the connection goes back idle."""
+        """Read the replies of ``commands`` (error replies in place); the connection goes back
+        idle.  A trailing WAIT's reply is waited for its own timeout beyond the socket timeout
+        (executor.py's contract); under a call deadline the deadline alone bounds every read."""
         replies: list[Any] = []
+        count = len(commands)
         try:
             if until is None:
-                for _ in range(count):
+                extra = executor.wait_allowance(commands)
+                for i in range(count):
                     try:
-                        replies.append(conn.read_response())
+                        if extra and i == count - 1:
+                            base = conn.socket_timeout
+                            replies.append(conn.read_response(
+                                timeout=None if base is None else base + extra))  # fmt: skip
+                        else:
+                            replies.append(conn.read_response())
                     except ResponseError as exc:
                         replies.append(exc)
             else:
