@@ -79,7 +79,6 @@ class AsyncExecutor(Protocol):
 SHAS = scripts.SHAS
 
 
-
 def wait_allowance(commands: Sequence[Command]) -> float:
     """Seconds the last reply of ``commands`` may take beyond the socket timeout: WAIT's own
     timeout when the batch ends with ``WAIT n ms`` (Redis answers only when that has passed or
@@ -88,6 +87,7 @@ def wait_allowance(commands: Sequence[Command]) -> float:
     if last is None or len(last) < 3 or str(last[0]).upper() != "WAIT":
         return 0.0
     return max(int(last[2]), 0) / 1000
+
 
 def evalsha(name: str, keys: Sequence[Any], *args: Any) -> Command:
     """The EVALSHA command of a script of scripts.py."""
