@@ -50,7 +50,8 @@ async def _client(m: AioMap, w: Workload, name: str, rng: random.Random, end: fl
     n = 0
     while time.monotonic() < end:
         key = rng.choices(names, weights)[0]
-        op = await _one(m, name, key, rng.random() < w.write_ratio, n)
+        write = rng.random() < w.write_ratio and key not in w.read_only
+        op = await _one(m, name, key, write, n)
         if op is not None:
             ops.append(op)
         n += 1

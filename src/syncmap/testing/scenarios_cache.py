@@ -475,18 +475,38 @@ def s08(env: Env, seconds: float = 5.0, *, guard: bool = True, pong: bool = True
 # ---- S09 --------------------------------------------------------------------------------------
 
 
+_FORGE = """
+local s = redis.call('HGET', KEYS[1], '#s') or '0'
+local e = redis.call('HGET', KEYS[1], '#e') or '0'
+if s ~= ARGV[1] or e ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], '#s', ARGV[3], ARGV[4], ARGV[5])
+return 1
+"""
+"""Store a forged entry only if the bucket's sequence and epoch are still the ones it was
+packed for (a compare-and-set: the value's version is packed before the call)."""
+
+
 def forge_ghost(admin: Any, m: SyncMap, key: str, value: str) -> Op:
     """A write of ``key`` whose change message is lost: the bucket's next version is taken and
     the value stored under it (bookkeeping too: ``#s``, ``#e``, keys.py), nothing is published.
-    ``admin``: a client that reaches the bucket's data hash (a ``RedisCluster`` routes it)."""
+    ``admin``: a client that reaches the bucket's data hash (a ``RedisCluster`` routes it).
+
+    One atomic step, retried until no write came between reading the sequence and storing.
+    Order of events it prevents (it took three commands before): the ghost takes version 5
+    (``HINCRBY``), a server's real write of the same key takes 6 and stores it, the ghost's
+    ``HSET`` then stores 5 over 6: the store went back, and the oracle saw that server read
+    ``@5`` after writing ``@6`` (S09-cluster, one read-your-writes "anomaly" of the harness)."""
     cfg = m.config
     field = encode_key(key, cfg.max_key_bytes)
     d = Layout(cfg.namespace, m.name, cfg.buckets).data(bucket_of(field, cfg.buckets))
+    encoded = m._codec.encode(value)
     call = time.monotonic_ns()
-    version = int(admin.hincrby(d, "#s", 1))
-    epoch = int(admin.hget(d, "#e") or 0)
-    admin.hset(d, field, pack_value(version, 0, m._codec.encode(value), epoch))
-    return Op("ghost", "write", key, value, version, call, time.monotonic_ns())
+    while True:
+        seq, epoch = (int(v or 0) for v in admin.hmget(d, ["#s", "#e"]))
+        version = seq + 1
+        packed = pack_value(version, 0, encoded, epoch)
+        if admin.eval(_FORGE, 1, d, str(seq), str(epoch), str(version), field, packed):
+            return Op("ghost", "write", key, value, version, call, time.monotonic_ns())
 
 
 def _ghost_writes(server: EmbeddedRedis, writer: Writer, name: str, count: int) -> Fault:

@@ -37,6 +37,10 @@ class Workload:
     guards: Guards = field(default_factory=Guards)
     drivers: tuple[str, ...] = ()
     """Driver of each server, cycled (``"sync"`` or ``"async"``); empty: every one sync."""
+    read_only: tuple[str, ...] = ()
+    """Keys the load reads and never writes (a write drawn for one is a read).  A scenario that
+    writes one of them in its fault leaves that write the key's last, so a cache that missed
+    its message stays stale to the end: the guard-off control is then certain to see it."""
 
     def driver(self, index: int) -> str:
         return self.drivers[index % len(self.drivers)] if self.drivers else "sync"
@@ -74,7 +78,8 @@ def serve(w: Workload, process: str, seed: int, results: Any, ready: Any, go: An
         n = 0
         while time.monotonic() < end:
             key = rng.choices(names, weights)[0]
-            op = _one(m, process, key, rng.random() < w.write_ratio, n)
+            write = rng.random() < w.write_ratio and key not in w.read_only
+            op = _one(m, process, key, write, n)
             if op is not None:
                 ops.append(op)
             n += 1
