@@ -40,7 +40,7 @@ from .mapbase import FenceArg, MapBase
 from .signing import SigningKey, pads, signing_keys
 from .stats import Statistics
 from .store.commands import MapCommands
-from .store.topology import Topology, open_topology
+from .store.topology import Topology, open_topology, use_executor
 from .watch import Watch
 
 log = logging.getLogger("syncmap")
@@ -87,13 +87,17 @@ class SyncMap(MapBase):
         if cfg.fast_hits:  # the same map with a hit path that skips the clock (see the class)
             self.__class__ = _FastHitsSyncMap
         self._topology = _open_store(url, redis, feed, cfg.socket_timeout)
-        self._executor = self._topology.executor(deadline=cfg.call_timeout)
-        # A Cluster map probes on executors (connections) of its own, whose calls wait at most
+        # The process's executor for this topology and these timeouts, shared with its other
+        # maps, locks and feeds (store/topology.py use_executor): idle maps hold no connection
+        # each.  A Cluster map probes on another one, whose calls wait at most
         # ``probe_deadline``: one hung master must not hold every probe past the other
         # buckets' leases (MapConfig.probe_deadline says why).
         cluster = self._topology.kind == "cluster"
-        self._probe_executor = (self._topology.executor(deadline=cfg.probe_deadline)
-                                if cluster else self._executor)  # fmt: skip
+        self._executor_keys = [(cfg.socket_timeout, cfg.call_timeout)]
+        if cluster:
+            self._executor_keys.append((cfg.socket_timeout, cfg.probe_deadline))
+        executors = [use_executor(self._topology, *key) for key in self._executor_keys]
+        self._executor, self._probe_executor = executors[0], executors[-1]
         layout = self._open_layout()
         feed_obj, target = open_store_feed(feed, self._topology, layout, cfg.socket_timeout)
         self._cmds = MapCommands(layout, self.node_id, target, codec=self._codec.name,

@@ -37,7 +37,7 @@ from .stats import Presence, Statistics, statistics_of
 from .store.commands import MapCommands
 from .store.eviction import warn_if_evicting
 from .store.executor import Executor
-from .store.topology import Topology
+from .store.topology import Topology, done_with_executor
 from .sync.run import run
 from .views import SharedMapping
 from .watch import Watch
@@ -61,6 +61,7 @@ class MapBase(SharedMapping):
     _codec: Codec
     _topology: Topology
     _executor: Executor
+    _executor_keys: list[tuple[float | None, float | None]]  # (timeout, deadline), per use
     _cmds: MapCommands
     _state: MapState
     _engine: Engine
@@ -201,10 +202,10 @@ class MapBase(SharedMapping):
             self._engine.close()
             with self._state.guard:
                 self._core.forget_all()
-            self._executor.close()
-            probes = getattr(self, "_probe_executor", self._executor)
-            if probes is not self._executor:
-                probes.close()
+            # Shared with the process's other maps (store/topology.py use_executor): the last
+            # map to close closes their idle connections.
+            for timeout, deadline in self._executor_keys:
+                done_with_executor(self._topology, timeout, deadline)
 
     def __enter__(self) -> Self:
         return self

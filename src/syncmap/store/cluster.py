@@ -170,8 +170,9 @@ class ClusterTopology:
 
         return AsyncClusterExecutor(self, timeout=timeout, deadline=deadline)
 
-    def shared_executor(self, timeout: float | None = None) -> Executor:
-        return shared_executor(self, timeout)
+    def shared_executor(self, timeout: float | None = None,
+                        deadline: float | None = None) -> Executor:  # fmt: skip
+        return shared_executor(self, timeout, deadline)
 
     def on_change(self, listener: Listener) -> None:
         with self._lock:

@@ -48,6 +48,9 @@ if TYPE_CHECKING:
     from .topology import Topology
 
 NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+IDLE_TRIM = 30.0
+"""Seconds an idle connection beyond the most recent one may sit unused before a call closes it
+(:meth:`NodeExecutor._trim`): an idle process keeps one data connection per executor."""
 
 
 @dataclass(slots=True)
@@ -76,7 +79,8 @@ class NodeExecutor:
         self.where = topology.where
         self.timeout = timeout
         self.deadline = deadline
-        self._idle: list[tuple[Any, int]] = []  # (connection, the generation it was made in)
+        # (connection, the generation it was made in, when it went idle), most recent last
+        self._idle: list[tuple[Any, int, float]] = []
         forksafe.register(self)
 
     def _after_fork_in_child(self) -> None:
@@ -142,7 +146,7 @@ class NodeExecutor:
         needs no connect and no handshake (either of which a hung node makes wait).  A node
         whose connection just failed has none: its generation moved on (``_checkout``)."""
         generation = self.topology.generation
-        return any(made == generation for _, made in self._idle)
+        return any(made == generation for _, made, _ in self._idle)
 
     def _scripts_loaded(self, commands: Sequence[Command], replies: list[Any], *, write: bool,
                         until: float | None) -> list[Any]:  # fmt: skip
@@ -188,7 +192,7 @@ class NodeExecutor:
                 self._check_deadline(until)
             conn.send_packed_command([payload], check_health=False)
         except StoreUnavailable:
-            self._idle.append((conn, generation))  # nothing sent: in step, may serve the next
+            self._idle.append((conn, generation, time.monotonic()))  # nothing sent: in step
             raise
         except BaseException as exc:
             self._failed(conn, exc, write=write)
@@ -218,7 +222,7 @@ class NodeExecutor:
                 self._read_until(conn, count, until, replies)
         except BaseException as exc:
             self._failed(conn, exc, write=write)
-        self._idle.append((conn, generation))
+        self._idle.append((conn, generation, time.monotonic()))
         return replies
 
     def _failed(self, conn: Any, exc: BaseException, *, write: bool) -> NoReturn:
@@ -278,17 +282,38 @@ class NodeExecutor:
         generation = self.topology.generation
         while True:
             try:
-                conn, made = self._idle.pop()
+                conn, made, _ = self._idle.pop()
             except IndexError:
                 break
             if made == generation and conn.is_connected:
                 try:
                     if not conn.can_read(0):
+                        self._trim()
                         return conn, generation
                 except (*NET_ERRORS, RedisError):
                     pass
             conn.disconnect()
         return self._connect(until), generation
+
+    def _trim(self) -> None:
+        """Called with a connection in hand: close the least recently used idle one if it sat
+        unused ``IDLE_TRIM`` s.
+
+        The list grows with the calls in flight at once (a map opening while another probes),
+        and nothing shrank it: the maps of an idle process sharing this executor held two or
+        three connections where one serves them (issue 16 goal 1).  Connections go back on top
+        and are taken from the top, so the bottom one is the least recently used; one is
+        closed per call, and a busy executor keeps every connection it keeps using."""
+        try:
+            entry = self._idle[0]
+        except IndexError:
+            return
+        if time.monotonic() - entry[2] >= IDLE_TRIM:
+            try:
+                self._idle.remove(entry)
+            except ValueError:  # another call took it meanwhile
+                return
+            entry[0].disconnect()
 
     def _connect(self, until: float | None) -> Any:
         """A new connection to the node the topology names now (resolved here if need be)."""
@@ -338,7 +363,7 @@ class NodeExecutor:
         """Disconnect the idle connections this executor opened."""
         while self._idle:
             try:
-                conn, _ = self._idle.pop()
+                conn, _, _ = self._idle.pop()
             except IndexError:
                 return
             conn.disconnect()

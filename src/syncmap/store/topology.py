@@ -76,7 +76,8 @@ class Topology(Protocol):
     def executor(self, *, timeout: float | None = None, deadline: float | None = None
                  ) -> Executor: ...  # fmt: skip
 
-    def shared_executor(self, timeout: float | None = None) -> Executor: ...
+    def shared_executor(self, timeout: float | None = None, deadline: float | None = None
+                        ) -> Executor: ...  # fmt: skip
 
     def async_executor(self, *, timeout: float | None = None, deadline: float | None = None
                        ) -> AsyncExecutor: ...  # fmt: skip
@@ -98,8 +99,9 @@ class NodeExecutors:
                        deadline: float | None = None) -> AsyncExecutor:  # fmt: skip
         return AsyncNodeExecutor(self, timeout=timeout, deadline=deadline)
 
-    def shared_executor(self: Topology, timeout: float | None = None) -> Executor:
-        return shared_executor(self, timeout)
+    def shared_executor(self: Topology, timeout: float | None = None,
+                        deadline: float | None = None) -> Executor:  # fmt: skip
+        return shared_executor(self, timeout, deadline)
 
 
 class Standalone(NodeExecutors):
@@ -148,16 +150,53 @@ def _fresh_shared_lock() -> None:
     _shared_lock = threading.Lock()  # a parent's thread may have held it at the fork
 
 
-def shared_executor(topology: Topology, timeout: float | None = None) -> Executor:
-    """One executor (one small pool of connections) per topology and timeout in this process.
+_users: dict[tuple[Any, ...], int] = {}
 
-    ``users.lock(key)`` makes a Lock per call; each must not open a connection of its own."""
-    key = (topology.key, timeout)
+
+def shared_executor(topology: Topology, timeout: float | None = None,
+                    deadline: float | None = None) -> Executor:  # fmt: skip
+    """One executor (one small pool of connections) per topology, timeout and call deadline in
+    this process.
+
+    ``users.lock(key)`` makes a Lock per call; each must not open a connection of its own.  The
+    maps of a process use it too (:func:`use_executor`): ten idle maps held ten connections of
+    their own besides the subscriber's (issue 16 goal 1: at most two per process and node)."""
+    key = (topology.key, timeout, deadline)
     with _shared_lock:
         executor = _shared.get(key)
         if executor is None:
-            executor = _shared[key] = topology.executor(timeout=timeout)
+            executor = _shared[key] = topology.executor(timeout=timeout, deadline=deadline)
         return executor
+
+
+def use_executor(topology: Topology, timeout: float | None, deadline: float | None
+                 ) -> Executor:  # fmt: skip
+    """:func:`shared_executor`, counted: a map takes it at open and gives it back at close
+    (:func:`done_with_executor`), and the last map to give it back closes its idle connections,
+    as a map's own executor was closed with it.  Its pool grows only with the calls in flight at
+    once (an executor takes an idle connection or makes one per call), so maps that share it
+    idle on one connection."""
+    executor = shared_executor(topology, timeout, deadline)
+    key = (topology.key, timeout, deadline)
+    with _shared_lock:
+        _users[key] = _users.get(key, 0) + 1
+    return executor
+
+
+def done_with_executor(topology: Topology, timeout: float | None, deadline: float | None) -> None:
+    """A map closed: when no map of this process uses the executor any more, its idle
+    connections are closed (it stays registered: a lock or a feed may hold it, and a call
+    simply connects again)."""
+    key = (topology.key, timeout, deadline)
+    with _shared_lock:
+        left = _users.get(key, 0) - 1
+        if left > 0:
+            _users[key] = left
+            return
+        _users.pop(key, None)
+        executor = _shared.get(key)
+    if executor is not None:
+        executor.close()
 
 
 # ---- one topology per key and process ---------------------------------------------------------
