@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .topology import Topology
 
 NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-IDLE_TRIM = 30.0
+IDLE_TRIM = 5.0
 """Seconds an idle connection beyond the most recent one may sit unused before a call closes it
 (:meth:`NodeExecutor._trim`): an idle process keeps one data connection per executor."""
 
