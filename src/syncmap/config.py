@@ -29,6 +29,10 @@ class MapConfig:
     fast_hits: bool = False
     """Skip the clock on cache hits: faster, but a paused process may serve an expired entry
     until its timer thread runs (see ``SyncMap`` docs).  Off by default."""
+    cache_absent: bool = True
+    """Cache "no such key" too: a read that finds no field leaves an *absent marker* in the near
+    cache, under the same lease and fill-race rules as a value, so the next read of that key
+    is answered locally (docs/design.md, "Absent keys").  Markers count against ``capacity``."""
     presence: bool = True
     """Refresh a small presence and statistics record in Redis (``syncmap top`` reads it)."""
     presence_interval: float = 2.0

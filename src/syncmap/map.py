@@ -17,7 +17,7 @@ import redis as redis_lib
 from . import forksafe
 from .codec import Codec, make_codec
 from .config import MapConfig
-from .core.nearcache import COPY, INF, Entry, NearCache
+from .core.nearcache import COPY, INF, Entry, NearCache, is_absent
 from .core.wire import unpack_value
 from .engine import Engine
 from .errors import ConfigurationError
@@ -134,7 +134,10 @@ class SyncMap(MapBase):
             v = e.value
             if v is not COPY:
                 return v
-            return self._codec.decode(e.raw)  # type: ignore[arg-type]
+            raw = e.raw
+            if raw is None:  # an absent marker (core.nearcache.ABSENT_VERSION): known absent
+                raise KeyError(key)
+            return self._codec.decode(raw)
         return self._load(key)
 
     def _load(self, key: Key) -> Any:
@@ -155,7 +158,10 @@ class SyncMap(MapBase):
             if e is not None and key.__class__ is e.kc and _monotonic() < valid_until:
                 e.hits += 1
                 v = e.value
-                return v if v is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
+                if v is not COPY:
+                    return v
+                raw = e.raw
+                return default if raw is None else self._codec.decode(raw)  # None: absent
         value, _, _ = self._fetch(key, consistent=consistent)
         return default if value is _MISSING else value
 
@@ -171,6 +177,8 @@ class SyncMap(MapBase):
         e = None if consistent else self._servable(key, self._core.valid_until)
         if e is not None:
             e.hits += 1
+            if is_absent(e):
+                return None, 0, "local"
             v = e.value if e.value is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
             return v, e.version, "local"
         value, version, source = self._fetch(key, consistent=consistent)
@@ -198,6 +206,8 @@ class SyncMap(MapBase):
             e = self._feed_turn(key)
             if e is not None:  # a hit after all: the hit path's check_at had come
                 e.hits += 1
+                if is_absent(e):
+                    return _MISSING, 0, "local"
                 v = e.value if e.value is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
                 return v, e.version, "local"
         ref = self._locate(key)
@@ -396,7 +406,7 @@ class SyncMap(MapBase):
     def __bool__(self) -> bool:
         """No I/O when this server caches a servable entry (a hit would prove the map held it
         within ``max_staleness``); otherwise ``len(self) > 0``."""
-        if self._entries and _monotonic() < self._core.fresh_until:
+        if self._core.values_cached() and _monotonic() < self._core.fresh_until:
             return True
         return len(self) > 0
 
@@ -422,7 +432,10 @@ class _FastHitsSyncMap(SyncMap):
             v = e.value
             if v is not COPY:
                 return v
-            return self._codec.decode(e.raw)  # type: ignore[arg-type]
+            raw = e.raw
+            if raw is None:  # an absent marker: known absent
+                raise KeyError(key)
+            return self._codec.decode(raw)
         return self._load(key)
 
 

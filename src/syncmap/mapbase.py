@@ -113,7 +113,8 @@ class MapBase(SharedMapping):
                          guards=cfg.guards, ordered=not self._cmds.relayed,
                          max_stale_age=cfg.stale_age, holds=not cfg.fast_hits,
                          # fast_hits reads no valid_until: a flushed entry must be gone at once
-                         sweep_above=None if cfg.fast_hits else SWEEP_ABOVE)  # fmt: skip
+                         sweep_above=None if cfg.fast_hits else SWEEP_ABOVE,
+                         absent=cfg.cache_absent)  # fmt: skip
 
     def _run(self, flow: Flow[T]) -> T:
         return run(flow, self._executor, self._engine.relay if hasattr(self, "_engine") else _no)

@@ -208,7 +208,7 @@ class Instrumentation:
         self.meter.create_observable_gauge(
             "syncmap.cache.items", unit="{item}",
             description="Entries in this server's near cache",
-            callbacks=[self._observe(lambda e: [(none, len(e.core.entries))])],
+            callbacks=[self._observe(lambda e: [(none, e.core.values_cached())])],
         )  # fmt: skip
         self.meter.create_observable_gauge(
             "syncmap.store.items", unit="{item}",

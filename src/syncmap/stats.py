@@ -49,6 +49,12 @@ class Statistics:
     """Log entries those replays applied."""
     log_replay_fallbacks: int = 0
     """Buckets whose log could not cover the gap (trimmed, missing, another epoch): flushed."""
+    absent: int = 0
+    """Absent markers cached: keys a read found missing, answered from the near cache until a
+    change of the key (``MapConfig(cache_absent=True)``).  Not in ``entries``; they count
+    against ``capacity``, and their hits are in ``hits``."""
+    absent_fills: int = 0
+    """Absent markers installed so far."""
 
     @property
     def hit_ratio(self) -> float:
@@ -96,7 +102,8 @@ def statistics_of(core: NearCache, events_dropped: int, *, exact: bool = True) -
     return Statistics(
         hits=core.hits() if exact else core.hits_estimate(), misses=c.misses,
         invalidations=c.invalidations,
-        resyncs=c.resyncs, entries=len(core.entries), evictions=c.evictions,
+        resyncs=c.resyncs, entries=core.values_cached(), absent=core.absent,
+        absent_fills=c.absent_fills, evictions=c.evictions,
         expirations=c.expirations, gaps=c.gaps, epoch_changes=c.epoch_changes,
         lost_detected=c.lost_detected, lease_lapses=c.lease_lapses,
         fills_rejected=c.fills_rejected, messages=c.messages,

@@ -54,6 +54,11 @@ Oracles, checked after every step (time is the simulated ``now``; Δ = ``max_sta
   as its last request ran; transform's ``fn`` was given the value the key held when its write
   ran (its atomicity).  C4/C5 hold for those previous values too.
 * ``len(entries) <= capacity``.
+* Absent markers (a read that found no field caches "absent": ``NearCache.fill_absent``) are
+  checked as entries are: each carries the state its read observed (``Server.markers``); A2
+  (not older than a change the server processed), C2 (the absence ended - the key was set -
+  no earlier than ``now - Δ``), C4/C5 when servable, C3 (after quiescence the key has no live
+  value), and ``NearCache.absent`` counts exactly the markers in ``entries``.
 
 ``test_oracles_catch_each_guard_switched_off`` runs the model with one ``Guards`` flag off and
 requires an oracle to fail: the model's green result only counts because of that.
@@ -80,7 +85,7 @@ from hypothesis.stateful import (
 
 from syncmap.codec import make_codec
 from syncmap.config import MapConfig
-from syncmap.core.nearcache import INF, Guards, NearCache
+from syncmap.core.nearcache import INF, Entry, Guards, NearCache, is_absent
 from syncmap.core.wire import OP_CLEAR, OP_DEL, OP_EXPIRE, OP_SET, decode_message, unpack_value
 from syncmap.errors import ConflictError, StoreUnavailable, WriteOutcomeUnknown
 from syncmap.flows import admin, bulk, reads, writes
@@ -169,6 +174,8 @@ class Server:
         self.rfloor: dict[str, Order] = dict.fromkeys(KEYS, (0, 0))
         self.wfloor: dict[str, Order] = dict.fromkeys(KEYS, (0, 0))
         self.wants_probe = True  # VouchModel: the engine would probe now (see CoreModel.probe)
+        # Absent markers: the marker entry of each key and the state its read observed.
+        self.markers: dict[str, tuple[Entry, Order]] = {}
         self.last_probe = 0.0
 
     @property
@@ -209,6 +216,7 @@ class CoreModel(RuleBasedStateMachine):
         self.writes: dict[int, Write] = {}
         self.live: dict[str, Write] = {}  # the store's record of each key (expired or not)
         self.absent: dict[str, Order] = dict.fromkeys(KEYS, (0, 0))
+        self.absent_until: dict[str, float] = dict.fromkeys(KEYS, 0.0)  # last absent (then set)
         self.meta: dict[bytes, Meta] = {}  # every change message made, with what it announces
         self.made: Meta = []  # what the command being executed changed
         self.orphans: list[Call] = []  # writes whose outcome was unknown and that may still run
@@ -256,6 +264,9 @@ class CoreModel(RuleBasedStateMachine):
                 assert raw is not None
                 version, deadline_ms, payload = unpack_value(raw)
                 assert version == msg.seq + i
+                was = self.live.get(key)
+                if was is None or was.deadline <= self.now:  # absent (or expired) until now
+                    self.absent_until[key] = self.now
                 self._end_state(key)
                 w = Write(key, CODEC.decode(payload), version, msg.epoch, next(self.gids),
                           self.now, deadline_ms / 1000 if deadline_ms else INF)  # fmt: skip
@@ -365,6 +376,13 @@ class CoreModel(RuleBasedStateMachine):
         )
         s.rfloor[key] = max(s.rfloor[key], state)
 
+    def _marker(self, s: Server, key: str) -> Order:
+        """The state the absent marker ``s`` caches for ``key`` was read at."""
+        e = s.core.entries[key]
+        got = s.markers.get(key)
+        assert got is not None and got[0] is e, f"{s.name}: a marker for {key!r} no read made"
+        return got[1]
+
     def _check_value(self, key: str, value: Any, version: int, where: str) -> Write:
         w = self.writes.get(value)
         assert w is not None, f"C6 phantom: {where} holds {value!r} for {key!r}, never written"
@@ -391,6 +409,9 @@ class CoreModel(RuleBasedStateMachine):
             # the past (a flushed bucket's entries await their sweep): a hit, checked as one.
             assert op.kind == "read", f"{op.kind} finished without a request"
             value, version, _ = done.value
+            if value is MISSING:  # an absent marker
+                self._observe(s, "hit", key, self._marker(s, key), op.rfloor, op.wfloor)
+                return None
             w = self._check_value(key, value, version, f"{s.name} slow-path hit")
             self._observe(s, "hit", key, (w.gid, 0), op.rfloor, op.wfloor)
             return None
@@ -463,6 +484,9 @@ class CoreModel(RuleBasedStateMachine):
             op.call, op.executed, op.replies = call, False, None
             return
         s.ops.remove(op)
+        e = s.core.entries.get(op.key)
+        if e is not None and is_absent(e) and s.markers.get(op.key, (None,))[0] is not e:
+            s.markers[op.key] = (e, op.observed)  # this reply installed it: what it found
         applied = self._check_result(s, op, result)
         if applied:  # C5 from now on: this server's own write is acknowledged
             for k, order in op.made:
@@ -557,6 +581,9 @@ class CoreModel(RuleBasedStateMachine):
         e = s.core.entries.get(key)
         if e is not None and self.now < s.core.valid_until:
             e.hits += 1
+            if is_absent(e):
+                self._observe(s, "hit", key, self._marker(s, key), s.rfloor[key], s.wfloor[key])
+                return
             w = self._check_value(key, e.value, e.version, f"{s.name} hit")
             self._observe(s, "hit", key, (w.gid, 0), s.rfloor[key], s.wfloor[key])
             return
@@ -898,21 +925,31 @@ class CoreModel(RuleBasedStateMachine):
             s.core.tick(self.now)
             s.core.sweep(1 << 30)  # the timer frees what is left of flushed buckets
             for key, e in s.core.entries.items():
-                live = self.live.get(key)
-                assert live is not None and live.deadline > self.now, (
-                    f"C3: after quiescence {s.name} caches {key!r}={e.value!r}@{e.version} "
-                    f"but the store has no live value (now={self.now})"
-                )
-                assert (e.value, e.version) == (live.value, live.version), (
-                    f"C3: after quiescence {s.name} caches {key!r}={e.value!r}@{e.version}, "
-                    f"the store has {live.value!r}@{live.version} (now={self.now})"
-                )
+                self._check_quiet(s, key, e)
         for key in KEYS:  # the model's bookkeeping agrees with the store itself
             raw = self.store.hget(self.layout.data(self.bucket(key)).encode(), FIELDS[key])
             live = self.live.get(key)
             got = None if raw is None else (CODEC.decode(unpack_value(raw)[2]), raw[:8])
             want = None if live is None else (live.value, live.version.to_bytes(8, "big"))
             assert got == want, f"model bookkeeping: {key!r} is {got} in the store, not {want}"
+
+    def _check_quiet(self, s: Server, key: str, e: Entry) -> None:
+        """C3 for one cached entry (or absent marker) after quiescence."""
+        live = self.live.get(key)
+        if is_absent(e):
+            assert live is None or live.deadline <= self.now, (
+                f"C3: after quiescence {s.name} caches {key!r} as absent, the store "
+                f"has {live.value!r}@{live.version} (now={self.now})"
+            )
+            return
+        assert live is not None and live.deadline > self.now, (
+            f"C3: after quiescence {s.name} caches {key!r}={e.value!r}@{e.version} "
+            f"but the store has no live value (now={self.now})"
+        )
+        assert (e.value, e.version) == (live.value, live.version), (
+            f"C3: after quiescence {s.name} caches {key!r}={e.value!r}@{e.version}, "
+            f"the store has {live.value!r}@{live.version} (now={self.now})"
+        )
 
     # ---- invariants --------------------------------------------------------------------------
 
@@ -937,7 +974,13 @@ class CoreModel(RuleBasedStateMachine):
                     f"detached: {s.name} would serve {key!r}@{e.version} of flushed bucket "
                     f"{e.bucket} (sweeping={s.core.sweeping}, now={self.now})"
                 )
+            assert s.core.absent == sum(map(is_absent, s.core.entries.values())), (
+                f"{s.name}: NearCache.absent={s.core.absent} miscounts the markers"
+            )
             for key, e in live.items():
+                if is_absent(e):
+                    self._check_marker(s, key, e, hit)
+                    continue
                 w = self._check_value(key, e.value, e.version, f"{s.name} cache")
                 assert (w.gid, 0) >= s.seen[key], (
                     f"A2 stale entry: {s.name} holds {key!r}={w.value}@{w.version} although it "
@@ -974,6 +1017,37 @@ class CoreModel(RuleBasedStateMachine):
                     f"(written at {w.at:.3f}), superseded in the store at {w.end:.3f} < "
                     f"now - Δ = {self.now - DELTA:.3f}"
                 )
+
+    def _check_marker(self, s: Server, key: str, e: Entry, hit: bool) -> None:
+        """The invariants of an entry, for an absent marker (the state its read observed)."""
+        order = self._marker(s, key)
+        assert order >= s.seen[key], (
+            f"A2 stale absent marker: {s.name} holds {key!r} as absent (state {order}) although "
+            f"it already processed the change {s.seen[key]} that superseded it (now={self.now})"
+        )
+        slow = s.core.cached(key, self.now) is not None
+        if s.core.buckets[e.bucket].held_since != -INF:
+            assert not slow and not hit, f"held: {s.name} would serve {key!r}'s marker"
+        if not (hit or slow):
+            return
+        assert order >= s.rfloor[key], (
+            f"C4 monotonic reads: {s.name} would serve {key!r} as absent (state {order}), older "
+            f"than state {s.rfloor[key]} that a completed read returned (now={self.now})"
+        )
+        assert order >= s.wfloor[key], (
+            f"C5 read-your-writes: {s.name} would serve {key!r} as absent (state {order}), "
+            f"older than its own acknowledged write {s.wfloor[key]} (now={self.now})"
+        )
+        # "Absent" is one content whatever made it (a delete, a wipe, never written): it
+        # reflects the store at some moment at or after now - Δ if the key is absent now or
+        # was at that moment.
+        w = self.live.get(key)
+        if w is not None and w.deadline > self.now:
+            end = self.absent_until[key]
+            assert end >= self.now - DELTA - EPS, (
+                f"C2 bounded staleness: {s.name} serves {key!r} as absent (state {order}), "
+                f"set in the store at {end:.3f} < now - Δ = {self.now - DELTA:.3f}"
+            )
 
 
 class FeedRaces(CoreModel):
@@ -1178,7 +1252,10 @@ def _sweep_blindly(orig: Any) -> Any:
             keys = self._detached[-1]
             while keys and limit > 0:
                 k = keys.pop()
-                out.append(self.entries.pop(k, None))
+                e = self.entries.pop(k, None)
+                if e is not None and is_absent(e):  # the count, as the real sweep keeps it
+                    self.absent -= 1
+                out.append(e)
                 limit -= 1
             if not keys:
                 self._detached.pop()
@@ -1204,6 +1281,49 @@ def test_oracles_catch_a_broken_deferred_flush(
     with pytest.raises(AssertionError, match=r"^(A2 |C[2-6][: ]|TTL|detached|s0: the per-bucket)"):
         run_state_machine_as_test(
             CoreModel,
+            settings=settings(_SETTINGS, max_examples=1000, derandomize=True, database=None,
+                              phases=[Phase.generate], print_blob=False,
+                              report_multiple_bugs=False),
+        )  # fmt: skip
+
+
+def _absent_ignores_noted_versions(orig: Any) -> Any:
+    """A broken absent fill: the marker is installed whatever changes of the key were applied
+    while its read was out (what ``Guards(fill_race=False)`` does, for markers alone)."""
+
+    def fill_absent(self: NearCache, token: Any, now: float | None = None) -> bool:
+        token.max_seen = 0
+        return orig(self, token, now)  # type: ignore[no-any-return]
+
+    return fill_absent
+
+
+def _marker_outlives_messages(orig: Any) -> Any:
+    """A broken marker: a change message of its key leaves it cached (as if its version were
+    newer than every message)."""
+
+    def invalidate(self: NearCache, key: Any, version: int) -> None:
+        e = self.entries.get(key)
+        if e is not None and is_absent(e):
+            return
+        orig(self, key, version)
+
+    return invalidate
+
+
+@pytest.mark.parametrize(
+    ("name", "planted"),
+    [("fill_absent", _absent_ignores_noted_versions), ("_invalidate", _marker_outlives_messages)],
+    ids=["absent_fill_race", "marker_survives_message"],
+)
+def test_oracles_catch_a_broken_absent_marker(
+    monkeypatch: pytest.MonkeyPatch, name: str, planted: Any
+) -> None:
+    """The model's absent-marker oracles, each with one planted bug."""
+    monkeypatch.setattr(NearCache, name, planted(getattr(NearCache, name)))
+    with pytest.raises(AssertionError, match=r"^(A2 |C[2-5][: ])"):
+        run_state_machine_as_test(
+            FeedRaces,
             settings=settings(_SETTINGS, max_examples=1000, derandomize=True, database=None,
                               phases=[Phase.generate], print_blob=False,
                               report_multiple_bugs=False),

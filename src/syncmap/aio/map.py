@@ -17,7 +17,7 @@ import redis as redis_lib
 
 from ..codec import Codec, encode_limited, make_codec
 from ..config import MapConfig
-from ..core.nearcache import COPY, SWEEP_ABOVE, Entry, Event, NearCache
+from ..core.nearcache import COPY, SWEEP_ABOVE, Entry, Event, NearCache, is_absent
 from ..core.wire import unpack_value
 from ..errors import ConfigurationError, MapClosed
 from ..feed.arouting import open_async_store_feed  # at import: not on the loop at open()
@@ -149,7 +149,8 @@ class SyncMap:
         cfg = self.config
         return NearCache(buckets, capacity=cfg.capacity, max_staleness=cfg.max_staleness,
                          guards=cfg.guards, ordered=not self._cmds.relayed,
-                         max_stale_age=cfg.stale_age, sweep_above=SWEEP_ABOVE)  # fmt: skip
+                         max_stale_age=cfg.stale_age, sweep_above=SWEEP_ABOVE,
+                         absent=cfg.cache_absent)  # fmt: skip
 
     def __await__(self) -> Generator[Any, None, Self]:
         return self.open().__await__()
@@ -178,7 +179,8 @@ class SyncMap:
     def get_cached(self, key: Key, default: Any = MISSING) -> Any:
         """The cached value of ``key`` with no I/O and no ``await`` (the sync hit path), or
         ``default`` (``syncmap.aio.MISSING`` unless given) when it is not servable from the
-        near cache: then ``await m.get(key)`` reads through."""
+        near cache (then ``await m.get(key)`` reads through) or when the near cache holds the
+        key as absent (an absent marker, docs/design.md "Absent keys")."""
         # The sync hit path, inlined (a call costs ~40 ns here): the deadline is read before the
         # entry (see syncmap.SyncMap.__getitem__); a map not open has an empty dict.
         valid_until = self._core.valid_until
@@ -189,7 +191,10 @@ class SyncMap:
         if e is not None and key.__class__ is e.kc and _monotonic() < valid_until:
             e.hits += 1
             v = e.value
-            return v if v is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
+            if v is not COPY:
+                return v
+            raw = e.raw
+            return default if raw is None else self._codec.decode(raw)  # None: known absent
         return default
 
     def _servable(self, key: Key) -> Entry | None:
@@ -208,9 +213,20 @@ class SyncMap:
     async def get(self, key: Key, default: Any = None, *, consistent: bool = False) -> Any:
         """The value of ``key`` or ``default``; a cached read does not reach Redis."""
         if not consistent:
-            value = self.get_cached(key)
-            if value is not MISSING:
-                return value
+            # get_cached, inlined, telling an absent marker (known absent: ``default``, no
+            # round trip) from nothing servable (read through).
+            valid_until = self._core.valid_until  # before the entry: see syncmap.SyncMap
+            try:
+                e = self._entries.get(key)
+            except TypeError:  # unhashable: the slow path raises KeyTypeError
+                e = None
+            if e is not None and key.__class__ is e.kc and _monotonic() < valid_until:
+                e.hits += 1
+                v = e.value
+                if v is not COPY:
+                    return v
+                raw = e.raw
+                return default if raw is None else self._codec.decode(raw)
         value, _, _ = await self._fetch(key, consistent=consistent)
         return default if value is MISSING else value
 
@@ -220,6 +236,8 @@ class SyncMap:
         e = None if consistent else self._servable(key)
         if e is not None:
             e.hits += 1
+            if is_absent(e):
+                return None, 0, "local"
             v = e.value if e.value is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
             return v, e.version, "local"
         value, version, source = await self._fetch(key, consistent=consistent)

@@ -44,6 +44,7 @@ from .spinning import rows as spinning_rows
 KEYS = 1000
 _HAS_FAST_HITS = "fast_hits" in MapConfig.__dataclass_fields__
 _HAS_FEED_TURN = "feed_turn" in MapConfig.__dataclass_fields__
+_HAS_CACHE_ABSENT = "cache_absent" in MapConfig.__dataclass_fields__
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,15 @@ def _local(b: Bench, f: Field, values: dict[Any, Any], plan: ReadPlan) -> None:
         off.update(values)
         warm(off, keys)
         f.add("syncmap hit (feed_turn=0)", lambda: loop_getitem(off, keys, reps))
+    if _HAS_CACHE_ABSENT:  # absent markers (docs/design.md, "Absent keys")
+        gone = b.open("absent")
+        missing = [f"gone-{i:06d}" for i in range(KEYS)]
+        for _ in range(5):  # a marker whose read raced a probe is not installed: read again
+            for k in missing:
+                gone.get(k)
+        if gone.statistics().absent != KEYS:
+            f.notes.append(f"only {gone.statistics().absent} of {KEYS} absent keys cached")
+        f.add("syncmap get absent", lambda: loop_get(gone, missing, reps))
     if _HAS_FAST_HITS:
         fast = b.open("hits-fast", fast_hits=True)
         fast.update(values)
@@ -212,6 +222,8 @@ _ROWS: list[tuple[str, str, str, str, float | None]] = [
      "syncmap hit (fast_hits)", "dict", 4),
     ("hit_turn", "near-cache hit vs the same with `feed_turn=0` (the turn's cost)",
      "syncmap hit", "syncmap hit (feed_turn=0)", 1.05),
+    ("get_absent", "`m.get(k)` of an absent key (cached marker) vs a hit `m.get(k)`",
+     "syncmap get absent", "syncmap get", None),
     ("hit_locked", "near-cache hit vs a dict behind a `threading.Lock`", "syncmap hit",
      "dict + Lock", None),
     ("hit_csc", "near-cache hit vs redis-py client-side cache hit (`CacheConfig`, RESP3)",

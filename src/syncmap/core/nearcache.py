@@ -116,6 +116,22 @@ SWEEP_CHUNK = 2048
 guard and as much to free them outside it; a reader waits for one or two such steps."""
 COPY = object()
 """Marks an entry whose value is mutable: the hit path decodes ``raw`` afresh for every caller."""
+ABSENT_VERSION = 0
+"""The version an *absent marker* carries (an entry that says "the store has no such field").
+
+A marker is an :class:`Entry` with ``value is COPY`` and ``raw is None`` (a real mutable entry
+always has its bytes), so the hit path's existing ``value is not COPY`` test keeps a hit on an
+immutable value at its cost, and the decode branch, taken only for mutable values, tells a
+marker apart by ``raw is None`` (:func:`is_absent`).  A nil reply names no version, so the
+marker carries 0, below every real version: any later message, own write or ``clear()`` of the
+key (every version is at least 1) drops it, and a fill of any real value replaces it.  It lives
+in its key's bucket like an entry, so leases, holds, flushes, detaching, sweeps, eviction and
+``capacity`` treat it exactly as one; it has no TTL (an absent key has nothing to expire)."""
+
+
+def is_absent(e: Entry) -> bool:
+    """Whether ``e`` is an absent marker (see :data:`ABSENT_VERSION`)."""
+    return e.raw is None and e.value is COPY
 
 
 class Entry:
@@ -305,6 +321,7 @@ class Counters:
     vouches: int = 0  # subscriber PINGs answered that renewed leases (:meth:`NearCache.on_vouch`)
     doubts: int = 0  # buckets a vouch may not renew until a probe has (a touch, a duplicate, ...)
     detached: int = 0  # flushed buckets left for the timer to free (NearCache.sweep)
+    absent_fills: int = 0  # absent markers installed (a read found no field: fill_absent)
 
 
 class NearCache:
@@ -323,8 +340,14 @@ class NearCache:
         max_stale_age: float = 0.0,
         holds: bool = True,
         sweep_above: int | None = SWEEP_ABOVE,
+        absent: bool = True,
     ) -> None:
         self.entries: dict[Key, Entry] = {}
+        self.cache_absent = absent
+        """Whether a read that finds no field installs an absent marker (:meth:`fill_absent`)."""
+        self.absent = 0
+        """How many of ``entries`` are absent markers (detached ones included until swept):
+        ``statistics().entries`` leaves them out and counts them apart."""
         self.holds = holds
         """Whether a lapsed bucket may be *held* (kept unserved for a probe to revalidate).
         False for ``MapConfig(fast_hits=True)``: its hit path reads no clock, so only an entry
@@ -624,11 +647,26 @@ class NearCache:
         self._writes += 1
         self._clear_bucket(bucket, version)
 
-    def fill_absent(self, token: FillToken) -> None:
+    def fill_absent(self, token: FillToken, now: float | None = None) -> bool:
         """The store said the key is absent: whatever we hold for it is older than that read.
+        At ``now`` (None: install nothing) cache that as an *absent marker* (version
+        :data:`ABSENT_VERSION`) if it cannot be stale; returns whether it was installed.
 
         Other fills of the key still in flight may carry a value older than this "absent" (a
         delete whose message has not arrived yet): they must not install it after us (C4).
+
+        The marker passes the gate a value fill passes (A2), in the order of events it
+        prevents::
+
+            server B: begin_fill(k) -> sends HGET k            (k does not exist yet)
+            server A: writes k -> version 5, publishes "k@5"
+            server B: receives "k@5"  -> nothing cached to drop, but the pending fill notes 5
+            server B: HGET reply (nil) arrives -> a nil reply names no version, so ANY noted
+                      version may be newer than what it read: NOT installed
+
+        Without the note B would cache "absent" after having applied k@5, and answer "no such
+        key" from the cache until the next write of k.  The generation, probe and lease checks
+        are those of :meth:`complete_fill` (a flush, a repair or a probe while it was out).
         """
         self.abort_fill(token)
         old = self.entries.get(token.key)
@@ -636,6 +674,25 @@ class NearCache:
             self._remove(token.key, old)
         for other in self._pending.get(token.key, ()):
             other.max_seen = INF
+        if now is None or not self.cache_absent or self.capacity <= 0:
+            return False
+        b = self.buckets[token.bucket]
+        if (
+            (token.max_seen > ABSENT_VERSION and self.guards.fill_race)
+            or token.gens != (self._feed_gen, b.gen)
+            or token.probes != self._probes
+            or now >= b.lease_until - self.margin
+        ):
+            self.counters.fills_rejected += 1
+            return False
+        key = token.key
+        self.entries[key] = Entry(COPY, None, ABSENT_VERSION, token.bucket, key.__class__, INF)
+        self._held[token.bucket].add(key)
+        self.absent += 1
+        self.counters.absent_fills += 1
+        if len(self.entries) > self.capacity:
+            self._evict()
+        return True
 
     def forget_bucket(self, bucket: int) -> None:
         """A write of unknown outcome touched keys of ``bucket`` we cannot name (a ``clear()``
@@ -1159,10 +1216,14 @@ class NearCache:
             self.counters.detached += 1
         else:
             self._step_freed += len(keys)
-            entries, retired = self.entries, 0
+            entries, retired, absent = self.entries, 0, 0
             for k in keys:
-                retired += entries.pop(k).hits
+                e = entries.pop(k)
+                retired += e.hits
+                if e.raw is None and e.value is COPY:  # is_absent, inline: a loop per entry
+                    absent += 1
             self.counters.hits_retired += retired
+            self.absent -= absent
         self.buckets[bucket].gen += 1
         self.buckets[bucket].top = 0
         self.buckets[bucket].stale_until = -INF
@@ -1174,6 +1235,8 @@ class NearCache:
         del self.entries[key]
         self._held[e.bucket].discard(key)
         self.counters.hits_retired += e.hits
+        if e.raw is None and e.value is COPY:  # is_absent
+            self.absent -= 1
 
     def _evict(self) -> None:
         """CLOCK: the oldest entry goes unless it was hit since the hand last passed it."""
@@ -1186,22 +1249,36 @@ class NearCache:
             elif e.hits != e.seen:
                 e.seen = e.hits
                 entries[key] = e  # second chance: back of the queue
+                continue
             else:
                 self._held[e.bucket].discard(key)
                 self.counters.hits_retired += e.hits
                 self.counters.evictions += 1
+            if is_absent(e):  # markers count against capacity and are evicted like entries
+                self.absent -= 1
 
     def forget_all(self) -> None:
         """Drop every entry (the map is closing)."""
         self.entries.clear()
+        self.absent = 0
         for keys in self._held:
             keys.clear()
         self._detached.clear()
 
     def cached_entry(self, key: Key) -> Entry | None:
-        """The entry of ``key``, valid or not, unless detached (for tools and tests; no I/O)."""
+        """The entry of ``key``, valid or not, unless detached or an absent marker (for tools
+        and tests, which list values; no I/O)."""
         e = self.entries.get(key)
-        return e if e is not None and self._live(key, e) else None
+        return e if e is not None and self._live(key, e) and not is_absent(e) else None
+
+    def cached_absent(self, key: Key) -> bool:
+        """Whether ``key`` has a live absent marker, valid or not (for tools and tests)."""
+        e = self.entries.get(key)
+        return e is not None and self._live(key, e) and is_absent(e)
+
+    def values_cached(self) -> int:
+        """Entries that hold a value (absent markers left out): ``statistics().entries``."""
+        return len(self.entries) - self.absent
 
     def _live(self, key: Key, e: Entry) -> bool:
         """Whether ``e`` (the entry of ``key``) is its bucket's, not detached by a flush."""
@@ -1226,6 +1303,8 @@ class NearCache:
                 if e is not None and k not in held[e.bucket]:  # still the dead one (step 3)
                     del entries[k]
                     retired += e.hits
+                    if e.raw is None and e.value is COPY:  # is_absent
+                        self.absent -= 1
                     out.append(e)
                 out.append(k)
                 limit -= 1

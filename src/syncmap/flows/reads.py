@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..codec import is_immutable
-from ..core.nearcache import COPY, INF, FillToken
+from ..core.nearcache import COPY, INF, FillToken, is_absent
 from ..core.wire import unpack_value_epoch
 from ..keys import Key
 from .effects import Call, Flow
@@ -43,6 +43,8 @@ def read(s: MapState, field: bytes, nkey: Key, bucket: int, *, consistent: bool
     if hit is not None:
         e, stale = hit
         e.hits += 1
+        if is_absent(e):  # the key was absent, and still is as far as its lease tells
+            return MISSING, 0, "stale" if stale else "local"
         v = e.value if e.value is not COPY else s.codec.decode(e.raw)  # type: ignore[arg-type]
         return v, e.version, "stale" if stale else "local"
     try:
@@ -68,8 +70,11 @@ def settle_read(s: MapState, token: FillToken, raw: bytes | None) -> tuple[Any, 
         if live:
             install(s, token, version, deadline_ms, payload, value, epoch, own=False)
             return value, version
+    # Cached as an absent marker (same gate as a value: NearCache.fill_absent), so the next
+    # read of this key is answered without a round trip.
+    now = s.clock()
     with s.guard:
-        s.core.fill_absent(token)
+        s.core.fill_absent(token, now)
     return MISSING, 0
 
 

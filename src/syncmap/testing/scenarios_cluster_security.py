@@ -43,7 +43,7 @@ from .faults import delete_matching
 from .scenario import Env, ScenarioResult, finish, scenario, timed
 from .scenarios_cluster_feed import _cluster
 from .scenarios_eviction_cluster import spread_name
-from .scenarios_security import BUCKETS, Target, _other, _Run, run_s19
+from .scenarios_security import BUCKETS, Target, _other, _Run, confirmed, run_s19
 
 USER = "s19-attacker"
 #: S19's ``digest`` control does not apply here (see above): its planted bug goes uncaught by
@@ -99,10 +99,12 @@ def _on_cluster(cs: ClusterSet) -> Iterator[Target]:
         subs = []
         for addr, node in admins.items():
             sub = node.pubsub()
+            n = 0
             for b in range(BUCKETS):
                 if owner[b] == addr:  # one SSUBSCRIBE per channel: each names a single slot
                     sub.ssubscribe(layout.bucket_channel(b))
-            subs.append(sub)
+                    n += 1
+            subs.append(confirmed(sub, n))
         return subs
 
     try:

@@ -253,7 +253,33 @@ def _old_epoch_messages(run: _Run) -> None:
     while len(run.authentic) < before + 3 and time.monotonic() < deadline:
         time.sleep(0.01)  # the observer's thread receives them
     run.old_epoch = run.authentic[before:]
-    run.target.admin.delete(run.target.layout.data(bucket_of(encode_key(key, 1000), BUCKETS)))
+    bucket = bucket_of(encode_key(key, 1000), BUCKETS)
+    run.target.admin.delete(run.target.layout.data(bucket))
+    # The oracle learns of the deletion: the bucket's keys are absent until written again, and
+    # a read that finds them so is right, not stale.  Before, it still expected ``key``'s last
+    # acknowledged value: once that was older than Δ (the wait above ran long, or the writer was
+    # slow to write ``key`` again) every read of ``key`` that found it absent counted as stale.
+    for k in run.work:
+        if bucket_of(encode_key(k, 1000), BUCKETS) == bucket:
+            run.acked.pop(k, None)
+
+
+def confirmed(sub: Any, count: int, timeout: float = 10.0) -> Any:
+    """``sub`` once Redis has confirmed its ``count`` subscriptions.  redis-py's ``subscribe``
+    only sends the command: a write on another connection may run first, and the observer then
+    misses its message (``_old_epoch_messages`` waited its full 5 s for the missed one, 4 runs
+    in about 70).  Called before the run writes anything, so what it reads and drops here is
+    confirmations, or messages the observer would not keep (PINGs)."""
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while seen < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{seen} of {count} subscriptions confirmed in {timeout} s")
+        m = sub.get_message(timeout=min(left, 0.1))
+        if m is not None and m["type"] in ("subscribe", "ssubscribe"):
+            seen += 1
+    return sub
 
 
 def decode_bucket(data: bytes, default: int) -> int:
@@ -321,7 +347,7 @@ def _standalone(env: Env, key: bytes | None) -> Iterator[Target]:
         def listen() -> list[Any]:
             sub = admin.pubsub()
             sub.subscribe(CHANNEL)
-            return [sub]
+            return [confirmed(sub, 1)]
 
         try:
             yield Target(
@@ -438,4 +464,4 @@ def s19(env: Env, seconds: float = 8.0, *, guard: bool = True,
     return finish(result, started)
 
 
-__all__ = ["CONTROLS", "KINDS", "OpenTarget", "Target", "attack", "run_s19", "s19"]
+__all__ = ["CONTROLS", "KINDS", "OpenTarget", "Target", "attack", "confirmed", "run_s19", "s19"]
