@@ -46,9 +46,10 @@ def maps(redis_server: EmbeddedRedis) -> Iterator[list[SyncMap]]:
 
 
 def settle(maps: list[SyncMap], monkeypatch: pytest.MonkeyPatch, trim: float) -> None:
-    """A call on each map; each call closes one idle connection unused for ``trim`` s."""
+    """Calls enough to trim the largest pool the maps can have grown (one per map opened at
+    once, and the probes'): each call closes one idle connection unused for ``trim`` s."""
     monkeypatch.setattr(node, "IDLE_TRIM", trim)
-    for m in maps:
+    for m in maps * 3:
         m.get("k0", consistent=True)
 
 
