@@ -161,12 +161,7 @@ def shared_executor(topology: Topology, timeout: float | None = None,
     ``users.lock(key)`` makes a Lock per call; each must not open a connection of its own.  The
     maps of a process use it too (:func:`use_executor`): ten idle maps held ten connections of
     their own besides the subscriber's (issue 16 goal 1: at most two per process and node)."""
-    key = (topology.key, timeout, deadline)
-    with _shared_lock:
-        executor = _shared.get(key)
-        if executor is None:
-            executor = _shared[key] = topology.executor(timeout=timeout, deadline=deadline)
-        return executor
+    return _shared_executor(topology, timeout, deadline, users=0)
 
 
 def use_executor(topology: Topology, timeout: float | None, deadline: float | None
@@ -176,11 +171,19 @@ def use_executor(topology: Topology, timeout: float | None, deadline: float | No
     as a map's own executor was closed with it.  Its pool grows only with the calls in flight at
     once (an executor takes an idle connection or makes one per call), so maps that share it
     idle on one connection."""
-    executor = shared_executor(topology, timeout, deadline)
+    return _shared_executor(topology, timeout, deadline, users=1)
+
+
+def _shared_executor(topology: Topology, timeout: float | None, deadline: float | None, *,
+                     users: int) -> Executor:  # fmt: skip
     key = (topology.key, timeout, deadline)
     with _shared_lock:
-        _users[key] = _users.get(key, 0) + 1
-    return executor
+        executor = _shared.get(key)
+        if executor is None:
+            executor = _shared[key] = topology.executor(timeout=timeout, deadline=deadline)
+        if users:
+            _users[key] = _users.get(key, 0) + users
+        return executor
 
 
 def done_with_executor(topology: Topology, timeout: float | None, deadline: float | None) -> None:
