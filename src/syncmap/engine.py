@@ -33,7 +33,7 @@ from .events import Fanout
 from .feed.base import Feed, FeedHandler, Subscription
 from .flows import admin
 from .flows.state import MapState
-from .leasing import Leasing
+from .leasing import Leasing, idles_for
 from .store.executor import Executor
 from .sync.run import run
 
@@ -55,10 +55,7 @@ class Engine(FeedLogic):
                  lease_prefix: bytes | None = None) -> None:  # fmt: skip
         super().__init__(state, interval, feed.topic, keys)
         # PING leases on (lease_prefix: the map's data-key prefix), or None (leasing.py)
-        self.leasing = None if lease_prefix is None else Leasing(
-            lease_prefix, interval, lambda: self.core, lambda: self.lock, self.wake_probe,
-            self.wake_timer,
-        )  # fmt: skip
+        self.leasing = None if lease_prefix is None else self._new_leasing(lease_prefix)
         self._probe_complete = True  # the last probe was answered for every bucket
         self.feed = feed
         self.executor = executor
@@ -100,6 +97,13 @@ class Engine(FeedLogic):
         layout = self.cmds.layout
         self._presence = presence.Member(layout.presence, self.cmds.origin, record, every)
         self._presence_store = store
+
+    def _new_leasing(self, prefix: bytes) -> Leasing:
+        """The map's PING-lease state; idle leases where every read is sure to pass the slow
+        path now and then and a lapse holds the entries (leasing.py says why)."""
+        return Leasing(prefix, self.interval, lambda: self.core, lambda: self.lock,
+                       self.wake_probe, self.wake_timer,
+                       idles=idles_for(self.state.config))  # fmt: skip
 
     # ---- start and stop ----------------------------------------------------------------------
 
@@ -166,8 +170,7 @@ class Engine(FeedLogic):
         self.error = None
         self._board = None  # the parent's; the child's start() joins the child's board
         if self.leasing is not None:  # the parent's vouches are not the child's
-            self.leasing = Leasing(self.leasing.prefix, self.interval, lambda: self.core,
-                                   lambda: self.lock, self.wake_probe, self.wake_timer)  # fmt: skip
+            self.leasing = self._new_leasing(self.leasing.prefix)
         if self._presence is not None:
             self._presence.written = False
         self.needs_start = not closed

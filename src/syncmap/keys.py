@@ -179,7 +179,7 @@ class Layout:
     @property
     def presence(self) -> str:
         """Hash node id -> JSON presence record of each server that has the map open."""
-        return f"{self.namespace}:{{{self.name}}}:presence"
+        return f"{self.namespace}:presence:{{{self.name}}}"
 
     def bucket_keys(self, bucket: int) -> tuple[str, str]:
         """(data hash, expiry zset) of one bucket, both in one cluster slot."""

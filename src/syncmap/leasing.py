@@ -3,9 +3,18 @@ a tracking notice does to the near cache, and whether the probe loop may skip a 
 (docs/design.md, "PING leases").  The subscriber's half is ``feed/leases.py``.
 
 The probe loop asks :meth:`Leasing.may_skip` each turn.  It probes when asked (a bucket only a
-probe settles, a notice, a flush), when some bucket has had no vouch for ``VOUCH_LATE`` probe
-intervals (on a Cluster each node's connection vouches for its own buckets, so one silent node
-is noticed though the others go on), and every ``SLOW_PROBE`` seconds whatever happens.
+probe settles, a notice, a flush), when some bucket has had no vouch for ``VOUCH_LATE`` vouch
+periods (on a Cluster each node's connection vouches for its own buckets, so one silent node
+is noticed though the others go on), and every ``SLOW_PROBE`` seconds while the map is read.
+
+Idle maps (docs/design.md, "Idle maps"): a map nobody reads wants a vouch PING only every
+``IDLE_VOUCH`` x Δ, not every Δ/4.  Its leases lapse in between and its buckets are *held*
+(entries kept, never served: ``NearCache`` revalidation), and each idle PING's answer
+revalidates them, so the cache survives idleness whole while costing Redis a PING per process
+every few seconds.  The first read after ``IDLE_AFTER`` x Δ without one (:meth:`demand`, on the
+map's slow path) asks the subscriber for a PING at once (``Lease.wakers``) and brings back the
+Δ/4 pace; it and the reads until that PING's answer go to Redis, as any read of a lapsed lease
+does.  Freshness is untouched: what may be served is still decided by vouches and probes only.
 """
 
 from __future__ import annotations
@@ -27,7 +36,15 @@ REAP_SLACK = 2.0
 a TTL'd entry this server cached or wrote (``NearCache.reap_until``): the probe reaps expiries."""
 VOUCH_LATE = 2.0
 """With PING leases, probe as before (every interval) once a bucket had no vouch for this many
-probe intervals: its connection is slow, silent or reconnecting, and probes find what it lost."""
+vouch periods (Δ/4 while read, ``IDLE_VOUCH`` x Δ while idle): its connection is slow, silent
+or reconnecting, and probes find what it lost."""
+IDLE_AFTER = 5.0
+"""A map with no read on its slow path for this many Δ is idle: its vouch PINGs slow down to one
+every ``IDLE_VOUCH`` x Δ.  A map being read passes its slow path at least every ``recheck`` (the
+hit path's ``check_at``), so reads keep it busy however well they hit."""
+IDLE_VOUCH = 4.0
+"""An idle map's vouch PING period, in Δ.  Below ``HOLD_LEASES`` (10) with room for one lost
+PING: a held bucket that no vouch or probe decides within ``hold_limit`` is flushed."""
 
 
 def lease_prefix(target: str, layout: Layout, enabled: bool) -> bytes | None:
@@ -40,6 +57,14 @@ def lease_prefix(target: str, layout: Layout, enabled: bool) -> bytes | None:
     return layout.data_prefix.encode() if enabled and in_script else None
 
 
+def idles_for(config: Any) -> bool:
+    """Whether a map of ``config`` (a ``MapConfig``) may idle (module docstring): every read is
+    sure to pass the slow path now and then, and a lapse holds the entries for the next vouch.
+    Not with ``fast_hits`` (no clock on the hit path), revalidation off (a lapse flushes) or
+    serve_stale (a lapse serves stale instead of holding)."""
+    return bool(not config.fast_hits and config.guards.revalidate and config.stale_age == 0)
+
+
 class Leasing:
     """One map's PING-lease state.  ``core`` and ``guard`` give the map's near cache and its
     lock (both replaced in a forked child, hence getters); ``wake_probe`` and ``wake_timer`` are
@@ -48,9 +73,16 @@ class Leasing:
 
     def __init__(self, prefix: bytes, interval: float, core: Callable[[], NearCache],
                  guard: Callable[[], Any], wake_probe: Callable[[], None],
-                 wake_timer: Callable[[], None]) -> None:  # fmt: skip
+                 wake_timer: Callable[[], None], *, idles: bool = False) -> None:  # fmt: skip
         self.prefix = prefix
         self.interval = interval
+        self.idles = idles  # idles_for(config)
+        max_staleness = core().max_staleness
+        self.recheck = interval
+        """The longest a reader's hits go without passing the slow path (``demand``)."""
+        self._idle_after = IDLE_AFTER * max_staleness
+        self._idle_every = IDLE_VOUCH * max_staleness if idles else 0.0
+        self.current: Lease | None = None  # the one handed to the feed (:meth:`lease`)
         self._core, self._guard = core, guard
         self._wake_probe, self._wake_timer = wake_probe, wake_timer
         self._vouched = [-float("inf")] * len(core().buckets)  # per bucket, monotonic
@@ -58,8 +90,27 @@ class Leasing:
         self.wanted = False  # a probe asked for by a vouch or a notice
 
     def lease(self, pong: bool) -> Lease:
-        """What the map hands its feed (``FeedHandler.lease``); ``pong``: ``Guards.pong``."""
-        return Lease(self.prefix, self.interval, self.on_vouch, self.on_touched, pong=pong)
+        """What the map hands its feed (``FeedHandler.lease``); ``pong``: ``Guards.pong``.
+        Idle from the start: the baseline probe's lease covers reads in the first Δ, and the
+        first of them makes the map busy (:meth:`demand`)."""
+        self.current = Lease(self.prefix, self.interval, self.on_vouch, self.on_touched,
+                             pong=pong, idle_every=self._idle_every)  # fmt: skip
+        return self.current
+
+    def demand(self, now: float) -> None:
+        """A read passed the map's slow path at ``now`` (on a reading thread): the map is busy
+        for ``IDLE_AFTER`` x Δ more.  After an idle spell, ask each reader carrying the lease
+        for a vouch PING now (``Lease.wakers``).  Cheap when busy: one comparison."""
+        lease = self.current
+        if lease is None or not self.idles or now < lease.busy_until - self._idle_after / 2:
+            return
+        idle = now >= lease.busy_until
+        if idle:
+            lease.busy_since = now
+        lease.busy_until = now + self._idle_after  # before the wake: readers read it then
+        if idle:
+            for wake in list(lease.wakers):
+                wake()
 
     def on_vouch(self, sent_at: float, buckets: Collection[int] | None = None) -> None:
         """A PING sent at ``sent_at`` was answered after every message before it, on a
@@ -91,11 +142,25 @@ class Leasing:
             self._wake_probe()
 
     def may_skip(self, now: float) -> bool:
-        """Whether this turn of the probe loop may skip its probe (module docstring)."""
+        """Whether this turn of the probe loop may skip its probe (module docstring).
+
+        A map read again after an idle spell counts its vouches from then (``busy_since``):
+        the one it asked for comes within an interval or two, and a bucket whose vouch is late
+        *from then* is probed.  An idle map skips the slow probe: nobody reads what it would
+        confirm, and the first read after ``SLOW_PROBE`` brings it (``_probed_at`` is old)."""
+        lease = self.current
+        busy = lease is None or not lease.idle_every or now < lease.busy_until
+        since = min(self._vouched, default=-float("inf"))
+        if busy and lease is not None:
+            since = max(since, lease.busy_since)
+        every = self.interval if busy else self._idle_every
         return (
             not self.wanted
-            and now - min(self._vouched, default=-float("inf")) <= VOUCH_LATE * self.interval
-            and now - self._probed_at < SLOW_PROBE
+            # A vouch would ask for this probe too, but an idle map's next vouch may be 4 Δ
+            # away (a flood of unusable messages asks for repairs faster than it comes).
+            and not self._core().unsettled()
+            and now - since <= VOUCH_LATE * every
+            and (now - self._probed_at < SLOW_PROBE or not busy)
             # Expiries are reaped (and their 'expire' changes published) by probes: while an
             # entry this server cached or wrote may be due, probe as before.  REAP_SLACK
             # intervals past the deadline cover the store's clock being a little behind ours.

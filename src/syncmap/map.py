@@ -202,6 +202,9 @@ class SyncMap(MapBase):
 
     def _fetch(self, key: Key, *, consistent: bool) -> tuple[Any, int, str]:
         """A read that missed the hit path: (value or _MISSING, version, provenance)."""
+        leasing = self._engine.leasing
+        if leasing is not None:  # the map is read: its vouches at the busy pace (leasing.py)
+            leasing.demand(_monotonic())
         if _monotonic() >= self._core.check_at and not consistent:
             e = self._feed_turn(key)
             if e is not None:  # a hit after all: the hit path's check_at had come
@@ -219,20 +222,22 @@ class SyncMap(MapBase):
         if a change waits in its socket, this thread waits (GIL released) until it has been
         applied (docs/design.md, "CPU-bound readers").  Then the entry ``key`` may be served
         from, or None.  A feed whose subscription cannot take turns switches this off."""
+        leasing = self._engine.leasing
+        # With idle leases, hits pass here at least every ``recheck``: how reads that all hit
+        # keep the map busy (``_fetch`` calls ``demand``).
+        at = INF if leasing is None or not leasing.idles else _monotonic() + leasing.recheck
         sub = self._engine.subscription
-        if sub is not None and not sub.turns:
-            at = INF
-        else:
+        if self.config.feed_turn and (sub is None or sub.turns):
             taken = sub is None or sub.give_turn(TURN_WAIT)
-            at = _monotonic() + (self.config.feed_turn if taken else TURN_BACKOFF)
+            at = min(at, _monotonic() + (self.config.feed_turn if taken else TURN_BACKOFF))
         with self._state.guard:
             self._core.recheck(at)
         return self._servable(key)
 
     def _new_core(self) -> NearCache:
         core = super()._new_core()
-        if self.config.feed_turn and not self.config.fast_hits:
-            core.check_at = -INF  # the first read's slow path asks the feed (_feed_turn)
+        if not self.config.fast_hits:  # the first read's slow path asks the feed (_feed_turn)
+            core.check_at = -INF
         return core
 
     def peek(self, key: Key) -> tuple[Any, int] | None:

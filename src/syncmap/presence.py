@@ -1,6 +1,6 @@
 """One presence round trip per process and Redis, whatever the number of maps (issue 16).
 
-Each map still has its own record in its own hash (``<ns>:{<map>}:presence``, field = the map's
+Each map still has its own record in its own hash (``<ns>:presence:{<map>}``, field = the map's
 node id: what ``syncmap top`` and the documented least-privilege ACL know), but the maps of one
 process on one store no longer refresh them each on its own probe thread.  They join the
 process's :class:`Board` for that store; whichever map's probe thread finds the board due first

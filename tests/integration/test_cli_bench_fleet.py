@@ -83,8 +83,10 @@ def test_every_window_has_sane_values(out: Path) -> None:
     assert found["series"]["processes"] == N and found["series"]["window"] == 1.0
     for m in MAPS:
         key = f"fleet.{m}"
-        assert rows[key + ".requests"]["syncmap"] > 0, m  # PINGs and presence, at least
-        assert rows[key + ".commands"]["syncmap"] >= rows[key + ".requests"]["syncmap"] > 0, m
+        # An idle map PINGs every 4 Δ and refreshes presence every 10 s: a 1 s window may see
+        # nothing at all, which is the goal, not an error.
+        assert rows[key + ".requests"]["syncmap"] >= 0, m
+        assert rows[key + ".commands"]["syncmap"] >= rows[key + ".requests"]["syncmap"], m
         # With PING leases an idle map need not probe at all: 0 is the goal, not an error.
         assert rows[key + ".evalsha_per_map"]["syncmap"] >= 0, m
         assert 0 < rows[key + ".cpu"]["syncmap"] < 100 * 2, m  # % of one core, 2 cores here
@@ -97,11 +99,11 @@ def test_every_window_has_sane_values(out: Path) -> None:
     for w in windows.values():
         assert len(w["threads"]) == len(w["connections"]) == N  # every process reported
         assert "INFO" not in w["calls"]  # the section's own calls are left out
-        assert sum(w["requests"].values()) > 0 and sum(w["calls"].values()) > 0
+        assert sum(w["calls"].values()) >= sum(w["requests"].values()) >= 0
     at = rows["fleet.at_1000x10.connections"]
     assert at["syncmap"] >= 1000 and at["at_most"] == 2000
     assert rows["fleet.at_1000x10.cpu"]["at_most"] == 5.0
-    assert rows["fleet.at_1000x10.requests"]["syncmap"] > 0
+    assert rows["fleet.at_1000x10.requests"]["syncmap"] >= 0  # 0 in 1 s windows: idle
 
 
 def test_bad_fleet_flags_are_usage_errors() -> None:

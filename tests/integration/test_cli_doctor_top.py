@@ -84,7 +84,7 @@ def test_top_lists_every_open_map_and_forgets_a_closed_one(
 
         # The records exist from open(); wait for a refresh that saw b's reads.
         def refreshed() -> bool:
-            raw = admin.hget("sm:{users}:presence", "node-b")
+            raw = admin.hget("sm:presence:{users}", "node-b")
             return raw is not None and json.loads(raw)["hits"] >= 9
 
         wait_until(refreshed, 5, "a presence refresh that saw node-b's reads")
@@ -101,7 +101,7 @@ def test_top_lists_every_open_map_and_forgets_a_closed_one(
     finally:
         a.close()
         b.close()
-    assert admin.exists("sm:{users}:presence") == 0
+    assert admin.exists("sm:presence:{users}") == 0
 
 
 def test_presence_false_writes_no_presence_key(
@@ -110,10 +110,10 @@ def test_presence_false_writes_no_presence_key(
     with SyncMap("quiet", redis_server.url, config=MapConfig(presence=False)) as m:
         m["k"] = 1
         assert m["k"] == 1
-        assert admin.exists("sm:{quiet}:presence") == 0
+        assert admin.exists("sm:presence:{quiet}") == 0
     with SyncMap("loud", redis_server.url) as m:
-        assert admin.hlen("sm:{loud}:presence") == 1
-    assert admin.exists("sm:{loud}:presence") == 0
+        assert admin.hlen("sm:presence:{loud}") == 1
+    assert admin.exists("sm:presence:{loud}") == 0
 
 
 class _Counting:
@@ -124,7 +124,7 @@ class _Counting:
         self.trips: list[int] = []
 
     def call(self, commands: Any, *, write: bool, partial: bool = False) -> list[Any]:
-        hsets = sum(1 for c in commands if c[0] == "HSET" and str(c[1]).endswith(":presence"))
+        hsets = sum(1 for c in commands if c[0] == "HSET" and ":presence:" in str(c[1]))
         if hsets:
             self.trips.append(hsets)
         return self.inner.call(commands, write=write, partial=partial)  # type: ignore[no-any-return]
@@ -147,9 +147,9 @@ def test_a_process_refreshes_its_maps_presence_in_one_round_trip(
         # Each refresh carries every map's record: per map, it would be one HSET a trip.
         assert trips and all(n == 3 for n in trips), trips
         for m in maps:
-            assert admin.hlen(f"sm:{{{m.name}}}:presence") == 1
+            assert admin.hlen(f"sm:presence:{{{m.name}}}") == 1
     finally:
         for m in maps:
             m.close()
     for m in maps:
-        assert admin.exists(f"sm:{{{m.name}}}:presence") == 0
+        assert admin.exists(f"sm:presence:{{{m.name}}}") == 0

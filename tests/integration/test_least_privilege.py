@@ -49,7 +49,7 @@ def test_the_documented_acl_runs_a_map_top_and_doctor(
         assert m.get("a", consistent=True) == 1 and len(m) == 1 and dict(m.items()) == {"a": 1}
         m.update({"b": 2})
         assert m.pop("b") == 2 and m.compare_and_set("a", 1, 3) and m.setdefault("c", 4) == 4
-        wait_until(lambda: admin.hlen("sm:{users}:presence") == 1, 10, "the presence record")
+        wait_until(lambda: admin.hlen("sm:presence:{users}") == 1, 10, "the presence record")
         top = syncmap("top", "users", "--url", url, "--once", "--json")
         assert top.returncode == 0, top.stdout + top.stderr
         servers = json.loads(top.stdout)["servers"]
@@ -86,4 +86,4 @@ def test_top_says_the_acl_refused_it_not_that_redis_is_unreachable(
                   "--once")  # fmt: skip
     assert run.returncode == 2
     assert "cannot reach" not in run.stderr, run.stderr
-    assert "sm:{users}:presence" in run.stderr and "docs/protocol.md" in run.stderr, run.stderr
+    assert "sm:presence:{users}" in run.stderr and "docs/protocol.md" in run.stderr, run.stderr

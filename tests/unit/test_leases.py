@@ -66,7 +66,7 @@ def test_a_map_whose_prefix_is_not_tracked_is_never_vouched() -> None:
     run(book.pong(nonce, [(a.lease, None)]))
     assert a.vouches == [] and book.needs_retrack(a.lease)
     book.connected(None)  # CLIENT TRACKING refused: no vouch, no retrack
-    assert not book.needs_retrack(a.lease) and book.every([(a.lease, None)]) == 0.0
+    assert not book.needs_retrack(a.lease) and book.every([(a.lease, None)], 0.0) == 0.0
 
 
 def test_the_pong_control_vouches_when_the_ping_is_sent() -> None:

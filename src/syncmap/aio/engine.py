@@ -24,7 +24,7 @@ from ..feed.abase import AsyncFeed, AsyncSubscription
 from ..feed.base import FeedHandler
 from ..flows import admin
 from ..flows.state import MapState
-from ..leasing import Leasing
+from ..leasing import Leasing, idles_for
 from ..store.executor import AsyncExecutor
 from .events import AsyncFanout
 from .run import run
@@ -46,7 +46,7 @@ class AsyncEngine(FeedLogic):
         # on_vouch/on_touched on the loop; the probe task asks may_skip.
         self.leasing = None if lease_prefix is None else Leasing(
             lease_prefix, interval, lambda: self.core, lambda: self.lock, self.wake_probe,
-            self.wake_timer,
+            self.wake_timer, idles=idles_for(state.config),
         )  # fmt: skip
         self.feed = feed
         self.executor = executor

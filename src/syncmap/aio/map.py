@@ -17,7 +17,7 @@ import redis as redis_lib
 
 from ..codec import Codec, encode_limited, make_codec
 from ..config import MapConfig
-from ..core.nearcache import COPY, SWEEP_ABOVE, Entry, Event, NearCache, is_absent
+from ..core.nearcache import COPY, INF, SWEEP_ABOVE, Entry, Event, NearCache, is_absent
 from ..core.wire import unpack_value
 from ..errors import ConfigurationError, MapClosed
 from ..feed.arouting import open_async_store_feed  # at import: not on the loop at open()
@@ -147,10 +147,12 @@ class SyncMap:
 
     def _new_core(self, buckets: int) -> NearCache:
         cfg = self.config
-        return NearCache(buckets, capacity=cfg.capacity, max_staleness=cfg.max_staleness,
+        core = NearCache(buckets, capacity=cfg.capacity, max_staleness=cfg.max_staleness,
                          guards=cfg.guards, ordered=not self._cmds.relayed,
                          max_stale_age=cfg.stale_age, sweep_above=SWEEP_ABOVE,
                          absent=cfg.cache_absent)  # fmt: skip
+        core.check_at = -INF  # the first read passes the slow path (_fetch): the map is busy
+        return core
 
     def __await__(self) -> Generator[Any, None, Self]:
         return self.open().__await__()
@@ -195,7 +197,36 @@ class SyncMap:
                 return v
             raw = e.raw
             return default if raw is None else self._codec.decode(raw)  # None: known absent
-        return default
+        return self._cached_slow(key, default)
+
+    def _cached_slow(self, key: Key, default: Any) -> Any:
+        """``get_cached`` past the hit path's deadline: if only ``check_at`` had come, the map
+        is being read (:meth:`_recheck`), and the entry may be served after all.  No I/O."""
+        if self._engine is None or _monotonic() < self._core.check_at:
+            return default
+        self._recheck(_monotonic())
+        e = self._servable(key)
+        if e is None:
+            return default
+        e.hits += 1
+        v = e.value
+        if v is not COPY:
+            return v
+        raw = e.raw
+        return default if raw is None else self._codec.decode(raw)
+
+    def _recheck(self, now: float) -> None:
+        """The map is read (idle leases, leasing.py): its vouches at the busy pace, and hits
+        until ``recheck`` from now (``check_at``): how reads that all hit keep the map busy."""
+        leasing = None if self._engine is None else self._engine.leasing
+        if leasing is not None and leasing.idles:
+            leasing.demand(now)
+            at = now + leasing.recheck
+        else:
+            at = INF
+        if now >= self._core.check_at:
+            with self._state.guard:
+                self._core.recheck(at)
 
     def _servable(self, key: Key) -> Entry | None:
         """The cached entry a hit may serve, or None (as ``syncmap.SyncMap._servable``)."""
@@ -247,6 +278,18 @@ class SyncMap:
         return await self.get(key, MISSING) is not MISSING
 
     async def _fetch(self, key: Key, *, consistent: bool) -> tuple[Any, int, str]:
+        # The map is read (_recheck); a hit after all when only ``check_at`` had come.
+        now = _monotonic()
+        due = now >= self._core.check_at
+        self._recheck(now)
+        if due and not consistent and self._engine is not None:
+            e = self._servable(key)
+            if e is not None:
+                e.hits += 1
+                if is_absent(e):
+                    return MISSING, 0, "local"
+                v = e.value if e.value is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
+                return v, e.version, "local"
         ref = self._locate(key)
         return await self._run(reads.read(self._state, ref.field, ref.key, ref.bucket,
                                           consistent=consistent))  # fmt: skip

@@ -73,7 +73,8 @@ class Gaps:
 
 def rows(b: Bench, n: int, idle_seconds: float) -> list[Row]:
     name = f"cachesize-{n}"
-    m = b.open(name, capacity=n + 16)
+    # presence every 2 s: the idle window (longer) then sees every periodic task run
+    m = b.open(name, capacity=n + 16, presence_interval=2.0)
     data = {key_of(i): i for i in range(n)}
     items = list(data.items())
     for start in range(0, n, 100_000):

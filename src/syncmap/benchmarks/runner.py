@@ -120,7 +120,7 @@ PLANS = {
                                      rounds=3, writes=100, gap=0.003, receivers=(1, 4)),
                                  bulk=BulkPlan(writers=(1, 2, 4), writer_seconds=0.5,
                                                writer_rounds=3, n=100_000, rounds=3)),
-        fleet.FleetPlan(processes=10, maps=(0, 1, 5, 10), window=6.0, settle=1.0,
+        fleet.FleetPlan(processes=10, maps=(0, 1, 5, 10), window=10.0, settle=1.0,
                         monitor=2.0),
     ),
     "full": Plan(
@@ -145,7 +145,7 @@ PLANS = {
                                      rounds=5, writes=200, gap=0.003, receivers=(1, 4, 8)),
                                  bulk=BulkPlan(writers=(1, 2, 4), writer_seconds=1.5,
                                                writer_rounds=5, n=1_000_000, rounds=2)),
-        fleet.FleetPlan(processes=20, maps=(0, 1, 5, 10), window=10.0, settle=2.0,
+        fleet.FleetPlan(processes=20, maps=(0, 1, 5, 10), window=20.0, settle=2.0,
                         monitor=2.0),
     ),
 }  # fmt: skip

@@ -1,7 +1,7 @@
 """``syncmap top MAP``: every server that has MAP open, from the presence records they refresh.
 
 Each ``SyncMap`` (unless ``MapConfig(presence=False)``) writes a small JSON record into the hash
-``<ns>:{<map>}:presence`` every ``presence_interval`` seconds; this command reads that hash (one
+``<ns>:presence:{<map>}`` every ``presence_interval`` seconds; this command reads that hash (one
 HGETALL plus TIME) and ignores a record older than three of its refresh periods (a dead server).
 The per-second rates are computed by each server over its last refresh period.
 

@@ -1010,6 +1010,17 @@ class NearCache:
         self._revalidate()
         return wants_probe
 
+    def unsettled(self) -> bool:
+        """Some bucket is in a state only a probe settles, the ones :meth:`on_vouch` leaves
+        out (not known, awaiting repair, behind a probe's target, in doubt, held stale, early
+        messages aside).  Read without the guard by the probe loop: a stale answer only moves
+        the probe to the next turn."""
+        return any(
+            not b.known or b.repair_from is not None or b.targets or b.doubt
+            or b.stale_until != -INF or b.ahead
+            for b in self.buckets
+        )  # fmt: skip
+
     def on_touched(self, bucket: int | None) -> None:
         """The store says the bucket's data changed (``None``: the whole database was flushed),
         on the subscriber connection, after the messages of the writes that changed it

@@ -168,6 +168,8 @@ class AsyncSubscriber(ReaderHooks):
         self._stopped = False
         self._leases = LeaseBook()  # prefixes tracked on this connection, vouch PINGs
         self._retrack_at = float("inf")  # reconnect then to track a newly attached map
+        self._vouch_at = 0.0  # the next vouch PING (loop time); vouch_soon() brings it forward
+        self._vouching = False  # a vouch PING is scheduled at _vouch_at
         if self.follows_topology:
             topology.on_change(self._master_changed)
         self._task = self._loop.create_task(self._run(), name="syncmap-async-subscriber")
@@ -184,6 +186,8 @@ class AsyncSubscriber(ReaderHooks):
         ch = channel.encode()
         handler.up = False  # told on_up by this subscription's confirmation, not an older one
         self._handlers.setdefault(ch, []).append(handler)
+        if handler.lease is not None:  # its first read after an idle spell asks us to PING
+            handler.lease.wakers.add(self.vouch_soon)
         self._send_soon(self.dialect.subscribe, ch)  # Redis confirms again if already subscribed
         if self._conn is not None and self._leases.needs_retrack(handler.lease):
             self._retrack_soon()
@@ -206,6 +210,9 @@ class AsyncSubscriber(ReaderHooks):
         handlers = self._handlers.get(ch, [])
         if handler in handlers:
             handlers.remove(handler)
+        lease = handler.lease
+        if lease is not None and all(h.lease is not lease for h in self._all()):
+            lease.wakers.discard(self.vouch_soon)
         if not handlers:
             self._handlers.pop(ch, None)
             if self._handlers and unsubscribe:
@@ -338,7 +345,7 @@ class AsyncSubscriber(ReaderHooks):
 
     async def _read(self, conn: Any) -> None:
         clock = self._loop.time
-        heard = subscribed = next_vouch = clock()
+        heard = subscribed = self._vouch_at = clock()
         pinged = 0.0
         while True:
             if self._conn is not conn or not conn.is_connected:
@@ -346,11 +353,11 @@ class AsyncSubscriber(ReaderHooks):
             now = clock()
             if now >= self._retrack_at:
                 raise Retrack("a map needs its keys tracked")
-            if now >= next_vouch:  # the maps' wishes read only then, not per message
-                next_vouch = now + self._send_vouch(now)
+            if now >= self._vouch_at:  # the maps' wishes read only then, not per message
+                self._vouch_at = now + self._send_vouch(now)
             if self._leases.overdue(now, PING_AFTER):
                 raise redis.ConnectionError(f"no answer to PING in {PING_AFTER} s")
-            wait = max(0.0, min(READ_SLICE, next_vouch - now, self._retrack_at - now))
+            wait = max(0.0, min(READ_SLICE, self._vouch_at - now, self._retrack_at - now))
             try:
                 reply = await conn.read_response(timeout=wait)  # None: nothing came
             except redis.ResponseError as exc:  # e.g. NOPERM for one channel
@@ -368,7 +375,10 @@ class AsyncSubscriber(ReaderHooks):
                 continue  # woke for the next vouch PING or a retrack, not for silence
             if pinged and now - pinged > PING_AFTER:
                 raise redis.ConnectionError(f"no answer to PING in {PING_AFTER} s")
-            if not pinged and now - heard > PING_AFTER:
+            # The next vouch PING (idle maps: every few seconds) finds a half-open connection
+            # as this keep-alive would, and costs Redis one PING, not two.
+            vouch_due = self._vouching and self._vouch_at - now <= PING_AFTER
+            if not pinged and now - heard > PING_AFTER and not vouch_due:
                 self._send_soon("PING")
                 pinged = now
 
@@ -378,13 +388,33 @@ class AsyncSubscriber(ReaderHooks):
     def _send_vouch(self, now: float) -> float:
         """A vouch PING if a tracked map wants one (``pubsub.Subscriber._send_vouch``); returns
         when to look again."""
-        every = self._leases.every(self._targets()) if self._leases.tracked else 0.0
+        every = self._leases.every(self._targets(), now) if self._leases.tracked else 0.0
         if every:
             nonce, calls = self._leases.ping(now, self._targets())
             self._send_soon("PING", nonce)
             self._deliver(calls)  # the control (Guards.pong off): vouched without the answer
+        self._vouching = bool(every)
         recheck = bool(self._leases.tracked) and self._wants_leases(self._handlers)
         return every or (RECHECK if recheck else READ_SLICE)
+
+    def vouch_soon(self) -> None:
+        """A map that was idle is read again (``Lease.wakers``, on the loop): a vouch PING now
+        rather than at the idle pace (``pubsub.Subscriber.vouch_soon``); its PONG wakes the
+        reader, which then sees the nearer ``_vouch_at``.  From another thread (a sync
+        ``get_cached`` off the loop), it is handed to the loop."""
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to PING for
+                self._loop.call_soon_threadsafe(self.vouch_soon)
+            return
+        if self._conn is None or not self._leases.tracked or self._stopped:
+            return
+        now = self._loop.time()
+        every = self._send_vouch(now)
+        self._vouch_at = min(self._vouch_at, now + every)
 
     def _resubscribe_unconfirmed(self) -> None:
         """Send SUBSCRIBE again for channels whose confirmation never came (idempotent)."""
@@ -409,6 +439,8 @@ class AsyncSubscriber(ReaderHooks):
                 if not handler.up:
                     handler.up = True
                     self._call(handler.on_up)
+                    if handler.lease is not None:  # its first vouch now, not at the idle pace
+                        self._vouch_at = self._loop.time()
         else:
             self._unexpected(kind, channel)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 INVALIDATE = b"__redis__:invalidate"  # where CLIENT TRACKING's REDIRECT target gets notices
@@ -44,14 +44,31 @@ class Lease:
     eviction) is told in order with the messages: ``on_touched(bucket)`` (None: the database was
     flushed).  ``on_vouch(sent_at, buckets)``: a PING sent at ``sent_at`` was answered after
     every message before it on a connection carrying ``buckets`` (None: every bucket).
-    ``every``: the map wants a PING at least this often (Δ/4).  ``pong=False`` is the control
-    (``Guards.pong``): vouch when the PING is *sent*, which a silent feed must catch."""
+    ``every``: the map wants a PING at least this often (Δ/4) while it is read.  ``pong=False``
+    is the control (``Guards.pong``): vouch when the PING is *sent*, which a silent feed must
+    catch.
+
+    Idle leases (``idle_every`` > 0, docs/design.md "Idle maps"): a map nobody has read since
+    ``busy_until`` wants a PING only every ``idle_every`` (its leases lapse in between, its
+    entries are held, and each idle PING's answer revalidates them), and the first read after
+    that calls every reader in ``wakers`` (``Subscriber.vouch_soon``: a PING at once, and the
+    busy pace from then on).  Only the map's own threads write ``busy_until``/``busy_since``;
+    readers only read them (a float each, never torn)."""
 
     prefix: bytes
     every: float
     on_vouch: Callable[[float, Collection[int] | None], None]
     on_touched: Callable[[int | None], None]
     pong: bool = True
+    idle_every: float = 0.0  # 0: never idle (every Δ/4, read or not)
+    busy_until: float = -float("inf")
+    busy_since: float = -float("inf")
+    wakers: set[Callable[[], None]] = field(default_factory=set)
+
+    def every_at(self, now: float) -> float:
+        """How often this map wants a vouch PING at ``now``: ``every`` while it is read."""
+        idle = self.idle_every and now >= self.busy_until
+        return self.idle_every if idle else self.every
 
 
 Target = tuple[Lease, int | None]
@@ -120,9 +137,11 @@ class LeaseBook:
         """A map attached with a prefix this connection does not track (it tracks some)."""
         return lease is not None and self.tracked is not None and not self.covers(lease)
 
-    def every(self, targets: Iterable[Target]) -> float:
-        """How often to send a vouch PING: the shortest a covered lease asks; 0: none."""
-        return min((lease.every for lease, _ in targets if self.covers(lease)), default=0.0)
+    def every(self, targets: Iterable[Target], now: float) -> float:
+        """How often to send a vouch PING at ``now``: the shortest a covered lease asks (a
+        read map's Δ/4, an idle one's ``idle_every``); 0: none."""
+        return min((lease.every_at(now) for lease, _ in targets if self.covers(lease)),
+                   default=0.0)  # fmt: skip
 
     def ping(self, now: float, targets: Iterable[Target]) -> tuple[bytes, Calls]:
         """The nonce of the next vouch PING (sent at ``now``), and the control's calls: with

@@ -184,6 +184,7 @@ class Subscriber(ReaderHooks):
         self._attached = threading.Event()
         self._leases = LeaseBook()  # prefixes tracked on this connection, vouch PINGs
         self._retrack_at = float("inf")  # reconnect then to track a newly attached map
+        self._vouch_at = 0.0  # the next vouch PING (monotonic); vouch_soon() brings it forward
         # A reading thread's turn for this reader (:meth:`give_turn`): the socket's poll object,
         # replies dispatched so far, and whether a thread waits for the next one.
         self._poller: Any = None  # select.poll() on the connection's socket
@@ -207,6 +208,8 @@ class Subscriber(ReaderHooks):
         with self._lock:
             self._handlers.setdefault(ch, []).append(handler)
             self._attached.set()
+            if handler.lease is not None:  # its first read after an idle spell asks us to PING
+                handler.lease.wakers.add(self.vouch_soon)
             self._send(self.dialect.subscribe, ch)  # Redis confirms again if already subscribed
             if self._leases.needs_retrack(handler.lease):
                 # A subscribed RESP2 connection cannot send CLIENT TRACKING: reconnect (maps
@@ -231,6 +234,11 @@ class Subscriber(ReaderHooks):
             handlers = self._handlers.get(ch, [])
             if handler in handlers:
                 handlers.remove(handler)
+            lease = handler.lease
+            if lease is not None and all(
+                h.lease is not lease for hs in self._handlers.values() for h in hs
+            ):
+                lease.wakers.discard(self.vouch_soon)
             last_on_channel = not handlers
             if last_on_channel:
                 self._handlers.pop(ch, None)
@@ -405,25 +413,30 @@ class Subscriber(ReaderHooks):
                 conn.disconnect()
 
     def _read(self, conn: Any) -> None:
-        heard = subscribed = time.monotonic()
+        heard = subscribed = self._vouch_at = time.monotonic()
         pinged = 0.0
-        next_vouch = heard
+        vouching = False  # a vouch PING is scheduled at _vouch_at
         while not self._stop.is_set():
             if self._conn is not conn or not conn.is_connected:
                 raise redis.ConnectionError("the subscriber connection was closed")
             now = time.monotonic()
             if now >= self._retrack_at:
                 raise Retrack("a map needs its keys tracked")
-            if now >= next_vouch:  # the maps' wishes read only then, not per message
-                every = self._vouch_every()
-                if every:
+            if now >= self._vouch_at:  # the maps' wishes read only then, not per message
+                if self._vouch_every(now):
                     self._send_vouch(now)
+                targets = self._targets()
                 with self._lock:  # attach() changes the dict on other threads
                     recheck = bool(self._leases.tracked) and self._wants_leases(self._handlers)
-                next_vouch = now + (every or (RECHECK if recheck else 1.0))
+                    # The pace read under the lock vouch_soon() takes: a map read again since
+                    # the PING above (its busy_until set before it calls vouch_soon) is seen
+                    # here, or vouch_soon() brings _vouch_at forward after this.
+                    every = self._leases.every(targets, now) if self._leases.tracked else 0.0
+                    self._vouch_at = now + (every or (RECHECK if recheck else 1.0))
+                    vouching = bool(every)
             if self._leases.overdue(now, PING_AFTER):
                 raise redis.ConnectionError(f"no answer to PING in {PING_AFTER} s")
-            wait = min(1.0, max(0.0, next_vouch - now))
+            wait = min(1.0, max(0.0, self._vouch_at - now))
             if not conn.can_read(wait):
                 now = time.monotonic()
                 if now - subscribed > PING_AFTER:
@@ -433,7 +446,10 @@ class Subscriber(ReaderHooks):
                     continue  # woke for the next vouch PING, not for silence
                 if pinged and now - pinged > PING_AFTER:
                     raise redis.ConnectionError(f"no answer to PING in {PING_AFTER} s")
-                if not pinged and now - heard > PING_AFTER:
+                # The next vouch PING (idle maps: every few seconds) finds a half-open
+                # connection as this keep-alive would, and costs Redis one PING, not two.
+                vouch_due = vouching and self._vouch_at - now <= PING_AFTER
+                if not pinged and now - heard > PING_AFTER and not vouch_due:
                     with self._lock:
                         self._send("PING")
                     pinged = now
@@ -460,17 +476,34 @@ class Subscriber(ReaderHooks):
             attached = {ch: list(hs) for ch, hs in self._handlers.items()}
         return self._lease_targets(attached)
 
-    def _vouch_every(self) -> float:
+    def _vouch_every(self, now: float) -> float:
         """How often to send a vouch PING: the shortest a tracked map asks; 0: none."""
-        return self._leases.every(self._targets()) if self._leases.tracked else 0.0
+        return self._leases.every(self._targets(), now) if self._leases.tracked else 0.0
 
     def _send_vouch(self, now: float) -> None:
         """PING with a nonce; its PONG (after every message published before the PING ran)
-        renews the leases of what this connection carries (:meth:`_dispatch`)."""
-        nonce, calls = self._leases.ping(now, self._targets())  # the targets outside our lock
+        renews the leases of what this connection carries (:meth:`_dispatch`).  The nonce is
+        booked and sent under our lock, so nonces reach Redis in the order they are booked
+        when :meth:`vouch_soon` sends one from another thread; ``now`` is taken before the
+        send, the side the proof needs (a PING *sent at or after* ``now``)."""
+        targets = self._targets()  # outside our lock (a sharded owner's hook takes its own)
         with self._lock:
+            nonce, calls = self._leases.ping(now, targets)
             self._send("PING", nonce)
         self._deliver(calls)  # the control (Guards.pong off): vouched without the answer
+
+    def vouch_soon(self) -> None:
+        """A map that was idle is read again (``Lease.wakers``; on the reading thread): send a
+        vouch PING now rather than at the idle pace, and look again at the busy pace.  Its
+        PONG wakes this reader, which then sees the nearer ``_vouch_at``.  Until the answer
+        arrives the map's reads go to Redis (its leases lapsed while idle): never stale."""
+        if self._conn is None or not self._leases.tracked or self._stop.is_set():
+            return
+        now = time.monotonic()
+        self._send_vouch(now)
+        every = self._vouch_every(now)
+        with self._lock:
+            self._vouch_at = min(self._vouch_at, now + (every or 1.0))
 
     def _resubscribe_unconfirmed(self) -> None:
         """Send SUBSCRIBE again for channels whose confirmation never came (idempotent)."""
@@ -482,7 +515,10 @@ class Subscriber(ReaderHooks):
     def _dispatch(self, reply: Any) -> None:
         kind, channel = reply[0], reply[1]
         if kind == b"pong":  # every message before it was dispatched (this thread, in order)
-            self._deliver(self._leases.pong(channel, self._targets()))
+            targets = self._targets()
+            with self._lock:  # vouch_soon() books nonces from other threads
+                calls = self._leases.pong(channel, targets)
+            self._deliver(calls)
             return
         if channel == INVALIDATE and kind == b"message":
             self._deliver(self._leases.notice(reply[2], self._targets()))
@@ -497,6 +533,10 @@ class Subscriber(ReaderHooks):
                 if not handler.up:
                     handler.up = True
                     self._call(handler.on_up)
+                    if handler.lease is not None:
+                        # Its first vouch now (this thread sends it next turn), not at the idle
+                        # pace of the maps already here: until it comes, the map probes.
+                        self._vouch_at = time.monotonic()
         else:
             self._unexpected(kind, channel)
 
