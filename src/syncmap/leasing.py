@@ -102,7 +102,13 @@ class Leasing:
         for ``IDLE_AFTER`` x Δ more.  After an idle spell, ask each reader carrying the lease
         for a vouch PING now (``Lease.wakers``).  Cheap when busy: one comparison."""
         lease = self.current
-        if lease is None or not self.idles or now < lease.busy_until - self._idle_after / 2:
+        # Refreshed at most once per ``recheck``: busy until IDLE_AFTER x Δ after the last
+        # read, less at most one recheck.
+        if (
+            lease is None
+            or not self.idles
+            or now < lease.busy_until - self._idle_after + self.recheck
+        ):
             return
         idle = now >= lease.busy_until
         if idle:

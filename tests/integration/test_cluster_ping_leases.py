@@ -35,7 +35,8 @@ def _renewal(probes: int, vouches: int, leased: bool, idle: bool = False) -> Non
         assert probes <= 1, f"{probes} probes in {WINDOW} s of an idle map"
     elif leased:
         assert vouches >= 3 * WINDOW / DELTA, f"{vouches} vouches in {WINDOW} s"
-        assert probes <= 1, f"{probes} probes in {WINDOW} s of idleness with PING leases"
+        # One late vouch on a loaded machine may bring a probe; the control probes ≥ 4 times.
+        assert probes <= 2, f"{probes} probes in {WINDOW} s of a read map with PING leases"
     else:
         assert vouches == 0 and probes >= 4, f"control: {probes} probes, {vouches} vouches"
 
