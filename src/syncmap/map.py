@@ -89,15 +89,14 @@ class SyncMap(MapBase):
         self._topology = _open_store(url, redis, feed, cfg.socket_timeout)
         # The process's executor for this topology and these timeouts, shared with its other
         # maps, locks and feeds (store/topology.py use_executor): idle maps hold no connection
-        # each.  A Cluster map probes on another one, whose calls wait at most
-        # ``probe_deadline``: one hung master must not hold every probe past the other
-        # buckets' leases (MapConfig.probe_deadline says why).
-        cluster = self._topology.kind == "cluster"
+        # each.  A Cluster map probes through a view of it (``within``): the same connections,
+        # each probe waiting at most ``probe_deadline``, as one hung master must not hold
+        # every probe past the other buckets' leases (MapConfig.probe_deadline says why).
         self._executor_keys = [(cfg.socket_timeout, cfg.call_timeout)]
-        if cluster:
-            self._executor_keys.append((cfg.socket_timeout, cfg.probe_deadline))
-        executors = [use_executor(self._topology, *key) for key in self._executor_keys]
-        self._executor, self._probe_executor = executors[0], executors[-1]
+        executor = use_executor(self._topology, cfg.socket_timeout, cfg.call_timeout)
+        cluster = self._topology.kind == "cluster"
+        self._executor = executor
+        self._probe_executor = executor.within(cfg.probe_deadline) if cluster else executor
         layout = self._open_layout()
         feed_obj, target = open_store_feed(feed, self._topology, layout, cfg.socket_timeout)
         self._cmds = MapCommands(layout, self.node_id, target, codec=self._codec.name,

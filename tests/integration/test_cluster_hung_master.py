@@ -25,6 +25,7 @@ from syncmap import MapConfig, SyncMap, aio
 from syncmap.errors import StoreUnavailable, WriteOutcomeUnknown
 from syncmap.keys import Layout, bucket_of, encode_key
 from syncmap.store.cluster import ClusterTopology, slot_for
+from syncmap.store.clusterexec import ClusterExecutor
 from syncmap.store.node import NodeExecutor
 from syncmap.store.topology import open_topology
 from syncmap.testing.clusternode import ClusterNodeProcess
@@ -164,6 +165,86 @@ def test_a_connection_made_late_in_a_call_shakes_hands_within_its_deadline(
     finally:
         announced.proxy.heal()
         ex.close()
+
+
+def _view_calls_on_a_hung_master(hung: tuple[ClusterSet, Announced]) -> list[float]:
+    """Two partial calls of a view (deadline DEADLINE) of an executor with no call deadline (a
+    map's default: replies waited for up to the socket timeout, 2 s), one master hung: how
+    long each took.  The first meets the hung master on the executor's idle connection, the
+    second on a new one (the first was dropped), whose handshake hangs.  The healthy masters'
+    parts are answered, and the executor's connections to them then serve its own calls."""
+    cluster, announced = hung
+    theirs, ours = _executor_batch(cluster, announced.node)
+    ex = _topology(cluster).executor(timeout=2.0)
+    view = ex.within(DEADLINE)
+    took = []
+    try:
+        ex.call([("SET", k, 1) for k in theirs + ours], write=True)  # a connection to each
+        announced.proxy.blackhole()
+        for n in (2, 3):
+            begun = time.monotonic()
+            replies = view.call([("INCR", k) for k in theirs + ours], write=True, partial=True)
+            took.append(time.monotonic() - begun)
+            assert all(isinstance(r, StoreUnavailable | WriteOutcomeUnknown)
+                       for r in replies[: len(theirs)])  # fmt: skip
+            assert replies[len(theirs) :] == [n] * len(ours)
+        assert ex.call([("GET", k) for k in ours], write=False) == [b"3"] * len(ours)
+    finally:
+        announced.proxy.heal()
+        ex.close()
+    return took
+
+
+def test_a_view_of_the_executor_waits_its_own_deadline_for_a_hung_master(
+    hung: tuple[ClusterSet, Announced],
+) -> None:
+    """A Cluster map's probes: a view of the data executor (issue 16 goal 1), on its
+    connections, each call ended at probe_deadline as a probe executor of its own did."""
+    took = _view_calls_on_a_hung_master(hung)
+    assert max(took) < 2 * DEADLINE, f"the view's calls took {took} s (deadline {DEADLINE} s)"
+
+
+def test_control_a_view_with_the_executors_deadline_waits_the_socket_timeout(
+    hung: tuple[ClusterSet, Announced], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ClusterExecutor, "within", lambda self, deadline: self)
+    took = _view_calls_on_a_hung_master(hung)
+    assert min(took) >= 1.0, took
+
+
+def _with_no_idle_connection(hung: tuple[ClusterSet, Announced]) -> tuple[list[object], int]:
+    """A partial write once the hung master's connection was lost (it is a suspect) and no
+    master has an idle connection (a probe, a view of the same executor, holds them while it
+    waits out the hung master's handshake): the healthy masters' replies, and the INCR value
+    applied ones read.  The hung master's part comes first in the batch."""
+    cluster, announced = hung
+    theirs, ours = _executor_batch(cluster, announced.node)
+    ex = _topology(cluster).executor(timeout=2.0, deadline=DEADLINE)
+    try:
+        ex.call([("SET", k, 1) for k in theirs + ours], write=True)
+        announced.proxy.blackhole()
+        ex.call([("INCR", k) for k in theirs + ours], write=True, partial=True)  # conn lost
+        ex.close()
+        replies = ex.call([("INCR", k) for k in theirs + ours], write=True, partial=True)
+    finally:
+        announced.proxy.heal()
+        ex.close()
+    return replies[len(theirs) :], 3
+
+
+def test_new_connections_go_to_the_healthy_masters_before_a_suspected_one(
+    hung: tuple[ClusterSet, Announced],
+) -> None:
+    replies, applied = _with_no_idle_connection(hung)
+    assert replies == [applied] * len(replies)
+
+
+def test_control_connecting_in_batch_order_loses_the_healthy_masters_parts(
+    hung: tuple[ClusterSet, Announced], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ClusterTopology, "suspected", lambda self, address: False)
+    replies, _ = _with_no_idle_connection(hung)
+    assert all(isinstance(r, StoreUnavailable) for r in replies), replies
 
 
 async def test_the_async_executor_too_reports_a_hung_master_in_its_place(

@@ -3,7 +3,14 @@
 data connection, not one each, once a call has closed what sat idle ``IDLE_TRIM`` (the pool
 grows with the calls in flight at once, as when a map opens while another probes); closing the
 last map closes the data connection.  The controls give each map an executor of its own again,
-or never trim, and must see more."""
+or never trim, and must see more.
+
+On a Redis Cluster the same holds per master: a map's probes wait at most ``probe_deadline``,
+through a view of the data executor (``within``) on its connections, so ten maps that wrote,
+read and probed hold two connections per master (the subscriber's and one data connection);
+an asyncio map's probes open none beyond its data connections.  The controls probe on an
+executor of their own again (as before: one per process, or per asyncio map) and must see a
+third connection per master, or one more."""
 
 from __future__ import annotations
 
@@ -12,10 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from syncmap import MapConfig, SyncMap
+from syncmap import MapConfig, SyncMap, aio
+from syncmap.aio.engine import AsyncEngine
 from syncmap.embedded import EmbeddedRedis
 from syncmap.store import node
 from syncmap.store import topology as topology_module
+from syncmap.store.clusterexec import AsyncClusterExecutor, ClusterExecutor
+from syncmap.testing.clusternode import ClusterNodeProcess
+from syncmap.testing.clusterset import ClusterSet
 
 MAPS = 10
 CFG = MapConfig(presence=False)
@@ -94,3 +105,105 @@ def test_control_without_trimming_the_pool_keeps_what_it_grew_to(
     finally:
         for m in opened:
             m.close()
+
+
+# ---- a Redis Cluster: at most two connections per master -------------------------------------
+
+
+def per_master(cluster: ClusterSet, masters: list[ClusterNodeProcess]) -> list[int]:
+    """Clients of each master, less the one asking and the replicas' links (flag S)."""
+    counts = []
+    for master in masters:
+        with cluster.node_client(master.addr) as admin:
+            me = admin.client_id()
+            clients = admin.client_list()
+        counts.append(sum(1 for c in clients if int(c["id"]) != me and "S" not in c["flags"]))
+    return counts
+
+
+def cluster_maps_connections(cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Ten maps on a private cluster, each written, read and probed through its prober (every
+    master), the pools then trimmed: the connections they hold on each master.  The cluster's
+    own clients (ClusterSet's kept probes) are counted before and left out; no other client
+    of this process knows this cluster's ports."""
+    masters = cluster.masters()
+    before = per_master(cluster, masters)
+    opened = open_maps(cluster.url)
+    try:
+        for m in opened:
+            m._engine.probe_once(m._engine.prober)
+        monkeypatch.setattr(node, "IDLE_TRIM", 0.0)
+        for m in opened * 3:  # each call closes one idle connection per master it reaches
+            m._engine.probe_once()
+        during = [n - b for n, b in zip(per_master(cluster, masters), before, strict=True)]
+    finally:
+        for m in opened:
+            m.close()
+    after = [n - b for n, b in zip(per_master(cluster, masters), before, strict=True)]
+    assert max(after) <= 1  # the data connections closed with the last map
+    return during
+
+
+def test_ten_idle_cluster_maps_hold_two_connections_per_master(
+    redis_cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counts = cluster_maps_connections(redis_cluster, monkeypatch)
+    assert all(1 <= n <= 2 for n in counts), counts
+
+
+def test_control_probing_on_an_executor_of_its_own_holds_a_third_per_master(
+    redis_cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old way: the probes' executor one per process (topology, timeout, probe_deadline)."""
+    made: list[node.NodeExecutor | ClusterExecutor] = []
+
+    def own(self: ClusterExecutor, deadline: float) -> object:
+        made.append(topology_module.shared_executor(self.topology, self.timeout, deadline))
+        return made[-1]
+
+    monkeypatch.setattr(ClusterExecutor, "within", own)
+    try:
+        counts = cluster_maps_connections(redis_cluster, monkeypatch)
+    finally:
+        for executor in made:
+            executor.close()
+    assert max(counts) >= 3, counts
+
+
+async def async_probe_connections(
+    cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
+) -> list[int]:
+    """The connections one asyncio map (its executor is its own) opens on each master to probe
+    through its prober, once its data executor has probed every master.  Counted as a difference:
+    its feed publishes on a connection of its own besides the subscriber's (feed/aredis_base.py),
+    and its pool, never trimmed, may have grown with its calls in flight at once.  The engine's
+    probe loop is off (it probes through the prober when woken, at any time): this test's
+    probe is the prober's only call."""
+
+    async def no_probe_loop(self: AsyncEngine) -> None:
+        return None
+
+    monkeypatch.setattr(AsyncEngine, "_probe_loop", no_probe_loop)
+    masters = cluster.masters()
+    async with aio.SyncMap("aconn", cluster.url, config=CFG) as m:
+        assert m._engine is not None
+        await m._engine.probe_once()  # the data executor: a connection to every master
+        before = per_master(cluster, masters)
+        await m._engine.probe_once(m._engine.prober)
+        return [n - b for n, b in zip(per_master(cluster, masters), before, strict=True)]
+
+
+async def test_an_async_cluster_map_probes_on_its_data_connections(
+    redis_cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert await async_probe_connections(redis_cluster, monkeypatch) == [0, 0, 0]
+
+
+async def test_control_an_async_map_probing_on_an_executor_of_its_own_opens_more(
+    redis_cluster: ClusterSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def own(self: AsyncClusterExecutor, deadline: float) -> AsyncClusterExecutor:
+        return AsyncClusterExecutor(self.topology, timeout=self.timeout, deadline=deadline)
+
+    monkeypatch.setattr(AsyncClusterExecutor, "within", own)
+    assert await async_probe_connections(redis_cluster, monkeypatch) == [1, 1, 1]

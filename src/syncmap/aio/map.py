@@ -92,9 +92,10 @@ class SyncMap:
         cfg, (url, client, feed) = self.config, self._where
         self._topology: Topology = open_topology(url, client, timeout=cfg.socket_timeout)
         self._executor = self._topology.async_executor(deadline=cfg.call_timeout)
-        # As the thread driver's SyncMap: a Cluster map's probes wait at most probe_deadline.
+        # As the thread driver's SyncMap: a Cluster map's probes wait at most probe_deadline,
+        # on the same connections (a view of the executor).
         cluster = self._topology.kind == "cluster"
-        self._probe_executor = (self._topology.async_executor(deadline=cfg.probe_deadline)
+        self._probe_executor = (self._executor.within(cfg.probe_deadline)
                                 if cluster else self._executor)  # fmt: skip
         layout = await self._open_layout()
         feed_obj, target = await open_async_store_feed(feed, self._topology, layout,
@@ -172,9 +173,7 @@ class SyncMap:
             with self._state.guard:
                 self._core.forget_all()
             self._core, self._entries = _NOT_OPEN, {}
-            await self._executor.aclose()
-            if self._probe_executor is not self._executor:
-                await self._probe_executor.aclose()
+            await self._executor.aclose()  # and its view's (the probes'): the same connections
 
     # ---- reads -------------------------------------------------------------------------------
 

@@ -16,11 +16,18 @@ the topology's :class:`~syncmap.store.endpoint.Endpoint`).  One more case exists
 Connections belong to the event loop that made them: an executor serves one loop.  At most
 ``max_connections`` are open at once (``MAX_CONNECTIONS``): a thousand coroutines missing at once
 queue for a connection instead of opening a thousand.
+
+A view (:meth:`AsyncNodeExecutor.within`: a Cluster map's probes) shares the free list and that
+bound, as ``NodeExecutor.within`` does (node.py says why).  Connections keep the executor's
+socket timeout whoever makes them: a view's connect, handshake, send and reads each wait in an
+``asyncio.timeout`` of what is left of its deadline, which changes no socket's timeout, and a
+reply cut short closes the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
 import time
 from collections.abc import Sequence
@@ -38,7 +45,7 @@ from ..aiotasks import cancel_lost, cancels_requested
 from ..errors import ConfigurationError, StoreUnavailable, WriteOutcomeUnknown
 from . import executor, scripts
 from .executor import Command, noscript, settle
-from .node import NET_ERRORS
+from .node import NET_ERRORS, deadline_name
 
 if TYPE_CHECKING:
     from .topology import Topology
@@ -57,8 +64,20 @@ class AsyncNodeExecutor:
         self.where = topology.where
         self.timeout = timeout
         self.deadline = deadline
-        self._idle: list[tuple[Any, int]] = []
+        self._pool_deadline = deadline  # what the connections are made for (node.py)
+        self._base: AsyncNodeExecutor | None = None  # a view's executor
+        self._short = False  # a view's calls end before its connections' timeout would
+        self._idle: list[tuple[Any, int]] = []  # shared by the views
         self._slots = asyncio.Semaphore(max_connections)  # connections in use or idle, at most
+
+    def within(self, deadline: float) -> AsyncNodeExecutor:
+        """As :meth:`NodeExecutor.within`: the same connections and bound, each call bounded
+        by ``deadline``; its ``aclose()`` closes nothing."""
+        view = copy.copy(self)  # shares _idle and _slots
+        view.deadline = deadline
+        view._base = self._base or self
+        view._short = self._pool_deadline is None or deadline < self._pool_deadline
+        return view
 
     async def call(
         self, commands: Sequence[Command], *, write: bool, partial: bool = False
@@ -69,7 +88,7 @@ class AsyncNodeExecutor:
         not_master, first = settle(replies, self.where, partial=partial)
         if not_master:  # the node refused as a replica would: re-resolve the master
             self.topology.invalidate()
-            await self.aclose()
+            await self._close_idle()
         if first is not None:
             raise first
         return replies
@@ -119,12 +138,17 @@ class AsyncNodeExecutor:
             raise asyncio.CancelledError
         replies: list[Any] = []
         try:
-            if until is not None and until - time.monotonic() <= 0:
+            left = None if until is None else until - time.monotonic()
+            if left is not None and left <= 0:
                 raise StoreUnavailable(
-                    f"the call deadline ({self.deadline} s, MapConfig.call_timeout) passed "
-                    f"before anything was sent to {self.where}; nothing ran: retry later"
+                    f"the call deadline ({deadline_name(self.deadline, self._base is not None)})"
+                    f" passed before anything was sent to {self.where}; nothing ran: retry later"
                 )
-            await conn.send_packed_command([payload], check_health=False)
+            if left is not None and self._short:  # a view's: its deadline, not the socket's
+                async with asyncio.timeout(left):
+                    await conn.send_packed_command([payload], check_health=False)
+            else:
+                await conn.send_packed_command([payload], check_health=False)
             if cancel_lost(cancels):  # sent, maybe applied: a cancel mid-call (below)
                 raise asyncio.CancelledError
             extra = executor.wait_allowance(commands) if until is None else 0.0
@@ -197,8 +221,9 @@ class AsyncNodeExecutor:
             endpoint = await asyncio.to_thread(self.topology.endpoint)
         timeout = endpoint.socket_timeout if endpoint.socket_timeout is not None else self.timeout
         connect_timeout = None
-        if self.deadline is not None:
-            timeout = self.deadline if timeout is None else min(timeout, self.deadline)
+        pool = self._pool_deadline  # not a view's: the connection serves every call after
+        if pool is not None:
+            timeout = pool if timeout is None else min(timeout, pool)
         if until is not None:
             connect_timeout = max(until - time.monotonic(), 0.001)
         conn = endpoint.async_connection(timeout=timeout, connect_timeout=connect_timeout)
@@ -229,7 +254,12 @@ class AsyncNodeExecutor:
         return conn
 
     async def aclose(self) -> None:
-        """Disconnect the idle connections this executor opened."""
+        """Disconnect the idle connections this executor opened; a view's does nothing (the
+        connections are its executor's)."""
+        if self._base is None:
+            await self._close_idle()
+
+    async def _close_idle(self) -> None:
         while self._idle:
             conn, _ = self._idle.pop()
             await conn.disconnect()

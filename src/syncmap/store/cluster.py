@@ -47,7 +47,7 @@ from .endpoint import (
     tls_from_query,
     url_query,
 )
-from .executor import AsyncExecutor, Executor
+from .executor import AsyncPooledExecutor, PooledExecutor
 from .slotmap import SLOTS, read_slot_map
 from .topology import Interned, Listener, NodeExecutors, shared_executor
 
@@ -158,20 +158,26 @@ class ClusterTopology:
             if suspect is not None:
                 self._suspects.add(suspect)
 
+    def suspected(self, address: str) -> bool:
+        """Whether a connection to ``address`` failed and it has not answered a slot-map read
+        since (a hung or lost master)."""
+        with self._lock:
+            return address in self._suspects
+
     def executor(self, *, timeout: float | None = None,
-                 deadline: float | None = None) -> Executor:  # fmt: skip
+                 deadline: float | None = None) -> PooledExecutor:  # fmt: skip
         from .clusterexec import ClusterExecutor  # noqa: PLC0415 - it imports this module
 
         return ClusterExecutor(self, timeout=timeout, deadline=deadline)
 
     def async_executor(self, *, timeout: float | None = None,
-                       deadline: float | None = None) -> AsyncExecutor:  # fmt: skip
+                       deadline: float | None = None) -> AsyncPooledExecutor:  # fmt: skip
         from .clusterexec import AsyncClusterExecutor  # noqa: PLC0415
 
         return AsyncClusterExecutor(self, timeout=timeout, deadline=deadline)
 
     def shared_executor(self, timeout: float | None = None,
-                        deadline: float | None = None) -> Executor:  # fmt: skip
+                        deadline: float | None = None) -> PooledExecutor:  # fmt: skip
         return shared_executor(self, timeout, deadline)
 
     def on_change(self, listener: Listener) -> None:

@@ -45,11 +45,16 @@ The contract is ``executor.py``'s, kept across nodes.  One call goes like this:
    sends first to the masters it has an idle connection to (a new connection's connect and
    handshake would wait on a hung master before anything else is sent), and a reply that has
    already arrived is read even once the call's deadline has passed (``node._read_until``).
+
+A view (``within(deadline)``, a Cluster map's probes) routes as its executor does, on its
+per-master executors' connections: each of its masters' executors is a view of the executor's
+own (``NodeExecutor.within``), so a process holds one data connection per master, not two.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -289,14 +294,29 @@ class ClusterExecutor:
         self.where = topology.where
         self.timeout = timeout
         self.deadline = deadline
+        self._base: ClusterExecutor | None = None  # a view's executor
         self._nodes: dict[str, NodeExecutor] = {}
+
+    def within(self, deadline: float) -> ClusterExecutor:
+        """A view: this executor's connections, each call bounded by ``deadline`` (module
+        docstring).  Its ``close()`` closes nothing."""
+        view = copy.copy(self)
+        view.deadline = deadline
+        view._base = self._base or self
+        view._nodes = {}  # views of the executor's own, made as needed (_node)
+        return view
 
     def _node(self, address: str) -> NodeExecutor:
         node = self._nodes.get(address)
         if node is None:
-            node = self._nodes[address] = NodeExecutor(
-                self.topology.node(address), timeout=self.timeout, deadline=self.deadline
-            )
+            if self._base is not None:
+                assert self.deadline is not None  # within() takes a float
+                node = self._base._node(address).within(self.deadline)
+            else:
+                node = NodeExecutor(
+                    self.topology.node(address), timeout=self.timeout, deadline=self.deadline
+                )
+            self._nodes[address] = node
         return node
 
     def call(self, commands: Sequence[Command], *, write: bool, partial: bool = False) -> list[Any]:
@@ -323,16 +343,27 @@ class ClusterExecutor:
         ``WriteOutcomeUnknown`` (it may have run) its master gave, for :func:`_route`.
 
         Sent first: the masters with an idle connection; those that need a new one (connect
-        and handshake, both of which a hung master makes wait up to the deadline) after.  Order
-        this prevents: a hung master's connection fails a call and is dropped; every later call
-        connects to it first, waits out the deadline in its handshake, and then finds the
-        deadline passed before it could send anything to the healthy masters.
+        and handshake, both of which a hung master makes wait up to the deadline) after, the
+        suspected ones (a connection to them failed: ``ClusterTopology.suspected``) last.
+        Order this prevents: a hung master's connection fails a call and is dropped; every
+        later call connects to it first, waits out the deadline in its handshake, and then
+        finds the deadline passed before it could send anything to the healthy masters.  The
+        healthy masters may need a new connection too: a probe (a view sharing this
+        executor's connections) holds theirs, sent on and not yet read, while it waits out the
+        hung master's handshake; a write then connected to the hung master first, found the
+        deadline passed, and applied none of its parts.
 
         Any other failure (``ConfigurationError``) is raised, but only once every pipeline
         already sent has been read: no connection is left with replies in flight, and nothing
         more is sent after it (as when the pipelines went one by one)."""
         nodes = [self._node(group.address) for group in groups]
-        order = sorted(range(len(groups)), key=lambda i: not nodes[i].ready)  # stable
+
+        def first(i: int) -> int:
+            if nodes[i].ready:
+                return 0
+            return 2 if self.topology.suspected(groups[i].address) else 1
+
+        order = sorted(range(len(groups)), key=first)  # stable
         sent: dict[int, Sent | StoreUnavailable] = {}
         error: Exception | None = None
         for i in order:
@@ -359,8 +390,10 @@ class ClusterExecutor:
         return [out[i] for i in range(len(groups))]
 
     def close(self) -> None:
-        for node in list(self._nodes.values()):
-            node.close()
+        """Close the idle connections; a view's does nothing (they are its executor's)."""
+        if self._base is None:
+            for node in list(self._nodes.values()):
+                node.close()
 
 
 class AsyncClusterExecutor:
@@ -375,14 +408,27 @@ class AsyncClusterExecutor:
         self.where = topology.where
         self.timeout = timeout
         self.deadline = deadline
+        self._base: AsyncClusterExecutor | None = None  # a view's executor
         self._nodes: dict[str, Any] = {}
+
+    def within(self, deadline: float) -> AsyncClusterExecutor:
+        """As :meth:`ClusterExecutor.within`."""
+        view = copy.copy(self)
+        view.deadline = deadline
+        view._base = self._base or self
+        view._nodes = {}
+        return view
 
     def _node(self, address: str) -> Any:
         node = self._nodes.get(address)
         if node is None:
-            node = self._nodes[address] = self._make(
-                self.topology.node(address), timeout=self.timeout, deadline=self.deadline
-            )
+            if self._base is not None:
+                node = self._base._node(address).within(self.deadline)
+            else:
+                node = self._make(
+                    self.topology.node(address), timeout=self.timeout, deadline=self.deadline
+                )
+            self._nodes[address] = node
         return node
 
     async def _groups(self, routing: Routing) -> list[Group]:
@@ -431,5 +477,7 @@ class AsyncClusterExecutor:
         )
 
     async def aclose(self) -> None:
-        for node in list(self._nodes.values()):
-            await node.aclose()
+        """As :meth:`ClusterExecutor.close`."""
+        if self._base is None:
+            for node in list(self._nodes.values()):
+                await node.aclose()

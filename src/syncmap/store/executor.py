@@ -64,6 +64,19 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+class PooledExecutor(Executor, Protocol):
+    """An executor with connections of its own (the executors of node.py and clusterexec.py).
+
+    ``within(deadline)`` is a *view* of it: the same connections, each call of the view bounded
+    by ``deadline`` instead (a Cluster map's probes: ``MapConfig.probe_deadline``).  A view
+    keeps this contract, and leaves every connection as a call of the executor would: at its
+    full socket timeout (a shorter one set for a view's handshake or send is put back), or
+    closed (a reply the deadline cut short is never left to the next call).  Its ``close()``
+    closes nothing: the connections are the executor's."""
+
+    def within(self, deadline: float) -> Executor: ...
+
+
 class AsyncExecutor(Protocol):
     """The asyncio twin of :class:`Executor`: the same contract, awaited."""
 
@@ -74,6 +87,12 @@ class AsyncExecutor(Protocol):
     ) -> list[Any]: ...
 
     async def aclose(self) -> None: ...
+
+
+class AsyncPooledExecutor(AsyncExecutor, Protocol):
+    """The asyncio twin of :class:`PooledExecutor`."""
+
+    def within(self, deadline: float) -> AsyncExecutor: ...
 
 
 SHAS = scripts.SHAS

@@ -18,10 +18,22 @@ is no longer the master: nothing ran), calls ``topology.invalidate()``: the next
 re-resolves the master (Sentinel).  Every idle connection remembers the topology ``generation``
 it was made in; one made for an older generation is dropped at checkout, so after a failover no
 call goes to the old master over a connection kept from before.
+
+Views (:meth:`NodeExecutor.within`).  A Cluster map's probes wait at most
+``MapConfig.probe_deadline``, shorter than its data calls may (``MapConfig.probe_deadline``
+says why), on the same connections (issue 16 goal 1: a second executor was a third connection
+per process and master).  Connections are made for the executor's own calls: their socket
+timeout is the executor's, whoever connects.  A view's call bounds what it waits for by what is
+left of its deadline: the connect (its timeout), the handshake and the send (the socket's
+timeout set to what is left, and put back before the connection serves anything else: a data
+call after it must not time out at a probe's deadline), and every reply (``_read_until``: a
+per-read timeout, which redis-py puts back itself).  A reply the deadline cut short closes the
+connection (``_failed``), never returned to the free list with the reply still to come.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +63,14 @@ NET_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 IDLE_TRIM = 5.0
 """Seconds an idle connection beyond the most recent one may sit unused before a call closes it
 (:meth:`NodeExecutor._trim`): an idle process keeps one data connection per executor."""
+RETIMEABLE = hasattr(Connection, "update_current_socket_timeout")
+"""Whether redis-py can change a connected socket's timeout and put it back (the redis-py releases
+with maintenance notifications; ``tests/integration/test_executor_views.py`` checks it does):
+a view's handshake and send then wait only what is left of its deadline on a connection that
+keeps the full timeout.  Older: a connection a view makes is used for that call alone."""
+SINGLE_USE = -1
+"""The generation of a connection that must not be kept (made by a view on an older redis-py,
+its socket timeout the view's): closed after its call, never idle."""
 
 
 @dataclass(slots=True)
@@ -79,14 +99,31 @@ class NodeExecutor:
         self.where = topology.where
         self.timeout = timeout
         self.deadline = deadline
-        # (connection, the generation it was made in, when it went idle), most recent last
+        # The deadline the connections are made for (it caps their socket timeout): this
+        # executor's own, in its views too.  A view's calls end sooner (``_short``).
+        self._pool_deadline = deadline
+        self._base: NodeExecutor | None = None  # a view's executor (whose connections it uses)
+        self._short = False
+        # (connection, the generation it was made in, when it went idle), most recent last;
+        # one list, shared by the views
         self._idle: list[tuple[Any, int, float]] = []
         forksafe.register(self)
 
     def _after_fork_in_child(self) -> None:
         # The idle connections are the parent's sockets too: forget them without a shutdown
         # (redis-py closes only this process's copy of a connection made by another pid).
-        self._idle = []
+        # Emptied in place: the views hold the same list.
+        self._idle.clear()
+
+    def within(self, deadline: float) -> NodeExecutor:
+        """A view of this executor: the same connections (one free list, one pool), each call
+        bounded by ``deadline`` (the module docstring says how).  Its ``close()`` closes
+        nothing; closing this executor closes the connections."""
+        view = copy.copy(self)  # shares _idle: the same list object
+        view.deadline = deadline
+        view._base = self._base or self
+        view._short = self._pool_deadline is None or deadline < self._pool_deadline
+        return view
 
     evalsha = staticmethod(evalsha)
 
@@ -162,7 +199,7 @@ class NodeExecutor:
     def _not_master(self) -> None:
         """The node refused as a replica would: drop our connections, re-resolve the master."""
         self.topology.invalidate()
-        self.close()
+        self._close_idle()
 
     def _roundtrip(
         self, commands: Sequence[Command], *, write: bool, until: float | None = None
@@ -188,15 +225,33 @@ class NodeExecutor:
         payload = b"".join(hiredis.pack_command(c) for c in commands)  # before taking a conn
         conn, generation = self._checkout(until)
         try:
-            if until is not None:
-                self._check_deadline(until)
-            conn.send_packed_command([payload], check_health=False)
+            if until is None:
+                conn.send_packed_command([payload], check_health=False)
+            else:
+                left = self._check_deadline(until)
+                if self._short and RETIMEABLE:
+                    self._send_within(conn, payload, left)
+                else:
+                    conn.send_packed_command([payload], check_health=False)
         except StoreUnavailable:
-            self._idle.append((conn, generation, time.monotonic()))  # nothing sent: in step
+            self._release(conn, generation)  # nothing sent: in step
             raise
         except BaseException as exc:
             self._failed(conn, exc, write=write)
         return conn, generation
+
+    @staticmethod
+    def _send_within(conn: Any, payload: bytes, left: float) -> None:
+        """A view's send: the socket waits at most ``left`` (not the connection's timeout) to
+        take the pipeline, then its own timeout is put back, before any reply is read (reads
+        pass their own timeout, and restore the socket's to the value redis-py keeps, which
+        ``-1`` puts back too).  A send cut short closes the connection (``_failed``)."""
+        full = conn.socket_timeout
+        conn.update_current_socket_timeout(left if full is None else min(left, full))
+        try:
+            conn.send_packed_command([payload], check_health=False)
+        finally:
+            conn.update_current_socket_timeout(-1)  # -1: conn.socket_timeout
 
     def _receive(self, conn: Any, generation: int, commands: Sequence[Command], *, write: bool,
                  until: float | None) -> list[Any]:  # fmt: skip
@@ -222,8 +277,16 @@ class NodeExecutor:
                 self._read_until(conn, count, until, replies)
         except BaseException as exc:
             self._failed(conn, exc, write=write)
-        self._idle.append((conn, generation, time.monotonic()))
+        self._release(conn, generation)
         return replies
+
+    def _release(self, conn: Any, generation: int) -> None:
+        """A connection in step (every reply read, or nothing sent) goes back idle; one made
+        for a single call (``SINGLE_USE``) is closed."""
+        if generation == SINGLE_USE:
+            conn.disconnect()
+        else:
+            self._idle.append((conn, generation, time.monotonic()))
 
     def _failed(self, conn: Any, exc: BaseException, *, write: bool) -> NoReturn:
         """A connection failed while sending or reading: what that means (module docstring)."""
@@ -262,13 +325,16 @@ class NodeExecutor:
             except ResponseError as exc:
                 replies.append(exc)
 
-    def _check_deadline(self, until: float) -> None:
-        """``StoreUnavailable`` if ``until`` passed already (nothing has been sent yet)."""
-        if until - time.monotonic() <= 0:
+    def _check_deadline(self, until: float) -> float:
+        """What is left until ``until``; ``StoreUnavailable`` if it passed already (nothing
+        has been sent yet)."""
+        left = until - time.monotonic()
+        if left <= 0:
             raise StoreUnavailable(
-                f"the call deadline ({self.deadline} s, MapConfig.call_timeout) passed before "
-                f"anything was sent to {self.where}; nothing ran: retry later"
+                f"the call deadline ({deadline_name(self.deadline, self._base is not None)}) "
+                f"passed before anything was sent to {self.where}; nothing ran: retry later"
             )
+        return left
 
     def _checkout(self, until: float | None = None) -> tuple[Any, int]:
         """An idle connection of the current generation that is still alive, or a new one.
@@ -293,7 +359,8 @@ class NodeExecutor:
                 except (*NET_ERRORS, RedisError):
                     pass
             conn.disconnect()
-        return self._connect(until), generation
+        conn, keep = self._connect(until)
+        return conn, generation if keep else SINGLE_USE
 
     def _trim(self) -> None:
         """Called with a connection in hand: close the least recently used idle one if it sat
@@ -315,22 +382,27 @@ class NodeExecutor:
                 return
             entry[0].disconnect()
 
-    def _connect(self, until: float | None) -> Any:
-        """A new connection to the node the topology names now (resolved here if need be)."""
+    def _connect(self, until: float | None) -> tuple[Any, bool]:
+        """A new connection to the node the topology names now (resolved here if need be), and
+        whether it may be kept for later calls (its socket timeout the full one)."""
         endpoint = self.topology.endpoint()
         timeout = endpoint.socket_timeout if endpoint.socket_timeout is not None else self.timeout
         connect_timeout = None
-        if self.deadline is not None:
-            timeout = self.deadline if timeout is None else min(timeout, self.deadline)
+        pool = self._pool_deadline  # not a view's: the connection serves every call after
+        if pool is not None:
+            timeout = pool if timeout is None else min(timeout, pool)
         handshake = timeout
         if until is not None:  # connect, and shake hands, within what is left of the deadline
             connect_timeout = max(until - time.monotonic(), 0.001)
-            if hasattr(Connection, "update_current_socket_timeout"):  # older redis-py: as before
+            # Older redis-py cannot put the timeout back: as before for the executor's own
+            # calls (a handshake waits up to the full timeout), and a view's connection,
+            # shortened, serves its call alone (SINGLE_USE).
+            if RETIMEABLE or self._short:
                 handshake = connect_timeout if timeout is None else min(timeout, connect_timeout)
         conn = endpoint.connection(timeout=handshake, connect_timeout=connect_timeout)
         try:
             conn.connect()
-            if handshake != timeout:
+            if handshake != timeout and RETIMEABLE:
                 # The handshake (CLIENT SETINFO, AUTH, SELECT: replies read with the socket
                 # timeout) waited at most what was left of the call's deadline; the connection
                 # keeps the full timeout for its later calls.  Order this prevents: a Cluster
@@ -353,17 +425,27 @@ class NodeExecutor:
             ) from exc
         except RedisError as exc:  # refused while connecting: DB out of range, ACL on SELECT
             raise ConfigurationError(f"{self.where} refused the connection: {exc}") from exc
-        return conn
+        return conn, handshake == timeout or RETIMEABLE
 
     def _at(self, endpoint: Endpoint) -> str:
         """Where, with the node's address when the topology's name does not tell it."""
         return self.where if endpoint.where == self.where else f"{self.where} ({endpoint.address})"
 
     def close(self) -> None:
-        """Disconnect the idle connections this executor opened."""
+        """Disconnect the idle connections this executor opened; a view's does nothing (the
+        connections are its executor's, which other callers use)."""
+        if self._base is None:
+            self._close_idle()
+
+    def _close_idle(self) -> None:
         while self._idle:
             try:
                 conn, _, _ = self._idle.pop()
             except IndexError:
                 return
             conn.disconnect()
+
+
+def deadline_name(deadline: float | None, view: bool) -> str:
+    """For messages: ``0.25 s, MapConfig.call_timeout``; a view's deadline is a probe's."""
+    return f"{deadline} s, MapConfig.{'probe_deadline' if view else 'call_timeout'}"

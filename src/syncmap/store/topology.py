@@ -44,7 +44,7 @@ from .. import forksafe
 from ..errors import ConfigurationError
 from .anode import AsyncNodeExecutor
 from .endpoint import Endpoint, bad_url
-from .executor import AsyncExecutor, Executor
+from .executor import AsyncPooledExecutor, PooledExecutor
 from .node import NodeExecutor
 
 Listener = Callable[[], None]
@@ -74,13 +74,13 @@ class Topology(Protocol):
     def invalidate(self) -> None: ...
 
     def executor(self, *, timeout: float | None = None, deadline: float | None = None
-                 ) -> Executor: ...  # fmt: skip
+                 ) -> PooledExecutor: ...  # fmt: skip
 
     def shared_executor(self, timeout: float | None = None, deadline: float | None = None
-                        ) -> Executor: ...  # fmt: skip
+                        ) -> PooledExecutor: ...  # fmt: skip
 
     def async_executor(self, *, timeout: float | None = None, deadline: float | None = None
-                       ) -> AsyncExecutor: ...  # fmt: skip
+                       ) -> AsyncPooledExecutor: ...  # fmt: skip
 
     def on_change(self, listener: Listener) -> None: ...
 
@@ -92,15 +92,15 @@ class NodeExecutors:
     ask it for the node's endpoint when they connect."""
 
     def executor(self: Topology, *, timeout: float | None = None,
-                 deadline: float | None = None) -> Executor:  # fmt: skip
+                 deadline: float | None = None) -> PooledExecutor:  # fmt: skip
         return NodeExecutor(self, timeout=timeout, deadline=deadline)
 
     def async_executor(self: Topology, *, timeout: float | None = None,
-                       deadline: float | None = None) -> AsyncExecutor:  # fmt: skip
+                       deadline: float | None = None) -> AsyncPooledExecutor:  # fmt: skip
         return AsyncNodeExecutor(self, timeout=timeout, deadline=deadline)
 
     def shared_executor(self: Topology, timeout: float | None = None,
-                        deadline: float | None = None) -> Executor:  # fmt: skip
+                        deadline: float | None = None) -> PooledExecutor:  # fmt: skip
         return shared_executor(self, timeout, deadline)
 
 
@@ -140,7 +140,7 @@ class Standalone(NodeExecutors):
 
 # ---- shared executors ------------------------------------------------------------------------
 
-_shared: dict[tuple[Any, ...], Executor] = {}
+_shared: dict[tuple[Any, ...], PooledExecutor] = {}
 _shared_lock = threading.Lock()
 
 
@@ -154,7 +154,7 @@ _users: dict[tuple[Any, ...], int] = {}
 
 
 def shared_executor(topology: Topology, timeout: float | None = None,
-                    deadline: float | None = None) -> Executor:  # fmt: skip
+                    deadline: float | None = None) -> PooledExecutor:  # fmt: skip
     """One executor (one small pool of connections) per topology, timeout and call deadline in
     this process.
 
@@ -165,7 +165,7 @@ def shared_executor(topology: Topology, timeout: float | None = None,
 
 
 def use_executor(topology: Topology, timeout: float | None, deadline: float | None
-                 ) -> Executor:  # fmt: skip
+                 ) -> PooledExecutor:  # fmt: skip
     """:func:`shared_executor`, counted: a map takes it at open and gives it back at close
     (:func:`done_with_executor`), and the last map to give it back closes its idle connections,
     as a map's own executor was closed with it.  Its pool grows only with the calls in flight at
@@ -175,7 +175,7 @@ def use_executor(topology: Topology, timeout: float | None, deadline: float | No
 
 
 def _shared_executor(topology: Topology, timeout: float | None, deadline: float | None, *,
-                     users: int) -> Executor:  # fmt: skip
+                     users: int) -> PooledExecutor:  # fmt: skip
     key = (topology.key, timeout, deadline)
     with _shared_lock:
         executor = _shared.get(key)
