@@ -16,7 +16,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import instruments
 from .core.nearcache import Event, NearCache
@@ -32,6 +32,9 @@ from .errors import CorruptData
 from .flows.state import MapState
 from .ratelog import RateLimitedLog
 from .store.commands import ProbeResult
+
+if TYPE_CHECKING:
+    from .leasing import Leasing
 
 log = logging.getLogger("syncmap")
 
@@ -55,6 +58,7 @@ class FeedLogic(ABC):
     """The driver-independent half of a map's background work (see the module docstring)."""
 
     events: Any  # the driver's fan-out: ``wanted`` and ``emit(event)``
+    leasing: Leasing | None  # PING leases (leasing.py), or None: set by the driver's engine
 
     def __init__(self, state: MapState, interval: float, topic: str,
                  keys: tuple[bytes, ...]) -> None:  # fmt: skip

@@ -95,7 +95,14 @@ class Leasing:
         first of them makes the map busy (:meth:`demand`)."""
         self.current = Lease(self.prefix, self.interval, self.on_vouch, self.on_touched,
                              pong=pong, idle_every=self._idle_every)  # fmt: skip
+        if self.idles:
+            self._core().idle_after = self.current.busy_until  # idle until a first read
         return self.current
+
+    def idle(self, now: float) -> bool:
+        """The map is idle at ``now`` (no read for IDLE_AFTER x Δ; never if it cannot idle)."""
+        lease = self.current
+        return self.idles and lease is not None and now >= lease.busy_until
 
     def demand(self, now: float) -> None:
         """A read passed the map's slow path at ``now`` (on a reading thread): the map is busy
@@ -114,6 +121,7 @@ class Leasing:
         if idle:
             lease.busy_since = now
         lease.busy_until = now + self._idle_after  # before the wake: readers read it then
+        self._core().idle_after = lease.busy_until  # a float: the timer reads it under the guard
         if idle:
             for wake in list(lease.wakers):
                 wake()

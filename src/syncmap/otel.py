@@ -219,7 +219,8 @@ class Instrumentation:
         self.meter.create_observable_gauge(
             "syncmap.cache.freshness", unit="s",
             description="Seconds since the map's least recently confirmed bucket was confirmed "
-            "by a probe; past max_staleness that bucket is not served, or only flagged stale",
+            "by a probe or a PING; past max_staleness that bucket is not served, or only flagged "
+            "stale.  Not reported while the map is idle (no read for 5 max_staleness)",
             callbacks=[self._observe(self._freshness, total=False)],
         )  # fmt: skip
 
@@ -229,6 +230,9 @@ class Instrumentation:
         confirmed = min((b.confirmed_at for b in engine.core.buckets), default=-INF)
         if confirmed == -INF:  # a bucket never confirmed: not started (a forked child)
             return []
+        leasing = engine.leasing
+        if leasing is not None and leasing.idle(time.monotonic()):
+            return []  # nothing is read: its leases lapse between PINGs by design (leasing.py)
         return [({}, max(0.0, time.monotonic() - confirmed))]
 
     def _register_lock_counters(self) -> None:

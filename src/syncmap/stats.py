@@ -38,6 +38,9 @@ class Statistics:
     """Stored entries that did not decode, left out by ``preload()`` or ``skip_corrupt=True``."""
     forged_messages: int = 0
     """Change messages dropped for want of a valid signature (a map with ``signing_key``)."""
+    idle_lapses: int = 0
+    """Bucket leases that lapsed while the map was idle (no read for 5 Δ: leasing.py); by design,
+    unlike ``lease_lapses``."""
     digest_mismatches: int = 0
     """Buckets restarted because the store's digest chain differed from the messages applied."""
     stale_reads: int = 0
@@ -105,7 +108,7 @@ def statistics_of(core: NearCache, events_dropped: int, *, exact: bool = True) -
         resyncs=c.resyncs, entries=core.values_cached(), absent=core.absent,
         absent_fills=c.absent_fills, evictions=c.evictions,
         expirations=c.expirations, gaps=c.gaps, epoch_changes=c.epoch_changes,
-        lost_detected=c.lost_detected, lease_lapses=c.lease_lapses,
+        lost_detected=c.lost_detected, lease_lapses=c.lease_lapses, idle_lapses=c.idle_lapses,
         fills_rejected=c.fills_rejected, messages=c.messages,
         corrupt_messages=c.corrupt_messages, events_dropped=events_dropped,
         gap_overflows=c.gap_overflows, corrupt_entries=c.corrupt_entries,

@@ -298,6 +298,7 @@ class Counters:
     epoch_changes: int = 0
     lost_detected: int = 0
     lease_lapses: int = 0
+    idle_lapses: int = 0  # lapses while the map was idle (leasing.py): by design, not trouble
     evictions: int = 0
     expirations: int = 0
     fills_rejected: int = 0
@@ -401,6 +402,9 @@ class NearCache:
         """Every cached entry may be served until then (earliest lease or TTL deadline, less
         ``margin``; -inf while a bucket is stale or held)."""
         self.check_at = INF
+        self.idle_after = INF
+        """When the map goes idle (``Leasing.demand`` keeps it; INF: never): a lease that
+        lapses after it is counted in ``idle_lapses``, not ``lease_lapses``."""
         """When the sync map's slow path next lets the feed's thread run (``SyncMap`` sets it,
         :meth:`recheck`; docs/design.md, "CPU-bound readers").  +inf: never (the default)."""
         self.valid_until = -INF
@@ -1135,7 +1139,10 @@ class NearCache:
                 self.counters.expirations += 1
         for i, b in enumerate(self.buckets):
             if b.lease_until not in (-INF, INF) and now >= b.lease_until - self.margin:
-                self.counters.lease_lapses += 1
+                if now >= self.idle_after:
+                    self.counters.idle_lapses += 1
+                else:
+                    self.counters.lease_lapses += 1
                 b.lease_until = -INF
                 if self._keeps_stale(b):
                     bound = self.guards.stale_bound
