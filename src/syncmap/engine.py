@@ -1,31 +1,39 @@
 """The background half of a map: feed handling, sequence probes, the lease timer, event delivery.
 
-Threads (all owned by the map, stopped by ``close()``, failures re-raised on the next call):
+Where its work runs (started by the map, stopped by ``close()``, failures re-raised on the map's
+next call):
 
 * the feed's thread (for Redis pub/sub, the process's shared subscriber) calls
   :meth:`Engine.on_feed_message` / ``_up`` / ``_down``;
-* ``syncmap-probe``: every ``max_staleness / 4`` reads every bucket's (epoch, seq) in one round trip
-  (the same call reaps due TTL expiries) and renews the buckets' leases;
-  The same thread takes part in refreshing the presence records (``syncmap top``) of the
-  process's maps on this store (``presence.Board``): one pipelined round trip per process every
-  ``presence_interval``, made by whichever map's probe thread finds it due first; failures ignored;
-* ``syncmap-timer``: wakes at the next lease or TTL deadline and drops what is due, and frees the
-  entries of a large flushed bucket a chunk at a time (``NearCache.sweep``).  It is separate
+* the map's *probe turn*: every ``max_staleness / 4`` reads every bucket's (epoch, seq) in one
+  round trip (the same call reaps due TTL expiries) and renews the buckets' leases (with PING
+  leases it may skip: ``Leasing.may_skip``).  It takes part in refreshing the presence records
+  (``syncmap top``) of the process's maps on this store (``presence.Board``): one pipelined
+  round trip per process every ``presence_interval``, made by whichever map's probe turn finds it
+  due first; failures ignored;
+* the map's *timer turn*: runs at the next lease or TTL deadline and drops what is due, and frees
+  the entries of a large flushed bucket a chunk at a time (``NearCache.sweep``).  It is separate
   from the probe so a hung probe (a stalled socket) cannot keep an expired lease alive;
-* ``syncmap-events`` (started by the first ``subscribe``/``watch``): runs user callbacks, so a slow
-  callback never delays invalidations.
+* ``syncmap-events`` (started by the first ``subscribe``): runs user callbacks, so a slow callback
+  never delays invalidations.
+
+The turns of every map in the process run on the process's scheduler (``schedule.py``): one
+``syncmap-timer`` thread runs every timer turn and never a probe, ``syncmap-probe`` runs the probe
+turns (with spares while probes stall), so the threads do not grow with the number of maps
+(issue 16).  A map registers its two turns when it starts and removes them when it closes.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from . import instruments, presence
+from . import instruments, presence, schedule
 from .changes import FeedLogic
 from .core.nearcache import Event
 from .errors import FeedError, SyncMapError
@@ -42,6 +50,10 @@ log = logging.getLogger("syncmap")
 REPAIR_EVERY = 0.5
 """A repair probe (after an unusable change message) at most once per this much of the probe
 interval: a flood of garbage on the channel cannot turn every message into a probe."""
+GUARD_WAIT = 0.002
+"""Seconds a timer turn waits for its map's guard before it lets the other maps' timer turns go
+first (it is due again at once): a guard held long (a bucket of a large ``preload`` installed
+under it) must not hold up the shared clock, where every map's expired leases are dropped."""
 
 
 class Engine(FeedLogic):
@@ -63,12 +75,14 @@ class Engine(FeedLogic):
         # baseline probe at start takes ``executor``, with the whole call deadline.
         self.prober = prober or executor
         self._closed = threading.Event()
-        self._probe_now = threading.Event()
-        self._timer_wake = threading.Condition()
-        self._timer_dirty = False
+        self._scheduler = schedule.process()
+        # The probe and timer turns start() registers; a new pair once removed (a turn removed
+        # after remove()'s wait may still be running: it is never registered again).  A wake
+        # before start() is kept for the first turn, as a set Event was for a new thread.
+        self._probe, self._timer = self._new_turns()
+        self._next_probe = 0.0
         self._feed_up = threading.Event()
         self.events = Fanout(feed.topic)
-        self._threads: list[threading.Thread] = []
         self._subscription: Subscription | None = None
         self._presence: presence.Member | None = None
         self._board: presence.Board | None = None
@@ -81,7 +95,7 @@ class Engine(FeedLogic):
     # ---- the hooks of FeedLogic (changes.py) ----------------------------------------------
 
     def wake_probe(self) -> None:
-        self._probe_now.set()
+        self._scheduler.wake(self._probe)
 
     def signal_up(self) -> None:
         self._feed_up.set()
@@ -108,7 +122,7 @@ class Engine(FeedLogic):
     # ---- start and stop ----------------------------------------------------------------------
 
     def start(self, self_check_timeout: float) -> None:
-        """Subscribe, check a message really arrives, take the baseline probe, start threads.
+        """Subscribe, check a message really arrives, take the baseline probe, register the turns.
 
         Order: subscribe (a durable feed starts after its newest message, recorded before
         ``subscribe`` returns) -> confirmed -> ping round trip -> baseline probe.  A write
@@ -138,34 +152,31 @@ class Engine(FeedLogic):
             self._board = presence.board(self._presence_store)
             self._board.join(self._presence)
         self._refresh_presence()
-        for name, target in (("probe", self._probe_loop), ("timer", self._timer_loop)):
-            t = threading.Thread(target=target, name=f"syncmap-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._schedule()
         self.events.start()  # subscribed before a fork: the child's events need a thread too
 
     def forked(self) -> None:
         """In a forked child (``forksafe``), before ``fork()`` returns there: start over.
 
-        Only the forking thread exists in the child; the probe, timer and event threads, the
+        Only the forking thread exists in the child; the scheduler's and the event threads, the
         feed's subscription and any lock one of them held at the fork were the parent's.  So:
-        fresh locks and events (never acquire the inherited ones), no threads, no subscription,
-        the map's new empty core, and ``needs_start`` so the map's first use in the child runs
-        :meth:`start` with a feed of its own.  The old feed object is dropped, not closed: its
-        sockets and threads serve the parent.  ``watch()`` iterators end (their consumers are
-        the parent's threads); ``subscribe`` callbacks stay and are called in the child too.
+        fresh locks and events (never acquire the inherited ones), no turns (the scheduler
+        forgot the parent's: ``schedule.py``), no subscription, the map's new empty core, and
+        ``needs_start`` so the map's first use in the child runs :meth:`start` with a feed of
+        its own, which registers new turns with the child's scheduler.  The old feed object is
+        dropped, not closed: its sockets and threads serve the parent.  ``watch()`` iterators
+        end (their consumers are the parent's threads); ``subscribe`` callbacks stay and are
+        called in the child too.
         """
         self.start_lock = threading.Lock()
         closed, self._closed = self._closed.is_set(), threading.Event()
         if closed:
             self._closed.set()
-        self._probe_now = threading.Event()
-        self._timer_wake = threading.Condition()
-        self._timer_dirty = False
+        # Never touch the scheduler here: it forgets the parent's turns itself (schedule.py).
+        self._probe, self._timer = self._new_turns()
         self.pings = {}
         self._feed_up = threading.Event()
         self.events.forked()
-        self._threads = []
         self._subscription = None
         self.error = None
         self._board = None  # the parent's; the child's start() joins the child's board
@@ -177,13 +188,13 @@ class Engine(FeedLogic):
 
     def restart(self, feed: Feed, self_check_timeout: float) -> None:
         """The first use in a forked child: subscribe with the child's own ``feed``, probe,
-        start the threads (:meth:`start`).  Callers hold ``start_lock``."""
+        register the turns (:meth:`start`).  Callers hold ``start_lock``."""
         self.feed = feed
         try:
             self.start(self_check_timeout)
         except BaseException:
             self._closed.set()  # stop what start() began; the next call starts again
-            self._stop_threads()
+            self._stop_background()
             self._closed.clear()
             raise
         self.needs_start = False
@@ -209,7 +220,7 @@ class Engine(FeedLogic):
 
     def close(self) -> None:
         self._closed.set()
-        self._stop_threads()
+        self._stop_background()
         if not self.needs_start:  # in a child not yet started, the feed is the parent's
             self.feed.close()  # the map opened it (feed/routing.py)
         member, board, self._board = self._presence, self._board, None
@@ -223,19 +234,16 @@ class Engine(FeedLogic):
             except Exception as exc:  # readers drop it after three periods anyway
                 log.debug("syncmap could not remove its presence record (%r)", exc)
 
-    def _stop_threads(self) -> None:
-        """Wake and join the threads (``_closed`` is set), end the subscription and watches."""
-        self._probe_now.set()
-        with self._timer_wake:
-            self._timer_wake.notify_all()
+    def _stop_background(self) -> None:
+        """Remove the turns (each waited for if running, at most 5 s; ``_closed`` is set), end
+        the subscription, the callbacks' thread and the watches."""
+        for turn in (self._probe, self._timer):
+            self._scheduler.remove(turn)
+        self._probe, self._timer = self._new_turns()
         if self._subscription is not None:
             self._subscription.close()
             self._subscription = None
         self.events.stop()
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(timeout=5)
-        self._threads = []
 
     @property
     def closed(self) -> bool:
@@ -279,30 +287,49 @@ class Engine(FeedLogic):
         if self._board is not None:
             self._presence_due = self._board.refresh(self.prober)
 
-    def _probe_loop(self) -> None:
-        next_probe = time.monotonic() + self.interval
-        while not self._closed.is_set():
-            # Presence waits while the last probe went unanswered anywhere (a Cluster master,
-            # or the store, hung or down): written on this thread, it would wait out the
-            # executor's deadline there and hold the next probe back by as much.  Order that
-            # prevents: one master hangs; a probe waits probe_deadline for it; the presence
-            # write, its hash on that master, waits 0.25 s more; the next probe waits again:
-            # the other masters' buckets, renewed to the first probe's send time + Δ, lapsed
-            # before the next renewal (S27-cluster, 236 reads flagged stale).
-            presence = self._board is not None and self._probe_complete
-            due = min(next_probe, self._presence_due) if presence else next_probe
-            woken = self._probe_now.wait(max(due - time.monotonic(), 0.0))
-            self._probe_now.clear()
-            if self._closed.is_set():
-                return
-            if presence and time.monotonic() >= self._presence_due:
-                self._refresh_presence()
-                if not woken and time.monotonic() < next_probe:
-                    continue
-            now = time.monotonic()
-            next_probe = now + self.interval
-            if not woken and self.leasing is not None and self.leasing.may_skip(now):
-                continue
+    def _new_turns(self) -> tuple[schedule.Turn, schedule.Turn]:
+        topic = self.feed.topic
+        return (schedule.Turn(self._probe_turn, topic, patience=self.interval / 4),
+                schedule.Turn(self._timer_turn, topic))  # fmt: skip
+
+    def _schedule(self) -> None:
+        """Register the probe and timer turns with the scheduler: the timer's due now, the
+        probe's an interval from now (or the presence refresh's, if sooner)."""
+        now = time.monotonic()
+        self._next_probe = now + self.interval
+        self._scheduler.add(self._timer, now)
+        self._scheduler.add(self._probe, self._probe_due())
+
+    def _probe_due(self) -> float:
+        """When the next probe turn is due: the next probe, or the presence refresh if that is
+        sooner and may go (``_probe_turn`` says when it may not)."""
+        presence = self._board is not None and self._probe_complete
+        return min(self._next_probe, self._presence_due) if presence else self._next_probe
+
+    def _probe_turn(self, woken: bool) -> float:
+        """One turn of the map's probe, on a probe thread of the scheduler; the next due time.
+
+        ``woken``: asked for (``wake_probe``) since the last turn began; such a turn always
+        probes.  A turn may start late: a probe thread stalled in another map's probe is
+        replaced by a spare after this turn's patience (``schedule.py``); past the spares, this
+        map's leases may lapse meanwhile and its reads go to the store, never stale."""
+        if self._closed.is_set():
+            return math.inf
+        # Presence waits while the last probe went unanswered anywhere (a Cluster master, or
+        # the store, hung or down): written on this turn, it would wait out the executor's
+        # deadline there and hold the next probe back by as much.  Order that prevents: one
+        # master hangs; a probe waits probe_deadline for it; the presence write, its hash on
+        # that master, waits 0.25 s more; the next probe waits again: the other masters'
+        # buckets, renewed to the first probe's send time + Δ, lapsed before the next renewal
+        # (S27-cluster, 236 reads flagged stale).
+        presence = self._board is not None and self._probe_complete
+        if presence and time.monotonic() >= self._presence_due:
+            self._refresh_presence()
+            if not woken and time.monotonic() < self._next_probe:
+                return self._probe_due()
+        now = time.monotonic()
+        self._next_probe = now + self.interval
+        if woken or self.leasing is None or not self.leasing.may_skip(now):
             try:
                 self.probe_once(self.prober)
             except SyncMapError as exc:
@@ -310,35 +337,42 @@ class Engine(FeedLogic):
             except Exception as exc:  # a bug: surface it on the next call, and keep probing
                 log.exception("syncmap probe failed unexpectedly")
                 self.error = exc
+        return self._probe_due()
 
     def wake_timer(self) -> None:
-        with self._timer_wake:
-            self._timer_dirty = True
-            self._timer_wake.notify()
+        self._scheduler.wake(self._timer)
 
-    def _timer_loop(self) -> None:
-        while not self._closed.is_set():
+    def _timer_turn(self, woken: bool) -> float:
+        """One turn of the map's timer, on the scheduler's clock thread; the next due time.
+
+        No I/O here, ever: the clock runs every map's timer turn, and a probe (any map's) runs
+        elsewhere, so nothing keeps an expired lease alive.  Nor does a guard held long: the
+        turn waits at most ``GUARD_WAIT`` for its map's guard, then comes again after the other
+        maps' due turns."""
+        if self._closed.is_set():
+            return math.inf
+        try:
+            guard = self.lock
+            if not guard.acquire(timeout=GUARD_WAIT):
+                return time.monotonic()  # after the other maps' turns due now (GUARD_WAIT)
             try:
-                with self._timer_wake:
-                    self._timer_dirty = False  # a wake_timer() after this is not lost
-                with self.lock:
-                    wake = self.core.tick(time.monotonic())
-                    freed = self.core.sweep() if self.core.sweeping else None
-                if freed is not None:
-                    # A flushed bucket's entries, a chunk at a time (NearCache._flush): freeing
-                    # them here, outside the guard, is the costly half.  Then sleep(0) hands the
-                    # GIL to a reader waiting for it or for the guard before the next chunk.
-                    del freed
-                    time.sleep(0)
-                    continue
-                delay = min(max(wake - time.monotonic(), 0.0), 60.0)
-                with self._timer_wake:
-                    if not self._closed.is_set() and not self._timer_dirty:
-                        self._timer_wake.wait(delay)
-            except Exception as exc:  # a bug: surface it on the next call, keep the timer alive
-                log.exception("syncmap timer failed unexpectedly")
-                self.error = exc
-                self._closed.wait(0.1)
+                wake = self.core.tick(time.monotonic())
+                freed = self.core.sweep() if self.core.sweeping else None
+            finally:
+                guard.release()
+            if freed is not None:
+                # A flushed bucket's entries, a chunk at a time (NearCache._flush): freeing them
+                # here, outside the guard, is the costly half.  Then sleep(0) hands the GIL to a
+                # reader waiting for it or for the guard; the next chunk is due at once, after
+                # the other maps' turns already due.
+                del freed
+                time.sleep(0)
+                return time.monotonic()
+            return min(wake, time.monotonic() + 60.0)
+        except Exception as exc:  # a bug: surface it on the next call, keep the timer alive
+            log.exception("syncmap timer failed unexpectedly")
+            self.error = exc
+            return time.monotonic() + 0.1
 
     # ---- events for users (events.py) ---------------------------------------------------------
 

@@ -16,7 +16,9 @@ returns there.  Order of events in the child:
    forgotten without a shutdown (the parent still uses them), near caches emptied, holds marked
    not held.  A hook does no I/O and starts no thread;
 3. ``fork()`` returns; the first use of a map or lock in the child opens what it needs (a
-   subscriber connection, the probe and timer threads, the watchdog) exactly as a new one would.
+   subscriber connection, the map's probe and timer turns, the watchdog) exactly as a new one
+   would.  The scheduler that runs those turns (``schedule.py``) resets itself with a hook of its
+   own, outside :data:`enabled`.
 
 The parent is untouched: nothing here runs in it.
 """

@@ -2,17 +2,17 @@
 
 Each map still has its own record in its own hash (``<ns>:presence:{<map>}``, field = the map's
 node id: what ``syncmap top`` and the documented least-privilege ACL know), but the maps of one
-process on one store no longer refresh them each on its own probe thread.  They join the
-process's :class:`Board` for that store; whichever map's probe thread finds the board due first
+process on one store no longer refresh them each on its own probe turn.  They join the
+process's :class:`Board` for that store; whichever map's probe turn finds the board due first
 writes every member's HSET + PEXPIRE as one pipeline, and the others see it done.  So Redis wakes
 for one round trip per process per ``presence_interval`` (the smallest of its maps') instead of
 one per map.
 
-Order of events when two probe threads find the board due at once: both take the board's lock in
-turn; the first moves ``due`` on and writes; the second finds it not due and only learns the new
-``due``.  The members' records are built outside the lock (a record reads its map's statistics).
-The registry is emptied in a forked child (``forksafe``): the child's maps join fresh boards when
-they start there.
+Order of events when two probe turns (on two probe threads) find the board due at once: both
+take the board's lock in turn; the first moves ``due`` on and writes; the second finds it not due
+and only learns the new ``due``.  The members' records are built outside the lock (a record
+reads its map's statistics).  The registry is emptied in a forked child (``forksafe``): the
+child's maps join fresh boards when they start there.
 """
 
 from __future__ import annotations
