@@ -146,6 +146,10 @@ class Engine(FeedLogic):
                 f"{self_check_timeout} s; check the broker and the user's permissions"
             )
         self._self_check(self_check_timeout)
+        # The feed coming up woke the probe (on_buckets_up); this probe, sent after, answers
+        # that wish.  Kept, it would probe again at once, racing the caller's first write:
+        # a probe applied while a write is out makes the write's value uncached.
+        self._scheduler.answered(self._probe)
         self.probe_once()
         if self._presence is not None:
             self._presence.field = self.cmds.origin  # a forked child's node id names its pid

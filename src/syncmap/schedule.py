@@ -129,6 +129,12 @@ class Scheduler:
             if turn in self._turns and turn.state is SLEEPING and turn.due > now:
                 self._push(turn, now)
 
+    def answered(self, turn: Turn) -> None:
+        """``turn``'s work is being done now outside the scheduler (a map's baseline probe, about
+        to be sent): the wishes made before answered, one made from now on kept."""
+        with self._lock:
+            turn.wanted = False
+
     def remove(self, turn: Turn, timeout: float = 5.0) -> None:
         """Unregister ``turn``; if it is running on another thread, wait for it to return (at
         most ``timeout`` s: a probe stalled on a socket is left to end by itself, and then is

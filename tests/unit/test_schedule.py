@@ -99,6 +99,25 @@ def test_a_wake_before_add_makes_the_first_turn_woken_and_due(scheduler: Schedul
     assert rec.runs == [True]
 
 
+def test_a_wish_answered_before_add_is_not_kept_and_a_later_one_is(scheduler: Scheduler) -> None:
+    """A map's start: the feed comes up and wakes the probe; the baseline probe is sent
+    (``answered``); then the turn is registered.  Its first turn must not come at once (it
+    would race the caller's first write); a wish made after ``answered`` is kept.  The fence:
+    a timer turn added later and due now; the clock runs due turns in order of due time, so a
+    first turn due at once would have run before it."""
+    rec, fence = Recorder(), Recorder()
+    turn = Turn(rec, "t")
+    scheduler.wake(turn)
+    scheduler.answered(turn)
+    scheduler.add(turn, math.inf)
+    scheduler.add(Turn(fence, "fence"), time.monotonic())
+    wait_until(lambda: fence.runs, 5, "the fence")
+    assert rec.runs == []
+    scheduler.wake(turn)
+    wait_until(lambda: rec.runs, 5, "the woken turn")
+    assert rec.runs == [True]
+
+
 def test_a_removed_turn_is_waited_for_and_never_runs_again(scheduler: Scheduler) -> None:
     rec = Recorder(every=0.0)  # due again at once, every time
     turn = Turn(rec, "t", patience=0.01)
