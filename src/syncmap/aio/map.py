@@ -265,13 +265,18 @@ class SyncMap:
         """(value or None, version or 0, provenance): as :meth:`syncmap.SyncMap.get_with_meta`."""
         e = None if consistent else self._servable(key)
         if e is not None:
-            e.hits += 1
-            if is_absent(e):
-                return None, 0, "local"
-            v = e.value if e.value is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
-            return v, e.version, "local"
+            value, version, source = self._local(e)
+            return (None if value is MISSING else value), version, source
         value, version, source = await self._fetch(key, consistent=consistent)
         return (None if value is MISSING else value), version, source
+
+    def _local(self, e: Entry) -> tuple[Any, int, str]:
+        """A read served from the near cache: (value or MISSING, version, "local")."""
+        e.hits += 1
+        if is_absent(e):
+            return MISSING, 0, "local"
+        v = e.value if e.value is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
+        return v, e.version, "local"
 
     async def contains(self, key: Key) -> bool:
         return await self.get(key, MISSING) is not MISSING
@@ -284,11 +289,7 @@ class SyncMap:
         if due and not consistent and self._engine is not None:
             e = self._servable(key)
             if e is not None:
-                e.hits += 1
-                if is_absent(e):
-                    return MISSING, 0, "local"
-                v = e.value if e.value is not COPY else self._codec.decode(e.raw)  # type: ignore[arg-type]
-                return v, e.version, "local"
+                return self._local(e)
         ref = self._locate(key)
         return await self._run(reads.read(self._state, ref.field, ref.key, ref.bucket,
                                           consistent=consistent))  # fmt: skip

@@ -325,6 +325,16 @@ class Counters:
     absent_fills: int = 0  # absent markers installed (a read found no field: fill_absent)
 
 
+def _unsettled(b: BucketState) -> bool:
+    """The bucket is in a state only a probe settles: not known yet, awaiting repair after a
+    reconnect, behind a probe's target, in doubt, held stale in an outage, or holding early
+    messages aside.  A vouch renews none of these (:meth:`NearCache.on_vouch`)."""
+    return bool(
+        not b.known or b.repair_from is not None or b.targets or b.doubt
+        or b.stale_until != -INF or b.ahead
+    )  # fmt: skip
+
+
 class NearCache:
     """Coherence state of one map on one server."""
 
@@ -992,14 +1002,7 @@ class NearCache:
         lease = sent_at + self.max_staleness
         for i in range(len(self.buckets)) if buckets is None else buckets:
             b = self.buckets[i]
-            if (
-                not b.known
-                or b.repair_from is not None
-                or b.targets
-                or b.doubt
-                or b.stale_until != -INF
-                or b.ahead
-            ):
+            if _unsettled(b):
                 wants_probe = True
                 continue
             if lease > b.lease_until:  # a vouch confirms as a probe does (the outage rule)
@@ -1019,11 +1022,7 @@ class NearCache:
         out (not known, awaiting repair, behind a probe's target, in doubt, held stale, early
         messages aside).  Read without the guard by the probe loop: a stale answer only moves
         the probe to the next turn."""
-        return any(
-            not b.known or b.repair_from is not None or b.targets or b.doubt
-            or b.stale_until != -INF or b.ahead
-            for b in self.buckets
-        )  # fmt: skip
+        return any(_unsettled(b) for b in self.buckets)
 
     def on_touched(self, bucket: int | None) -> None:
         """The store says the bucket's data changed (``None``: the whole database was flushed),
